@@ -1,0 +1,1 @@
+"""Per-stage ONNX / TensorRT export, parity gate and Triton repository writer (arrives with the export issue)."""
