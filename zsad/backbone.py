@@ -1,0 +1,376 @@
+"""open_clip loading and the tapped, attention-switchable ViT forward every method builds on.
+
+``load_clip`` wraps an open_clip CLIP (pretrained tag, local weights file, or random weights), resizes the
+positional embedding once for the requested image size and freezes everything. ``ClipBackbone.forward_taps``
+returns plain tensors (global embedding, tapped token maps) with a per-layer attention mode:
+
+- ``qk``: stock CLIP attention (the open_clip block itself, so results equal ``encode_image`` exactly);
+- ``vv``: q = k = v (V-V attention with the frozen qkv and out_proj), FFN kept, one stream;
+- ``dual``: AnomalyCLIP's DPAM / BAG-CLIP's BSA: the stock stream runs on, and a second V-V stream starts at
+  ``start`` from that block's input, adds the V-V attention of the *stock* stream's ``ln_1`` output and skips
+  the FFN. Taps at dual layers read the V-V stream.
+
+Everything is out of place (AnomalyCLIP's in-place ``+=`` aliased all of its taps to the last layer).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import zsad  # noqa: F401  (installs the torchvision shim before open_clip is imported)
+from zsad import ZsadError
+from zsad.modules.attention import dual_attention, vv_attention
+
+import open_clip  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+CLIP_CONFIG_DIR = Path(__file__).parent / "configs" / "clip"
+ATTENTION_MODES = ("qk", "vv", "dual")
+POS_INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+
+_registered_config_paths: set[str] = set()
+
+
+def _register_config(path: Path) -> None:
+    key = str(path.resolve())
+    if key not in _registered_config_paths:
+        open_clip.add_model_config(path)
+        _registered_config_paths.add(key)
+
+
+def resolve_arch(arch: str) -> str:
+    """Return an open_clip model name for ``arch``: a built-in name, one of ours (zsad-tiny), or a JSON file."""
+    _register_config(CLIP_CONFIG_DIR)
+    path = Path(arch)
+    if arch.endswith(".json"):
+        if not path.is_file():
+            raise ZsadError(f"CLIP architecture file not found: {arch}")
+        _register_config(path)
+        return path.stem
+    if arch not in open_clip.list_models():
+        raise ZsadError(
+            f"Unknown CLIP architecture '{arch}'. Use an open_clip model name (e.g. ViT-L-14-336, "
+            f"ViT-B-16), 'zsad-tiny', or a path to an open_clip model-config JSON file."
+        )
+    return arch
+
+
+def resolve_quick_gelu(arch: str, pretrained: str | None, quick_gelu: bool | None) -> bool:
+    """QuickGELU is right for OpenAI's CLIP weights; getting it wrong silently changes every feature.
+
+    ``None`` means automatic: QuickGELU for the ``openai`` tag or a ``-quickgelu`` architecture, else the
+    architecture's own activation (plain GELU for open_clip's ViT configs).
+    """
+    openai = pretrained == "openai"
+    if quick_gelu is None:
+        return openai or arch.endswith("-quickgelu")
+    if openai and not quick_gelu:
+        warnings.warn(
+            "OpenAI CLIP weights were trained with QuickGELU but quick_gelu=False was requested: features "
+            "will differ from OpenAI's (intended only for methods that deliberately run GELU, e.g. Bayes-PFL).",
+            stacklevel=3,
+        )
+    return bool(quick_gelu)
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise ZsadError(f"CLIP weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except RuntimeError:
+            # OpenAI's original ViT-*.pt files are TorchScript archives, not pickled state dicts.
+            if not zipfile.is_zipfile(path):
+                raise
+            obj = torch.jit.load(str(path), map_location="cpu").state_dict()
+    except ZsadError:
+        raise
+    except Exception as err:  # corrupt, truncated, or not a weights file at all
+        raise ZsadError(f"Could not read CLIP weights from {path}: {type(err).__name__}: {err}") from err
+    for key in ("state_dict", "model", "module"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ZsadError(f"{path} does not hold a CLIP state dict (a mapping of parameter names to tensors)")
+    state = {}
+    for k, v in obj.items():
+        k = k[len("module."):] if k.startswith("module.") else k
+        if k in ("input_resolution", "context_length", "vocab_size"):  # OpenAI JIT attributes, not weights
+            continue
+        state[k] = v.float() if v.is_floating_point() else v
+    return state
+
+
+def _interpolate_grid(pos: torch.Tensor, grid: int, mode: str) -> torch.Tensor:
+    """Resize a [1 + g*g, D] CLIP positional table (class token first) to a ``grid`` x ``grid`` patch grid."""
+    cls_pos, patch_pos = pos[:1], pos[1:]
+    old = int(round(math.sqrt(patch_pos.shape[0])))
+    if old * old != patch_pos.shape[0]:
+        raise ZsadError(f"positional embedding with {patch_pos.shape[0]} patch rows is not a square grid")
+    if old == grid:
+        return pos.clone()
+    img = patch_pos.reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
+    kwargs = {} if mode == "nearest" else {"align_corners": False}
+    img = F.interpolate(img, size=(grid, grid), mode=mode, **kwargs)
+    patch_pos = img.permute(0, 2, 3, 1).reshape(grid * grid, -1).to(pos.dtype)
+    return torch.cat([cls_pos, patch_pos], dim=0)
+
+
+def _load_into(model: nn.Module, state: dict[str, torch.Tensor], path: Path, mode: str) -> None:
+    own = model.state_dict()
+    key = "visual.positional_embedding"
+    if key in state and key in own and state[key].shape != own[key].shape:
+        grid = int(round(math.sqrt(own[key].shape[0] - 1)))
+        state = dict(state, **{key: _interpolate_grid(state[key], grid, mode)})
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or mismatched:
+        parts = []
+        if mismatched:
+            parts.append("shape mismatch: " + ", ".join(
+                f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in mismatched[:4]))
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        raise ZsadError(
+            f"{path} does not fit the chosen CLIP architecture: " + "; ".join(parts)
+            + ". Check that --clip-arch matches the file (e.g. ViT-L-14-336 for OpenAI ViT-L/14@336px)."
+        )
+    model.load_state_dict(state, strict=True)
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    arch: str
+    image_size: int
+    patch_size: int
+    grid: int
+    width: int
+    layers: int
+    heads: int
+    embed_dim: int
+    quick_gelu: bool
+    weights: str  # where the weights came from: a tag, a file, or "random"
+
+
+class ClipBackbone(nn.Module):
+    """A frozen open_clip CLIP with a tapped forward. ``self.clip`` is the open_clip model itself."""
+
+    def __init__(self, clip: nn.Module, info: BackboneInfo):
+        super().__init__()
+        if not hasattr(clip, "visual") or not hasattr(clip.visual, "transformer") or not hasattr(clip, "token_embedding"):
+            raise ZsadError(f"{info.arch}: only open_clip ViT CLIP models with the built-in text tower are supported")
+        self.clip = clip
+        self.info = info
+        self.requires_grad_(False)
+        self.eval()
+
+    # -- vision ---------------------------------------------------------------------------------------------
+    @property
+    def visual(self) -> nn.Module:
+        return self.clip.visual
+
+    def embed_patches(self, images: torch.Tensor) -> torch.Tensor:
+        """conv1 + class token + positional embedding + ln_pre: [B,3,S,S] -> [B,1+N,D]."""
+        v = self.visual
+        s = self.info.image_size
+        if images.dim() != 4 or images.shape[1] != 3 or images.shape[-2:] != (s, s):
+            raise ZsadError(f"expected images of shape [B,3,{s},{s}], got {tuple(images.shape)}")
+        x = v.conv1(images)
+        x = x.flatten(2).transpose(1, 2)
+        cls = v.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
+        return v.ln_pre(x)
+
+    def forward_taps(
+        self,
+        images: torch.Tensor,
+        taps: Sequence[int],
+        mode: str = "qk",
+        start: int = 1,
+        global_ln_post: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the image tower and return ``(global [B,E], taps [B,L,N,D])``.
+
+        ``taps`` are 1-based block indices (6/12/18/24 = the outputs of ``resblocks[5/11/17/23]``); the tapped
+        tensors are the raw residual stream (before ``ln_post``), class token dropped. ``mode`` applies to the
+        blocks ``start..layers`` (1-based); earlier blocks are stock. ``global_ln_post=False`` reproduces
+        AnomalyCLIP's global feature (class token @ proj without ``ln_post``).
+        """
+        if mode not in ATTENTION_MODES:
+            raise ZsadError(f"attention mode must be one of {ATTENTION_MODES}, got '{mode}'")
+        n_layers = self.info.layers
+        taps = [int(t) for t in taps]
+        if not taps or any(t < 1 or t > n_layers for t in taps):
+            raise ZsadError(f"taps must be 1-based block indices in 1..{n_layers}, got {taps}")
+        if not 1 <= start <= n_layers:
+            raise ZsadError(f"start must be a 1-based block index in 1..{n_layers}, got {start}")
+        tap_set = set(taps)
+        x = self.embed_patches(images)
+        x_vv = None
+        tapped: dict[int, torch.Tensor] = {}
+        for i, blk in enumerate(self.visual.transformer.resblocks, start=1):
+            layer_mode = mode if i >= start else "qk"
+            if layer_mode == "qk":
+                x = blk(x)
+            elif layer_mode == "vv":
+                x = x + blk.ls_1(vv_attention(blk.attn, blk.ln_1(x)))
+                x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+            else:
+                if x_vv is None:
+                    x_vv = x
+                a_qk, a_vv = dual_attention(blk.attn, blk.ln_1(x))
+                x_vv = x_vv + blk.ls_1(a_vv)  # the V-V stream skips the FFN
+                x = x + blk.ls_1(a_qk)
+                x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+            if i in tap_set:
+                tapped[i] = (x_vv if layer_mode == "dual" else x)[:, 1:]
+        cls = x[:, 0]
+        if global_ln_post:
+            cls = self.visual.ln_post(cls)
+        return cls @ self.visual.proj, torch.stack([tapped[t] for t in taps], dim=1)
+
+    def project_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``ln_post(tokens) @ proj``: width-D tokens into the joint embedding space (any leading shape)."""
+        return self.visual.ln_post(tokens) @ self.visual.proj
+
+    # -- text -----------------------------------------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        return open_clip.get_tokenizer(self.info.arch)(list(texts))
+
+    def token_embeddings(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.clip.token_embedding(tokens)
+
+    def encode_prompted_text(
+        self,
+        embeddings: torch.Tensor,
+        eot_index: torch.Tensor,
+        deep_prompts: Sequence[torch.Tensor] = (),
+    ) -> torch.Tensor:
+        """Text tower over ready token embeddings [P,L,W] with optional deep prompts; returns [P,E] (not normalised).
+
+        ``deep_prompts[j]`` ([n,W]) overwrites token positions 1..n at the input of text block j+2 (1-based),
+        the AnomalyCLIP/MaPLe convention; ``eot_index`` [P] says where each sequence's end token is.
+        """
+        clip = self.clip
+        blocks = clip.transformer.resblocks
+        if len(deep_prompts) >= len(blocks):
+            raise ZsadError(f"{len(deep_prompts)} deep prompt layers need a text tower deeper than {len(blocks)} blocks")
+        x = embeddings + clip.positional_embedding.to(embeddings.dtype)
+        mask = clip.attn_mask
+        for i, blk in enumerate(blocks):
+            if 1 <= i <= len(deep_prompts):
+                p = deep_prompts[i - 1]
+                x = torch.cat([x[:, :1], p.unsqueeze(0).expand(x.shape[0], -1, -1), x[:, 1 + p.shape[0]:]], dim=1)
+            x = blk(x, attn_mask=mask)
+        x = clip.ln_final(x)
+        x = x[torch.arange(x.shape[0], device=x.device), eot_index]
+        proj = clip.text_projection
+        return proj(x) if isinstance(proj, nn.Linear) else x @ proj
+
+
+def load_clip(
+    arch: str,
+    pretrained: str | None = None,
+    weights: str | Path | None = None,
+    image_size: int | None = None,
+    quick_gelu: bool | None = None,
+    pos_interpolation: str = "bilinear",
+) -> ClipBackbone:
+    """Build a frozen CLIP backbone.
+
+    - ``pretrained``: an open_clip tag (e.g. ``openai``); downloads where there is internet.
+    - ``weights``: a local ``.safetensors`` file, or a torch file loaded with ``weights_only=True`` (OpenAI's
+      TorchScript ``.pt`` files are read too).
+    - neither: random weights, with a loud warning (fine for tests and architecture benchmarks, meaningless
+      for accuracy).
+    - ``image_size``: the positional embedding is resized once here (e.g. 336 -> 518 gives a 37x37 grid)
+      with ``pos_interpolation``; never inside forward.
+    """
+    if pretrained and weights:
+        raise ZsadError("give either a pretrained tag or a weights file, not both")
+    if pos_interpolation not in POS_INTERPOLATIONS:
+        raise ZsadError(f"pos_interpolation must be one of {POS_INTERPOLATIONS}, got '{pos_interpolation}'")
+    name = resolve_arch(arch)
+    qg = resolve_quick_gelu(name, pretrained, quick_gelu)
+    if pretrained:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if pretrained not in tags:
+            raise ZsadError(f"'{pretrained}' is not an open_clip pretrained tag for {name} (known: {tags or 'none'})")
+        try:
+            clip = open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=qg)
+        except Exception as err:
+            raise ZsadError(
+                f"Could not get the open_clip pretrained weights '{pretrained}' for {name} "
+                f"({type(err).__name__}: {str(err)[:200]}). Without internet, download them on another machine "
+                f"(open_clip / Hugging Face cache) and pass the file with --clip-weights PATH "
+                f"(.safetensors or .pt/.bin), e.g. open_clip_model.safetensors of timm/vit_large_patch14_clip_336.openai."
+            ) from err
+        source = f"open_clip:{pretrained}"
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            clip = open_clip.create_model(name, pretrained=None, force_quick_gelu=qg)
+        source = str(weights) if weights else "random"
+    visual = clip.visual
+    patch = visual.patch_size[0] if isinstance(visual.patch_size, (tuple, list)) else int(visual.patch_size)
+    native = visual.image_size[0] if isinstance(visual.image_size, (tuple, list)) else int(visual.image_size)
+    size = int(image_size or native)
+    if size % patch:
+        raise ZsadError(f"image size {size} is not a multiple of the patch size {patch} of {name}")
+    grid = size // patch
+    if size != native:
+        with torch.no_grad():
+            visual.positional_embedding = nn.Parameter(
+                _interpolate_grid(visual.positional_embedding.data, grid, pos_interpolation))
+        visual.image_size = (size, size)
+        visual.grid_size = (grid, grid)
+    if weights:
+        _load_into(clip, _read_state_dict(Path(weights)), Path(weights), pos_interpolation)
+    elif not pretrained:
+        warnings.warn(
+            f"CLIP {name}: no pretrained tag and no weights file given, using RANDOM weights. Results are "
+            f"meaningless as anomaly detection accuracy (fine for tests and architecture benchmarks).",
+            stacklevel=2,
+        )
+    blocks = visual.transformer.resblocks
+    info = BackboneInfo(
+        arch=name,
+        image_size=size,
+        patch_size=patch,
+        grid=grid,
+        width=visual.transformer.width,
+        layers=len(blocks),
+        heads=blocks[0].attn.num_heads,
+        embed_dim=visual.output_dim,
+        quick_gelu=qg,
+        weights=source,
+    )
+    return ClipBackbone(clip, info)
+
+
+def arch_config(arch: str) -> dict:
+    """The open_clip model config of ``arch`` (no model is built): used for FLOP/shape arithmetic."""
+    name = resolve_arch(arch)
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        raise ZsadError(f"no open_clip config for {name}")
+    return json.loads(json.dumps(cfg))

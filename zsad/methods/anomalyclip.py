@@ -1,0 +1,160 @@
+"""AnomalyCLIP (Zhou et al., ICLR 2024): the common base of the methods in this toolkit.
+
+Frozen CLIP with the DPAM dual stream from block ``dual_start`` (V-V attention on a second residual stream that
+skips the FFN), object-agnostic learnable prompts with deep text prompts, and per-tap similarity maps:
+
+    p_l = softmax(cos(Z_l, t) / T)  with  Z_l = ln_post(tap_l) @ proj,  t = normalised prompt embeddings (2,E)
+    map = Gaussian_sigma(upsample(sum_l p_l[abnormal]))      score = softmax(cos(g, t) / T)[abnormal]
+
+Loss: CE(cos(g, t)/T, label) + seg_weight * sum_l [Focal(p_l, gt) + Dice(p_l[abn], gt) + Dice(p_l[norm], 1 - gt)].
+Subclasses (BAG-CLIP) replace ``patch_features`` (taps -> Z) and add config; everything else is shared.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zsad import ZsadError
+from zsad.backbone import ATTENTION_MODES, load_clip
+from zsad.methods.base import (BackboneConfig, LossConfig, Method, PromptConfig, Stage, TrainConfig)
+from zsad.modules.losses import dice_loss, focal_loss
+from zsad.modules.prompts import ObjectAgnosticPrompts
+from zsad.postprocess import Postprocess, upsample
+
+
+@dataclass
+class AnomalyClipConfig:
+    backbone: BackboneConfig
+    prompt: PromptConfig
+    loss: LossConfig
+    train: TrainConfig
+    taps: list[int]  # 1-based blocks whose (V-V stream) tokens make the maps
+    attention: str  # backbone attention mode from dual_start on: dual (DPAM) | vv | qk
+    dual_start: int  # first block (1-based) of the dual / V-V stream; AnomalyCLIP: 6 (DPAM_layer=20)
+    global_ln_post: bool  # AnomalyCLIP's released code omits ln_post on the class token (False reproduces it)
+    temperature: float
+    sigma: float  # Gaussian smoothing of the map, in pixels at the model resolution
+    align_corners: bool  # bilinear upsampling of the patch map (AnomalyCLIP: False)
+    score_map_weight: float  # image score = p_glob + w * max(map); 0 in AnomalyCLIP's protocol
+
+    def __post_init__(self):
+        if self.attention not in ATTENTION_MODES:
+            raise ZsadError(f"attention must be one of {ATTENTION_MODES}, got '{self.attention}'")
+        if not self.taps:
+            raise ZsadError("taps must list at least one block")
+
+
+class AnomalyClip(Method):
+    name = "anomalyclip"
+    config_class = AnomalyClipConfig
+
+    def __init__(self, config: AnomalyClipConfig, profile: str):
+        super().__init__(config, profile)
+        b = config.backbone
+        self.backbone = load_clip(b.arch, pretrained=None if b.weights else b.pretrained, weights=b.weights,
+                                  image_size=b.image_size, quick_gelu=b.quick_gelu,
+                                  pos_interpolation=b.pos_interpolation)
+        info = self.backbone.info
+        if max(config.taps) > info.layers or min(config.taps) < 1:
+            raise ZsadError(f"taps {config.taps} outside the {info.layers} blocks of {info.arch}")
+        p = config.prompt
+        self.prompts = ObjectAgnosticPrompts(self.backbone, p.n_ctx, p.deep_length, p.deep_depth,
+                                             p.normal_template, p.abnormal_template)
+        self.postprocess = Postprocess(info.image_size, config.sigma, config.align_corners, config.score_map_weight)
+        self._text_cache: torch.Tensor | None = None
+
+    # -- pieces -----------------------------------------------------------------------------------------------
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images [B,3,S,S] -> (global embedding [B,E], taps [B,L,N,D])."""
+        c = self.config
+        return self.backbone.forward_taps(images, c.taps, mode=c.attention, start=c.dual_start,
+                                          global_ln_post=c.global_ln_post)
+
+    def patch_features(self, taps: torch.Tensor) -> torch.Tensor:
+        """taps [B,L,N,D] -> patch embeddings Z [B,L,N,E] in the joint space (AnomalyCLIP: ln_post @ proj)."""
+        return self.backbone.project_tokens(taps)
+
+    def layer_probs(self, z: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Z [B,L,N,E], text [2,E] -> per-tap (normal, abnormal) probabilities [B,L,2,g,g]."""
+        b, n_taps, n, _ = z.shape
+        g = self.backbone.info.grid
+        logits = F.normalize(z, dim=-1) @ text.t() / self.config.temperature
+        return logits.softmax(dim=-1).permute(0, 1, 3, 2).reshape(b, n_taps, 2, g, g)
+
+    def image_logits(self, global_embedding: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return F.normalize(global_embedding, dim=-1) @ text.t() / self.config.temperature
+
+    def head(self, global_embedding: torch.Tensor, taps: torch.Tensor, text: torch.Tensor):
+        """-> (image probability [B], patch-grid anomaly map [B,g,g] = sum over taps of p_abnormal)."""
+        image_prob = self.image_logits(global_embedding, text).softmax(dim=-1)[:, 1]
+        patch_map = self.layer_probs(self.patch_features(taps), text)[:, :, 1].sum(dim=1)
+        return image_prob, patch_map
+
+    # -- text -------------------------------------------------------------------------------------------------
+    def text_embeddings(self) -> torch.Tensor:
+        """The static (2,E) normalised prompt embeddings (row 1 = abnormal), cached outside training."""
+        if self.training or torch.is_grad_enabled():
+            return self.prompts(self.backbone)
+        if self._text_cache is None:
+            self._text_cache = self.prompts(self.backbone).detach()
+        return self._text_cache
+
+    def invalidate_text_cache(self) -> None:
+        self._text_cache = None
+
+    # -- export plan --------------------------------------------------------------------------------------------
+    def stages(self) -> list[Stage]:
+        info = self.backbone.info
+        s, g, n, d, e = info.image_size, info.grid, info.grid ** 2, info.width, info.embed_dim
+        n_taps = len(self.config.taps)
+        with torch.no_grad():
+            text = self.text_embeddings().detach().clone()
+        return [
+            Stage("encoder", _Encoder(self), {"images": ("B", 3, s, s)},
+                  {"global_embedding": ("B", e), "taps": ("B", n_taps, n, d)}),
+            Stage("head", _Head(self, text), {"global_embedding": ("B", e), "taps": ("B", n_taps, n, d)},
+                  {"image_prob": ("B",), "patch_map": ("B", g, g)}),
+            Stage("postprocess", self.postprocess, {"image_prob": ("B",), "patch_map": ("B", g, g)},
+                  {"score": ("B",), "anomaly_map": ("B", s, s)}),
+        ]
+
+    # -- training ---------------------------------------------------------------------------------------------
+    def loss(self, batch: dict) -> dict[str, torch.Tensor]:
+        c = self.config
+        images, labels = batch["image"], batch["label"].long()
+        gt = (batch["mask"] > c.loss.mask_threshold).to(images.dtype)
+        with torch.no_grad():
+            global_embedding, taps = self.encode(images)
+        text = self.prompts(self.backbone)
+        image_loss = F.cross_entropy(self.image_logits(global_embedding, text), labels)
+        probs = self.layer_probs(self.patch_features(taps), text)  # [B,L,2,g,g]
+        b, n_taps = probs.shape[:2]
+        probs = upsample(probs.flatten(0, 2), self.image_size, c.align_corners).reshape(b, n_taps, 2, *gt.shape[-2:])
+        focal = sum(focal_loss(probs[:, i], gt, gamma=c.loss.focal_gamma) for i in range(n_taps))
+        dice = sum(dice_loss(probs[:, i, 1], gt) + dice_loss(probs[:, i, 0], 1 - gt) for i in range(n_taps))
+        total = image_loss + c.loss.seg_weight * (focal + dice)
+        return {"total": total, "image_ce": image_loss.detach(), "focal": focal.detach(), "dice": dice.detach()}
+
+
+class _Encoder(nn.Module):
+    def __init__(self, method: AnomalyClip):
+        super().__init__()
+        self.method = method
+
+    def forward(self, images):
+        return self.method.encode(images)
+
+
+class _Head(nn.Module):
+    """The method's head with the trained text embeddings baked in as a constant."""
+
+    def __init__(self, method: AnomalyClip, text: torch.Tensor):
+        super().__init__()
+        self.method = method
+        self.register_buffer("text", text)
+
+    def forward(self, global_embedding, taps):
+        return self.method.head(global_embedding, taps, self.text)

@@ -1,0 +1,45 @@
+"""Attention variants over a frozen ``nn.MultiheadAttention``'s weights (qkv with bias, out_proj).
+
+The V-V path (q = k = v) is AnomalyCLIP's "surgery" attention: ``softmax(v v^T / sqrt(d)) v``. ``dual_attention``
+computes the stock and the V-V outputs from one qkv projection, as AnomalyCLIP's DPAM and BAG-CLIP's BSA do.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _heads(t: torch.Tensor, n_heads: int) -> torch.Tensor:
+    b, n, d = t.shape
+    return t.reshape(b, n, n_heads, d // n_heads).transpose(1, 2)
+
+
+def _merge(t: torch.Tensor) -> torch.Tensor:
+    b, h, n, hd = t.shape
+    return t.transpose(1, 2).reshape(b, n, h * hd)
+
+
+def _qkv(attn: nn.MultiheadAttention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if not attn.batch_first:
+        raise ValueError("expected a batch_first nn.MultiheadAttention (open_clip >= 2.24 builds them so)")
+    q, k, v = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    h = attn.num_heads
+    return _heads(q, h), _heads(k, h), _heads(v, h)
+
+
+def _out(attn: nn.MultiheadAttention, o: torch.Tensor) -> torch.Tensor:
+    return F.linear(_merge(o), attn.out_proj.weight, attn.out_proj.bias)
+
+
+def vv_attention(attn: nn.MultiheadAttention, x: torch.Tensor) -> torch.Tensor:
+    """``out_proj(softmax(v v^T * s) v)`` for tokens ``x`` [B,N,D] (x already layer-normed)."""
+    _, _, v = _qkv(attn, x)
+    return _out(attn, F.scaled_dot_product_attention(v, v, v))
+
+
+def dual_attention(attn: nn.MultiheadAttention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stock ``softmax(q k^T * s) v`` and V-V ``softmax(v v^T * s) v`` from one qkv projection, both through out_proj."""
+    q, k, v = _qkv(attn, x)
+    return (_out(attn, F.scaled_dot_product_attention(q, k, v)),
+            _out(attn, F.scaled_dot_product_attention(v, v, v)))
