@@ -1,0 +1,37 @@
+import os
+
+# Offline box: make Hugging Face fail fast instead of retrying for a minute (read at import time).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import zsad  # noqa: E402,F401  (torchvision shim before anything imports open_clip)
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (no GPU on this machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+_METHOD_CACHE = {}
+
+
+@pytest.fixture
+def tiny_method():
+    """Build (once per session) a tiny-profile method; returns a factory name -> fresh-state method in eval mode."""
+    import zsad.methods as M
+
+    def get(name):
+        if name not in _METHOD_CACHE:
+            _METHOD_CACHE[name] = M.create(name, "tiny")
+        m = _METHOD_CACHE[name].eval()
+        return m
+
+    return get
