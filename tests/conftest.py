@@ -6,7 +6,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import zsad  # noqa: E402,F401  (torchvision shim before anything imports open_clip)
+from zsad._compat import ensure_torchvision_importable  # noqa: E402
+
+ensure_torchvision_importable()  # tests import open_clip directly too
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

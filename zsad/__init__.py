@@ -1,7 +1,7 @@
-"""zsad: CLIP-based zero-shot industrial anomaly detection, from training to serving."""
-from zsad._compat import ensure_torchvision_importable
+"""zsad: CLIP-based zero-shot industrial anomaly detection, from training to serving.
 
-ensure_torchvision_importable()
+Importing ``zsad`` is light (no torch): the serving pre-processing imports only numpy and PIL through it.
+"""
 
 __version__ = "0.1.0"
 

@@ -14,6 +14,7 @@ def ensure_torchvision_importable() -> None:
     global _SHIM
     try:
         import torchvision  # noqa: F401
+
         return
     except ImportError:
         return  # no torchvision at all: open_clip will report it itself
@@ -28,3 +29,11 @@ def ensure_torchvision_importable() -> None:
     _SHIM.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
     _SHIM.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
     import torchvision  # noqa: F401
+
+
+def import_open_clip():
+    """``import open_clip`` after making torchvision importable; every zsad module gets open_clip from here."""
+    ensure_torchvision_importable()
+    import open_clip
+
+    return open_clip

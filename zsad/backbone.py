@@ -27,11 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import zsad  # noqa: F401  (installs the torchvision shim before open_clip is imported)
 from zsad import ZsadError
+from zsad._compat import import_open_clip
 from zsad.modules.attention import dual_attention, vv_attention
 
-import open_clip  # noqa: E402
+open_clip = import_open_clip()
 
 log = logging.getLogger(__name__)
 

@@ -28,13 +28,17 @@ def resolve_config(name: str, profile: str = "paper", **overrides):
     return build_config(cls.config_class, data, where=f"{name}/{profile}")
 
 
-def create(name: str, profile: str = "paper", **overrides) -> Method:
-    """Build method ``name`` with its ``profile`` settings; initialisation is seeded by backbone.init_seed."""
-    config = resolve_config(name, profile, **overrides)
+def build(name: str, config, profile: str) -> Method:
+    """Instantiate from a resolved config; initialisation is seeded by backbone.init_seed (reproducible)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.backbone.init_seed)
         method = METHODS[name](config, profile)
     return method.eval()
 
 
-__all__ = ["METHODS", "available", "create", "resolve_config", "AnomalyOutput", "Method", "Stage", "run_stages"]
+def create(name: str, profile: str = "paper", **overrides) -> Method:
+    """Build method ``name`` with its ``profile`` settings, ``overrides`` deep-merged on top."""
+    return build(name, resolve_config(name, profile, **overrides), profile)
+
+
+__all__ = ["METHODS", "available", "build", "create", "resolve_config", "AnomalyOutput", "Method", "Stage", "run_stages"]

@@ -1,0 +1,123 @@
+"""Checkpoints: the trainable parameters only (safetensors) + a JSON sidecar that rebuilds the method.
+
+A checkpoint directory holds ``checkpoint.safetensors`` and ``checkpoint.json`` (method, profile, the full
+resolved config, where the CLIP weights came from, versions, data, epochs). The frozen CLIP is not stored: it
+is rebuilt from the config (pretrained tag, weights file, or seeded random init for tests), and
+``load_checkpoint(..., clip_weights=FILE)`` points it at a local file on an offline machine.
+Writes are atomic (temp file + rename), so an interrupted save never leaves a half-written checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from zsad import ZsadError, __version__
+
+FORMAT = "zsad-checkpoint/1"
+WEIGHTS_NAME = "checkpoint.safetensors"
+SIDECAR_NAME = "checkpoint.json"
+
+
+def versions() -> dict[str, str]:
+    from zsad._compat import import_open_clip
+
+    open_clip = import_open_clip()
+    return {"zsad": __version__, "torch": torch.__version__, "open_clip": open_clip.__version__,
+            "python": platform.python_version()}
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename over ``path`` (same directory, so the rename is atomic)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda p: p.write_text(text))
+
+
+def save_checkpoint(directory: Path, method, **meta) -> Path:
+    """Write the method's trainable parameters and sidecar into ``directory``; extra ``meta`` goes in the JSON."""
+    from zsad.configs import config_to_dict
+
+    directory = Path(directory)
+    state = {k: v.detach().cpu().contiguous() for k, v in method.trainable_state_dict().items()}
+    sidecar = {
+        "format": FORMAT,
+        "method": method.name,
+        "profile": method.profile,
+        "config": config_to_dict(method.config),
+        "clip_weights": method.backbone.info.weights,
+        "trainable_parameters": int(sum(v.numel() for v in state.values())),
+        "versions": versions(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **meta,
+    }
+    atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": FORMAT}))
+    atomic_write_text(directory / SIDECAR_NAME, json.dumps(sidecar, indent=2, default=str))
+    return directory
+
+
+def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
+    """Accept the directory, the .safetensors or the .json of a checkpoint; return (weights, sidecar)."""
+    p = Path(path)
+    if p.is_dir():
+        weights, sidecar = p / WEIGHTS_NAME, p / SIDECAR_NAME
+    elif p.suffix in (".safetensors", ".json"):
+        weights, sidecar = p.with_suffix(".safetensors"), p.with_suffix(".json")
+    else:
+        raise ZsadError(f"not a zsad checkpoint: {p} (give the directory train/run.py wrote, or its "
+                        f"{WEIGHTS_NAME})")
+    for f in (weights, sidecar):
+        if not f.is_file():
+            raise ZsadError(f"checkpoint file missing: {f}")
+    return weights, sidecar
+
+
+def read_sidecar(path: str | Path) -> dict:
+    _, sidecar = checkpoint_paths(path)
+    try:
+        meta = json.loads(sidecar.read_text())
+    except json.JSONDecodeError as err:
+        raise ZsadError(f"corrupt checkpoint sidecar {sidecar}: {err}") from err
+    if meta.get("format") != FORMAT:
+        raise ZsadError(f"{sidecar} is not a {FORMAT} sidecar (format={meta.get('format')!r})")
+    return meta
+
+
+def load_checkpoint(path: str | Path, clip_weights: str | Path | None = None, device: str | torch.device = "cpu"):
+    """Rebuild the method a checkpoint was trained as and load its trainable parameters. Returns (method, sidecar)."""
+    import zsad.methods as M
+    from zsad.configs import build_config, deep_merge
+
+    weights, _ = checkpoint_paths(path)
+    meta = read_sidecar(path)
+    name = meta["method"]
+    if name not in M.METHODS:
+        raise ZsadError(f"checkpoint {path} is for method '{name}', which this zsad does not know")
+    config = meta["config"]
+    if clip_weights:
+        config = deep_merge(config, {"backbone": {"weights": str(clip_weights), "pretrained": None}})
+    cfg = build_config(M.METHODS[name].config_class, config, where=f"checkpoint {path}")
+    method = M.build(name, cfg, meta["profile"])
+    try:
+        state = load_file(str(weights))
+    except Exception as err:
+        raise ZsadError(f"could not read {weights}: {err}") from err
+    method.load_trainable_state_dict(state)
+    return method.to(device).eval(), meta

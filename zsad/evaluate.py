@@ -1,0 +1,210 @@
+"""zsad-eval: per-class and mean metrics of a checkpoint on a data set, beside the papers' numbers.
+
+    zsad-eval --checkpoint runs/bagclip/ --data /data/mpdd [--out DIR] [--aupro-mode anomalyclip|mvtec]
+
+Writes OUT/metrics.json (everything, including per-class values and which classes a metric skipped),
+OUT/metrics.csv (one row per class + the mean) and OUT/heatmaps/<class>/*.png (input | overlay with the GT
+outline) for a sample of images, and prints a table with the published numbers beside ours when the data set
+appears in the papers' tables. Metrics follow methods/bagclip_sowa.md section 5: per class, then the
+unweighted mean over classes, maps at the model resolution, GT masks resized bilinearly and binarised > 0.5.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import click
+import numpy as np
+
+from zsad import ZsadError
+
+METRIC_COLUMNS = [("image_auroc", "I-AUROC"), ("image_ap", "I-AP"), ("image_f1max", "I-F1max"),
+                  ("pixel_auroc", "P-AUROC"), ("pixel_ap", "P-AP"), ("pixel_f1max", "P-F1max"),
+                  ("pixel_aupro", "P-AUPRO")]
+
+
+def _display_image(path: str, size: int) -> np.ndarray:
+    from PIL import Image
+
+    from zsad.data import read_image
+
+    return np.asarray(read_image(path).resize((size, size), Image.BICUBIC))
+
+
+def predict(method, dataset, batch_size: int, device: str, desc: str, progress: bool):
+    """Run the method over a dataset; returns scores [n], maps [n,S,S] float32, masks [n,S,S] bool, labels [n]."""
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    scores, maps, masks, labels = [], [], [], []
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    with torch.inference_mode():
+        for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
+            out = method(batch["image"].to(device))
+            scores.append(out.score.float().cpu().numpy())
+            maps.append(out.anomaly_map.float().cpu().numpy())
+            masks.append(batch["mask"].numpy() > 0.5)
+            labels.append(batch["label"].numpy())
+    return (np.concatenate(scores).astype(np.float64), np.concatenate(maps), np.concatenate(masks),
+            np.concatenate(labels).astype(np.int64))
+
+
+def evaluate(method, samples, *, batch_size: int = 8, device: str = "cpu", aupro_mode: str = "anomalyclip",
+             heatmap_dir: Path | None = None, heatmaps_per_class: int = 4, progress: bool = True) -> dict:
+    """Per-class metrics (fractions in [0,1]) + their mean; saves heatmap panels when ``heatmap_dir`` is given."""
+    from zsad.data import AnomalyDataset
+    from zsad.metrics import class_metrics, summarize
+    from zsad.visualize import save_panel
+
+    by_class = defaultdict(list)
+    for s in samples:
+        by_class[s.cls].append(s)
+    per_class, counts, heatmaps = {}, {}, []
+    size = method.image_size
+    for cls in sorted(by_class):
+        cls_samples = by_class[cls]
+        ds = AnomalyDataset(cls_samples, size)
+        scores, maps, masks, labels = predict(method, ds, batch_size, device, f"eval {cls}", progress)
+        per_class[cls] = class_metrics(labels, scores, masks, maps, aupro_mode=aupro_mode)
+        counts[cls] = {"images": int(len(labels)), "anomalous": int(labels.sum())}
+        if heatmap_dir is not None and heatmaps_per_class > 0:
+            vmin, vmax = float(maps.min()), float(maps.max())  # one colour scale per class
+            bad = [i for i in range(len(labels)) if labels[i]][: max(heatmaps_per_class - 1, 1)]
+            good = [i for i in range(len(labels)) if not labels[i]][:1]
+            for i in (bad + good)[:heatmaps_per_class]:
+                s = cls_samples[i]
+                name = f"{s.defect}_{Path(s.image).stem}.png"
+                heatmaps.append(str(save_panel(heatmap_dir / cls / name, _display_image(str(s.image), size),
+                                               maps[i], vmin, vmax, masks[i], float(scores[i]))))
+        del maps, masks
+    mean, skipped = summarize(per_class)
+    return {"per_class": per_class, "mean": mean, "skipped": skipped, "counts": counts, "heatmaps": heatmaps}
+
+
+def _fmt(v) -> str:
+    return "  n/a" if v is None or v != v else f"{100 * v:5.1f}"
+
+
+def format_table(result: dict, paper: dict, paper_label: str | None) -> str:
+    header = f"{'class':<16}" + "".join(f"{h:>9}" for _, h in METRIC_COLUMNS)
+    lines = [header, "-" * len(header)]
+    for cls, m in result["per_class"].items():
+        lines.append(f"{cls:<16}" + "".join(f"{_fmt(m.get(k)):>9}" for k, _ in METRIC_COLUMNS))
+    lines.append("-" * len(header))
+    lines.append(f"{'mean (ours)':<16}" + "".join(f"{_fmt(result['mean'].get(k)):>9}" for k, _ in METRIC_COLUMNS))
+    if paper:
+        row = "".join(f"{(f'{paper[k].value:5.1f}' if k in paper else '    -'):>9}" for k, _ in METRIC_COLUMNS)
+        lines.append(f"{'paper':<16}" + row)
+        lines.append(f"  paper numbers: {paper_label}")
+    return "\n".join(lines)
+
+
+def write_csv(path: Path, result: dict) -> None:
+    keys = [k for k, _ in METRIC_COLUMNS]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["class", "images", "anomalous"] + keys)
+        for cls, m in result["per_class"].items():
+            c = result["counts"][cls]
+            w.writerow([cls, c["images"], c["anomalous"]] + [m.get(k, float("nan")) for k in keys])
+        w.writerow(["mean", sum(c["images"] for c in result["counts"].values()),
+                    sum(c["anomalous"] for c in result["counts"].values())] + [result["mean"].get(k) for k in keys])
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--checkpoint", required=True, type=click.Path(),
+              help="Checkpoint directory written by train/run.py (or its checkpoint.safetensors).")
+@click.option("--data", type=click.Path(), default=None,
+              help="Data set root (MVTec AD / MPDD / VisA / BTAD layout or meta.json, auto-detected). "
+                   "Default: the synthetic-defect set's held-out test classes.")
+@click.option("--split", default="test", type=click.Choice(["train", "test"]))
+@click.option("--classes", default=None, help="Comma-separated classes (default: all).")
+@click.option("--dataset-name", default=None, help="Name for the paper tables (e.g. 'MVTec AD'); guessed from "
+              "the folder name otherwise.")
+@click.option("--clip-weights", type=click.Path(), default=None, help="Local CLIP weights file (offline use).")
+@click.option("--out", type=click.Path(), default=None, help="Output directory [default: CHECKPOINT/eval-<data>].")
+@click.option("--aupro-mode", default="anomalyclip", type=click.Choice(["anomalyclip", "mvtec"]),
+              help="anomalyclip: 200 thresholds, FPR<0.3 min-max rescaled (the papers' tables); mvtec: the "
+                   "official integral to FPR 0.3 / 0.3.")
+@click.option("--batch-size", type=int, default=8)
+@click.option("--heatmaps", type=int, default=4, help="Heatmap panels saved per class (0 = none).")
+@click.option("--device", default="auto", help="cpu, cuda or auto.")
+@click.option("--no-progress", is_flag=True)
+def main(checkpoint, data, split, classes, dataset_name, clip_weights, out, aupro_mode, batch_size, heatmaps, device,
+         no_progress):
+    """Evaluate a checkpoint: image/pixel AUROC, AP, F1-max and AUPRO per class, JSON/CSV/PNG outputs."""
+    try:
+        run(checkpoint, data, split, classes, dataset_name, clip_weights, out, aupro_mode, batch_size, heatmaps,
+            device, not no_progress)
+    except ZsadError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(2)
+
+
+def run(checkpoint, data, split="test", classes=None, dataset_name=None, clip_weights=None, out=None,
+        aupro_mode="anomalyclip", batch_size=8, heatmaps=4, device="auto", progress=True) -> dict:
+    from zsad.checkpoint import load_checkpoint
+    from zsad.data import guess_dataset_name, load_samples
+    from zsad.data.synthetic import SYNTHETIC_TEST_CLASSES, default_root, generate
+    from zsad.reference import PAPER_NAMES, paper_metrics
+
+    import torch
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    method, meta = load_checkpoint(checkpoint, clip_weights=clip_weights, device=device)
+    class_list = [c for c in classes.split(",") if c] if classes else None
+    if data is None:
+        root = generate(default_root(), progress=progress)
+        class_list = class_list or list(SYNTHETIC_TEST_CLASSES)
+        name = "synthetic"
+    else:
+        root = Path(data)
+        name = dataset_name or guess_dataset_name(root)
+    samples = load_samples(root, split=split, classes=class_list)
+    ckpt = Path(checkpoint)
+    out_dir = Path(out) if out else (ckpt if ckpt.is_dir() else ckpt.parent) / f"eval-{(name or root.name).replace(' ', '_')}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    click.echo(f"evaluating {meta['method']} ({meta['profile']}, trained {meta.get('epochs', '?')} epochs) on "
+               f"{name or root} [{len(samples)} images, {len({s.cls for s in samples})} classes], "
+               f"image size {method.image_size}, AUPRO mode {aupro_mode}, device {device}")
+    t0 = time.perf_counter()
+    result = evaluate(method, samples, batch_size=batch_size, device=device, aupro_mode=aupro_mode,
+                      heatmap_dir=out_dir / "heatmaps", heatmaps_per_class=heatmaps, progress=progress)
+    seconds = time.perf_counter() - t0
+    paper = paper_metrics(meta["method"], name) if name else {}
+    paper_label = None
+    if paper:
+        first = next(iter(paper.values()))
+        paper_label = (f"{PAPER_NAMES.get(meta['method'])} on {name}, {first.paper} paper, {first.table}"
+                       + (f" (trained on {first.train_dataset})" if first.train_dataset else ""))
+    random_clip = method.backbone.info.weights == "random"
+    report = {
+        "method": meta["method"], "profile": meta["profile"], "checkpoint": str(checkpoint),
+        "clip_weights": method.backbone.info.weights, "dataset": name, "data_path": str(root), "split": split,
+        "image_size": method.image_size, "aupro_mode": aupro_mode, "seconds": round(seconds, 2),
+        "device": device, "metrics_scale": "fraction (x100 for the papers' percent)",
+        "note": "CLIP weights are random: these numbers say nothing about detection accuracy" if random_clip else None,
+        **result,
+        "paper": {k: vars(v) for k, v in paper.items()},
+    }
+    (out_dir / "metrics.json").write_text(json.dumps(report, indent=2, default=float))
+    write_csv(out_dir / "metrics.csv", result)
+    click.echo(format_table(result, paper, paper_label))
+    for metric, skipped in result["skipped"].items():
+        if skipped:
+            click.echo(f"note: {metric} undefined (no anomalies) for {', '.join(skipped)}: left out of the mean")
+    if random_clip:
+        click.echo("note: the CLIP backbone has RANDOM weights (tiny profile / no pretrained weights): these numbers "
+                   "show the pipeline works, not how well the method detects anomalies.")
+    click.echo(f"wrote {out_dir / 'metrics.json'}, {out_dir / 'metrics.csv'} and {len(result['heatmaps'])} heatmaps "
+               f"under {out_dir / 'heatmaps'} ({seconds:.1f} s)")
+    return report
+
+
+if __name__ == "__main__":
+    main()
