@@ -124,10 +124,11 @@ def train(method, dataset, out_dir: Path, *, resume: bool = False, device: str =
             optimizer.zero_grad(set_to_none=True)
             losses["total"].backward()
             optimizer.step()
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            values = {k: float(v.detach()) for k, v in losses.items()}
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + v
             n += 1
-            bar.set_postfix(loss=f"{float(losses['total']):.4f}")
+            bar.set_postfix(loss=f"{values['total']:.4f}")
         row = {"epoch": epoch + 1, **{k: v / max(n, 1) for k, v in sums.items()},
                "seconds": round(time.perf_counter() - t0, 2)}
         history.append(row)

@@ -9,7 +9,6 @@ Multi-GPU: torchrun --nproc_per_node 4 train/run.py --model bagclip --data /data
 """
 from __future__ import annotations
 
-import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import click
 
 from zsad import ZsadError
+from zsad.cli import cli_entry
 
 def resolve_device(device: str) -> str:
     import torch
@@ -69,15 +69,12 @@ def training_samples(data: str | None, split: str, classes: str | None, progress
 @click.option("--device", default="auto", help="cpu, cuda, cuda:1 or auto.")
 @click.option("--workers", type=int, default=0, help="DataLoader worker processes.")
 @click.option("--no-progress", is_flag=True, help="No progress bars (logs only).")
+@cli_entry
 def main(model, profile, data, split, classes, clip_weights, epochs, batch_size, lr, image_size, seed, out, resume,
          device, workers, no_progress):
     """Train a zero-shot anomaly detection method and write a checkpoint."""
-    try:
-        run(model, profile, data, split, classes, clip_weights, epochs, batch_size, lr, image_size, seed, out,
-            resume, device, workers, not no_progress)
-    except ZsadError as err:
-        click.echo(f"error: {err}", err=True)
-        sys.exit(2)
+    run(model, profile, data, split, classes, clip_weights, epochs, batch_size, lr, image_size, seed, out,
+        resume, device, workers, not no_progress)
 
 
 def run(model, profile, data, split, classes, clip_weights, epochs, batch_size, lr, image_size, seed, out, resume,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from zsad import ZsadError
+from zsad.cli import cli_entry
 
 METRIC_COLUMNS = [("image_auroc", "I-AUROC"), ("image_ap", "I-AP"), ("image_f1max", "I-F1max"),
                   ("pixel_auroc", "P-AUROC"), ("pixel_ap", "P-AP"), ("pixel_f1max", "P-F1max"),
@@ -54,6 +53,22 @@ def predict(method, dataset, batch_size: int, device: str, desc: str, progress: 
             np.concatenate(labels).astype(np.int64))
 
 
+def _heatmap_sample(samples, k: int) -> list[int]:
+    """Up to k indices: one anomalous image per defect type first (round robin), then one normal image."""
+    by_defect = defaultdict(list)
+    for i, s in enumerate(samples):
+        if s.label:
+            by_defect[s.defect].append(i)
+    picked, queues = [], [list(v) for _, v in sorted(by_defect.items())]
+    while queues and len(picked) < max(k - 1, 1):
+        for q in queues:
+            if q and len(picked) < max(k - 1, 1):
+                picked.append(q.pop(0))
+        queues = [q for q in queues if q]
+    good = [i for i, s in enumerate(samples) if not s.label][:1]
+    return (picked + good)[:k]
+
+
 def evaluate(method, samples, *, batch_size: int = 8, device: str = "cpu", aupro_mode: str = "anomalyclip",
              heatmap_dir: Path | None = None, heatmaps_per_class: int = 4, progress: bool = True) -> dict:
     """Per-class metrics (fractions in [0,1]) + their mean; saves heatmap panels when ``heatmap_dir`` is given."""
@@ -74,9 +89,7 @@ def evaluate(method, samples, *, batch_size: int = 8, device: str = "cpu", aupro
         counts[cls] = {"images": int(len(labels)), "anomalous": int(labels.sum())}
         if heatmap_dir is not None and heatmaps_per_class > 0:
             vmin, vmax = float(maps.min()), float(maps.max())  # one colour scale per class
-            bad = [i for i in range(len(labels)) if labels[i]][: max(heatmaps_per_class - 1, 1)]
-            good = [i for i in range(len(labels)) if not labels[i]][:1]
-            for i in (bad + good)[:heatmaps_per_class]:
+            for i in _heatmap_sample(cls_samples, heatmaps_per_class):
                 s = cls_samples[i]
                 name = f"{s.defect}_{Path(s.image).stem}.png"
                 heatmaps.append(str(save_panel(heatmap_dir / cls / name, _display_image(str(s.image), size),
@@ -135,15 +148,12 @@ def write_csv(path: Path, result: dict) -> None:
 @click.option("--heatmaps", type=int, default=4, help="Heatmap panels saved per class (0 = none).")
 @click.option("--device", default="auto", help="cpu, cuda or auto.")
 @click.option("--no-progress", is_flag=True)
+@cli_entry
 def main(checkpoint, data, split, classes, dataset_name, clip_weights, out, aupro_mode, batch_size, heatmaps, device,
          no_progress):
     """Evaluate a checkpoint: image/pixel AUROC, AP, F1-max and AUPRO per class, JSON/CSV/PNG outputs."""
-    try:
-        run(checkpoint, data, split, classes, dataset_name, clip_weights, out, aupro_mode, batch_size, heatmaps,
-            device, not no_progress)
-    except ZsadError as err:
-        click.echo(f"error: {err}", err=True)
-        sys.exit(2)
+    run(checkpoint, data, split, classes, dataset_name, clip_weights, out, aupro_mode, batch_size, heatmaps,
+        device, not no_progress)
 
 
 def run(checkpoint, data, split="test", classes=None, dataset_name=None, clip_weights=None, out=None,

@@ -1,0 +1,66 @@
+"""The offline demo (`make demo`): synthetic data -> train tiny BAG-CLIP -> evaluate -> checkpoint, metrics, heatmaps.
+
+Runs on a CPU-only box without internet in a few minutes. The tiny profile's CLIP has random weights, so the
+numbers show that the whole pipeline learns (held-out pixel AUROC rises well above the untrained model's), not
+how well BAG-CLIP detects real defects; for that, train the paper profile with real CLIP weights on MVTec AD.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from zsad.cli import cli_entry
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--out", type=click.Path(), default="demo_out", help="Where everything is written.")
+@click.option("--model", default="bagclip", help="Method to train (tiny profile).")
+@click.option("--epochs", type=int, default=None, help="Override the tiny profile's epochs.")
+@click.option("--no-progress", is_flag=True)
+@cli_entry
+def main(out, model, epochs, no_progress):
+    """Generate the synthetic-defect set, train a tiny model on its training classes, evaluate on held-out ones."""
+    run(Path(out), model, epochs, not no_progress)
+
+
+def run(out: Path, model: str, epochs: int | None, progress: bool) -> dict:
+    from zsad.data.synthetic import SYNTHETIC_TEST_CLASSES, SYNTHETIC_TRAIN_CLASSES, generate
+    from zsad.evaluate import run as evaluate
+    from zsad.train.run import run as train
+
+    t0 = time.perf_counter()
+    steps = {}
+    click.echo(f"[1/3] synthetic-defect data set -> {out / 'data'}")
+    root = generate(out / "data", progress=progress)
+    steps["data"] = time.perf_counter() - t0
+
+    ckpt = out / f"{model}-tiny"
+    click.echo(f"\n[2/3] training {model} (tiny profile) on {', '.join(SYNTHETIC_TRAIN_CLASSES)}")
+    t = time.perf_counter()
+    train(model=model, profile="tiny", data=str(root), split="test", classes=",".join(SYNTHETIC_TRAIN_CLASSES),
+          clip_weights=None, epochs=epochs, batch_size=None, lr=None, image_size=None, seed=None, out=str(ckpt),
+          resume=False, device="cpu", workers=0, progress=progress)
+    steps["train"] = time.perf_counter() - t
+
+    click.echo(f"\n[3/3] evaluating on the held-out classes {', '.join(SYNTHETIC_TEST_CLASSES)}")
+    t = time.perf_counter()
+    report = evaluate(str(ckpt), data=str(root), classes=",".join(SYNTHETIC_TEST_CLASSES), dataset_name="synthetic",
+                      out=str(ckpt / "eval"), device="cpu", progress=progress)
+    steps["evaluate"] = time.perf_counter() - t
+
+    total = time.perf_counter() - t0
+    click.echo("\n" + "=" * 72)
+    click.echo(f"demo finished in {total:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in steps.items()) + ")")
+    click.echo(f"  data set     {root}  (preview: {root / 'preview.png'})")
+    click.echo(f"  checkpoint   {ckpt / 'checkpoint.safetensors'}  (+ checkpoint.json, history.csv)")
+    click.echo(f"  metrics      {ckpt / 'eval' / 'metrics.json'}  and metrics.csv")
+    click.echo(f"  heatmaps     {ckpt / 'eval' / 'heatmaps'}/<class>/*.png")
+    click.echo(f"  held-out pixel AUROC {100 * report['mean']['pixel_auroc']:.1f}, AUPRO "
+               f"{100 * report['mean']['pixel_aupro']:.1f} (random-weight tiny CLIP: a pipeline check, not accuracy)")
+    return {"seconds": total, "steps": steps, "report": report}
+
+
+if __name__ == "__main__":
+    main()

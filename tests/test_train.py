@@ -1,0 +1,142 @@
+"""Training: checkpoints (round trip, sidecar, atomic), exact resume, the CLI, DDP, and a learning test."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+import torch
+from safetensors.torch import load_file
+
+import zsad.methods as M
+from zsad import ZsadError
+from zsad.checkpoint import load_checkpoint, read_sidecar
+from zsad.data import AnomalyDataset, load_samples
+from zsad.data.synthetic import SYNTHETIC_TEST_CLASSES, SYNTHETIC_TRAIN_CLASSES, generate
+from zsad.evaluate import evaluate
+from zsad.train.loop import train
+from zsad.train.run import main as train_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    return generate(tmp_path_factory.mktemp("synthetic"), progress=False)
+
+
+def _small_set(root, n=12):
+    samples = load_samples(root, "test", classes=["brick", "washer"])
+    return AnomalyDataset(samples[:n // 2] + samples[-n // 2:], 224)
+
+
+def test_checkpoint_round_trip(tmp_path, synthetic):
+    m = M.create("bagclip", "tiny", train={"epochs": 1, "batch_size": 4})
+    train(m, _small_set(synthetic), tmp_path, progress=False, meta={"data": {"dataset": "synthetic"}})
+    meta = read_sidecar(tmp_path)
+    assert (meta["method"], meta["profile"], meta["epochs"], meta["clip_weights"]) == ("bagclip", "tiny", 1, "random")
+    assert meta["config"]["graph"]["knn_k"] == 8 and meta["versions"]["torch"] == torch.__version__
+    assert meta["trainable_parameters"] == sum(v.numel() for v in load_file(str(tmp_path / "checkpoint.safetensors")).values())
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temp files
+    loaded, _ = load_checkpoint(tmp_path / "checkpoint.safetensors")
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        a, b = m.eval()(x), loaded(x)
+    assert torch.equal(a.score, b.score) and torch.equal(a.anomaly_map, b.anomaly_map)
+    # the frozen CLIP is not in the checkpoint: only the trainable parts are
+    assert set(load_file(str(tmp_path / "checkpoint.safetensors"))) == set(m.trainable_parameters())
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(ZsadError, match="checkpoint file missing"):
+        load_checkpoint(tmp_path)
+    (tmp_path / "checkpoint.safetensors").write_bytes(b"")
+    (tmp_path / "checkpoint.json").write_text("{not json")
+    with pytest.raises(ZsadError, match="corrupt checkpoint sidecar"):
+        load_checkpoint(tmp_path)
+
+
+def test_resume_continues_exactly(tmp_path, synthetic):
+    ds = _small_set(synthetic)
+    straight = M.create("bagclip", "tiny", train={"epochs": 2, "batch_size": 4})
+    train(straight, ds, tmp_path / "a", progress=False)
+    first = M.create("bagclip", "tiny", train={"epochs": 1, "batch_size": 4})
+    train(first, ds, tmp_path / "b", progress=False)
+    resumed = M.create("bagclip", "tiny", train={"epochs": 2, "batch_size": 4})  # fresh process state
+    train(resumed, ds, tmp_path / "b", resume=True, progress=False)
+    a = load_file(str(tmp_path / "a" / "checkpoint.safetensors"))
+    b = load_file(str(tmp_path / "b" / "checkpoint.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert read_sidecar(tmp_path / "b")["epochs"] == 2
+    hist = (tmp_path / "b" / "history.csv").read_text().splitlines()
+    assert hist[0].startswith("epoch,") and len(hist) == 3
+    with pytest.raises(ZsadError, match="already finished"):
+        train(resumed, ds, tmp_path / "b", resume=True, progress=False)
+
+
+def _run(args, **kw):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", ZSAD_CACHE=str(kw.pop("cache")))
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, **kw)
+
+
+def test_cli_trains_and_reports_user_errors_cleanly(tmp_path, synthetic):
+    r = _run(["train/run.py", "--help"], cache=tmp_path)
+    assert r.returncode == 0 and "--resume" in r.stdout and "--clip-weights" in r.stdout
+    out = tmp_path / "run"
+    r = _run(["train/run.py", "--model", "anomalyclip", "--profile", "tiny", "--data", str(synthetic),
+              "--classes", "brick", "--epochs", "1", "--batch-size", "8", "--out", str(out), "--no-progress"],
+             cache=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "checkpoint" in r.stdout and (out / "checkpoint.json").is_file()
+    assert read_sidecar(out)["data"]["classes"] == ["brick"]
+    r = _run(["train/run.py", "--model", "nope", "--profile", "tiny"], cache=tmp_path)
+    assert r.returncode == 2 and "error: unknown method 'nope'" in r.stderr and "Traceback" not in r.stderr
+    for args, msg in [  # the same entry point in-process (fast)
+        (["--model", "bagclip", "--profile", "tiny", "--data", str(tmp_path / "nowhere")], "nowhere"),
+        (["--model", "bagclip", "--profile", "tiny", "--resume"], "--resume needs --out"),
+        (["--model", "bagclip", "--profile", "tiny", "--data", str(synthetic), "--classes", "marble"], "marble"),
+        (["--model", "bagclip", "--profile", "tiny", "--device", "cuda:7"] if not torch.cuda.is_available()
+         else ["--model", "bagclip", "--profile", "huge"], "cuda:7" if not torch.cuda.is_available() else "huge"),
+    ]:
+        res = CliRunner().invoke(train_cli, [*args, "--no-progress"])
+        assert res.exit_code == 2, (args, res.output)
+        assert msg in res.stderr and res.stderr.startswith("error: ")
+        assert isinstance(res.exception, SystemExit)  # a clean exit, not an escaped exception
+
+
+def test_learning_on_synthetic_defects(synthetic):
+    """Tiny BAG-CLIP (random CLIP) must learn to localise held-out synthetic defects.
+
+    Measured on this box (2026-11-23): held-out pixel AUROC 0.354 untrained -> 0.625 after 4 epochs at lr 5e-3
+    (0.77 after the tiny profile's 10 epochs). Asserted: a gain of at least 0.15 and at least 0.55 absolute.
+    """
+    torch.manual_seed(0)
+    train_set = AnomalyDataset(load_samples(synthetic, "test", classes=list(SYNTHETIC_TRAIN_CLASSES)), 224)
+    held_out = load_samples(synthetic, "test", classes=list(SYNTHETIC_TEST_CLASSES))
+    m = M.create("bagclip", "tiny", train={"epochs": 4})
+    before = evaluate(m, held_out, progress=False)["mean"]["pixel_auroc"]
+    train(m, train_set, Path(os.environ.get("TMPDIR", "/tmp")) / "zsad-learning-test", progress=False)
+    after = evaluate(m, held_out, progress=False)["mean"]["pixel_auroc"]
+    print(f"held-out pixel AUROC {before:.3f} -> {after:.3f}")
+    assert after - before >= 0.15
+    assert after >= 0.55
+
+
+@pytest.mark.slow
+def test_ddp_with_two_cpu_processes(tmp_path, synthetic):
+    out = tmp_path / "ddp"
+    r = _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train/run.py",
+              "--model", "bagclip", "--profile", "tiny", "--data", str(synthetic), "--classes", "brick",
+              "--epochs", "1", "--batch-size", "4", "--device", "cpu", "--out", str(out), "--no-progress"],
+             cache=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    meta = read_sidecar(out)
+    assert meta["world_size"] == 2 and meta["epochs"] == 1
+    # 24 brick images over 2 processes at batch 4: 3 steps each
+    assert meta["steps_per_epoch"] == 3
+    init = M.create("bagclip", "tiny").trainable_state_dict()
+    trained = load_file(str(out / "checkpoint.safetensors"))
+    assert any(not torch.equal(init[k], trained[k]) for k in init)
+    assert json.loads((out / "checkpoint.json").read_text())["history"][0]["epoch"] == 1
