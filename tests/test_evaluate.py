@@ -1,0 +1,85 @@
+"""zsad-eval end to end on a fake MPDD tree: files, paper numbers beside ours, NaN classes, sklearn cross-check."""
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+
+import zsad.methods as M
+from zsad.checkpoint import save_checkpoint
+from zsad.data import AnomalyDataset, load_samples
+from zsad.evaluate import main as eval_cli
+
+
+def _write_mpdd(root, rng):
+    """MVTec-layout tree with MPDD class names: bracket_black has defects, tubes only good images."""
+    for cls, n_good, n_bad in (("bracket_black", 3, 4), ("tubes", 3, 0)):
+        for i in range(n_good):
+            p = root / cls / "test" / "good" / f"{i:03d}.png"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)).save(p)
+        for i in range(n_bad):
+            img = rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)
+            mask = np.zeros((96, 96), np.uint8)
+            y, x = rng.integers(10, 70, 2)
+            mask[y:y + 16, x:x + 20] = 255
+            img[mask > 0] = 255
+            p = root / cls / "test" / "hole" / f"{i:03d}.png"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(p)
+            m = root / cls / "ground_truth" / "hole" / f"{i:03d}_mask.png"
+            m.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(mask).save(m)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    base = tmp_path_factory.mktemp("eval")
+    _write_mpdd(base / "mpdd", np.random.default_rng(0))
+    method = M.create("bagclip", "tiny")
+    save_checkpoint(base / "ckpt", method, epochs=0)
+    return base, method
+
+
+def test_eval_cli_writes_everything(setup):
+    base, method = setup
+    out = base / "out"
+    res = CliRunner().invoke(eval_cli, ["--checkpoint", str(base / "ckpt"), "--data", str(base / "mpdd"),
+                                        "--out", str(out), "--heatmaps", "2", "--no-progress", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["dataset"] == "MPDD" and report["aupro_mode"] == "anomalyclip"
+    assert set(report["per_class"]) == {"bracket_black", "tubes"}
+    # tubes has no anomalies: undefined metrics are NaN and left out of the mean
+    assert np.isnan(report["per_class"]["tubes"]["image_auroc"])
+    assert "tubes" in report["skipped"]["image_auroc"]
+    assert report["mean"]["image_auroc"] == report["per_class"]["bracket_black"]["image_auroc"]
+    assert report["paper"]["image_auroc"]["value"] == 80.3  # BAG-CLIP on MPDD, the paper's table
+    assert "paper" in res.output and "80.3" in res.output and "RANDOM weights" in res.output
+    rows = list(csv.reader(open(out / "metrics.csv")))
+    assert rows[0][:3] == ["class", "images", "anomalous"] and [r[0] for r in rows[1:]] == ["bracket_black", "tubes", "mean"]
+    pngs = sorted((out / "heatmaps").rglob("*.png"))
+    assert len(pngs) == 3 and all(Image.open(p).size == (2 * 224 + 4, 224) for p in pngs)
+
+    # independent cross-check of the per-class numbers with sklearn on the method's own predictions
+    samples = load_samples(base / "mpdd", "test", classes=["bracket_black"])
+    batch = next(iter(torch.utils.data.DataLoader(AnomalyDataset(samples, 224), batch_size=len(samples))))
+    with torch.no_grad():
+        pred = method(batch["image"])
+    ours = report["per_class"]["bracket_black"]
+    assert ours["image_auroc"] == pytest.approx(roc_auc_score(batch["label"].numpy(), pred.score.numpy()), abs=1e-9)
+    assert ours["pixel_auroc"] == pytest.approx(
+        roc_auc_score(batch["mask"].numpy().ravel() > 0.5, pred.anomaly_map.numpy().ravel()), abs=1e-6)
+
+
+def test_eval_cli_errors(setup, tmp_path):
+    base, _ = setup
+    res = CliRunner().invoke(eval_cli, ["--checkpoint", str(tmp_path / "missing"), "--data", str(base / "mpdd")])
+    assert res.exit_code == 2 and "error: not a zsad checkpoint" in res.stderr
+    res = CliRunner().invoke(eval_cli, ["--checkpoint", str(base / "ckpt"), "--data", str(tmp_path / "void"),
+                                        "--no-progress"])
+    assert res.exit_code == 2 and "void" in res.stderr and isinstance(res.exception, SystemExit)
