@@ -91,6 +91,14 @@ def test_cli_trains_and_reports_user_errors_cleanly(tmp_path, synthetic):
     assert r.returncode == 0, r.stderr
     assert "checkpoint" in r.stdout and (out / "checkpoint.json").is_file()
     assert read_sidecar(out)["data"]["classes"] == ["brick"]
+    # resume through the CLI: the run's own data and settings come from its sidecar
+    res = CliRunner().invoke(train_cli, ["--model", "anomalyclip", "--resume", "--out", str(out), "--epochs", "2",
+                                         "--no-progress"])
+    assert res.exit_code == 0, res.output
+    meta = read_sidecar(out)
+    assert meta["epochs"] == 2 and meta["data"]["classes"] == ["brick"] and len(meta["history"]) == 2
+    res = CliRunner().invoke(train_cli, ["--model", "anomalyclip", "--resume", "--out", str(out), "--lr", "0.1"])
+    assert res.exit_code == 2 and "--lr cannot change" in res.stderr
     r = _run(["train/run.py", "--model", "nope", "--profile", "tiny"], cache=tmp_path)
     assert r.returncode == 2 and "error: unknown method 'nope'" in r.stderr and "Traceback" not in r.stderr
     for args, msg in [  # the same entry point in-process (fast)

@@ -81,6 +81,7 @@ def run(model, profile, data, split, classes, clip_weights, epochs, batch_size, 
         device, workers, progress):
     import zsad.methods as M
     from zsad.checkpoint import read_sidecar
+    from zsad.configs import build_config, deep_merge
     from zsad.data import AnomalyDataset
     from zsad.train.loop import init_distributed, train
 
@@ -99,19 +100,21 @@ def run(model, profile, data, split, classes, clip_weights, epochs, batch_size, 
     if clip_weights:
         overrides.setdefault("backbone", {}).update(weights=str(clip_weights), pretrained=None)
     if resume:
-        # continue with the run's own settings; only the epoch count may grow
+        # continue with the run's own settings and data; only the epoch count may grow (and the CLIP file move)
+        changed = [n for n, v in (("--batch-size", batch_size), ("--lr", lr), ("--image-size", image_size),
+                                  ("--seed", seed), ("--data", data), ("--classes", classes)) if v is not None]
+        if changed:
+            raise ZsadError(f"--resume continues the run as it was started; {', '.join(changed)} cannot change")
         meta = read_sidecar(out_dir)
         if meta["method"] != model:
             raise ZsadError(f"--resume: {out_dir} holds a '{meta['method']}' run, not '{model}'")
-        from zsad.configs import build_config, deep_merge
-
-        cfg_dict = deep_merge(meta["config"], {"train": {"epochs": epochs}} if epochs else {})
-        config = build_config(M.METHODS[model].config_class, cfg_dict, where=f"{out_dir}")
-        method = M.build(model, config, meta["profile"])
+        cfg_dict = deep_merge(meta["config"], {k: v for k, v in overrides.items() if k == "backbone"})
+        if epochs:
+            cfg_dict = deep_merge(cfg_dict, {"train": {"epochs": epochs}})
+        method = M.build(model, build_config(M.METHODS[model].config_class, cfg_dict, where=str(out_dir)),
+                         meta["profile"])
         data_meta = meta.get("data", {})
-        data = data if data is not None else (None if data_meta.get("dataset") == "synthetic" else data_meta.get("path"))
-        classes = classes or ",".join(data_meta.get("classes", []))
-        split = data_meta.get("split", split)
+        data, split, classes = data_meta.get("path"), data_meta.get("split", split), ",".join(data_meta.get("classes", []))
     else:
         method = M.create(model, profile, **overrides)
     cfg = method.config
