@@ -6,7 +6,7 @@ tensor name; ``Method.forward`` is exactly that chain, so what is exported is wh
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -29,6 +29,10 @@ class Stage:
     module: nn.Module
     inputs: dict[str, tuple]  # tensor name -> shape, "B" = dynamic batch
     outputs: dict[str, tuple]
+    dtypes: dict[str, torch.dtype] = field(default_factory=dict)  # tensors that are not float32 (e.g. token ids)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.dtypes.get(name, torch.float32)
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         axes = {}
@@ -39,8 +43,14 @@ class Stage:
         return axes
 
     def example_inputs(self, batch: int = 2, generator: torch.Generator | None = None) -> tuple[torch.Tensor, ...]:
-        return tuple(torch.randn(*[batch if d == "B" else d for d in shape], generator=generator)
-                     for shape in self.inputs.values())
+        """Random inputs of the declared shapes (float: N(0,1); integer: zeros, e.g. padding token ids)."""
+        out = []
+        for name, shape in self.inputs.items():
+            size = [batch if d == "B" else d for d in shape]
+            dt = self.dtype(name)
+            out.append(torch.randn(*size, generator=generator, dtype=dt) if dt.is_floating_point
+                       else torch.zeros(*size, dtype=dt))
+        return tuple(out)
 
 
 def run_stages(stages: Sequence[Stage], **tensors: torch.Tensor) -> dict[str, torch.Tensor]:
