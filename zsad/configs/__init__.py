@@ -1,12 +1,14 @@
 """Model profiles as data.
 
-A profile file (``paper.json``, ``tiny.json``) holds one section per method plus an optional ``common`` section
-merged into every method of that file, and may ``extends`` another profile. A method's resolved config is
+A profile file (``paper.json``, ``tiny.json``) holds one section per method, an optional ``common`` section merged
+into every method (only keys every method has: ``backbone``, ``train``), and may ``extends`` another profile. A
+method section may say ``"inherit": "<other method>"`` to start from that method's section (BAG-CLIP inherits
+AnomalyCLIP). For each profile in the ``extends`` chain, root first, the resolved config is updated with
 
-    resolve(parent profile, method)  <-  this profile's common  <-  this profile's method section
+    that profile's common  <-  its sections along the inherit chain (ancestor first)  <-  its section of the method
 
-(deep merge, later wins). ``build_config`` turns the resulting dict into the method's config dataclass and
-rejects unknown or missing keys by name, so a typo in a profile or an override is an error, not a silent default.
+(deep merge, later wins). ``build_config`` turns the result into the method's config dataclass and rejects
+unknown or missing keys by name, so a typo in a profile or an override is an error, not a silent default.
 """
 from __future__ import annotations
 
@@ -44,15 +46,36 @@ def _read_profile(profile: str) -> dict:
         return json.load(f)
 
 
+def _profile_chain(profile: str) -> list[dict]:
+    chain = [_read_profile(profile)]
+    while "extends" in chain[0]:
+        chain.insert(0, _read_profile(chain[0]["extends"]))
+    return chain
+
+
+def _inherit_chain(chain: list[dict], method: str) -> list[str]:
+    """[ancestor, ..., method] following "inherit" keys (declared in any profile of the chain)."""
+    out = [method]
+    while True:
+        parent = next((d[out[0]]["inherit"] for d in reversed(chain) if "inherit" in d.get(out[0], {})), None)
+        if parent is None:
+            return out
+        if parent in out:
+            raise ZsadError(f"profile inheritance loop: {' <- '.join([parent] + out)}")
+        out.insert(0, parent)
+
+
 def resolve_profile(method: str, profile: str) -> dict:
-    data = _read_profile(profile)
-    resolved: dict = {}
-    if "extends" in data:
-        resolved = resolve_profile(method, data["extends"])
-    elif method not in data:
+    chain = _profile_chain(profile)
+    if not any(method in d for d in chain):
         raise ZsadError(f"profile '{profile}' has no settings for method '{method}'")
-    resolved = deep_merge(resolved, data.get("common", {}))
-    return deep_merge(resolved, data.get(method, {}))
+    resolved: dict = {}
+    for data in chain:
+        resolved = deep_merge(resolved, data.get("common", {}))
+        for name in _inherit_chain(chain, method):
+            section = {k: v for k, v in data.get(name, {}).items() if k != "inherit"}
+            resolved = deep_merge(resolved, section)
+    return resolved
 
 
 def _hints(cls) -> dict[str, Any]:
