@@ -4,7 +4,7 @@ Graph (one per image), for features X [B,N,D]:
 
 1. cosine similarity S = X̂ X̂ᵀ with X̂ = X / max(||X||, eps), in fp32 (fp16 ties change neighbour sets);
 2. per row the top-k columns with self excluded (S_ii = -inf). Tie rule, defined once: among equal
-   similarities the **lowest column index wins** (a stable descending sort; ONNX TopK has the same rule).
+   similarities the **lowest column index wins** (``knn_mask``: threshold at the k-th value, ties by index).
    A zero vector has similarity 0 to every node, so its neighbours are the k lowest other indices;
 3. A_ij = 1 for those j (``edge_weight="binary"``) or max(S_ij, 0) (``"relu_cos"``);
 4. symmetrise: A = max(A, Aᵀ) (``"max"``) or (A + Aᵀ)/2 (``"mean"``);
@@ -29,14 +29,35 @@ def cosine_similarity_matrix(x: torch.Tensor, eps: float = 1e-12) -> torch.Tenso
     return xn @ xn.transpose(-1, -2)
 
 
-def knn_indices(sim: torch.Tensor, k: int) -> torch.Tensor:
-    """Top-k column indices per row of ``sim`` [B,N,N], self excluded, lowest index first among ties."""
+def _masked_self(sim: torch.Tensor) -> torch.Tensor:
+    n = sim.shape[-1]
+    return sim.masked_fill(torch.eye(n, dtype=torch.bool, device=sim.device), float("-inf"))
+
+
+def knn_mask(sim: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean [B,N,N]: row i marks its k most similar columns, self excluded, lowest index first among ties.
+
+    Exportable without a stable sort (neither ONNX exporter has one): only the k-th largest value of each row is
+    taken from TopK (well defined whatever TopK does with ties), then every column strictly above it is kept and
+    the remaining slots go to the columns equal to it in index order (cumulative count <= slots left).
+    """
     n = sim.shape[-1]
     if not 1 <= k < n:
         raise ZsadError(f"k must be in 1..{n - 1} for a graph of {n} nodes, got {k}")
-    eye = torch.eye(n, dtype=torch.bool, device=sim.device)
-    masked = sim.masked_fill(eye, float("-inf"))
-    return torch.sort(masked, dim=-1, descending=True, stable=True).indices[..., :k]
+    masked = _masked_self(sim)
+    kth = torch.topk(masked, k, dim=-1).values[..., k - 1:k]
+    above = masked > kth
+    tied = masked == kth
+    slots = k - above.sum(dim=-1, keepdim=True)
+    return above | (tied & (torch.cumsum(tied.to(torch.int32), dim=-1) <= slots))
+
+
+def knn_indices(sim: torch.Tensor, k: int) -> torch.Tensor:
+    """The k neighbour indices per row of ``knn_mask`` [B,N,k], ascending by column index."""
+    mask = knn_mask(sim, k)
+    n = sim.shape[-1]
+    cols = torch.arange(n, device=sim.device).expand_as(mask)
+    return torch.sort(torch.where(mask, cols, n), dim=-1).values[..., :k]
 
 
 def knn_adjacency(x: torch.Tensor, k: int, edge_weight: str = "binary") -> torch.Tensor:
@@ -44,9 +65,8 @@ def knn_adjacency(x: torch.Tensor, k: int, edge_weight: str = "binary") -> torch
     if edge_weight not in EDGE_WEIGHTS:
         raise ZsadError(f"edge_weight must be one of {EDGE_WEIGHTS}, got '{edge_weight}'")
     sim = cosine_similarity_matrix(x)
-    idx = knn_indices(sim, k)
-    values = torch.ones_like(idx, dtype=sim.dtype) if edge_weight == "binary" else sim.gather(-1, idx).clamp_min(0)
-    return torch.zeros_like(sim).scatter(-1, idx, values)
+    mask = knn_mask(sim, k)
+    return mask.to(sim.dtype) if edge_weight == "binary" else torch.where(mask, sim.clamp_min(0), 0.0)
 
 
 def normalize_adjacency(a: torch.Tensor, symmetrize: str = "max") -> torch.Tensor:
