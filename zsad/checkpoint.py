@@ -100,8 +100,13 @@ def read_sidecar(path: str | Path) -> dict:
     return meta
 
 
-def load_checkpoint(path: str | Path, clip_weights: str | Path | None = None, device: str | torch.device = "cpu"):
-    """Rebuild the method a checkpoint was trained as and load its trainable parameters. Returns (method, sidecar)."""
+def load_checkpoint(path: str | Path, clip_weights: str | Path | None = None, device: str | torch.device = "cpu",
+                    overrides: dict | None = None):
+    """Rebuild the method a checkpoint was trained as and load its trainable parameters. Returns (method, sidecar).
+
+    ``overrides`` deep-merge into the stored config (e.g. ``{"backbone": {"image_size": 336}}`` to export at
+    another resolution); the trainable parameters must still fit.
+    """
     import zsad.methods as M
     from zsad.configs import build_config, deep_merge
 
@@ -110,7 +115,7 @@ def load_checkpoint(path: str | Path, clip_weights: str | Path | None = None, de
     name = meta["method"]
     if name not in M.METHODS:
         raise ZsadError(f"checkpoint {path} is for method '{name}', which this zsad does not know")
-    config = meta["config"]
+    config = deep_merge(meta["config"], overrides or {})
     if clip_weights:
         config = deep_merge(config, {"backbone": {"weights": str(clip_weights), "pretrained": None}})
     cfg = build_config(M.METHODS[name].config_class, config, where=f"checkpoint {path}")

@@ -4,7 +4,7 @@ a torch Dataset and the offline synthetic-defect data set.
 ``AnomalyDataset`` is imported lazily so that numpy+PIL users (the Triton python backend runs
 :func:`preprocess`) do not pay for importing torch through this package.
 """
-from zsad.data.io import IMAGE_EXTENSIONS, read_image, read_mask
+from zsad.data.io import IMAGE_EXTENSIONS, decode_image, read_image, read_mask
 from zsad.data.readers import LAYOUTS, Sample, detect_layout, guess_dataset_name, list_classes, load_samples
 from zsad.data.transforms import CLIP_MEAN, CLIP_STD, preprocess, preprocess_mask
 
@@ -13,6 +13,7 @@ __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
     "IMAGE_EXTENSIONS",
+    "decode_image",
     "LAYOUTS",
     "Sample",
     "detect_layout",

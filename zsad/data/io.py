@@ -6,6 +6,7 @@ image and a boolean mask, so all the mode handling lives here, once.
 """
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from PIL import Image, UnidentifiedImageError
 
 from zsad import ZsadError
 
-__all__ = ["IMAGE_EXTENSIONS", "is_image_file", "read_image", "read_mask"]
+__all__ = ["IMAGE_EXTENSIONS", "decode_image", "is_image_file", "read_image", "read_mask"]
 
 IMAGE_EXTENSIONS = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff")
 
@@ -30,14 +31,21 @@ def _open(path: str | Path, what: str) -> Image.Image:
     path = Path(path)
     if not path.is_file():
         raise ZsadError(f"{what} not found: {path}")
+    return _decode(path, f"{what.lower()} {path}")
+
+
+def _decode(source, label: str, max_pixels: int | None = None) -> Image.Image:
+    """Open and fully decode ``source`` (a path or a file object), so corrupt/truncated data fails here."""
     try:
         with warnings.catch_warnings():
             # Palette-with-transparency warnings are noise here: we drop alpha anyway.
             warnings.simplefilter("ignore")
-            img = Image.open(path)
-            img.load()  # decode now, so truncated/corrupt files fail here with their path
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise ZsadError(f"cannot decode {what.lower()} {path}: {err}") from err
+            img = Image.open(source)
+            if max_pixels is not None and img.width * img.height > max_pixels:
+                raise ZsadError(f"{label} is {img.width}x{img.height} pixels, above the limit of {max_pixels:,}")
+            img.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ZsadError(f"cannot decode {label}: {err}") from err
     return img
 
 
@@ -77,7 +85,21 @@ def read_image(path: str | Path) -> Image.Image:
     Grayscale, palette, 1-bit, CMYK, LA/RGBA (alpha is dropped, not composited) and 16-bit grayscale
     (scaled by bit depth: value/257 for 16-bit) are handled. Unreadable files raise :class:`ZsadError`.
     """
-    img = _open(path, "Image")
+    return _to_rgb(_open(path, "Image"), f"image {path}")
+
+
+def decode_image(data: bytes, max_pixels: int | None = None, label: str = "image") -> Image.Image:
+    """Decode encoded image bytes (PNG, JPEG, BMP, TIFF, ...) exactly like :func:`read_image` reads a file.
+
+    Used by the serving pre-processing. Empty, corrupt, non-image or oversized (``max_pixels``) data raise
+    :class:`ZsadError` naming ``label``.
+    """
+    if not data:
+        raise ZsadError(f"{label}: empty image data")
+    return _to_rgb(_decode(io.BytesIO(data), label, max_pixels), label)
+
+
+def _to_rgb(img: Image.Image, label: str) -> Image.Image:
     if img.mode in _HIGH_DEPTH_MODES:
         return Image.fromarray(_high_depth_to_uint8(img)).convert("RGB")
     if img.mode == "RGB":
@@ -89,7 +111,7 @@ def read_image(path: str | Path) -> Image.Image:
             warnings.simplefilter("ignore")
             return img.convert("RGB")
     except (ValueError, OSError) as err:
-        raise ZsadError(f"cannot convert image {path} (mode {img.mode}) to RGB: {err}") from err
+        raise ZsadError(f"cannot convert {label} (mode {img.mode}) to RGB: {err}") from err
 
 
 def read_mask(path: str | Path) -> np.ndarray:

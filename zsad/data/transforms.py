@@ -73,3 +73,14 @@ def preprocess_mask(mask, size: int) -> np.ndarray:
     if img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BILINEAR)
     return (np.asarray(img, dtype=np.float32) > 0.5).astype(np.float32)
+
+
+def resize_map(anomaly_map, height: int, width: int) -> np.ndarray:
+    """Float map [S, S] -> float32 [height, width], bilinear (PIL mode "F"): back to the input image's size."""
+    arr = np.asarray(anomaly_map, dtype=np.float32)
+    if arr.ndim != 2:
+        raise ZsadError(f"resize_map expects a 2-D map, got shape {arr.shape}")
+    if arr.shape == (height, width):
+        return arr.copy()
+    return np.asarray(Image.fromarray(arr).resize((int(width), int(height)), Image.Resampling.BILINEAR),
+                      dtype=np.float32)

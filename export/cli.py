@@ -1,0 +1,60 @@
+"""zsad-export: a trained method -> per-stage ONNX (or TensorRT plans) -> a Triton model repository.
+
+    zsad-export --checkpoint runs/bagclip --backend onnxruntime --out model_repository
+    zsad-export --model bagclip --profile tiny --backend python-ort --out model_repository   # untrained
+
+Every stage passes the parity gate (ONNX Runtime vs PyTorch on random and synthetic-defect inputs, batch 1 and
+> 1, and the chain end to end) before anything is written; the report lands in OUT/NAME/parity_report.json.
+"""
+from __future__ import annotations
+
+import click
+
+from zsad.cli import cli_entry
+
+
+def _batches(value: str | None) -> list[int]:
+    return [int(v) for v in value.split(",") if v] if value else []
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--model", default=None, help="Method (anomalyclip, bagclip, ...). Taken from --checkpoint if given.")
+@click.option("--checkpoint", type=click.Path(), default=None,
+              help="Checkpoint directory from train/run.py. Without it the UNTRAINED method is exported (loud "
+                   "warning): fine for architecture benchmarks only.")
+@click.option("--profile", default="paper", help="Profile for an untrained export: paper or tiny.")
+@click.option("--image-size", type=int, default=None, help="Model input size (positional embeddings are baked).")
+@click.option("--clip-weights", type=click.Path(), default=None, help="Local CLIP weights file (offline).")
+@click.option("--backend", default="onnxruntime",
+              type=click.Choice(["onnxruntime", "tensorrt", "python-ort", "python-torch"]),
+              help="onnxruntime: Triton's ORT backend; tensorrt: fp16/fp32 plans (needs TensorRT); python-ort: ONNX "
+                   "Runtime inside the python backend (any server, incl. the CPU one zsad-serve starts); "
+                   "python-torch: the PyTorch chain in one python model (GPU servers without TensorRT).")
+@click.option("--fp16", is_flag=True, help="fp16 compute (TensorRT flag; fp16 ONNX for ORT-CUDA; autocast for "
+              "python-torch). Refused where this machine cannot run and check fp16.")
+@click.option("--max-batch", type=int, default=32, help="Largest batch (dynamic batch axis 1..max).")
+@click.option("--preferred-batch", default=None, help="Dynamic batcher's preferred sizes, e.g. 4,8 [default: "
+              "4,8,16,32 up to max].")
+@click.option("--queue-delay-us", type=int, default=200, help="Dynamic batcher's max queue delay (microseconds).")
+@click.option("--device", type=click.Choice(["cpu", "gpu"]), default=None,
+              help="Instance kind in the configs [default: cpu for python-ort, gpu otherwise].")
+@click.option("--instances", type=int, default=1, help="Model instances per stage.")
+@click.option("--resize-to-input", is_flag=True, help="Add an anomaly_map_original output at the input image size.")
+@click.option("--out", type=click.Path(), default="model_repository", help="Triton model repository (created).")
+@click.option("--name", default=None, help="Model name in the repository [default: the method name].")
+@click.option("--parity-images", type=int, default=4, help="Synthetic-defect images for the parity gate.")
+@cli_entry
+def main(model, checkpoint, profile, image_size, clip_weights, backend, fp16, max_batch, preferred_batch,
+         queue_delay_us, device, instances, resize_to_input, out, name, parity_images):
+    """Export a zsad method to a Triton model repository, stage by stage, behind a parity gate."""
+    from zsad.export.exporter import export_model
+
+    export_model(model=model, checkpoint=checkpoint, profile=profile, image_size=image_size,
+                 clip_weights=clip_weights, backend=backend, fp16=fp16, max_batch=max_batch, out=out, name=name,
+                 device=device, resize_to_input=resize_to_input, parity_images=parity_images,
+                 preferred_batch=_batches(preferred_batch), queue_delay_us=queue_delay_us, instances=instances,
+                 log=click.echo)
+
+
+if __name__ == "__main__":
+    main()

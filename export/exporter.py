@@ -1,0 +1,245 @@
+"""Export a method into a Triton model repository, stage by stage, behind the parity gate.
+
+Generic over ``Method.stages()``. Flow: build the method (checkpoint, or untrained with a loud warning) ->
+export every stage to ONNX in a scratch directory -> parity gate (stage by stage, random + real inputs, batch 1
+and > 1, then the chain end to end) -> only then write the repository (configs validated against Triton's
+schema) and the parity report. A failing stage writes nothing and raises ``ParityError`` naming the stage, the
+tensor and the error.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from zsad import ZsadError
+from zsad.export import parity
+from zsad.export.onnx_export import export_stage, onnx_files
+from zsad.export.triton_repo import (RepoOptions, Sym, tensor_config, ensemble_config, preprocess_config, python_source,
+                                     restore_config, stage_config, string_tensor_file, torch_config, write_model)
+
+
+@dataclass
+class ExportResult:
+    repo: Path
+    models: list[str]
+    ensembles: list[str]
+    parity_rows: list
+    report: Path
+
+
+def build_method(model: str | None, checkpoint: str | None, profile: str, image_size: int | None,
+                 clip_weights: str | None):
+    """The method to export: from a checkpoint, or untrained from a profile (loud warning)."""
+    import zsad.methods as M
+    from zsad.checkpoint import load_checkpoint, read_sidecar
+
+    if checkpoint:
+        meta = read_sidecar(checkpoint)
+        if model and model != meta["method"]:
+            raise ZsadError(f"--model {model} but {checkpoint} is a '{meta['method']}' checkpoint")
+        overrides = {"backbone": {"image_size": image_size}} if image_size else None
+        return load_checkpoint(checkpoint, clip_weights=clip_weights, overrides=overrides)[0], True
+    if not model:
+        raise ZsadError("give --model (and --profile) or --checkpoint")
+    warnings.warn(f"exporting UNTRAINED {model} (no --checkpoint): prompts and heads are random. Fine for "
+                  f"architecture benchmarks and tests, useless for detection.", stacklevel=2)
+    overrides = {}
+    if image_size:
+        overrides["backbone"] = {"image_size": image_size}
+    if clip_weights:
+        overrides.setdefault("backbone", {}).update(weights=str(clip_weights), pretrained=None)
+    return M.create(model, profile, **overrides), False
+
+
+def _check_backend_available(backend: str, fp16: bool, device: str) -> None:
+    """Refuse early, with the reason, what this machine cannot build or verify."""
+    if backend == "tensorrt":
+        try:
+            import tensorrt  # noqa: F401
+        except ImportError as err:
+            raise ZsadError("--backend tensorrt needs TensorRT (pip install 'zsad[gpu]' on a machine with NVIDIA's "
+                            "TensorRT); it is not installed here. The onnxruntime backend runs the same ONNX stages.") from err
+    if fp16:
+        if backend in ("onnxruntime", "python-ort"):
+            import onnxruntime as ort
+
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise ZsadError("--fp16 with ONNX Runtime needs its CUDA provider (onnxruntime-gpu) here to run the "
+                                "parity gate; CPU ONNX Runtime has no fp16 kernels for these graphs (it crashes or "
+                                "falls back slowly). Export fp32 for CPU serving, or use --backend tensorrt / "
+                                "python-torch on a GPU machine.")
+        if backend == "python-torch" and device != "gpu":
+            raise ZsadError("--fp16 with python-torch needs CUDA: there is no fast fp16 on the CPU. Export fp32 "
+                            "for CPU serving (--device cpu), or export on the GPU server with --device gpu.")
+        if backend == "python-torch":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ZsadError("--fp16 with python-torch needs CUDA on this machine to run the parity gate")
+
+
+def export_model(*, model: str | None = None, checkpoint: str | None = None, profile: str = "paper",
+                 image_size: int | None = None, clip_weights: str | None = None, backend: str = "onnxruntime",
+                 fp16: bool = False, max_batch: int = 32, out: str | Path = "model_repository",
+                 name: str | None = None, device: str | None = None, resize_to_input: bool = False,
+                 parity_images: int = 4, preferred_batch: list[int] | None = None, queue_delay_us: int = 200,
+                 instances: int = 1, log=print) -> ExportResult:
+    device = device or ("cpu" if backend == "python-ort" else "gpu")
+    if device not in ("cpu", "gpu"):
+        raise ZsadError(f"--device must be cpu or gpu, got '{device}'")
+    _check_backend_available(backend, fp16, device)
+    method, trained = build_method(model, checkpoint, profile, image_size, clip_weights)
+    name = name or method.name
+    opts = RepoOptions(name=name, backend=backend, max_batch=max_batch,
+                       instance_kind="KIND_GPU" if device == "gpu" else "KIND_CPU", instances=instances,
+                       preferred_batch=preferred_batch or [], queue_delay_us=queue_delay_us,
+                       resize_to_input=resize_to_input, fp16=fp16)
+    stages = method.stages()
+    size = method.image_size
+    images = parity.synthetic_images(size, n=max(2, min(parity_images, max_batch)))
+    tol = parity.FP16_TOL if fp16 else parity.FP32_TOL
+    repo = Path(out)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{name}-export-", dir=repo.parent if repo.parent.exists() else None))
+    try:
+        log(f"exporting {method.name} ({method.profile}, {'trained' if trained else 'UNTRAINED'}) at {size} px, "
+            f"backend {backend}{' fp16' if fp16 else ''}, max batch {max_batch}: stages "
+            + " -> ".join(s.name for s in stages))
+        runners, stage_files = _build_stage_artifacts(method, stages, opts, scratch, log)
+        rows = parity.check_stages(stages, runners, images, tol)
+        log(parity.format_table(rows))
+        staging = scratch / "repo"
+        models, ensembles = _write_repository(staging, method, stages, opts, stage_files, trained)
+        report = staging / name / "parity_report.json"
+        parity.write_report(report, rows, {
+            "model": name, "method": method.name, "profile": method.profile, "trained": trained,
+            "backend": backend, "fp16": fp16, "image_size": size, "max_batch": max_batch, "tolerance": tol,
+            "runtime": "onnxruntime " + __import__("onnxruntime").__version__ if backend != "python-torch" else "torch"})
+        repo.mkdir(parents=True, exist_ok=True)
+        for m in models:
+            dst = repo / m
+            if dst.exists():
+                shutil.rmtree(dst)
+            shutil.move(str(staging / m), str(dst))
+        log(f"wrote {len(models)} models to {repo}: ensembles {', '.join(ensembles)}; parity report "
+            f"{repo / name / 'parity_report.json'} (worst relative error {max(r.max_rel for r in rows):.2e}, "
+            f"tolerance {tol:g})")
+        return ExportResult(repo, models, ensembles, rows, repo / name / "parity_report.json")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _build_stage_artifacts(method, stages, opts: RepoOptions, scratch: Path, log):
+    """Per stage: the file(s) to ship and a runner for the parity gate (ORT session or the torch chain)."""
+    runners, files = {}, {}
+    if opts.backend == "python-torch":
+        # the served code is the torch stage chain rebuilt from the shipped checkpoint: check exactly that
+        from zsad.checkpoint import load_checkpoint, save_checkpoint
+
+        ckpt = save_checkpoint(scratch / "checkpoint", method, exported=True)
+        clip = method.config.backbone.weights
+        rebuilt = load_checkpoint(ckpt, clip_weights=clip)[0]
+        for st, st2 in zip(stages, rebuilt.stages()):
+            runners[st.name] = parity.torch_runner(st2.module, list(st2.inputs), list(st2.outputs))
+        files["__checkpoint__"] = ckpt
+        return runners, files
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if opts.fp16 else ["CPUExecutionProvider"]
+    for st in stages:
+        path = scratch / "onnx" / st.name / "model.onnx"
+        log(f"  exporting stage '{st.name}' to ONNX ...")
+        export_stage(st, path, opts.max_batch)
+        if opts.fp16:
+            from zsad.export.fp16 import convert_to_fp16
+
+            convert_to_fp16(path)
+        runners[st.name] = parity.ort_runner(path, providers)
+        files[st.name] = onnx_files(path)
+    return runners, files
+
+
+def _write_repository(repo: Path, method, stages, opts: RepoOptions, stage_files: dict, trained: bool):
+    from zsad.data import CLIP_MEAN, CLIP_STD
+
+    name, size = opts.name, method.image_size
+    models: list[str] = []
+    chain_in = [n for n in stages[0].inputs]
+    if chain_in != ["images"]:
+        raise ZsadError(f"{method.name}: the first stage must take only 'images' (got {chain_in}); extra request "
+                        f"inputs are not supported by the ensemble writer yet")
+    final = stages[-1]
+    out_tensors = [tensor_config(n, s, final.dtype(n)) for n, s in final.outputs.items()]
+    # preprocess models (bytes and raw uint8)
+    warm_png = _warmup_png(size)
+    for raw in (False, True):
+        pname = f"{name}_preprocess" + ("_raw" if raw else "")
+        write_model(repo, preprocess_config(opts, pname, raw, size, CLIP_MEAN, CLIP_STD),
+                    files={"model.py": python_source("preprocess")},
+                    extra={} if raw else {"warmup/warmup.bin": string_tensor_file([warm_png])})
+        models.append(pname)
+    # the stage models (or one torch chain)
+    steps: list[tuple[str, dict, dict]] = []
+    if opts.backend == "python-torch":
+        mname = f"{name}_torch"
+        inputs = [tensor_config(n, s, stages[0].dtype(n)) for n, s in stages[0].inputs.items()]
+        cfg = torch_config(opts, mname, inputs, out_tensors)
+        files = {"model.py": python_source("torch_chain"), "checkpoint": stage_files["__checkpoint__"]}
+        clip = method.config.backbone.weights
+        if clip:
+            files[f"clip_weights{Path(clip).suffix}"] = Path(clip)
+            cfg["parameters"].append({"key": "clip_weights", "value": {"string_value": f"clip_weights{Path(clip).suffix}"}})
+        write_model(repo, cfg, files=files)
+        models.append(mname)
+        steps.append((mname, {"images": "images"}, {n: n for n in final.outputs}))
+    else:
+        for st in stages:
+            mname = f"{name}_{st.name}"
+            files = {}
+            if opts.backend == "tensorrt":
+                from zsad.export.trt_engine import build_engine
+
+                files["model.plan"] = build_engine(stage_files[st.name][0], st, opts)
+            else:
+                files.update({p.name: p for p in stage_files[st.name]})
+                if opts.backend == "python-ort":
+                    files["model.py"] = python_source("stage_ort")
+            write_model(repo, stage_config(opts, st, mname), files=files)
+            models.append(mname)
+            steps.append((mname, {n: n for n in st.inputs}, {n: n for n in st.outputs}))
+    ensembles = []
+    for raw in (False, True):
+        ename = name + ("_raw" if raw else "")
+        pre = f"{name}_preprocess" + ("_raw" if raw else "")
+        in_name = "image" if raw else "image_bytes"
+        inputs = [{"name": "image", "data_type": Sym("TYPE_UINT8"), "dims": [-1, -1, 3]} if raw else
+                  {"name": "image_bytes", "data_type": Sym("TYPE_STRING"), "dims": [1]}]
+        pre_out = {"images": "images"}
+        outputs = list(out_tensors)
+        ens_steps = [(pre, {in_name: in_name}, pre_out)] + list(steps)
+        if opts.resize_to_input:
+            pre_out["original_size"] = "original_size"
+            rname = f"{name}_restore"
+            if rname not in models:
+                write_model(repo, restore_config(opts, rname, size), files={"model.py": python_source("restore")})
+                models.append(rname)
+            ens_steps.append((rname, {"anomaly_map": "anomaly_map", "original_size": "original_size"},
+                              {"anomaly_map_original": "anomaly_map_original"}))
+            outputs.append({"name": "anomaly_map_original", "data_type": Sym("TYPE_FP32"), "dims": [-1, -1]})
+        write_model(repo, ensemble_config(opts, ename, inputs, outputs, ens_steps))
+        models.append(ename)
+        ensembles.append(ename)
+    return models, ensembles
+
+
+def _warmup_png(size: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    from zsad.data.synthetic import SYNTHETIC_TEST_CLASSES, render_sample
+
+    buf = io.BytesIO()
+    Image.fromarray(render_sample(SYNTHETIC_TEST_CLASSES[0], "test_defect", 0, image_size=size).image).save(buf, "PNG")
+    return buf.getvalue()
+

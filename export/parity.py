@@ -1,0 +1,171 @@
+"""The parity gate: an exported stage is written only if it reproduces the PyTorch module it came from.
+
+For every stage, on fresh random inputs and on the real inputs that synthetic-defect images produce upstream,
+at batch 1 and batch > 1; then the whole chain end to end on the images. Error measure per tensor:
+``max|exported - torch| / max|torch|`` (relative to the tensor's scale; element-wise relative error explodes
+near zero, e.g. for probabilities). Tolerances: fp32 1e-4; fp16 2e-2 (fp16 has a 2^-11 ~ 5e-4 unit roundoff and
+the encoder accumulates it over 24 blocks; the image-score ranking must still match). The end-to-end image scores
+must rank the images identically (pairs closer than the tolerance may swap).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from zsad import ZsadError
+
+FP32_TOL = 1e-4
+FP16_TOL = 2e-2
+
+Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+@dataclass
+class ParityRow:
+    stage: str
+    case: str
+    tensor: str
+    max_abs: float
+    max_rel: float
+    tol: float
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.max_rel <= self.tol)
+
+
+class ParityError(ZsadError):
+    def __init__(self, row: ParityRow, rows: list[ParityRow]):
+        super().__init__(f"parity check failed for stage '{row.stage}', tensor '{row.tensor}' ({row.case}): "
+                         f"max relative error {row.max_rel:.3g} > {row.tol:g} (max abs {row.max_abs:.3g}); "
+                         f"nothing was written for this stage")
+        self.row, self.rows = row, rows
+
+
+def compare(stage: str, case: str, name: str, ref: np.ndarray, got: np.ndarray, tol: float) -> ParityRow:
+    ref = np.asarray(ref, np.float64)
+    got = np.asarray(got, np.float64)
+    if ref.shape != got.shape:
+        return ParityRow(stage, case, f"{name} (shape {got.shape} != {ref.shape})", float("inf"), float("inf"), tol)
+    if not np.isfinite(got).all():
+        return ParityRow(stage, case, f"{name} (non-finite values)", float("inf"), float("inf"), tol)
+    diff = float(np.abs(got - ref).max()) if ref.size else 0.0
+    scale = float(np.abs(ref).max()) if ref.size else 0.0
+    return ParityRow(stage, case, name, diff, diff / max(scale, 1e-12), tol)
+
+
+def torch_runner(module: torch.nn.Module, inputs: Sequence[str], outputs: Sequence[str]) -> Runner:
+    def run(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with torch.no_grad():
+            out = module(*[torch.from_numpy(np.ascontiguousarray(feed[n])) for n in inputs])
+        out = out if isinstance(out, tuple) else (out,)
+        return {n: o.float().cpu().numpy() for n, o in zip(outputs, out)}
+
+    return run
+
+
+def ort_runner(path: Path, providers: Sequence[str] = ("CPUExecutionProvider",)) -> Runner:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), opts, providers=list(providers))
+    names = [o.name for o in sess.get_outputs()]
+
+    def run(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        wanted = {i.name for i in sess.get_inputs()}
+        return dict(zip(names, sess.run(None, {k: v for k, v in feed.items() if k in wanted})))
+
+    return run
+
+
+def synthetic_images(image_size: int, n: int = 4, seed: int = 0) -> np.ndarray:
+    """n preprocessed synthetic-defect images [n,3,S,S] (held-out classes, defects and good ones mixed)."""
+    from zsad.data import preprocess
+    from zsad.data.synthetic import SYNTHETIC_TEST_CLASSES, render_sample
+
+    out = []
+    for i in range(n):
+        cls = SYNTHETIC_TEST_CLASSES[i % len(SYNTHETIC_TEST_CLASSES)]
+        part = "test_good" if i % 3 == 2 else "test_defect"
+        out.append(preprocess(render_sample(cls, part, i, seed=seed).image, image_size))
+    return np.stack(out)
+
+
+def _random_feed(stage, batch: int, seed: int) -> dict[str, np.ndarray]:
+    gen = torch.Generator().manual_seed(seed)
+    return {n: t.numpy() for n, t in zip(stage.inputs, stage.example_inputs(batch, gen))}
+
+
+def check_stages(stages, runners: dict[str, Runner], images: np.ndarray, tol: float, seed: int = 0,
+                 extra_feed: dict[str, np.ndarray] | None = None) -> list[ParityRow]:
+    """Stage by stage (random + real inputs, batch 1 and len(images)), then the chain end to end.
+
+    Raises ParityError at the first failing tensor; returns all rows when everything passes.
+    ``extra_feed`` holds chain inputs other than the images (e.g. class-name tokens), batch-major.
+    """
+    rows: list[ParityRow] = []
+
+    def record(row: ParityRow):
+        rows.append(row)
+        if not row.ok:
+            raise ParityError(row, rows)
+
+    batches = sorted({1, len(images)})
+    extra_feed = extra_feed or {}
+    for b in batches:
+        # the torch chain on real images gives every stage its realistic inputs
+        env = {"images": images[:b], **{k: v[:b] for k, v in extra_feed.items()}}
+        for st in stages:
+            ref_fn = torch_runner(st.module, list(st.inputs), list(st.outputs))
+            for case, feed in ((f"random b={b}", _random_feed(st, b, seed + b)),
+                               (f"images b={b}", {n: env[n] for n in st.inputs})):
+                if case.startswith("random") and any(st.dtype(n) != torch.float32 for n in st.inputs):
+                    continue  # random token ids are not meaningful inputs
+                ref, got = ref_fn(feed), runners[st.name](feed)
+                for name in st.outputs:
+                    record(compare(st.name, case, name, ref[name], got[name], tol))
+            env.update(ref_fn({n: env[n] for n in st.inputs}))
+        # end to end: the exported chain alone, against the torch chain
+        chain = {"images": images[:b], **{k: v[:b] for k, v in extra_feed.items()}}
+        for st in stages:
+            chain.update(runners[st.name]({n: chain[n] for n in st.inputs}))
+        for name in stages[-1].outputs:
+            record(compare("end-to-end", f"images b={b}", name, env[name], chain[name], tol))
+        if "score" in env and b > 1:
+            record(_ranking_row(env["score"], chain["score"], tol, b))
+    return rows
+
+
+def _ranking_row(ref: np.ndarray, got: np.ndarray, tol: float, b: int) -> ParityRow:
+    """Count image pairs ranked differently that the tolerance cannot explain."""
+    ref, got = np.asarray(ref, np.float64), np.asarray(got, np.float64)
+    scale = max(float(np.abs(ref).max()), 1e-12)
+    bad = 0
+    for i in range(len(ref)):
+        for j in range(i + 1, len(ref)):
+            if np.sign(ref[i] - ref[j]) != np.sign(got[i] - got[j]) and abs(ref[i] - ref[j]) > tol * scale:
+                bad += 1
+    # 0 discordant pairs -> 0 error; any -> reported as an infinite error on the 'score ranking' tensor
+    return ParityRow("end-to-end", f"images b={b}", "score ranking", float(bad), 0.0 if bad == 0 else float("inf"), tol)
+
+
+def format_table(rows: list[ParityRow]) -> str:
+    head = f"{'stage':<14}{'case':<14}{'tensor':<20}{'max abs':>11}{'max rel':>11}{'tol':>9}  ok"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r.stage:<14}{r.case:<14}{r.tensor:<20}{r.max_abs:>11.3g}{r.max_rel:>11.3g}{r.tol:>9.0e}  "
+                     + ("yes" if r.ok else "NO"))
+    return "\n".join(lines)
+
+
+def write_report(path: Path, rows: list[ParityRow], meta: dict) -> None:
+    data = {**meta, "measure": "max|exported - torch| / max|torch| per tensor",
+            "worst": max((r.max_rel for r in rows), default=0.0),
+            "rows": [dict(asdict(r), ok=r.ok) for r in rows]}
+    Path(path).write_text(json.dumps(data, indent=2))

@@ -1,0 +1,243 @@
+"""Triton model-repository writer: config.pbtxt for every model and the ensemble that chains them.
+
+Per exported model NAME (see DESIGN.md, "Serving shape"):
+
+    NAME            ensemble, input image_bytes (TYPE_STRING, one encoded image per batch item)
+    NAME_raw        ensemble, input image (TYPE_UINT8 [H,W,3])
+    NAME_preprocess / NAME_preprocess_raw   python: decode, resize, normalise (zsad.data.preprocess)
+    NAME_<stage>    one model per Method.stages() entry (onnxruntime_onnx | tensorrt_plan | python + ONNX Runtime)
+    NAME_restore    python, optional (--resize-to-input): anomaly map back to the input image's size
+    NAME_torch      python-torch backend only: the whole stage chain in one process (fp16 / CUDA graphs on GPU),
+                    which keeps the encoder's taps (up to 22 MB per image) out of Triton's inter-model traffic
+
+Configs are rendered from plain dicts into protobuf text format; ``validate_config`` parses them against Triton's
+own ``ModelConfig`` schema (shipped in tritonclient) so a typo never reaches a server.
+"""
+from __future__ import annotations
+
+import shutil
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from zsad import ZsadError
+
+SOURCES = Path(__file__).resolve().parent.parent / "triton_models"
+BACKENDS = ("onnxruntime", "tensorrt", "python-ort", "python-torch")
+_DTYPES = {torch.float32: "TYPE_FP32", torch.float16: "TYPE_FP16", torch.int64: "TYPE_INT64",
+           torch.int32: "TYPE_INT32", torch.uint8: "TYPE_UINT8", torch.bool: "TYPE_BOOL"}
+
+
+class Sym(str):
+    """An enum value in protobuf text format (written without quotes)."""
+
+
+def _scalar(v) -> str:
+    if isinstance(v, Sym):
+        return str(v)
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def to_pbtxt(msg: dict, indent: int = 0) -> str:
+    """dict -> protobuf text. dict values are messages, lists of dicts repeated messages, other lists scalars."""
+    pad = "  " * indent
+    lines = []
+    for key, value in msg.items():
+        if isinstance(value, dict):
+            lines += [f"{pad}{key} {{", to_pbtxt(value, indent + 1), f"{pad}}}"]
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            for v in value:
+                lines += [f"{pad}{key} {{", to_pbtxt(v, indent + 1), f"{pad}}}"]
+        elif isinstance(value, list):
+            lines.append(f"{pad}{key}: [{', '.join(_scalar(v) for v in value)}]")
+        else:
+            lines.append(f"{pad}{key}: {_scalar(value)}")
+    return "\n".join(line for line in lines if line)
+
+
+def validate_config(text: str):
+    """Parse a config.pbtxt against Triton's ModelConfig protobuf; returns the message, raises ZsadError if invalid."""
+    try:
+        from google.protobuf import text_format
+        from tritonclient.grpc import model_config_pb2
+    except ImportError as err:
+        raise ZsadError("validating Triton configs needs tritonclient: pip install 'zsad[serve]'") from err
+    try:
+        return text_format.Parse(text, model_config_pb2.ModelConfig())
+    except text_format.ParseError as err:
+        raise ZsadError(f"generated config.pbtxt does not parse as Triton's ModelConfig: {err}\n{text}") from err
+
+
+def tensor_config(name: str, shape: tuple, dtype: torch.dtype) -> dict:
+    """A config input/output; shape includes the leading "B". A per-item scalar becomes dims [1] + reshape []."""
+    dims = [int(d) for d in shape[1:]]
+    out = {"name": name, "data_type": Sym(_DTYPES[dtype]), "dims": dims or [1]}
+    if not dims:
+        out["reshape"] = {"shape": []}
+    return out
+
+
+@dataclass
+class RepoOptions:
+    name: str
+    backend: str
+    max_batch: int = 32
+    instance_kind: str = "KIND_GPU"  # KIND_GPU | KIND_CPU
+    instances: int = 1
+    preferred_batch: list[int] = field(default_factory=list)
+    queue_delay_us: int = 200
+    resize_to_input: bool = False
+    fp16: bool = False
+    max_pixels: int = 50_000_000  # decoded images above this are refused (decompression bombs, absurd inputs)
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ZsadError(f"backend must be one of {BACKENDS}, got '{self.backend}'")
+        if not 1 <= self.max_batch <= 4096:
+            raise ZsadError(f"max batch must be in 1..4096, got {self.max_batch}")
+        if not self.preferred_batch:
+            self.preferred_batch = [b for b in (4, 8, 16, 32) if b <= self.max_batch] or [self.max_batch]
+
+
+def _common(opts: RepoOptions, name: str) -> dict:
+    return {"name": name, "max_batch_size": opts.max_batch}
+
+
+def _scheduling(opts: RepoOptions, kind: str | None = None) -> dict:
+    return {
+        "dynamic_batching": {"preferred_batch_size": opts.preferred_batch,
+                             "max_queue_delay_microseconds": opts.queue_delay_us},
+        "instance_group": [{"count": opts.instances, "kind": Sym(kind or opts.instance_kind)}],
+    }
+
+
+def _warmup(inputs: list[dict], batch: int = 1) -> dict:
+    return {"model_warmup": [{
+        "name": f"zeros_batch{batch}", "batch_size": batch,
+        "inputs": [{"key": t["name"], "value": {"data_type": t["data_type"], "dims": t["dims"], "zero_data": True}}
+                   for t in inputs],
+    }]}
+
+
+def _parameters(params: dict) -> dict:
+    return {"parameters": [{"key": k, "value": {"string_value": str(v)}} for k, v in params.items()]}
+
+
+def stage_config(opts: RepoOptions, stage, model_name: str) -> dict:
+    inputs = [tensor_config(n, s, stage.dtype(n)) for n, s in stage.inputs.items()]
+    outputs = [tensor_config(n, s, stage.dtype(n)) for n, s in stage.outputs.items()]
+    cfg = _common(opts, model_name)
+    if opts.backend == "onnxruntime":
+        cfg["platform"] = "onnxruntime_onnx"
+    elif opts.backend == "tensorrt":
+        cfg["platform"] = "tensorrt_plan"
+    else:
+        cfg["backend"] = "python"
+    cfg.update({"input": inputs, "output": outputs})
+    cfg.update(_scheduling(opts))
+    if opts.backend == "python-ort":
+        cfg.update(_parameters({"onnx_file": "model.onnx",
+                                "providers": "CUDAExecutionProvider,CPUExecutionProvider"
+                                if opts.instance_kind == "KIND_GPU" else "CPUExecutionProvider"}))
+    cfg.update(_warmup(inputs))
+    return cfg
+
+
+def preprocess_config(opts: RepoOptions, model_name: str, raw: bool, image_size: int, mean, std) -> dict:
+    cfg = _common(opts, model_name)
+    cfg["backend"] = "python"
+    cfg["input"] = [{"name": "image", "data_type": Sym("TYPE_UINT8"), "dims": [-1, -1, 3]} if raw else
+                    {"name": "image_bytes", "data_type": Sym("TYPE_STRING"), "dims": [1]}]
+    cfg["output"] = [{"name": "images", "data_type": Sym("TYPE_FP32"), "dims": [3, image_size, image_size]},
+                     {"name": "original_size", "data_type": Sym("TYPE_INT32"), "dims": [2]}]
+    cfg.update(_scheduling(opts, "KIND_CPU"))  # decoding runs on the CPU whatever the stages use
+    cfg.update(_parameters({"input_kind": "raw" if raw else "bytes", "image_size": image_size,
+                            "mean": ",".join(map(str, mean)), "std": ",".join(map(str, std)),
+                            "max_pixels": opts.max_pixels}))
+    if raw:
+        cfg.update({"model_warmup": [{"name": "zeros_image", "batch_size": 1, "inputs": [
+            {"key": "image", "value": {"data_type": Sym("TYPE_UINT8"), "dims": [image_size, image_size, 3],
+                                       "zero_data": True}}]}]})
+    else:  # a real PNG from the model's warmup/ folder: warm-up exercises the decoder too
+        cfg.update({"model_warmup": [{"name": "png", "batch_size": 1, "inputs": [
+            {"key": "image_bytes", "value": {"data_type": Sym("TYPE_STRING"), "dims": [1],
+                                             "input_data_file": "warmup.bin"}}]}]})
+    return cfg
+
+
+def restore_config(opts: RepoOptions, model_name: str, image_size: int) -> dict:
+    cfg = _common(opts, model_name)
+    cfg["backend"] = "python"
+    cfg["input"] = [{"name": "anomaly_map", "data_type": Sym("TYPE_FP32"), "dims": [image_size, image_size]},
+                    {"name": "original_size", "data_type": Sym("TYPE_INT32"), "dims": [2]}]
+    cfg["output"] = [{"name": "anomaly_map_original", "data_type": Sym("TYPE_FP32"), "dims": [-1, -1]}]
+    cfg.update(_scheduling(opts, "KIND_CPU"))
+    return cfg
+
+
+def torch_config(opts: RepoOptions, model_name: str, chain_inputs: list[dict], chain_outputs: list[dict]) -> dict:
+    cfg = _common(opts, model_name)
+    cfg["backend"] = "python"
+    cfg["input"], cfg["output"] = chain_inputs, chain_outputs
+    cfg.update(_scheduling(opts))
+    cfg.update(_parameters({"checkpoint": "checkpoint", "fp16": opts.fp16,
+                            "device": "cuda" if opts.instance_kind == "KIND_GPU" else "cpu",
+                            "cuda_graphs": opts.instance_kind == "KIND_GPU"}))
+    cfg.update(_warmup(chain_inputs))
+    return cfg
+
+
+def ensemble_config(opts: RepoOptions, name: str, inputs: list[dict], outputs: list[dict],
+                    steps: list[tuple[str, dict, dict]]) -> dict:
+    """steps: (model name, {model input: ensemble tensor}, {model output: ensemble tensor})."""
+    cfg = _common(opts, name)
+    cfg["platform"] = "ensemble"
+    # an ensemble sees its members' external shapes: a per-item scalar is [1] there, so no reshape
+    strip = lambda ts: [{k: v for k, v in t.items() if k != "reshape"} for t in ts]  # noqa: E731
+    cfg["input"], cfg["output"] = strip(inputs), strip(outputs)
+    cfg["ensemble_scheduling"] = {"step": [
+        {"model_name": model, "model_version": -1,
+         "input_map": [{"key": k, "value": v} for k, v in imap.items()],
+         "output_map": [{"key": k, "value": v} for k, v in omap.items()]}
+        for model, imap, omap in steps]}
+    return cfg
+
+
+def write_model(repo: Path, cfg: dict, files: dict[str, Path | bytes] | None = None,
+                extra: dict[str, Path | bytes] | None = None) -> Path:
+    """Write ``repo/<name>/config.pbtxt`` (validated), version files under 1/, other files beside the config."""
+    text = to_pbtxt(cfg) + "\n"
+    validate_config(text)
+    mdir = Path(repo) / cfg["name"]
+    (mdir / "1").mkdir(parents=True, exist_ok=True)
+    (mdir / "config.pbtxt").write_text(text)
+    for base, entries in ((mdir / "1", files or {}), (mdir, extra or {})):
+        for rel, src in entries.items():
+            dst = base / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(src, bytes):
+                dst.write_bytes(src)
+            elif Path(src).is_dir():
+                shutil.copytree(src, dst, dirs_exist_ok=True)
+            else:
+                shutil.copy2(src, dst)
+    return mdir
+
+
+def python_source(kind: str) -> Path:
+    """A shipped python-backend model.py from triton_models/ (preprocess, stage_ort, restore, torch_chain)."""
+    path = SOURCES / kind / "model.py"
+    if not path.is_file():
+        raise ZsadError(f"python backend source missing: {path} (broken installation?)")
+    return path
+
+
+def string_tensor_file(items: list[bytes]) -> bytes:
+    """Triton's serialised TYPE_STRING layout (4-byte little-endian length + bytes per element): warm-up data."""
+    return b"".join(struct.pack("<I", len(x)) + x for x in items)

@@ -1,0 +1,53 @@
+"""Triton python backend: a zsad method's whole stage chain in PyTorch (the `python-torch` backend).
+
+For GPU servers without TensorRT: the method is rebuilt from the checkpoint shipped beside this file and its
+``stages()`` run in order in one process, so the encoder's taps never cross a model boundary. On CUDA it can run
+in fp16 (LayerNorm kept in fp32 by torch autocast) and capture CUDA graphs per batch size (torch.compile
+"reduce-overhead"). Dynamic batches are concatenated, run once, and split back per request.
+"""
+import json
+import os
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+from zsad.checkpoint import load_checkpoint
+from zsad.methods import run_stages
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        cfg = json.loads(args["model_config"])
+        p = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
+        here = os.path.join(args["model_repository"], args["model_version"])
+        self.device = p.get("device", "cpu") if torch.cuda.is_available() else "cpu"
+        self.fp16 = p.get("fp16", "False") == "True" and self.device.startswith("cuda")
+        clip = os.path.join(here, p["clip_weights"]) if p.get("clip_weights") else None
+        self.method, _ = load_checkpoint(os.path.join(here, p["checkpoint"]), clip_weights=clip, device=self.device)
+        self.stages = self.method.stages()
+        for st in self.stages:
+            st.module.to(self.device)
+        self.chain = self._run
+        if p.get("cuda_graphs", "False") == "True" and self.device.startswith("cuda"):
+            self.chain = torch.compile(self._run, mode="reduce-overhead", dynamic=False)
+        self.inputs = [i["name"] for i in cfg["input"]]
+        self.outputs = [o["name"] for o in cfg["output"]]
+
+    def _run(self, **feed):
+        env = run_stages(self.stages, **feed)
+        return [env[n] for n in self.outputs]
+
+    def execute(self, requests):
+        feeds = [[pb_utils.get_input_tensor_by_name(r, n).as_numpy() for n in self.inputs] for r in requests]
+        sizes = [f[0].shape[0] for f in feeds]
+        batch = {n: torch.from_numpy(np.concatenate([f[i] for f in feeds])).to(self.device)
+                 for i, n in enumerate(self.inputs)}
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=self.fp16):
+            out = [o.float().cpu().numpy() for o in self.chain(**batch)]
+        responses, start = [], 0
+        for size in sizes:
+            tensors = [pb_utils.Tensor(n, np.ascontiguousarray(o[start:start + size])) for n, o in zip(self.outputs, out)]
+            responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
+            start += size
+        return responses
