@@ -42,10 +42,13 @@ def _batches(value: str | None) -> list[int]:
 @click.option("--resize-to-input", is_flag=True, help="Add an anomaly_map_original output at the input image size.")
 @click.option("--out", type=click.Path(), default="model_repository", help="Triton model repository (created).")
 @click.option("--name", default=None, help="Model name in the repository [default: the method name].")
-@click.option("--parity-images", type=int, default=4, help="Synthetic-defect images for the parity gate.")
+@click.option("--parity-images", type=int, default=4, help="Synthetic-defect images for the parity gate (its "
+              "batch > 1 case uses all of them).")
+@click.option("--max-pixels", type=int, default=50_000_000, help="Decoded images above this many pixels are "
+              "refused by the server's preprocess model.")
 @cli_entry
 def main(model, checkpoint, profile, image_size, clip_weights, backend, fp16, max_batch, preferred_batch,
-         queue_delay_us, device, instances, resize_to_input, out, name, parity_images):
+         queue_delay_us, device, instances, resize_to_input, out, name, parity_images, max_pixels):
     """Export a zsad method to a Triton model repository, stage by stage, behind a parity gate."""
     from zsad.export.exporter import export_model
 
@@ -53,7 +56,7 @@ def main(model, checkpoint, profile, image_size, clip_weights, backend, fp16, ma
                  clip_weights=clip_weights, backend=backend, fp16=fp16, max_batch=max_batch, out=out, name=name,
                  device=device, resize_to_input=resize_to_input, parity_images=parity_images,
                  preferred_batch=_batches(preferred_batch), queue_delay_us=queue_delay_us, instances=instances,
-                 log=click.echo)
+                 max_pixels=max_pixels, log=click.echo)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ class ExportResult:
 
 
 def build_method(model: str | None, checkpoint: str | None, profile: str, image_size: int | None,
-                 clip_weights: str | None):
+                 clip_weights: str | None, overrides: dict | None = None):
     """The method to export: from a checkpoint, or untrained from a profile (loud warning)."""
     import zsad.methods as M
     from zsad.checkpoint import load_checkpoint, read_sidecar
@@ -46,11 +46,13 @@ def build_method(model: str | None, checkpoint: str | None, profile: str, image_
         raise ZsadError("give --model (and --profile) or --checkpoint")
     warnings.warn(f"exporting UNTRAINED {model} (no --checkpoint): prompts and heads are random. Fine for "
                   f"architecture benchmarks and tests, useless for detection.", stacklevel=2)
-    overrides = {}
+    from zsad.configs import deep_merge
+
+    overrides = dict(overrides or {})
     if image_size:
-        overrides["backbone"] = {"image_size": image_size}
+        overrides = deep_merge(overrides, {"backbone": {"image_size": image_size}})
     if clip_weights:
-        overrides.setdefault("backbone", {}).update(weights=str(clip_weights), pretrained=None)
+        overrides = deep_merge(overrides, {"backbone": {"weights": str(clip_weights), "pretrained": None}})
     return M.create(model, profile, **overrides), False
 
 
@@ -86,20 +88,25 @@ def export_model(*, model: str | None = None, checkpoint: str | None = None, pro
                  fp16: bool = False, max_batch: int = 32, out: str | Path = "model_repository",
                  name: str | None = None, device: str | None = None, resize_to_input: bool = False,
                  parity_images: int = 4, preferred_batch: list[int] | None = None, queue_delay_us: int = 200,
-                 instances: int = 1, log=print) -> ExportResult:
+                 instances: int = 1, max_pixels: int = 50_000_000, overrides: dict | None = None,
+                 log=print) -> ExportResult:
+    """See the module docstring; ``overrides`` deep-merge into an untrained method's profile (tests, benchmarks)."""
     device = device or ("cpu" if backend == "python-ort" else "gpu")
     if device not in ("cpu", "gpu"):
         raise ZsadError(f"--device must be cpu or gpu, got '{device}'")
     _check_backend_available(backend, fp16, device)
-    method, trained = build_method(model, checkpoint, profile, image_size, clip_weights)
+    method, trained = build_method(model, checkpoint, profile, image_size, clip_weights, overrides)
     name = name or method.name
     opts = RepoOptions(name=name, backend=backend, max_batch=max_batch,
                        instance_kind="KIND_GPU" if device == "gpu" else "KIND_CPU", instances=instances,
                        preferred_batch=preferred_batch or [], queue_delay_us=queue_delay_us,
-                       resize_to_input=resize_to_input, fp16=fp16)
+                       resize_to_input=resize_to_input, fp16=fp16, max_pixels=max_pixels)
     stages = method.stages()
     size = method.image_size
-    images = parity.synthetic_images(size, n=max(2, min(parity_images, max_batch)))
+    n_images = max(1, min(parity_images, max_batch))
+    if n_images == 1:
+        log("note: parity gate at batch 1 only (--parity-images 1 or --max-batch 1)")
+    images = parity.synthetic_images(size, n=n_images)
     tol = parity.FP16_TOL if fp16 else parity.FP32_TOL
     repo = Path(out)
     scratch = Path(tempfile.mkdtemp(prefix=f".{name}-export-", dir=repo.parent if repo.parent.exists() else None))
@@ -225,7 +232,8 @@ def _write_repository(repo: Path, method, stages, opts: RepoOptions, stage_files
                 models.append(rname)
             ens_steps.append((rname, {"anomaly_map": "anomaly_map", "original_size": "original_size"},
                               {"anomaly_map_original": "anomaly_map_original"}))
-            outputs.append({"name": "anomaly_map_original", "data_type": Sym("TYPE_FP32"), "dims": [-1, -1]})
+            outputs += [{"name": "anomaly_map_original", "data_type": Sym("TYPE_FP32"), "dims": [-1, -1]},
+                        {"name": "original_size", "data_type": Sym("TYPE_INT32"), "dims": [2]}]
         write_model(repo, ensemble_config(opts, ename, inputs, outputs, ens_steps))
         models.append(ename)
         ensembles.append(ename)

@@ -1,7 +1,8 @@
 """Triton python backend: resize the model-resolution anomaly map back to each input image's size.
 
-All images of one request must share a size (a request's output is one tensor); requests are independent.
-Uses zsad.data.transforms.resize_map (numpy + PIL), the function zsad-infer uses too.
+A request's output is one tensor, so maps of images of different sizes are zero-padded to the largest one in the
+request; the ensemble also returns ``original_size`` [2] (H, W) per image, and clients crop
+(zsad.serve.client does). Uses zsad.data.transforms.resize_map (numpy + PIL), the function zsad-infer uses too.
 """
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -14,13 +15,9 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             maps = pb_utils.get_input_tensor_by_name(request, "anomaly_map").as_numpy()
-            sizes = pb_utils.get_input_tensor_by_name(request, "original_size").as_numpy()
-            if len({tuple(s) for s in sizes.tolist()}) > 1:
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(
-                    "bad input: resize-to-input needs images of one size per request; send them separately")))
-                continue
-            h, w = (int(v) for v in sizes[0])
-            out = np.stack([resize_map(m, h, w) for m in maps])
-            responses.append(pb_utils.InferenceResponse(
-                output_tensors=[pb_utils.Tensor("anomaly_map_original", out.astype(np.float32))]))
+            sizes = pb_utils.get_input_tensor_by_name(request, "original_size").as_numpy().astype(int)
+            out = np.zeros((len(maps), sizes[:, 0].max(), sizes[:, 1].max()), np.float32)
+            for i, (m, (h, w)) in enumerate(zip(maps, sizes)):
+                out[i, :h, :w] = resize_map(m, h, w)
+            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("anomaly_map_original", out)]))
         return responses

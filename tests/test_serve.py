@@ -1,0 +1,219 @@
+"""A real tritonserver (the CPU one bundled with nvidia-pytriton) serving python-ort exports of tiny AnomalyCLIP and
+BAG-CLIP, queried over HTTP and gRPC: equal to eager PyTorch, robust to bad input, under load, and leak-free."""
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+import zsad.methods as M
+from zsad import ZsadError
+from zsad.data import preprocess
+from zsad.data.synthetic import SYNTHETIC_TEST_CLASSES, render_sample
+from zsad.data.transforms import resize_map
+from zsad.export.exporter import export_model
+from zsad.serve.client import AnomalyClient
+from zsad.serve.server import TritonServer
+
+pytestmark = pytest.mark.server
+
+METHODS = ["anomalyclip", "bagclip"]
+MAX_BATCH = 8
+
+
+def _png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def images():
+    """Synthetic-defect test images of different sizes (the server resizes them)."""
+    out = []
+    for i, size in enumerate((256, 200, 300)):
+        out.append(render_sample(SYNTHETIC_TEST_CLASSES[i], "test_defect", i, image_size=size).image)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    repo = tmp_path_factory.mktemp("repo")
+    for name in METHODS:
+        export_model(model=name, profile="tiny", backend="python-ort", out=repo, max_batch=MAX_BATCH,
+                     parity_images=2, resize_to_input=True, max_pixels=1_000_000, log=lambda *a: None)
+    with TritonServer(repo) as srv:
+        yield srv
+    srv.info_after_stop = (srv.process.pid, srv.http_port, srv.grpc_port)
+
+
+def _eager(name, arrays):
+    m = M.create(name, "tiny")
+    x = torch.from_numpy(np.stack([preprocess(a, m.image_size) for a in arrays]))
+    with torch.no_grad():
+        out = m(x)
+    return out.score.numpy(), out.anomaly_map.numpy()
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+@pytest.mark.parametrize("name", METHODS)
+def test_served_equals_eager(server, images, name, protocol):
+    url = server.http_url if protocol == "http" else server.grpc_url
+    client = AnomalyClient(f"{protocol}://{url}", name)
+    score, amap = _eager(name, images)
+    served = client.infer([_png(a) for a in images])  # one request, three sizes
+    for i, p in enumerate(served):
+        assert p.score == pytest.approx(float(score[i]), rel=1e-4, abs=1e-6)
+        h, w = images[i].shape[:2]
+        assert p.anomaly_map.shape == (h, w)  # exported with --resize-to-input
+        np.testing.assert_allclose(p.anomaly_map, resize_map(amap[i], h, w), rtol=1e-4, atol=1e-4 * np.abs(amap).max())
+    raw = client.infer([images[0]])  # the uint8 HWC ensemble gives the same answer
+    assert raw[0].score == pytest.approx(served[0].score, rel=1e-6)
+
+
+BAD_INPUTS = {
+    "corrupt bytes": (lambda imgs: [os.urandom(2000)], "cannot decode"),
+    "truncated png": (lambda imgs: [_png(imgs[0])[:500]], "cannot decode"),
+    "not an image": (lambda imgs: [b"a text file, not an image\n" * 20], "cannot decode"),
+    "oversized image": (lambda imgs: [_png(np.zeros((1001, 1000, 3), np.uint8))], "above the limit"),
+    "batch over max": (lambda imgs: [_png(imgs[0])] * (MAX_BATCH + 1), "batch"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_gets_a_clear_error_and_the_server_stays_up(server, images, case):
+    client = AnomalyClient(server.http_url, "anomalyclip")
+    make, expect = BAD_INPUTS[case]
+    with pytest.raises(ZsadError, match=expect):
+        client.infer(make(images))
+    assert server.process.poll() is None and server.ready()
+    good = client.infer([_png(images[1])])[0]
+    assert good.score == pytest.approx(float(_eager("anomalyclip", [images[1]])[0][0]), rel=1e-4)
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_malformed_tensors_are_rejected_by_name(server, images, protocol):
+    import tritonclient.grpc as tg
+    import tritonclient.http as th
+    from tritonclient.utils import InferenceServerException
+
+    tc, url = (th, server.http_url) if protocol == "http" else (tg, server.grpc_url)
+    c = tc.InferenceServerClient(url)
+
+    def call(model, name, data, dtype):
+        inp = tc.InferInput(name, list(data.shape), dtype)
+        inp.set_data_from_numpy(data)
+        return c.infer(model, [inp])
+
+    cases = [
+        ("anomalyclip", "image_bytes", np.zeros((1, 1), np.float32), "FP32", "data-type"),       # wrong dtype
+        ("anomalyclip_raw", "image", np.zeros((1, 64, 64), np.uint8), "UINT8", "shape"),          # wrong rank
+        ("anomalyclip_raw", "image", np.zeros((1, 64, 64, 4), np.uint8), "UINT8", "shape"),       # 4 channels
+        ("anomalyclip", "image_bytes", np.zeros((0, 1), dtype=object), "BYTES", ""),              # empty batch
+        ("anomalyclip", "imagez", np.array([[b"x"]], dtype=object), "BYTES", "imagez"),            # wrong name
+    ]
+    for model, name, data, dtype, expect in cases:
+        with pytest.raises(InferenceServerException) as info:
+            call(model, name, data, dtype)
+        assert expect.lower() in str(info.value).lower(), (name, data.shape, str(info.value))
+    assert server.ready()
+    res = call("anomalyclip_raw", "image", images[0][None], "UINT8")
+    assert res.as_numpy("score").shape == (1, 1)
+
+
+def test_load_eight_clients_twenty_seconds(server):
+    from zsad.serve.loadtest import run_load, synthetic_pngs
+
+    result = run_load(server.http_url, "bagclip", synthetic_pngs(4), clients=8, seconds=20,
+                      server_pid=server.process.pid)
+    print("\nload test:", result)
+    assert result["failures"] == 0, result["failure_examples"]
+    assert result["mismatches"] == 0 and result["requests"] > 8
+    p = result["latency_ms"]
+    assert p["p50"] <= p["p90"] <= p["p99"]
+    # memory: a second round must not keep growing the server (first round warmed every path up)
+    again = run_load(server.http_url, "bagclip", synthetic_pngs(4), clients=8, seconds=8, server_pid=server.process.pid)
+    growth = again["server_rss_mb"]["after"] - result["server_rss_mb"]["after"]
+    assert growth < 0.1 * result["server_rss_mb"]["after"], (result["server_rss_mb"], again["server_rss_mb"])
+
+
+def test_zsad_infer_cli(server, images, tmp_path):
+    from zsad.serve.cli import infer_main
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, a in enumerate(images):
+        Image.fromarray(a).save(folder / f"img{i}.png")
+    res = CliRunner().invoke(infer_main, [str(folder), "--url", server.http_url, "--model", "bagclip",
+                                          "--threshold", "0.5", "--batch-size", "2", "--out", str(tmp_path / "o"),
+                                          "--no-progress"])
+    assert res.exit_code == 0, res.output
+    lines = (tmp_path / "o" / "scores.csv").read_text().splitlines()
+    assert lines[0] == "image,score,decision,error" and len(lines) == 4
+    assert all(line.split(",")[2] in ("OK", "NG") for line in lines[1:])
+    assert len(list((tmp_path / "o" / "heatmaps").glob("*.png"))) == 3
+    (folder / "broken.png").write_bytes(b"\x89PNG broken")
+    res = CliRunner().invoke(infer_main, [str(folder), "--url", f"grpc://{server.grpc_url}", "--model", "bagclip",
+                                          "--out", str(tmp_path / "o2"), "--no-progress"])
+    assert res.exit_code == 1 and "broken.png" in res.stderr and "cannot decode" in res.stderr
+    assert len((tmp_path / "o2" / "scores.csv").read_text().splitlines()) == 5  # 3 scored + 1 error row
+
+
+def test_client_errors_are_clear(server):
+    with pytest.raises(ZsadError, match="not ready"):
+        AnomalyClient(server.http_url, "nope")
+    with pytest.raises(ZsadError, match="no Triton server answers"):
+        AnomalyClient(f"127.0.0.1:{_free_port()}", "bagclip", timeout=2)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _port_free(port: int) -> bool:
+    """Nobody listens there any more (a connection is refused)."""
+    with socket.socket() as s:
+        s.settimeout(2)
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_zsad_serve_cli_starts_and_stops_cleanly(server, tmp_path):
+    """The console command: ready line with endpoints, SIGTERM -> clean exit, no process or port left."""
+    repo = server.repo
+    proc = subprocess.Popen([sys.executable, "-m", "zsad.serve.cli", str(repo)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=dict(os.environ))
+    out, deadline = [], time.monotonic() + 180
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        out.append(line)
+        if line.startswith("ready:") or proc.poll() is not None:
+            break
+    assert any(line.startswith("ready:") for line in out), "".join(out)
+    http = int(out[-1].split("HTTP 127.0.0.1:")[1].split()[0])
+    assert AnomalyClient(f"127.0.0.1:{http}", "anomalyclip").infer([np.zeros((64, 64, 3), np.uint8)])
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    assert "stopped" in proc.stdout.read()
+    assert _port_free(http)
+
+
+def test_no_server_process_or_port_left_behind(tmp_path):
+    """Start/stop in isolation (the fixture's server is shared): PID gone, ports free."""
+    repo = tmp_path / "empty_repo"
+    repo.mkdir()
+    srv = TritonServer(repo).start()
+    pid, ports = srv.process.pid, (srv.http_port, srv.grpc_port, srv.metrics_port)
+    srv.stop()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert all(_port_free(p) for p in ports)
