@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 CONSTRAINTS ?= constraints/cpu.txt
-EXTRAS ?= onnx,dev
+EXTRAS ?= onnx,dev,kernels,serve
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.zsad-installed
 PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)

@@ -1,4 +1,6 @@
-"""`make demo`'s script end to end (one epoch, to keep the suite fast): every promised file appears."""
+"""`make demo`'s script end to end (one epoch, to keep the suite fast): every promised file appears, the exported
+model is served by a real tritonserver and scored."""
+import pytest
 import importlib.util
 import json
 from pathlib import Path
@@ -8,6 +10,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.server
 def test_demo_runs_offline(tmp_path):
     spec = importlib.util.spec_from_file_location("zsad_demo", ROOT / "demo.py")
     demo = importlib.util.module_from_spec(spec)
@@ -21,4 +24,7 @@ def test_demo_runs_offline(tmp_path):
     pngs = list((ckpt / "eval" / "heatmaps").rglob("*.png"))
     assert len(pngs) == 16 and Image.open(pngs[0]).mode == "RGB"
     assert (tmp_path / "data" / "preview.png").is_file()
-    assert set(result["steps"]) == {"data", "train", "evaluate"}
+    assert set(result["steps"]) == {"data", "train", "evaluate", "export", "serve"}
+    assert (tmp_path / "model_repository" / "bagclip" / "parity_report.json").is_file()
+    scored = (tmp_path / "served" / "scores.csv").read_text().splitlines()
+    assert len(scored) > 2 and all(line.split(",")[2] in ("OK", "NG") for line in scored[1:])
