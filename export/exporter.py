@@ -89,6 +89,7 @@ def export_model(*, model: str | None = None, checkpoint: str | None = None, pro
                  name: str | None = None, device: str | None = None, resize_to_input: bool = False,
                  parity_images: int = 4, preferred_batch: list[int] | None = None, queue_delay_us: int = 200,
                  instances: int = 1, max_pixels: int = 50_000_000, overrides: dict | None = None,
+                 dynamic_batching: bool = True,
                  log=print) -> ExportResult:
     """See the module docstring; ``overrides`` deep-merge into an untrained method's profile (tests, benchmarks)."""
     device = device or ("cpu" if backend == "python-ort" else "gpu")
@@ -100,7 +101,8 @@ def export_model(*, model: str | None = None, checkpoint: str | None = None, pro
     opts = RepoOptions(name=name, backend=backend, max_batch=max_batch,
                        instance_kind="KIND_GPU" if device == "gpu" else "KIND_CPU", instances=instances,
                        preferred_batch=preferred_batch or [], queue_delay_us=queue_delay_us,
-                       resize_to_input=resize_to_input, fp16=fp16, max_pixels=max_pixels)
+                       resize_to_input=resize_to_input, fp16=fp16, max_pixels=max_pixels,
+                       dynamic_batching=dynamic_batching)
     stages = method.stages()
     size = method.image_size
     n_images = max(1, min(parity_images, max_batch))

@@ -94,6 +94,7 @@ class RepoOptions:
     queue_delay_us: int = 200
     resize_to_input: bool = False
     fp16: bool = False
+    dynamic_batching: bool = True  # off: every request runs alone (zsad-bench compares both)
     max_pixels: int = 50_000_000  # decoded images above this are refused (decompression bombs, absurd inputs)
 
     def __post_init__(self):
@@ -110,11 +111,12 @@ def _common(opts: RepoOptions, name: str) -> dict:
 
 
 def _scheduling(opts: RepoOptions, kind: str | None = None) -> dict:
-    return {
-        "dynamic_batching": {"preferred_batch_size": opts.preferred_batch,
-                             "max_queue_delay_microseconds": opts.queue_delay_us},
-        "instance_group": [{"count": opts.instances, "kind": Sym(kind or opts.instance_kind)}],
-    }
+    out = {}
+    if opts.dynamic_batching:
+        out["dynamic_batching"] = {"preferred_batch_size": opts.preferred_batch,
+                                   "max_queue_delay_microseconds": opts.queue_delay_us}
+    out["instance_group"] = [{"count": opts.instances, "kind": Sym(kind or opts.instance_kind)}]
+    return out
 
 
 def _warmup(inputs: list[dict], batch: int = 1) -> dict:

@@ -1,0 +1,159 @@
+"""zsad-bench result files: JSON (everything), CSV (one row per configuration), a markdown report with the papers'
+latency table beside ours, and a PNG plot (latency per image vs batch per backend, the papers' figures as lines)."""
+from __future__ import annotations
+
+import csv
+import json
+import platform
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+CSV_FIELDS = ["model", "profile", "backend", "precision", "batch", "concurrency", "dynamic_batching", "image_size",
+              "device", "status", "reason", "iters", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "p50_ms_per_image",
+              "images_per_s", "speedup_vs_torch_fp32_b1", "gflops_per_image", "achieved_tflops",
+              "peak_vram_mb", "nvml_used_mb", "parity_score_max_rel", "parity_map_max_rel", "parity_rank_agreement",
+              "parity_ok", "note"]
+
+
+def environment(device: str) -> dict:
+    env = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
+           "cuda": torch.version.cuda, "python": platform.python_version(), "platform": platform.platform(),
+           "device": device, "device_name": _device_name(device), "driver": None}
+    for mod in ("onnxruntime", "triton", "tritonclient", "open_clip"):
+        try:
+            env[mod] = __import__(mod).__version__
+        except Exception:  # not installed, or no __version__
+            env[mod] = None
+    if device.startswith("cuda"):
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            env["driver"] = pynvml.nvmlSystemGetDriverVersion()
+        except Exception:
+            env["driver"] = None
+    return env
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        model = ""
+    return f"CPU {model or platform.processor()} ({torch.get_num_threads()} threads)"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-").lower()
+
+
+def result_stem(model: str, env: dict) -> str:
+    dev = "cpu" if env["device"] == "cpu" else _slug(env["device_name"])
+    return f"{env['date'][:10]}-{model}-{dev}-torch{env['torch'].split('+')[0]}"
+
+
+def write_results(out_dir: Path, model: str, profile: str, rows: list[dict], env: dict, paper: list[dict],
+                  flops: dict, command: str, plot_method: str | None = None) -> dict[str, Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / result_stem(model, env)
+    paths = {"json": stem.with_suffix(".json"), "csv": stem.with_suffix(".csv"), "md": stem.with_suffix(".md"),
+             "png": stem.with_suffix(".png")}
+    payload = {"schema": "zsad-bench/1", "model": model, "profile": profile, "command": command, "environment": env,
+               "gflops_per_image": flops, "rows": rows, "paper": paper}
+    paths["json"].write_text(json.dumps(payload, indent=2, default=str))
+    with open(paths["csv"], "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS + ["environment"], extrasaction="ignore")
+        w.writeheader()
+        envtxt = "; ".join(f"{k}={v}" for k, v in env.items() if k not in ("date",))
+        for r in rows:
+            w.writerow({**{k: r.get(k) for k in CSV_FIELDS}, "environment": envtxt})
+    paths["md"].write_text(markdown(model, profile, rows, env, paper, flops, command))
+    if not plot(paths["png"], model, rows, [p for p in paper if p["method"] == plot_method]):
+        paths.pop("png")
+    return paths
+
+
+def _f(v, fmt="{:.2f}") -> str:
+    return "-" if v is None else fmt.format(v)
+
+
+def markdown(model: str, profile: str, rows: list[dict], env: dict, paper: list[dict], flops: dict,
+             command: str) -> str:
+    lines = [f"# zsad-bench: {model} ({profile} profile)", "",
+             f"`{command}`", "",
+             f"Device: {env['device_name']}; driver {env.get('driver') or '-'}; torch {env['torch']} (CUDA "
+             f"{env.get('cuda') or '-'}); onnxruntime {env.get('onnxruntime') or '-'}; triton "
+             f"{env.get('triton') or '-'}; {env['date']}.", "",
+             "GFLOPs per image (analytic, from the stage shapes): "
+             + ", ".join(f"{k} {v:.2f}" for k, v in flops.items()), "",
+             "## Ours", "",
+             "| backend | precision | batch | conc. | p50 ms/batch | p90 | p99 | p50 ms/image | images/s | "
+             "speed-up vs torch-fp32 b1 | TFLOP/s | peak VRAM MB | parity (score / map max rel, rank) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["status"] != "ok":
+            continue
+        parity = (f"{_f(r.get('parity_score_max_rel'), '{:.1e}')} / {_f(r.get('parity_map_max_rel'), '{:.1e}')}, "
+                  f"{_f(r.get('parity_rank_agreement'), '{:.2f}')}" + ("" if r.get("parity_ok", True) else " FAIL"))
+        conc = r.get("concurrency") or "-"
+        if r.get("dynamic_batching") is not None:
+            conc = f"{conc} ({'dyn. batching' if r['dynamic_batching'] else 'no batching'})"
+        lines.append(f"| {r['backend']} | {r['precision']} | {r['batch']} | {conc} | {_f(r.get('p50_ms'))} | "
+                     f"{_f(r.get('p90_ms'))} | {_f(r.get('p99_ms'))} | {_f(r.get('p50_ms_per_image'))} | "
+                     f"{_f(r.get('images_per_s'))} | {_f(r.get('speedup_vs_torch_fp32_b1'), '{:.2f}x')} | "
+                     f"{_f(r.get('achieved_tflops'), '{:.3f}')} | {_f(r.get('peak_vram_mb'), '{:.0f}')} | {parity} |")
+    skipped = [r for r in rows if r["status"] != "ok"]
+    if skipped:
+        lines += ["", "Skipped:", ""] + [f"- {r['backend']} (batch {r['batch']}): {r['reason']}" for r in skipped]
+    lines += ["", "## The papers' figures", "",
+              "As printed: single-image latency, batch 1, fp32 PyTorch on the authors' own GPU (often not stated); "
+              "our batch-1 torch-fp32 row is the comparable setting.", "",
+              "| paper | method | component | quantity | value | image size | hardware | note |",
+              "|---|---|---|---|---|---|---|---|"]
+    for p in paper:
+        lines.append(f"| {p['paper']} | {p['method']} | {p.get('component') or '-'} | {p['quantity']} | {p['value']} "
+                     f"| {p.get('image_size') or '-'} | {p.get('hardware') or 'not stated'} | {(p.get('note') or '')[:90]} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(path: Path, model: str, rows: list[dict], paper: list[dict]) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    timed = [r for r in rows if r["status"] == "ok" and r["backend"] != "served"]
+    for backend in dict.fromkeys(r["backend"] for r in timed):
+        pts = sorted((r["batch"], r["p50_ms_per_image"]) for r in timed if r["backend"] == backend)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=backend)
+    served = [r for r in rows if r["status"] == "ok" and r["backend"] == "served" and r.get("images_per_s")]
+    for dyn in (True, False):
+        pts = sorted((r["concurrency"], 1000.0 / r["images_per_s"]) for r in served if r["dynamic_batching"] is dyn)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="s", linestyle="--",
+                    label=f"served ({'dyn. batching' if dyn else 'no batching'}), x = concurrency, 1/throughput")
+    for p in paper:
+        if p["quantity"] == "latency_ms" and not p.get("component"):
+            ax.axhline(p["value"], color="grey", linewidth=0.8, linestyle=":")
+            ax.text(1, p["value"], f" {p['method']} (paper) {p['value']} ms", fontsize=7, va="bottom", color="grey")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("p50 latency per image (ms)")
+    ax.set_title(f"zsad-bench: {model}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True

@@ -1,0 +1,93 @@
+"""Served mode: a concurrency sweep against a Triton ensemble with tritonclient's asynchronous gRPC API.
+
+For each concurrency c, c requests (one encoded image each) are kept in flight for ``seconds``: every completion
+callback records its latency and submits the next request. Throughput = completed requests / wall time.
+``export_and_serve`` builds its own server when no URL is given: the method exported twice into one repository
+(python-ort backend), as NAME with Triton's dynamic batcher and NAME_nodb without it, so both are swept.
+"""
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+
+def sweep_one(grpc_url: str, model: str, images: list[bytes], concurrency: int, seconds: float) -> dict:
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(grpc_url)
+    latencies: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    done = threading.Event()
+    state = {"outstanding": 0, "next": 0}
+    deadline = time.monotonic() + seconds
+
+    def submit():
+        with lock:
+            i = state["next"]
+            state["next"] += 1
+            state["outstanding"] += 1
+        inp = grpcclient.InferInput("image_bytes", [1, 1], "BYTES")
+        inp.set_data_from_numpy(np.array([[images[i % len(images)]]], dtype=object))
+        t0 = time.perf_counter()
+
+        def callback(result, error):
+            dt = (time.perf_counter() - t0) * 1000.0
+            with lock:
+                state["outstanding"] -= 1
+                if error is not None:
+                    errors.append(str(error)[:200])
+                else:
+                    latencies.append(dt)
+            if time.monotonic() < deadline:
+                submit()
+            else:
+                with lock:
+                    if state["outstanding"] == 0:
+                        done.set()
+
+        client.async_infer(model, [inp], callback=callback, outputs=[grpcclient.InferRequestedOutput("score")])
+
+    t_start = time.perf_counter()
+    for _ in range(concurrency):
+        submit()
+    done.wait(timeout=seconds + 300)
+    wall = time.perf_counter() - t_start
+    client.close()
+    lat = np.asarray(latencies)
+    return {"concurrency": concurrency, "requests": int(lat.size), "errors": len(errors),
+            "error_examples": errors[:2], "wall_s": round(wall, 3),
+            "images_per_s": float(lat.size / wall) if wall else 0.0,
+            **({"p50_ms": float(np.percentile(lat, 50)), "p90_ms": float(np.percentile(lat, 90)),
+                "p95_ms": float(np.percentile(lat, 95)), "p99_ms": float(np.percentile(lat, 99)),
+                "mean_ms": float(lat.mean())} if lat.size else {})}
+
+
+def served_predictions(url: str, model: str, images: list[bytes]):
+    """(score [n], anomaly_map [n,S,S]) from one request, for the parity check."""
+    from zsad.serve.client import AnomalyClient
+
+    preds = AnomalyClient(url, model).infer(images)
+    return np.array([p.score for p in preds]), np.stack([p.anomaly_map for p in preds])
+
+
+@contextmanager
+def export_and_serve(method_name: str, profile: str, checkpoint: str | None, overrides: dict | None,
+                     max_batch: int, log=lambda *a: None):
+    """Yield a ready TritonServer holding NAME (dynamic batching) and NAME_nodb (without)."""
+    from zsad.export.exporter import export_model
+    from zsad.serve.server import TritonServer
+
+    with tempfile.TemporaryDirectory(prefix="zsad-bench-repo-") as tmp:
+        repo = Path(tmp)
+        for name, dynamic in ((method_name, True), (f"{method_name}_nodb", False)):
+            export_model(model=None if checkpoint else method_name, checkpoint=checkpoint, profile=profile,
+                         backend="python-ort", device="cpu", out=repo, name=name, max_batch=max_batch,
+                         parity_images=2, dynamic_batching=dynamic, overrides=overrides, log=log)
+        with TritonServer(repo) as server:
+            yield server
