@@ -166,7 +166,8 @@ def _served_rows(base, method, checkpoint, overrides, served_url, concurrency, s
         return rows
     log("served mode: exporting (python-ort) with and without dynamic batching and starting tritonserver ...")
     try:
-        with export_and_serve(method.name, method.profile, checkpoint, overrides, max(concurrency)) as server:
+        # max batch: at least the 4 parity images of one request, and room for the batcher at high concurrency
+        with export_and_serve(method.name, method.profile, checkpoint, overrides, max(8, *concurrency)) as server:
             sweep(server.grpc_url, [(method.name, True), (f"{method.name}_nodb", False)])
     except ZsadError as err:
         rows.append({**base, "backend": "served", "precision": "fp32", "batch": 1, "status": "skipped",

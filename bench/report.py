@@ -152,7 +152,8 @@ def plot(path: Path, model: str, rows: list[dict], paper: list[dict]) -> bool:
     ax.set_ylabel("p50 latency per image (ms)")
     ax.set_title(f"zsad-bench: {model}")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

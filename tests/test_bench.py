@@ -1,0 +1,110 @@
+"""zsad-bench on the CPU: files, fields, parity, ordered percentiles, skipped backends with reasons; FLOPs against
+a hand count. No assertion on absolute times."""
+import csv
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import zsad.methods as M
+from zsad.backbone import arch_config
+from zsad.bench.cli import main as bench_cli
+from zsad.bench.flops import method_flops
+from zsad.bench.timing import percentiles, time_iterations
+
+REQUIRED = {"model", "profile", "backend", "precision", "batch", "image_size", "device", "status", "reason"}
+TIMED = {"p50_ms", "p90_ms", "p99_ms", "p50_ms_per_image", "images_per_s", "achieved_tflops", "gflops_per_image",
+         "parity_score_max_rel", "parity_map_max_rel", "parity_rank_agreement", "parity_ok",
+         "speedup_vs_torch_fp32_b1"}
+
+
+def _hand_encoder_flops(cfg, taps_dual_from: int) -> int:
+    """2 FLOPs per multiply-add: patch conv, per block qkv/out/MLP linears and the two attention matmuls, plus the
+    V-V path (its attention and its own out_proj) in the dual blocks."""
+    v = cfg["vision_cfg"]
+    d, layers, p = v["width"], v["layers"], v["patch_size"]
+    g = v["image_size"] // p
+    n = g * g + 1
+    conv = 2 * g * g * 3 * p * p * d
+    linear = 2 * n * (3 * d * d + d * d + 2 * 4 * d * d)
+    attn = 2 * 2 * n * n * d
+    dual_blocks = layers - taps_dual_from + 1
+    return conv + layers * (linear + attn) + dual_blocks * (attn + 2 * n * d * d) + 2 * d * cfg["embed_dim"]
+
+
+def test_flop_counter_matches_a_hand_count():
+    m = M.create("anomalyclip", "tiny")
+    flops = method_flops(m)
+    expected = _hand_encoder_flops(arch_config("zsad-tiny"), m.config.dual_start)
+    assert flops["encoder"] * 1e9 == pytest.approx(expected, rel=1e-9)
+    assert flops["total"] == pytest.approx(flops["encoder"] + flops["head"] + flops["postprocess"])
+
+
+def test_timing_helpers():
+    calls = []
+    samples = time_iterations(lambda: calls.append(1), iters=5, warmup=2, device="cpu")
+    assert len(samples) == 5 and len(calls) == 7 and all(s >= 0 for s in samples)
+    p = percentiles([1.0, 2.0, 3.0, 4.0, 100.0])
+    assert p["p50_ms"] == 3.0 and p["p50_ms"] <= p["p90_ms"] <= p["p99_ms"]
+
+
+def _run(tmp_path, backends, extra=()):
+    args = ["--model", "anomalyclip", "--profile", "tiny", "--batch", "1,2", "--backend", backends,
+            "--device", "cpu", "--iters", "3", "--warmup", "1", "--out", str(tmp_path), "--no-progress", *extra]
+    res = CliRunner().invoke(bench_cli, args)
+    assert res.exit_code == 0, res.output
+    files = sorted(tmp_path.iterdir())
+    stem = files[0].stem
+    assert stem.startswith(tuple("0123456789")) and "-anomalyclip-cpu-torch" in stem
+    assert {f.suffix for f in files} == {".json", ".csv", ".md", ".png"}
+    data = json.loads((tmp_path / f"{stem}.json").read_text())
+    rows_csv = list(csv.DictReader(open(tmp_path / f"{stem}.csv")))
+    assert len(rows_csv) == len(data["rows"])
+    return data, res.output, (tmp_path / f"{stem}.md").read_text()
+
+
+def test_bench_torch_and_ort_with_skips(tmp_path):
+    data, output, md = _run(tmp_path, "torch-fp32,ort,torch-fp16,cuda-graphs,tensorrt")
+    env = data["environment"]
+    assert env["torch"] == torch.__version__ and env["onnxruntime"] and env["device_name"].startswith("CPU")
+    rows = data["rows"]
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert {(r["backend"], r["batch"]) for r in ok} == {("torch-fp32", 1), ("torch-fp32", 2), ("ort", 1), ("ort", 2)}
+    for r in rows:
+        assert REQUIRED <= set(r)
+    for r in ok:
+        assert TIMED <= set(r), TIMED - set(r)
+        assert r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"]
+        assert r["parity_ok"] and r["parity_map_max_rel"] <= 1e-3 and r["parity_rank_agreement"] == 1.0
+        assert r["images_per_s"] == pytest.approx(1000 * r["batch"] / r["p50_ms"])
+    base = next(r for r in ok if r["backend"] == "torch-fp32" and r["batch"] == 1)
+    assert base["speedup_vs_torch_fp32_b1"] == 1.0 and base["parity_map_max_rel"] == 0.0
+    skipped = [r for r in rows if r["status"] == "skipped"]
+    assert {r["backend"] for r in skipped} == {"torch-fp16", "cuda-graphs", "tensorrt"}
+    if not torch.cuda.is_available():
+        assert all("CUDA" in r["reason"] or "GPU" in r["reason"] for r in skipped if r["backend"] != "tensorrt")
+    assert all(r["reason"] for r in skipped)
+    assert data["gflops_per_image"]["total"] > 0
+    assert "AnomalyCLIP" in md and "123.8" in md  # the paper's latency beside ours
+    assert "skipped" in output and "torch-fp32" in output
+
+
+def test_bench_rejects_bad_arguments(tmp_path):
+    res = CliRunner().invoke(bench_cli, ["--backend", "torch-fp64", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "unknown backend" in res.stderr
+    res = CliRunner().invoke(bench_cli, ["--batch", "0", "--profile", "tiny", "--backend", "torch-fp32",
+                                         "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "positive" in res.stderr
+
+
+@pytest.mark.server
+def test_bench_served_sweep(tmp_path):
+    data, _, md = _run(tmp_path, "served", ["--concurrency", "1,2", "--served-seconds", "2"])
+    served = [r for r in data["rows"] if r["backend"] == "served"]
+    assert {(r["concurrency"], r["dynamic_batching"]) for r in served} == {(1, True), (2, True), (1, False),
+                                                                          (2, False)}
+    for r in served:
+        assert r["status"] == "ok" and r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] and r["images_per_s"] > 0
+        assert r["parity_ok"] and r["note"].startswith("0 errors")
+    assert "dyn. batching" in md and "no batching" in md
