@@ -1,1 +1,28 @@
-"""OpenAI-Triton kernels, each beside its torch reference, with a dispatch() that falls back to the reference."""
+"""OpenAI-Triton kernels, each beside its torch reference, with a dispatch() that falls back to the reference.
+
+Modules (each: torch reference, Triton kernel(s), ``dispatch()``, ``perf_sweep()``):
+
+- ``knn_graph``         BAG-CLIP's kNN graph: fused Gram + row-wise top-k, then symmetrise / self-loops / normalise
+- ``window_attention``  SOWA's window V-V cosine attention (12 x 12 windows, per-head clamped scale, position bias)
+- ``dual_attention``    the backbone's dual stream: softmax(QKᵀ)V and softmax(VVᵀ)V in one pass over K and V
+- ``trt_plugins``       TensorRT ``tensorrt.plugin`` glue for the three (written against the docs, never run)
+
+A leaf package: it imports torch, and triton only lazily (on the first Triton call), never ``zsad``. ``dispatch()``
+runs Triton only for CUDA tensors outside autograd/export with triton importable; everywhere else (CPU included)
+it runs the torch reference, which is the model's own math. ``ZSAD_KERNELS=0`` forces the reference everywhere.
+
+Tests: tests/test_kernels.py runs every kernel on CPU through Triton's interpreter (TRITON_INTERPRET=1) against the
+references in float64; tests/test_kernels_gpu.py (marker ``gpu``, run on its own) compiles them at the real sizes.
+"""
+
+KERNEL_MODULES = ("knn_graph", "window_attention", "dual_attention")
+
+
+def perf_sweep(device: str = "cuda", kernels: tuple[str, ...] = KERNEL_MODULES) -> list[dict]:
+    """All kernels' perf rows (for zsad-bench). Without CUDA: rows marked ``status="skipped"``, no numbers."""
+    import importlib
+
+    rows: list[dict] = []
+    for name in kernels:
+        rows.extend(importlib.import_module(f"{__name__}.{name}").perf_sweep(device))
+    return rows

@@ -2,6 +2,10 @@ import os
 
 # Offline box: make Hugging Face fail fast instead of retrying for a minute (read at import time).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if not os.path.exists("/dev/nvidiactl"):
+    # No GPU: Triton kernels can only run in its interpreter, which must be chosen before triton is first
+    # imported (importing torchvision imports it, below).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -61,6 +61,18 @@ def test_ties_lowest_index_wins_and_zero_vectors():
     assert np.flatnonzero(a[6]).tolist() == [0, 1]
 
 
+def test_resolution_makes_near_ties_ties():
+    """Neighbours 1e-7 apart in similarity (GEMM noise): raw fp32 picks the larger, 2^-14 resolution ties them and
+    the lowest index wins, the same in every runtime."""
+    x = torch.zeros(1, 4, 2, dtype=torch.float64)
+    x[0, 0] = torch.tensor([1.0, 0.0])
+    x[0, 1] = torch.tensor([np.cos(0.3), np.sin(0.3)])
+    x[0, 2] = torch.tensor([np.cos(0.3 - 1e-6), np.sin(0.3 - 1e-6)])  # a hair closer to node 0 than node 1
+    x[0, 3] = torch.tensor([0.0, 1.0])
+    assert np.flatnonzero(knn_adjacency(x, 1)[0, 0]).tolist() == [2]
+    assert np.flatnonzero(knn_adjacency(x, 1, resolution_bits=14)[0, 0]).tolist() == [1]
+
+
 def test_edge_weight_and_symmetrize_options():
     x = torch.randn(1, 20, 6, generator=torch.Generator().manual_seed(1))
     a = knn_adjacency(x, 3, edge_weight="relu_cos")[0].numpy()

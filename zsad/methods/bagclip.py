@@ -36,6 +36,9 @@ class GraphConfig:
     safr_reduction: int  # SE reduction ratio r
     safr_fusion_dim: int  # per-scale code width of the ASFF weights
     jff_gamma_init: float
+    # similarities are compared at 2^-bits resolution, so GEMM rounding (~1e-7, different in ONNX Runtime /
+    # TensorRT / the Triton kernel) cannot flip a neighbour: near-equal values tie and the lowest index wins
+    sim_resolution_bits: int = 14
 
     def __post_init__(self):
         if self.edge_weight not in EDGE_WEIGHTS:
@@ -70,7 +73,7 @@ class BagClip(AnomalyClip):
         """SAFR -> SAG -> GCN: taps [B,L,N,D] -> H [B,N,D]."""
         g = self.config.graph
         fused = self.safr(taps)
-        adj = knn_graph(fused, g.knn_k, g.edge_weight, g.symmetrize)
+        adj = knn_graph(fused, g.knn_k, g.edge_weight, g.symmetrize, g.sim_resolution_bits)
         return self.gcn(fused, adj)
 
     def patch_features(self, taps: torch.Tensor) -> torch.Tensor:

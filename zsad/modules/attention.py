@@ -2,12 +2,17 @@
 
 The V-V path (q = k = v) is AnomalyCLIP's "surgery" attention: ``softmax(v v^T / sqrt(d)) v``. ``dual_attention``
 computes the stock and the V-V outputs from one qkv projection, as AnomalyCLIP's DPAM and BAG-CLIP's BSA do.
+
+The attention core goes through ``zsad.kernels.dual_attention``'s dispatchers: a fused one-pass Triton kernel
+for CUDA tensors at inference, ``F.scaled_dot_product_attention`` (unchanged results) everywhere else.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from zsad.kernels import dual_attention as _da
 
 
 def _heads(t: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -35,11 +40,11 @@ def _out(attn: nn.MultiheadAttention, o: torch.Tensor) -> torch.Tensor:
 def vv_attention(attn: nn.MultiheadAttention, x: torch.Tensor) -> torch.Tensor:
     """``out_proj(softmax(v v^T * s) v)`` for tokens ``x`` [B,N,D] (x already layer-normed)."""
     _, _, v = _qkv(attn, x)
-    return _out(attn, F.scaled_dot_product_attention(v, v, v))
+    return _out(attn, _da.vv_dispatch(v))
 
 
 def dual_attention(attn: nn.MultiheadAttention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Stock ``softmax(q k^T * s) v`` and V-V ``softmax(v v^T * s) v`` from one qkv projection, both through out_proj."""
     q, k, v = _qkv(attn, x)
-    return (_out(attn, F.scaled_dot_product_attention(q, k, v)),
-            _out(attn, F.scaled_dot_product_attention(v, v, v)))
+    o_qk, o_vv = _da.dispatch(q, k, v)
+    return _out(attn, o_qk), _out(attn, o_vv)
