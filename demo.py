@@ -1,5 +1,6 @@
 """The offline demo (`make demo`): synthetic data -> train tiny BAG-CLIP -> evaluate -> export to a Triton
-repository behind the parity gate -> serve it with a real tritonserver -> query it -> heatmaps.
+repository behind the parity gate -> serve it with a real tritonserver -> query it -> heatmaps -> a short
+zsad-bench table of the demo model (torch fp32 vs ONNX Runtime on this CPU).
 
 Runs on a CPU-only box without internet in a few minutes. The tiny profile's CLIP has random weights, so the
 numbers show that the whole pipeline learns (held-out pixel AUROC rises well above the untrained model's), not
@@ -36,33 +37,33 @@ def run(out: Path, model: str, epochs: int | None, progress: bool) -> dict:
 
     t0 = time.perf_counter()
     steps = {}
-    click.echo(f"[1/5] synthetic-defect data set -> {out / 'data'}")
+    click.echo(f"[1/6] synthetic-defect data set -> {out / 'data'}")
     root = generate(out / "data", progress=progress)
     steps["data"] = time.perf_counter() - t0
 
     ckpt = out / f"{model}-tiny"
-    click.echo(f"\n[2/5] training {model} (tiny profile) on {', '.join(SYNTHETIC_TRAIN_CLASSES)}")
+    click.echo(f"\n[2/6] training {model} (tiny profile) on {', '.join(SYNTHETIC_TRAIN_CLASSES)}")
     t = time.perf_counter()
     train(model=model, profile="tiny", data=str(root), split="test", classes=",".join(SYNTHETIC_TRAIN_CLASSES),
           clip_weights=None, epochs=epochs, batch_size=None, lr=None, image_size=None, seed=None, out=str(ckpt),
           resume=False, device="cpu", workers=0, progress=progress)
     steps["train"] = time.perf_counter() - t
 
-    click.echo(f"\n[3/5] evaluating on the held-out classes {', '.join(SYNTHETIC_TEST_CLASSES)}")
+    click.echo(f"\n[3/6] evaluating on the held-out classes {', '.join(SYNTHETIC_TEST_CLASSES)}")
     t = time.perf_counter()
     report = evaluate(str(ckpt), data=str(root), classes=",".join(SYNTHETIC_TEST_CLASSES), dataset_name="synthetic",
                       out=str(ckpt / "eval"), device="cpu", progress=progress)
     steps["evaluate"] = time.perf_counter() - t
 
     repo = out / "model_repository"
-    click.echo(f"\n[4/5] exporting the checkpoint to a Triton repository (python-ort backend) -> {repo}")
+    click.echo(f"\n[4/6] exporting the checkpoint to a Triton repository (python-ort backend) -> {repo}")
     t = time.perf_counter()
     export_model(checkpoint=str(ckpt), backend="python-ort", out=repo, max_batch=8, resize_to_input=True,
                  log=lambda msg: click.echo(msg) if not msg.startswith(("stage ", "-", "encoder", "head", "post",
                                                                          "end-to-end")) else None)
     steps["export"] = time.perf_counter() - t
 
-    click.echo("\n[5/5] serving it with tritonserver and scoring held-out images through the ensemble")
+    click.echo("\n[5/6] serving it with tritonserver and scoring held-out images through the ensemble")
     t = time.perf_counter()
     queries = sorted((root / SYNTHETIC_TEST_CLASSES[0] / "test").rglob("*.png"))[::6]
     with TritonServer(repo) as server:
@@ -71,6 +72,16 @@ def run(out: Path, model: str, epochs: int | None, progress: bool) -> dict:
                          "--out", str(out / "served")] + ([] if progress else ["--no-progress"]),
                         standalone_mode=False)
     steps["serve"] = time.perf_counter() - t
+
+    click.echo("\n[6/6] a short benchmark of the trained model (zsad-bench, torch fp32 vs ONNX Runtime, CPU)")
+    t = time.perf_counter()
+    from zsad.bench.cli import bench_model, summary_table
+
+    _, _, bench_rows = bench_model(model, "tiny", None, [1, 4], ["torch-fp32", "ort"], "cpu", iters=5, warmup=1,
+                                   checkpoint=str(ckpt), served_url=None, concurrency=[1], served_seconds=0,
+                                   progress=False, log=click.echo)
+    click.echo(summary_table(model, bench_rows))
+    steps["bench"] = time.perf_counter() - t
 
     total = time.perf_counter() - t0
     click.echo("\n" + "=" * 72)

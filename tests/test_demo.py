@@ -24,7 +24,7 @@ def test_demo_runs_offline(tmp_path):
     pngs = list((ckpt / "eval" / "heatmaps").rglob("*.png"))
     assert len(pngs) == 16 and Image.open(pngs[0]).mode == "RGB"
     assert (tmp_path / "data" / "preview.png").is_file()
-    assert set(result["steps"]) == {"data", "train", "evaluate", "export", "serve"}
+    assert set(result["steps"]) == {"data", "train", "evaluate", "export", "serve", "bench"}
     assert (tmp_path / "model_repository" / "bagclip" / "parity_report.json").is_file()
     scored = (tmp_path / "served" / "scores.csv").read_text().splitlines()
     assert len(scored) > 2 and all(line.split(",")[2] in ("OK", "NG") for line in scored[1:])
