@@ -69,15 +69,17 @@ def bench_model(model: str, profile: str, image_size: int | None, batches: list[
     from zsad.bench.flops import method_flops
     from zsad.bench.runners import Skip, make_runner
     from zsad.bench.timing import percentiles, time_iterations
+    from zsad.bench.runners import stage_feed
     from zsad.export.parity import synthetic_images
+    from zsad.methods import run_stages
 
     method, overrides = build(model, profile, image_size, checkpoint)
     size = method.image_size
     flops = method_flops(method)
     parity_x = torch.from_numpy(synthetic_images(size, n=4))
     with torch.inference_mode():
-        ref = method.eval()(parity_x)
-    ref_score, ref_map = ref.score.numpy().astype(np.float64), ref.anomaly_map.numpy().astype(np.float64)
+        ref = run_stages(method.eval().stages(), **stage_feed(method, parity_x))
+    ref_score, ref_map = ref["score"].numpy().astype(np.float64), ref["anomaly_map"].numpy().astype(np.float64)
     base = {"model": model, "profile": method.profile, "image_size": size, "device": device,
             "gflops_per_image": round(flops["total"], 3)}
     rows: list[dict] = []
@@ -143,15 +145,21 @@ def _served_rows(base, method, checkpoint, overrides, served_url, concurrency, s
         pngs.append(buf.getvalue())
     rows = []
 
+    texts = None
+    if method.text_inputs():  # the same class names the reference used (zsad.bench.runners.stage_feed)
+        from zsad.export.parity import synthetic_class_names
+
+        texts = {ti.request_name: synthetic_class_names(len(pngs)) for ti in method.text_inputs()}
+
     def sweep(grpc_url, variants):
-        score, amap = served_predictions(f"grpc://{grpc_url}", variants[0][0], pngs)
+        score, amap = served_predictions(f"grpc://{grpc_url}", variants[0][0], pngs, texts)
         parity = {"parity_score_max_rel": _rel(ref_score, score), "parity_map_max_rel": _rel(ref_map, amap),
                   "parity_rank_agreement": _rank_agreement(ref_score, score)}
         parity["parity_ok"] = bool(max(parity["parity_score_max_rel"], parity["parity_map_max_rel"]) <= PARITY_TOL["fp32"]
                                    and parity["parity_rank_agreement"] == 1.0)
         for name, dynamic in variants:
             for c in concurrency:
-                r = sweep_one(grpc_url, name, pngs, c, seconds)
+                r = sweep_one(grpc_url, name, pngs, c, seconds, texts)
                 rows.append({**base, "backend": "served", "precision": "fp32", "batch": 1, "concurrency": c,
                              "dynamic_batching": dynamic, "status": "ok" if r["requests"] else "skipped",
                              "reason": "" if r["requests"] else f"no request completed: {r['error_examples']}",

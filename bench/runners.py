@@ -33,13 +33,21 @@ class Runner:
     note: str = ""
 
 
+def stage_feed(method, images):
+    """The stage chain's inputs for a benchmark batch: the images, plus the synthetic images' class names for
+    methods that take text per image (Bayes-PFL), so every backend sees what the torch reference saw."""
+    from zsad.export.parity import synthetic_class_names
+
+    return method.stage_inputs(images, synthetic_class_names(images.shape[0]) if method.text_inputs() else None)
+
+
 def _chain(method):
     from zsad.methods import run_stages
 
     stages = method.stages()
 
     def run(images):
-        env = run_stages(stages, images=images)
+        env = run_stages(stages, **stage_feed(method, images))
         return env["score"], env["anomaly_map"]
 
     return run
@@ -130,7 +138,7 @@ def _ort_runner(method, device: str, workdir: Path, max_batch: int) -> Runner:
             for st in stages]
 
     def predict(x):
-        env = {"images": x.cpu().numpy()}
+        env = {k: v.cpu().numpy() for k, v in stage_feed(method, x.cpu()).items()}
         for st, run in runs:
             env.update(run({n: env[n] for n in st.inputs}))
         return env["score"], env["anomaly_map"]

@@ -16,7 +16,9 @@ from pathlib import Path
 import numpy as np
 
 
-def sweep_one(grpc_url: str, model: str, images: list[bytes], concurrency: int, seconds: float) -> dict:
+def sweep_one(grpc_url: str, model: str, images: list[bytes], concurrency: int, seconds: float,
+              texts: dict[str, list[str]] | None = None) -> dict:
+    """``texts``: per-image text fields of models that take them (field -> one string per image)."""
     import tritonclient.grpc as grpcclient
 
     client = grpcclient.InferenceServerClient(grpc_url)
@@ -34,6 +36,11 @@ def sweep_one(grpc_url: str, model: str, images: list[bytes], concurrency: int, 
             state["outstanding"] += 1
         inp = grpcclient.InferInput("image_bytes", [1, 1], "BYTES")
         inp.set_data_from_numpy(np.array([[images[i % len(images)]]], dtype=object))
+        inputs = [inp]
+        for field, values in (texts or {}).items():
+            t = grpcclient.InferInput(field, [1, 1], "BYTES")
+            t.set_data_from_numpy(np.array([[values[i % len(values)].encode("utf-8")]], dtype=object))
+            inputs.append(t)
         t0 = time.perf_counter()
 
         def callback(result, error):
@@ -51,7 +58,7 @@ def sweep_one(grpc_url: str, model: str, images: list[bytes], concurrency: int, 
                     if state["outstanding"] == 0:
                         done.set()
 
-        client.async_infer(model, [inp], callback=callback, outputs=[grpcclient.InferRequestedOutput("score")])
+        client.async_infer(model, inputs, callback=callback, outputs=[grpcclient.InferRequestedOutput("score")])
 
     t_start = time.perf_counter()
     for _ in range(concurrency):
@@ -68,11 +75,12 @@ def sweep_one(grpc_url: str, model: str, images: list[bytes], concurrency: int, 
                 "mean_ms": float(lat.mean())} if lat.size else {})}
 
 
-def served_predictions(url: str, model: str, images: list[bytes]):
+def served_predictions(url: str, model: str, images: list[bytes], texts: dict[str, list[str]] | None = None):
     """(score [n], anomaly_map [n,S,S]) from one request, for the parity check."""
     from zsad.serve.client import AnomalyClient
 
-    preds = AnomalyClient(url, model).infer(images)
+    names = next(iter(texts.values())) if texts else None  # the class names (the one text field there is)
+    preds = AnomalyClient(url, model).infer(images, class_names=names)
     return np.array([p.score for p in preds]), np.stack([p.anomaly_map for p in preds])
 
 

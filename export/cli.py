@@ -2,6 +2,7 @@
 
     zsad-export --checkpoint runs/bagclip --backend onnxruntime --out model_repository
     zsad-export --model bagclip --profile tiny --backend python-ort --out model_repository   # untrained
+    zsad-export --checkpoint runs/afclip --support good_bottles/ --shots 4 --name afclip_bottle   # few-shot
 
 Every stage passes the parity gate (ONNX Runtime vs PyTorch on random and synthetic-defect inputs, batch 1 and
 > 1, and the chain end to end) before anything is written; the report lands in OUT/NAME/parity_report.json.
@@ -46,9 +47,14 @@ def _batches(value: str | None) -> list[int]:
               "batch > 1 case uses all of them).")
 @click.option("--max-pixels", type=int, default=50_000_000, help="Decoded images above this many pixels are "
               "refused by the server's preprocess model.")
+@click.option("--support", type=click.Path(), default=None, help="Few-shot (afclip, sowa): a folder of normal "
+              "images of one product, or a data-set root with --support-class; the memory bank is baked in.")
+@click.option("--shots", type=int, default=0, help="Few-shot: K normal images drawn (seeded) from --support.")
+@click.option("--support-class", default=None, help="Few-shot: the class of a data-set root given as --support.")
 @cli_entry
 def main(model, checkpoint, profile, image_size, clip_weights, backend, fp16, max_batch, preferred_batch,
-         queue_delay_us, device, instances, resize_to_input, out, name, parity_images, max_pixels):
+         queue_delay_us, device, instances, resize_to_input, out, name, parity_images, max_pixels, support, shots,
+         support_class):
     """Export a zsad method to a Triton model repository, stage by stage, behind a parity gate."""
     from zsad.export.exporter import export_model
 
@@ -56,7 +62,7 @@ def main(model, checkpoint, profile, image_size, clip_weights, backend, fp16, ma
                  clip_weights=clip_weights, backend=backend, fp16=fp16, max_batch=max_batch, out=out, name=name,
                  device=device, resize_to_input=resize_to_input, parity_images=parity_images,
                  preferred_batch=_batches(preferred_batch), queue_delay_us=queue_delay_us, instances=instances,
-                 max_pixels=max_pixels, log=click.echo)
+                 max_pixels=max_pixels, support=support, shots=shots, support_class=support_class, log=click.echo)
 
 
 if __name__ == "__main__":

@@ -14,11 +14,14 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from zsad import ZsadError
 from zsad.export import parity
 from zsad.export.onnx_export import export_stage, onnx_files
-from zsad.export.triton_repo import (RepoOptions, Sym, tensor_config, ensemble_config, preprocess_config, python_source,
-                                     restore_config, stage_config, string_tensor_file, torch_config, write_model)
+from zsad.export.triton_repo import (RepoOptions, Sym, ensemble_config, preprocess_config, python_source,
+                                     restore_config, stage_config, string_tensor_file, tensor_config,
+                                     text_input_config, torch_config, write_model)
 
 
 @dataclass
@@ -89,14 +92,22 @@ def export_model(*, model: str | None = None, checkpoint: str | None = None, pro
                  name: str | None = None, device: str | None = None, resize_to_input: bool = False,
                  parity_images: int = 4, preferred_batch: list[int] | None = None, queue_delay_us: int = 200,
                  instances: int = 1, max_pixels: int = 50_000_000, overrides: dict | None = None,
-                 dynamic_batching: bool = True,
+                 dynamic_batching: bool = True, support: str | Path | None = None, shots: int = 0,
+                 support_class: str | None = None, support_seed: int = 0,
                  log=print) -> ExportResult:
-    """See the module docstring; ``overrides`` deep-merge into an untrained method's profile (tests, benchmarks)."""
+    """See the module docstring; ``overrides`` deep-merge into an untrained method's profile (tests, benchmarks).
+
+    Few-shot (``support`` + ``shots``, methods with a few-shot mode): the memory bank of K normal images of ONE
+    class (a folder of images, or ``support_class`` of a data-set root's train/good) is built before the stages
+    are taken, so it is baked into the exported graph as constants: one exported model per product.
+    """
     device = device or ("cpu" if backend == "python-ort" else "gpu")
     if device not in ("cpu", "gpu"):
         raise ZsadError(f"--device must be cpu or gpu, got '{device}'")
     _check_backend_available(backend, fp16, device)
     method, trained = build_method(model, checkpoint, profile, image_size, clip_weights, overrides)
+    if support is not None or shots:
+        _fit_support(method, support, shots, support_class, support_seed, log)
     name = name or method.name
     opts = RepoOptions(name=name, backend=backend, max_batch=max_batch,
                        instance_kind="KIND_GPU" if device == "gpu" else "KIND_CPU", instances=instances,
@@ -109,6 +120,9 @@ def export_model(*, model: str | None = None, checkpoint: str | None = None, pro
     if n_images == 1:
         log("note: parity gate at batch 1 only (--parity-images 1 or --max-batch 1)")
     images = parity.synthetic_images(size, n=n_images)
+    # text inputs (Bayes-PFL's class name): the synthetic images' own class names, through the method's encoder
+    names = parity.synthetic_class_names(n_images)
+    extra_feed = {ti.tensor: ti.encode(names).numpy() for ti in method.text_inputs()}
     tol = parity.FP16_TOL if fp16 else parity.FP32_TOL
     repo = Path(out)
     scratch = Path(tempfile.mkdtemp(prefix=f".{name}-export-", dir=repo.parent if repo.parent.exists() else None))
@@ -117,7 +131,7 @@ def export_model(*, model: str | None = None, checkpoint: str | None = None, pro
             f"backend {backend}{' fp16' if fp16 else ''}, max batch {max_batch}: stages "
             + " -> ".join(s.name for s in stages))
         runners, stage_files = _build_stage_artifacts(method, stages, opts, scratch, log)
-        rows = parity.check_stages(stages, runners, images, tol)
+        rows = parity.check_stages(stages, runners, images, tol, extra_feed=extra_feed)
         log(parity.format_table(rows))
         staging = scratch / "repo"
         models, ensembles = _write_repository(staging, method, stages, opts, stage_files, trained)
@@ -173,10 +187,13 @@ def _write_repository(repo: Path, method, stages, opts: RepoOptions, stage_files
 
     name, size = opts.name, method.image_size
     models: list[str] = []
-    chain_in = [n for n in stages[0].inputs]
-    if chain_in != ["images"]:
-        raise ZsadError(f"{method.name}: the first stage must take only 'images' (got {chain_in}); extra request "
-                        f"inputs are not supported by the ensemble writer yet")
+    chain_in = chain_inputs(stages)
+    text_inputs = method.text_inputs()
+    expected = {"images": stages[0].dtype("images")} if "images" in chain_in else {}
+    expected.update({ti.tensor: torch.int64 for ti in text_inputs})
+    if set(chain_in) != set(expected) or "images" not in chain_in:
+        raise ZsadError(f"{method.name}: the stage chain takes {sorted(chain_in)}; a request supplies 'images' and "
+                        f"the method's text inputs {sorted(expected)} only")
     final = stages[-1]
     out_tensors = [tensor_config(n, s, final.dtype(n)) for n, s in final.outputs.items()]
     # preprocess models (bytes and raw uint8)
@@ -188,10 +205,16 @@ def _write_repository(repo: Path, method, stages, opts: RepoOptions, stage_files
                     extra={} if raw else {"warmup/warmup.bin": string_tensor_file([warm_png])})
         models.append(pname)
     # the stage models (or one torch chain)
+    # text models: a request's text field -> the token tensor (the method's own encoder function)
     steps: list[tuple[str, dict, dict]] = []
+    for ti in text_inputs:
+        tname = f"{name}_text_{ti.request_name}"
+        write_model(repo, text_input_config(opts, tname, ti), files={"model.py": python_source("text_input")})
+        models.append(tname)
+        steps.append((tname, {ti.request_name: ti.request_name}, {ti.tensor: ti.tensor}))
     if opts.backend == "python-torch":
         mname = f"{name}_torch"
-        inputs = [tensor_config(n, s, stages[0].dtype(n)) for n, s in stages[0].inputs.items()]
+        inputs = [tensor_config(n, shp, dt) for n, (shp, dt) in chain_in.items()]
         cfg = torch_config(opts, mname, inputs, out_tensors)
         files = {"model.py": python_source("torch_chain"), "checkpoint": stage_files["__checkpoint__"]}
         clip = method.config.backbone.weights
@@ -200,7 +223,7 @@ def _write_repository(repo: Path, method, stages, opts: RepoOptions, stage_files
             cfg["parameters"].append({"key": "clip_weights", "value": {"string_value": f"clip_weights{Path(clip).suffix}"}})
         write_model(repo, cfg, files=files)
         models.append(mname)
-        steps.append((mname, {"images": "images"}, {n: n for n in final.outputs}))
+        steps.append((mname, {n: n for n in chain_in}, {n: n for n in final.outputs}))
     else:
         for st in stages:
             mname = f"{name}_{st.name}"
@@ -223,6 +246,7 @@ def _write_repository(repo: Path, method, stages, opts: RepoOptions, stage_files
         in_name = "image" if raw else "image_bytes"
         inputs = [{"name": "image", "data_type": Sym("TYPE_UINT8"), "dims": [-1, -1, 3]} if raw else
                   {"name": "image_bytes", "data_type": Sym("TYPE_STRING"), "dims": [1]}]
+        inputs += [{"name": ti.request_name, "data_type": Sym("TYPE_STRING"), "dims": [1]} for ti in text_inputs]
         pre_out = {"images": "images"}
         outputs = list(out_tensors)
         ens_steps = [(pre, {in_name: in_name}, pre_out)] + list(steps)
@@ -240,6 +264,30 @@ def _write_repository(repo: Path, method, stages, opts: RepoOptions, stage_files
         models.append(ename)
         ensembles.append(ename)
     return models, ensembles
+
+
+def _fit_support(method, support, shots: int, support_class: str | None, seed: int, log) -> None:
+    from zsad.evaluate import _load_support, support_images
+
+    if not getattr(method, "few_shot", False):
+        raise ZsadError(f"{method.name} has no few-shot mode (--support/--shots are for afclip and sowa)")
+    if support is None or shots < 1:
+        raise ZsadError("few-shot export needs both --support DIR and --shots K (K >= 1)")
+    paths = support_images(support, [support_class or "(folder)"], shots, seed)
+    paths = next(iter(paths.values()))
+    method.fit_memory(_load_support(paths, method.image_size, "cpu"))
+    log(f"few-shot: memory bank from {len(paths)} normal images of {support_class or support} (baked into the graph)")
+
+
+def chain_inputs(stages) -> dict[str, tuple[tuple, "torch.dtype"]]:
+    """The tensors a stage chain takes from outside (no earlier stage produces them): name -> (shape, dtype)."""
+    produced, out = set(), {}
+    for st in stages:
+        for n, shape in st.inputs.items():
+            if n not in produced and n not in out:
+                out[n] = (shape, st.dtype(n))
+        produced.update(st.outputs)
+    return out
 
 
 def _warmup_png(size: int) -> bytes:

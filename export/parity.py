@@ -64,7 +64,8 @@ def torch_runner(module: torch.nn.Module, inputs: Sequence[str], outputs: Sequen
         with torch.no_grad():
             out = module(*[torch.from_numpy(np.ascontiguousarray(feed[n])) for n in inputs])
         out = out if isinstance(out, tuple) else (out,)
-        return {n: o.float().cpu().numpy() for n, o in zip(outputs, out)}
+        # float tensors as fp32 (fp16 stages compare in fp32); integer ones (token positions) keep their type
+        return {n: (o.float() if o.is_floating_point() else o).cpu().numpy() for n, o in zip(outputs, out)}
 
     return run
 
@@ -95,6 +96,13 @@ def synthetic_images(image_size: int, n: int = 4, seed: int = 0) -> np.ndarray:
         part = "test_good" if i % 3 == 2 else "test_defect"
         out.append(preprocess(render_sample(cls, part, i, seed=seed).image, image_size))
     return np.stack(out)
+
+
+def synthetic_class_names(n: int) -> list[str]:
+    """The class name of each image ``synthetic_images`` renders (for methods that take one per image)."""
+    from zsad.data.synthetic import SYNTHETIC_TEST_CLASSES
+
+    return [SYNTHETIC_TEST_CLASSES[i % len(SYNTHETIC_TEST_CLASSES)] for i in range(n)]
 
 
 def _random_feed(stage, batch: int, seed: int) -> dict[str, np.ndarray]:

@@ -6,6 +6,7 @@ Per exported model NAME (see DESIGN.md, "Serving shape"):
     NAME_raw        ensemble, input image (TYPE_UINT8 [H,W,3])
     NAME_preprocess / NAME_preprocess_raw   python: decode, resize, normalise (zsad.data.preprocess)
     NAME_<stage>    one model per Method.stages() entry (onnxruntime_onnx | tensorrt_plan | python + ONNX Runtime)
+    NAME_text_<field>  python, where the method takes text per request (Bayes-PFL's class_name): tokenises it
     NAME_restore    python, optional (--resize-to-input): anomaly map back to the input image's size
     NAME_torch      python-torch backend only: the whole stage chain in one process (fp16 / CUDA graphs on GPU),
                     which keeps the encoder's taps (up to 22 MB per image) out of Triton's inter-model traffic
@@ -183,6 +184,20 @@ def restore_config(opts: RepoOptions, model_name: str, image_size: int) -> dict:
     return cfg
 
 
+def text_input_config(opts: RepoOptions, model_name: str, text_input) -> dict:
+    """A python model turning a request's text field (one string per image) into its token tensor."""
+    import dataclasses
+    import json
+
+    cfg = _common(opts, model_name)
+    cfg["backend"] = "python"
+    cfg["input"] = [{"name": text_input.request_name, "data_type": Sym("TYPE_STRING"), "dims": [1]}]
+    cfg["output"] = [{"name": text_input.tensor, "data_type": Sym("TYPE_INT64"), "dims": [text_input.length]}]
+    cfg.update(_scheduling(opts, "KIND_CPU"))  # tokenising is CPU work whatever the stages use
+    cfg.update(_parameters({"text_input": json.dumps(dataclasses.asdict(text_input))}))
+    return cfg
+
+
 def torch_config(opts: RepoOptions, model_name: str, chain_inputs: list[dict], chain_outputs: list[dict]) -> dict:
     cfg = _common(opts, model_name)
     cfg["backend"] = "python"
@@ -233,7 +248,7 @@ def write_model(repo: Path, cfg: dict, files: dict[str, Path | bytes] | None = N
 
 
 def python_source(kind: str) -> Path:
-    """A shipped python-backend model.py from triton_models/ (preprocess, stage_ort, restore, torch_chain)."""
+    """A shipped python-backend model.py from triton_models/ (preprocess, stage_ort, restore, torch_chain, text_input)."""
     path = SOURCES / kind / "model.py"
     if not path.is_file():
         raise ZsadError(f"python backend source missing: {path} (broken installation?)")

@@ -81,9 +81,11 @@ def expand_images(patterns) -> list[Path]:
 @click.option("--threshold", type=float, default=None, help="Score at or above which an image is NG (else OK).")
 @click.option("--out", type=click.Path(), default="infer_out", help="Where scores.csv / scores.json / heatmaps go.")
 @click.option("--heatmaps/--no-heatmaps", default=True, help="Write heatmap overlay PNGs.")
+@click.option("--class-name", default=None, help="The object's class name (e.g. bottle, 'metal nut'): required by "
+              "models whose prompts use it (Bayes-PFL), ignored by the others.")
 @click.option("--no-progress", is_flag=True)
 @cli_entry
-def infer_main(images, url, model, protocol, batch_size, threshold, out, heatmaps, no_progress):
+def infer_main(images, url, model, protocol, batch_size, threshold, out, heatmaps, class_name, no_progress):
     """Score IMAGES (files, folders, globs) with a served zsad ensemble; write scores and heatmaps."""
     from tqdm import tqdm
 
@@ -95,18 +97,23 @@ def infer_main(images, url, model, protocol, batch_size, threshold, out, heatmap
     if batch_size < 1:
         raise ZsadError("--batch-size must be >= 1")
     client = AnomalyClient(url, model, protocol)
+    if client.text_fields and not class_name:
+        raise ZsadError(f"model '{model}' takes the object's class name with every image: pass --class-name "
+                        f"(e.g. --class-name bottle)")
+    if class_name and not client.text_fields:
+        click.echo(f"note: model '{model}' does not use a class name; --class-name ignored", err=True)
     out_dir = Path(out)
     rows, results, t0 = [], [], time.perf_counter()
     batches = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
     for batch in tqdm(batches, desc=f"{model} @ {client.protocol}://{client.url}", disable=no_progress,
                       unit="batch", dynamic_ncols=True):
         try:
-            preds = client.infer(batch)
+            preds = client.infer(batch, class_names=class_name)
         except ZsadError:
             preds = []
             for p in batch:  # isolate the bad image(s): one request each
                 try:
-                    preds += client.infer([p])
+                    preds += client.infer([p], class_names=class_name)
                 except ZsadError as err:
                     preds.append(err)
         for path, pred in zip(batch, preds):
@@ -123,7 +130,8 @@ def infer_main(images, url, model, protocol, batch_size, threshold, out, heatmap
         w.writeheader()
         w.writerows(rows)
     (out_dir / "scores.json").write_text(json.dumps({
-        "model": model, "url": url, "protocol": client.protocol, "threshold": threshold, "seconds": round(seconds, 3),
+        "model": model, "url": url, "protocol": client.protocol, "threshold": threshold, "class_name": class_name,
+        "seconds": round(seconds, 3),
         "images": [{**r, "score": float(r["score"]) if r["score"] else None} for r in rows]}, indent=2))
     if heatmaps and results:
         _write_heatmaps(out_dir / "heatmaps", results)

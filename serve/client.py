@@ -4,6 +4,7 @@
     results = client.infer(["a.png", "b.jpg"])                       # encoded bytes -> the NAME ensemble
     results = client.infer([np.zeros((480, 640, 3), np.uint8)])      # raw uint8 HWC -> the NAME_raw ensemble
     results[0].score, results[0].anomaly_map                         # float, float32 [S,S] (or input size)
+    AnomalyClient(url, "bayespfl").infer(["a.png"], class_names="bottle")   # models that take the class name
 """
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ class AnomalyClient:
             raise ZsadError(f"model '{model}' is not ready on {protocol}://{url} (loaded: "
                             f"{', '.join(self.models()) or 'none'})")
         self.outputs = self._output_names(model)
+        self.text_fields = self._text_fields(model)  # e.g. ["class_name"] for Bayes-PFL ensembles
 
     def models(self) -> list[str]:
         index = self.client.get_model_repository_index()
@@ -63,26 +65,48 @@ class AnomalyClient:
         outs = meta["outputs"] if isinstance(meta, dict) else [{"name": o.name} for o in meta.outputs]
         return [o["name"] for o in outs]
 
-    def _call(self, model: str, name: str, data: np.ndarray, dtype: str) -> dict[str, np.ndarray]:
+    def _text_fields(self, model: str) -> list[str]:
+        """Per-image text inputs of the ensemble besides the image (exported from ``Method.text_inputs()``)."""
+        meta = self.client.get_model_metadata(model)
+        ins = meta["inputs"] if isinstance(meta, dict) else [{"name": i.name} for i in meta.inputs]
+        return [i["name"] for i in ins if i["name"] != "image_bytes"]
+
+    def _call(self, model: str, feeds: list[tuple[str, np.ndarray, str]]) -> dict[str, np.ndarray]:
         tc = self.tc
-        inp = tc.InferInput(name, list(data.shape), dtype)
-        inp.set_data_from_numpy(data)
+        inputs = []
+        for name, data, dtype in feeds:
+            inp = tc.InferInput(name, list(data.shape), dtype)
+            inp.set_data_from_numpy(data)
+            inputs.append(inp)
         outputs = [tc.InferRequestedOutput(n) for n in self.outputs]
         try:
             kwargs = {"client_timeout": self.timeout} if self.protocol == "grpc" else {}
-            res = self.client.infer(model, [inp], outputs=outputs, **kwargs)
+            res = self.client.infer(model, inputs, outputs=outputs, **kwargs)
         except Exception as err:  # InferenceServerException: the server's own message is the useful part
             msg = err.message() if callable(getattr(err, "message", None)) else str(err)
             raise ZsadError(f"inference failed on {model}: {msg}") from err
         return {n: res.as_numpy(n) for n in self.outputs}
 
-    def infer(self, images: Sequence, sources: Sequence[str] | None = None) -> list[Prediction]:
+    def infer(self, images: Sequence, sources: Sequence[str] | None = None,
+              class_names: str | Sequence[str] | None = None) -> list[Prediction]:
         """One request for a batch: file paths / encoded bytes (the NAME ensemble) or uint8 HxWx3 arrays (NAME_raw).
 
-        Raw arrays in one request must share a shape (one tensor); files may differ in size.
+        Raw arrays in one request must share a shape (one tensor); files may differ in size. ``class_names`` (one
+        per image, or one for all) is required by models whose prompts use the object's name (Bayes-PFL) and
+        ignored by the others.
         """
         if len(images) == 0:
             return []
+        feeds = []
+        if self.text_fields:
+            if class_names is None:
+                raise ZsadError(f"model '{self.model}' takes the object's class name with every image "
+                                f"({', '.join(self.text_fields)}): pass class_names (zsad-infer --class-name)")
+            names = [class_names] * len(images) if isinstance(class_names, str) else list(class_names)
+            if len(names) != len(images):
+                raise ZsadError(f"got {len(names)} class names for {len(images)} images")
+            text = np.array([n.encode("utf-8") for n in names], dtype=object).reshape(-1, 1)
+            feeds = [(field, text, "BYTES") for field in self.text_fields]
         sources = list(sources) if sources else [str(i) if isinstance(i, (str, Path)) else f"#{k}"
                                                  for k, i in enumerate(images)]
         if all(isinstance(i, np.ndarray) for i in images):
@@ -92,10 +116,11 @@ class AnomalyClient:
             arr = np.stack([np.asarray(i, dtype=np.uint8) for i in images])
             if arr.ndim != 4 or arr.shape[-1] != 3:
                 raise ZsadError(f"raw images must be uint8 [H,W,3], got {list(arr.shape[1:])}")
-            out = self._call(f"{self.model}_raw", "image", arr, "UINT8")
+            out = self._call(f"{self.model}_raw", [("image", arr, "UINT8")] + feeds)
         else:
             blobs = [Path(i).read_bytes() if isinstance(i, (str, Path)) else bytes(i) for i in images]
-            out = self._call(self.model, "image_bytes", np.array(blobs, dtype=object).reshape(-1, 1), "BYTES")
+            out = self._call(self.model, [("image_bytes", np.array(blobs, dtype=object).reshape(-1, 1), "BYTES")]
+                             + feeds)
         scores = out["score"].reshape(-1)
         if "anomaly_map_original" in out:  # exported --resize-to-input: crop the zero padding of mixed sizes
             maps = [m[:h, :w] for m, (h, w) in zip(out["anomaly_map_original"], out["original_size"].tolist())]

@@ -59,10 +59,19 @@ def synthetic_pngs(n: int = 6, size: int = 256) -> list[bytes]:
 
 
 def run_load(url: str, model: str, images: list[bytes], clients: int = 8, seconds: float = 20.0,
-             protocol: str = "http", server_pid: int | None = None, tol: float = 1e-5) -> dict:
+             protocol: str = "http", server_pid: int | None = None, tol: float = 1e-3,
+             class_name: str | None = None) -> dict:
+    """``class_name``: sent with every image to models that take one (Bayes-PFL), ignored by the others.
+
+    An answer counts as a mismatch when its score or map differs from the single-request answer by more than
+    ``tol`` relative to that answer's scale. Not zero: the dynamic batcher runs an image in batches of varying
+    size, float GEMMs differ in the last bits across batch sizes, and a kNN graph (BAG-CLIP) can then pick a
+    different neighbour at a rounding boundary (measured: up to 1.4e-4 relative on the map). A response that
+    belongs to another request differs by O(1), far above ``tol``.
+    """
     from zsad.serve.client import AnomalyClient
 
-    reference = [AnomalyClient(url, model, protocol).infer([b])[0] for b in images]
+    reference = [AnomalyClient(url, model, protocol).infer([b], class_names=class_name)[0] for b in images]
     latencies: list[float] = []
     failures, mismatches = [], 0
     lock = threading.Lock()
@@ -77,14 +86,16 @@ def run_load(url: str, model: str, images: list[bytes], clients: int = 8, second
             idx = i % len(images)
             t0 = time.perf_counter()
             try:
-                pred = client.infer([images[idx]])[0]
+                pred = client.infer([images[idx]], class_names=class_name)[0]
             except Exception as err:  # count, keep going: the test asserts there are none
                 with lock:
                     failures.append(str(err)[:200])
                 continue
             dt = time.perf_counter() - t0
             ref = reference[idx]
-            same = abs(pred.score - ref.score) <= tol and np.allclose(pred.anomaly_map, ref.anomaly_map, atol=tol)
+            scale = max(float(np.abs(ref.anomaly_map).max()), 1e-12)
+            same = (abs(pred.score - ref.score) <= tol * max(abs(ref.score), 1e-12)
+                    and float(np.abs(pred.anomaly_map - ref.anomaly_map).max()) <= tol * scale)
             with lock:
                 latencies.append(dt)
                 mismatches += not same
@@ -117,10 +128,11 @@ def run_load(url: str, model: str, images: list[bytes], clients: int = 8, second
 @click.option("--seconds", type=float, default=20.0)
 @click.option("--server-pid", type=int, default=None, help="tritonserver PID, to report its memory.")
 @click.option("--out", type=click.Path(), default=None, help="Write the result JSON here too.")
+@click.option("--class-name", default="object", help="Class name sent to models that take one (Bayes-PFL).")
 @cli_entry
-def main(url, model, protocol, clients, seconds, server_pid, out):
+def main(url, model, protocol, clients, seconds, server_pid, out, class_name):
     """Bounded concurrent load against a served zsad ensemble."""
-    result = run_load(url, model, synthetic_pngs(), clients, seconds, protocol, server_pid)
+    result = run_load(url, model, synthetic_pngs(), clients, seconds, protocol, server_pid, class_name=class_name)
     text = json.dumps(result, indent=2)
     click.echo(text)
     if out:

@@ -108,3 +108,18 @@ def test_bench_served_sweep(tmp_path):
         assert r["status"] == "ok" and r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] and r["images_per_s"] > 0
         assert r["parity_ok"] and r["note"].startswith("0 errors")
     assert "dyn. batching" in md and "no batching" in md
+
+
+@pytest.mark.parametrize("model", ["afclip", "sowa", "bayespfl"])
+def test_bench_takes_every_method(tmp_path, model):
+    """Each method through torch and ONNX Runtime: rows complete, parity within tolerance, FLOPs per stage."""
+    args = ["--model", model, "--profile", "tiny", "--batch", "1", "--backend", "torch-fp32,ort", "--device", "cpu",
+            "--iters", "2", "--warmup", "1", "--out", str(tmp_path), "--no-progress"]
+    res = CliRunner().invoke(bench_cli, args)
+    assert res.exit_code == 0, res.output
+    data = json.loads(next(tmp_path.glob("*.json")).read_text())
+    rows = data["rows"]
+    assert {r["backend"] for r in rows} == {"torch-fp32", "ort"} and all(r["status"] == "ok" for r in rows)
+    assert all(r["parity_ok"] and r["parity_map_max_rel"] <= 1e-3 for r in rows)
+    stages = {st.name for st in M.create(model, "tiny").stages()}
+    assert set(data["gflops_per_image"]) == stages | {"total"} and data["gflops_per_image"]["total"] > 0

@@ -212,3 +212,45 @@ def test_vit_l_paper_profile_exports_on_this_box(tmp_path):
     assert all(r.ok for r in res.parity_rows)
     taps = [r for r in res.parity_rows if r.tensor == "taps"]
     assert taps and all(r.max_rel <= parity.FP32_TOL for r in taps)
+
+
+def test_few_shot_export_bakes_the_memory_bank(tmp_path):
+    """AF-CLIP+ with a 2-image support folder: the few-shot stage is exported and its ONNX chain reproduces the
+    eager few-shot model fitted on the same images (an independent run, not the exporter's own report)."""
+    from PIL import Image
+
+    import zsad.methods as M
+    from zsad.data import preprocess, read_image
+    from zsad.data.synthetic import SYNTHETIC_TEST_CLASSES, render_sample
+
+    cls = SYNTHETIC_TEST_CLASSES[0]
+    folder = tmp_path / "good"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(render_sample(cls, "test_good", i).image).save(folder / f"good{i}.png")
+    repo = tmp_path / "repo"
+    res = CliRunner().invoke(export_cli, ["--model", "afclip", "--profile", "tiny", "--backend", "onnxruntime",
+                                          "--out", str(repo), "--max-batch", "4", "--parity-images", "2",
+                                          "--support", str(folder), "--shots", "2", "--name", "afclip_part"])
+    assert res.exit_code == 0, res.output
+    assert (repo / "afclip_part_fewshot" / "1" / "model.onnx").is_file()
+    # eager: the same two images the seeded draw picks, fitted by hand
+    from zsad.evaluate import support_images
+
+    picked = support_images(folder, ["x"], 2)["x"]
+    m = M.create("afclip", "tiny")
+    m.fit_memory(torch.stack([torch.from_numpy(preprocess(read_image(p), m.image_size)) for p in picked]))
+    x = parity.synthetic_images(m.image_size, n=2, seed=5)
+    with torch.no_grad():
+        ref = m(torch.from_numpy(x))
+    env = {"images": x}
+    for st in m.stages():
+        env.update(parity.ort_runner(repo / f"afclip_part_{st.name}" / "1" / "model.onnx")(
+            {n: env[n] for n in st.inputs}))
+    np.testing.assert_allclose(env["score"], ref.score.numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(env["anomaly_map"], ref.anomaly_map.numpy(), rtol=1e-4,
+                               atol=1e-4 * float(ref.anomaly_map.abs().max()))
+    # a method without a few-shot mode says so
+    res = CliRunner().invoke(export_cli, ["--model", "bagclip", "--profile", "tiny", "--out", str(tmp_path / "r2"),
+                                          "--support", str(folder), "--shots", "2"])
+    assert res.exit_code != 0 and "no few-shot mode" in res.output and "Traceback" not in res.output

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -71,7 +72,25 @@ def make_optimizer(method, cfg) -> torch.optim.Optimizer:
     kinds = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
     if cfg.optimizer not in kinds:
         raise ZsadError(f"train.optimizer must be one of {sorted(kinds)}, got '{cfg.optimizer}'")
-    return kinds[cfg.optimizer](params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    groups = method.param_groups(cfg.lr)
+    for g in groups:
+        g["base_lr"] = g["lr"]  # the schedule scales each group's own rate
+    return kinds[cfg.optimizer](groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+
+
+SCHEDULES = ("constant", "cosine")
+
+
+def lr_factor(cfg, step: int, total: int) -> float:
+    """Learning-rate multiplier at global step ``step`` of ``total`` (a function of the step: resume stays exact)."""
+    if cfg.schedule == "constant":
+        return 1.0
+    if cfg.schedule != "cosine":
+        raise ZsadError(f"train.schedule must be one of {SCHEDULES}, got '{cfg.schedule}'")
+    warm = int(round(cfg.warmup * total))
+    if step < warm:
+        return (step + 1) / warm
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(total - warm, 1)))
 
 
 def _to_device(batch: dict, device) -> dict:
@@ -115,11 +134,19 @@ def train(method, dataset, out_dir: Path, *, resume: bool = False, device: str =
             model, device_ids=[dinfo.local_rank] if device.startswith("cuda") else None)
     method.train()
     for epoch in range(start_epoch, cfg.epochs):
+        if hasattr(dataset, "set_epoch"):  # per-epoch random augmentation (SOWA's mosaic), reproducible on resume
+            dataset.set_epoch(epoch)
         loader = _epoch_loader(dataset, cfg.batch_size, cfg.seed, epoch, workers, dinfo)
+        # randomness inside loss() (Bayes-PFL's Monte-Carlo samples, on-device augmentation) depends only on
+        # (seed, epoch, rank): a resumed run draws the same
+        torch.manual_seed((cfg.seed * 1_000_003 + epoch) * 1_009 + dinfo.rank)
         sums, n, t0 = {}, 0, time.perf_counter()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (progress and dinfo.main),
                    dynamic_ncols=True, leave=True)
         for batch in bar:
+            factor = lr_factor(cfg, epoch * len(loader) + n, cfg.epochs * len(loader))
+            for g in optimizer.param_groups:
+                g["lr"] = g["base_lr"] * factor
             losses = model(_to_device(batch, device))
             optimizer.zero_grad(set_to_none=True)
             losses["total"].backward()

@@ -48,7 +48,7 @@ def training_samples(data: str | None, split: str, classes: str | None, progress
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.option("--model", "model", required=True, help="Method name: anomalyclip, bagclip.")
+@click.option("--model", "model", required=True, help="Method name: anomalyclip, bagclip, afclip, sowa, bayespfl.")
 @click.option("--profile", default="paper", help="Settings profile: 'paper' (published, ViT-L-14-336) or 'tiny' "
               "(small random CLIP for CPU), or a profile .json.")
 @click.option("--data", type=click.Path(), default=None, help="Training data root (MVTec AD / MPDD / VisA / BTAD "
@@ -119,7 +119,7 @@ def run(model, profile, data, split, classes, clip_weights, epochs, batch_size, 
         method = M.create(model, profile, **overrides)
     cfg = method.config
     samples, data_meta = training_samples(data, split, classes, progress and dinfo.main)
-    dataset = AnomalyDataset(samples, cfg.backbone.image_size)
+    dataset = method.training_dataset(AnomalyDataset(samples, cfg.backbone.image_size), data_meta)
     if dinfo.main:
         n_train = sum(p.numel() for p in method.trainable_parameters().values())
         click.echo(f"training {model} ({method.profile}) on {data_meta['dataset'] or data_meta['path']} "

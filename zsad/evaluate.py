@@ -1,12 +1,18 @@
 """zsad-eval: per-class and mean metrics of a checkpoint on a data set, beside the papers' numbers.
 
     zsad-eval --checkpoint runs/bagclip/ --data /data/mpdd [--out DIR] [--aupro-mode anomalyclip|mvtec]
+    zsad-eval --checkpoint runs/afclip/ --data /data/mvtec --shots 4 --support /data/mvtec   (few-shot: AF-CLIP+, SOWA)
 
 Writes OUT/metrics.json (everything, including per-class values and which classes a metric skipped),
 OUT/metrics.csv (one row per class + the mean) and OUT/heatmaps/<class>/*.png (input | overlay with the GT
 outline) for a sample of images, and prints a table with the published numbers beside ours when the data set
 appears in the papers' tables. Metrics follow methods/bagclip_sowa.md section 5: per class, then the
 unweighted mean over classes, maps at the model resolution, GT masks resized bilinearly and binarised > 0.5.
+
+Few-shot (``--shots K --support DIR``, methods with a few-shot mode): before each class is evaluated the method
+builds its memory bank from K normal images of that class, drawn (seeded by ``--support-seed`` and the class
+name) from DIR's train split (good images) when DIR is a data-set root, or from DIR itself when it is a folder of
+images (the same K images for every class); the paper's few-shot-K numbers are printed beside ours.
 """
 from __future__ import annotations
 
@@ -44,7 +50,10 @@ def predict(method, dataset, batch_size: int, device: str, desc: str, progress: 
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     with torch.inference_mode():
         for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
-            out = method(batch["image"].to(device))
+            kwargs = {}
+            if getattr(method, "needs_class_name", False):  # class-aware prompts (Bayes-PFL): the sample's class
+                kwargs["class_names"] = [c.replace("_", " ") for c in batch["cls"]]
+            out = method(batch["image"].to(device), **kwargs)
             scores.append(out.score.float().cpu().numpy())
             maps.append(out.anomaly_map.float().cpu().numpy())
             masks.append(batch["mask"].numpy() > 0.5)
@@ -69,9 +78,56 @@ def _heatmap_sample(samples, k: int) -> list[int]:
     return (picked + good)[:k]
 
 
+def support_images(support, classes, shots: int, seed: int = 0) -> dict[str, list[Path]]:
+    """K normal reference images per class (few-shot): see the module docstring for where they come from."""
+    import zlib
+
+    from zsad import ZsadError
+    from zsad.data import load_samples
+    from zsad.data.io import is_image_file
+
+    root = Path(support)
+    if shots < 1:
+        raise ZsadError(f"--shots must be >= 1, got {shots}")
+    if not root.is_dir():
+        raise ZsadError(f"--support {root}: not a directory (give a folder of normal images or a data-set root)")
+    files = sorted(p for p in root.iterdir() if p.is_file() and is_image_file(p))
+    if files:
+        if len(files) < shots:
+            raise ZsadError(f"--support {root} holds {len(files)} images, fewer than --shots {shots}")
+        rng = np.random.default_rng([seed, len(files)])
+        picked = [files[i] for i in sorted(rng.choice(len(files), shots, replace=False))]
+        return {c: picked for c in classes}
+    out = {}
+    for cls in classes:
+        try:
+            good = [s.image for s in load_samples(root, "train", classes=[cls]) if not s.label]
+        except ZsadError as err:
+            raise ZsadError(f"--support {root}: no normal train images of class '{cls}' ({err})") from err
+        if len(good) < shots:
+            raise ZsadError(f"--support {root}: class '{cls}' has {len(good)} normal train images, fewer than "
+                            f"--shots {shots}")
+        rng = np.random.default_rng([seed, zlib.crc32(cls.encode())])
+        out[cls] = [good[i] for i in sorted(rng.choice(len(good), shots, replace=False))]
+    return out
+
+
+def _load_support(paths, size: int, device: str):
+    import torch
+
+    from zsad.data import preprocess, read_image
+
+    return torch.stack([torch.from_numpy(preprocess(read_image(p), size)) for p in paths]).to(device)
+
+
 def evaluate(method, samples, *, batch_size: int = 8, device: str = "cpu", aupro_mode: str = "anomalyclip",
-             heatmap_dir: Path | None = None, heatmaps_per_class: int = 4, progress: bool = True) -> dict:
-    """Per-class metrics (fractions in [0,1]) + their mean; saves heatmap panels when ``heatmap_dir`` is given."""
+             heatmap_dir: Path | None = None, heatmaps_per_class: int = 4, progress: bool = True,
+             support: dict[str, list] | None = None) -> dict:
+    """Per-class metrics (fractions in [0,1]) + their mean; saves heatmap panels when ``heatmap_dir`` is given.
+
+    ``support`` (few-shot): class -> paths of K normal images; the method's memory is built from them before
+    that class is scored and dropped after it.
+    """
     from zsad.data import AnomalyDataset
     from zsad.metrics import class_metrics, summarize
     from zsad.visualize import save_panel
@@ -84,7 +140,13 @@ def evaluate(method, samples, *, batch_size: int = 8, device: str = "cpu", aupro
     for cls in sorted(by_class):
         cls_samples = by_class[cls]
         ds = AnomalyDataset(cls_samples, size)
-        scores, maps, masks, labels = predict(method, ds, batch_size, device, f"eval {cls}", progress)
+        if support is not None:
+            method.fit_memory(_load_support(support[cls], size, device))
+        try:
+            scores, maps, masks, labels = predict(method, ds, batch_size, device, f"eval {cls}", progress)
+        finally:
+            if support is not None:
+                method.clear_memory()
         per_class[cls] = class_metrics(labels, scores, masks, maps, aupro_mode=aupro_mode)
         counts[cls] = {"images": int(len(labels)), "anomalous": int(labels.sum())}
         if heatmap_dir is not None and heatmaps_per_class > 0:
@@ -146,27 +208,41 @@ def write_csv(path: Path, result: dict) -> None:
                    "official integral to FPR 0.3 / 0.3.")
 @click.option("--batch-size", type=int, default=8)
 @click.option("--heatmaps", type=int, default=4, help="Heatmap panels saved per class (0 = none).")
+@click.option("--shots", type=int, default=0, help="Few-shot: K normal reference images per class (AF-CLIP+, "
+              "SOWA K-shot); 0 = zero-shot.")
+@click.option("--support", type=click.Path(), default=None, help="Few-shot reference images: a data-set root (K "
+              "drawn from each class's train/good images) or a folder of normal images (the same K for all classes).")
+@click.option("--support-seed", type=int, default=0, help="Seed of the few-shot draw (the papers average 5 draws).")
 @click.option("--device", default="auto", help="cpu, cuda or auto.")
 @click.option("--no-progress", is_flag=True)
 @cli_entry
-def main(checkpoint, data, split, classes, dataset_name, clip_weights, out, aupro_mode, batch_size, heatmaps, device,
-         no_progress):
+def main(checkpoint, data, split, classes, dataset_name, clip_weights, out, aupro_mode, batch_size, heatmaps, shots,
+         support, support_seed, device, no_progress):
     """Evaluate a checkpoint: image/pixel AUROC, AP, F1-max and AUPRO per class, JSON/CSV/PNG outputs."""
     run(checkpoint, data, split, classes, dataset_name, clip_weights, out, aupro_mode, batch_size, heatmaps,
-        device, not no_progress)
+        device, not no_progress, shots=shots, support=support, support_seed=support_seed)
 
 
 def run(checkpoint, data, split="test", classes=None, dataset_name=None, clip_weights=None, out=None,
-        aupro_mode="anomalyclip", batch_size=8, heatmaps=4, device="auto", progress=True) -> dict:
+        aupro_mode="anomalyclip", batch_size=8, heatmaps=4, device="auto", progress=True, shots=0, support=None,
+        support_seed=0) -> dict:
+    from zsad import ZsadError
     from zsad.checkpoint import load_checkpoint
     from zsad.data import guess_dataset_name, load_samples
     from zsad.data.synthetic import SYNTHETIC_TEST_CLASSES, default_root, generate
-    from zsad.reference import PAPER_NAMES, paper_metrics
+    from zsad.reference import paper_method_name, paper_metrics
 
     import torch
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    if bool(shots) != bool(support):
+        raise ZsadError("few-shot evaluation needs both --shots K (>= 1) and --support DIR")
     method, meta = load_checkpoint(checkpoint, clip_weights=clip_weights, device=device)
+    if shots and not method.few_shot:
+        from zsad.methods import METHODS
+
+        able = ", ".join(n for n, c in sorted(METHODS.items()) if c.few_shot)
+        raise ZsadError(f"{meta['method']} has no few-shot mode (--shots works with: {able})")
     class_list = [c for c in classes.split(",") if c] if classes else None
     if data is None:
         root = generate(default_root(), progress=progress)
@@ -176,27 +252,36 @@ def run(checkpoint, data, split="test", classes=None, dataset_name=None, clip_we
         root = Path(data)
         name = dataset_name or guess_dataset_name(root)
     samples = load_samples(root, split=split, classes=class_list)
+    support_map = support_images(support, sorted({s.cls for s in samples}), shots, support_seed) if shots else None
+    setting = f"few-shot-{shots}" if shots else "zero-shot"
     ckpt = Path(checkpoint)
-    out_dir = Path(out) if out else (ckpt if ckpt.is_dir() else ckpt.parent) / f"eval-{(name or root.name).replace(' ', '_')}"
+    out_dir = Path(out) if out else (ckpt if ckpt.is_dir() else ckpt.parent) / (
+        f"eval-{(name or root.name).replace(' ', '_')}" + (f"-{shots}shot" if shots else ""))
     out_dir.mkdir(parents=True, exist_ok=True)
     click.echo(f"evaluating {meta['method']} ({meta['profile']}, trained {meta.get('epochs', '?')} epochs) on "
                f"{name or root} [{len(samples)} images, {len({s.cls for s in samples})} classes], "
-               f"image size {method.image_size}, AUPRO mode {aupro_mode}, device {device}")
+               f"image size {method.image_size}, AUPRO mode {aupro_mode}, device {device}"
+               + (f", {shots}-shot (support: {support})" if shots else ""))
     t0 = time.perf_counter()
     result = evaluate(method, samples, batch_size=batch_size, device=device, aupro_mode=aupro_mode,
-                      heatmap_dir=out_dir / "heatmaps", heatmaps_per_class=heatmaps, progress=progress)
+                      heatmap_dir=out_dir / "heatmaps", heatmaps_per_class=heatmaps, progress=progress,
+                      support=support_map)
     seconds = time.perf_counter() - t0
-    paper = paper_metrics(meta["method"], name) if name else {}
+    paper = paper_metrics(meta["method"], name, setting) if name else {}
     paper_label = None
     if paper:
         first = next(iter(paper.values()))
-        paper_label = (f"{PAPER_NAMES.get(meta['method'])} on {name}, {first.paper} paper, {first.table}"
+        paper_label = (f"{paper_method_name(meta['method'], setting)} on {name} ({setting}), {first.paper} paper, "
+                       f"{first.table}"
                        + (f" (trained on {first.train_dataset})" if first.train_dataset else ""))
     random_clip = method.backbone.info.weights == "random"
     report = {
         "method": meta["method"], "profile": meta["profile"], "checkpoint": str(checkpoint),
         "clip_weights": method.backbone.info.weights, "dataset": name, "data_path": str(root), "split": split,
         "image_size": method.image_size, "aupro_mode": aupro_mode, "seconds": round(seconds, 2),
+        "setting": setting,
+        "few_shot": ({"shots": shots, "support": str(support), "seed": support_seed,
+                      "images": {c: [str(p) for p in v] for c, v in support_map.items()}} if shots else None),
         "device": device, "metrics_scale": "fraction (x100 for the papers' percent)",
         "note": "CLIP weights are random: these numbers say nothing about detection accuracy" if random_clip else None,
         **result,

@@ -9,11 +9,14 @@ import torch
 
 from zsad import ZsadError
 from zsad.configs import build_config, deep_merge, resolve_profile
+from zsad.methods.afclip import AfClip
 from zsad.methods.anomalyclip import AnomalyClip
 from zsad.methods.bagclip import BagClip
+from zsad.methods.bayespfl import BayesPfl
 from zsad.methods.base import AnomalyOutput, Method, Stage, run_stages
+from zsad.methods.sowa import Sowa
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (AnomalyClip, BagClip)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (AnomalyClip, BagClip, AfClip, Sowa, BayesPfl)}
 
 
 def available() -> list[str]:

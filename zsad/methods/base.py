@@ -6,6 +6,7 @@ tensor name; ``Method.forward`` is exactly that chain, so what is exported is wh
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -51,6 +52,27 @@ class Stage:
             out.append(torch.randn(*size, generator=generator, dtype=dt) if dt.is_floating_point
                        else torch.zeros(*size, dtype=dt))
         return tuple(out)
+
+
+@dataclass(frozen=True)
+class TextInput:
+    """A per-image text field of a request (Bayes-PFL: the class name) that becomes a stage tensor outside the graph.
+
+    ``encoder`` names a function "module:function" called as ``fn(texts, **kwargs)`` -> int64 [n, length]; the
+    eager path (``Method.stage_inputs``) and the served ensemble's text model call the same function, so a
+    request's text becomes the same tensor in both.
+    """
+
+    request_name: str  # the request field, e.g. "class_name"
+    tensor: str  # the stage-chain input it becomes, e.g. "class_tokens"
+    length: int
+    encoder: str
+    kwargs: dict
+    default: str  # used where a caller gives no text
+
+    def encode(self, texts: Sequence[str]) -> torch.Tensor:
+        module, _, attr = self.encoder.partition(":")
+        return getattr(importlib.import_module(module), attr)(list(texts), **self.kwargs)
 
 
 def run_stages(stages: Sequence[Stage], **tensors: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -105,6 +127,8 @@ class TrainConfig:
     epochs: int
     batch_size: int
     seed: int
+    schedule: str = "constant"  # constant | cosine (per step, to 0 at the end of the last epoch)
+    warmup: float = 0.0  # fraction of all steps with a linear warm-up (cosine schedule)
 
 
 class Method(nn.Module):
@@ -132,9 +156,33 @@ class Method(nn.Module):
     def image_size(self) -> int:
         return self.backbone.info.image_size
 
-    def forward(self, images: torch.Tensor) -> AnomalyOutput:
-        env = run_stages(self.stages(), images=images)
+    needs_class_name: bool = False  # True where the prompts use the object's class name (Bayes-PFL)
+
+    def text_inputs(self) -> list[TextInput]:
+        """Per-image text fields of a request that the stage chain takes as token tensors (default: none)."""
+        return []
+
+    def stage_inputs(self, images: torch.Tensor, class_names=None) -> dict[str, torch.Tensor]:
+        """The inputs of the stage chain for a batch: images, plus the tensors of ``text_inputs()`` (Bayes-PFL's
+        class-name token ids). ``class_names``: one per image, one str for all, or None (the default text).
+        Methods without text inputs ignore it."""
+        feed = {"images": images}
+        n = images.shape[0]
+        for ti in self.text_inputs():
+            texts = [ti.default] * n if class_names is None else (
+                [class_names] * n if isinstance(class_names, str) else list(class_names))
+            if len(texts) != n:
+                raise ZsadError(f"got {len(texts)} class names for {n} images")
+            feed[ti.tensor] = ti.encode(texts).to(images.device)
+        return feed
+
+    def forward(self, images: torch.Tensor, class_names=None) -> AnomalyOutput:
+        env = run_stages(self.stages(), **self.stage_inputs(images, class_names))
         return AnomalyOutput(score=env["score"], anomaly_map=env["anomaly_map"])
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """Optimizer parameter groups (dicts with "params" and "lr"); default: all trainable parameters at ``lr``."""
+        return [{"params": list(self.trainable_parameters().values()), "lr": lr}]
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
@@ -156,6 +204,20 @@ class Method(nn.Module):
 
     def invalidate_text_cache(self) -> None:
         pass
+
+    # -- optional hooks ---------------------------------------------------------------------------------------------
+    few_shot: bool = False  # True where fit_memory / clear_memory implement a few-shot mode (AF-CLIP+, SOWA)
+
+    def fit_memory(self, images: torch.Tensor) -> None:
+        """Few-shot mode: build a memory bank from K normal images [K,3,S,S] of the class to inspect."""
+        raise ZsadError(f"{self.name} has no few-shot mode")
+
+    def clear_memory(self) -> None:
+        """Back to zero-shot (drop the memory bank)."""
+
+    def training_dataset(self, dataset, info: dict | None = None):
+        """Wrap the training set (e.g. SOWA's mosaic augmentation); ``info`` describes the data. Default: as is."""
+        return dataset
 
     def train(self, mode: bool = True):
         super().train(mode)

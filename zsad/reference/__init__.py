@@ -15,6 +15,7 @@ TABLES_PATH = Path(__file__).parent / "paper_tables.json"
 PAPER_NAMES = {"anomalyclip": "AnomalyCLIP", "bagclip": "BAG-CLIP", "afclip": "AF-CLIP", "bayespfl": "Bayes-PFL",
                "sowa": "SOWA"}
 _PAPER_ORDER = ("bagclip", "afclip", "bayespfl", "sowa")
+_FEW_SHOT_NAMES = {"afclip": "AF-CLIP+"}  # a method's few-shot variant as its paper's tables name it
 _METRIC_ALIASES = {"pro": "aupro"}  # the papers label the same column PRO or AUPRO
 
 
@@ -37,8 +38,14 @@ def known_datasets() -> list[str]:
     return sorted({r["dataset"] for r in tables()["results"]})
 
 
-def paper_metrics(method: str, dataset: str, setting: str = "zero-shot") -> dict[str, PaperValue]:
+def paper_method_name(method: str, setting: str = "zero-shot") -> str:
+    """The name a method's rows carry in the tables: AF-CLIP's few-shot rows are AF-CLIP+'s."""
     name = PAPER_NAMES.get(method, method)
+    return _FEW_SHOT_NAMES.get(method, name) if setting.startswith("few-shot") else name
+
+
+def paper_metrics(method: str, dataset: str, setting: str = "zero-shot") -> dict[str, PaperValue]:
+    name = paper_method_name(method, setting)
     order = ([method] if method in _PAPER_ORDER else []) + [p for p in _PAPER_ORDER if p != method]
     out: dict[str, PaperValue] = {}
     for paper in order:

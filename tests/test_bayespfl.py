@@ -1,0 +1,468 @@
+"""Bayes-PFL: profile (GELU, recipe), parameter counts at the paper widths, class names, the cut text batch against
+uncut per-sequence text, RCA against a naive loop, stages, determinism, the whole forward against an independent
+per-image / per-sequence reference, the loss, checkpoints, calibration and a learning test."""
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.ndimage import gaussian_filter
+from sklearn.metrics import roc_auc_score
+
+import zsad.methods as M
+from zsad import ZsadError
+from zsad.backbone import arch_config
+from zsad.methods.bayespfl import BayesPflModules, PairMapPostprocess, prompt_class_name
+from zsad.modules.calibration import ClassScoreCalibration
+from zsad.modules.losses import dice_loss, focal_loss
+from zsad.modules.rca import ResidualCrossModalAttention
+
+
+def _images(b=2, seed=0):
+    return torch.randn(b, 3, 224, 224, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def small():
+    """The tiny profile with R = 2 Monte-Carlo samples (12 text sequences per image): quick per-sequence references."""
+    return M.create("bayespfl", "tiny", sampling={"samples": 2})
+
+
+# -- profile ----------------------------------------------------------------------------------------------------------
+def test_paper_profile_is_the_released_setting():
+    c = M.resolve_config("bayespfl", "paper")
+    b = c.backbone
+    assert (b.arch, b.pretrained, b.image_size, b.quick_gelu, b.pos_interpolation) == \
+        ("ViT-L-14-336", "openai", 518, False, "bicubic")
+    assert c.taps == [6, 12, 18, 24]
+    assert (c.prompt.banks, c.prompt.context_length, c.prompt.state_length, c.flow.length) == (3, 5, 5, 10)
+    assert (c.sampling.samples, c.sampling.train_samples, c.sampling.noise) == (10, 1, "fixed")
+    assert (c.sigma, c.align_corners, c.topk, c.text_score_weight, c.text_length) == (8.0, True, 2000, 0.5, 16)
+    t = c.train
+    assert (t.optimizer, t.lr, t.betas, t.epochs, t.batch_size, t.seed, t.schedule, t.warmup) == \
+        ("adam", 1e-4, [0.5, 0.999], 20, 32, 333, "cosine", 0.1)
+    s = c.lr_scales  # released groups: prompts 1e-3, temperatures 1e-2, flows 1e-3, the rest 1e-4
+    assert [t.lr * x for x in (s.prompts, s.temperatures, s.flows, s.encoders, s.heads)] == \
+        pytest.approx([1e-3, 1e-2, 1e-3, 1e-4, 1e-4])
+    assert (c.loss.focal_gamma, c.loss.kl_weight, c.loss.ort_weight) == (2.0, 0.01, 1.0)
+    assert c.augment.enabled and c.augment.rotate_limit == 30.0
+    with pytest.raises(ZsadError, match="sampling.noise"):
+        M.resolve_config("bayespfl", "tiny", sampling={"noise": "sometimes"})
+    with pytest.raises(ZsadError, match="text_length"):
+        M.create("bayespfl", "tiny", text_length=11)
+
+
+def test_activation_is_part_of_the_profile(tiny_method):
+    """Bayes-PFL runs plain GELU in both towers (its released code); the QuickGELU methods keep QuickGELU."""
+    from zsad._compat import import_open_clip
+
+    quick = import_open_clip().transformer.QuickGELU
+    for name, act in (("bayespfl", torch.nn.GELU), ("anomalyclip", quick)):
+        clip = tiny_method(name).backbone.clip
+        for tower in (clip.visual.transformer, clip.transformer):
+            assert all(type(blk.mlp.gelu) is act for blk in tower.resblocks), name
+    assert tiny_method("bayespfl").backbone.info.quick_gelu is False
+
+
+def test_trainable_parameter_counts_at_the_paper_widths():
+    """Spec B2 counts, from the module definitions at ViT-L-14-336 widths (CLIP itself is not built)."""
+    c = M.resolve_config("bayespfl", "paper")
+    arch = arch_config(c.backbone.arch)
+    e, w, d = arch["embed_dim"], arch["text_cfg"]["width"], arch["vision_cfg"]["width"]
+    assert (e, w, d) == (768, 768, 1024)
+    mods = BayesPflModules(e, w, d, len(c.taps), c.prompt.banks, c.prompt.context_length, c.prompt.state_length,
+                           c.flow.length, c.flow.hidden, c.fuse_dim, c.rca_heads)
+    groups = mods.parameter_groups()
+    assert groups == {"bank": 34_560, "temperatures": 2, "context_encoder": 2_100_736,
+                      "context_amortizers": 11_819_530, "state_encoder": 2_100_736, "state_free": 2 * 16_138,
+                      "rca": 3_736_320, "fuse": 2_492_161, "class_mapping": 590_592, "image_mapping": 590_592}
+    total = sum(p.numel() for p in mods.parameters())
+    assert total == sum(groups.values()) == 23_497_505  # the spec's "inference-relevant" count
+    # the released model also registers two unused decoders and three unused p_mu layers: 27,370,017
+    assert total + 2 * 1_050_368 + 3 * 590_592 == 27_370_017
+    # after baking the IAD samples the served prompt head needs neither the state encoder nor the free flows
+    assert total - groups["state_encoder"] - groups["state_free"] == 21_364_493
+
+
+# -- class names ----------------------------------------------------------------------------------------------------
+def test_class_names_become_fixed_length_token_ids(tiny_method):
+    m = tiny_method("bayespfl")
+    assert prompt_class_name("metal_nut") == "metal nut" and prompt_class_name("PCB3") == "printed circuit board"
+    assert prompt_class_name("chewinggum") == "chewing gum" and prompt_class_name("macaroni2") == "macaroni"
+    tokens = m.encode_class_names(["bottle", "metal_nut", "pcb1"])
+    assert tokens.dtype == torch.int64 and tokens.shape == (3, m.config.text_length - 10)
+    eot = m.prompt_embeddings(torch.zeros(3, 10, 128), torch.zeros(10, 128), torch.zeros(10, 128), tokens)[1]
+    # spec golden test: the end token sits at 12 for a one-token name (13, 14 for two / three tokens)
+    assert eot.tolist() == [12, 13, 14]
+    full = m.backbone.tokenize(["printed circuit board"])[0]
+    assert torch.equal(tokens[2], full[: tokens.shape[1]])
+    with pytest.raises(ZsadError, match="at most 4 fit"):
+        m.encode_class_names(["a very long name of an industrial part"])
+    with pytest.raises(ZsadError, match="non-empty string"):
+        m.encode_class_names([" "])
+    with pytest.raises(ZsadError, match="got 1 class names for 2 images"):
+        m(_images(2), class_names=["bottle"])
+
+
+# -- text -----------------------------------------------------------------------------------------------------------
+def test_cut_text_batch_equals_uncut_per_sequence_text(small):
+    """The 2BR sequences per image run as one batch cut after the end token: same features as 77-token singles."""
+    m = small
+    bb = m.backbone
+    x, names = _images(2, seed=1), ["bottle", "printed circuit board"]
+    inputs = m.stage_inputs(x, names)
+    stages = {s.name: s for s in m.stages()}
+    with torch.no_grad():
+        glob, _ = m.encode(x)
+        seqs, eot = stages["prompt_head"].module(glob, inputs["class_tokens"])
+        text = stages["text_encoder"].module(seqs, eot)
+        assert seqs.shape == (2, 12, 16, 128) and eot.dtype == torch.int64 and text.shape == (2, 12, 128)
+        ctx = bb.clip.positional_embedding.shape[0]
+        for i, name in enumerate(names):
+            tok = bb.tokenize([name])[0]
+            emb = bb.token_embeddings(tok)  # [77,W]
+            for j in range(12):
+                full = torch.cat([emb[:1], seqs[i, j, 1:11], emb[1:ctx - 10]])  # the released 77-token layout
+                assert full.shape[0] == ctx
+                ref = bb.encode_prompted_text(full[None], torch.tensor([int(tok.argmax()) + 10]))[0]
+                torch.testing.assert_close(text[i, j], ref / ref.norm(), rtol=1e-5, atol=1e-6)
+
+
+# -- RCA ------------------------------------------------------------------------------------------------------------
+def test_rca_against_a_naive_loop_and_its_residual():
+    torch.manual_seed(0)
+    rca = ResidualCrossModalAttention(vision_width=12, embed_dim=8, n_layers=3, heads=4)
+    taps, text = torch.randn(2, 3, 5, 12), F.normalize(torch.randn(2, 6, 8), dim=-1)
+    patches, refined = rca(taps, text)
+    assert patches.shape == (2, 3, 5, 8) and refined.shape == (2, 3, 6, 8)
+    for b in range(2):
+        for layer in range(3):
+            fs = taps[b, layer] @ rca.patch_proj[layer].weight.t()
+            fs = fs / fs.norm(dim=-1, keepdim=True)
+            torch.testing.assert_close(patches[b, layer], fs)
+            q = text[b] @ rca.query.weight.t() + rca.query.bias
+            out = torch.zeros(6, 8)
+            for h in range(4):
+                sl = slice(2 * h, 2 * h + 2)
+                att = torch.softmax(q[:, sl] @ fs[:, sl].t() / math.sqrt(8), dim=-1)  # scale: full width 8
+                out[:, sl] = att @ fs[:, sl]
+            ref = out + text[b]
+            torch.testing.assert_close(refined[b, layer], ref / ref.norm(dim=-1, keepdim=True))
+    with torch.no_grad():  # no patch signal: the residual alone is left
+        for p in rca.patch_proj:
+            p.weight.zero_()
+    torch.testing.assert_close(rca(taps, text)[1], text.unsqueeze(1).expand(2, 3, 6, 8))
+    with pytest.raises(ZsadError, match="not divisible"):
+        ResidualCrossModalAttention(12, 10, 1, heads=4)
+
+
+# -- stages, determinism, forward ---------------------------------------------------------------------------------------
+def test_stages_declare_what_they_produce(tiny_method):
+    m = tiny_method("bayespfl")
+    stages = m.stages()
+    assert [s.name for s in stages] == ["encoder", "prompt_head", "text_encoder", "head", "postprocess"]
+    x, names = _images(3), ["bottle", "screw", "metal_nut"]
+    env = m.stage_inputs(x, names)
+    with torch.no_grad():
+        out = m(x, names)
+        for st in stages:
+            res = st.module(*[env[n] for n in st.inputs])
+            res = res if isinstance(res, tuple) else (res,)
+            assert len(res) == len(st.outputs)
+            for (oname, shape), t in zip(st.outputs.items(), res):
+                assert tuple(t.shape) == tuple(3 if d == "B" else d for d in shape), (st.name, oname)
+                assert t.dtype == st.dtype(oname), (st.name, oname)
+                env[oname] = t
+            for iname in st.inputs:
+                assert env[iname].dtype == st.dtype(iname)
+    assert torch.equal(env["score"], out.score) and torch.equal(env["anomaly_map"], out.anomaly_map)
+    assert stages[1].dtypes["class_tokens"] == torch.int64 and stages[1].dynamic_axes()["class_tokens"] == {0: "batch"}
+    assert stages[3].outputs["pair_logits"] == ("B", 120, 14, 14)
+    # example inputs (zeros for the token ids) run through every stage
+    for st in stages:
+        st.module(*st.example_inputs(batch=2))
+
+
+def test_batch_equals_single_images_and_noise_is_fixed(tiny_method):
+    """Spec golden test 5: the vectorised batch equals batch-1 runs with the same noise; reruns are identical."""
+    m = tiny_method("bayespfl")  # R = 10, as served
+    x, names = _images(2, seed=2), ["bottle", "pcb2"]
+    with torch.no_grad():
+        batch = m(x, names)
+        again = m(x, names)
+        singles = [m(x[i:i + 1], names[i]) for i in range(2)]
+        other_name = m(x[:1], "wood")
+    assert torch.equal(batch.score, again.score) and torch.equal(batch.anomaly_map, again.anomaly_map)
+    for i, s in enumerate(singles):
+        torch.testing.assert_close(batch.score[i:i + 1], s.score, rtol=1e-5, atol=1e-5)
+        assert (batch.anomaly_map[i:i + 1] - s.anomaly_map).abs().max() < 1e-4
+    assert (other_name.anomaly_map - singles[0].anomaly_map).abs().max() > 1e-6  # the class name matters
+    fresh = M.create("bayespfl", "tiny")  # the noise bank comes from the profile's seed, not the call order
+    assert torch.equal(fresh.noise_context, m.noise_context)
+    assert not torch.equal(M.create("bayespfl", "tiny", sampling={"noise_seed": 1}).noise_context, m.noise_context)
+
+
+def test_random_noise_mode_resamples():
+    m = M.create("bayespfl", "tiny", sampling={"noise": "random", "samples": 2})
+    x = _images(1, seed=3)
+    with torch.no_grad():
+        a, b = m(x, "bottle"), m(x, "bottle")
+    assert (a.anomaly_map - b.anomaly_map).abs().max() > 1e-6
+
+
+def _reference_forward(m, x, names):
+    """Per image, per sequence, per head, per pair: the released recipe with plain torch / scipy / numpy."""
+    c, pfl, bb = m.config, m.pfl, m.backbone
+    r_n, n_b, k_len, width = c.sampling.samples, c.prompt.banks, c.flow.length, m.text_width
+    glob, taps = bb.forward_taps(x, c.taps, mode="qk", global_ln_post=True)
+
+    def steps(z, u, w, b):
+        for k in range(u.shape[0]):
+            z = z + u[k] * torch.tanh(torch.dot(w[k], z) + b[k])
+        return z
+
+    def q0(encoder, v):
+        return encoder.mu(v), torch.exp(0.5 * encoder.log_var(v)).sqrt()  # variance exp(0.5 h)
+
+    sf, states = pfl.state_flows, {}
+    for key, branch, noise in (("n", sf.normal, m.noise_normal), ("a", sf.abnormal, m.noise_abnormal)):
+        mu, std = q0(sf.encoder, branch.xi[0])
+        states[key] = [steps(mu + noise[r] * std, branch.u, branch.w, branch.b) for r in range(r_n)]
+    bank = {"n": pfl.bank.state_normal, "a": pfl.bank.state_abnormal}
+    ctx_len = bb.clip.positional_embedding.shape[0]
+    s, g = m.image_size, bb.info.grid
+    scores, maps = [], []
+    for i, name in enumerate(names):
+        cf = pfl.context_flow
+        mu, std = q0(cf.encoder, glob[i])
+        u, w, b = cf.u(glob[i]).reshape(k_len, width), cf.w(glob[i]).reshape(k_len, width), cf.b(glob[i])
+        phi_e = [steps(mu + m.noise_context[r] * std, u, w, b) for r in range(r_n)]
+        tok = bb.tokenize([prompt_class_name(name)])[0]
+        emb = bb.token_embeddings(tok)
+        z = []
+        for st in ("n", "a"):
+            for r in range(r_n):
+                for bi in range(n_b):
+                    prompt = torch.cat([pfl.bank.context[bi] + phi_e[r], bank[st][bi] + states[st][r]])
+                    seq = torch.cat([emb[:1], prompt, emb[1:ctx_len - prompt.shape[0]]])
+                    t = bb.encode_prompted_text(seq[None], torch.tensor([int(tok.argmax()) + 10]))[0]
+                    z.append(t / t.norm())
+        z = torch.stack(z)  # [60,E]
+        half = z.shape[0] // 2
+        h = pfl.fuse.proj(torch.cat(list(taps[i]), dim=-1))
+        alpha = torch.softmax(pfl.fuse.score(h)[:, 0], dim=0)
+        gv = pfl.image_mapping(glob[i] + pfl.fuse.out((alpha[:, None] * h).sum(0)))
+        gv = gv / gv.norm()
+        qv = pfl.class_mapping(z)
+        logits = torch.exp(pfl.tau_image) * (qv / qv.norm(dim=-1, keepdim=True)) @ gv
+        s_text = torch.stack([torch.softmax(torch.stack([logits[j], logits[j + half]]), 0)[1]
+                              for j in range(half)]).mean()
+        pair_maps = []
+        for layer in range(len(c.taps)):
+            fs = taps[i, layer] @ pfl.rca.patch_proj[layer].weight.t()
+            fs = fs / fs.norm(dim=-1, keepdim=True)
+            qr = pfl.rca.query(z)
+            out = torch.zeros_like(z)
+            e, dh = z.shape[1], z.shape[1] // c.rca_heads
+            for hd in range(c.rca_heads):
+                sl = slice(hd * dh, (hd + 1) * dh)
+                out[:, sl] = torch.softmax(qr[:, sl] @ fs[:, sl].t() / math.sqrt(e), dim=-1) @ fs[:, sl]
+            zr = out + z
+            zr = zr / zr.norm(dim=-1, keepdim=True)
+            lg = (torch.exp(pfl.tau_pixel) * fs @ zr.t()).t().reshape(-1, g, g)
+            up = F.interpolate(lg[None], size=(s, s), mode="bilinear", align_corners=True)[0]
+            pair_maps += [torch.softmax(torch.stack([up[j], up[j + half]]), 0)[1] for j in range(half)]
+        mean_map = torch.stack(pair_maps).mean(0).double().numpy()
+        s_img = np.sort(mean_map.ravel())[-c.topk:].mean()
+        scores.append(0.5 * float(s_text) + 0.5 * s_img)
+        maps.append(gaussian_filter(mean_map, c.sigma))
+    return np.array(scores), np.stack(maps)
+
+
+def test_forward_against_an_independent_reference(small):
+    m = small
+    x, names = _images(2, seed=4), ["bottle", "metal_nut"]
+    with torch.no_grad():
+        out = m(x, names)
+        score, amap = _reference_forward(m, x, names)
+    np.testing.assert_allclose(out.score.numpy(), score, rtol=1e-5, atol=1e-5)
+    assert np.abs(out.anomaly_map.numpy() - amap).max() < 1e-4
+
+
+def test_postprocess_chunks_and_image_score():
+    torch.manual_seed(0)
+    logits, prob = torch.randn(2, 12, 7, 7) * 3, torch.rand(2)
+    outs = [PairMapPostprocess(56, sigma=2.0, topk=50, text_weight=0.3, chunk=ch)(prob, logits) for ch in (1, 5, 12)]
+    for o in outs[1:]:
+        torch.testing.assert_close(o[0], outs[0][0])
+        torch.testing.assert_close(o[1], outs[0][1])
+    up = torch.sigmoid(F.interpolate(logits, size=(56, 56), mode="bilinear", align_corners=True)).mean(1)
+    top = up.flatten(1).sort(dim=1).values[:, -50:].mean(1)
+    torch.testing.assert_close(outs[0][0], 0.3 * prob + 0.7 * top)
+
+
+# -- training -------------------------------------------------------------------------------------------------------------
+def test_losses_against_their_formulas():
+    torch.manual_seed(0)
+    p = torch.rand(3, 8, 8) * 0.98 + 0.01
+    gt = (torch.rand(3, 8, 8) > 0.8).float()
+    # AnomalyCLIP's label smoothing: one-hot targets clamped to [1e-5, 1 - 1e-5], eps added to p_t
+    pt = torch.where(gt > 0, (1 - 1e-5) * p + 1e-5 * (1 - p), (1 - 1e-5) * (1 - p) + 1e-5 * p) + 1e-5
+    per_pixel = -(1 - pt) ** 2 * torch.log(pt)
+    balanced = per_pixel[gt > 0].mean() + per_pixel[gt == 0].mean()
+    torch.testing.assert_close(focal_loss(torch.stack([1 - p, p], 1), gt, reduction="balanced"), balanced)
+    pooled = 1 - (2 * (p * gt).sum() + 1e-5) / (p.sum() + gt.sum() + 1e-5)
+    torch.testing.assert_close(dice_loss(p, gt, smooth=1e-5, pooled=True), pooled)
+    assert float(focal_loss(torch.stack([1 - p, p], 1), torch.zeros(3, 8, 8), reduction="balanced")) > 0
+
+
+def test_loss_trains_only_the_trainable_parts(tiny_method):
+    m = M.create("bayespfl", "tiny", augment={"enabled": True}).train()
+    batch = {"image": _images(2, seed=5), "mask": torch.zeros(2, 224, 224), "label": torch.tensor([0, 1]),
+             "cls": ["bottle", "metal_nut"]}
+    batch["mask"][1, 40:80, 60:100] = 1
+    torch.manual_seed(0)
+    losses = m.loss(batch)
+    assert set(losses) == {"total", "image_ce", "focal", "dice", "kl", "ort"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    losses["total"].backward()
+    assert all(p.grad is None for p in m.backbone.parameters())
+    assert all(n.startswith("pfl.") for n in m.trainable_parameters())
+    grads = {n: p.grad for n, p in m.trainable_parameters().items()}
+    assert all(gr is not None and torch.isfinite(gr).all() for gr in grads.values()), \
+        [n for n, gr in grads.items() if gr is None]
+    # orthogonality: mean squared off-diagonal cosine among the B prompts of each bank, normal + abnormal
+    text = F.normalize(torch.randn(2, 6, 128), dim=-1)
+    ref = 0
+    for half in (text[:, :3], text[:, 3:]):
+        sim = half @ half.transpose(1, 2)
+        ref = ref + ((sim - torch.diag_embed(torch.diagonal(sim, dim1=1, dim2=2))) ** 2).sum() / (2 * 9)
+    torch.testing.assert_close(m.orthogonality_loss(text), ref)
+
+
+def test_param_groups_follow_the_released_rates(tiny_method):
+    from zsad.train.loop import lr_factor, make_optimizer
+
+    paper = M.resolve_config("bayespfl", "paper")
+    m = M.create("bayespfl", "tiny", lr_scales=vars(paper.lr_scales))  # the tiny profile uses its own rates
+    cfg = paper.train
+    opt = make_optimizer(m, cfg)
+    lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert lrs == pytest.approx({"prompts": 1e-3, "temperatures": 1e-2, "flows": 1e-3, "encoders": 1e-4, "heads": 1e-4})
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(m.trainable_parameters())
+    assert any(p is m.pfl.tau_pixel for g in opt.param_groups if g["name"] == "temperatures" for p in g["params"])
+    # cosine with 10 % linear warm-up over all steps
+    factors = [lr_factor(cfg, s, 100) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[10] == pytest.approx(1.0) and factors[55] == pytest.approx(0.5 * (1 + math.cos(math.pi * 45 / 90)))
+    assert all(a >= b for a, b in zip(factors[10:-1], factors[11:]))
+
+
+def test_checkpoint_round_trip(tmp_path):
+    from zsad.checkpoint import load_checkpoint, save_checkpoint
+
+    m = M.create("bayespfl", "tiny")
+    with torch.no_grad():
+        m.pfl.bank.context.add_(0.1)
+        m.pfl.state_flows.normal.xi.add_(0.5)
+    save_checkpoint(tmp_path, m, epochs=0)
+    loaded, meta = load_checkpoint(tmp_path)
+    x = _images(1, seed=6)
+    with torch.no_grad():
+        a, b = m(x, "bottle"), loaded(x, "bottle")
+    assert meta["method"] == "bayespfl" and torch.equal(a.score, b.score) and torch.equal(a.anomaly_map, b.anomaly_map)
+
+
+# -- calibration -----------------------------------------------------------------------------------------------------
+def test_per_class_calibration_on_normal_scores(tmp_path):
+    cal = ClassScoreCalibration.fit(np.array([1.0, 2.0, 3.0, 10.0, 10.5, 11.0]),
+                                    ["a", "a", "a", "b", "b", "b"], mode="zscore")
+    z = cal.apply(np.array([2.0, 3.0, 10.5, 12.0]), ["a", "a", "b", "b"])
+    np.testing.assert_allclose(z, [0.0, 1.0 / np.std([1, 2, 3]), 0.0, 1.5 / np.std([10, 10.5, 11])])
+    mm = ClassScoreCalibration.fit(np.array([1.0, 3.0, 10.0, 12.0]), ["a", "a", "b", "b"], mode="minmax")
+    np.testing.assert_allclose(mm.apply(np.array([2.0, 12.0]), ["a", "b"]), [0.5, 1.0])
+    cal.save(tmp_path / "cal.json")
+    again = ClassScoreCalibration.load(tmp_path / "cal.json")
+    np.testing.assert_allclose(again.apply(np.array([2.0]), ["a"]), [0.0])
+    with pytest.raises(ZsadError, match="no calibration for class 'c'"):
+        cal.apply(np.array([1.0]), ["c"])
+    # a pooled threshold works again once per-class offsets are removed
+    labels = np.array([0, 0, 1, 0, 0, 1])
+    raw = np.array([1.0, 2.0, 4.0, 10.0, 10.5, 12.5])
+    classes = ["a", "a", "a", "b", "b", "b"]
+    assert roc_auc_score(labels, cal.apply(raw, classes)) > roc_auc_score(labels, raw)
+
+
+# -- zsad-eval ---------------------------------------------------------------------------------------------------------
+def _write_mvtec_class(root, cls, rng):
+    from PIL import Image
+
+    for defect, n in (("good", 1), ("crack", 1)):
+        img = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+        p = root / cls / "test" / defect / "000.png"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(p)
+        if defect != "good":
+            mask = np.zeros((64, 64), np.uint8)
+            mask[10:30, 20:40] = 255
+            mp = root / cls / "ground_truth" / defect / "000_mask.png"
+            mp.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(mask).save(mp)
+
+
+def test_evaluation_passes_each_samples_class_name(small, tmp_path, monkeypatch):
+    from zsad.data import load_samples
+    from zsad.evaluate import evaluate
+    from zsad.modules.calibration import fit_calibration
+    from zsad.reference import paper_metrics
+
+    rng = np.random.default_rng(0)
+    for cls in ("metal_nut", "pcb1"):
+        _write_mvtec_class(tmp_path, cls, rng)
+    seen = []
+    original = type(small).stage_inputs
+
+    def recording(self, images, class_names=None):
+        seen.append(list(class_names))
+        return original(self, images, class_names)
+
+    monkeypatch.setattr(type(small), "stage_inputs", recording)
+    samples = load_samples(tmp_path, "test")
+    result = evaluate(small, samples, batch_size=2, progress=False)
+    assert seen == [["metal nut", "metal nut"], ["pcb1", "pcb1"]] and set(result["per_class"]) == {"metal_nut", "pcb1"}
+    assert small.encode_class_names(["pcb1"]).tolist() == small.encode_class_names(["printed circuit board"]).tolist()
+    cal = fit_calibration(small, samples)
+    assert set(cal.constants) == {"metal nut", "pcb1"}
+    # zsad-eval prints Bayes-PFL's own paper numbers beside ours
+    paper = paper_metrics("bayespfl", "MVTec AD")
+    assert paper["image_auroc"].value == 92.3 and paper["pixel_auroc"].value == 91.8
+    assert {v.paper for v in paper.values()} == {"bayespfl"}
+
+
+# -- learning ---------------------------------------------------------------------------------------------------------
+def test_learning_on_synthetic_defects(tmp_path_factory):
+    """Tiny Bayes-PFL (random CLIP) must learn to localise held-out synthetic defects.
+
+    Measured on this box (2026-11-27): held-out pixel AUROC 0.450 untrained -> 0.761 after the tiny recipe (3
+    epochs, lr 2e-3 cosine with 10 % warm-up, batch 8; R = 3 Monte-Carlo samples at evaluation to keep the test
+    short). Asserted: a gain of at least 0.10 and at least 0.70 absolute.
+    """
+    from zsad.data import AnomalyDataset, load_samples
+    from zsad.data.synthetic import SYNTHETIC_TEST_CLASSES, SYNTHETIC_TRAIN_CLASSES, generate
+    from zsad.evaluate import evaluate
+    from zsad.train.loop import train
+
+    root = generate(tmp_path_factory.mktemp("synthetic"), progress=False)
+    torch.manual_seed(0)
+    train_set = AnomalyDataset(load_samples(root, "test", classes=list(SYNTHETIC_TRAIN_CLASSES)), 224)
+    held_out = load_samples(root, "test", classes=list(SYNTHETIC_TEST_CLASSES))
+    m = M.create("bayespfl", "tiny", sampling={"samples": 3})
+    before = evaluate(m, held_out, progress=False)["mean"]["pixel_auroc"]
+    train(m, train_set, Path(os.environ.get("TMPDIR", "/tmp")) / "zsad-bayespfl-learning", progress=False)
+    after = evaluate(m, held_out, progress=False)["mean"]["pixel_auroc"]
+    print(f"held-out pixel AUROC {before:.3f} -> {after:.3f}")
+    assert after - before >= 0.1
+    assert after >= 0.7
