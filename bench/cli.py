@@ -111,10 +111,11 @@ def bench_model(model: str, profile: str, image_size: int | None, batches: list[
                 bar.update(1)
                 continue
             stats = percentiles(samples)
+            # achieved_tflops: GFLOP per ms is TFLOP/s
             row = {**base, "backend": backend, "precision": runner.precision, "batch": b, "status": "ok",
                    "reason": "", "iters": iters, **stats, "p50_ms_per_image": stats["p50_ms"] / b,
                    "images_per_s": 1000.0 * b / stats["p50_ms"],
-                   "achieved_tflops": flops["total"] * b / stats["p50_ms"] / 1000.0, **parity, "note": runner.note}
+                   "achieved_tflops": flops["total"] * b / stats["p50_ms"], **parity, "note": runner.note}
             if device.startswith("cuda"):
                 row["peak_vram_mb"] = torch.cuda.max_memory_allocated() / 2**20
                 row["nvml_used_mb"] = _nvml_used_mb(device)

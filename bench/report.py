@@ -53,16 +53,18 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-").lower()
 
 
-def result_stem(model: str, env: dict) -> str:
+def result_stem(model: str, env: dict, profile: str = "paper") -> str:
+    """<date>-<model>-<device>-<torch>; a non-paper profile is named after the model so runs do not overwrite."""
     dev = "cpu" if env["device"] == "cpu" else _slug(env["device_name"])
-    return f"{env['date'][:10]}-{model}-{dev}-torch{env['torch'].split('+')[0]}"
+    name = model if profile == "paper" else f"{model}-{_slug(Path(profile).stem)}"
+    return f"{env['date'][:10]}-{name}-{dev}-torch{env['torch'].split('+')[0]}"
 
 
 def write_results(out_dir: Path, model: str, profile: str, rows: list[dict], env: dict, paper: list[dict],
                   flops: dict, command: str, plot_method: str | None = None) -> dict[str, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / result_stem(model, env)
+    stem = out_dir / result_stem(model, env, profile)
     paths = {"json": stem.with_suffix(".json"), "csv": stem.with_suffix(".csv"), "md": stem.with_suffix(".md"),
              "png": stem.with_suffix(".png")}
     payload = {"schema": "zsad-bench/1", "model": model, "profile": profile, "command": command, "environment": env,

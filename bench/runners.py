@@ -63,8 +63,11 @@ def _torch_runner(method, device: str, backend: str) -> Runner:
     dtype = {"torch-fp16": torch.float16, "torch-bf16": torch.bfloat16}.get(backend)
     dev_type = "cuda" if device.startswith("cuda") else "cpu"
 
+    # inference_mode tensors cannot be traced by torch.compile ("Cannot set version_counter"): no_grad there
+    grad_off = torch.no_grad if backend == "torch-compile" else torch.inference_mode
+
     def call(x):
-        with torch.inference_mode(), torch.autocast(dev_type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with grad_off(), torch.autocast(dev_type, dtype=dtype or torch.float32, enabled=dtype is not None):
             return chain(x)
 
     fn = call

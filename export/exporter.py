@@ -131,7 +131,8 @@ def export_model(*, model: str | None = None, checkpoint: str | None = None, pro
             f"backend {backend}{' fp16' if fp16 else ''}, max batch {max_batch}: stages "
             + " -> ".join(s.name for s in stages))
         runners, stage_files = _build_stage_artifacts(method, stages, opts, scratch, log)
-        rows = parity.check_stages(stages, runners, images, tol, extra_feed=extra_feed)
+        rows = parity.check_stages(stages, runners, images, tol, extra_feed=extra_feed,
+                                   chain_tol=None if fp16 else method.chain_tolerance)
         log(parity.format_table(rows))
         staging = scratch / "repo"
         models, ensembles = _write_repository(staging, method, stages, opts, stage_files, trained)
@@ -139,6 +140,7 @@ def export_model(*, model: str | None = None, checkpoint: str | None = None, pro
         parity.write_report(report, rows, {
             "model": name, "method": method.name, "profile": method.profile, "trained": trained,
             "backend": backend, "fp16": fp16, "image_size": size, "max_batch": max_batch, "tolerance": tol,
+            "end_to_end_tolerance": tol if fp16 else max(tol, method.chain_tolerance),
             "runtime": "onnxruntime " + __import__("onnxruntime").__version__ if backend != "python-torch" else "torch"})
         repo.mkdir(parents=True, exist_ok=True)
         for m in models:

@@ -5,7 +5,9 @@ at batch 1 and batch > 1; then the whole chain end to end on the images. Error m
 ``max|exported - torch| / max|torch|`` (relative to the tensor's scale; element-wise relative error explodes
 near zero, e.g. for probabilities). Tolerances: fp32 1e-4; fp16 2e-2 (fp16 has a 2^-11 ~ 5e-4 unit roundoff and
 the encoder accumulates it over 24 blocks; the image-score ranking must still match). The end-to-end image scores
-must rank the images identically (pairs closer than the tolerance may swap).
+must rank the images identically (pairs closer than the tolerance may swap). A method with a discontinuous step
+(BAG-CLIP's kNN neighbour selection) declares a looser end-to-end tolerance (``Method.chain_tolerance``, 1e-3):
+tiny runtime differences upstream can flip a neighbour there, while each stage on identical inputs meets 1e-4.
 """
 from __future__ import annotations
 
@@ -111,12 +113,15 @@ def _random_feed(stage, batch: int, seed: int) -> dict[str, np.ndarray]:
 
 
 def check_stages(stages, runners: dict[str, Runner], images: np.ndarray, tol: float, seed: int = 0,
-                 extra_feed: dict[str, np.ndarray] | None = None) -> list[ParityRow]:
+                 extra_feed: dict[str, np.ndarray] | None = None, chain_tol: float | None = None) -> list[ParityRow]:
     """Stage by stage (random + real inputs, batch 1 and len(images)), then the chain end to end.
 
     Raises ParityError at the first failing tensor; returns all rows when everything passes.
     ``extra_feed`` holds chain inputs other than the images (e.g. class-name tokens), batch-major.
+    ``chain_tol`` (default ``tol``): the end-to-end tolerance, looser only for methods with a discontinuous
+    step (``Method.chain_tolerance``: BAG-CLIP's kNN selection); the ranking check always uses ``tol``.
     """
+    chain_tol = max(tol, chain_tol or 0.0)
     rows: list[ParityRow] = []
 
     def record(row: ParityRow):
@@ -145,7 +150,7 @@ def check_stages(stages, runners: dict[str, Runner], images: np.ndarray, tol: fl
             chain.update(got if same_inputs else runners[st.name]({n: chain[n] for n in st.inputs}))
             env.update(ref)
         for name in stages[-1].outputs:
-            record(compare("end-to-end", f"images b={b}", name, env[name], chain[name], tol))
+            record(compare("end-to-end", f"images b={b}", name, env[name], chain[name], chain_tol))
         if "score" in env and b > 1:
             record(_ranking_row(env["score"], chain["score"], tol, b))
     return rows

@@ -28,10 +28,22 @@ from pathlib import Path
 from zsad import ZsadError
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int, taken: tuple[int, ...] = ()) -> list[int]:
+    """``n`` distinct free loopback ports, none in ``taken``. The sockets stay bound until all are picked: picking
+    them one at a time can hand out the same port twice (the OS reuses a just-released ephemeral port)."""
+    socks, ports = [], []
+    try:
+        while len(ports) < n:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(s)
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+            if port not in taken and port not in ports:
+                ports.append(port)
+    finally:
+        for s in socks:
+            s.close()
+    return ports
 
 
 @dataclass
@@ -74,9 +86,11 @@ class TritonServer:
         self.repo = Path(repo).resolve()
         if not self.repo.is_dir():
             raise ZsadError(f"model repository not found: {self.repo}")
-        self.http_port = http_port or free_port()
-        self.grpc_port = grpc_port or free_port()
-        self.metrics_port = metrics_port or free_port()
+        given = (http_port, grpc_port, metrics_port)
+        picked = iter(free_ports(sum(p is None for p in given), tuple(p for p in given if p)))
+        self.http_port, self.grpc_port, self.metrics_port = (p or next(picked) for p in given)
+        if len({self.http_port, self.grpc_port, self.metrics_port}) < 3:
+            raise ZsadError(f"HTTP, gRPC and metrics need three different ports, got {given}")
         self.binary = binary
         self.startup_timeout = startup_timeout
         self.log_verbose = log_verbose

@@ -56,7 +56,7 @@ def _run(tmp_path, backends, extra=()):
     assert res.exit_code == 0, res.output
     files = sorted(tmp_path.iterdir())
     stem = files[0].stem
-    assert stem.startswith(tuple("0123456789")) and "-anomalyclip-cpu-torch" in stem
+    assert stem.startswith(tuple("0123456789")) and "-anomalyclip-tiny-cpu-torch" in stem
     assert {f.suffix for f in files} == {".json", ".csv", ".md", ".png"}
     data = json.loads((tmp_path / f"{stem}.json").read_text())
     rows_csv = list(csv.DictReader(open(tmp_path / f"{stem}.csv")))
@@ -78,6 +78,8 @@ def test_bench_torch_and_ort_with_skips(tmp_path):
         assert r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"]
         assert r["parity_ok"] and r["parity_map_max_rel"] <= 1e-3 and r["parity_rank_agreement"] == 1.0
         assert r["images_per_s"] == pytest.approx(1000 * r["batch"] / r["p50_ms"])
+        # GFLOP per image x images per second = FLOP/s; in TFLOP/s
+        assert r["achieved_tflops"] == pytest.approx(r["gflops_per_image"] * 1e9 * r["images_per_s"] / 1e12, rel=1e-3)
     base = next(r for r in ok if r["backend"] == "torch-fp32" and r["batch"] == 1)
     assert base["speedup_vs_torch_fp32_b1"] == 1.0 and base["parity_map_max_rel"] == 0.0
     skipped = [r for r in rows if r["status"] == "skipped"]

@@ -76,6 +76,34 @@ def test_compare_and_ranking_are_what_they_say():
     assert parity._ranking_row(np.array([0.5, 0.50000001]), np.array([0.50000001, 0.5]), 1e-4, 2).ok
 
 
+def test_end_to_end_allowance_applies_to_the_chain_only():
+    """A stage within 1e-4 whose small error a discontinuous next stage amplifies: the chain fails at 1e-4 and
+    passes with a 1e-3 end-to-end allowance; a stage over 1e-4 on identical inputs fails whatever the allowance."""
+    from torch import nn
+
+    from zsad.methods import Stage
+
+    class Step(nn.Module):  # a threshold: a tiny input change flips whole outputs (like a kNN selection)
+        def forward(self, x):
+            return x + 5e-4 * (x > 0.0).float()
+
+    stages = [Stage("encoder", nn.Identity(), {"images": ("B", 3)}, {"feat": ("B", 3)}),
+              Stage("head", Step(), {"feat": ("B", 3)}, {"out": ("B", 3)})]
+    images = np.array([[1e-5, 0.5, 1.0], [-1e-5, 0.2, 1.0]], np.float32)
+
+    def runners(encoder_shift):
+        return {"encoder": lambda f: {"feat": f["images"] - encoder_shift},
+                "head": lambda f: {"out": f["feat"] + 5e-4 * (f["feat"] > 0).astype(np.float32)}}
+
+    with pytest.raises(parity.ParityError, match="end-to-end"):
+        parity.check_stages(stages, runners(np.float32(2e-5)), images, 1e-4)
+    rows = parity.check_stages(stages, runners(np.float32(2e-5)), images, 1e-4, chain_tol=1e-3)
+    assert all(r.tol == 1e-4 for r in rows if r.stage != "end-to-end")
+    assert any(r.stage == "end-to-end" and r.tol == 1e-3 and r.max_rel > 1e-4 for r in rows)
+    with pytest.raises(parity.ParityError, match="stage 'encoder'"):
+        parity.check_stages(stages, runners(np.float32(5e-4)), images, 1e-4, chain_tol=1e-3)
+
+
 def test_onnx_stage_matches_torch_with_dynamic_batch(tmp_path, tiny_method):
     import onnxruntime as ort
 

@@ -174,6 +174,17 @@ def test_client_errors_are_clear(server):
         AnomalyClient(f"127.0.0.1:{_free_port()}", "bagclip", timeout=2)
 
 
+def test_free_ports_are_distinct_and_avoid_taken_ones():
+    from zsad.serve.server import free_ports
+
+    taken = (_free_port(),)
+    ports = free_ports(64, taken)
+    assert len(set(ports)) == 64 and taken[0] not in ports
+    for p in ports[:8]:  # each is bindable right now
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", p))
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -57,6 +57,11 @@ class BagClipConfig(AnomalyClipConfig):
 class BagClip(AnomalyClip):
     name = "bagclip"
     config_class = BagClipConfig
+    # The kNN graph is a discontinuous function of the features: ~1e-6 runtime differences in the encoder (ORT vs
+    # torch GEMMs) flip a few neighbours at a rounding boundary of the similarities, which moves the map by up to
+    # ~3e-4 relative at the paper profile (measured, zsad-bench 2026-11-27). Every stage still meets the stage
+    # tolerance on identical inputs; only the end-to-end chain gets this documented allowance.
+    chain_tolerance = 1e-3
 
     def __init__(self, config: BagClipConfig, profile: str):
         super().__init__(config, profile)

@@ -135,6 +135,8 @@ class Method(nn.Module):
     """Base class. Subclasses set ``name``, build ``self.backbone`` and implement the abstract pieces."""
 
     name: str = ""
+    # export parity: the end-to-end chain's fp32 tolerance where it must exceed the per-stage one (0: the same)
+    chain_tolerance: float = 0.0
 
     def __init__(self, config, profile: str):
         super().__init__()
