@@ -67,9 +67,8 @@ def bench_model(model: str, profile: str, image_size: int | None, batches: list[
     from tqdm import tqdm
 
     from zsad.bench.flops import method_flops
-    from zsad.bench.runners import Skip, make_runner
+    from zsad.bench.runners import Skip, make_runner, stage_feed
     from zsad.bench.timing import percentiles, time_iterations
-    from zsad.bench.runners import stage_feed
     from zsad.export.parity import synthetic_images
     from zsad.methods import run_stages
 

@@ -14,8 +14,6 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from zsad import ZsadError
 from zsad.export import parity
 from zsad.export.onnx_export import export_stage, onnx_files
@@ -191,9 +189,8 @@ def _write_repository(repo: Path, method, stages, opts: RepoOptions, stage_files
     models: list[str] = []
     chain_in = chain_inputs(stages)
     text_inputs = method.text_inputs()
-    expected = {"images": stages[0].dtype("images")} if "images" in chain_in else {}
-    expected.update({ti.tensor: torch.int64 for ti in text_inputs})
-    if set(chain_in) != set(expected) or "images" not in chain_in:
+    expected = {"images"} | {ti.tensor for ti in text_inputs}
+    if set(chain_in) != expected:
         raise ZsadError(f"{method.name}: the stage chain takes {sorted(chain_in)}; a request supplies 'images' and "
                         f"the method's text inputs {sorted(expected)} only")
     final = stages[-1]
@@ -281,8 +278,8 @@ def _fit_support(method, support, shots: int, support_class: str | None, seed: i
     log(f"few-shot: memory bank from {len(paths)} normal images of {support_class or support} (baked into the graph)")
 
 
-def chain_inputs(stages) -> dict[str, tuple[tuple, "torch.dtype"]]:
-    """The tensors a stage chain takes from outside (no earlier stage produces them): name -> (shape, dtype)."""
+def chain_inputs(stages) -> dict[str, tuple]:
+    """The tensors a stage chain takes from outside (no earlier stage produces them): name -> (shape, torch dtype)."""
     produced, out = set(), {}
     for st in stages:
         for n, shape in st.inputs.items():

@@ -52,24 +52,21 @@ class AnomalyClient:
         if not self.client.is_model_ready(model):
             raise ZsadError(f"model '{model}' is not ready on {protocol}://{url} (loaded: "
                             f"{', '.join(self.models()) or 'none'})")
-        self.outputs = self._output_names(model)
-        self.text_fields = self._text_fields(model)  # e.g. ["class_name"] for Bayes-PFL ensembles
+        inputs, self.outputs = self._io_names(model)
+        # per-image text inputs besides the image (from Method.text_inputs()): ["class_name"] for Bayes-PFL
+        self.text_fields = [n for n in inputs if n != "image_bytes"]
 
     def models(self) -> list[str]:
         index = self.client.get_model_repository_index()
         entries = index if isinstance(index, list) else [{"name": m.name, "state": m.state} for m in index.models]
         return [m["name"] for m in entries if m.get("state") == "READY"]
 
-    def _output_names(self, model: str) -> list[str]:
+    def _io_names(self, model: str) -> tuple[list[str], list[str]]:
+        """(input names, output names) of a model, from one metadata request (HTTP dicts or gRPC messages)."""
         meta = self.client.get_model_metadata(model)
-        outs = meta["outputs"] if isinstance(meta, dict) else [{"name": o.name} for o in meta.outputs]
-        return [o["name"] for o in outs]
-
-    def _text_fields(self, model: str) -> list[str]:
-        """Per-image text inputs of the ensemble besides the image (exported from ``Method.text_inputs()``)."""
-        meta = self.client.get_model_metadata(model)
-        ins = meta["inputs"] if isinstance(meta, dict) else [{"name": i.name} for i in meta.inputs]
-        return [i["name"] for i in ins if i["name"] != "image_bytes"]
+        if isinstance(meta, dict):
+            return [t["name"] for t in meta["inputs"]], [t["name"] for t in meta["outputs"]]
+        return [t.name for t in meta.inputs], [t.name for t in meta.outputs]
 
     def _call(self, model: str, feeds: list[tuple[str, np.ndarray, str]]) -> dict[str, np.ndarray]:
         tc = self.tc

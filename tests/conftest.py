@@ -26,6 +26,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session")
+def synthetic(tmp_path_factory):
+    """The synthetic-defect data set, generated once per test session (tests only read it)."""
+    from zsad.data.synthetic import generate
+
+    return generate(tmp_path_factory.mktemp("synthetic"), progress=False)
+
+
 _METHOD_CACHE = {}
 
 

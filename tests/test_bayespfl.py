@@ -443,7 +443,7 @@ def test_evaluation_passes_each_samples_class_name(small, tmp_path, monkeypatch)
 
 
 # -- learning ---------------------------------------------------------------------------------------------------------
-def test_learning_on_synthetic_defects(tmp_path_factory):
+def test_learning_on_synthetic_defects(synthetic):
     """Tiny Bayes-PFL (random CLIP) must learn to localise held-out synthetic defects.
 
     Measured on this box (2026-11-27): held-out pixel AUROC 0.450 untrained -> 0.761 after the tiny recipe (3
@@ -451,11 +451,11 @@ def test_learning_on_synthetic_defects(tmp_path_factory):
     short). Asserted: a gain of at least 0.10 and at least 0.70 absolute.
     """
     from zsad.data import AnomalyDataset, load_samples
-    from zsad.data.synthetic import SYNTHETIC_TEST_CLASSES, SYNTHETIC_TRAIN_CLASSES, generate
+    from zsad.data.synthetic import SYNTHETIC_TEST_CLASSES, SYNTHETIC_TRAIN_CLASSES
     from zsad.evaluate import evaluate
     from zsad.train.loop import train
 
-    root = generate(tmp_path_factory.mktemp("synthetic"), progress=False)
+    root = synthetic
     torch.manual_seed(0)
     train_set = AnomalyDataset(load_samples(root, "test", classes=list(SYNTHETIC_TRAIN_CLASSES)), 224)
     held_out = load_samples(root, "test", classes=list(SYNTHETIC_TEST_CLASSES))

@@ -14,17 +14,12 @@ import zsad.methods as M
 from zsad import ZsadError
 from zsad.checkpoint import load_checkpoint, read_sidecar
 from zsad.data import AnomalyDataset, load_samples
-from zsad.data.synthetic import SYNTHETIC_TEST_CLASSES, SYNTHETIC_TRAIN_CLASSES, generate
+from zsad.data.synthetic import SYNTHETIC_TEST_CLASSES, SYNTHETIC_TRAIN_CLASSES
 from zsad.evaluate import evaluate
 from zsad.train.loop import train
 from zsad.train.run import main as train_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    return generate(tmp_path_factory.mktemp("synthetic"), progress=False)
 
 
 def _small_set(root, n=12):

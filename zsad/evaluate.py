@@ -48,10 +48,11 @@ def predict(method, dataset, batch_size: int, device: str, desc: str, progress: 
 
     scores, maps, masks, labels = [], [], [], []
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    takes_class_names = bool(method.text_inputs())  # class-aware prompts (Bayes-PFL): each sample's class
     with torch.inference_mode():
         for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
             kwargs = {}
-            if getattr(method, "needs_class_name", False):  # class-aware prompts (Bayes-PFL): the sample's class
+            if takes_class_names:
                 kwargs["class_names"] = [c.replace("_", " ") for c in batch["cls"]]
             out = method(batch["image"].to(device), **kwargs)
             scores.append(out.score.float().cpu().numpy())

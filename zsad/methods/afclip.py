@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from zsad import ZsadError
-from zsad.backbone import arch_config, load_clip
-from zsad.methods.base import BackboneConfig, Method, Stage, TrainConfig
+from zsad.backbone import arch_config
+from zsad.methods.base import BackboneConfig, EncoderStage, Method, Stage, TrainConfig
 from zsad.modules.adaptor import AttentionAdaptor
 from zsad.modules.aggregation import BORDERS, MultiScaleAggregation
 from zsad.modules.losses import binary_focal_loss, patch_alignment_loss
@@ -119,13 +119,8 @@ class AfClip(StaticTextCache, Method):
 
     def __init__(self, config: AfClipConfig, profile: str):
         super().__init__(config, profile)
-        b = config.backbone
-        self.backbone = load_clip(b.arch, pretrained=None if b.weights else b.pretrained, weights=b.weights,
-                                  image_size=b.image_size, quick_gelu=b.quick_gelu,
-                                  pos_interpolation=b.pos_interpolation)
+        self.backbone = self.load_backbone()
         info = self.backbone.info
-        if max(config.taps) > info.layers or min(config.taps) < 1:
-            raise ZsadError(f"taps {config.taps} outside the {info.layers} blocks of {info.arch}")
         p = config.prompt
         self.prompts = ObjectAgnosticPrompts(self.backbone, p.n_ctx, 0, 1, p.normal_template, p.abnormal_template,
                                              shared_context=p.shared_context, placement=p.placement,
@@ -228,7 +223,7 @@ class AfClip(StaticTextCache, Method):
         tokens = {"tokens": ("B", n_taps, t, d)}
         zero_shot = {"image_prob": ("B",), "patch_map": ("B", g, g)}
         stages = [
-            Stage("encoder", _Encoder(self), {"images": ("B", 3, s, s)}, tokens),
+            Stage("encoder", EncoderStage(self), {"images": ("B", 3, s, s)}, tokens),
             Stage("head", _Head(self, text), tokens, zero_shot),
         ]
         final = zero_shot
@@ -264,15 +259,6 @@ class AfClip(StaticTextCache, Method):
         total = cls + lc.seg_weight * (focal + l1) + lc.pal_weight * pal
         return {"total": total, "cls_focal": cls.detach(), "seg_focal": focal.detach(), "seg_l1": l1.detach(),
                 "pal": pal.detach()}
-
-
-class _Encoder(nn.Module):
-    def __init__(self, method: AfClip):
-        super().__init__()
-        self.method = method
-
-    def forward(self, images):
-        return self.method.encode(images)
 
 
 class _Head(nn.Module):

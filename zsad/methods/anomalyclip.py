@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from zsad import ZsadError
-from zsad.backbone import ATTENTION_MODES, load_clip
-from zsad.methods.base import (BackboneConfig, LossConfig, Method, PromptConfig, Stage, TrainConfig)
-from zsad.modules.losses import dice_loss, focal_loss
+from zsad.backbone import ATTENTION_MODES
+from zsad.methods.base import (BackboneConfig, EncoderStage, LossConfig, Method, PromptConfig, Stage,
+                               TrainConfig)
+from zsad.modules.losses import layered_focal_dice
 from zsad.modules.prompts import ObjectAgnosticPrompts
 from zsad.postprocess import Postprocess, upsample
 
@@ -53,13 +54,8 @@ class AnomalyClip(Method):
 
     def __init__(self, config: AnomalyClipConfig, profile: str):
         super().__init__(config, profile)
-        b = config.backbone
-        self.backbone = load_clip(b.arch, pretrained=None if b.weights else b.pretrained, weights=b.weights,
-                                  image_size=b.image_size, quick_gelu=b.quick_gelu,
-                                  pos_interpolation=b.pos_interpolation)
+        self.backbone = self.load_backbone()
         info = self.backbone.info
-        if max(config.taps) > info.layers or min(config.taps) < 1:
-            raise ZsadError(f"taps {config.taps} outside the {info.layers} blocks of {info.arch}")
         p = config.prompt
         self.prompts = ObjectAgnosticPrompts(self.backbone, p.n_ctx, p.deep_length, p.deep_depth,
                                              p.normal_template, p.abnormal_template)
@@ -113,7 +109,7 @@ class AnomalyClip(Method):
         with torch.no_grad():
             text = self.text_embeddings().detach().clone()
         return [
-            Stage("encoder", _Encoder(self), {"images": ("B", 3, s, s)},
+            Stage("encoder", EncoderStage(self), {"images": ("B", 3, s, s)},
                   {"global_embedding": ("B", e), "taps": ("B", n_taps, n, d)}),
             Stage("head", _Head(self, text), {"global_embedding": ("B", e), "taps": ("B", n_taps, n, d)},
                   {"image_prob": ("B",), "patch_map": ("B", g, g)}),
@@ -133,19 +129,9 @@ class AnomalyClip(Method):
         probs = self.layer_probs(self.patch_features(taps), text)  # [B,L,2,g,g]
         b, n_taps = probs.shape[:2]
         probs = upsample(probs.flatten(0, 2), self.image_size, c.align_corners).reshape(b, n_taps, 2, *gt.shape[-2:])
-        focal = sum(focal_loss(probs[:, i], gt, gamma=c.loss.focal_gamma) for i in range(n_taps))
-        dice = sum(dice_loss(probs[:, i, 1], gt) + dice_loss(probs[:, i, 0], 1 - gt) for i in range(n_taps))
+        focal, dice = layered_focal_dice(probs, gt, c.loss.focal_gamma)
         total = image_loss + c.loss.seg_weight * (focal + dice)
         return {"total": total, "image_ce": image_loss.detach(), "focal": focal.detach(), "dice": dice.detach()}
-
-
-class _Encoder(nn.Module):
-    def __init__(self, method: AnomalyClip):
-        super().__init__()
-        self.method = method
-
-    def forward(self, images):
-        return self.method.encode(images)
 
 
 class _Head(nn.Module):

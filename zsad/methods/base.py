@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from zsad import ZsadError
+from zsad.backbone import load_clip
 
 
 @dataclass
@@ -90,6 +91,17 @@ def run_stages(stages: Sequence[Stage], **tensors: torch.Tensor) -> dict[str, to
     return env
 
 
+class EncoderStage(nn.Module):
+    """A method's ``encode(images)`` as a stage module (every method's first stage)."""
+
+    def __init__(self, method: "Method"):
+        super().__init__()
+        self.method = method
+
+    def forward(self, images):
+        return self.method.encode(images)
+
+
 # -- config parts shared by the methods ------------------------------------------------------------------------
 @dataclass
 class BackboneConfig:
@@ -158,8 +170,6 @@ class Method(nn.Module):
     def image_size(self) -> int:
         return self.backbone.info.image_size
 
-    needs_class_name: bool = False  # True where the prompts use the object's class name (Bayes-PFL)
-
     def text_inputs(self) -> list[TextInput]:
         """Per-image text fields of a request that the stage chain takes as token tensors (default: none)."""
         return []
@@ -177,6 +187,16 @@ class Method(nn.Module):
                 raise ZsadError(f"got {len(texts)} class names for {n} images")
             feed[ti.tensor] = ti.encode(texts).to(images.device)
         return feed
+
+    def load_backbone(self):
+        """The frozen CLIP of ``config.backbone``, with ``config.taps`` checked against its depth."""
+        b, taps = self.config.backbone, self.config.taps
+        backbone = load_clip(b.arch, pretrained=None if b.weights else b.pretrained, weights=b.weights,
+                             image_size=b.image_size, quick_gelu=b.quick_gelu, pos_interpolation=b.pos_interpolation)
+        info = backbone.info
+        if max(taps) > info.layers or min(taps) < 1:
+            raise ZsadError(f"taps {taps} outside the {info.layers} blocks of {info.arch}")
+        return backbone
 
     def forward(self, images: torch.Tensor, class_names=None) -> AnomalyOutput:
         env = run_stages(self.stages(), **self.stage_inputs(images, class_names))

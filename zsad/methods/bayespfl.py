@@ -56,8 +56,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from zsad import ZsadError
-from zsad.backbone import load_clip, tokenize
-from zsad.methods.base import BackboneConfig, Method, Stage, TextInput, TrainConfig
+from zsad.backbone import tokenize
+from zsad.methods.base import BackboneConfig, EncoderStage, Method, Stage, TextInput, TrainConfig
 from zsad.modules.augment import AugmentConfig, BatchAugment
 from zsad.modules.flows import ConditionalPlanarFlow, StatePlanarFlows
 from zsad.modules.losses import dice_loss, focal_loss
@@ -261,17 +261,11 @@ class BayesPflModules(nn.Module):
 class BayesPfl(Method):
     name = "bayespfl"
     config_class = BayesPflConfig
-    needs_class_name = True
 
     def __init__(self, config: BayesPflConfig, profile: str):
         super().__init__(config, profile)
-        b = config.backbone
-        self.backbone = load_clip(b.arch, pretrained=None if b.weights else b.pretrained, weights=b.weights,
-                                  image_size=b.image_size, quick_gelu=b.quick_gelu,
-                                  pos_interpolation=b.pos_interpolation)
+        self.backbone = self.load_backbone()
         info = self.backbone.info
-        if max(config.taps) > info.layers or min(config.taps) < 1:
-            raise ZsadError(f"taps {config.taps} outside the {info.layers} blocks of {info.arch}")
         clip = self.backbone.clip
         self.text_width = clip.token_embedding.embedding_dim
         context = clip.positional_embedding.shape[0]
@@ -389,7 +383,7 @@ class BayesPfl(Method):
         phi_n, phi_a = self.state_samples()
         ints = {"class_tokens": torch.int64, "eot_index": torch.int64}
         return [
-            Stage("encoder", _Encoder(self), {"images": ("B", 3, s, s)},
+            Stage("encoder", EncoderStage(self), {"images": ("B", 3, s, s)},
                   {"global_embedding": ("B", e), "taps": ("B", n_taps, n, d)}),
             Stage("prompt_head", _PromptHead(self, phi_n, phi_a),
                   {"global_embedding": ("B", e), "class_tokens": ("B", lc)},
@@ -499,15 +493,6 @@ class PairMapPostprocess(nn.Module):
     def extra_repr(self) -> str:
         return (f"image_size={self.image_size}, sigma={self.sigma}, align_corners={self.align_corners}, "
                 f"topk={self.topk}, text_weight={self.text_weight}")
-
-
-class _Encoder(nn.Module):
-    def __init__(self, method: BayesPfl):
-        super().__init__()
-        self.method = method
-
-    def forward(self, images):
-        return self.method.encode(images)
 
 
 class _PromptHead(nn.Module):

@@ -37,9 +37,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from zsad import ZsadError
-from zsad.backbone import arch_config, load_clip
-from zsad.methods.base import BackboneConfig, Method, PromptConfig, Stage, TrainConfig
-from zsad.modules.losses import dice_loss, focal_loss
+from zsad.backbone import arch_config
+from zsad.methods.base import BackboneConfig, EncoderStage, Method, PromptConfig, Stage, TrainConfig
+from zsad.modules.losses import layered_focal_dice
 from zsad.modules.memory_bank import MemoryBank
 from zsad.modules.prompts import ObjectAgnosticPrompts, StaticTextCache
 from zsad.modules.window_attention import FrozenWindowAdapter
@@ -112,13 +112,8 @@ class Sowa(StaticTextCache, Method):
 
     def __init__(self, config: SowaConfig, profile: str):
         super().__init__(config, profile)
-        b = config.backbone
-        self.backbone = load_clip(b.arch, pretrained=None if b.weights else b.pretrained, weights=b.weights,
-                                  image_size=b.image_size, quick_gelu=b.quick_gelu,
-                                  pos_interpolation=b.pos_interpolation)
+        self.backbone = self.load_backbone()
         info = self.backbone.info
-        if max(config.taps) > info.layers or min(config.taps) < 1:
-            raise ZsadError(f"taps {config.taps} outside the {info.layers} blocks of {info.arch}")
         p = config.prompt
         self.prompts = ObjectAgnosticPrompts(self.backbone, p.n_ctx, p.deep_length, p.deep_depth,
                                              p.normal_template, p.abnormal_template)
@@ -256,7 +251,7 @@ class Sowa(StaticTextCache, Method):
         head_out = {"image_prob": ("B",), "layer_logits": ("B", n_taps, g, g)}
         final = {"score": ("B",), "anomaly_map": ("B", s, s)}
         stages = [
-            Stage("encoder", _Encoder(self), {"images": ("B", 3, s, s)}, enc),
+            Stage("encoder", EncoderStage(self), {"images": ("B", 3, s, s)}, enc),
             Stage("head", _Head(self, text, fold_position_bias), enc, head_out),
         ]
         if self.memory is None:
@@ -295,19 +290,9 @@ class Sowa(StaticTextCache, Method):
         b, n_layers, g = cos.shape[0], cos.shape[1], self.backbone.info.grid
         up = upsample(cos.reshape(b * n_layers * 2, g, g), self.image_size, c.align_corners)
         probs = up.reshape(b, n_layers, 2, *gt.shape[-2:]).softmax(dim=2)
-        focal = sum(focal_loss(probs[:, i], gt, gamma=c.loss.focal_gamma) for i in range(n_layers))
-        dice = sum(dice_loss(probs[:, i, 1], gt) + dice_loss(probs[:, i, 0], 1 - gt) for i in range(n_layers))
+        focal, dice = layered_focal_dice(probs, gt, c.loss.focal_gamma)
         total = image_loss + c.loss.seg_weight * (focal + dice)
         return {"total": total, "image_ce": image_loss.detach(), "focal": focal.detach(), "dice": dice.detach()}
-
-
-class _Encoder(nn.Module):
-    def __init__(self, method: Sowa):
-        super().__init__()
-        self.method = method
-
-    def forward(self, images):
-        return self.method.encode(images)
 
 
 class _Head(nn.Module):

@@ -6,6 +6,7 @@
   background mean.
 - ``dice_loss``: 1 - mean over the batch of (2|X∩Y| + 1) / (|X| + |Y| + 1) (smooth = 1); ``pooled=True`` (Bayes-PFL,
   smooth 1e-5) takes one dice over the whole batch.
+- ``layered_focal_dice``: focal + both dice terms summed over the tapped layers (AnomalyCLIP, SOWA).
 - ``binary_focal_loss``: the same focal loss for a single anomaly probability of any shape (AF-CLIP's image
   and map terms, gamma 4): ``focal_loss`` on the stacked (1 - p, p).
 - ``patch_alignment_loss``: AF-CLIP's L_pal on L2-normalised patch features: max(0, mean cos over
@@ -46,6 +47,17 @@ def dice_loss(prob: torch.Tensor, target: torch.Tensor, smooth: float = 1.0, poo
         p, t = p.reshape(1, -1), t.reshape(1, -1)
     dice = (2 * (p * t).sum(1) + smooth) / (p.sum(1) + t.sum(1) + smooth)
     return 1.0 - dice.mean()
+
+
+def layered_focal_dice(probs: torch.Tensor, target: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """AnomalyCLIP's segmentation terms over layers: ``probs`` [B,L,2,H,W] (normal, abnormal), ``target`` [B,H,W].
+
+    Returns (sum over layers of ``focal_loss``, sum over layers of dice(abnormal, target) + dice(normal, 1 - target)).
+    """
+    layers = range(probs.shape[1])
+    focal = sum(focal_loss(probs[:, i], target, gamma=gamma) for i in layers)
+    dice = sum(dice_loss(probs[:, i, 1], target) + dice_loss(probs[:, i, 0], 1 - target) for i in layers)
+    return focal, dice
 
 
 def binary_focal_loss(prob: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, eps: float = 1e-5) -> torch.Tensor:
