@@ -31,3 +31,21 @@ lint: $(STAMP)
 
 clean:
 	rm -rf demo_out .pytest_cache
+
+# GPU check (bench/gpu_check.py): `make gpu-check OUT=dir [DEVICE=cuda|cpu] [WHEELS=dir] [STEPS=a,b]`. Runs with the
+# venv's Python where there is one (CI, a dev box), else the machine's python3 (a GPU box with its own torch).
+OUT ?= gpu_check_out
+DEVICE ?= cuda
+WHEELS ?=
+STEPS ?=
+PY ?= 3.12
+RUN_PYTHON = $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
+
+.PHONY: gpu-check wheelhouse
+gpu-check:
+	$(RUN_PYTHON) bench/gpu_check.py --out $(OUT) --device $(DEVICE) $(if $(WHEELS),--wheels $(WHEELS)) \
+		$(if $(STEPS),--steps $(STEPS))
+
+# needs PyPI: wheels for CPython $(PY) on x86-64 Linux, split in OUT/core, OUT/client, OUT/server (see gpu_check.py)
+wheelhouse:
+	$(RUN_PYTHON) bench/gpu_check.py --wheelhouse $(OUT) --python-version $(PY)

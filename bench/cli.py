@@ -1,7 +1,11 @@
 """zsad-bench: latency, FPS and VRAM of every model and backend, beside the papers' own tables.
 
     zsad-bench --model bagclip,anomalyclip --profile paper --image-size 518 --batch 1,8,32 \\
-               --backend torch-fp32,torch-fp16,torch-bf16,torch-compile,cuda-graphs,ort,served --device cuda
+               --backend torch-fp32,torch-fp16,torch-bf16,torch-compile,cuda-graphs,cuda-graphs-fp16,ort,served \\
+               --device cuda
+
+cuda-graphs-fp16 / -bf16 are the fast path: the whole chain under autocast (fp32 islands where autocast keeps
+them: LayerNorm, softmax, reductions), captured as one CUDA graph, with the Triton kernels on the hot path.
 
 For each (model, backend, batch): warm-up, timed iterations (CUDA events on a GPU, synchronised perf_counter on
 the CPU), p50/p90/p99 per batch and per image, images/s, peak VRAM, analytic GFLOPs and achieved TFLOP/s, and
@@ -63,7 +67,8 @@ def build(model: str, profile: str, image_size: int | None, checkpoint: str | No
 
 def bench_model(model: str, profile: str, image_size: int | None, batches: list[int], backends: list[str],
                 device: str, iters: int, warmup: int, checkpoint: str | None, served_url: str | None,
-                concurrency: list[int], served_seconds: float, progress: bool, log=click.echo):
+                concurrency: list[int], served_seconds: float, progress: bool, log=click.echo,
+                served_backend: str = "python-ort"):
     from tqdm import tqdm
 
     from zsad.bench.flops import method_flops
@@ -122,14 +127,15 @@ def bench_model(model: str, profile: str, image_size: int | None, batches: list[
             bar.update(1)
     if "served" in backends:
         rows += _served_rows(base, method, checkpoint, overrides, served_url, concurrency, served_seconds,
-                             ref_score, ref_map, log)
+                             ref_score, ref_map, log, served_backend, device)
         bar.update(1)
     bar.close()
     _speedups(rows)
     return method, flops, rows
 
 
-def _served_rows(base, method, checkpoint, overrides, served_url, concurrency, seconds, ref_score, ref_map, log):
+def _served_rows(base, method, checkpoint, overrides, served_url, concurrency, seconds, ref_score, ref_map, log,
+                 served_backend="python-ort", device="cpu"):
     import io
 
     from PIL import Image
@@ -172,10 +178,11 @@ def _served_rows(base, method, checkpoint, overrides, served_url, concurrency, s
         log(f"served mode against grpc://{host}, ensemble '{method.name}'")
         sweep(host, [(method.name, None)])
         return rows
-    log("served mode: exporting (python-ort) with and without dynamic batching and starting tritonserver ...")
+    log(f"served mode: exporting ({served_backend}) with and without dynamic batching and starting tritonserver ...")
     try:
         # max batch: at least the 4 parity images of one request, and room for the batcher at high concurrency
-        with export_and_serve(method.name, method.profile, checkpoint, overrides, max(8, *concurrency)) as server:
+        with export_and_serve(method.name, method.profile, checkpoint, overrides, max(8, *concurrency),
+                              backend=served_backend, device="gpu" if device.startswith("cuda") else "cpu") as server:
             sweep(server.grpc_url, [(method.name, True), (f"{method.name}_nodb", False)])
     except ZsadError as err:
         rows.append({**base, "backend": "served", "precision": "fp32", "batch": 1, "status": "skipped",
@@ -206,9 +213,10 @@ def _speedups(rows: list[dict]) -> None:
 @click.option("--profile", default="paper", help="paper (ViT-L-14-336, random weights) or tiny.")
 @click.option("--image-size", type=int, default=None, help="Input size [default: the profile's, 518 for paper].")
 @click.option("--batch", default="1,8,32", help="Comma-separated batch sizes.")
-@click.option("--backend", default="torch-fp32,torch-fp16,torch-bf16,torch-compile,cuda-graphs,ort,served",
-              help="Comma-separated: torch-fp32, torch-fp16, torch-bf16, torch-compile, cuda-graphs, ort, tensorrt, "
-                   "served.")
+@click.option("--backend", default="torch-fp32,torch-fp16,torch-bf16,torch-compile,cuda-graphs,cuda-graphs-fp16,"
+              "cuda-graphs-bf16,ort,served",
+              help="Comma-separated: torch-fp32, torch-fp16, torch-bf16, torch-compile, cuda-graphs, cuda-graphs-fp16, "
+                   "cuda-graphs-bf16, ort, tensorrt, served.")
 @click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu.")
 @click.option("--iters", type=int, default=20, help="Timed iterations per configuration.")
 @click.option("--warmup", type=int, default=3, help="Untimed warm-up iterations.")
@@ -218,11 +226,14 @@ def _speedups(rows: list[dict]) -> None:
               "with and without dynamic batching).")
 @click.option("--concurrency", default="1,2,4,8,16,32,64", help="Served mode: in-flight requests to sweep.")
 @click.option("--served-seconds", type=float, default=10.0, help="Served mode: seconds per concurrency level.")
+@click.option("--served-backend", type=click.Choice(["python-ort", "python-torch"]), default="python-ort",
+              help="Served mode without --served-url: the stage backend exported (python-torch with --device cuda: "
+                   "the torch chain on the GPU, KIND_GPU instances).")
 @click.option("--out", type=click.Path(), default="bench/results", help="Where the result files go.")
 @click.option("--no-progress", is_flag=True)
 @cli_entry
 def main(model, profile, image_size, batch, backend, device, iters, warmup, checkpoint, served_url, concurrency,
-         served_seconds, out, no_progress):
+         served_seconds, served_backend, out, no_progress):
     """Benchmark latency / FPS / VRAM of zsad methods across backends, beside the papers' tables."""
     from zsad.bench.report import environment, write_results
     from zsad.bench.runners import BACKENDS
@@ -243,7 +254,8 @@ def main(model, profile, image_size, batch, backend, device, iters, warmup, chec
     env = environment(device)
     for m in models:
         method, flops, rows = bench_model(m, profile, image_size, _ints(batch), backends, device, iters, warmup,
-                                          checkpoint, served_url, _ints(concurrency), served_seconds, not no_progress)
+                                          checkpoint, served_url, _ints(concurrency), served_seconds, not no_progress,
+                                          served_backend=served_backend)
         # the papers' per-method latency rows (variants in brackets, e.g. Bayes-PFL's R sweep, are left out)
         paper = [p for p in efficiency_rows() if p["quantity"] in ("latency_ms", "fps", "it_per_s")
                  and p["method"] in {"AnomalyCLIP", "BAG-CLIP", "AF-CLIP", "Bayes-PFL", "SOWA"}]

@@ -22,11 +22,9 @@ def environment(device: str) -> dict:
     env = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
            "cuda": torch.version.cuda, "python": platform.python_version(), "platform": platform.platform(),
            "device": device, "device_name": _device_name(device), "driver": None}
-    for mod in ("onnxruntime", "triton", "tritonclient", "open_clip"):
-        try:
-            env[mod] = __import__(mod).__version__
-        except Exception:  # not installed, or no __version__
-            env[mod] = None
+    for mod, dists in (("onnxruntime", ("onnxruntime", "onnxruntime-gpu")), ("triton", ("triton",)),
+                       ("tritonclient", ("tritonclient",)), ("open_clip", ("open_clip_torch",))):
+        env[mod] = next((v for v in map(_dist_version, dists) if v), None)
     if device.startswith("cuda"):
         try:
             import pynvml
@@ -36,6 +34,16 @@ def environment(device: str) -> dict:
         except Exception:
             env["driver"] = None
     return env
+
+
+def _dist_version(dist: str) -> str | None:
+    """An installed distribution's version, without importing it (importing open_clip needs torchvision fixed up)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def _device_name(device: str) -> str:

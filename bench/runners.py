@@ -15,9 +15,15 @@ from typing import Callable
 import numpy as np
 import torch
 
-BACKENDS = ("torch-fp32", "torch-fp16", "torch-bf16", "torch-compile", "cuda-graphs", "ort", "tensorrt", "served")
+BACKENDS = ("torch-fp32", "torch-fp16", "torch-bf16", "torch-compile", "cuda-graphs", "cuda-graphs-fp16",
+            "cuda-graphs-bf16", "ort", "tensorrt", "served")
 GPU_ONLY = {"torch-fp16": "fp16 matmuls are a GPU feature (CPU fp16 is emulated and slow, not a deployment target)",
-            "cuda-graphs": "CUDA graphs need CUDA"}
+            "cuda-graphs": "CUDA graphs need CUDA", "cuda-graphs-fp16": "CUDA graphs need CUDA",
+            "cuda-graphs-bf16": "CUDA graphs need CUDA"}
+# autocast dtype per backend: matmuls/convs in half precision, LayerNorm / softmax / reductions kept in fp32 by
+# autocast's own op lists (CLIP's residual stream overflows fp16 in LayerNorm otherwise)
+AUTOCAST = {"torch-fp16": torch.float16, "torch-bf16": torch.bfloat16, "cuda-graphs-fp16": torch.float16,
+            "cuda-graphs-bf16": torch.bfloat16}
 
 
 class Skip(Exception):
@@ -60,8 +66,11 @@ def _numpy(out) -> tuple[np.ndarray, np.ndarray]:
 def _torch_runner(method, device: str, backend: str) -> Runner:
     method = method.to(device).eval()
     chain = _chain(method)
-    dtype = {"torch-fp16": torch.float16, "torch-bf16": torch.bfloat16}.get(backend)
+    dtype = AUTOCAST.get(backend)
     dev_type = "cuda" if device.startswith("cuda") else "cpu"
+    precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
+    if backend.startswith("cuda-graphs"):
+        return _cuda_graph_runner(method, device, backend, precision, dtype)
 
     # inference_mode tensors cannot be traced by torch.compile ("Cannot set version_counter"): no_grad there
     grad_off = torch.no_grad if backend == "torch-compile" else torch.inference_mode
@@ -75,8 +84,6 @@ def _torch_runner(method, device: str, backend: str) -> Runner:
     if backend == "torch-compile":
         fn = torch.compile(call, dynamic=False)
         note = "torch.compile default mode (inductor)"
-    if backend == "cuda-graphs":
-        return _cuda_graph_runner(call, device)
     try:
         fn(torch.zeros(1, 3, method.image_size, method.image_size, device=device))
         if dev_type == "cuda":
@@ -88,41 +95,128 @@ def _torch_runner(method, device: str, backend: str) -> Runner:
         xd = x.to(device)
         return lambda: fn(xd)
 
-    precision = {"torch-fp16": "fp16", "torch-bf16": "bf16"}.get(backend, "fp32")
     return Runner(backend, precision, lambda x: _numpy(fn(x.to(device))), make_step, note)
 
 
-def _cuda_graph_runner(call, device: str) -> Runner:
-    graphs: dict = {}
+class GraphedChain:
+    """A method's whole stage chain captured as one CUDA graph per input shape, replayed on static buffers.
 
-    def graph_for(x):
-        key = tuple(x.shape)
-        if key not in graphs:
-            static_in = x.to(device).clone()
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(3):  # warm up kernels / allocator outside the capture
-                    call(static_in)
-            torch.cuda.current_stream().wait_stream(stream)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                static_out = call(static_in)
-            graphs[key] = (g, static_in, static_out)
-        return graphs[key]
+    The chain's inputs (images, and Bayes-PFL's class-name token ids, tokenised on the host before capture) are
+    copied into static tensors; one replay runs every kernel of the chain, the Triton ones included (``dispatch``
+    picks them for CUDA tensors at inference), with no Python in between. Capture follows the PyTorch recipe:
+    warm-up iterations on a side stream first (Triton JIT compilation, cuBLAS handles and the allocator's pool all
+    happen there, outside the capture), and autocast with ``cache_enabled=False`` (its weight-cast cache would
+    otherwise hold tensors freed after capture). Nothing in the chain may synchronise with the host
+    (``capture_hazards`` checks that on the CPU).
+    """
 
-    def predict(x):
-        g, static_in, static_out = graph_for(x)
-        static_in.copy_(x.to(device))
-        g.replay()
-        return _numpy(static_out)
+    def __init__(self, method, device: str, dtype: torch.dtype | None = None, warmup: int = 3):
+        from zsad.methods import run_stages
+
+        self.method, self.device, self.dtype, self.warmup = method, device, dtype, warmup
+        self.stages = method.stages()
+        self._run_stages = run_stages
+        self.graphs: dict = {}
+
+    def _forward(self, feed: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.inference_mode(), torch.autocast("cuda", dtype=self.dtype or torch.float32,
+                                                    enabled=self.dtype is not None, cache_enabled=False):
+            env = self._run_stages(self.stages, **feed)
+            return env["score"], env["anomaly_map"]
+
+    def _capture(self, feed: dict):
+        static = {k: v.to(self.device).clone() for k, v in feed.items()}
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                self._forward(static)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self._forward(static)
+        return graph, static, out
+
+    def load(self, images: torch.Tensor):
+        """Copy a batch into the static inputs of its shape's graph (captured on first use); returns the graph and
+        its static outputs (score [B], anomaly_map [B,S,S]), valid after ``graph.replay()``."""
+        feed = stage_feed(self.method, images.cpu())
+        key = tuple((k, tuple(v.shape)) for k, v in sorted(feed.items()))
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(feed)
+        graph, static, out = self.graphs[key]
+        for k, v in feed.items():
+            static[k].copy_(v.to(self.device))
+        return graph, out
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        graph, out = self.load(images)
+        graph.replay()
+        return out
+
+
+def _cuda_graph_runner(method, device: str, backend: str, precision: str, dtype) -> Runner:
+    graphed = GraphedChain(method, device, dtype)
+    try:
+        graphed(torch.zeros(1, 3, method.image_size, method.image_size))
+        torch.cuda.synchronize()
+    except Exception as err:  # a capture error names the op that synchronised or allocated outside the pool
+        raise Skip(f"{backend} capture failed on {device}: {type(err).__name__}: "
+                   f"{str(err).splitlines()[0][:200]}") from err
 
     def make_step(x):
-        g, static_in, _ = graph_for(x)
-        static_in.copy_(x.to(device))
-        return g.replay
+        graph, _ = graphed.load(x)
+        return graph.replay
 
-    return Runner("cuda-graphs", "fp32", predict, make_step, "torch.cuda.CUDAGraph per batch size, fp32")
+    return Runner(backend, precision, lambda x: _numpy(graphed(x)), make_step,
+                  f"whole chain as one torch.cuda.CUDAGraph per batch size, {precision}"
+                  + (" autocast" if dtype is not None else ""))
+
+
+# ops that make the host wait for the device (a value read back, an output whose size depends on the data):
+# each breaks CUDA-graph capture and stalls the pipeline even when not captured
+_READ = "a tensor value read on the host (.item(), bool/int/float(tensor), `if tensor:`)"
+_MASK = "nonzero / argwhere / boolean-mask indexing (data-dependent output size)"
+SYNC_OPS = {"_local_scalar_dense": _READ, "item": _READ, "is_nonzero": _READ, "nonzero": _MASK,
+            "masked_select": "masked_select (data-dependent output size)",
+            "_unique2": "unique (data-dependent output size)", "unique_dim": "unique (data-dependent output size)",
+            "unique_consecutive": "unique_consecutive (data-dependent output size)",
+            "lift_fresh": "torch.tensor(...) from host data inside the chain (a host-to-device copy on a GPU)"}
+
+
+def capture_hazards(method, images: torch.Tensor) -> list[str]:
+    """What in ``method``'s stage chain would break CUDA-graph capture, found on the CPU: ops that synchronise
+    with the host (``SYNC_OPS``, seen by a dispatch mode), and tensors created without an explicit device (run
+    with the default device set to ``meta``: such a tensor is meta, and mixing it with the real ones fails; on a GPU
+    it would be a CPU tensor copied to the device on every call). Empty list: capturable as far as the CPU can tell.
+    The chain's inputs are made outside, as the graph runner does."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from zsad.methods import run_stages
+
+    found: list[str] = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            op = func._schema.name.split("::")[-1]
+            why = SYNC_OPS.get(op)
+            if op.startswith("index") and len(args) > 1 and isinstance(args[1], (list, tuple)) and any(
+                    isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]):
+                why = _MASK  # x[mask] / x[mask] = v: a nonzero inside
+            if why and why not in found:
+                found.append(why)
+            return func(*args, **(kwargs or {}))
+
+    feed = stage_feed(method, images)
+    stages = method.eval().stages()
+    with torch.inference_mode(), Watch():
+        run_stages(stages, **feed)
+    try:
+        with torch.inference_mode(), torch.device("meta"):
+            run_stages(stages, **feed)
+    except Exception as err:
+        found.append(f"a tensor made without an explicit device: {type(err).__name__}: {str(err).splitlines()[0]}")
+    return found
 
 
 def _ort_runner(method, device: str, workdir: Path, max_batch: int) -> Runner:
@@ -168,6 +262,6 @@ def make_runner(backend: str, method, device: str, max_batch: int, workdir: Path
         raise Skip("time TensorRT through the served mode (zsad-export --backend tensorrt + a GPU tritonserver)")
     if backend == "ort":
         return _ort_runner(method, device, workdir or Path(tempfile.mkdtemp(prefix="zsad-bench-")), max_batch)
-    if backend.startswith("torch-") or backend == "cuda-graphs":
+    if backend.startswith(("torch-", "cuda-graphs")):
         return _torch_runner(method, device, backend)
     raise Skip(f"unknown backend '{backend}' (known: {', '.join(BACKENDS)})")

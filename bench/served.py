@@ -86,8 +86,9 @@ def served_predictions(url: str, model: str, images: list[bytes], texts: dict[st
 
 @contextmanager
 def export_and_serve(method_name: str, profile: str, checkpoint: str | None, overrides: dict | None,
-                     max_batch: int, log=lambda *a: None):
-    """Yield a ready TritonServer holding NAME (dynamic batching) and NAME_nodb (without)."""
+                     max_batch: int, log=lambda *a: None, backend: str = "python-ort", device: str = "cpu"):
+    """Yield a ready TritonServer holding NAME (dynamic batching) and NAME_nodb (without), exported with ``backend``
+    for ``device`` (cpu or gpu)."""
     from zsad.export.exporter import export_model
     from zsad.serve.server import TritonServer
 
@@ -95,7 +96,7 @@ def export_and_serve(method_name: str, profile: str, checkpoint: str | None, ove
         repo = Path(tmp)
         for name, dynamic in ((method_name, True), (f"{method_name}_nodb", False)):
             export_model(model=None if checkpoint else method_name, checkpoint=checkpoint, profile=profile,
-                         backend="python-ort", device="cpu", out=repo, name=name, max_batch=max_batch,
+                         backend=backend, device=device, out=repo, name=name, max_batch=max_batch,
                          parity_images=2, dynamic_batching=dynamic, overrides=overrides, log=log)
         with TritonServer(repo) as server:
             yield server

@@ -5,6 +5,11 @@ language (``tl`` is a module global that is ``None`` until first use) and :func:
 wraps them with ``triton.jit`` the first time a Triton path runs. This keeps ``import zsad`` light, lets a missing
 triton mean "reference path" instead of ImportError, and lets tests set ``TRITON_INTERPRET=1`` before the first
 kernel is built (``triton.jit`` reads that variable when it wraps a function).
+
+The kernels are built for the ``TRITON_INTERPRET`` value current at the call: when it changes, the next call
+re-wraps the original functions. So one process can run the interpreter tests (tests/test_kernels.py sets the
+variable for its whole pytest process) and, with the variable removed, compile the same kernels for a real GPU
+(tests/test_kernels_gpu.py, tests/test_chain_gpu.py): one ``pytest -m gpu`` run does both.
 """
 from __future__ import annotations
 
@@ -32,23 +37,33 @@ def triton_importable() -> bool:
     return True
 
 
+def interpret_mode() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``), read now, as triton.jit does."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip() == "1"
+
+
 def lazy_jit(module_globals: dict, names: tuple[str, ...]) -> None:
-    """Bind ``tl``/``triton`` in a kernel module and replace its kernel functions ``names`` by jitted ones (once).
+    """Bind ``tl``/``triton`` in a kernel module and replace its kernel functions ``names`` by jitted ones: once,
+    and again whenever ``TRITON_INTERPRET`` changed since (interpreted <-> compiled; the plain functions are kept).
 
     Helpers called from inside a kernel must be in ``names`` too (Triton resolves callees by global name).
     """
-    if module_globals.get("_JITTED"):
+    mode = interpret_mode()
+    if module_globals.get("_JITTED") and module_globals.get("_JIT_INTERPRET") == mode:
         return
     with _JIT_LOCK:
-        if module_globals.get("_JITTED"):
+        if module_globals.get("_JITTED") and module_globals.get("_JIT_INTERPRET") == mode:
             return
         import triton
         import triton.language as tl
 
         module_globals["triton"] = triton
         module_globals["tl"] = tl
+        plain = module_globals.setdefault("_PLAIN_KERNELS", {})
         for name in names:
-            module_globals[name] = triton.jit(module_globals[name])
+            fn = plain.setdefault(name, module_globals[name])  # the undecorated function, kept for re-wrapping
+            module_globals[name] = triton.jit(fn)
+        module_globals["_JIT_INTERPRET"] = mode
         module_globals["_JITTED"] = True
 
 

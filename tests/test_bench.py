@@ -125,3 +125,49 @@ def test_bench_takes_every_method(tmp_path, model):
     assert all(r["parity_ok"] and r["parity_map_max_rel"] <= 1e-3 for r in rows)
     stages = {st.name for st in M.create(model, "tiny").stages()}
     assert set(data["gflops_per_image"]) == stages | {"total"} and data["gflops_per_image"]["total"] > 0
+
+
+@pytest.mark.parametrize("model", M.available())
+def test_every_chain_is_free_of_capture_hazards(tiny_method, model):
+    """No method's stage chain synchronises with the host or makes tensors without a device: what would break its
+    capture as one CUDA graph (the cuda-graphs* backends), checked on the CPU."""
+    from zsad.bench.runners import capture_hazards
+
+    m = tiny_method(model)
+    assert capture_hazards(m, torch.randn(2, 3, m.image_size, m.image_size)) == []
+
+
+def test_capture_hazards_finds_host_syncs_and_deviceless_tensors(tiny_method, monkeypatch):
+    """The check itself: a chain that reads a value on the host, indexes by a mask, or adds a tensor made without
+    a device is reported, each with its own reason."""
+    import dataclasses
+
+    from zsad.bench.runners import capture_hazards
+
+    m = tiny_method("anomalyclip")
+    stages = m.stages()
+    post = stages[-1]
+
+    class Hazard(torch.nn.Module):
+        def __init__(self, kind):
+            super().__init__()
+            self.kind = kind
+
+        def forward(self, *xs):
+            score, amap = post.module(*xs)
+            if self.kind == "item" and score.sum() > -1e9:  # `if tensor:` reads the value on the host
+                score = score + 0
+            if self.kind == "mask":
+                score = score + amap[amap > 0].sum() * 0
+            if self.kind == "deviceless":
+                score = score + torch.zeros(score.shape[0])
+            return score, amap
+
+    x = torch.randn(1, 3, m.image_size, m.image_size)
+    found = {}
+    for kind in ("item", "mask", "deviceless"):
+        monkeypatch.setattr(m, "stages", lambda kind=kind: stages[:-1] + [dataclasses.replace(post, module=Hazard(kind))])
+        found[kind] = capture_hazards(m, x)
+    assert len(found["item"]) == 1 and ".item()" in found["item"][0]
+    assert any("boolean-mask indexing" in f for f in found["mask"])
+    assert len(found["deviceless"]) == 1 and "without an explicit device" in found["deviceless"][0]

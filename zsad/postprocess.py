@@ -21,17 +21,17 @@ def gaussian_radius(sigma: float, truncate: float = 4.0) -> int:
     return int(truncate * float(sigma) + 0.5)
 
 
-def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:
+def gaussian_kernel1d(sigma: float, truncate: float = 4.0, device=None) -> torch.Tensor:
     """scipy's 1-D Gaussian weights: radius int(truncate*sigma + 0.5), normalised to sum 1 (float64)."""
     radius = gaussian_radius(sigma, truncate)
-    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64, device=device)
     w = torch.exp(-0.5 * (x / float(sigma)) ** 2)
     return w / w.sum()
 
 
-def symmetric_index(n: int, radius: int) -> torch.Tensor:
+def symmetric_index(n: int, radius: int, device=None) -> torch.Tensor:
     """Indices of a length-n axis extended by ``radius`` on both sides with scipy's 'reflect' rule."""
-    i = torch.arange(-radius, n + radius)
+    i = torch.arange(-radius, n + radius, device=device)
     period = 2 * n
     i = torch.remainder(i, period)
     return torch.where(i >= n, period - 1 - i, i)
@@ -41,14 +41,15 @@ def gaussian_blur(x: torch.Tensor, sigma: float, truncate: float = 4.0) -> torch
     """Blur the last two axes of ``x`` [..., H, W] (sigma in pixels; sigma <= 0 returns x)."""
     if sigma <= 0:
         return x
-    kernel = gaussian_kernel1d(sigma, truncate).to(x.dtype)
+    # weights and indices are made on x's device: a host-to-device copy here would break CUDA-graph capture
+    kernel = gaussian_kernel1d(sigma, truncate, device=x.device).to(x.dtype)
     r = (kernel.numel() - 1) // 2
     lead, (h, w) = x.shape[:-2], x.shape[-2:]
     y = x.reshape(-1, 1, h, w)
-    y = y.index_select(2, symmetric_index(h, r).to(x.device))
-    y = F.conv2d(y, kernel.view(1, 1, -1, 1).to(x.device))
-    y = y.index_select(3, symmetric_index(w, r).to(x.device))
-    y = F.conv2d(y, kernel.view(1, 1, 1, -1).to(x.device))
+    y = y.index_select(2, symmetric_index(h, r, device=x.device))
+    y = F.conv2d(y, kernel.view(1, 1, -1, 1))
+    y = y.index_select(3, symmetric_index(w, r, device=x.device))
+    y = F.conv2d(y, kernel.view(1, 1, 1, -1))
     return y.reshape(*lead, h, w)
 
 

@@ -1,0 +1,95 @@
+"""bench/gpu_check.py on the CPU: the orchestrator (caps, statuses, summary written after every step), the goals
+judged from hand-made rows, and the kernels' rebuild when TRITON_INTERPRET changes. The whole CPU run
+(`make gpu-check DEVICE=cpu`) is CI's job, not this file's (minutes)."""
+import json
+
+import pytest
+
+from zsad.bench import gpu_check as G
+
+
+def _row(backend, batch, p50, model="bagclip", parity=True, device="cuda", profile="paper"):
+    return {"model": model, "backend": backend, "batch": batch, "p50_ms": p50, "images_per_s": 1000.0 * batch / p50,
+            "status": "ok", "parity_ok": parity, "device": device, "profile": profile, "precision": "fp16"}
+
+
+def test_goals_from_rows_by_hand():
+    rows = [_row("torch-fp32", 1, 100.0), _row("cuda-graphs-fp16", 1, 3.5), _row("cuda-graphs-fp16", 32, 64.0),
+            _row("torch-fp16", 1, 1.0, parity=False),  # fast but wrong: must not count
+            _row("torch-fp32", 1, 300.0, model="bayespfl"), _row("cuda-graphs-bf16", 1, 12.0, model="bayespfl")]
+    kernels = [dict(kernel="knn_graph", batch=1, nodes=1369, dim=1024, k=8, impl="triton", status="ok",
+                    median_ms=0.5, config=None),
+               dict(kernel="knn_graph", batch=1, nodes=1369, dim=1024, k=8, impl="torch_reference", status="ok",
+                    median_ms=0.9, config=None)]
+    judged = {g["goal"].split(",")[0]: g for g in G.goals(rows, kernels, "cuda")}
+    assert judged["BAG-CLIP batch-1 p50 ms"]["measured"] == 3.5
+    assert judged["BAG-CLIP batch-1 p50 ms"]["status"] == "met"
+    assert judged["BAG-CLIP images/s"]["measured"] == 500.0  # 32 images in 64 ms
+    assert judged["BAG-CLIP images/s"]["status"] == "not met"
+    assert judged["BAG-CLIP best path vs torch eager fp32"]["measured"] == pytest.approx(100 / 3.5, abs=0.01)
+    assert judged["BAG-CLIP best path vs torch eager fp32"]["status"] == "met"
+    assert judged["Bayes-PFL batch-1 p50 ms"]["measured"] == 12.0
+    assert judged["Bayes-PFL batch-1 p50 ms"]["status"] == "not met"
+    knn = next(g for g in G.goals(rows, kernels, "cuda") if g["goal"].startswith("knn_graph"))
+    assert knn["measured"] == 1.8 and knn["status"] == "not met"  # 0.9 / 0.5 < 2
+    dual = next(g for g in G.goals(rows, kernels, "cuda") if g["goal"].startswith("dual_attention"))
+    assert dual["measured"] is None and dual["status"] == "not measured"
+    cpu = G.goals([_row("torch-fp32", 1, 50.0, device="cpu", profile="tiny")], [], "cpu")
+    assert cpu[0]["measured"] == 50.0 and cpu[0]["status"].startswith("not measured")
+
+
+def test_orchestrator_caps_steps_and_keeps_going(tmp_path, monkeypatch):
+    """A step over its cap is stopped and marked, the next one still runs (here: a skip with its reason), and the
+    summary and steps.json are complete; a step left without budget is 'not run'."""
+    real_plan = G.plan
+
+    def plan(device):
+        steps = real_plan(device)
+        for s in steps:
+            if s.name == "env":
+                s.cap_s = 0.2  # importing torch alone takes longer
+        return steps
+
+    monkeypatch.setattr(G, "plan", plan)
+    rc = G.orchestrate(tmp_path, "cpu", None, ["env", "bench-compile"], budget_s=120)
+    assert rc == 1
+    data = json.loads((tmp_path / "steps.json").read_text())
+    status = {s["name"]: s for s in data["steps"]}
+    assert [s["name"] for s in data["steps"]] == ["install", "env", "bench-compile"]
+    assert status["install"]["status"] == "ok"
+    assert status["env"]["status"] == "timeout" and "cap" in status["env"]["detail"]
+    assert status["bench-compile"]["status"] == "skipped" and "inductor" in status["bench-compile"]["detail"]
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| env |" in summary and "timeout" in summary and "**not measured**" in summary
+    assert "BAG-CLIP" in summary and "121.6" in summary  # the paper's row beside the goals
+    assert (tmp_path / "env.log").exists() and (tmp_path / "bench-compile.log").exists()
+
+    step = G.Step("tests", "x", 60)
+    G.run_step(step, tmp_path, "cpu", deadline=0.0, extra=[])
+    assert step.status == "not run" and "budget" in step.detail
+
+
+def test_unknown_step_is_refused(tmp_path, capsys):
+    assert G.orchestrate(tmp_path, "cpu", None, ["tets"], budget_s=10) == 2
+    assert "unknown step" in capsys.readouterr().out
+
+
+def test_kernels_rebuild_when_triton_interpret_changes(monkeypatch):
+    """Interpreted under TRITON_INTERPRET=1, compiled without it, interpreted again (and still correct): one process
+    can run the interpreter tests and the GPU tests (`pytest -m gpu`)."""
+    pytest.importorskip("triton")
+    import torch
+
+    from zsad.kernels import knn_graph as KG
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    KG._jit()
+    assert type(KG._knn_topk_kernel).__name__ == "InterpretedFunction"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    KG._jit()
+    assert type(KG._knn_topk_kernel).__name__ == "JITFunction" and type(KG._rank_key).__name__ == "JITFunction"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x = torch.randn(1, 37, 16, generator=torch.Generator().manual_seed(0))
+    got = KG.knn_graph_triton(x, 3, topk_blocks=(16, 16, 16), norm_blocks=(16, 16))
+    assert type(KG._knn_topk_kernel).__name__ == "InterpretedFunction"
+    torch.testing.assert_close(got.double(), KG.knn_graph_reference(x.double(), 3), rtol=1e-5, atol=1e-6)
