@@ -41,8 +41,13 @@ def _batches(value: str | None) -> list[int]:
               help="Instance kind in the configs [default: cpu for python-ort, gpu otherwise].")
 @click.option("--instances", type=int, default=1, help="Model instances per stage.")
 @click.option("--resize-to-input", is_flag=True, help="Add an anomaly_map_original output at the input image size.")
-@click.option("--out", type=click.Path(), default="model_repository", help="Triton model repository (created).")
-@click.option("--name", default=None, help="Model name in the repository [default: the method name].")
+@click.option("--out", type=click.Path(), default="model_repository", help="Triton model repository (created). "
+              "Model folders of an earlier export (they hold .zsad-export.json) are replaced; others are never "
+              "touched: a name clash with them is refused unless --force.")
+@click.option("--name", default=None, help="Model name in the repository [default: the method name]: letters, "
+              "digits, '_' and '-'.")
+@click.option("--force", is_flag=True, help="Replace folders under --out named like the exported models even if "
+              "zsad-export did not write them.")
 @click.option("--parity-images", type=int, default=4, help="Synthetic-defect images for the parity gate (its "
               "batch > 1 case uses all of them).")
 @click.option("--max-pixels", type=int, default=50_000_000, help="Decoded images above this many pixels are "
@@ -53,8 +58,8 @@ def _batches(value: str | None) -> list[int]:
 @click.option("--support-class", default=None, help="Few-shot: the class of a data-set root given as --support.")
 @cli_entry
 def main(model, checkpoint, profile, image_size, clip_weights, backend, fp16, max_batch, preferred_batch,
-         queue_delay_us, device, instances, resize_to_input, out, name, parity_images, max_pixels, support, shots,
-         support_class):
+         queue_delay_us, device, instances, resize_to_input, out, name, force, parity_images, max_pixels, support,
+         shots, support_class):
     """Export a zsad method to a Triton model repository, stage by stage, behind a parity gate."""
     from zsad.export.exporter import export_model
 
@@ -62,7 +67,8 @@ def main(model, checkpoint, profile, image_size, clip_weights, backend, fp16, ma
                  clip_weights=clip_weights, backend=backend, fp16=fp16, max_batch=max_batch, out=out, name=name,
                  device=device, resize_to_input=resize_to_input, parity_images=parity_images,
                  preferred_batch=_batches(preferred_batch), queue_delay_us=queue_delay_us, instances=instances,
-                 max_pixels=max_pixels, support=support, shots=shots, support_class=support_class, log=click.echo)
+                 max_pixels=max_pixels, support=support, shots=shots, support_class=support_class, force=force,
+                 log=click.echo)
 
 
 if __name__ == "__main__":

@@ -5,21 +5,92 @@ export every stage to ONNX in a scratch directory -> parity gate (stage by stage
 and > 1, then the chain end to end) -> only then write the repository (configs validated against Triton's
 schema) and the parity report. A failing stage writes nothing and raises ``ParityError`` naming the stage, the
 tensor and the error.
+
+Never losing a user's files: everything is built in a temporary folder beside ``--out`` (same file system; see
+``_scratch_folder`` for why not inside), and each model folder carries a marker file, :data:`MARKER_NAME`. An existing folder of the same name is replaced
+only if it carries that marker (an earlier export), unless ``force``; otherwise the export is refused before any
+work, with nothing deleted. ``--name`` must be a plain identifier, so no model folder can land outside ``--out``.
 """
 from __future__ import annotations
 
+import json
+import os
+import re
 import shutil
 import tempfile
 import warnings
+from datetime import datetime, timezone
 from dataclasses import dataclass
 from pathlib import Path
 
-from zsad import ZsadError
+from zsad import ZsadError, __version__
 from zsad.export import parity
 from zsad.export.onnx_export import export_stage, onnx_files
 from zsad.export.triton_repo import (RepoOptions, Sym, ensemble_config, preprocess_config, python_source,
                                      restore_config, stage_config, string_tensor_file, tensor_config,
                                      text_input_config, torch_config, write_model)
+
+
+MARKER_NAME = ".zsad-export.json"
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
+def check_out_and_name(out: Path, name: str | None) -> None:
+    """Refuse an --out that is not a folder and a --name that could leave it, before anything is built."""
+    if out.exists() and not out.is_dir():
+        raise ZsadError(f"--out {out} is a file, not a folder (give a model repository folder)")
+    if name is not None and not _PLAIN_NAME.fullmatch(name):
+        raise ZsadError(f"--name {name[:80]!r} is not a plain identifier (letters, digits, '_' and '-', starting "
+                        f"with a letter or digit, at most 64 characters)")
+
+
+def planned_models(name: str, stages, text_inputs, backend: str, resize_to_input: bool) -> list[str]:
+    """The model folders an export writes (``_write_repository`` checks it writes exactly these)."""
+    models = [f"{name}_preprocess", f"{name}_preprocess_raw"]
+    models += [f"{name}_text_{ti.request_name}" for ti in text_inputs]
+    models += [f"{name}_torch"] if backend == "python-torch" else [f"{name}_{st.name}" for st in stages]
+    models += [f"{name}_restore"] if resize_to_input else []
+    return models + [name, f"{name}_raw"]
+
+
+def refuse_foreign_folders(repo: Path, models: list[str], force: bool) -> None:
+    """Refuse to replace anything under ``repo`` named like one of ``models`` that an export did not write."""
+    foreign = [m for m in models if os.path.lexists(repo / m) and not (repo / m / MARKER_NAME).is_file()]
+    if foreign and not force:
+        shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
+        raise ZsadError(f"--out {repo} already holds {shown}, not written by zsad-export (no {MARKER_NAME}); "
+                        f"nothing was changed: move them away, choose another --out or --name, or give --force "
+                        f"to replace them")
+
+
+def _scratch_folder(repo: Path) -> Path:
+    """The temporary build folder: beside ``repo`` (same file system, so moving models in is a rename), not inside
+    it: tritonserver takes every folder of its repository, hidden ones too, for a model, and refuses to start
+    on a leftover build folder (checked with the bundled 2.51). Inside only where the parent is not writable."""
+    prefix = f".{repo.resolve().name}.zsad-export-tmp-"
+    try:
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=repo.resolve().parent))
+    except OSError:
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=repo))
+
+
+def _install(staging: Path, repo: Path, models: list[str], scratch: Path) -> None:
+    """Move the finished model folders into ``repo``; replaced ones go to ``scratch`` (deleted after), and come
+    back if a move fails half-way."""
+    aside = scratch / "replaced"
+    aside.mkdir()
+    moved: list[str] = []
+    try:
+        for m in models:
+            if os.path.lexists(repo / m):
+                os.rename(repo / m, aside / m)
+                moved.append(m)
+            os.rename(staging / m, repo / m)
+    except OSError as err:
+        for m in moved:
+            if not os.path.lexists(repo / m):
+                os.rename(aside / m, repo / m)
+        raise ZsadError(f"could not move the exported models into {repo}: {err}") from err
 
 
 @dataclass
@@ -91,7 +162,7 @@ def export_model(*, model: str | None = None, checkpoint: str | None = None, pro
                  parity_images: int = 4, preferred_batch: list[int] | None = None, queue_delay_us: int = 200,
                  instances: int = 1, max_pixels: int = 50_000_000, overrides: dict | None = None,
                  dynamic_batching: bool = True, support: str | Path | None = None, shots: int = 0,
-                 support_class: str | None = None, support_seed: int = 0,
+                 support_class: str | None = None, support_seed: int = 0, force: bool = False,
                  log=print) -> ExportResult:
     """See the module docstring; ``overrides`` deep-merge into an untrained method's profile (tests, benchmarks).
 
@@ -99,14 +170,18 @@ def export_model(*, model: str | None = None, checkpoint: str | None = None, pro
     class (a folder of images, or ``support_class`` of a data-set root's train/good) is built before the stages
     are taken, so it is baked into the exported graph as constants: one exported model per product.
     """
+    repo = Path(out)
+    check_out_and_name(repo, name)
     device = device or ("cpu" if backend == "python-ort" else "gpu")
     if device not in ("cpu", "gpu"):
         raise ZsadError(f"--device must be cpu or gpu, got '{device}'")
     _check_backend_available(backend, fp16, device)
     method, trained = build_method(model, checkpoint, profile, image_size, clip_weights, overrides)
     if support is not None or shots:
-        _fit_support(method, support, shots, support_class, support_seed, log)
+        _fit_support(method, support, shots, support_class, support_seed, log)  # may add a stage (few-shot)
     name = name or method.name
+    planned = planned_models(name, method.stages(), method.text_inputs(), backend, resize_to_input)
+    refuse_foreign_folders(repo, planned, force)
     opts = RepoOptions(name=name, backend=backend, max_batch=max_batch,
                        instance_kind="KIND_GPU" if device == "gpu" else "KIND_CPU", instances=instances,
                        preferred_batch=preferred_batch or [], queue_delay_us=queue_delay_us,
@@ -122,8 +197,9 @@ def export_model(*, model: str | None = None, checkpoint: str | None = None, pro
     names = parity.synthetic_class_names(n_images)
     extra_feed = {ti.tensor: ti.encode(names).numpy() for ti in method.text_inputs()}
     tol = parity.FP16_TOL if fp16 else parity.FP32_TOL
-    repo = Path(out)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{name}-export-", dir=repo.parent if repo.parent.exists() else None))
+    created_repo = not repo.exists()
+    repo.mkdir(parents=True, exist_ok=True)
+    scratch = _scratch_folder(repo)
     try:
         log(f"exporting {method.name} ({method.profile}, {'trained' if trained else 'UNTRAINED'}) at {size} px, "
             f"backend {backend}{' fp16' if fp16 else ''}, max batch {max_batch}: stages "
@@ -134,24 +210,28 @@ def export_model(*, model: str | None = None, checkpoint: str | None = None, pro
         log(parity.format_table(rows))
         staging = scratch / "repo"
         models, ensembles = _write_repository(staging, method, stages, opts, stage_files, trained)
+        if sorted(models) != sorted(planned):
+            raise ZsadError(f"internal: wrote models {sorted(models)} but planned {sorted(planned)}")
         report = staging / name / "parity_report.json"
         parity.write_report(report, rows, {
             "model": name, "method": method.name, "profile": method.profile, "trained": trained,
             "backend": backend, "fp16": fp16, "image_size": size, "max_batch": max_batch, "tolerance": tol,
             "end_to_end_tolerance": tol if fp16 else max(tol, method.chain_tolerance),
             "runtime": "onnxruntime " + __import__("onnxruntime").__version__ if backend != "python-torch" else "torch"})
-        repo.mkdir(parents=True, exist_ok=True)
+        marker = json.dumps({"written_by": "zsad-export", "zsad": __version__, "export": name,
+                             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}, indent=2)
         for m in models:
-            dst = repo / m
-            if dst.exists():
-                shutil.rmtree(dst)
-            shutil.move(str(staging / m), str(dst))
+            (staging / m / MARKER_NAME).write_text(marker + "\n")
+        refuse_foreign_folders(repo, planned, force)  # again: the user may have added a folder meanwhile
+        _install(staging, repo, models, scratch)
         log(f"wrote {len(models)} models to {repo}: ensembles {', '.join(ensembles)}; parity report "
             f"{repo / name / 'parity_report.json'} (worst relative error {max(r.max_rel for r in rows):.2e}, "
             f"tolerance {tol:g})")
         return ExportResult(repo, models, ensembles, rows, repo / name / "parity_report.json")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        if created_repo and repo.is_dir() and not any(repo.iterdir()):
+            repo.rmdir()  # a failed export into a new folder leaves nothing behind
 
 
 def _build_stage_artifacts(method, stages, opts: RepoOptions, scratch: Path, log):
@@ -257,7 +337,7 @@ def _write_repository(repo: Path, method, stages, opts: RepoOptions, stage_files
                 models.append(rname)
             ens_steps.append((rname, {"anomaly_map": "anomaly_map", "original_size": "original_size"},
                               {"anomaly_map_original": "anomaly_map_original"}))
-            outputs += [{"name": "anomaly_map_original", "data_type": Sym("TYPE_FP32"), "dims": [-1, -1]},
+            outputs += [{"name": "anomaly_map_original", "data_type": Sym("TYPE_FP32"), "dims": [-1]},
                         {"name": "original_size", "data_type": Sym("TYPE_INT32"), "dims": [2]}]
         write_model(repo, ensemble_config(opts, ename, inputs, outputs, ens_steps))
         models.append(ename)

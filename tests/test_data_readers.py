@@ -478,3 +478,20 @@ def test_sample_is_frozen():
     s = Sample(Path("a.png"), None, 0, "c", "good")
     with pytest.raises(Exception):
         s.label = 1  # type: ignore[misc]
+
+
+def test_anomaly_dataset_refuses_a_mask_of_another_size(tmp_path):
+    img, mask = tmp_path / "a.png", tmp_path / "a_mask.png"
+    _write(img, _rgb(7, 8))
+    small = np.zeros((4, 4), np.uint8)
+    small[1, 2] = 255
+    _write(mask, small)
+    sample = Sample(img, mask, 1, "c", "hole")
+    with pytest.raises(ZsadError) as err:
+        AnomalyDataset([sample], 8)[0]
+    assert str(mask) in str(err.value) and "is 4x4 but its image" in str(err.value)
+    # resize_masks: nearest to the 8x8 image first (pixel (1,2) -> block rows 2-3, cols 4-5), then to 8
+    got = AnomalyDataset([sample], 8, resize_masks=True)[0]["mask"].numpy()
+    want = np.zeros((8, 8), np.float32)
+    want[2:4, 4:6] = 1
+    np.testing.assert_array_equal(got, want)

@@ -83,3 +83,38 @@ def test_eval_cli_errors(setup, tmp_path):
     res = CliRunner().invoke(eval_cli, ["--checkpoint", str(base / "ckpt"), "--data", str(tmp_path / "void"),
                                         "--no-progress"])
     assert res.exit_code == 2 and "void" in res.stderr and isinstance(res.exception, SystemExit)
+
+
+def test_eval_refuses_masks_of_another_size_unless_resize_masks(setup, tmp_path):
+    base, _ = setup
+    import shutil
+
+    trees = {}
+    for kind in ("small", "reference"):
+        root = tmp_path / kind
+        shutil.copytree(base / "mpdd" / "bracket_black", root / "bracket_black")
+        trees[kind] = root
+    mask_file = "bracket_black/ground_truth/hole/001_mask.png"
+    small = np.asarray(Image.open(trees["small"] / mask_file))[::2, ::2]  # 48x48 for a 96x96 image
+    Image.fromarray(small).save(trees["small"] / mask_file)
+    # the independent reference: nearest-neighbour 2x upsampling is a plain repeat of every pixel
+    Image.fromarray(np.repeat(np.repeat(small, 2, axis=0), 2, axis=1)).save(trees["reference"] / mask_file)
+
+    def run_eval(root, *extra):
+        return CliRunner().invoke(eval_cli, ["--checkpoint", str(base / "ckpt"), "--data", str(root), "--out",
+                                             str(root / "out"), "--heatmaps", "0", "--no-progress", "--device",
+                                             "cpu", *extra])
+
+    res = run_eval(trees["small"])
+    assert res.exit_code == 2 and isinstance(res.exception, SystemExit)
+    assert res.stderr.count("\n") == 1 and str(trees["small"] / mask_file) in res.stderr
+    assert "is 48x48 but its image" in res.stderr and "--resize-masks" in res.stderr
+    assert not (trees["small"] / "out" / "metrics.json").exists()  # refused before any inference
+
+    res = run_eval(trees["small"], "--resize-masks")
+    assert res.exit_code == 0, res.output
+    assert "warning: 1 mask(s) differ in size" in res.stderr and mask_file.split("/")[-1] in res.stderr
+    assert run_eval(trees["reference"]).exit_code == 0
+    got, want = (json.loads((trees[k] / "out" / "metrics.json").read_text())["per_class"]["bracket_black"]
+                 for k in ("small", "reference"))
+    assert got["pixel_auroc"] == want["pixel_auroc"] and got["pixel_aupro"] == want["pixel_aupro"]

@@ -282,3 +282,58 @@ def test_few_shot_export_bakes_the_memory_bank(tmp_path):
     res = CliRunner().invoke(export_cli, ["--model", "bagclip", "--profile", "tiny", "--out", str(tmp_path / "r2"),
                                           "--support", str(folder), "--shots", "2"])
     assert res.exit_code != 0 and "no few-shot mode" in res.output and "Traceback" not in res.output
+
+
+def _snapshot(root):
+    """Every file and folder under root with its bytes: to prove a tree was left byte-identical."""
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+def test_export_never_touches_folders_it_did_not_write(tmp_path, monkeypatch):
+    repo = tmp_path / "repo"
+    (repo / "anomalyclip_head" / "1").mkdir(parents=True)  # a user's folder that happens to clash with a model
+    (repo / "anomalyclip_head" / "1" / "weights.bin").write_bytes(b"user data \x00\x01")
+    (repo / "mine").mkdir()
+    (repo / "mine" / "notes.txt").write_text("keep me")
+    before = _snapshot(repo)
+    args = ["--model", "anomalyclip", "--profile", "tiny", "--backend", "python-ort", "--max-batch", "2",
+            "--parity-images", "1"]
+
+    def no_export_work(*a, **k):
+        raise AssertionError("export work started before the output was checked")
+
+    monkeypatch.setattr(exporter, "export_stage", no_export_work)
+    res = CliRunner().invoke(export_cli, args + ["--out", str(repo)])
+    assert res.exit_code == 2 and isinstance(res.exception, SystemExit), res.output
+    assert res.stderr.count("\n") == 1 and "anomalyclip_head" in res.stderr and "--force" in res.stderr
+    assert _snapshot(repo) == before
+
+    a_file = tmp_path / "repo.txt"
+    a_file.write_text("not a folder")
+    res = CliRunner().invoke(export_cli, args + ["--out", str(a_file)])
+    assert res.exit_code == 2 and "is a file" in res.stderr and a_file.read_text() == "not a folder"
+
+    for bad in ("./../../x", "../x", "a/b", ".hidden", "x" * 65, ""):
+        res = CliRunner().invoke(export_cli, args + ["--out", str(repo), "--name", bad])
+        assert res.exit_code == 2 and "not a plain identifier" in res.stderr, (bad, res.output)
+    assert _snapshot(repo) == before and sorted(p.name for p in tmp_path.iterdir()) == ["repo", "repo.txt"]
+
+    # --force replaces the clashing folder only; the user's other files stay byte-identical
+    monkeypatch.undo()
+    res = CliRunner().invoke(export_cli, args + ["--out", str(repo), "--force"])
+    assert res.exit_code == 0, res.output
+    assert not (repo / "anomalyclip_head" / "1" / "weights.bin").exists()
+    assert (repo / "mine" / "notes.txt").read_text() == "keep me"
+    models = sorted(p.name for p in repo.iterdir() if p.name != "mine")
+    assert models == ["anomalyclip", "anomalyclip_encoder", "anomalyclip_head", "anomalyclip_postprocess",
+                      "anomalyclip_preprocess", "anomalyclip_preprocess_raw", "anomalyclip_raw"]
+    for m in models:
+        assert json.loads((repo / m / exporter.MARKER_NAME).read_text())["written_by"] == "zsad-export"
+    # a second export replaces its own (marked) folders without --force: replaced, not merged
+    (repo / "anomalyclip_encoder" / "stale.txt").write_text("from the last export")
+    res = CliRunner().invoke(export_cli, args + ["--out", str(repo)])
+    assert res.exit_code == 0, res.output
+    assert not (repo / "anomalyclip_encoder" / "stale.txt").exists()
+    assert (repo / "anomalyclip_encoder" / "1" / "model.onnx").is_file()
+    assert sorted(p.name for p in repo.iterdir()) == sorted(models + ["mine"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo", "repo.txt"]  # no build folder left beside it

@@ -143,3 +143,99 @@ def test_ddp_with_two_cpu_processes(tmp_path, synthetic):
     trained = load_file(str(out / "checkpoint.safetensors"))
     assert any(not torch.equal(init[k], trained[k]) for k in init)
     assert json.loads((out / "checkpoint.json").read_text())["history"][0]["epoch"] == 1
+
+
+@pytest.mark.parametrize("point", ["train_state", "weights", "sidecar", "history"])
+def test_crash_inside_any_write_resumes_exactly(tmp_path, synthetic, monkeypatch, point):
+    """A crash (an exception) inside each write of epoch 2; --resume must end exactly where an unbroken run does."""
+    import zsad.checkpoint
+    import zsad.train.loop
+
+    ds = _small_set(synthetic, n=8)
+    straight = M.create("bagclip", "tiny", train={"epochs": 3, "batch_size": 4})
+    train(straight, ds, tmp_path / "straight", progress=False)
+
+    targets = {"train_state": (torch, "save"), "weights": (zsad.checkpoint, "save_file"),
+               "sidecar": (zsad.checkpoint, "atomic_write_text"), "history": (zsad.train.loop, "atomic_write_text")}
+    module, attr = targets[point]
+    real, calls = getattr(module, attr), []
+
+    def crash_on_second_call(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # epoch 2: die, leaving a half-written temp file where the call writes one
+            if point in ("train_state", "weights"):
+                Path(args[1]).write_bytes(b"half-written")
+            raise KeyboardInterrupt("power cut")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, attr, crash_on_second_call)
+    out = tmp_path / "crashed"
+    with pytest.raises(KeyboardInterrupt):
+        train(M.create("bagclip", "tiny", train={"epochs": 3, "batch_size": 4}), ds, out, progress=False)
+    monkeypatch.setattr(module, attr, real)
+    from zsad.train.loop import load_train_state
+
+    assert load_train_state(out)["epoch"] == (1 if point == "train_state" else 2)
+    if point == "sidecar":  # new weights, old sidecar: refused, not loaded under the wrong label
+        with pytest.raises(ZsadError, match="not the weights file"):
+            load_checkpoint(out)
+    train(M.create("bagclip", "tiny", train={"epochs": 3, "batch_size": 4}), ds, out, resume=True, progress=False)
+    a = load_file(str(tmp_path / "straight" / "checkpoint.safetensors"))
+    b = load_file(str(out / "checkpoint.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    meta = read_sidecar(out)
+    assert meta["epochs"] == 3 and [h["epoch"] for h in meta["history"]] == [1, 2, 3]
+    assert len((out / "history.csv").read_text().splitlines()) == 4
+    load_checkpoint(out)  # the pair is consistent again
+
+
+def test_damaged_runs_and_checkpoints_are_one_line_errors(tmp_path, synthetic):
+    from zsad.evaluate import main as eval_cli
+
+    run = tmp_path / "run"
+    train(M.create("anomalyclip", "tiny", train={"epochs": 1, "batch_size": 4}), _small_set(synthetic, n=4), run,
+          progress=False, meta={"data": {"path": str(synthetic), "split": "test", "classes": ["brick"]}})
+    state = (run / "train_state.pt").read_bytes()
+
+    def resume_error(expected):
+        res = CliRunner().invoke(train_cli, ["--model", "anomalyclip", "--resume", "--out", str(run), "--epochs", "2",
+                                             "--no-progress"])
+        assert res.exit_code == 2 and isinstance(res.exception, SystemExit), res.output
+        assert res.stderr.startswith("error: ") and res.stderr.count("\n") == 1 and expected in res.stderr
+        assert "Traceback" not in res.output
+
+    (run / "train_state.pt").write_bytes(state[: len(state) // 2])
+    resume_error("train_state.pt is damaged")
+    (run / "train_state.pt").write_bytes(b"\x00garbage" * 10)
+    resume_error("is damaged")
+    torch.save({"epoch": 1, "optimizer": {}, "history": "[]"}, run / "train_state.pt")  # an older zsad's state
+    resume_error("lacks weights, sidecar")
+    (run / "train_state.pt").unlink()
+    resume_error("no train_state.pt")
+
+    sidecar, weights = run / "checkpoint.json", run / "checkpoint.safetensors"
+    good_json, good_weights = sidecar.read_text(), weights.read_bytes()
+    cases = [
+        (lambda: weights.write_bytes(good_weights[: len(good_weights) // 2]), "not the weights file"),
+        (lambda: sidecar.write_text(json.dumps({k: v for k, v in json.loads(good_json).items()
+                                                if k != "weights_sha256"})), "could not read"),
+        (lambda: sidecar.write_bytes(b"\xff\xfe\x00binary"), "corrupt checkpoint sidecar"),
+        (lambda: sidecar.write_text("{not json"), "corrupt checkpoint sidecar"),
+        (lambda: sidecar.write_text(json.dumps({"format": "zsad-checkpoint/1"})), "missing or bad method"),
+        (lambda: sidecar.write_text(json.dumps({**json.loads(good_json), "config": 7})), "missing or bad config"),
+        (lambda: sidecar.write_text(json.dumps({**json.loads(good_json), "config": {
+            **json.loads(good_json)["config"], "prompt": "garbled"}})), "checkpoint"),
+        (lambda: sidecar.unlink(), "checkpoint file missing"),
+    ]
+    for damage, expected in cases:
+        sidecar.write_text(good_json)
+        weights.write_bytes(good_weights)
+        load_checkpoint(run)  # intact again
+        if "could not read" in expected:
+            weights.write_bytes(good_weights[: len(good_weights) // 2])
+        damage()
+        with pytest.raises(ZsadError, match=expected):
+            load_checkpoint(run)
+        res = CliRunner().invoke(eval_cli, ["--checkpoint", str(run), "--no-progress", "--device", "cpu"])
+        assert res.exit_code == 2 and isinstance(res.exception, SystemExit), (expected, res.output)
+        assert res.stderr.count("\n") == 1 and expected in res.stderr

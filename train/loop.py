@@ -1,9 +1,11 @@
 """The training loop: seeded data order, per-epoch atomic checkpoints, exact resume, optional DDP.
 
-Exact resume: the data order of epoch e depends only on (seed, e); after every epoch the trainable parameters
-(checkpoint.safetensors), the optimizer state and the epoch counter (train_state.pt) are written atomically.
-``resume=True`` reloads them and continues with epoch e+1, so 2 epochs in one run and 1 + 1 resumed give the
-same weights. An epoch interrupted half-way is redone from its start.
+Exact resume: the data order of epoch e depends only on (seed, e). After every epoch ONE file, train_state.pt,
+commits everything a resume needs (epoch counter, trainable parameters, optimizer state, history, the checkpoint
+sidecar) by one atomic rename; checkpoint.safetensors/.json and history.csv are then written from the same values.
+``resume=True`` reloads train_state.pt alone, rewrites the other files from it (repairing any a crash left
+behind) and continues with epoch e+1, so 2 epochs in one run and 1 + 1 resumed give the same weights, wherever
+a crash fell. An epoch interrupted half-way is redone from its start.
 
 DDP: under ``torchrun --nproc_per_node N train/run.py ...`` each process trains on its shard
 (DistributedSampler, same seed), gradients of the trainable parameters are all-reduced, rank 0 writes.
@@ -21,13 +23,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
 from zsad import ZsadError
-from zsad.checkpoint import WEIGHTS_NAME, atomic_write, atomic_write_text, save_checkpoint
+from zsad.checkpoint import atomic_write, atomic_write_text, checkpoint_sidecar, trainable_state, write_checkpoint
 
 STATE_NAME = "train_state.pt"
 HISTORY_NAME = "history.csv"
@@ -107,6 +108,37 @@ def _epoch_loader(dataset, batch_size: int, seed: int, epoch: int, workers: int,
                       persistent_workers=False)
 
 
+_STATE_KEYS = ("epoch", "weights", "optimizer", "history", "sidecar")
+
+
+def load_train_state(out_dir: Path) -> dict:
+    """The committed state of a run (see the module doc), checked; a missing or damaged file is a ZsadError."""
+    path = Path(out_dir) / STATE_NAME
+    if not path.is_file():
+        raise ZsadError(f"--resume: no {STATE_NAME} in {out_dir} (nothing to resume)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 -- a truncated/garbled file makes torch raise many error types
+        raise ZsadError(f"--resume: {path} is damaged ({type(err).__name__}: {str(err)[:160]}); "
+                        f"start a new run") from err
+    missing = [k for k in _STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ZsadError(f"--resume: {path} lacks {', '.join(missing)} (damaged, or written by an older zsad); "
+                        f"start a new run")
+    try:
+        state = {**state, "epoch": int(state["epoch"]), "history": json.loads(state["history"]),
+                 "sidecar": json.loads(state["sidecar"])}
+    except (TypeError, ValueError) as err:
+        raise ZsadError(f"--resume: {path} is damaged ({err})") from err
+    return state
+
+
+def _write_run_files(out_dir: Path, weights: dict, sidecar: dict, history: list[dict]) -> None:
+    """The files derived from a committed state: the checkpoint pair and history.csv."""
+    write_checkpoint(out_dir, weights, sidecar)
+    atomic_write_text(out_dir / HISTORY_NAME, _history_csv(history))
+
+
 def train(method, dataset, out_dir: Path, *, resume: bool = False, device: str = "cpu", workers: int = 0,
           progress: bool = True, meta: dict | None = None, dinfo: DistInfo | None = None) -> dict:
     """Train ``method`` (its config.train holds epochs / batch size / lr / seed) and write checkpoints to ``out_dir``."""
@@ -120,14 +152,17 @@ def train(method, dataset, out_dir: Path, *, resume: bool = False, device: str =
     start_epoch, history = 0, []
     state_path = out_dir / STATE_NAME
     if resume:
-        if not state_path.is_file():
-            raise ZsadError(f"--resume: no {STATE_NAME} in {out_dir} (nothing to resume)")
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        method.load_trainable_state_dict(load_file(str(out_dir / WEIGHTS_NAME)))
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, history = int(state["epoch"]), json.loads(state["history"])
+        state = load_train_state(out_dir)
+        method.load_trainable_state_dict(state["weights"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise ZsadError(f"--resume: the optimizer state in {state_path} does not fit this method ({err})") from err
+        start_epoch, history = state["epoch"], state["history"]
         if start_epoch >= cfg.epochs:
             raise ZsadError(f"--resume: {out_dir} already finished {start_epoch} of {cfg.epochs} epochs")
+        if dinfo.main:  # a crash after the commit may have left these stale or half-written
+            _write_run_files(out_dir, state["weights"], state["sidecar"], history)
     model = _LossModule(method)
     if dinfo.world_size > 1:
         model = nn.parallel.DistributedDataParallel(
@@ -160,10 +195,14 @@ def train(method, dataset, out_dir: Path, *, resume: bool = False, device: str =
                "seconds": round(time.perf_counter() - t0, 2)}
         history.append(row)
         if dinfo.main:
-            save_checkpoint(out_dir, method, epochs=epoch + 1, steps_per_epoch=n, history=history, **(meta or {}))
-            atomic_write(state_path, lambda p: torch.save(
-                {"epoch": epoch + 1, "optimizer": optimizer.state_dict(), "history": json.dumps(history)}, p))
-            atomic_write_text(out_dir / HISTORY_NAME, _history_csv(history))
+            weights = trainable_state(method)
+            sidecar = checkpoint_sidecar(method, weights, epochs=epoch + 1, steps_per_epoch=n, history=history,
+                                         **(meta or {}))
+            sidecar = json.loads(json.dumps(sidecar, default=str))  # what the JSON file holds, exactly
+            committed = {"epoch": epoch + 1, "weights": weights, "optimizer": optimizer.state_dict(),
+                         "history": json.dumps(history), "sidecar": json.dumps(sidecar)}
+            atomic_write(state_path, lambda p: torch.save(committed, p))  # the commit point
+            _write_run_files(out_dir, weights, sidecar, history)
         if dinfo.world_size > 1:
             dist.barrier()
     method.eval()

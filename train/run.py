@@ -3,7 +3,7 @@
 Zero-shot convention (AnomalyCLIP): train on the *test split* of an auxiliary data set that has masks (e.g.
 MVTec AD) and evaluate on other data sets. Without --data, the offline synthetic-defect set is generated and its
 training classes are used. Writes OUT/checkpoint.safetensors + checkpoint.json after every epoch, plus
-train_state.pt (for --resume) and history.csv.
+train_state.pt (for --resume: the one file that commits an epoch) and history.csv.
 
 Multi-GPU: torchrun --nproc_per_node 4 train/run.py --model bagclip --data /data/mvtec --device cuda
 """
@@ -80,10 +80,9 @@ def main(model, profile, data, split, classes, clip_weights, epochs, batch_size,
 def run(model, profile, data, split, classes, clip_weights, epochs, batch_size, lr, image_size, seed, out, resume,
         device, workers, progress):
     import zsad.methods as M
-    from zsad.checkpoint import read_sidecar
     from zsad.configs import build_config, deep_merge
     from zsad.data import AnomalyDataset
-    from zsad.train.loop import init_distributed, train
+    from zsad.train.loop import init_distributed, load_train_state, train
 
     device = resolve_device(device)
     dinfo = init_distributed(device)
@@ -105,8 +104,8 @@ def run(model, profile, data, split, classes, clip_weights, epochs, batch_size, 
                                   ("--seed", seed), ("--data", data), ("--classes", classes)) if v is not None]
         if changed:
             raise ZsadError(f"--resume continues the run as it was started; {', '.join(changed)} cannot change")
-        meta = read_sidecar(out_dir)
-        if meta["method"] != model:
+        meta = load_train_state(out_dir)["sidecar"]  # the committed state, not files a crash may have left stale
+        if meta.get("method") != model:
             raise ZsadError(f"--resume: {out_dir} holds a '{meta['method']}' run, not '{model}'")
         cfg_dict = deep_merge(meta["config"], {k: v for k, v in overrides.items() if k == "backbone"})
         if epochs:

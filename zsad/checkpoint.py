@@ -4,10 +4,13 @@ A checkpoint directory holds ``checkpoint.safetensors`` and ``checkpoint.json`` 
 resolved config, where the CLIP weights came from, versions, data, epochs). The frozen CLIP is not stored: it
 is rebuilt from the config (pretrained tag, weights file, or seeded random init for tests), and
 ``load_checkpoint(..., clip_weights=FILE)`` points it at a local file on an offline machine.
-Writes are atomic (temp file + rename), so an interrupted save never leaves a half-written checkpoint.
+Each file is written atomically (temp file + rename), and the sidecar records the SHA-256 of the weights file
+it belongs with: a pair left mismatched by an interrupted save is refused on load instead of mislabelled. (Training
+commits its resumable state, weights included, in one file first: see ``zsad.train.loop``.)
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -51,13 +54,16 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda p: p.write_text(text))
 
 
-def save_checkpoint(directory: Path, method, **meta) -> Path:
-    """Write the method's trainable parameters and sidecar into ``directory``; extra ``meta`` goes in the JSON."""
+def trainable_state(method) -> dict[str, torch.Tensor]:
+    """The method's trainable parameters as CPU tensors (a copy: later training steps do not change it)."""
+    return {k: v.detach().cpu().clone().contiguous() for k, v in method.trainable_state_dict().items()}
+
+
+def checkpoint_sidecar(method, state: dict[str, torch.Tensor], **meta) -> dict:
+    """The sidecar JSON of a checkpoint of ``method`` holding ``state``; extra ``meta`` goes in as is."""
     from zsad.configs import config_to_dict
 
-    directory = Path(directory)
-    state = {k: v.detach().cpu().contiguous() for k, v in method.trainable_state_dict().items()}
-    sidecar = {
+    return {
         "format": FORMAT,
         "method": method.name,
         "profile": method.profile,
@@ -68,14 +74,37 @@ def save_checkpoint(directory: Path, method, **meta) -> Path:
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **meta,
     }
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_checkpoint(directory: Path, state: dict[str, torch.Tensor], sidecar: dict) -> Path:
+    """Write ``state`` (safetensors) and ``sidecar`` (JSON, plus the weights file's SHA-256) into ``directory``."""
+    directory = Path(directory)
     atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": FORMAT}))
+    sidecar = {**sidecar, "weights_sha256": _sha256(directory / WEIGHTS_NAME)}
     atomic_write_text(directory / SIDECAR_NAME, json.dumps(sidecar, indent=2, default=str))
     return directory
+
+
+def save_checkpoint(directory: Path, method, **meta) -> Path:
+    """Write the method's trainable parameters and sidecar into ``directory``; extra ``meta`` goes in the JSON."""
+    state = trainable_state(method)
+    return write_checkpoint(directory, state, checkpoint_sidecar(method, state, **meta))
 
 
 def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
     """Accept the directory, the .safetensors or the .json of a checkpoint; return (weights, sidecar)."""
     p = Path(path)
+    if p.is_file() and p.suffix not in (".safetensors", ".json"):  # an authors' released file: import it (cached)
+        from zsad.importers import import_released
+        p = import_released(p)
     if p.is_dir():
         weights, sidecar = p / WEIGHTS_NAME, p / SIDECAR_NAME
     elif p.suffix in (".safetensors", ".json"):
@@ -93,10 +122,14 @@ def read_sidecar(path: str | Path) -> dict:
     _, sidecar = checkpoint_paths(path)
     try:
         meta = json.loads(sidecar.read_text())
-    except json.JSONDecodeError as err:
-        raise ZsadError(f"corrupt checkpoint sidecar {sidecar}: {err}") from err
-    if meta.get("format") != FORMAT:
-        raise ZsadError(f"{sidecar} is not a {FORMAT} sidecar (format={meta.get('format')!r})")
+    except (OSError, ValueError) as err:  # ValueError: bad JSON or bytes that are not UTF-8
+        raise ZsadError(f"corrupt checkpoint sidecar {sidecar}: {str(err)[:200]}") from err
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ZsadError(f"{sidecar} is not a {FORMAT} sidecar (format={found!r})")
+    missing = [k for k in ("method", "profile", "config") if k not in meta]
+    if missing or not isinstance(meta["config"], dict):
+        raise ZsadError(f"corrupt checkpoint sidecar {sidecar}: missing or bad {', '.join(missing) or 'config'}")
     return meta
 
 
@@ -118,11 +151,18 @@ def load_checkpoint(path: str | Path, clip_weights: str | Path | None = None, de
     config = deep_merge(meta["config"], overrides or {})
     if clip_weights:
         config = deep_merge(config, {"backbone": {"weights": str(clip_weights), "pretrained": None}})
-    cfg = build_config(M.METHODS[name].config_class, config, where=f"checkpoint {path}")
-    method = M.build(name, cfg, meta["profile"])
+    try:
+        cfg = build_config(M.METHODS[name].config_class, config, where=f"checkpoint {path}")
+        method = M.build(name, cfg, meta["profile"])
+    except (TypeError, ValueError, KeyError, AttributeError) as err:  # a hand-edited or garbled config
+        raise ZsadError(f"checkpoint {path}: its config does not build a {name} ({type(err).__name__}: "
+                        f"{str(err)[:200]})") from err
+    if "weights_sha256" in meta and _sha256(weights) != meta["weights_sha256"]:
+        raise ZsadError(f"{weights} is not the weights file {SIDECAR_NAME} was written with (an interrupted or "
+                        f"mixed-up save); re-save the checkpoint, or --resume the training run to rewrite it")
     try:
         state = load_file(str(weights))
-    except Exception as err:
-        raise ZsadError(f"could not read {weights}: {err}") from err
+    except Exception as err:  # noqa: BLE001 -- safetensors raises its own error types for damaged files
+        raise ZsadError(f"could not read {weights}: {str(err)[:200]}") from err
     method.load_trainable_state_dict(state)
     return method.to(device).eval(), meta

@@ -8,6 +8,8 @@ OUT/metrics.csv (one row per class + the mean) and OUT/heatmaps/<class>/*.png (i
 outline) for a sample of images, and prints a table with the published numbers beside ours when the data set
 appears in the papers' tables. Metrics follow methods/bagclip_sowa.md section 5: per class, then the
 unweighted mean over classes, maps at the model resolution, GT masks resized bilinearly and binarised > 0.5.
+A mask whose size differs from its image's is refused (the defect would be scored at the wrong pixels) unless
+``--resize-masks`` is given: then it is first resized to its image with nearest neighbour, with a warning.
 
 Few-shot (``--shots K --support DIR``, methods with a few-shot mode): before each class is evaluated the method
 builds its memory bank from K normal images of that class, drawn (seeded by ``--support-seed`` and the class
@@ -123,7 +125,7 @@ def _load_support(paths, size: int, device: str):
 
 def evaluate(method, samples, *, batch_size: int = 8, device: str = "cpu", aupro_mode: str = "anomalyclip",
              heatmap_dir: Path | None = None, heatmaps_per_class: int = 4, progress: bool = True,
-             support: dict[str, list] | None = None) -> dict:
+             support: dict[str, list] | None = None, resize_masks: bool = False) -> dict:
     """Per-class metrics (fractions in [0,1]) + their mean; saves heatmap panels when ``heatmap_dir`` is given.
 
     ``support`` (few-shot): class -> paths of K normal images; the method's memory is built from them before
@@ -140,7 +142,7 @@ def evaluate(method, samples, *, batch_size: int = 8, device: str = "cpu", aupro
     size = method.image_size
     for cls in sorted(by_class):
         cls_samples = by_class[cls]
-        ds = AnomalyDataset(cls_samples, size)
+        ds = AnomalyDataset(cls_samples, size, resize_masks=resize_masks)
         if support is not None:
             method.fit_memory(_load_support(support[cls], size, device))
         try:
@@ -214,19 +216,36 @@ def write_csv(path: Path, result: dict) -> None:
 @click.option("--support", type=click.Path(), default=None, help="Few-shot reference images: a data-set root (K "
               "drawn from each class's train/good images) or a folder of normal images (the same K for all classes).")
 @click.option("--support-seed", type=int, default=0, help="Seed of the few-shot draw (the papers average 5 draws).")
+@click.option("--resize-masks", is_flag=True, help="Resize masks whose size differs from their image's to the "
+              "image (nearest neighbour, with a warning) instead of refusing them.")
 @click.option("--device", default="auto", help="cpu, cuda or auto.")
 @click.option("--no-progress", is_flag=True)
 @cli_entry
 def main(checkpoint, data, split, classes, dataset_name, clip_weights, out, aupro_mode, batch_size, heatmaps, shots,
-         support, support_seed, device, no_progress):
+         support, support_seed, resize_masks, device, no_progress):
     """Evaluate a checkpoint: image/pixel AUROC, AP, F1-max and AUPRO per class, JSON/CSV/PNG outputs."""
     run(checkpoint, data, split, classes, dataset_name, clip_weights, out, aupro_mode, batch_size, heatmaps,
-        device, not no_progress, shots=shots, support=support, support_seed=support_seed)
+        device, not no_progress, shots=shots, support=support, support_seed=support_seed, resize_masks=resize_masks)
+
+
+def check_mask_sizes(samples, resize_masks: bool) -> None:
+    """Refuse (or, with resize_masks, warn about) masks of another size than their image, before any inference."""
+    from zsad import ZsadError
+    from zsad.data.dataset import mask_size_mismatches
+
+    bad = mask_size_mismatches(samples)
+    if not bad:
+        return
+    more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+    if not resize_masks:
+        raise ZsadError(bad[0] + more)
+    click.echo(f"warning: {len(bad)} mask(s) differ in size from their image, resized to it (nearest neighbour, "
+               f"--resize-masks); first: {bad[0].split(' (give')[0]}", err=True)
 
 
 def run(checkpoint, data, split="test", classes=None, dataset_name=None, clip_weights=None, out=None,
         aupro_mode="anomalyclip", batch_size=8, heatmaps=4, device="auto", progress=True, shots=0, support=None,
-        support_seed=0) -> dict:
+        support_seed=0, resize_masks=False) -> dict:
     from zsad import ZsadError
     from zsad.checkpoint import load_checkpoint
     from zsad.data import guess_dataset_name, load_samples
@@ -253,6 +272,7 @@ def run(checkpoint, data, split="test", classes=None, dataset_name=None, clip_we
         root = Path(data)
         name = dataset_name or guess_dataset_name(root)
     samples = load_samples(root, split=split, classes=class_list)
+    check_mask_sizes(samples, resize_masks)
     support_map = support_images(support, sorted({s.cls for s in samples}), shots, support_seed) if shots else None
     setting = f"few-shot-{shots}" if shots else "zero-shot"
     ckpt = Path(checkpoint)
@@ -266,7 +286,7 @@ def run(checkpoint, data, split="test", classes=None, dataset_name=None, clip_we
     t0 = time.perf_counter()
     result = evaluate(method, samples, batch_size=batch_size, device=device, aupro_mode=aupro_mode,
                       heatmap_dir=out_dir / "heatmaps", heatmaps_per_class=heatmaps, progress=progress,
-                      support=support_map)
+                      support=support_map, resize_masks=resize_masks)
     seconds = time.perf_counter() - t0
     paper = paper_metrics(meta["method"], name, setting) if name else {}
     paper_label = None
