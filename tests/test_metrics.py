@@ -61,6 +61,38 @@ def slow_aupro_anomalyclip(masks, maps, fpr_limit=0.3, steps=200):
     return sk_auc(f, p)  # points in threshold order (FPR non-increasing), as AnomalyCLIP passes them
 
 
+def slow_aupro_sowa(masks, maps, fpr_limit=0.3, steps=200):
+    """SOWA-style AUPRO: as AnomalyCLIP's loop, but FPR = the mean of the per-image FPRs (images with normals)."""
+    masks = np.asarray(masks).astype(bool)
+    maps64 = np.asarray(maps).astype(np.float64)
+    regions = regions_per_image(masks)
+    lo, hi = float(maps64.min()), float(maps64.max())
+    delta = (hi - lo) / steps
+    normal = ~masks
+    has_normal = normal.reshape(len(normal), -1).any(axis=1)
+    fprs, pros = [], []
+    for j in range(steps):
+        binary = maps64 > lo + j * delta
+        overlaps = []
+        for i, regs in enumerate(regions):
+            for region in regs:
+                rr, cc = region.coords[:, 0], region.coords[:, 1]
+                overlaps.append(binary[i, rr, cc].sum() / region.area)
+        pros.append(np.mean(overlaps))
+        per_image = [np.logical_and(binary[i], normal[i]).sum() / normal[i].sum()
+                     for i in range(len(masks)) if has_normal[i]]
+        fprs.append(np.mean(per_image))
+    fprs, pros = np.array(fprs), np.array(pros)
+    keep = fprs < fpr_limit
+    f, p = fprs[keep], pros[keep]
+    f = (f - f.min()) / (f.max() - f.min())
+    return sk_auc(f, p)
+
+
+SLOW_AUPRO = {"anomalyclip": lambda m, s: slow_aupro_anomalyclip(m, s), "sowa": lambda m, s: slow_aupro_sowa(m, s),
+              "mvtec": lambda m, s: slow_aupro_mvtec(m, s)}
+
+
 def slow_aupro_mvtec(masks, maps, fpr_limit=0.3):
     """Exact PRO curve by looping over every distinct score, then np.interp at the limit and trapezoid."""
     masks = np.asarray(masks).astype(bool)
@@ -177,8 +209,7 @@ def test_pixel_metrics_with_chunked_parallel_sort(monkeypatch, mode):
     assert out["auroc"] == pytest.approx(roc_auc_score(y, s), abs=1e-9)
     assert out["ap"] == pytest.approx(average_precision_score(y, s), abs=1e-9)
     assert out["f1max"] == pytest.approx(brute_f1_max(y, s), abs=1e-9)
-    slow = slow_aupro_mvtec if mode == "mvtec" else slow_aupro_anomalyclip
-    assert out["aupro"] == pytest.approx(slow(masks, maps), abs=1e-9)
+    assert out["aupro"] == pytest.approx(SLOW_AUPRO[mode](masks, maps), abs=1e-9)
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float64])
@@ -418,4 +449,71 @@ def test_bad_inputs_raise_value_error():
         M.class_metrics([1, 0, 0], [0.5, 0.1, 0.2], masks, maps)
     with pytest.raises(ValueError, match="NaN or inf"):
         M.pixel_metrics(masks, np.full((2, 4, 4), np.inf, dtype=np.float32))
-    assert M.AUPRO_MODES == ("anomalyclip", "mvtec")
+    assert M.AUPRO_MODES == ("anomalyclip", "mvtec", "sowa")
+
+
+# --------------------------------------------------------------------------------------------------------
+# AUPRO, "sowa" mode (FPR = mean of the per-image FPRs)
+# --------------------------------------------------------------------------------------------------------
+def sowa_hand_case():
+    """2 images 1x4, maps in [0, 1] so that 4 thresholds are 0, .25, .5, .75 (float64, no ties with them).
+
+    A: mask 1 0 0 0, map 1.0 0.0 0.3 0.6 -> component {1.0}; normals {0.0, 0.3, 0.6}
+    B: mask 0 1 1 1, map 0.3 0.9 0.4 0.2 -> component {0.9, 0.4, 0.2}; normal {0.3}
+    t:            0     .25    .5    .75
+    FPR_A:       2/3    2/3   1/3     0
+    FPR_B:        1      1     0      0
+    mean FPR:    5/6    5/6   1/6     0      (pooled over the 4 normals: 3/4 3/4 1/4 0)
+    PRO_B:        1     2/3   1/3    1/3     (PRO_A = 1 throughout)
+    PRO:          1     5/6   2/3    2/3
+    """
+    masks = np.array([[[1, 0, 0, 0]], [[0, 1, 1, 1]]], dtype=bool)
+    maps = np.array([[[1.0, 0.0, 0.3, 0.6]], [[0.3, 0.9, 0.4, 0.2]]])
+    return masks, maps
+
+
+def test_aupro_sowa_hand_case():
+    masks, maps = sowa_hand_case()
+    # fpr_limit 1 keeps all 4 points; mean FPR rescaled by 5/6: (0, 2/3) (.2, 2/3) (1, 5/6) (1, 1)
+    # area = .2 * 2/3 + .8 * (2/3 + 5/6) / 2 = 2/15 + 3/5 = 11/15
+    assert M.aupro(masks, maps, mode="sowa", fpr_limit=1.0, steps=4) == pytest.approx(11 / 15, abs=1e-12)
+    # pooled FPR rescaled by 3/4: (0, 2/3) (1/3, 2/3) (1, 5/6) (1, 1) -> 2/9 + 2/3 * 3/4 = 13/18: the modes differ
+    assert M.aupro(masks, maps, mode="anomalyclip", fpr_limit=1.0, steps=4) == pytest.approx(13 / 18, abs=1e-12)
+    # at the default limit .3 only t = .5 (1/6) and .75 (0) stay, both with PRO 2/3 -> 2/3
+    assert M.aupro(masks, maps, mode="sowa", steps=4) == pytest.approx(2 / 3, abs=1e-12)
+    assert M.aupro(masks, maps, mode="sowa", fpr_limit=1.0, steps=4) == pytest.approx(
+        slow_aupro_sowa(masks, maps, fpr_limit=1.0, steps=4), abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("quantize", [None, 8])
+def test_aupro_sowa_matches_slow_reference(seed, quantize):
+    rng = np.random.default_rng(400 + seed)
+    masks, maps = random_pixel_case(rng, quantize=quantize)
+    expected = slow_aupro_sowa(masks, maps)
+    assert M.aupro(masks, maps, mode="sowa") == pytest.approx(expected, abs=1e-9)
+    assert M.pixel_metrics(masks, maps, aupro_mode="sowa")["aupro"] == pytest.approx(expected, abs=1e-9)
+    assert M.class_metrics(np.zeros(len(masks)), np.zeros(len(masks)), masks, maps,
+                           aupro_mode="sowa")["pixel_aupro"] == pytest.approx(expected, abs=1e-9)
+
+
+def test_aupro_sowa_equals_pooled_when_images_have_equal_normal_counts():
+    # the mean of per-image FPRs equals the pooled FPR when every image has the same number of normal pixels
+    rng = np.random.default_rng(5)
+    masks = np.zeros((4, 10, 10), dtype=bool)
+    for i in range(4):
+        masks[i, i:i + 3, 2:5] = True  # 9 anomalous pixels in every image
+    maps = (rng.normal(size=masks.shape) + masks).astype(np.float32)
+    assert M.aupro(masks, maps, mode="sowa") == pytest.approx(M.aupro(masks, maps), abs=1e-12)
+
+
+def test_aupro_sowa_leaves_out_images_without_normal_pixels():
+    masks, maps = sowa_hand_case()
+    full = np.ones((1, 1, 4), dtype=bool)  # an all-anomalous image: its FPR is 0/0
+    masks2 = np.concatenate([masks, full])
+    maps2 = np.concatenate([maps, np.array([[[0.5, 0.5, 0.5, 0.5]]])])
+    # the extra component {.5 x4} adds PRO 1, 1, 0, 0 -> PRO = (1+1+1)/3, (1+2/3+1)/3, (1+1/3)/3, (1+1/3)/3
+    # FPRs stay those of A and B: (0, 4/9) (.2, 4/9) (1, 8/9) (1, 1) -> .2 * 4/9 + .8 * (4/9 + 8/9) / 2 = 28/45
+    assert M.aupro(masks2, maps2, mode="sowa", fpr_limit=1.0, steps=4) == pytest.approx(28 / 45, abs=1e-12)
+    assert M.aupro(masks2, maps2, mode="sowa", fpr_limit=1.0, steps=4) == pytest.approx(
+        slow_aupro_sowa(masks2, maps2, fpr_limit=1.0, steps=4), abs=1e-12)

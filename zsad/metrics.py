@@ -26,6 +26,11 @@ Every metric is computed per class and then averaged over the classes of a datas
   - ``"mvtec"`` (the official MVTec AD definition): the exact PRO curve over every distinct score, starting
     at (0, 0), integrated with the trapezoid rule from FPR 0 to exactly 0.3 (PRO linearly interpolated at
     0.3) and divided by 0.3. Perfect predictions give 1.0.
+  - ``"sowa"`` (SOWA's released ``cal_pro_score``, huzongxiang/sowa src/utils/metrics.py lines 6-46): as
+    ``"anomalyclip"`` (same 200 thresholds, same PRO, same FPR < 0.3 min-max rescaling), except that FPR(t) is
+    the *mean of the per-image FPRs* (each image's normal pixels above t / its normal pixels) instead of being
+    pooled over the class. Images without a normal pixel are left out of that mean (the released code divides
+    0 by 0 there and then fails).
 
 Undefined values
 ----------------
@@ -68,7 +73,7 @@ __all__ = [
     "summarize",
 ]
 
-AUPRO_MODES = ("anomalyclip", "mvtec")
+AUPRO_MODES = ("anomalyclip", "mvtec", "sowa")
 _NAN = float("nan")
 
 # In-plane 8-connectivity for a stack [N, H, W]: components never cross images (same as labelling each
@@ -254,8 +259,10 @@ def image_metrics(labels, scores) -> dict[str, float]:
 class _PixelData:
     """Per-class pixel data shared by all pixel metrics (one sort of the normal pixels)."""
 
-    def __init__(self, masks, maps, need_components: bool):
+    def __init__(self, masks, maps, need_components: bool, keep_images: bool = False):
         y, m = _as_pixel_inputs(masks, maps)
+        # per-image FPRs ("sowa" AUPRO) need the images; references only, the caller holds these arrays anyway
+        self.images = (y, m) if keep_images else None
         self.min = float(m.min())
         self.max = float(m.max())
         if not (math.isfinite(self.min) and math.isfinite(self.max)):
@@ -299,14 +306,34 @@ def _floor_thresholds(thresholds: np.ndarray, dtype) -> np.ndarray:
     return low
 
 
-def _aupro_anomalyclip(d: _PixelData, fpr_limit: float, steps: int) -> float:
+def _count_above(values: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """Number of ``values > t_j`` for every ascending threshold t_j (values and thresholds of one dtype)."""
+    # a value's bin = the number of thresholds strictly below it, so it exceeds t_j exactly when bin > j
+    hist = np.bincount(np.searchsorted(thresholds, values, side="left"), minlength=thresholds.size + 1)
+    return np.cumsum(hist[::-1])[::-1][1:]
+
+
+def _mean_image_fpr(y: np.ndarray, m: np.ndarray, thresholds: np.ndarray) -> np.ndarray | None:
+    """Mean over the images that have normal pixels of each image's FPR at every threshold (None: no such image)."""
+    total, n_images = np.zeros(thresholds.size), 0
+    for yi, mi in zip(y, m):
+        normal = mi[~yi]
+        if normal.size:
+            total += _count_above(normal, thresholds) / normal.size
+            n_images += 1
+    return total / n_images if n_images else None
+
+
+def _aupro_anomalyclip(d: _PixelData, fpr_limit: float, steps: int, per_image_fpr: bool = False) -> float:
     n_neg = d.neg.size
     if d.n_comp == 0 or n_neg == 0:
         return _NAN
     delta = (d.max - d.min) / steps
     thresholds = _floor_thresholds(d.min + np.arange(steps, dtype=np.float64) * delta, d.neg.dtype)
-    # FPR(t_j) = #(normal > t_j) / #normal, read off the sorted normal pixels.
-    fpr = (n_neg - d.neg.count(thresholds, side="right")) / n_neg
+    if per_image_fpr:  # "sowa": FPR(t_j) = mean over images of #(normal > t_j) / #normal of that image
+        fpr = _mean_image_fpr(*d.images, thresholds)
+    else:  # FPR(t_j) = #(normal > t_j) / #normal, read off the sorted normal pixels of the class.
+        fpr = (n_neg - d.neg.count(thresholds, side="right")) / n_neg
     # bin of an anomalous pixel = number of thresholds strictly below it, so it is predicted anomalous at
     # t_j exactly when bin > j; a weighted histogram then gives PRO at every threshold at once.
     bins = np.searchsorted(thresholds, d.pos, side="left")
@@ -376,25 +403,26 @@ def _check_aupro_args(mode: str, fpr_limit: float, steps: int) -> None:
 
 
 def _aupro_from(d: _PixelData, mode: str, fpr_limit: float, steps: int) -> float:
-    if mode == "anomalyclip":
-        return _aupro_anomalyclip(d, fpr_limit, int(steps))
-    return _aupro_mvtec(d, fpr_limit)
+    if mode == "mvtec":
+        return _aupro_mvtec(d, fpr_limit)
+    return _aupro_anomalyclip(d, fpr_limit, int(steps), per_image_fpr=mode == "sowa")
 
 
 def aupro(masks, maps, mode: str = "anomalyclip", fpr_limit: float = 0.3, steps: int = 200) -> float:
     """Area under the per-region-overlap curve up to ``fpr_limit`` (see the module docstring for both modes).
 
-    ``masks`` and ``maps`` are [N, H, W]; ``steps`` is the number of thresholds of the "anomalyclip" mode
-    (unused by "mvtec"). NaN when the class has no anomalous or no normal pixel.
+    ``masks`` and ``maps`` are [N, H, W]; ``steps`` is the number of thresholds of the "anomalyclip" and "sowa"
+    modes (unused by "mvtec"). NaN when the class has no anomalous or no normal pixel.
     """
     _check_aupro_args(mode, fpr_limit, steps)
-    return _aupro_from(_PixelData(masks, maps, need_components=True), mode, fpr_limit, steps)
+    d = _PixelData(masks, maps, need_components=True, keep_images=mode == "sowa")
+    return _aupro_from(d, mode, fpr_limit, steps)
 
 
 def pixel_metrics(masks, maps, aupro_mode: str = "anomalyclip") -> dict[str, float]:
     """Pixel-level ``{"auroc", "ap", "f1max", "aupro"}`` for one class; masks/maps are [N, H, W]."""
     _check_mode(aupro_mode)
-    d = _PixelData(masks, maps, need_components=True)
+    d = _PixelData(masks, maps, need_components=True, keep_images=aupro_mode == "sowa")
     out = _rank_metrics(d.pos_sorted, d.neg)
     out["aupro"] = _aupro_from(d, aupro_mode, 0.3, 200)
     return out

@@ -1,0 +1,135 @@
+"""zsad.protocols: the papers' own scoring steps, each against a hand computation or a re-computation."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from zsad import ZsadError
+from zsad import methods as M
+from zsad import protocols as P
+
+
+def test_minmax_hand_case_and_degenerate_class():
+    assert P.minmax([2.0, 4.0, 3.0]).tolist() == [0.0, 1.0, 0.5]
+    # Bayes-PFL's eps: (x - 2) / (2 + 1e-8)
+    assert P.minmax([2.0, 4.0], eps=1e-8)[1] == pytest.approx(2 / (2 + 1e-8), abs=0)
+    assert P.minmax([0.7, 0.7, 0.7]).tolist() == [0.0, 0.0, 0.0]
+    with pytest.raises(ZsadError, match="NaN"):
+        P.minmax([0.1, float("nan")])
+    with pytest.raises(ZsadError, match="1-D"):
+        P.minmax([])
+
+
+def test_bayespfl_topk_follows_the_released_class_list():
+    for cls in ("capsules", "macaroni1", "macaroni2", "pipe_fryum", "screw", "cashew", "chewinggum"):
+        assert P.bayespfl_topk(cls) == 20
+    for cls in ("bottle", "pcb1", "metal_nut", "01"):
+        assert P.bayespfl_topk(cls) == 2000
+
+
+def test_bayespfl_image_scores_hand_case():
+    s_text = [0.2, 0.6, 1.0]  # -> 0, .5, 1
+    s_img = [3.0, 1.0, 2.0]  # -> 1, 0, .5
+    out = P.bayespfl_image_scores(s_text, s_img)
+    np.testing.assert_allclose(out, [0.5, 0.25, 0.75], atol=1e-7)
+    # classification-only data sets: min-max(s_text) alone, s_img ignored
+    np.testing.assert_allclose(P.bayespfl_image_scores(s_text, None, classification_only=True), [0, 0.5, 1],
+                               atol=1e-7)
+    # the normalisation changes the ranking a plain 0.5/0.5 mix gives: labels 1 0 1 -> AUROC 1 vs 0.5
+    labels = [1, 0, 1]
+    s_text2, s_img2 = [0.50, 0.40, 0.41], [0.0, 10.0, 30.0]
+    plain = 0.5 * np.array(s_text2) + 0.5 * np.array(s_img2)  # 0.25, 5.2, 15.2
+    paper = P.bayespfl_image_scores(s_text2, s_img2)  # .5*(1, 0, .1) + .5*(0, 1/3, 1) = .5, .1667, .55
+    assert roc_auc_score(labels, plain) == 0.5
+    assert roc_auc_score(labels, paper) == 1.0
+    with pytest.raises(ZsadError, match="length"):
+        P.bayespfl_image_scores([0.1, 0.2], [0.3])
+
+
+def test_classification_only_datasets():
+    for name in ("HeadCT", "headct", "BrainMRI", "Brain MRI", "Br35H", "br35h"):
+        assert P.is_classification_only(name)
+    for name in ("MVTec AD", "VisA", None, ""):
+        assert not P.is_classification_only(name)
+
+
+def test_sowa_kshot_image_scores_hand_case():
+    p = [0.1, 0.5, 0.9]
+    map_max = [2.0, 4.0, 3.0]  # -> 0, 1, .5
+    np.testing.assert_allclose(P.sowa_kshot_image_scores(p, map_max), [0.05, 0.75, 0.7], atol=1e-12)
+
+
+def test_paper_image_scores_dispatch():
+    terms = {"s_text": np.array([0.2, 0.6, 1.0]), "topk20": np.array([3.0, 1.0, 2.0]),
+             "topk2000": np.array([1.0, 2.0, 3.0]), "image_prob": np.array([0.1, 0.5, 0.9]),
+             "map_max": np.array([2.0, 4.0, 3.0])}
+    np.testing.assert_allclose(P.paper_image_scores("bayespfl", "screw", terms), [0.5, 0.25, 0.75], atol=1e-7)
+    np.testing.assert_allclose(P.paper_image_scores("bayespfl", "bottle", terms), [0.0, 0.5, 1.0], atol=1e-7)
+    np.testing.assert_allclose(P.paper_image_scores("bayespfl", "bottle", terms, dataset="Br35H"), [0, 0.5, 1],
+                               atol=1e-7)
+    np.testing.assert_allclose(P.paper_image_scores("sowa", "bottle", terms, shots=4), [0.05, 0.75, 0.7])
+    assert P.paper_image_scores("sowa", "bottle", terms, shots=0) is None  # zero-shot: p alone, as zsad
+    for name in ("anomalyclip", "bagclip", "afclip"):
+        assert P.paper_image_scores(name, "bottle", terms, shots=4) is None
+    assert P.paper_aupro_mode("sowa") == "sowa" and P.paper_aupro_mode("bayespfl") == "anomalyclip"
+
+
+def test_draw_seeds_and_mean_std():
+    assert P.paper_draw_seeds("sowa") == (42, 2020, 2023, 2024, 2025)
+    assert len(P.paper_draw_seeds("afclip")) == 5
+    with pytest.raises(ZsadError, match="few-shot"):
+        P.paper_draw_seeds("bayespfl")
+    out = P.mean_std([{"image_auroc": 0.9, "pixel_aupro": float("nan")},
+                      {"image_auroc": 0.7, "pixel_aupro": 0.5}])
+    assert out["image_auroc"][0] == pytest.approx(0.8) and out["image_auroc"][1] == pytest.approx(0.1)
+    assert out["pixel_aupro"] == (0.5, 0.0)
+    assert all(math.isnan(v) for v in P.mean_std([{"x": float("nan")}])["x"])
+    with pytest.raises(ZsadError):
+        P.mean_std([])
+    assert any("seeds [42, 2020" in line for line in P.describe("sowa", "MVTec AD", shots=4))
+
+
+def test_check_protocol():
+    P.check_protocol("paper")
+    with pytest.raises(ZsadError, match="unknown protocol"):
+        P.check_protocol("papers")
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("k", [20, 2000])
+def test_forward_with_terms_bayespfl(images, k):
+    # The method's own score with topk = k is 0.5 s_text + 0.5 mean(top-k of the unsmoothed map): the terms must
+    # reproduce it, and score / map must be the method's forward outputs.
+    torch.manual_seed(0)
+    m = M.create("bayespfl", "tiny", sampling={"samples": 2}, topk=k).eval()
+    names = ["screw", "bottle"]
+    with torch.no_grad():
+        out = m(images, class_names=names)
+        score, amap, terms = P.forward_with_terms(m, images, class_names=names)
+    assert torch.equal(score, out.score) and torch.equal(amap, out.anomaly_map)
+    assert set(terms) >= {"s_text", "image_prob", "topk20", "topk2000", "map_max"}
+    expected = 0.5 * terms["s_text"] + 0.5 * terms[f"topk{k}"]
+    np.testing.assert_allclose(out.score.double().numpy(), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(terms["map_max"], out.anomaly_map.flatten(1).amax(1).double().numpy())
+    assert np.all(terms["topk20"] >= terms["topk2000"])  # the mean of a larger top-k is never larger
+
+
+def test_forward_with_terms_sowa_kshot(images):
+    # zsad's K-shot score is 0.5 (p + (max(map) - lo) / scale) with calibration constants: the terms give p and
+    # max(map), from which the paper's per-class min-max replaces (lo, scale).
+    torch.manual_seed(0)
+    m = M.create("sowa", "tiny").eval()
+    with torch.no_grad():
+        m.fit_memory(torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(1)))
+        out = m(images)
+        score, amap, terms = P.forward_with_terms(m, images)
+    assert torch.equal(score, out.score) and torch.equal(amap, out.anomaly_map)
+    lo, scale = float(m.score_offset), float(m.config.k_shot.score_scale)
+    expected = 0.5 * (terms["image_prob"] + (terms["map_max"] - lo) / scale)
+    np.testing.assert_allclose(out.score.double().numpy(), expected, rtol=1e-5, atol=1e-6)
