@@ -61,3 +61,69 @@ def onnx_files(path: Path) -> list[Path]:
     path = Path(path)
     data = path.with_name(path.name + ".data")
     return [path] + ([data] if data.exists() else [])
+
+
+def export_metadata(method, trained: bool, checkpoint: str | Path | None = None, fp16: bool = False) -> dict[str, str]:
+    """What a stage file says about itself (ONNX ``metadata_props``): enough to pre-process for it without zsad.
+
+    The image size, mean and std are those of the served ``preprocess`` model (RGB, bicubic resize straight to
+    size x size, [0, 1] then (x - mean) / std). ``checkpoint_sha256`` is that of the file the weights came from:
+    ``checkpoint.safetensors`` of a checkpoint folder (or the released file given itself).
+    """
+    from zsad import __version__
+    from zsad.data import CLIP_MEAN, CLIP_STD
+
+    props = {
+        "zsad.version": __version__,
+        "zsad.method": method.name,
+        "zsad.profile": method.profile,
+        "zsad.image_size": str(method.image_size),
+        "zsad.mean": ",".join(repr(float(v)) for v in CLIP_MEAN),
+        "zsad.std": ",".join(repr(float(v)) for v in CLIP_STD),
+        "zsad.trained": "true" if trained else "false",
+        "zsad.precision": "fp16" if fp16 else "fp32",
+    }
+    if checkpoint:
+        props["zsad.checkpoint_sha256"] = _checkpoint_sha256(Path(checkpoint))
+    return props
+
+
+def _checkpoint_sha256(checkpoint: Path) -> str:
+    import hashlib
+
+    from zsad.checkpoint import WEIGHTS_NAME
+
+    path = checkpoint / WEIGHTS_NAME if checkpoint.is_dir() else checkpoint
+    if path.suffix == ".json":  # the sidecar was given: its weights file is the source
+        path = path.with_suffix(".safetensors")
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def stamp_metadata(path: Path, props: dict[str, str]) -> None:
+    """Set ``props`` as ``metadata_props`` of the ONNX file at ``path`` (replacing keys it already holds).
+
+    External weights (``model.onnx.data``) are neither read nor rewritten: only the graph file changes.
+    """
+    import onnx
+
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    kept = {p.key: p.value for p in model.metadata_props if p.key not in props}
+    del model.metadata_props[:]
+    for key, value in {**kept, **props}.items():
+        model.metadata_props.add(key=str(key), value=str(value))
+    tmp = path.with_name(path.name + ".tmp")
+    onnx.save(model, str(tmp))
+    tmp.replace(path)
+
+
+def stamp_stage_files(stage_files: dict, props: dict[str, str]) -> None:
+    """Stamp every exported stage's ONNX file (``{stage name: [model.onnx, ...]}``) with ``props`` + its stage name."""
+    for stage, files in stage_files.items():
+        for f in files if isinstance(files, list) else []:
+            if Path(f).suffix == ".onnx":
+                stamp_metadata(f, {**props, "zsad.stage": stage})

@@ -8,3 +8,12 @@ __version__ = "0.1.0"
 
 class ZsadError(Exception):
     """A user-facing error: the message says what is wrong and how to fix it (CLIs print it, no traceback)."""
+
+
+def __getattr__(name):
+    # lazy, so that `import zsad` stays free of torch (the served pre-processing imports zsad)
+    if name == "Predictor":
+        from zsad.predict import Predictor
+
+        return Predictor
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,226 @@
+"""Local inference without a server: image files or uint8 arrays -> per-image score and anomaly map at the image's size.
+
+    predictor = Predictor.from_checkpoint("runs/bag-mvtec", device="cuda")
+    results = predictor.predict(["a.png", "b.jpg"])            # or uint8 HxWx3 arrays; class_names= for Bayes-PFL
+    results[0].score, results[0].anomaly_map                   # float, float32 [H, W] of a.png
+
+The pre- and post-processing are the served ensemble's own functions: :func:`zsad.data.decode_image` and
+:func:`zsad.data.preprocess` (with the mean/std the export writes into the ``preprocess`` model) as the
+``preprocess`` python model runs them, and :func:`zsad.data.transforms.resize_map` as the ``restore`` model runs it,
+so a local answer equals the answer of an ensemble exported with ``--resize-to-input``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import click
+import numpy as np
+
+from zsad import ZsadError
+from zsad.cli import cli_entry
+from zsad.data import CLIP_MEAN, CLIP_STD, decode_image, preprocess
+from zsad.data.transforms import resize_map
+
+
+@dataclass
+class Prediction:
+    score: float
+    anomaly_map: np.ndarray  # float32 [H, W]: the input image's own size
+    source: str = ""
+
+
+def _load(image, label: str) -> np.ndarray:
+    """A path, encoded bytes or a uint8 array -> uint8 [H, W, 3] (arrays: as the served raw ensemble takes them)."""
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        if not path.is_file():
+            raise ZsadError(f"image not found: {path}")
+        return np.asarray(decode_image(path.read_bytes(), max_pixels=None, label=f"image {path}"))
+    if isinstance(image, (bytes, bytearray)):
+        return np.asarray(decode_image(bytes(image), max_pixels=None, label=label))
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3 or 0 in image.shape:
+            raise ZsadError(f"{label}: arrays must be uint8 [H,W,3], got {image.dtype} {list(image.shape)}")
+        return image
+    raise ZsadError(f"{label}: expected a file path, encoded image bytes or a uint8 [H,W,3] array, "
+                    f"got {type(image).__name__}")
+
+
+class Predictor:
+    """A method in eval mode plus the served pre/post-processing. ``batch_size`` images go through it at once."""
+
+    def __init__(self, method, device: str = "cpu", batch_size: int = 8):
+        import torch
+
+        if batch_size < 1:
+            raise ZsadError(f"batch_size must be >= 1, got {batch_size}")
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            raise ZsadError(f"device {device}: CUDA is not available on this machine (use device='cpu')")
+        try:
+            self.device = torch.device(device)
+        except RuntimeError as err:
+            raise ZsadError(f"unknown device {device!r} (cpu, cuda, cuda:1, ...)") from err
+        self.method = method.to(self.device).eval()
+        self.batch_size = int(batch_size)
+        self.image_size = method.image_size
+        self.takes_class_name = bool(method.text_inputs())
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | Path, device: str = "cpu", clip_weights: str | Path | None = None,
+                        batch_size: int = 8) -> "Predictor":
+        """Rebuild the method of a checkpoint folder (what train/run.py or zsad-import wrote) for inference."""
+        from zsad.checkpoint import load_checkpoint
+
+        return cls(load_checkpoint(checkpoint, clip_weights=clip_weights)[0], device, batch_size)
+
+    def predict(self, images: Sequence, class_names: str | Sequence[str] | None = None) -> list[Prediction]:
+        """Score ``images`` (file paths, encoded bytes, or uint8 [H,W,3] arrays of any sizes, mixed freely).
+
+        ``class_names`` (one per image, or one str for all) is required by methods whose prompts use the object's
+        name (Bayes-PFL), as the served ensemble requires it, and ignored by the others.
+        """
+        images = list(images)
+        if self.takes_class_name:
+            if class_names is None:
+                raise ZsadError(f"{self.method.name} takes the object's class name with every image: pass "
+                                f"class_names (zsad-predict --class-name)")
+            names = [class_names] * len(images) if isinstance(class_names, str) else list(class_names)
+            if len(names) != len(images):
+                raise ZsadError(f"got {len(names)} class names for {len(images)} images")
+        out: list[Prediction] = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start:start + self.batch_size]
+            kwargs = {"class_names": names[start:start + len(chunk)]} if self.takes_class_name else {}
+            out += self._predict_batch(chunk, start, **kwargs)
+        return out
+
+    def _predict_batch(self, images: list, start: int, **kwargs) -> list[Prediction]:
+        import torch
+
+        labels = [str(im) if isinstance(im, (str, Path)) else f"#{start + k}" for k, im in enumerate(images)]
+        arrays = [_load(im, label) for im, label in zip(images, labels)]
+        x = np.stack([preprocess(a, self.image_size, CLIP_MEAN, CLIP_STD) for a in arrays])
+        with torch.no_grad():
+            res = self.method(torch.from_numpy(x).to(self.device), **kwargs)
+        scores = res.score.float().cpu().numpy()
+        maps = res.anomaly_map.float().cpu().numpy()
+        return [Prediction(float(s), resize_map(m, *a.shape[:2]), label)
+                for s, m, a, label in zip(scores, maps, arrays, labels)]
+
+
+def image_files(inputs: Sequence[str]) -> list[Path]:
+    """Files and folders (their images, recursively, sorted) -> unique image paths, in the order given."""
+    from zsad.data.io import is_image_file
+
+    found: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found += sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f))
+        elif p.is_file():
+            found.append(p)
+        else:
+            raise ZsadError(f"no such file or folder: {item}")
+    return list(dict.fromkeys(found))
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.argument("images", nargs=-1, required=True)
+@click.option("--checkpoint", required=True, type=click.Path(),
+              help="Checkpoint folder (train/run.py or zsad-import output), or an authors' released file.")
+@click.option("--device", default="cpu", help="Torch device: cpu, cuda, cuda:1, ...")
+@click.option("--clip-weights", type=click.Path(), default=None,
+              help="Local CLIP weights file for an offline machine (else the checkpoint's own source).")
+@click.option("--class-name", default=None, help="The object's class name (e.g. bottle): required by methods "
+              "whose prompts use it (Bayes-PFL), ignored by the others.")
+@click.option("--batch-size", type=int, default=8, help="Images per forward pass.")
+@click.option("--threshold", type=float, default=None, help="Score at or above which an image is NG (else OK).")
+@click.option("--out", type=click.Path(), default="predict_out", help="Where scores.csv and heatmaps/ go.")
+@click.option("--heatmaps/--no-heatmaps", default=True, help="Write input | overlay PNGs (one colour scale "
+              "for the whole run).")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@cli_entry
+def main(images, checkpoint, device, clip_weights, class_name, batch_size, threshold, out, heatmaps, no_progress):
+    """Score IMAGES (files and folders of images) locally, without a server.
+
+    Same pre- and post-processing as the served ensemble: each image is decoded, resized to the model's
+    resolution and normalised exactly as the preprocess model does, and its anomaly map is resized back to
+    the image's own size. Writes OUT/scores.csv (image, score, decision, height, width, error) and, with
+    --heatmaps, OUT/heatmaps/<name>.png. An image that cannot be read is listed with its error and the exit
+    code is 1; the others are still scored.
+    """
+    import csv
+    import sys
+    import time
+
+    from tqdm import tqdm
+
+    paths = image_files(images)
+    if not paths:
+        raise ZsadError("no images found in " + " ".join(images))
+    if batch_size < 1:
+        raise ZsadError("--batch-size must be >= 1")
+    predictor = Predictor.from_checkpoint(checkpoint, device=device, clip_weights=clip_weights,
+                                          batch_size=batch_size)
+    if predictor.takes_class_name and not class_name:
+        raise ZsadError(f"{predictor.method.name} takes the object's class name: pass --class-name "
+                        f"(e.g. --class-name bottle)")
+    kwargs = {"class_names": class_name} if predictor.takes_class_name else {}
+    rows, results, t0 = [], [], time.perf_counter()
+    for start in tqdm(range(0, len(paths), batch_size), desc=f"{predictor.method.name} on {predictor.device}",
+                      unit="batch", disable=no_progress, dynamic_ncols=True):
+        batch = paths[start:start + batch_size]
+        try:
+            preds = predictor.predict(batch, **kwargs)
+        except ZsadError:  # isolate the unreadable image(s)
+            preds = []
+            for p in batch:
+                try:
+                    preds += predictor.predict([p], **kwargs)
+                except ZsadError as err:
+                    preds.append(err)
+        for path, pred in zip(batch, preds):
+            if isinstance(pred, ZsadError):
+                rows.append({"image": str(path), "score": "", "decision": "", "height": "", "width": "",
+                             "error": str(pred)})
+                continue
+            decision = "" if threshold is None else ("NG" if pred.score >= threshold else "OK")
+            h, w = pred.anomaly_map.shape
+            rows.append({"image": str(path), "score": f"{pred.score:.6f}", "decision": decision, "height": h,
+                         "width": w, "error": ""})
+            results.append((path, pred))
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "scores.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    if heatmaps and results:
+        _write_heatmaps(out_dir / "heatmaps", results)
+    failed = [r for r in rows if r["error"]]
+    click.echo(f"{len(results)} images scored in {time.perf_counter() - t0:.1f} s; wrote {out_dir / 'scores.csv'}"
+               + (", heatmaps/" if heatmaps and results else ""))
+    for r in failed:
+        click.echo(f"error: {r['image']}: {r['error']}", err=True)
+    if failed:
+        sys.exit(1)
+
+
+
+
+def _write_heatmaps(folder: Path, results) -> None:
+    from zsad.data import read_image
+    from zsad.visualize import save_panel
+
+    maps = [p.anomaly_map for _, p in results]
+    vmin, vmax = float(min(m.min() for m in maps)), float(max(m.max() for m in maps))  # one scale for the run
+    used: set[str] = set()
+    for path, pred in results:
+        name, k = path.stem, 1
+        while name in used:  # the same file name in different folders
+            name, k = f"{path.stem}_{k}", k + 1
+        used.add(name)
+        save_panel(folder / f"{name}.png", np.asarray(read_image(path)), pred.anomaly_map, vmin, vmax,
+                   title_score=pred.score)
