@@ -413,6 +413,36 @@ def _write_mvtec_class(root, cls, rng):
             Image.fromarray(mask).save(mp)
 
 
+def test_mosaic_of_four_anomalous_images_on_mvtec_only(tmp_path):
+    from zsad.data import AnomalyDataset, load_samples
+    from zsad.data.augment import MosaicDataset
+
+    rng = np.random.default_rng(0)
+    for cls in ("bottle", "cable"):
+        _write_mvtec_class(tmp_path, cls, rng)
+    base = AnomalyDataset(load_samples(tmp_path, "test"), 32)
+    m = M.create("bayespfl", "tiny")
+    assert (m.config.augment.mosaic_rate, list(m.config.augment.mosaic_datasets)) == (0.4, ["MVTec AD"])  # released
+    assert m.training_dataset(base, {"dataset": "VisA"}) is base
+    ds = m.training_dataset(base, {"dataset": "MVTec AD"})
+    assert isinstance(ds, MosaicDataset) and ds.draw == "anomalous" and ds.rate == 0.4
+    crack = {i for i, s in enumerate(base.samples) if s.label}
+    good = next(i for i, s in enumerate(base.samples) if not s.label)
+    picks = [p for _ in range(200) for p in ds._picks(np.random.default_rng(_), base.samples[good].cls)]
+    assert set(picks) <= crack and {base.samples[p].cls for p in picks} == {base.samples[good].cls}
+    mosaics = 0
+    for epoch in range(25):
+        ds.set_epoch(epoch)
+        item = ds[good]
+        if item["path"].startswith("mosaic:"):
+            mosaics += 1
+            assert int(item["label"]) == 1 and item["mask"].any()  # a normal item becomes an anomalous mosaic
+            assert set(item["mask"].unique().tolist()) <= {0.0, 1.0}  # binary masks (> 0.5), not SOWA's soft ones
+        else:
+            assert int(item["label"]) == 0
+    assert 3 <= mosaics <= 17  # p = 0.4 of 25 draws
+
+
 def test_evaluation_passes_each_samples_class_name(small, tmp_path, monkeypatch):
     from zsad.data import load_samples
     from zsad.evaluate import evaluate

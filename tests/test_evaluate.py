@@ -118,3 +118,117 @@ def test_eval_refuses_masks_of_another_size_unless_resize_masks(setup, tmp_path)
     got, want = (json.loads((trees[k] / "out" / "metrics.json").read_text())["per_class"]["bracket_black"]
                  for k in ("small", "reference"))
     assert got["pixel_auroc"] == want["pixel_auroc"] and got["pixel_aupro"] == want["pixel_aupro"]
+
+
+# -- --protocol paper ----------------------------------------------------------------------------------------------
+def _class_batch(root, cls):
+    samples = load_samples(root, "test", classes=[cls])
+    return next(iter(torch.utils.data.DataLoader(AnomalyDataset(samples, 224), batch_size=len(samples))))
+
+
+def _hand_minmax(x, eps=0.0):
+    x = np.asarray(x, dtype=np.float64)
+    return (x - x.min()) / (x.max() - x.min() + eps)
+
+
+def test_eval_protocol_paper_bayespfl(tmp_path_factory, setup):
+    from zsad.protocols import forward_with_terms
+
+    base, _ = setup
+    torch.manual_seed(0)
+    method = M.create("bayespfl", "tiny", sampling={"samples": 2}).eval()
+    ckpt = tmp_path_factory.mktemp("bpfl") / "ckpt"
+    save_checkpoint(ckpt, method, epochs=0)
+    args = ["--checkpoint", str(ckpt), "--data", str(base / "mpdd"), "--classes", "bracket_black", "--heatmaps", "0",
+            "--no-progress", "--device", "cpu"]
+    reports = {}
+    for protocol in ("zsad", "paper"):
+        res = CliRunner().invoke(eval_cli, args + ["--out", str(ckpt.parent / protocol), "--protocol", protocol])
+        assert res.exit_code == 0, res.output
+        reports[protocol] = json.loads((ckpt.parent / protocol / "metrics.json").read_text())
+    paper = reports["paper"]
+    assert paper["protocol"] == "paper" and reports["zsad"]["protocol"] == "zsad"
+    assert paper["aupro_mode"] == "anomalyclip" and any("min-max" in n for n in paper["protocol_notes"])
+    assert reports["zsad"]["protocol_notes"] == []
+    # independent re-computation: the released script's mix, written out here, from the per-image terms
+    batch = _class_batch(base / "mpdd", "bracket_black")
+    with torch.no_grad():
+        _, amap, terms = forward_with_terms(method, batch["image"], class_names=["bracket black"] * len(batch["image"]))
+    labels = batch["label"].numpy()
+    top = terms["topk2000"]  # bracket_black is not in the top-20 list: k = 2000
+    want = 0.5 * _hand_minmax(terms["s_text"], 1e-8) + 0.5 * _hand_minmax(top, 1e-8)
+    got = paper["per_class"]["bracket_black"]
+    assert got["image_auroc"] == pytest.approx(roc_auc_score(labels, want), abs=1e-9)
+    assert got["image_auroc"] != reports["zsad"]["per_class"]["bracket_black"]["image_auroc"]  # the mix matters here
+    # the pixel metrics do not depend on the protocol (same maps, same AUPRO mode)
+    for k in ("pixel_auroc", "pixel_aupro"):
+        assert got[k] == reports["zsad"]["per_class"]["bracket_black"][k]
+    assert "protocol paper:" in CliRunner().invoke(
+        eval_cli, args + ["--out", str(ckpt.parent / "again"), "--protocol", "paper"]).output
+
+    # HeadCT / BrainMRI / Br35H have no masks: min-max(s_text) alone, image metrics only
+    res = CliRunner().invoke(eval_cli, args + ["--out", str(ckpt.parent / "br35h"), "--protocol", "paper",
+                                               "--dataset-name", "Br35H"])
+    assert res.exit_code == 0, res.output
+    br = json.loads((ckpt.parent / "br35h" / "metrics.json").read_text())["per_class"]["bracket_black"]
+    assert "pixel_auroc" not in br
+    assert br["image_auroc"] == pytest.approx(roc_auc_score(labels, terms["s_text"]), abs=1e-9)
+
+
+def test_eval_protocol_paper_sowa_few_shot_draws(tmp_path_factory, setup):
+    from zsad.evaluate import _load_support, support_images
+    from zsad.protocols import forward_with_terms
+
+    base, _ = setup
+    torch.manual_seed(0)
+    method = M.create("sowa", "tiny").eval()
+    work = tmp_path_factory.mktemp("sowa")
+    save_checkpoint(work / "ckpt", method, epochs=0)
+    support = work / "support"
+    support.mkdir()
+    rng = np.random.default_rng(5)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)).save(support / f"{i}.png")
+    res = CliRunner().invoke(eval_cli, ["--checkpoint", str(work / "ckpt"), "--data", str(base / "mpdd"),
+                                        "--classes", "bracket_black", "--out", str(work / "out"), "--protocol",
+                                        "paper", "--shots", "2", "--support", str(support), "--heatmaps", "0",
+                                        "--no-progress", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((work / "out" / "metrics.json").read_text())
+    assert report["aupro_mode"] == "sowa" and report["few_shot"]["seeds"] == [42, 2020, 2023, 2024, 2025]
+    assert [d["seed"] for d in report["draws"]] == [42, 2020, 2023, 2024, 2025]
+    # mean and population std over the draws, recomputed here
+    aurocs = [d["mean"]["image_auroc"] for d in report["draws"]]
+    assert report["mean_std"]["image_auroc"] == pytest.approx([np.mean(aurocs), np.std(aurocs)], abs=1e-12)
+    assert report["per_class"]["bracket_black"]["image_auroc"] == pytest.approx(np.mean(aurocs), abs=1e-12)
+    assert "mean ± std over 5 draws" in res.output
+    # draw 42 re-computed: memory from its support images, SOWA's K-shot score 0.5 (p + min-max(max map))
+    cls = "bracket_black"
+    paths = support_images(support, [cls], 2, 42)[cls]
+    assert report["few_shot"]["images"][0][cls] == [str(p) for p in paths]
+    batch = _class_batch(base / "mpdd", cls)
+    with torch.no_grad():
+        method.fit_memory(_load_support(paths, 224, "cpu"))
+        _, _, terms = forward_with_terms(method, batch["image"])
+        method.clear_memory()
+    want = 0.5 * (terms["image_prob"] + _hand_minmax(terms["map_max"]))
+    assert report["draws"][0]["per_class"][cls]["image_auroc"] == pytest.approx(
+        roc_auc_score(batch["label"].numpy(), want), abs=1e-9)
+
+
+def test_eval_protocol_paper_afclip_uses_its_aupro(setup, tmp_path):
+    torch.manual_seed(0)
+    method = M.create("afclip", "tiny").eval()
+    save_checkpoint(tmp_path / "ckpt", method, epochs=0)
+    base, _ = setup
+    args = ["--checkpoint", str(tmp_path / "ckpt"), "--data", str(base / "mpdd"), "--classes", "bracket_black",
+            "--heatmaps", "0", "--no-progress", "--device", "cpu"]
+    out = {}
+    for extra in (["--protocol", "paper"], ["--aupro-mode", "afclip"], ["--protocol", "paper", "--aupro-mode", "mvtec"]):
+        name = "-".join(extra)
+        assert CliRunner().invoke(eval_cli, args + ["--out", str(tmp_path / name)] + extra).exit_code == 0
+        out[name] = json.loads((tmp_path / name / "metrics.json").read_text())
+    paper, explicit, mvtec = out.values()
+    assert paper["aupro_mode"] == "afclip" and explicit["protocol"] == "zsad" and mvtec["aupro_mode"] == "mvtec"
+    # AF-CLIP's scores are per image: the paper protocol changes only the AUPRO definition
+    assert paper["per_class"] == explicit["per_class"]

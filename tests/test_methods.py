@@ -148,6 +148,72 @@ def test_bagclip_head_uses_the_graph(tiny_method):
     assert (base - off).abs().max() > 1e-4
 
 
+# -- BAG-CLIP ablation switches (graph.sag / graph.safr / graph.jff) ----------------------------------------------
+def _bagclip_map(m, z):
+    """AnomalyCLIP's map from projected patch features z (the shared text alignment and postprocess)."""
+    return m.postprocess(torch.zeros(z.shape[0]), m.layer_probs(z, m.text_embeddings())[:, :, 1].sum(1))[1]
+
+
+def test_bagclip_sag_and_safr_off(monkeypatch):
+    import zsad.methods.bagclip as bag_module
+
+    x = _images(2, seed=3)
+    both_off = M.create("bagclip", "tiny", graph={"sag": False, "safr": False}).eval()
+    assert both_off.gcn is None and both_off.safr is None
+    assert not any(k.startswith(("gcn.", "safr.")) for k in both_off.trainable_state_dict())
+
+    def no_graph(*args, **kwargs):
+        raise AssertionError("SAG off must not build a kNN graph")
+
+    monkeypatch.setattr(bag_module, "knn_graph", no_graph)
+    with torch.no_grad():
+        out = both_off(x).anomaly_map
+        _, taps = both_off.encode(x)
+        # neither module: H = the plain mean of the scales, Z_l = ln_post(D_l + gamma mean_l D_l) @ proj
+        ref = _bagclip_map(both_off, both_off.backbone.project_tokens(taps + 0.1 * taps.mean(dim=1, keepdim=True)))
+    torch.testing.assert_close(out, ref)
+    sag_off = M.create("bagclip", "tiny", graph={"sag": False}).eval()
+    with torch.no_grad():
+        _, taps = sag_off.encode(x)
+        ref = _bagclip_map(sag_off, sag_off.backbone.project_tokens(taps + 0.1 * sag_off.safr(taps).unsqueeze(1)))
+        torch.testing.assert_close(sag_off(x).anomaly_map, ref)
+    monkeypatch.undo()
+
+    safr_off = M.create("bagclip", "tiny", graph={"safr": False}).eval()
+    with torch.no_grad():
+        _, taps = safr_off.encode(x)
+        mean = taps.mean(dim=1)
+        h = safr_off.gcn(mean, bag_module.knn_graph(mean, 8, "binary", "max", 14))
+        ref = _bagclip_map(safr_off, safr_off.backbone.project_tokens(taps + 0.1 * h.unsqueeze(1)))
+        torch.testing.assert_close(safr_off(x).anomaly_map, ref)
+    with pytest.raises(ZsadError, match="graph.jff"):
+        M.create("bagclip", "tiny", graph={"jff": "sum"})
+
+
+def test_bagclip_jff_concat_variant():
+    m = M.create("bagclip", "tiny", graph={"jff": "concat"}).eval()
+    d = m.backbone.info.width
+    w = m.jff_linear.weight
+    assert w.shape == (d, 2 * d) and not hasattr(m, "jff_gamma")
+    torch.testing.assert_close(w, torch.cat([torch.eye(d), 0.1 * torch.eye(d)], dim=1))  # starts as the add variant
+    x = _images(2, seed=4)
+    with torch.no_grad():
+        m.jff_linear.weight.add_(0.01 * torch.randn(d, 2 * d, generator=torch.Generator().manual_seed(0)))
+        m.jff_linear.bias.normal_(0, 0.01)
+        _, taps = m.encode(x)
+        h = m.graph_features(taps).unsqueeze(1)
+        w, b = m.jff_linear.weight, m.jff_linear.bias
+        mixed = taps @ w[:, :d].T + h @ w[:, d:].T + b  # W [D_l ; H] + b written out
+        torch.testing.assert_close(m(x).anomaly_map, _bagclip_map(m, m.backbone.project_tokens(mixed)))
+        env = run_stages(m.stages(), images=x)  # the export plan carries the variant
+        assert torch.equal(env["anomaly_map"], m(x).anomaly_map)
+    m.train()
+    batch = {"image": _images(2), "label": torch.tensor([0, 1]),
+             "mask": (torch.rand(2, 224, 224, generator=torch.Generator().manual_seed(0)) > 0.9).float()}
+    m.loss(batch)["total"].backward()
+    assert m.jff_linear.weight.grad.abs().sum() > 0
+
+
 # -- losses -----------------------------------------------------------------------------------------------------
 def test_focal_and_dice_against_formulas():
     torch.manual_seed(0)

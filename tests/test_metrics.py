@@ -89,8 +89,26 @@ def slow_aupro_sowa(masks, maps, fpr_limit=0.3, steps=200):
     return sk_auc(f, p)
 
 
+def slow_aupro_afclip(masks, maps, fpr_limit=0.3, steps=200):
+    """AF-CLIP-style AUPRO: AnomalyCLIP's loop, but the kept FPRs are divided by their maximum (no min shift)."""
+    masks = np.asarray(masks).astype(bool)
+    maps64 = np.asarray(maps).astype(np.float64)
+    regions = regions_per_image(masks)
+    lo, hi = float(maps64.min()), float(maps64.max())
+    normal = ~masks
+    fprs, pros = [], []
+    for j in range(steps):
+        binary = maps64 > lo + j * (hi - lo) / steps
+        pros.append(np.mean([binary[i, r.coords[:, 0], r.coords[:, 1]].sum() / r.area
+                             for i, regs in enumerate(regions) for r in regs]))
+        fprs.append(np.logical_and(binary, normal).sum() / normal.sum())
+    fprs, pros = np.array(fprs), np.array(pros)
+    keep = fprs < fpr_limit
+    return sk_auc(fprs[keep] / fprs[keep].max(), pros[keep])
+
+
 SLOW_AUPRO = {"anomalyclip": lambda m, s: slow_aupro_anomalyclip(m, s), "sowa": lambda m, s: slow_aupro_sowa(m, s),
-              "mvtec": lambda m, s: slow_aupro_mvtec(m, s)}
+              "mvtec": lambda m, s: slow_aupro_mvtec(m, s), "afclip": lambda m, s: slow_aupro_afclip(m, s)}
 
 
 def slow_aupro_mvtec(masks, maps, fpr_limit=0.3):
@@ -449,7 +467,7 @@ def test_bad_inputs_raise_value_error():
         M.class_metrics([1, 0, 0], [0.5, 0.1, 0.2], masks, maps)
     with pytest.raises(ValueError, match="NaN or inf"):
         M.pixel_metrics(masks, np.full((2, 4, 4), np.inf, dtype=np.float32))
-    assert M.AUPRO_MODES == ("anomalyclip", "mvtec", "sowa")
+    assert M.AUPRO_MODES == ("anomalyclip", "mvtec", "sowa", "afclip")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -517,3 +535,36 @@ def test_aupro_sowa_leaves_out_images_without_normal_pixels():
     assert M.aupro(masks2, maps2, mode="sowa", fpr_limit=1.0, steps=4) == pytest.approx(28 / 45, abs=1e-12)
     assert M.aupro(masks2, maps2, mode="sowa", fpr_limit=1.0, steps=4) == pytest.approx(
         slow_aupro_sowa(masks2, maps2, fpr_limit=1.0, steps=4), abs=1e-12)
+
+
+# --------------------------------------------------------------------------------------------------------
+# AUPRO, "afclip" mode (kept FPRs divided by their maximum)
+# --------------------------------------------------------------------------------------------------------
+def test_aupro_afclip_hand_case():
+    # Case B (see test_aupro_anomalyclip_hand_case_b): kept FPRs 2/9 (j 41..120) and 1/9 (j 121..199).
+    # Divided by the max 2/9 -> 1 and .5 (min-max would give 1 and 0).
+    # Ascending FPR: (.5, 0) [j 181..199] ... (.5, .25) [j 121..180] -> (1, .75) [j 120] ... (1, 1) [j 41]
+    # area = the diagonal step only: (1 - .5) * (.25 + .75) / 2 = .25 (AnomalyCLIP's rescaling gives .5)
+    masks, maps = hand_case_b()
+    assert M.aupro(masks, maps, mode="afclip") == pytest.approx(0.25, abs=1e-12)
+    assert M.aupro(masks, maps, mode="afclip") == pytest.approx(slow_aupro_afclip(masks, maps), abs=1e-12)
+    # Case A: the smallest kept FPR is 0, so dividing by the max equals min-max rescaling
+    masks, maps = hand_case_a()
+    assert M.aupro(masks, maps, mode="afclip") == pytest.approx(0.75, abs=1e-12)
+
+
+def test_aupro_afclip_all_kept_fprs_zero_is_nan():
+    # normals all at the global minimum: FPR 0 at every threshold -> 0 / 0 in the released code; NaN here
+    masks = np.array([[[1, 1, 0, 0]]], dtype=bool)
+    maps = np.array([[[1.0, 0.5, 0.0, 0.0]]])
+    assert math.isnan(M.aupro(masks, maps, mode="afclip"))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_aupro_afclip_matches_slow_reference(seed):
+    rng = np.random.default_rng(600 + seed)
+    masks, maps = random_pixel_case(rng)
+    expected = slow_aupro_afclip(masks, maps)
+    assert M.aupro(masks, maps, mode="afclip") == pytest.approx(expected, abs=1e-9)
+    assert M.class_metrics([0] * len(masks), [0.0] * len(masks), masks, maps,
+                           aupro_mode="afclip")["pixel_aupro"] == pytest.approx(expected, abs=1e-9)

@@ -74,6 +74,7 @@ def test_paper_image_scores_dispatch():
     for name in ("anomalyclip", "bagclip", "afclip"):
         assert P.paper_image_scores(name, "bottle", terms, shots=4) is None
     assert P.paper_aupro_mode("sowa") == "sowa" and P.paper_aupro_mode("bayespfl") == "anomalyclip"
+    assert P.paper_aupro_mode("afclip") == "afclip" and P.paper_aupro_mode("bagclip") == "anomalyclip"
 
 
 def test_draw_seeds_and_mean_std():

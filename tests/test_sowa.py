@@ -14,7 +14,7 @@ from scipy.ndimage import gaussian_filter
 import zsad.methods as M
 from zsad import ZsadError
 from zsad.data import AnomalyDataset, load_samples
-from zsad.data.augment import MosaicDataset, mosaic
+from zsad.data.augment import MosaicDataset, mosaic, soft_mask
 from zsad.data.synthetic import SYNTHETIC_TEST_CLASSES, SYNTHETIC_TRAIN_CLASSES
 from zsad.evaluate import evaluate
 from zsad.methods.sowa import Sowa
@@ -204,35 +204,96 @@ def test_k_shot_stages_values_and_calibration():
 
 
 # -- mosaic ---------------------------------------------------------------------------------------------------------
-def test_mosaic_tiles_images_and_masks():
-    imgs = [torch.full((3, 8, 8), float(i)) for i in range(4)]
-    masks = [torch.zeros(8, 8), torch.ones(8, 8), torch.zeros(8, 8), torch.zeros(8, 8)]
-    image, mask = mosaic(imgs, masks)
-    assert image.shape == (3, 8, 8) and mask.shape == (8, 8)
-    for k, (r, c) in enumerate([(0, 0), (0, 4), (4, 0), (4, 4)]):
-        assert torch.allclose(image[:, r:r + 4, c:c + 4], torch.full((3, 4, 4), float(k)))
-    assert mask[:4, 4:].all() and mask.sum() == 16
+def test_mosaic_pastes_full_resolution_tiles():
+    from PIL import Image
+
+    colours = [(10, 0, 0), (0, 20, 0), (0, 0, 30), (40, 40, 40)]
+    imgs = [Image.new("RGB", (3, 2), c) for c in colours]  # W 3, H 2
+    masks = [np.zeros((2, 3), bool), np.ones((2, 3), bool), np.zeros((2, 3), bool), np.eye(2, 3, dtype=bool)]
+    canvas, mask = mosaic(imgs, masks)
+    arr, m = np.asarray(canvas), np.asarray(mask)
+    assert canvas.size == (6, 4) and mask.mode == "L"
+    for k, (r, c) in enumerate([(0, 0), (0, 3), (2, 0), (2, 3)]):  # row-major, each tile at full size
+        assert (arr[r:r + 2, c:c + 3] == colours[k]).all()
+    assert (m[0:2, 3:6] == 255).all() and m[2, 3] == 255 and m[3, 4] == 255 and m.sum() == 8 * 255
 
 
-def test_mosaic_dataset_is_seeded_per_epoch_and_relabels(tmp_path):
+def test_soft_masks_are_positive_wherever_an_edge_touches():
+    from PIL import Image
+
+    from zsad.data.transforms import preprocess_mask
+
+    full = np.zeros((64, 64), bool)
+    full[:, 10] = True  # a 1-pixel line: a quarter of a target pixel after a 4x downscale
+    soft = soft_mask(Image.fromarray(full.astype(np.uint8) * 255), 16)
+    assert soft.dtype == np.float32 and soft.max() <= 1.0
+    np.testing.assert_allclose(soft * 255, np.round(soft * 255), atol=1e-4)  # 8-bit values, as ToTensor gives
+    assert (soft[:, 2] > 0).all() and not preprocess_mask(full, 16).any()  # kept at > 0, lost at > 0.5
+
+
+def _mvtec_with_crack(tmp_path):
+    """bottle: 2 good, 2 broken, 1 crack (so a defect type drawn first differs from an image drawn uniformly)."""
+    from PIL import Image
+
     _write_mvtec(tmp_path, np.random.default_rng(1))
-    samples = load_samples(tmp_path, "test", classes=["bottle"])
-    base = AnomalyDataset(samples, 64)
-    always = MosaicDataset(base, rate=1.0, seed=3, relabel=True)
-    a, b = always[0], always[0]
-    assert torch.equal(a["image"], b["image"]) and a["path"].startswith("mosaic:")
-    assert int(a["label"]) == int(a["mask"].any())
+    img = np.random.default_rng(2).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[0:5, 0:64] = 255
+    for path, arr in ((tmp_path / "bottle/test/crack/000.png", img),
+                      (tmp_path / "bottle/ground_truth/crack/000_mask.png", mask)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr).save(path)
+    return AnomalyDataset(load_samples(tmp_path, "test", classes=["bottle"]), 32)
+
+
+def test_mosaic_dataset_draws_a_defect_type_first_and_resizes_once(tmp_path):
+    from PIL import Image
+
+    from zsad.data import preprocess
+
+    base = _mvtec_with_crack(tmp_path)
+    always = MosaicDataset(base, rate=1.0, seed=3, relabel=True, draw="defect_type")
+    crack = [i for i, s in enumerate(base.samples) if s.defect == "crack"]
+    rng = np.random.default_rng(0)
+    freq = np.mean([p == crack[0] for _ in range(3000) for p in always._picks(rng, "bottle")])
+    assert abs(freq - 1 / 3) < 0.02  # type first: 1/3 (3 types); a uniform image draw would give 1/5
+
+    item = always[0]
+    rng = np.random.default_rng([3, 0, 0])
+    rng.random()
+    picks = always._picks(rng, "bottle")
+    # reference: tiles at full resolution side by side (numpy), then ONE bicubic resize of the whole canvas
+    tiles = [np.asarray(Image.open(base.samples[j].image).convert("RGB")) for j in picks]
+    canvas = np.concatenate([np.concatenate(tiles[:2], 1), np.concatenate(tiles[2:], 1)], 0)
+    np.testing.assert_allclose(item["image"].numpy(), preprocess(Image.fromarray(canvas), 32), atol=1e-6)
+    assert item["path"].startswith("mosaic:") and int(item["label"]) == int(item["mask"].any())
+    assert torch.equal(always[0]["image"], item["image"])
     always.set_epoch(1)
-    assert not torch.equal(always[0]["image"], a["image"])  # new epoch, new draw
+    assert not torch.equal(always[0]["image"], item["image"])  # new epoch, new draw
     never = MosaicDataset(base, rate=0.0)
-    assert torch.equal(never[3]["image"], base[3]["image"])
+    assert torch.equal(never[3]["image"], base[3]["image"]) and torch.equal(never[3]["mask"], base[3]["mask"])
     keep = MosaicDataset(base, rate=1.0, seed=3, relabel=False)
     assert int(keep[0]["label"]) == int(base[0]["label"])  # the code's quirk: the drawn item's label
-    m = M.create("sowa", "tiny")
-    assert m.training_dataset(base, {"dataset": "synthetic"}) is base  # paper setting: MVTec AD only
-    assert isinstance(m.training_dataset(base, {"dataset": "MVTec AD"}), MosaicDataset)
     with pytest.raises(ZsadError, match="rate"):
         MosaicDataset(base, rate=1.5)
+    with pytest.raises(ZsadError, match="draw"):
+        MosaicDataset(base, draw="any")
+
+
+def test_sowa_training_dataset_soft_masks_and_mosaic_on_mvtec_only(tmp_path):
+    base = _mvtec_with_crack(tmp_path)
+    m = M.create("sowa", "tiny")
+    assert m.config.augment.soft_masks and m.config.loss.mask_threshold == 0.0  # the released recipe
+    off_mvtec = m.training_dataset(base, {"dataset": "synthetic"})
+    assert off_mvtec.rate == 0.0 and off_mvtec.soft_masks  # no mosaic, but soft masks everywhere
+    on_mvtec = m.training_dataset(base, {"dataset": "MVTec AD"})
+    assert on_mvtec.rate == 0.2 and on_mvtec.draw == "defect_type"
+    i = next(k for k, s in enumerate(base.samples) if s.defect == "crack")
+    soft, hard = off_mvtec[i]["mask"], base[i]["mask"]
+    assert torch.equal(off_mvtec[i]["image"], base[i]["image"])
+    assert ((soft > 0) >= (hard > 0.5)).all() and (soft > 0).sum() > (hard > 0.5).sum()  # edges now count
+    plain = M.create("sowa", "tiny", augment={"soft_masks": False})
+    assert plain.training_dataset(base, {"dataset": "synthetic"}) is base
 
 
 # -- training -----------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ Every metric is computed per class and then averaged over the classes of a datas
     (prediction ``score >= threshold``); 0/0 points are ignored.
 
 * Pixel level: the same three metrics over all pixels of all test images of a class (flattened), plus AUPRO
-  with an FPR limit of 0.3 in one of two modes (:data:`AUPRO_MODES`):
+  with an FPR limit of 0.3 in one of four modes (:data:`AUPRO_MODES`):
 
   - ``"anomalyclip"`` (default, the protocol of AnomalyCLIP and the papers that copy its evaluation code):
     200 thresholds ``t_j = min + j * (max - min) / 200``, ``j = 0..199`` (min/max over all maps of the class, in
@@ -31,6 +31,9 @@ Every metric is computed per class and then averaged over the classes of a datas
     the *mean of the per-image FPRs* (each image's normal pixels above t / its normal pixels) instead of being
     pooled over the class. Images without a normal pixel are left out of that mean (the released code divides
     0 by 0 there and then fails).
+  - ``"afclip"`` (AF-CLIP's released ``compute_pro``, Faustinaqq/AF-CLIP util/utils.py): as ``"anomalyclip"``
+    (same thresholds, PRO and pooled FPR), except that the kept FPRs (< 0.3) are divided by their maximum
+    instead of min-max rescaled, so the curve starts at min/max rather than at 0. All kept FPRs 0 gives NaN.
 
 Undefined values
 ----------------
@@ -73,7 +76,10 @@ __all__ = [
     "summarize",
 ]
 
-AUPRO_MODES = ("anomalyclip", "mvtec", "sowa")
+AUPRO_MODES = ("anomalyclip", "mvtec", "sowa", "afclip")
+# The 200-threshold modes: (FPR per threshold, rescaling of the kept FPRs to end at 1)
+_THRESHOLD_MODES = {"anomalyclip": ("pooled", "minmax"), "sowa": ("per_image", "minmax"),
+                    "afclip": ("pooled", "max")}
 _NAN = float("nan")
 
 # In-plane 8-connectivity for a stack [N, H, W]: components never cross images (same as labelling each
@@ -324,13 +330,14 @@ def _mean_image_fpr(y: np.ndarray, m: np.ndarray, thresholds: np.ndarray) -> np.
     return total / n_images if n_images else None
 
 
-def _aupro_anomalyclip(d: _PixelData, fpr_limit: float, steps: int, per_image_fpr: bool = False) -> float:
+def _aupro_thresholds(d: _PixelData, fpr_limit: float, steps: int, mode: str) -> float:
+    fpr_kind, rescale = _THRESHOLD_MODES[mode]
     n_neg = d.neg.size
     if d.n_comp == 0 or n_neg == 0:
         return _NAN
     delta = (d.max - d.min) / steps
     thresholds = _floor_thresholds(d.min + np.arange(steps, dtype=np.float64) * delta, d.neg.dtype)
-    if per_image_fpr:  # "sowa": FPR(t_j) = mean over images of #(normal > t_j) / #normal of that image
+    if fpr_kind == "per_image":  # "sowa": FPR(t_j) = mean over images of #(normal > t_j) / #normal of that image
         fpr = _mean_image_fpr(*d.images, thresholds)
     else:  # FPR(t_j) = #(normal > t_j) / #normal, read off the sorted normal pixels of the class.
         fpr = (n_neg - d.neg.count(thresholds, side="right")) / n_neg
@@ -344,7 +351,7 @@ def _aupro_anomalyclip(d: _PixelData, fpr_limit: float, steps: int, per_image_fp
         return _NAN
     # Thresholds ascend, so FPR descends: reverse to integrate over ascending FPR.
     f, p = fpr[keep][::-1], pro[keep][::-1]
-    lo, hi = f.min(), f.max()
+    lo, hi = (f.min() if rescale == "minmax" else 0.0), f.max()
     if hi == lo:
         return _NAN
     f = (f - lo) / (hi - lo)
@@ -405,14 +412,13 @@ def _check_aupro_args(mode: str, fpr_limit: float, steps: int) -> None:
 def _aupro_from(d: _PixelData, mode: str, fpr_limit: float, steps: int) -> float:
     if mode == "mvtec":
         return _aupro_mvtec(d, fpr_limit)
-    return _aupro_anomalyclip(d, fpr_limit, int(steps), per_image_fpr=mode == "sowa")
+    return _aupro_thresholds(d, fpr_limit, int(steps), mode)
 
 
 def aupro(masks, maps, mode: str = "anomalyclip", fpr_limit: float = 0.3, steps: int = 200) -> float:
-    """Area under the per-region-overlap curve up to ``fpr_limit`` (see the module docstring for both modes).
+    """Area under the per-region-overlap curve up to ``fpr_limit`` (see the module docstring for the modes).
 
-    ``masks`` and ``maps`` are [N, H, W]; ``steps`` is the number of thresholds of the "anomalyclip" and "sowa"
-    modes (unused by "mvtec"). NaN when the class has no anomalous or no normal pixel.
+    ``masks`` and ``maps`` are [N, H, W]; ``steps`` is the number of thresholds of every mode but "mvtec". NaN when the class has no anomalous or no normal pixel.
     """
     _check_aupro_args(mode, fpr_limit, steps)
     d = _PixelData(masks, maps, need_components=True, keep_images=mode == "sowa")

@@ -15,8 +15,10 @@ quote the released files and lines):
   is 0.5 (p + min-max over the class of max(final map)), p the text probability; zero-shot it is p alone (as
   zsad). AUPRO: the mean of per-image FPRs (``aupro_mode`` "sowa", src/utils/metrics.py ``cal_pro_score``).
   The K-shot tables are the mean and std over the eval seeds :data:`SOWA_EVAL_SEEDS` (scripts/infer_data.sh).
-* AF-CLIP, AnomalyCLIP, BAG-CLIP: the released scores are per image, as zsad's; AF-CLIP+ few-shot tables are the
-  mean and std over five random draws of the shots (the paper gives no seeds: zsad draws with seeds 0..4).
+* AF-CLIP (Faustinaqq/AF-CLIP, util/utils.py ``compute_pro``): AUPRO with the kept FPRs divided by their maximum
+  instead of min-max rescaled (``aupro_mode`` "afclip"). Its scores are per image, as zsad's; AF-CLIP+ few-shot
+  tables are the mean and std over five random draws of the shots (no seeds given: zsad draws with seeds 0..4).
+* AnomalyCLIP, BAG-CLIP: the released scores are per image, as zsad's; AUPRO "anomalyclip".
 
 All functions here are pure numpy over per-image quantities of ONE class, except :func:`forward_with_terms`,
 which runs a method once and returns those quantities beside its usual outputs.
@@ -44,7 +46,7 @@ SOWA_EVAL_SEEDS = (42, 2020, 2023, 2024, 2025)
 AFCLIP_DRAWS = 5
 
 # AUPRO definition each paper's table uses (the value of --aupro-mode under --protocol paper).
-PAPER_AUPRO_MODE = {"anomalyclip": "anomalyclip", "bagclip": "anomalyclip", "afclip": "anomalyclip",
+PAPER_AUPRO_MODE = {"anomalyclip": "anomalyclip", "bagclip": "anomalyclip", "afclip": "afclip",
                     "bayespfl": "anomalyclip", "sowa": "sowa"}
 
 

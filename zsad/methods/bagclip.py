@@ -11,6 +11,12 @@ methods/bagclip_sowa.md section 2 (every unknown is a config knob, defaults from
 - JFF: Z_l = ln_post(D_l + gamma H) @ proj with a learnable scalar gamma (init ``jff_gamma_init``);
 - text alignment, map and score exactly as AnomalyCLIP (shared code).
 
+Ablation switches (the paper's SAG / SAFR ablation rows; defaults = the full model):
+- ``graph.sag: false``: no kNN graph and no GCN; H = F (the SAFR output goes straight to JFF);
+- ``graph.safr: false``: F = the plain mean of the L scales (no SE, no learned scale weights);
+- ``graph.jff: concat``: Z_l = ln_post(W [D_l ; H] + b) @ proj with one linear 2D -> D shared by the scales,
+  initialised to [I | gamma_init I], b = 0 (so it starts equal to the ``add`` variant).
+
 Published budgets this respects: graph construction 2 N^2 D = 3.84 GFLOPs at 518 px (N = 1369, D = 1024) and
 ~1.08 M GCN parameters (ours: 1,051,648 for one 1024-wide layer with its LayerNorm).
 """
@@ -27,6 +33,9 @@ from zsad.modules.graph import EDGE_WEIGHTS, GCN, SYMMETRIZE, knn_graph
 from zsad.modules.recalibration import ScaleAdaptiveRecalibration
 
 
+JFF_VARIANTS = ("add", "concat")
+
+
 @dataclass
 class GraphConfig:
     knn_k: int  # neighbours per node (sweep 4/8/16/24)
@@ -39,8 +48,13 @@ class GraphConfig:
     # similarities are compared at 2^-bits resolution, so GEMM rounding (~1e-7, different in ONNX Runtime /
     # TensorRT / the Triton kernel) cannot flip a neighbour: near-equal values tie and the lowest index wins
     sim_resolution_bits: int = 14
+    sag: bool = True  # ablation: False = no kNN graph / GCN
+    safr: bool = True  # ablation: False = mean over the scales instead of SAFR
+    jff: str = "add"  # add: D_l + gamma H | concat: linear [D_l ; H]
 
     def __post_init__(self):
+        if self.jff not in JFF_VARIANTS:
+            raise ZsadError(f"graph.jff must be one of {JFF_VARIANTS}, got '{self.jff}'")
         if self.edge_weight not in EDGE_WEIGHTS:
             raise ZsadError(f"graph.edge_weight must be one of {EDGE_WEIGHTS}, got '{self.edge_weight}'")
         if self.symmetrize not in SYMMETRIZE:
@@ -68,19 +82,33 @@ class BagClip(AnomalyClip):
         g = config.graph
         width = self.backbone.info.width
         n_grid = self.backbone.info.grid ** 2
-        if g.knn_k >= n_grid:
+        if g.sag and g.knn_k >= n_grid:
             raise ZsadError(f"graph.knn_k={g.knn_k} needs more than {n_grid} patches")
-        self.safr = ScaleAdaptiveRecalibration(width, len(config.taps), g.safr_reduction, g.safr_fusion_dim)
-        self.gcn = GCN(width, g.gcn_layers)
-        self.jff_gamma = nn.Parameter(torch.tensor(float(g.jff_gamma_init)))
+        self.safr = (ScaleAdaptiveRecalibration(width, len(config.taps), g.safr_reduction, g.safr_fusion_dim)
+                     if g.safr else None)
+        self.gcn = GCN(width, g.gcn_layers) if g.sag else None
+        if g.jff == "concat":
+            self.jff_linear = nn.Linear(2 * width, width)
+            with torch.no_grad():  # starts as D_l + gamma_init H, the add variant at init
+                eye = torch.eye(width)
+                self.jff_linear.weight.copy_(torch.cat([eye, float(g.jff_gamma_init) * eye], dim=1))
+                self.jff_linear.bias.zero_()
+        else:
+            self.jff_gamma = nn.Parameter(torch.tensor(float(g.jff_gamma_init)))
 
     def graph_features(self, taps: torch.Tensor) -> torch.Tensor:
-        """SAFR -> SAG -> GCN: taps [B,L,N,D] -> H [B,N,D]."""
+        """SAFR -> SAG -> GCN: taps [B,L,N,D] -> H [B,N,D] (ablations: mean for SAFR, identity for SAG + GCN)."""
         g = self.config.graph
-        fused = self.safr(taps)
+        fused = self.safr(taps) if self.safr is not None else taps.mean(dim=1)
+        if self.gcn is None:
+            return fused
         adj = knn_graph(fused, g.knn_k, g.edge_weight, g.symmetrize, g.sim_resolution_bits)
         return self.gcn(fused, adj)
 
     def patch_features(self, taps: torch.Tensor) -> torch.Tensor:
-        h = self.graph_features(taps)
-        return self.backbone.project_tokens(taps + self.jff_gamma * h.unsqueeze(1))
+        h = self.graph_features(taps).unsqueeze(1)
+        if self.config.graph.jff == "concat":
+            mixed = self.jff_linear(torch.cat([taps, h.expand_as(taps)], dim=-1))
+        else:
+            mixed = taps + self.jff_gamma * h
+        return self.backbone.project_tokens(mixed)

@@ -406,6 +406,15 @@ class BayesPfl(Method):
                 groups.setdefault(self.pfl.group_of(name), []).append(p)
         return [{"params": ps, "lr": lr * getattr(scales, k), "name": k} for k, ps in groups.items()]
 
+    def training_dataset(self, dataset, info: dict | None = None):
+        """Bayes-PFL's 2x2 mosaic of 4 anomalous images, labelled anomalous (code: p = 0.4 on MVTec AD only)."""
+        from zsad.data.augment import MosaicDataset
+
+        a = self.config.augment
+        if a.mosaic_rate <= 0 or (info or {}).get("dataset") not in a.mosaic_datasets:
+            return dataset
+        return MosaicDataset(dataset, a.mosaic_rate, seed=self.config.train.seed, draw="anomalous")
+
     def loss(self, batch: dict) -> dict[str, torch.Tensor]:
         c = self.config
         images, labels = batch["image"], batch["label"].long()

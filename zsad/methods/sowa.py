@@ -74,6 +74,8 @@ class MosaicConfig:
     rate: float  # probability that a training item becomes a 2x2 mosaic (0.2)
     datasets: list[str]  # only when training on these data sets (code: MVTec AD); [] = always
     relabel: bool  # label = any(mosaic mask) (True) or the first item's label as in the code (False)
+    # every training mask resized on 8 bits, not binarised, so the loss's "> 0" marks any touched pixel (code)
+    soft_masks: bool = False
 
 
 @dataclass
@@ -264,14 +266,17 @@ class Sowa(StaticTextCache, Method):
 
     # -- training ---------------------------------------------------------------------------------------------
     def training_dataset(self, dataset, info: dict | None = None):
-        """SOWA's mosaic augmentation (code: only when the training data set is MVTec AD)."""
+        """SOWA's mosaic augmentation (code: only when the training data set is MVTec AD; a defect type drawn
+        first, full-resolution tiles, one resize) and its soft masks (positive at > 0)."""
         from zsad.data.augment import MosaicDataset
 
         m = self.config.augment
         name = (info or {}).get("dataset")
-        if m.rate <= 0 or (m.datasets and name not in m.datasets):
+        rate = 0.0 if (m.datasets and name not in m.datasets) else m.rate
+        if rate <= 0 and not m.soft_masks:
             return dataset
-        return MosaicDataset(dataset, m.rate, seed=self.config.train.seed, relabel=m.relabel)
+        return MosaicDataset(dataset, rate, seed=self.config.train.seed, relabel=m.relabel, draw="defect_type",
+                             soft_masks=m.soft_masks)
 
     def loss(self, batch: dict) -> dict[str, torch.Tensor]:
         c = self.config

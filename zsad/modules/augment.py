@@ -34,6 +34,11 @@ class AugmentConfig:
     noise_p: float = 0.5
     noise_var: tuple[float, float] = (10.0, 50.0)  # on the 0..255 scale, as albumentations
     blur_jitter_p: float = 0.5
+    # the 2x2 mosaic of 4 anomalous images of the class (zsad.data.augment, draw "anomalous"), drawn per item before
+    # the steps above, only when training on one of mosaic_datasets (code: p = 0.4 on MVTec AD); independent of
+    # ``enabled``, as in the released code
+    mosaic_rate: float = 0.0
+    mosaic_datasets: tuple[str, ...] = ("MVTec AD",)
 
 
 def _gaussian_kernel(size: int) -> torch.Tensor:

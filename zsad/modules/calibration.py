@@ -96,6 +96,6 @@ def fit_calibration(method, samples, mode: str = "zscore", batch_size: int = 8, 
     normal = [s for s in samples if not s.label]
     if not normal:
         raise ZsadError("calibration needs normal images (label 0) and none were given")
-    scores, _, _, _ = predict(method, AnomalyDataset(normal, method.image_size), batch_size, device,
-                              "calibrate", progress)
+    scores, _, _, _, _ = predict(method, AnomalyDataset(normal, method.image_size), batch_size, device,
+                                 "calibrate", progress)
     return ClassScoreCalibration.fit(scores, [s.cls for s in normal], mode=mode)
