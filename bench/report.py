@@ -15,7 +15,7 @@ CSV_FIELDS = ["model", "profile", "backend", "precision", "batch", "concurrency"
               "device", "status", "reason", "iters", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "p50_ms_per_image",
               "images_per_s", "speedup_vs_torch_fp32_b1", "gflops_per_image", "achieved_tflops",
               "peak_vram_mb", "nvml_used_mb", "parity_score_max_rel", "parity_map_max_rel", "parity_rank_agreement",
-              "parity_ok", "note"]
+              "parity_map_corr", "parity_score_spearman", "parity_ok", "stage_ms", "note"]
 
 
 def environment(device: str) -> dict:
@@ -83,11 +83,16 @@ def write_results(out_dir: Path, model: str, profile: str, rows: list[dict], env
         w.writeheader()
         envtxt = "; ".join(f"{k}={v}" for k, v in env.items() if k not in ("date",))
         for r in rows:
-            w.writerow({**{k: r.get(k) for k in CSV_FIELDS}, "environment": envtxt})
+            w.writerow({**{k: _cell(r.get(k)) for k in CSV_FIELDS}, "environment": envtxt})
     paths["md"].write_text(markdown(model, profile, rows, env, paper, flops, command))
     if not plot(paths["png"], model, rows, [p for p in paper if p["method"] == plot_method]):
         paths.pop("png")
     return paths
+
+
+def _cell(v):
+    """A CSV cell: per-stage dicts as 'stage=value; ...'."""
+    return "; ".join(f"{k}={x:.3f}" for k, x in v.items()) if isinstance(v, dict) else v
 
 
 def _f(v, fmt="{:.2f}") -> str:
@@ -119,6 +124,15 @@ def markdown(model: str, profile: str, rows: list[dict], env: dict, paper: list[
                      f"{_f(r.get('p90_ms'))} | {_f(r.get('p99_ms'))} | {_f(r.get('p50_ms_per_image'))} | "
                      f"{_f(r.get('images_per_s'))} | {_f(r.get('speedup_vs_torch_fp32_b1'), '{:.2f}x')} | "
                      f"{_f(r.get('achieved_tflops'), '{:.3f}')} | {_f(r.get('peak_vram_mb'), '{:.0f}')} | {parity} |")
+    staged = [r for r in rows if r["status"] == "ok" and r.get("stage_ms")]
+    if staged:
+        lines += ["", "Per-stage p50 ms (each stage alone on its real inputs; the remainder of the chain's p50 is "
+                  "the hand-over between stages):", "",
+                  "| backend | batch | chain p50 ms | " + " | ".join(staged[0]["stage_ms"]) + " |",
+                  "|---|---|---|" + "---|" * len(staged[0]["stage_ms"])]
+        for r in staged:
+            lines.append(f"| {r['backend']} | {r['batch']} | {_f(r['p50_ms'])} | "
+                         + " | ".join(_f(v) for v in r["stage_ms"].values()) + " |")
     skipped = [r for r in rows if r["status"] != "ok"]
     if skipped:
         lines += ["", "Skipped:", ""] + [f"- {r['backend']} (batch {r['batch']}): {r['reason']}" for r in skipped]

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 BACKENDS = ("torch-fp32", "torch-fp16", "torch-bf16", "torch-compile", "cuda-graphs", "cuda-graphs-fp16",
-            "cuda-graphs-bf16", "ort", "tensorrt", "served")
+            "cuda-graphs-bf16", "ort", "ort-int8", "openvino-fp32", "openvino-bf16", "openvino-int8", "tensorrt",
+            "served")
 GPU_ONLY = {"torch-fp16": "fp16 matmuls are a GPU feature (CPU fp16 is emulated and slow, not a deployment target)",
             "cuda-graphs": "CUDA graphs need CUDA", "cuda-graphs-fp16": "CUDA graphs need CUDA",
             "cuda-graphs-bf16": "CUDA graphs need CUDA"}
@@ -37,6 +38,8 @@ class Runner:
     predict: Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]]
     make_step: Callable[[torch.Tensor], Callable[[], object]]  # images -> zero-argument timed call
     note: str = ""
+    # per-stage timing (ORT / OpenVINO backends): images -> [(stage name, zero-argument call of that stage alone)]
+    stage_steps: Callable[[torch.Tensor], list] | None = None
 
 
 def stage_feed(method, images):
@@ -219,6 +222,101 @@ def capture_hazards(method, images: torch.Tensor) -> list[str]:
     return found
 
 
+def _stage_chain_runner(method, runs, backend: str, precision: str, note: str) -> Runner:
+    """A Runner over per-stage callables ``runs`` [(stage, feed dict -> output dict)], with per-stage timing."""
+    def predict(x):
+        env = {k: v.cpu().numpy() for k, v in stage_feed(method, x.cpu()).items()}
+        for st, run in runs:
+            env.update(run({n: env[n] for n in st.inputs}))
+        return env["score"], env["anomaly_map"]
+
+    def make_step(x):
+        xc = x.cpu()
+        return lambda: predict(xc)
+
+    def stage_steps(x):
+        env = {k: v.cpu().numpy() for k, v in stage_feed(method, x.cpu()).items()}
+        steps = []
+        for st, run in runs:  # each stage on its real inputs, computed once beforehand
+            feed = {n: env[n] for n in st.inputs}
+            steps.append((st.name, lambda run=run, feed=feed: run(feed)))
+            env.update(run(feed))
+        return steps
+
+    return Runner(backend, precision, predict, make_step, note, stage_steps)
+
+
+def _export_onnx(method, workdir: Path, max_batch: int) -> dict:
+    from zsad.export.onnx_export import export_stage
+
+    return {st.name: [export_stage(st, workdir / st.name / "model.onnx", max(max_batch, 2))] for st in method.stages()}
+
+
+def _openvino_runner(method, workdir: Path, max_batch: int, precision: str) -> Runner:
+    try:
+        from zsad.export.openvino_export import build_openvino_stages, check_precision, require_openvino
+
+        ov = require_openvino()
+        check_precision(precision)
+    except Exception as err:  # not installed, or no bf16 on this CPU
+        raise Skip(str(err)) from None
+    stages = method.stages()
+    runners, _, info = build_openvino_stages(method, stages, _export_onnx(method, workdir, max_batch), precision,
+                                             workdir, log=lambda *a: None)
+    quant = f"; int8 stages {[q['stage'] for q in info['quantized_stages']]} (NNCF)" if precision == "int8" else ""
+    return _stage_chain_runner(method, [(st, runners[st.name]) for st in stages], f"openvino-{precision}", precision,
+                               f"OpenVINO {ov.__version__} CPU, INFERENCE_PRECISION_HINT {info['inference_precision_hint']}"
+                               f"{quant}, one compiled model per stage")
+
+
+def _ort_int8_runner(method, workdir: Path, max_batch: int) -> Runner:
+    """ONNX Runtime static int8 (QDQ, per-channel weights) of the encoder's MatMul/Conv, calibrated on the synthetic
+    set's training classes; CLIP's final projection (found by value) stays fp32, as in the OpenVINO int8 path."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from zsad.export.openvino_export import calibration_images
+    from zsad.export.parity import ort_runner
+    from zsad.methods import run_stages
+    from zsad.methods.base import EncoderStage
+
+    stages = method.stages()
+    files = _export_onnx(method, workdir, max_batch)
+    proj = method.backbone.visual.proj.detach().cpu().numpy()
+    cal = torch.from_numpy(calibration_images(None, method.image_size, 16))
+    with torch.inference_mode():
+        cal_env = run_stages(stages, **stage_feed(method, cal))
+    runs = []
+    for st in stages:
+        path = files[st.name][0]
+        if isinstance(st.module, EncoderStage):
+            model = onnx.load(str(path))
+            inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+            keep = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and any(
+                i in inits and any(inits[i].shape == p.shape and np.array_equal(inits[i], p) for p in (proj, proj.T))
+                for i in n.input)]
+            feeds = [{n: cal_env[n][i:i + 1].numpy() for n in st.inputs} for i in range(len(cal))]
+
+            class Reader(CalibrationDataReader):
+                def __init__(self):
+                    self.it = iter(feeds)
+
+                def get_next(self):
+                    return next(self.it, None)
+
+            qpath = path.with_name("model.int8.onnx")
+            quantize_static(str(path), str(qpath), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                            op_types_to_quantize=["MatMul", "Conv", "Gemm"], nodes_to_exclude=keep)
+            path = qpath
+        runs.append((st, ort_runner(path)))
+    return _stage_chain_runner(method, runs, "ort-int8", "int8",
+                               f"ONNX Runtime {ort.__version__} CPU, static int8 QDQ (per-channel weights) of the "
+                               f"encoder's MatMul/Conv, final projection fp32, 16 synthetic calibration images")
+
+
 def _ort_runner(method, device: str, workdir: Path, max_batch: int) -> Runner:
     from zsad.export.onnx_export import export_stage
     from zsad.export.parity import ort_runner
@@ -233,19 +331,8 @@ def _ort_runner(method, device: str, workdir: Path, max_batch: int) -> Runner:
     stages = method.stages()
     runs = [(st, ort_runner(export_stage(st, workdir / f"{st.name}.onnx", max(max_batch, 2)), providers))
             for st in stages]
-
-    def predict(x):
-        env = {k: v.cpu().numpy() for k, v in stage_feed(method, x.cpu()).items()}
-        for st, run in runs:
-            env.update(run({n: env[n] for n in st.inputs}))
-        return env["score"], env["anomaly_map"]
-
-    def make_step(x):
-        xc = x.cpu()
-        return lambda: predict(xc)
-
-    return Runner("ort", "fp32", predict, make_step,
-                  f"ONNX Runtime {ort.__version__}, {providers[0]}, one session per stage")
+    return _stage_chain_runner(method, runs, "ort", "fp32",
+                               f"ONNX Runtime {ort.__version__}, {providers[0]}, one session per stage")
 
 
 def make_runner(backend: str, method, device: str, max_batch: int, workdir: Path | None = None) -> Runner:
@@ -262,6 +349,13 @@ def make_runner(backend: str, method, device: str, max_batch: int, workdir: Path
         raise Skip("time TensorRT through the served mode (zsad-export --backend tensorrt + a GPU tritonserver)")
     if backend == "ort":
         return _ort_runner(method, device, workdir or Path(tempfile.mkdtemp(prefix="zsad-bench-")), max_batch)
+    if backend in ("ort-int8",) or backend.startswith("openvino-"):
+        if cuda:
+            raise Skip(f"{backend} is a CPU backend: run it with --device cpu")
+        workdir = workdir or Path(tempfile.mkdtemp(prefix="zsad-bench-"))
+        if backend == "ort-int8":
+            return _ort_int8_runner(method, workdir, max_batch)
+        return _openvino_runner(method, workdir, max_batch, backend.split("-", 1)[1])
     if backend.startswith(("torch-", "cuda-graphs")):
         return _torch_runner(method, device, backend)
     raise Skip(f"unknown backend '{backend}' (known: {', '.join(BACKENDS)})")

@@ -27,10 +27,22 @@ def _batches(value: str | None) -> list[int]:
 @click.option("--image-size", type=int, default=None, help="Model input size (positional embeddings are baked).")
 @click.option("--clip-weights", type=click.Path(), default=None, help="Local CLIP weights file (offline).")
 @click.option("--backend", default="onnxruntime",
-              type=click.Choice(["onnxruntime", "tensorrt", "python-ort", "python-torch"]),
+              type=click.Choice(["onnxruntime", "tensorrt", "python-ort", "python-torch", "openvino",
+                                 "python-openvino"]),
               help="onnxruntime: Triton's ORT backend; tensorrt: fp16/fp32 plans (needs TensorRT); python-ort: ONNX "
                    "Runtime inside the python backend (any server, incl. the CPU one zsad-serve starts); "
-                   "python-torch: the PyTorch chain in one python model (GPU servers without TensorRT).")
+                   "python-torch: the PyTorch chain in one python model (GPU servers without TensorRT); openvino: "
+                   "OpenVINO IR per stage for Triton's openvino backend (CPU); python-openvino: OpenVINO inside the "
+                   "python backend (the CPU server zsad-serve starts).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "int8"]), default="fp32",
+              help="OpenVINO backends: fp32; bf16 (OpenVINO's inference-precision hint); int8 (NNCF post-training "
+                   "quantisation of the encoder, LayerNorm / softmax / final projection kept fp32). bf16 and int8 "
+                   "must pass the precision gate against fp32 on the synthetic set, else nothing is written.")
+@click.option("--calibration", type=click.Path(), default=None,
+              help="int8: a folder of images (searched recursively) to calibrate on [default: the synthetic set]. "
+                   "Use your own product's images: the gate then runs on your weights and data.")
+@click.option("--calibration-images", type=int, default=32, help="int8: how many calibration images to use.")
+@click.option("--gate-images", type=int, default=16, help="bf16/int8: synthetic images the precision gate uses.")
 @click.option("--fp16", is_flag=True, help="fp16 compute (TensorRT flag; fp16 ONNX for ORT-CUDA; autocast for "
               "python-torch). Refused where this machine cannot run and check fp16.")
 @click.option("--max-batch", type=int, default=32, help="Largest batch (dynamic batch axis 1..max).")
@@ -59,7 +71,7 @@ def _batches(value: str | None) -> list[int]:
 @cli_entry
 def main(model, checkpoint, profile, image_size, clip_weights, backend, fp16, max_batch, preferred_batch,
          queue_delay_us, device, instances, resize_to_input, out, name, force, parity_images, max_pixels, support,
-         shots, support_class):
+         shots, support_class, precision, calibration, calibration_images, gate_images):
     """Export a zsad method to a Triton model repository, stage by stage, behind a parity gate."""
     from zsad.export.exporter import export_model
 
@@ -68,7 +80,8 @@ def main(model, checkpoint, profile, image_size, clip_weights, backend, fp16, ma
                  device=device, resize_to_input=resize_to_input, parity_images=parity_images,
                  preferred_batch=_batches(preferred_batch), queue_delay_us=queue_delay_us, instances=instances,
                  max_pixels=max_pixels, support=support, shots=shots, support_class=support_class, force=force,
-                 log=click.echo)
+                 precision=precision, calibration=calibration, calibration_images=calibration_images,
+                 gate_images=gate_images, log=click.echo)
 
 
 if __name__ == "__main__":

@@ -25,10 +25,12 @@ from pathlib import Path
 
 from zsad import ZsadError, __version__
 from zsad.export import parity
-from zsad.export.onnx_export import export_stage, onnx_files
-from zsad.export.triton_repo import (RepoOptions, Sym, ensemble_config, preprocess_config, python_source,
-                                     restore_config, stage_config, string_tensor_file, tensor_config,
+from zsad.export.onnx_export import export_metadata, export_stage, onnx_files, stamp_stage_files
+from zsad.export.triton_repo import (RepoOptions, Sym, ensemble_config, openvino_stage_config, preprocess_config,
+                                     python_source, restore_config, stage_config, string_tensor_file, tensor_config,
                                      text_input_config, torch_config, write_model)
+
+OPENVINO_BACKENDS = ("openvino", "python-openvino")
 
 
 MARKER_NAME = ".zsad-export.json"
@@ -128,8 +130,20 @@ def build_method(model: str | None, checkpoint: str | None, profile: str, image_
     return M.create(model, profile, **overrides), False
 
 
-def _check_backend_available(backend: str, fp16: bool, device: str) -> None:
+def _check_backend_available(backend: str, fp16: bool, device: str, precision: str = "fp32") -> None:
     """Refuse early, with the reason, what this machine cannot build or verify."""
+    if backend in OPENVINO_BACKENDS:
+        from zsad.export.openvino_export import check_precision, require_openvino
+
+        require_openvino()
+        check_precision(precision)
+        if fp16:
+            raise ZsadError(f"--fp16 is not an OpenVINO precision; give --backend {backend} --precision bf16 or int8")
+        if device == "gpu":
+            raise ZsadError(f"--backend {backend} exports for CPU servers (OpenVINO's CPU plugin): give --device cpu")
+    elif precision != "fp32":
+        raise ZsadError(f"--precision {precision} is for --backend openvino / python-openvino (use --fp16 for "
+                        f"half precision with {backend})")
     if backend == "tensorrt":
         try:
             import tensorrt  # noqa: F401
@@ -163,19 +177,24 @@ def export_model(*, model: str | None = None, checkpoint: str | None = None, pro
                  instances: int = 1, max_pixels: int = 50_000_000, overrides: dict | None = None,
                  dynamic_batching: bool = True, support: str | Path | None = None, shots: int = 0,
                  support_class: str | None = None, support_seed: int = 0, force: bool = False,
-                 log=print) -> ExportResult:
+                 precision: str = "fp32", calibration: str | Path | None = None, calibration_images: int = 32,
+                 gate_images: int = 16, gate_thresholds=None, log=print) -> ExportResult:
     """See the module docstring; ``overrides`` deep-merge into an untrained method's profile (tests, benchmarks).
 
     Few-shot (``support`` + ``shots``, methods with a few-shot mode): the memory bank of K normal images of ONE
     class (a folder of images, or ``support_class`` of a data-set root's train/good) is built before the stages
     are taken, so it is baked into the exported graph as constants: one exported model per product.
+
+    OpenVINO backends (``precision`` fp32 / bf16 / int8, see zsad.export.openvino_export): the ONNX stages pass
+    the fp32 gate first, then the IR does (fp32: the same parity gate; bf16 / int8: the precision gate on
+    ``gate_images`` synthetic images, ``gate_thresholds`` a GateThresholds; int8 calibrated on ``calibration``).
     """
     repo = Path(out)
     check_out_and_name(repo, name)
-    device = device or ("cpu" if backend == "python-ort" else "gpu")
+    device = device or ("cpu" if backend in ("python-ort",) + OPENVINO_BACKENDS else "gpu")
     if device not in ("cpu", "gpu"):
         raise ZsadError(f"--device must be cpu or gpu, got '{device}'")
-    _check_backend_available(backend, fp16, device)
+    _check_backend_available(backend, fp16, device, precision)
     method, trained = build_method(model, checkpoint, profile, image_size, clip_weights, overrides)
     if support is not None or shots:
         _fit_support(method, support, shots, support_class, support_seed, log)  # may add a stage (few-shot)
@@ -205,11 +224,18 @@ def export_model(*, model: str | None = None, checkpoint: str | None = None, pro
             f"backend {backend}{' fp16' if fp16 else ''}, max batch {max_batch}: stages "
             + " -> ".join(s.name for s in stages))
         runners, stage_files = _build_stage_artifacts(method, stages, opts, scratch, log)
+        stamp_stage_files(stage_files, export_metadata(method, trained, checkpoint, fp16))  # self-describing files
         rows = parity.check_stages(stages, runners, images, tol, extra_feed=extra_feed,
                                    chain_tol=None if fp16 else method.chain_tolerance)
         log(parity.format_table(rows))
+        gate_section = None
+        if backend in OPENVINO_BACKENDS:
+            stage_files, gate_section, ov_rows = _openvino_stages(
+                method, stages, stage_files, precision, scratch, calibration, calibration_images, gate_images,
+                gate_thresholds, images, tol, extra_feed, log)
+            rows += ov_rows
         staging = scratch / "repo"
-        models, ensembles = _write_repository(staging, method, stages, opts, stage_files, trained)
+        models, ensembles = _write_repository(staging, method, stages, opts, stage_files, trained, precision)
         if sorted(models) != sorted(planned):
             raise ZsadError(f"internal: wrote models {sorted(models)} but planned {sorted(planned)}")
         report = staging / name / "parity_report.json"
@@ -217,7 +243,8 @@ def export_model(*, model: str | None = None, checkpoint: str | None = None, pro
             "model": name, "method": method.name, "profile": method.profile, "trained": trained,
             "backend": backend, "fp16": fp16, "image_size": size, "max_batch": max_batch, "tolerance": tol,
             "end_to_end_tolerance": tol if fp16 else max(tol, method.chain_tolerance),
-            "runtime": "onnxruntime " + __import__("onnxruntime").__version__ if backend != "python-torch" else "torch"})
+            "runtime": "onnxruntime " + __import__("onnxruntime").__version__ if backend != "python-torch" else "torch",
+            **({"precision": precision, "openvino": gate_section} if gate_section else {})})
         marker = json.dumps({"written_by": "zsad-export", "zsad": __version__, "export": name,
                              "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}, indent=2)
         for m in models:
@@ -262,7 +289,8 @@ def _build_stage_artifacts(method, stages, opts: RepoOptions, scratch: Path, log
     return runners, files
 
 
-def _write_repository(repo: Path, method, stages, opts: RepoOptions, stage_files: dict, trained: bool):
+def _write_repository(repo: Path, method, stages, opts: RepoOptions, stage_files: dict, trained: bool,
+                      precision: str = "fp32"):
     from zsad.data import CLIP_MEAN, CLIP_STD
 
     name, size = opts.name, method.image_size
@@ -307,6 +335,14 @@ def _write_repository(repo: Path, method, stages, opts: RepoOptions, stage_files
         for st in stages:
             mname = f"{name}_{st.name}"
             files = {}
+            if opts.backend in OPENVINO_BACKENDS:
+                files.update({p.name: p for p in stage_files[st.name]})  # model.xml + model.bin
+                if opts.backend == "python-openvino":
+                    files["model.py"] = python_source("stage_openvino")
+                write_model(repo, openvino_stage_config(opts, st, mname, precision), files=files)
+                models.append(mname)
+                steps.append((mname, {n: n for n in st.inputs}, {n: n for n in st.outputs}))
+                continue
             if opts.backend == "tensorrt":
                 from zsad.export.trt_engine import build_engine
 
@@ -343,6 +379,29 @@ def _write_repository(repo: Path, method, stages, opts: RepoOptions, stage_files
         models.append(ename)
         ensembles.append(ename)
     return models, ensembles
+
+
+def _openvino_stages(method, stages, onnx_files, precision, scratch, calibration, n_calibration, gate_images,
+                     thresholds, images, tol, extra_feed, log):
+    """The gated ONNX stages -> OpenVINO IR; fp32 IR passes the parity gate, bf16 / int8 the precision gate.
+    Returns ({stage: IR files}, the report section, the fp32 IR's parity rows)."""
+    from zsad.export.openvino_export import build_openvino_stages, precision_gate
+
+    runners, files, info = build_openvino_stages(method, stages, onnx_files, precision, scratch, calibration,
+                                                 n_calibration, log)
+    rows = []
+    if precision == "fp32":
+        rows = parity.check_stages(stages, runners, images, tol, extra_feed=extra_feed,
+                                   chain_tol=method.chain_tolerance)
+        for r in rows:
+            r.case = f"openvino {r.case}"
+        log(parity.format_table(rows))
+        return files, {**info, "gate": "fp32 parity gate (the rows marked 'openvino')"}, rows
+    section = precision_gate(method, stages, runners, precision, gate_images, thresholds)
+    log(f"{precision} precision gate passed: map correlation {section['map_corr']:.5f}, score Spearman "
+        f"{section['score_spearman']:.5f}, pixel AUROC {100 * section['pixel_auroc']:.2f} vs fp32 "
+        f"{100 * section['pixel_auroc_fp32']:.2f}\nnote: {section['caveat']}")
+    return files, {**info, "gate": section}, rows
 
 
 def _fit_support(method, support, shots: int, support_class: str | None, seed: int, log) -> None:

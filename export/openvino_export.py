@@ -1,0 +1,287 @@
+"""OpenVINO IR per stage, in fp32, bf16 or int8, behind a precision gate (CPU inspection stations).
+
+The exporter first produces every stage's ONNX and passes it through the fp32 parity gate; this module converts
+that ONNX to OpenVINO IR (``ov.convert_model`` + ``ov.save_model``, weights kept fp32: ``compress_to_fp16`` off).
+
+Precisions:
+- ``fp32``: OpenVINO's ``INFERENCE_PRECISION_HINT`` forced to f32 at compile time. It must be forced: on CPUs with
+  AVX-512 BF16 / AMX the CPU plugin's default is bf16. Gated like ONNX fp32 (``parity.check_stages``, 1e-4).
+- ``bf16``: the same fp32 IR compiled with ``INFERENCE_PRECISION_HINT`` bf16 (the plugin keeps its own fp32
+  islands). The hint is recorded in the IR's rt_info (``zsad/inference_precision``) and in the served config.
+- ``int8``: NNCF post-training quantisation (``nncf.quantize`` on the OpenVINO model, ``model_type=TRANSFORMER``)
+  of the encoder stage only, calibrated on the encoder inputs of images from a folder (default: the synthetic
+  set's training classes, disjoint from the gate's classes). Kept in fp32, via ``nncf.IgnoredScope``: every
+  ``MVN`` (LayerNorm), every ``Softmax`` (and attention itself, which OpenVINO fuses into one
+  ``ScaledDotProductAttention`` op that NNCF does not quantise), and the final projection (the MatMul(s) whose
+  constant operand is CLIP's ``visual.proj``, found by value). The head and postprocess stages stay fp32 (little
+  compute; BAG-CLIP's kNN selection and the text similarity decide the map). Everything not quantised runs f32.
+
+The precision gate (bf16, int8) compares the exported chain with torch fp32 eager of the same checkpoint on
+synthetic-defect images: anomaly-map correlation >= 0.99, image-score Spearman >= 0.99, pixel AUROC within 0.5
+points. A failing precision raises :class:`PrecisionGateError` and nothing is written.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from zsad import ZsadError
+
+PRECISIONS = ("fp32", "bf16", "int8")
+OV_HINT = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8: whatever stays unquantised runs in fp32
+CALIBRATION_IMAGES = 32
+GATE_IMAGES = 16
+CAVEAT = ("Random or tiny weights lack real CLIP's activation outliers (a few channels with values 100x the rest), "
+          "which are what breaks int8 on real CLIP: passing this gate on random/tiny weights says nothing about "
+          "int8 on trained weights. The gate runs at export on the checkpoint and calibration images given: "
+          "re-export (and so re-gate) int8 with your own weights and images.")
+
+
+@dataclass
+class GateThresholds:
+    map_corr: float = 0.99  # Pearson correlation of all anomaly-map pixels, >=
+    score_spearman: float = 0.99  # Spearman rank correlation of the image scores, >=
+    pixel_auroc_points: float = 0.5  # |pixel AUROC - fp32 pixel AUROC| * 100, <=
+
+
+class PrecisionGateError(ZsadError):
+    pass
+
+
+def require_openvino():
+    try:
+        import openvino as ov
+    except ImportError as err:
+        raise ZsadError("the OpenVINO backends need openvino (and nncf for int8): pip install 'zsad[openvino]'") \
+            from err
+    return ov
+
+
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ZsadError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
+    if precision == "int8":
+        try:
+            import nncf  # noqa: F401
+        except ImportError as err:
+            raise ZsadError("--precision int8 needs NNCF: pip install 'zsad[openvino]'") from err
+    if precision == "bf16":
+        caps = require_openvino().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        if "BF16" not in caps:
+            raise ZsadError("--precision bf16: this CPU has no bf16 support in OpenVINO (no AVX-512 BF16 / AMX), "
+                            "so bf16 would be emulated and slow; export fp32 or int8")
+
+
+# -- data ---------------------------------------------------------------------------------------------------------
+def gate_set(image_size: int, n: int = GATE_IMAGES, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """n preprocessed synthetic images of the held-out test classes [n,3,S,S] and their masks [n,S,S] (0/1)."""
+    from zsad.data import preprocess
+    from zsad.data.synthetic import SYNTHETIC_TEST_CLASSES, render_sample
+    from zsad.data.transforms import preprocess_mask
+
+    images, masks = [], []
+    for i in range(n):
+        s = render_sample(SYNTHETIC_TEST_CLASSES[i % len(SYNTHETIC_TEST_CLASSES)],
+                          "test_good" if i % 3 == 2 else "test_defect", i, seed=seed)
+        images.append(preprocess(s.image, image_size))
+        masks.append(preprocess_mask(s.mask, image_size) if s.mask is not None
+                     else np.zeros((image_size, image_size), np.float32))
+    return np.stack(images), np.stack(masks)
+
+
+def calibration_images(folder: str | Path | None, image_size: int, n: int = CALIBRATION_IMAGES) -> np.ndarray:
+    """Up to n preprocessed images [n,3,S,S]: from ``folder`` (recursively, sorted) or the synthetic training
+    classes (disjoint from the gate's classes, so the gate does not grade the calibration images)."""
+    from zsad.data import preprocess
+
+    if n < 1:
+        raise ZsadError(f"--calibration-images must be >= 1, got {n}")
+    if folder is None:
+        from zsad.data.synthetic import SYNTHETIC_TRAIN_CLASSES, render_sample
+
+        return np.stack([preprocess(render_sample(SYNTHETIC_TRAIN_CLASSES[i % 4], "train_good" if i % 2 else
+                                                  "test_defect", i, seed=1).image, image_size) for i in range(n)])
+    from zsad.data.io import is_image_file, read_image
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise ZsadError(f"--calibration {folder} is not a folder of images")
+    paths = sorted(p for p in root.rglob("*") if p.is_file() and is_image_file(p))[:n]
+    if not paths:
+        raise ZsadError(f"--calibration {folder} holds no images (png, jpg, bmp, tif, ...)")
+    return np.stack([preprocess(read_image(p), image_size) for p in paths])
+
+
+# -- conversion, quantisation, runners -------------------------------------------------------------------------------
+def convert(onnx_path: Path):
+    return require_openvino().convert_model(str(onnx_path))
+
+
+def projection_ops(ov_model, proj: np.ndarray) -> list[str]:
+    """Names of the MatMuls whose constant operand is ``proj`` (or its transpose): CLIP's final projection."""
+    names = []
+    for op in ov_model.get_ordered_ops():
+        if op.get_type_name() != "MatMul":
+            continue
+        for inp in op.inputs():
+            src = inp.get_source_output().get_node()
+            if src.get_type_name() == "Constant":
+                data = src.get_data()
+                if any(data.shape == p.shape and np.array_equal(data, p) for p in (proj, proj.T)):
+                    names.append(op.get_friendly_name())
+                    break
+    return names
+
+
+def quantize_int8(ov_model, feeds: list[dict[str, np.ndarray]], keep_fp32: list[str]):
+    """NNCF post-training int8 of ``ov_model`` on calibration ``feeds`` (one dict per image), see module doc."""
+    import logging
+
+    import nncf
+
+    logging.getLogger("nncf").setLevel(logging.WARNING)
+    scope = nncf.IgnoredScope(names=keep_fp32, types=["MVN", "Softmax"], validate=False)
+    return nncf.quantize(ov_model, nncf.Dataset(feeds), model_type=nncf.ModelType.TRANSFORMER,
+                         subset_size=len(feeds), ignored_scope=scope)
+
+
+def compile_model(ov_model, precision: str, threads: int = 0):
+    props = {"INFERENCE_PRECISION_HINT": OV_HINT[precision], "PERFORMANCE_HINT": "LATENCY"}
+    if threads:
+        props["INFERENCE_NUM_THREADS"] = threads
+    return require_openvino().Core().compile_model(ov_model, "CPU", props)
+
+
+def ov_runner(ov_model, precision: str):
+    """A parity runner (dict of numpy in -> dict of numpy out) over the compiled model."""
+    compiled = compile_model(ov_model, precision)
+    inputs = [i.get_any_name() for i in compiled.inputs]
+
+    def run(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = compiled({n: np.ascontiguousarray(feed[n]) for n in inputs})
+        return {o.get_any_name(): np.asarray(out[o]) for o in compiled.outputs}
+
+    return run
+
+
+def save(ov_model, folder: Path, precision: str, quantized: bool) -> list[Path]:
+    """model.xml + model.bin (fp32 weights; int8 ones where quantised), the precision recorded in rt_info."""
+    ov = require_openvino()
+    ov_model.set_rt_info(precision, ["zsad", "precision"])
+    ov_model.set_rt_info(OV_HINT[precision], ["zsad", "inference_precision"])
+    ov_model.set_rt_info(str(quantized), ["zsad", "int8_quantized"])
+    folder.mkdir(parents=True, exist_ok=True)
+    xml = folder / "model.xml"
+    ov.save_model(ov_model, str(xml), compress_to_fp16=False)
+    return [xml, folder / "model.bin"]
+
+
+# -- the precision gate ----------------------------------------------------------------------------------------------
+def gate_metrics(ref_score, ref_map, score, amap, masks) -> dict:
+    """Map correlation, score Spearman and pixel AUROC (zsad.metrics) of a low-precision chain vs fp32."""
+    from scipy.stats import spearmanr
+
+    from zsad.metrics import auroc
+
+    ref_map, amap = np.asarray(ref_map, np.float64), np.asarray(amap, np.float64)
+    if not np.isfinite(amap).all() or not np.isfinite(score).all():
+        return {"map_corr": float("nan"), "score_spearman": float("nan"), "pixel_auroc_fp32": float("nan"),
+                "pixel_auroc": float("nan"), "pixel_auroc_diff_points": float("nan")}
+    corr = float(np.corrcoef(ref_map.ravel(), amap.ravel())[0, 1])
+    rho = float(spearmanr(np.asarray(ref_score, np.float64), np.asarray(score, np.float64)).statistic)
+    labels = np.asarray(masks).ravel() > 0.5
+    a_ref, a_got = auroc(labels, ref_map.ravel()), auroc(labels, amap.ravel())
+    return {"map_corr": corr, "score_spearman": rho, "pixel_auroc_fp32": a_ref, "pixel_auroc": a_got,
+            "pixel_auroc_diff_points": abs(a_got - a_ref) * 100.0}
+
+
+def gate_failures(metrics: dict, th: GateThresholds) -> list[str]:
+    """The gate's failed conditions, as text (empty: passed). NaN fails every comparison."""
+    fails = []
+    if not metrics["map_corr"] >= th.map_corr:
+        fails.append(f"anomaly-map correlation {metrics['map_corr']:.5f} < {th.map_corr}")
+    if not metrics["score_spearman"] >= th.score_spearman:
+        fails.append(f"image-score Spearman {metrics['score_spearman']:.5f} < {th.score_spearman}")
+    if not metrics["pixel_auroc_diff_points"] <= th.pixel_auroc_points:
+        fails.append(f"pixel AUROC {100 * metrics['pixel_auroc']:.2f} vs fp32 {100 * metrics['pixel_auroc_fp32']:.2f}"
+                     f" ({metrics['pixel_auroc_diff_points']:.2f} points > {th.pixel_auroc_points})")
+    return fails
+
+
+def run_chain(stages, runners: dict, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    env = dict(feed)
+    for st in stages:
+        env.update(runners[st.name]({n: env[n] for n in st.inputs}))
+    return env
+
+
+def precision_gate(method, stages, runners: dict, precision: str, n_images: int = GATE_IMAGES,
+                   thresholds: GateThresholds | None = None) -> dict:
+    """Run the gate; returns its report section, or raises PrecisionGateError naming what failed."""
+    from zsad.methods import run_stages
+
+    th = thresholds or GateThresholds()
+    images, masks = gate_set(method.image_size, n_images)
+    feed = _chain_feed(method, images)
+    with torch.inference_mode():
+        ref = run_stages(stages, **{k: torch.from_numpy(v) for k, v in feed.items()})
+    got = run_chain(stages, runners, feed)
+    metrics = gate_metrics(ref["score"].numpy(), ref["anomaly_map"].numpy(), got["score"], got["anomaly_map"], masks)
+    fails = gate_failures(metrics, th)
+    section = {"precision": precision, "reference": "torch fp32 eager, same checkpoint", "images": n_images,
+               "data": "synthetic set, held-out test classes (defect and good images)",
+               "thresholds": asdict(th), **metrics, "passed": not fails, "failures": fails, "caveat": CAVEAT}
+    if fails:
+        err = PrecisionGateError(f"{precision} precision gate failed on {n_images} synthetic images: "
+                                 + "; ".join(fails) + "; nothing was written")
+        err.section = section
+        raise err
+    return section
+
+
+def _chain_feed(method, images: np.ndarray) -> dict[str, np.ndarray]:
+    """The chain's inputs for numpy images (plus class-name tokens for methods that take text per image)."""
+    from zsad.export.parity import synthetic_class_names
+
+    names = synthetic_class_names(len(images)) if method.text_inputs() else None
+    return {k: v.numpy() for k, v in method.stage_inputs(torch.from_numpy(images), names).items()}
+
+
+def build_openvino_stages(method, stages, onnx_files: dict, precision: str, scratch: Path, calibration=None,
+                          n_calibration: int = CALIBRATION_IMAGES, log=print):
+    """Convert each stage's ONNX to OpenVINO (int8: quantise the encoder). Returns (runners, {stage: files},
+    info): the runners compile the models exactly as they are saved, with the precision's hint."""
+    from zsad.methods import run_stages
+    from zsad.methods.base import EncoderStage
+
+    check_precision(precision)
+    runners, files, info = {}, {}, {"precision": precision, "inference_precision_hint": OV_HINT[precision],
+                                     "openvino": require_openvino().__version__, "quantized_stages": []}
+    calib_env = None
+    for st in stages:
+        model = convert(onnx_files[st.name][0])
+        quantize = precision == "int8" and isinstance(st.module, EncoderStage)
+        if quantize:
+            if calib_env is None:
+                cal = calibration_images(calibration, method.image_size, n_calibration)
+                with torch.inference_mode():
+                    calib_env = run_stages(stages, **{k: torch.from_numpy(v) for k, v in
+                                                      _chain_feed(method, cal).items()})
+                info["calibration"] = {"source": str(calibration) if calibration else "synthetic set (training "
+                                       "classes)", "images": len(cal)}
+            keep = projection_ops(model, method.backbone.visual.proj.detach().cpu().numpy())
+            log(f"  quantising stage '{st.name}' to int8 (NNCF, {info['calibration']['images']} calibration images;"
+                f" fp32 kept: LayerNorm (MVN), Softmax, final projection {keep})")
+            feeds = [{n: calib_env[n][i:i + 1].numpy() for n in st.inputs}
+                     for i in range(len(calib_env[next(iter(st.inputs))]))]
+            model = quantize_int8(model, feeds, keep)
+            info["quantized_stages"].append({"stage": st.name, "kept_fp32": {
+                "types": ["MVN (LayerNorm)", "Softmax", "ScaledDotProductAttention (not quantised by NNCF)"],
+                "final_projection": keep}, "nncf": {"version": __import__("nncf").__version__,
+                                                         "model_type": "TRANSFORMER"}})
+        files[st.name] = save(model, scratch / "openvino" / st.name, precision, quantize)
+        runners[st.name] = ov_runner(require_openvino().Core().read_model(str(files[st.name][0])), precision)
+    return runners, files, info

@@ -1,0 +1,156 @@
+"""OpenVINO export per precision behind its gate, a gate that must fail, python-openvino served on the real bundled
+tritonserver, and the zsad-bench CPU backends (tiny profile)."""
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("openvino")
+pytest.importorskip("nncf")
+
+import openvino as ov  # noqa: E402
+
+import zsad.methods as M  # noqa: E402
+from zsad.data import preprocess  # noqa: E402
+from zsad.export import openvino_export as OV  # noqa: E402
+from zsad.export.exporter import export_model  # noqa: E402
+
+HAS_BF16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+QUIET = dict(log=lambda *a: None)
+
+
+def test_gate_metrics_match_independent_references():
+    from scipy.stats import pearsonr
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    ref_map = rng.random((3, 8, 8))
+    masks = (rng.random((3, 8, 8)) > 0.7).astype(np.float32)
+    amap = ref_map + 0.02 * rng.standard_normal(ref_map.shape)
+    ref_score, score = np.array([0.1, 0.5, 0.3, 0.9]), np.array([0.2, 0.4, 0.45, 0.8])  # ranks 1,3,2,4 vs 1,2,3,4
+    m = OV.gate_metrics(ref_score, ref_map, score, amap, masks)
+    assert m["map_corr"] == pytest.approx(pearsonr(ref_map.ravel(), amap.ravel()).statistic, rel=1e-12)
+    assert m["score_spearman"] == pytest.approx(1 - 6 * 2 / (4 * 15))  # one adjacent swap: 1 - 6*sum(d^2)/(n(n^2-1))
+    assert m["pixel_auroc_fp32"] == pytest.approx(roc_auc_score(masks.ravel() > 0, ref_map.ravel()))
+    assert m["pixel_auroc_diff_points"] == pytest.approx(
+        100 * abs(roc_auc_score(masks.ravel() > 0, amap.ravel()) - roc_auc_score(masks.ravel() > 0, ref_map.ravel())))
+    assert OV.gate_failures(m, OV.GateThresholds()) == ["image-score Spearman 0.80000 < 0.99"]
+
+
+@pytest.fixture(scope="module")
+def int8_repo(tmp_path_factory):
+    """AF-CLIP tiny, int8 through NNCF, served by OpenVINO inside the python backend (also the server's repo)."""
+    repo = tmp_path_factory.mktemp("ov_int8")
+    res = export_model(model="afclip", profile="tiny", backend="python-openvino", precision="int8", out=repo,
+                       max_batch=4, parity_images=2, **QUIET)  # 32 calibration images (8 fail the gate)
+    return repo, res
+
+
+def _ops(xml):
+    return [op.get_type_name() for op in ov.Core().read_model(str(xml)).get_ordered_ops()]
+
+
+def test_int8_export_passes_gate_and_keeps_layernorm_softmax_fp32(int8_repo):
+    repo, res = int8_repo
+    report = json.loads(res.report.read_text())
+    gate = report["openvino"]["gate"]
+    assert gate["passed"] and gate["precision"] == "int8" and "activation outliers" in gate["caveat"]
+    assert gate["map_corr"] >= 0.99 and gate["score_spearman"] >= 0.99 and gate["pixel_auroc_diff_points"] <= 0.5
+    enc = repo / "afclip_encoder" / "1"
+    assert {p.name for p in enc.iterdir()} == {"model.xml", "model.bin", "model.py"}
+    model = ov.Core().read_model(str(enc / "model.xml"))
+    assert model.get_rt_info(["zsad", "precision"]).astype(str) == "int8"
+    fq_consumers = {t.get_node().get_type_name() for op in model.get_ordered_ops()
+                    if op.get_type_name() == "FakeQuantize" for t in op.output(0).get_target_inputs()}
+    assert "MatMul" in fq_consumers  # something was quantised ...
+    assert not fq_consumers & {"MVN", "Softmax"}  # ... but never a LayerNorm's or softmax's input
+    # head and postprocess stay fp32: no quantisation nodes at all
+    assert "FakeQuantize" not in _ops(repo / "afclip_head" / "1" / "model.xml")
+    cfg = (repo / "afclip_encoder" / "config.pbtxt").read_text()
+    assert 'backend: "python"' in cfg and '"f32"' in cfg
+
+
+@pytest.mark.skipif(not HAS_BF16, reason="this CPU has no bf16 in OpenVINO")
+def test_bf16_export_for_the_openvino_backend(tmp_path):
+    res = export_model(model="bagclip", profile="tiny", backend="openvino", precision="bf16", out=tmp_path,
+                       max_batch=2, parity_images=2, **QUIET)
+    gate = json.loads(res.report.read_text())["openvino"]["gate"]
+    assert gate["passed"] and gate["images"] == 16
+    cfg = (tmp_path / "bagclip_encoder" / "config.pbtxt").read_text()
+    assert 'backend: "openvino"' in cfg and "HINT_BF16" in cfg
+    assert {p.name for p in (tmp_path / "bagclip_head" / "1").iterdir()} == {"model.xml", "model.bin"}
+
+
+def test_fp32_openvino_passes_the_fp32_parity_gate(tmp_path):
+    res = export_model(model="anomalyclip", profile="tiny", backend="openvino", precision="fp32", out=tmp_path,
+                       max_batch=2, parity_images=2, **QUIET)
+    ov_rows = [r for r in res.parity_rows if r.case.startswith("openvino")]
+    assert ov_rows and all(r.ok and r.tol == 1e-4 for r in ov_rows)
+    assert "HINT_BF16" not in (tmp_path / "anomalyclip_encoder" / "config.pbtxt").read_text()
+
+
+def test_failing_gate_is_refused_and_nothing_written(tmp_path):
+    out = tmp_path / "repo"
+    strict = OV.GateThresholds(map_corr=1.0 + 1e-9)  # no int8 map correlates above 1
+    with pytest.raises(OV.PrecisionGateError, match="anomaly-map correlation .* nothing was written"):
+        export_model(model="afclip", profile="tiny", backend="python-openvino", precision="int8", out=out,
+                     max_batch=2, parity_images=2, calibration_images=4, gate_thresholds=strict, **QUIET)
+    assert not out.exists()
+    assert not any(tmp_path.iterdir())  # no scratch folder left beside it either
+
+
+def test_user_mistakes_get_one_line_errors(tmp_path):
+    from zsad import ZsadError
+
+    with pytest.raises(ZsadError, match="--precision int8 is for --backend openvino"):
+        export_model(model="afclip", profile="tiny", backend="python-ort", precision="int8", out=tmp_path, **QUIET)
+    with pytest.raises(ZsadError, match="holds no images"):
+        OV.calibration_images(tmp_path, 224)
+
+
+@pytest.mark.server
+def test_served_python_openvino_equals_eager_within_the_gate(int8_repo):
+    from zsad.serve.client import AnomalyClient
+    from zsad.serve.server import TritonServer
+
+    repo, _ = int8_repo
+    _, masks = OV.gate_set(224)  # the export gate's 16 images: too few images make Spearman swing on near-ties
+    # the same pictures as PNGs: re-render the uint8 images the gate set was made from
+    from zsad.data.synthetic import SYNTHETIC_TEST_CLASSES, render_sample
+
+    raw = [render_sample(SYNTHETIC_TEST_CLASSES[i % 4], "test_good" if i % 3 == 2 else "test_defect", i).image
+           for i in range(len(masks))]
+    pngs = []
+    for a in raw:
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, "PNG")
+        pngs.append(buf.getvalue())
+    m = M.create("afclip", "tiny").eval()
+    with torch.no_grad():
+        eager = m(torch.from_numpy(np.stack([preprocess(a, 224) for a in raw])))
+    with TritonServer(repo) as srv:
+        client = AnomalyClient(srv.http_url, "afclip")
+        served = [p for k in range(0, len(pngs), 4) for p in client.infer(pngs[k:k + 4])]  # max batch 4
+    score = np.array([p.score for p in served])
+    amap = np.stack([p.anomaly_map for p in served])
+    metrics = OV.gate_metrics(eager.score.numpy(), eager.anomaly_map.numpy(), score, amap, masks)
+    assert OV.gate_failures(metrics, OV.GateThresholds()) == [], metrics
+
+
+def test_bench_cpu_backends_give_rows_with_parity_and_stage_times(tmp_path):
+    from zsad.bench.cli import bench_model
+
+    _, _, rows = bench_model("afclip", "tiny", None, [1], ["torch-fp32", "openvino-fp32", "openvino-int8", "ort-int8"],
+                             "cpu", iters=1, warmup=0, checkpoint=None, served_url=None, concurrency=[1],
+                             served_seconds=1.0, progress=False, log=lambda *a: None)
+    by = {r["backend"]: r for r in rows}
+    assert all(by[b]["status"] == "ok" for b in by), rows
+    assert by["openvino-fp32"]["parity_ok"] and by["openvino-fp32"]["parity_map_max_rel"] < 1e-3
+    for b in ("openvino-int8", "ort-int8"):
+        assert by[b]["precision"] == "int8" and by[b]["parity_map_corr"] >= 0.99 and by[b]["parity_ok"]
+    for b in ("openvino-fp32", "openvino-int8", "ort-int8"):
+        assert set(by[b]["stage_ms"]) == {"encoder", "head", "postprocess"}
+        assert all(v > 0 for v in by[b]["stage_ms"].values())
