@@ -43,7 +43,10 @@ def test_paper_profile_is_the_released_setting():
     assert (c.sigma, c.align_corners, c.topk, c.text_score_weight, c.text_length) == (8.0, True, 2000, 0.5, 16)
     t = c.train
     assert (t.optimizer, t.lr, t.betas, t.epochs, t.batch_size, t.seed, t.schedule, t.warmup) == \
-        ("adam", 1e-4, [0.5, 0.999], 20, 32, 333, "cosine", 0.1)
+        ("adam", 1e-4, [0.5, 0.999], 20, 32, 111, "cosine", 0.1)  # seed: train.sh / train.py default
+    # the released second stage: CE only on fuse + class_mapping + image_mapping, Adam at a constant 1e-4
+    assert (c.second_stage.enabled, c.second_stage.lr) == (True, 1e-4)
+    assert (t.heldout_classes, t.patience) == ([], 3)  # early stopping: off unless held-out classes are named
     s = c.lr_scales  # released groups: prompts 1e-3, temperatures 1e-2, flows 1e-3, the rest 1e-4
     assert [t.lr * x for x in (s.prompts, s.temperatures, s.flows, s.encoders, s.heads)] == \
         pytest.approx([1e-3, 1e-2, 1e-3, 1e-4, 1e-4])
@@ -496,3 +499,175 @@ def test_learning_on_synthetic_defects(synthetic):
     print(f"held-out pixel AUROC {before:.3f} -> {after:.3f}")
     assert after - before >= 0.1
     assert after >= 0.7
+
+
+# -- the released second training stage -----------------------------------------------------------------------------
+HEAD = ("pfl.fuse.", "pfl.class_mapping.", "pfl.image_mapping.")
+
+
+def _two_stage(**train):
+    return M.create("bayespfl", "tiny", second_stage={"enabled": True, "epochs": 2, "lr": 0.01},
+                    train={"batch_size": 4, "epochs": 2, **train})
+
+
+def _batch():
+    g = torch.Generator().manual_seed(7)
+    mask = torch.zeros(4, 224, 224)
+    mask[2:, 60:120, 80:140] = 1.0
+    return {"image": torch.randn(4, 3, 224, 224, generator=g), "label": torch.tensor([0, 0, 1, 1]), "mask": mask,
+            "cls": ["bottle", "screw", "bottle", "screw"]}
+
+
+def test_second_stage_loss_is_the_ce_term_alone_by_hand():
+    """Stage 2's loss at a fixed input against a hand computation: 2-class CE of the logits
+    exp(tau_img) <unit(W_c z + b_c), unit(W_i (x_cls + fuse(F)) + b_i)>, written out with plain matmuls, where
+    -log softmax([l_n, l_a])[y] = softplus(l_n - l_a) for y = 1 and softplus(l_a - l_n) for y = 0."""
+    m = _two_stage()
+    batch = _batch()
+    torch.manual_seed(3)
+    out = m.loss(batch, stage=2)
+    assert set(out) == {"total", "image_ce"}
+    # the same draws, then the formula by hand (random_pair is off in tiny: every one of the R*B pairs enters)
+    torch.manual_seed(3)
+    n, r, w = 4, m.config.sampling.train_samples, m.text_width
+    noise_ctx, noise_n, noise_a = torch.randn(n, r, w), torch.randn(r, w), torch.randn(r, w)
+    with torch.no_grad():
+        x, taps = m.encode(batch["image"])
+        phi_e, _ = m.pfl.context_flow(x, noise_ctx)
+        phi_n, phi_a, _, _ = m.pfl.state_flows(noise_n, noise_a)
+        tokens = m.encode_class_names(batch["cls"])
+        z = m.text_features(*m.prompt_embeddings(phi_e, phi_n, phi_a, tokens))  # [N,2k,E]
+        f = m.pfl.fuse
+        b_, nt, npatch, d = taps.shape
+        h = taps.permute(0, 2, 1, 3).reshape(b_, npatch, nt * d) @ f.proj.weight.T + f.proj.bias
+        alpha = torch.softmax(h @ f.score.weight.T + f.score.bias, dim=1)
+        fused = (alpha * h).sum(1) @ f.out.weight.T + f.out.bias
+        g = (x + fused) @ m.pfl.image_mapping.weight.T + m.pfl.image_mapping.bias
+        g = g / g.norm(dim=-1, keepdim=True)
+        q = z @ m.pfl.class_mapping.weight.T + m.pfl.class_mapping.bias
+        q = q / q.norm(dim=-1, keepdim=True)
+        logits = math.exp(float(m.pfl.tau_image)) * torch.einsum("nte,ne->nt", q, g)
+        k = logits.shape[1] // 2
+        margin = logits[:, k:] - logits[:, :k]  # l_a - l_n per pair
+        y = batch["label"].float().unsqueeze(1)
+        expected = (y * F.softplus(-margin) + (1 - y) * F.softplus(margin)).mean()
+    assert float(out["total"].detach()) == pytest.approx(float(expected), rel=1e-5)
+    with pytest.raises(ZsadError, match="no training stage 2"):
+        M.create("bayespfl", "tiny").loss(batch, stage=2)
+
+
+def test_second_stage_step_changes_only_the_image_head():
+    """One optimizer step of stage 2 changes exactly fuse, class_mapping and image_mapping; every other trainable
+    tensor stays bit-identical (the released optimizer_stage2 holds only those three modules)."""
+    from zsad.train.loop import make_optimizer
+
+    m = _two_stage()
+    m.train()
+    opt = make_optimizer(m, m.config.train, stage=2)
+    assert [g["lr"] for g in opt.param_groups] == [0.01]
+    named = {id(p): n for n, p in m.trainable_parameters().items()}
+    in_group = {named[id(p)] for g in opt.param_groups for p in g["params"]}
+    assert in_group == {n for n in named.values() if n.startswith(HEAD)} and in_group
+    before = m.trainable_state_dict()
+    torch.manual_seed(0)
+    m.loss(_batch(), stage=2)["total"].backward()
+    opt.step()
+    after = m.trainable_state_dict()
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed == in_group
+
+
+def test_stage_one_with_a_second_stage_scores_images_from_x_cls_alone():
+    """Released stage 1 (a second stage following): image logits use normalize(x_cls); fuse and image_mapping get
+    no gradient."""
+    m = _two_stage()
+    m.train()
+    torch.manual_seed(0)
+    m.loss(_batch(), stage=1)["total"].backward()
+    grads = {n: p.grad for n, p in m.trainable_parameters().items()}
+    assert all(grads[n] is None for n in grads if n.startswith(("pfl.fuse.", "pfl.image_mapping.")))
+    assert grads["pfl.class_mapping.weight"] is not None and grads["pfl.bank.context"].abs().sum() > 0
+
+
+def _loop_set(synthetic):
+    from zsad.data import AnomalyDataset, load_samples
+
+    samples = load_samples(synthetic, "test", classes=["brick"])
+    return AnomalyDataset(samples[:2] + samples[-2:], 224), samples[:1] + samples[-1:]
+
+
+def test_early_stopping_switches_stage_and_restores_the_best_weights(tmp_path, synthetic, monkeypatch):
+    """A monkeypatched held-out metric sequence: stage 1 (pixel AP) 0.5, 0.6, 0.55, 0.55 -> with patience 1 it
+    stops after epoch 4; stage 2 starts from epoch 2's weights; stage 2 (image AP) 0.3, 0.2, 0.2 stops after its
+    third epoch. Outside the image head, every weight of stage 2 is epoch 2's, bit for bit."""
+    import zsad.train.loop as loop
+
+    values = {"pixel_ap": [0.5, 0.6, 0.55, 0.55, 0.9], "image_ap": [0.3, 0.2, 0.2, 0.9]}
+    seen, snaps = [], []
+
+    def metric(method, samples, name, device, batch_size):
+        seen.append(name)
+        snaps.append(method.trainable_state_dict())
+        return values[name].pop(0)
+
+    monkeypatch.setattr(loop, "heldout_metric", metric)
+    m = M.create("bayespfl", "tiny", second_stage={"enabled": True, "epochs": 6, "lr": 0.01},
+                 train={"batch_size": 4, "epochs": 6, "patience": 1})
+    ds, held = _loop_set(synthetic)
+    res = loop.train(m, ds, tmp_path, progress=False, heldout=held)
+    assert seen == ["pixel_ap"] * 4 + ["image_ap"] * 3
+    assert [h["stage"] for h in res["history"]] == [1, 1, 1, 1, 2, 2, 2]
+    assert [h["heldout_pixel_ap"] for h in res["history"][:4]] == [0.5, 0.6, 0.55, 0.55]
+    best1 = snaps[1]
+    final = m.trainable_state_dict()
+    for name in final:
+        if name.startswith(HEAD):
+            assert not torch.equal(final[name], best1[name]), name
+        else:
+            assert torch.equal(final[name], best1[name]), name
+            assert all(torch.equal(s[name], best1[name]) for s in snaps[4:]), name
+    # fuse / image_mapping never moved in stage 1 (no gradient there), then stage 2 trained them
+    init = M.create("bayespfl", "tiny", second_stage={"enabled": True, "epochs": 6, "lr": 0.01}).trainable_state_dict()
+    assert torch.equal(snaps[3]["pfl.fuse.proj.weight"], init["pfl.fuse.proj.weight"])
+    assert not torch.equal(final["pfl.fuse.proj.weight"], init["pfl.fuse.proj.weight"])
+    from zsad.checkpoint import read_sidecar
+
+    assert read_sidecar(tmp_path)["stage"] == 2 and read_sidecar(tmp_path)["epochs"] == 7
+
+
+def test_resume_across_the_stage_boundary_is_exact(tmp_path, synthetic, monkeypatch):
+    """Stage 1 (2 epochs, best at epoch 1 by the held-out metric) then stage 2 (2 epochs). A run that crashes at the
+    start of the first stage-2 epoch and is resumed ends bit-identical to an unbroken one (the restore of the best
+    stage-1 weights and the stage-2 optimizer come from train_state.pt)."""
+    import zsad.train.loop as loop
+
+    real = loop._epoch_loader
+
+    def run(out, crash_at=None, resume=False, values=None):
+        monkeypatch.setattr(loop, "heldout_metric", lambda *a: values.pop(0))
+
+        def loader(dataset, batch_size, seed, epoch, workers, dinfo):
+            if epoch == crash_at:
+                raise RuntimeError("crash")
+            return real(dataset, batch_size, seed, epoch, workers, dinfo)
+
+        monkeypatch.setattr(loop, "_epoch_loader", loader)
+        m = _two_stage(patience=5)
+        ds, held = _loop_set(synthetic)
+        loop.train(m, ds, out, progress=False, heldout=held, resume=resume)
+        return m
+
+    straight = run(tmp_path / "a", values=[0.6, 0.5, 0.1, 0.2])
+    with pytest.raises(RuntimeError, match="crash"):
+        run(tmp_path / "b", crash_at=2, values=[0.6, 0.5])
+    state = torch.load(tmp_path / "b" / loop.STATE_NAME, weights_only=True)
+    assert state["epoch"] == 2 and '"stage": 0' in state["progress"] and state["best_weights"]
+    resumed = run(tmp_path / "b", resume=True, values=[0.1, 0.2])
+    a, b = straight.trainable_state_dict(), resumed.trainable_state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    from zsad.checkpoint import read_sidecar
+
+    meta = read_sidecar(tmp_path / "b")
+    assert meta["stage"] == 2 and [h["stage"] for h in meta["history"]] == [1, 1, 2, 2]
+    with pytest.raises(ZsadError, match="already finished"):
+        run(tmp_path / "b", resume=True, values=[])

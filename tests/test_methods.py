@@ -272,3 +272,24 @@ def test_paper_profile_builds_at_real_size():
     with torch.no_grad():
         out = m(torch.randn(1, 3, 518, 518))
     assert out.anomaly_map.shape == (1, 518, 518) and torch.isfinite(out.anomaly_map).all()
+
+
+@pytest.mark.parametrize("name", ["anomalyclip", "bagclip", "afclip", "sowa", "bayespfl"])
+def test_trainable_init_comes_from_the_profile_seed(name):
+    """Trainable modules are initialised from train.seed (the paper's seed, set before the model is built as in the
+    released train scripts); the random CLIP weights come from backbone.init_seed and do not move with it."""
+    import zsad.methods as M
+
+    def build(seed):
+        m = M.create(name, "tiny", train={"seed": seed})
+        return m.trainable_state_dict(), m.backbone.clip.visual.conv1.weight.detach().clone()
+
+    seed = M.resolve_config(name, "tiny").train.seed
+    a, clip_a = build(seed)
+    b, _ = build(seed)
+    c, clip_c = build(seed + 1)
+    assert a.keys() == b.keys() == c.keys() and a
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    random_init = [k for k in a if not torch.equal(a[k], c[k])]
+    assert random_init, "a different seed must give different initial weights"
+    assert torch.equal(clip_a, clip_c)

@@ -239,3 +239,14 @@ def test_damaged_runs_and_checkpoints_are_one_line_errors(tmp_path, synthetic):
         res = CliRunner().invoke(eval_cli, ["--checkpoint", str(run), "--no-progress", "--device", "cpu"])
         assert res.exit_code == 2 and isinstance(res.exception, SystemExit), (expected, res.output)
         assert res.stderr.count("\n") == 1 and expected in res.stderr
+
+
+def test_heldout_classes_are_never_trained_on(tmp_path, synthetic):
+    """train.heldout_classes come out of the training images; naming one in --classes too is a one-line error."""
+    from zsad.train.run import training_samples
+
+    samples, heldout, meta = training_samples(str(synthetic), "test", None, False, ["washer"])
+    assert heldout and {s.cls for s in heldout} == {"washer"} and "washer" not in {s.cls for s in samples}
+    assert meta["heldout_classes"] == ["washer"] and meta["heldout_images"] == len(heldout)
+    with pytest.raises(ZsadError, match="also named in --classes"):
+        training_samples(str(synthetic), "test", "brick,washer", False, ["washer"])

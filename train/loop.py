@@ -7,6 +7,14 @@ sidecar) by one atomic rename; checkpoint.safetensors/.json and history.csv are 
 behind) and continues with epoch e+1, so 2 epochs in one run and 1 + 1 resumed give the same weights, wherever
 a crash fell. An epoch interrupted half-way is redone from its start.
 
+Stages: ``method.training_stages()`` lists the phases of training (one for most methods; Bayes-PFL's released recipe
+has a second, CE-only stage on its image head). Each stage gets its own optimizer and schedule, and the epoch
+counter runs on across stages. With ``heldout`` samples (train.heldout_classes), the stage's monitored metric is
+computed on them after every epoch: a stage ends at a non-improving epoch after ``train.patience`` non-improving
+ones (ties count as improving: the released Bayes-PFL rule), and the next stage starts from the best epoch's
+weights. train_state.pt records the stage, its epoch count, the early-stopping counters and the best weights, so a
+resume at or across a stage boundary continues exactly.
+
 DDP: under ``torchrun --nproc_per_node N train/run.py ...`` each process trains on its shard
 (DistributedSampler, same seed), gradients of the trainable parameters are all-reduced, rank 0 writes.
 """
@@ -55,25 +63,31 @@ def init_distributed(device: str) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def _stage_kwargs(method, stage: int) -> dict:
+    """``stage=`` for the loss / param_groups of methods with several training stages (others take none)."""
+    return {"stage": stage} if len(method.training_stages()) > 1 else {}
+
+
 class _LossModule(nn.Module):
     """DDP hooks into forward(); the method's training entry is loss(), so wrap it."""
 
     def __init__(self, method):
         super().__init__()
         self.method = method
+        self.stage_kwargs: dict = {}
 
     def forward(self, batch):
-        return self.method.loss(batch)
+        return self.method.loss(batch, **self.stage_kwargs)
 
 
-def make_optimizer(method, cfg) -> torch.optim.Optimizer:
+def make_optimizer(method, cfg, stage: int = 1) -> torch.optim.Optimizer:
     params = list(method.trainable_parameters().values())
     if not params:
         raise ZsadError(f"{method.name} has no trainable parameters")
     kinds = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
     if cfg.optimizer not in kinds:
         raise ZsadError(f"train.optimizer must be one of {sorted(kinds)}, got '{cfg.optimizer}'")
-    groups = method.param_groups(cfg.lr)
+    groups = method.param_groups(cfg.lr, **_stage_kwargs(method, stage))
     for g in groups:
         g["base_lr"] = g["lr"]  # the schedule scales each group's own rate
     return kinds[cfg.optimizer](groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
@@ -82,12 +96,14 @@ def make_optimizer(method, cfg) -> torch.optim.Optimizer:
 SCHEDULES = ("constant", "cosine")
 
 
-def lr_factor(cfg, step: int, total: int) -> float:
-    """Learning-rate multiplier at global step ``step`` of ``total`` (a function of the step: resume stays exact)."""
-    if cfg.schedule == "constant":
+def lr_factor(cfg, step: int, total: int, schedule: str | None = None) -> float:
+    """Learning-rate multiplier at step ``step`` of ``total`` (a function of the step: resume stays exact);
+    ``schedule`` (a stage's) overrides ``cfg.schedule``."""
+    schedule = schedule or cfg.schedule
+    if schedule == "constant":
         return 1.0
-    if cfg.schedule != "cosine":
-        raise ZsadError(f"train.schedule must be one of {SCHEDULES}, got '{cfg.schedule}'")
+    if schedule != "cosine":
+        raise ZsadError(f"train.schedule must be one of {SCHEDULES}, got '{schedule}'")
     warm = int(round(cfg.warmup * total))
     if step < warm:
         return (step + 1) / warm
@@ -139,36 +155,84 @@ def _write_run_files(out_dir: Path, weights: dict, sidecar: dict, history: list[
     atomic_write_text(out_dir / HISTORY_NAME, _history_csv(history))
 
 
+def heldout_metric(method, samples, name: str, device: str, batch_size: int) -> float:
+    """The held-out metric early stopping watches: ``name`` of zsad.evaluate's class mean (e.g. pixel_ap)."""
+    from zsad.evaluate import evaluate
+
+    method.eval()
+    try:
+        mean = evaluate(method, samples, batch_size=batch_size, device=device, progress=False)["mean"]
+    finally:
+        method.train()
+    if name not in mean or mean[name] is None or math.isnan(mean[name]):
+        raise ZsadError(f"early stopping: the held-out classes give no {name} (need normal and anomalous images"
+                        f"{' with masks' if name.startswith('pixel') else ''})")
+    return float(mean[name])
+
+
+def _fresh_progress(stage: int) -> dict:
+    """Where training stands: stage (0-based position in training_stages()), epochs done in it, early stopping."""
+    return {"stage": stage, "stage_epoch": 0, "best": None, "bad": 0, "stopped": False}
+
+
 def train(method, dataset, out_dir: Path, *, resume: bool = False, device: str = "cpu", workers: int = 0,
-          progress: bool = True, meta: dict | None = None, dinfo: DistInfo | None = None) -> dict:
-    """Train ``method`` (its config.train holds epochs / batch size / lr / seed) and write checkpoints to ``out_dir``."""
+          progress: bool = True, meta: dict | None = None, dinfo: DistInfo | None = None,
+          heldout=None) -> dict:
+    """Train ``method`` (its config.train holds epochs / batch size / lr / seed) and write checkpoints to ``out_dir``.
+
+    ``heldout``: samples for early stopping (see the module doc); None or empty: fixed epochs per stage."""
     cfg = method.config.train
+    stages = method.training_stages()
     dinfo = dinfo or DistInfo()
     out_dir = Path(out_dir)
     if len(dataset) == 0:
         raise ZsadError("the training set is empty")
     method.to(device)
-    optimizer = make_optimizer(method, cfg)
-    start_epoch, history = 0, []
+    start_epoch, history, prog, best_weights = 0, [], _fresh_progress(0), None
     state_path = out_dir / STATE_NAME
+    state = None
     if resume:
         state = load_train_state(out_dir)
         method.load_trainable_state_dict(state["weights"])
+        start_epoch, history = state["epoch"], state["history"]
+        if "progress" in state:
+            prog = json.loads(state["progress"])
+            best_weights = state.get("best_weights") or None
+        else:  # a run written before stages were recorded: one stage
+            prog["stage_epoch"] = start_epoch
+        if prog["stage"] >= len(stages):
+            raise ZsadError(f"--resume: {out_dir} was at training stage {prog['stage'] + 1}, but this method has "
+                            f"{len(stages)}")
+        last = stages[-1]
+        if prog["stage"] == len(stages) - 1 and (prog["stopped"] or prog["stage_epoch"] >= last.epochs):
+            raise ZsadError(f"--resume: {out_dir} already finished {start_epoch} epochs "
+                            f"(stage {last.index}: {prog['stage_epoch']} of {last.epochs})")
+        if dinfo.main:  # a crash after the commit may have left these stale or half-written
+            _write_run_files(out_dir, state["weights"], state["sidecar"], history)
+    optimizer = make_optimizer(method, cfg, stages[prog["stage"]].index)
+    if state is not None:
         try:
             optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError, TypeError) as err:
             raise ZsadError(f"--resume: the optimizer state in {state_path} does not fit this method ({err})") from err
-        start_epoch, history = state["epoch"], state["history"]
-        if start_epoch >= cfg.epochs:
-            raise ZsadError(f"--resume: {out_dir} already finished {start_epoch} of {cfg.epochs} epochs")
-        if dinfo.main:  # a crash after the commit may have left these stale or half-written
-            _write_run_files(out_dir, state["weights"], state["sidecar"], history)
-    model = _LossModule(method)
+    loss_module = _LossModule(method)
+    model = loss_module
     if dinfo.world_size > 1:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[dinfo.local_rank] if device.startswith("cuda") else None)
     method.train()
-    for epoch in range(start_epoch, cfg.epochs):
+    epoch = start_epoch
+    while True:
+        st = stages[prog["stage"]]
+        if prog["stopped"] or prog["stage_epoch"] >= st.epochs:  # this stage is over
+            if prog["stage"] + 1 >= len(stages):
+                break
+            if best_weights is not None:  # the next stage starts from the best epoch (released: ema.load_check)
+                method.load_trainable_state_dict(best_weights)
+            prog, best_weights = _fresh_progress(prog["stage"] + 1), None
+            optimizer = make_optimizer(method, cfg, stages[prog["stage"]].index)
+            continue
+        loss_module.stage_kwargs = _stage_kwargs(method, st.index)
         if hasattr(dataset, "set_epoch"):  # per-epoch random augmentation (SOWA's mosaic), reproducible on resume
             dataset.set_epoch(epoch)
         loader = _epoch_loader(dataset, cfg.batch_size, cfg.seed, epoch, workers, dinfo)
@@ -176,10 +240,11 @@ def train(method, dataset, out_dir: Path, *, resume: bool = False, device: str =
         # (seed, epoch, rank): a resumed run draws the same
         torch.manual_seed((cfg.seed * 1_000_003 + epoch) * 1_009 + dinfo.rank)
         sums, n, t0 = {}, 0, time.perf_counter()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (progress and dinfo.main),
-                   dynamic_ncols=True, leave=True)
+        total_epochs = sum(s.epochs for s in stages)
+        desc = f"epoch {epoch + 1}/{total_epochs}" + (f" (stage {st.index})" if len(stages) > 1 else "")
+        bar = tqdm(loader, desc=desc, disable=not (progress and dinfo.main), dynamic_ncols=True, leave=True)
         for batch in bar:
-            factor = lr_factor(cfg, epoch * len(loader) + n, cfg.epochs * len(loader))
+            factor = lr_factor(cfg, prog["stage_epoch"] * len(loader) + n, st.epochs * len(loader), st.schedule)
             for g in optimizer.param_groups:
                 g["lr"] = g["base_lr"] * factor
             losses = model(_to_device(batch, device))
@@ -191,22 +256,35 @@ def train(method, dataset, out_dir: Path, *, resume: bool = False, device: str =
                 sums[k] = sums.get(k, 0.0) + v
             n += 1
             bar.set_postfix(loss=f"{values['total']:.4f}")
-        row = {"epoch": epoch + 1, **{k: v / max(n, 1) for k, v in sums.items()},
-               "seconds": round(time.perf_counter() - t0, 2)}
+        row = {"epoch": epoch + 1, **({"stage": st.index} if len(stages) > 1 else {}),
+               **{k: v / max(n, 1) for k, v in sums.items()}, "seconds": round(time.perf_counter() - t0, 2)}
+        prog["stage_epoch"] += 1
+        if heldout:
+            value = heldout_metric(method, heldout, st.monitor, device, cfg.batch_size)
+            row[f"heldout_{st.monitor}"] = value
+            if prog["best"] is None or value >= prog["best"]:
+                prog["best"], prog["bad"] = value, 0
+                best_weights = trainable_state(method)
+            elif prog["bad"] >= cfg.patience:
+                prog["stopped"] = True
+            else:
+                prog["bad"] += 1
         history.append(row)
+        epoch += 1
         if dinfo.main:
             weights = trainable_state(method)
-            sidecar = checkpoint_sidecar(method, weights, epochs=epoch + 1, steps_per_epoch=n, history=history,
-                                         **(meta or {}))
+            sidecar = checkpoint_sidecar(method, weights, epochs=epoch, steps_per_epoch=n, history=history,
+                                         **({"stage": st.index} if len(stages) > 1 else {}), **(meta or {}))
             sidecar = json.loads(json.dumps(sidecar, default=str))  # what the JSON file holds, exactly
-            committed = {"epoch": epoch + 1, "weights": weights, "optimizer": optimizer.state_dict(),
-                         "history": json.dumps(history), "sidecar": json.dumps(sidecar)}
+            committed = {"epoch": epoch, "weights": weights, "optimizer": optimizer.state_dict(),
+                         "history": json.dumps(history), "sidecar": json.dumps(sidecar),
+                         "progress": json.dumps(prog), "best_weights": best_weights or {}}
             atomic_write(state_path, lambda p: torch.save(committed, p))  # the commit point
             _write_run_files(out_dir, weights, sidecar, history)
         if dinfo.world_size > 1:
             dist.barrier()
     method.eval()
-    return {"epochs": cfg.epochs, "history": history, "out_dir": str(out_dir)}
+    return {"epochs": epoch, "history": history, "out_dir": str(out_dir)}
 
 
 def _history_csv(history: list[dict]) -> str:

@@ -28,8 +28,10 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def training_samples(data: str | None, split: str, classes: str | None, progress: bool):
-    """The samples to train on and a description of them for the checkpoint sidecar."""
+def training_samples(data: str | None, split: str, classes: str | None, progress: bool,
+                     heldout_classes: list[str] | None = None):
+    """The samples to train on, the held-out ones (early stopping: ``heldout_classes`` of the same data, split,
+    never trained on) and a description of both for the checkpoint sidecar."""
     from zsad.data import guess_dataset_name, load_samples
     from zsad.data.synthetic import SYNTHETIC_TRAIN_CLASSES, default_root, generate
 
@@ -41,10 +43,19 @@ def training_samples(data: str | None, split: str, classes: str | None, progress
     else:
         root = Path(data)
         name = guess_dataset_name(root)
-    samples = load_samples(root, split=split, classes=class_list)
-    return samples, {"path": str(root), "dataset": name, "split": split,
-                     "classes": sorted({s.cls for s in samples}), "images": len(samples),
-                     "anomalous": sum(s.label for s in samples)}
+    held = sorted(set(heldout_classes or []))
+    both = sorted(set(held) & set(class_list or []))
+    if both:
+        raise ZsadError(f"train.heldout_classes {both} are also named in --classes: a held-out class cannot be "
+                        f"trained on")
+    samples = [s for s in load_samples(root, split=split, classes=class_list) if s.cls not in held]
+    if not samples:
+        raise ZsadError(f"no training images left in {root} after holding out {held}")
+    heldout = load_samples(root, split=split, classes=held) if held else []
+    return samples, heldout, {"path": str(root), "dataset": name, "split": split,
+                              "classes": sorted({s.cls for s in samples}), "images": len(samples),
+                              "anomalous": sum(s.label for s in samples),
+                              **({"heldout_classes": held, "heldout_images": len(heldout)} if held else {})}
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -117,17 +128,20 @@ def run(model, profile, data, split, classes, clip_weights, epochs, batch_size, 
     else:
         method = M.create(model, profile, **overrides)
     cfg = method.config
-    samples, data_meta = training_samples(data, split, classes, progress and dinfo.main)
+    samples, heldout, data_meta = training_samples(data, split, classes, progress and dinfo.main,
+                                                   cfg.train.heldout_classes)
     dataset = method.training_dataset(AnomalyDataset(samples, cfg.backbone.image_size), data_meta)
     if dinfo.main:
         n_train = sum(p.numel() for p in method.trainable_parameters().values())
         click.echo(f"training {model} ({method.profile}) on {data_meta['dataset'] or data_meta['path']} "
                    f"[{', '.join(data_meta['classes'])}]: {len(samples)} images, {cfg.train.epochs} epochs, "
                    f"batch {cfg.train.batch_size} x {dinfo.world_size} process(es), lr {cfg.train.lr}, "
+                   f"stages {[st.epochs for st in method.training_stages()]} epochs (at most), "
+                   f"held-out {len(heldout)} images, "
                    f"{n_train:,} trainable parameters, device {device}, CLIP weights: {method.backbone.info.weights}")
     t0 = time.perf_counter()
     result = train(method, dataset, out_dir, resume=resume, device=device, workers=workers, progress=progress,
-                   meta={"data": data_meta, "world_size": dinfo.world_size}, dinfo=dinfo)
+                   meta={"data": data_meta, "world_size": dinfo.world_size}, dinfo=dinfo, heldout=heldout)
     if dinfo.main:
         last = result["history"][-1]
         click.echo(f"done in {time.perf_counter() - t0:.1f} s: final loss {last['total']:.4f}; checkpoint: "

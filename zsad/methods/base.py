@@ -141,6 +141,21 @@ class TrainConfig:
     seed: int
     schedule: str = "constant"  # constant | cosine (per step, to 0 at the end of the last epoch)
     warmup: float = 0.0  # fraction of all steps with a linear warm-up (cosine schedule)
+    # early stopping: classes of the training data held out of training; after every epoch the stage's monitored
+    # metric on them decides (empty: every stage runs its fixed number of epochs)
+    heldout_classes: list[str] = field(default_factory=list)
+    patience: int = 3  # a stage ends at a non-improving epoch after `patience` non-improving ones (released rule)
+
+
+@dataclass(frozen=True)
+class TrainingStage:
+    """One phase of training. The method defines what ``loss(batch, stage=index)`` and
+    ``param_groups(lr, stage=index)`` mean for it; the loop runs the phases in order (zsad.train.loop)."""
+
+    index: int  # 1-based
+    epochs: int  # at most this many epochs (fewer when early stopping ends the stage)
+    schedule: str  # learning-rate schedule within the stage: constant | cosine
+    monitor: str = "pixel_ap"  # the held-out metric (a key of zsad.evaluate's mean) early stopping watches
 
 
 class Method(nn.Module):
@@ -189,13 +204,18 @@ class Method(nn.Module):
         return feed
 
     def load_backbone(self):
-        """The frozen CLIP of ``config.backbone``, with ``config.taps`` checked against its depth."""
+        """The frozen CLIP of ``config.backbone``, with ``config.taps`` checked against its depth.
+
+        Random CLIP weights (tests) come from ``backbone.init_seed`` (set by ``zsad.methods.build``); everything a
+        method builds after this call (its trainable modules) is then initialised from ``train.seed``, the paper's
+        seed, as the released train scripts seed the RNG before building their models."""
         b, taps = self.config.backbone, self.config.taps
         backbone = load_clip(b.arch, pretrained=None if b.weights else b.pretrained, weights=b.weights,
                              image_size=b.image_size, quick_gelu=b.quick_gelu, pos_interpolation=b.pos_interpolation)
         info = backbone.info
         if max(taps) > info.layers or min(taps) < 1:
             raise ZsadError(f"taps {taps} outside the {info.layers} blocks of {info.arch}")
+        torch.manual_seed(self.config.train.seed)
         return backbone
 
     def forward(self, images: torch.Tensor, class_names=None) -> AnomalyOutput:
@@ -205,6 +225,12 @@ class Method(nn.Module):
     def param_groups(self, lr: float) -> list[dict]:
         """Optimizer parameter groups (dicts with "params" and "lr"); default: all trainable parameters at ``lr``."""
         return [{"params": list(self.trainable_parameters().values()), "lr": lr}]
+
+    def training_stages(self) -> list[TrainingStage]:
+        """The phases of training (default: one, ``train.epochs`` long). Methods with more than one take a
+        ``stage`` keyword in ``loss`` and ``param_groups``."""
+        t = self.config.train
+        return [TrainingStage(1, t.epochs, t.schedule)]
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
