@@ -7,7 +7,8 @@ Per exported model NAME (see DESIGN.md, "Serving shape"):
     NAME_preprocess / NAME_preprocess_raw   python: decode, resize, normalise (zsad.data.preprocess)
     NAME_<stage>    one model per Method.stages() entry (onnxruntime_onnx | tensorrt_plan | python + ONNX Runtime)
     NAME_text_<field>  python, where the method takes text per request (Bayes-PFL's class_name): tokenises it
-    NAME_restore    python, optional (--resize-to-input): anomaly map back to the input image's size
+    NAME_restore    python, optional (--resize-to-input): anomaly maps back to the input images' sizes, flattened
+                    and concatenated per request (``original_size`` tells how to split them)
     NAME_torch      python-torch backend only: the whole stage chain in one process (fp16 / CUDA graphs on GPU),
                     which keeps the encoder's taps (up to 22 MB per image) out of Triton's inter-model traffic
 
@@ -26,7 +27,7 @@ import torch
 from zsad import ZsadError
 
 SOURCES = Path(__file__).resolve().parent.parent / "triton_models"
-BACKENDS = ("onnxruntime", "tensorrt", "python-ort", "python-torch")
+BACKENDS = ("onnxruntime", "tensorrt", "python-ort", "python-torch", "openvino", "python-openvino")
 _DTYPES = {torch.float32: "TYPE_FP32", torch.float16: "TYPE_FP16", torch.int64: "TYPE_INT64",
            torch.int32: "TYPE_INT32", torch.uint8: "TYPE_UINT8", torch.bool: "TYPE_BOOL"}
 
@@ -96,7 +97,9 @@ class RepoOptions:
     resize_to_input: bool = False
     fp16: bool = False
     dynamic_batching: bool = True  # off: every request runs alone (zsad-bench compares both)
-    max_pixels: int = 50_000_000  # decoded images above this are refused (decompression bombs, absurd inputs)
+    # a request's decoded pixels, summed over its images, above this are refused (decompression bombs, absurd
+    # inputs): it bounds preprocess's memory and the restored maps' size
+    max_pixels: int = 50_000_000
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -152,6 +155,28 @@ def stage_config(opts: RepoOptions, stage, model_name: str) -> dict:
     return cfg
 
 
+def openvino_stage_config(opts: RepoOptions, stage, model_name: str, precision: str) -> dict:
+    """A stage as OpenVINO IR (model.xml + model.bin in the version folder): Triton's openvino backend
+    (``openvino``; bf16 through its HINT_BF16 parameter) or OpenVINO inside the python backend
+    (``python-openvino``; the inference precision passed explicitly, see triton_models/stage_openvino)."""
+    inputs = [tensor_config(n, s, stage.dtype(n)) for n, s in stage.inputs.items()]
+    outputs = [tensor_config(n, s, stage.dtype(n)) for n, s in stage.outputs.items()]
+    cfg = _common(opts, model_name)
+    cfg["backend"] = "openvino" if opts.backend == "openvino" else "python"
+    cfg.update({"input": inputs, "output": outputs})
+    cfg.update(_scheduling(opts, "KIND_CPU"))
+    hint = "bf16" if precision == "bf16" else "f32"
+    if opts.backend == "openvino":
+        params = {"PERFORMANCE_HINT": "LATENCY", "zsad_precision": precision}
+        if precision == "bf16":
+            params["HINT_BF16"] = "YES"
+    else:
+        params = {"model_file": "model.xml", "inference_precision": hint, "zsad_precision": precision}
+    cfg.update(_parameters(params))
+    cfg.update(_warmup(inputs))
+    return cfg
+
+
 def preprocess_config(opts: RepoOptions, model_name: str, raw: bool, image_size: int, mean, std) -> dict:
     cfg = _common(opts, model_name)
     cfg["backend"] = "python"
@@ -179,8 +204,10 @@ def restore_config(opts: RepoOptions, model_name: str, image_size: int) -> dict:
     cfg["backend"] = "python"
     cfg["input"] = [{"name": "anomaly_map", "data_type": Sym("TYPE_FP32"), "dims": [image_size, image_size]},
                     {"name": "original_size", "data_type": Sym("TYPE_INT32"), "dims": [2]}]
-    cfg["output"] = [{"name": "anomaly_map_original", "data_type": Sym("TYPE_FP32"), "dims": [-1, -1]}]
+    # per request: each image's map at its own size, flattened and concatenated (see triton_models/restore)
+    cfg["output"] = [{"name": "anomaly_map_original", "data_type": Sym("TYPE_FP32"), "dims": [-1]}]
     cfg.update(_scheduling(opts, "KIND_CPU"))
+    cfg.update(_parameters({"max_pixels": opts.max_pixels}))
     return cfg
 
 

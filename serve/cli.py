@@ -19,6 +19,7 @@ from zsad.cli import cli_entry
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.argument("repo", type=click.Path())
+@click.argument("tritonserver_args", nargs=-1, type=click.UNPROCESSED)
 @click.option("--http-port", type=int, default=None, help="HTTP port [default: a free one].")
 @click.option("--grpc-port", type=int, default=None, help="gRPC port [default: a free one].")
 @click.option("--metrics-port", type=int, default=None, help="Metrics port [default: a free one].")
@@ -26,11 +27,20 @@ from zsad.cli import cli_entry
               "bundled in nvidia-pytriton].")
 @click.option("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level.")
 @cli_entry
-def serve_main(repo, http_port, grpc_port, metrics_port, binary, log_verbose):
-    """Start tritonserver on REPO (loopback only), print the endpoints, stop cleanly on Ctrl-C / SIGTERM."""
+def serve_main(repo, http_port, grpc_port, metrics_port, binary, log_verbose, tritonserver_args):
+    """Start tritonserver on REPO (loopback only), print the endpoints, stop cleanly on Ctrl-C / SIGTERM.
+
+    Arguments after `--` go to tritonserver as they are (e.g. `zsad-serve repo -- --log-info=false`). Clients
+    cannot use the shared-memory, repository, trace and logging APIs; a model whose python stub dies is reloaded
+    (logged), and if that fails zsad-serve stops with an error rather than serve a broken model.
+    """
+    import logging
+
     from zsad.serve.server import TritonServer
 
-    server = TritonServer(repo, http_port, grpc_port, metrics_port, binary, log_verbose=log_verbose)
+    logging.basicConfig(level=logging.INFO, format="zsad-serve %(levelname)s: %(message)s")
+    server = TritonServer(repo, http_port, grpc_port, metrics_port, binary, log_verbose=log_verbose,
+                          extra_args=list(tritonserver_args))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -46,6 +56,8 @@ def serve_main(repo, http_port, grpc_port, metrics_port, binary, log_verbose):
             if server.process.poll() is not None:
                 raise ZsadError(f"tritonserver exited unexpectedly (code {server.process.returncode}):\n"
                                 f"{server.log_tail()}")
+            if not server.healthy:
+                raise ZsadError(f"a model's python stub died and could not be reloaded: {server.events[-1]['model']}")
             stop.wait(0.5)
         click.echo("stopping ...")
     finally:

@@ -3,6 +3,7 @@
     client = AnomalyClient("127.0.0.1:8000", "bagclip")            # "grpc://127.0.0.1:8001" for gRPC
     results = client.infer(["a.png", "b.jpg"])                       # encoded bytes -> the NAME ensemble
     results = client.infer([np.zeros((480, 640, 3), np.uint8)])      # raw uint8 HWC -> the NAME_raw ensemble
+    results = client.infer([float_rgb_in_0_1], scale=255)            # other dtypes only with an explicit scale
     results[0].score, results[0].anomaly_map                         # float, float32 [S,S] (or input size)
     AnomalyClient(url, "bayespfl").infer(["a.png"], class_names="bottle")   # models that take the class name
 """
@@ -50,8 +51,11 @@ class AnomalyClient:
         if not live:
             raise ZsadError(f"Triton server at {protocol}://{url} is not live")
         if not self.client.is_model_ready(model):
-            raise ZsadError(f"model '{model}' is not ready on {protocol}://{url} (loaded: "
-                            f"{', '.join(self.models()) or 'none'})")
+            try:
+                loaded = f"loaded: {', '.join(self.models()) or 'none'}"
+            except Exception:  # zsad-serve restricts the repository index to itself
+                loaded = "the server does not list its models to clients"
+            raise ZsadError(f"model '{model}' is not ready on {protocol}://{url} ({loaded})")
         inputs, self.outputs = self._io_names(model)
         # per-image text inputs besides the image (from Method.text_inputs()): ["class_name"] for Bayes-PFL
         self.text_fields = [n for n in inputs if n != "image_bytes"]
@@ -85,12 +89,14 @@ class AnomalyClient:
         return {n: res.as_numpy(n) for n in self.outputs}
 
     def infer(self, images: Sequence, sources: Sequence[str] | None = None,
-              class_names: str | Sequence[str] | None = None) -> list[Prediction]:
+              class_names: str | Sequence[str] | None = None, scale: float | None = None) -> list[Prediction]:
         """One request for a batch: file paths / encoded bytes (the NAME ensemble) or uint8 HxWx3 arrays (NAME_raw).
 
-        Raw arrays in one request must share a shape (one tensor); files may differ in size. ``class_names`` (one
-        per image, or one for all) is required by models whose prompts use the object's name (Bayes-PFL) and
-        ignored by the others.
+        Raw arrays in one request must share a shape (one tensor); files may differ in size. Arrays of another
+        dtype are refused unless ``scale`` says how they map to 0..255 (``scale=255`` for floats in [0, 1],
+        ``scale=1/257`` for 16-bit): a silent cast would score the wrong image. Scaled values must land in
+        [0, 255]. ``class_names`` (one per image, or one for all) is required by models whose prompts use the
+        object's name (Bayes-PFL) and ignored by the others.
         """
         if len(images) == 0:
             return []
@@ -110,7 +116,7 @@ class AnomalyClient:
             shapes = {i.shape for i in images}
             if len(shapes) > 1:
                 raise ZsadError(f"raw images in one request must share a shape, got {sorted(shapes)}")
-            arr = np.stack([np.asarray(i, dtype=np.uint8) for i in images])
+            arr = np.stack([_to_uint8(i, scale) for i in images])
             if arr.ndim != 4 or arr.shape[-1] != 3:
                 raise ZsadError(f"raw images must be uint8 [H,W,3], got {list(arr.shape[1:])}")
             out = self._call(f"{self.model}_raw", [("image", arr, "UINT8")] + feeds)
@@ -119,8 +125,28 @@ class AnomalyClient:
             out = self._call(self.model, [("image_bytes", np.array(blobs, dtype=object).reshape(-1, 1), "BYTES")]
                              + feeds)
         scores = out["score"].reshape(-1)
-        if "anomaly_map_original" in out:  # exported --resize-to-input: crop the zero padding of mixed sizes
-            maps = [m[:h, :w] for m, (h, w) in zip(out["anomaly_map_original"], out["original_size"].tolist())]
+        if "anomaly_map_original" in out:  # exported --resize-to-input: per-image maps, flattened and concatenated
+            flat, start, maps = out["anomaly_map_original"].reshape(-1), 0, []
+            for h, w in out["original_size"].tolist():
+                maps.append(flat[start:start + h * w].reshape(h, w))
+                start += h * w
         else:
             maps = list(out["anomaly_map"])
         return [Prediction(float(s), m, src) for s, m, src in zip(scores, maps, sources)]
+
+
+def _to_uint8(image: np.ndarray, scale: float | None) -> np.ndarray:
+    """A raw image as uint8: uint8 as is; any other dtype only times an explicit ``scale``, rounded, in range."""
+    if image.dtype == np.uint8 and scale is None:
+        return image
+    if scale is None:
+        raise ZsadError(f"raw images must be uint8, got {image.dtype}: pass scale= to say how its values map to "
+                        f"0..255 (e.g. scale=255 for floats in [0, 1])")
+    if image.dtype.kind not in "uif" and image.dtype != np.bool_:
+        raise ZsadError(f"raw images must be numeric arrays, got {image.dtype}")
+    x = image.astype(np.float64) * float(scale)
+    if not np.isfinite(x).all():
+        raise ZsadError("raw image holds NaN or infinite values")
+    if x.size and (x.min() < -0.5 or x.max() > 255.5):
+        raise ZsadError(f"raw image values times scale={scale} must lie in [0, 255], got [{x.min():.4g}, {x.max():.4g}]")
+    return np.rint(x).astype(np.uint8)

@@ -4,14 +4,25 @@ The binary is ``tritonserver`` on PATH, else the one bundled in the nvidia-pytri
 ensembles, CPU), set up as it needs: its backends and caches copied into a private directory with the python
 backend stub for the running Python, LD_LIBRARY_PATH pointing at the wheel's libraries and Python's LIBDIR, and
 this environment's ``bin`` first on PATH so python models run in this venv (where zsad is installed). Ports are
-free ones unless given; the server binds 127.0.0.1 only. The server runs in its own process group, so ``stop``
-(or leaving the ``with`` block, or SIGTERM to zsad-serve) ends it and everything it started.
+free ones unless given; the server binds 127.0.0.1 only.
+
+Hardening (clients are not trusted): the shared-memory, model-repository (index, load, unload), trace and logging
+APIs, over HTTP and gRPC, need a header ``zsad-admin-key`` whose value is random per start and known only to this
+object (a client registering a python stub's own shared-memory region could crash the server). Models are loaded
+in explicit model-control mode so that a monitor thread can reload a model whose python stub process died (Triton
+itself never restarts it and keeps reporting ready); if the reload fails, ``healthy`` turns false and ``ready()``
+with it. ``stop`` sends SIGTERM to tritonserver (which unloads its models and frees its /dev/shm regions within
+its --exit-timeout-secs), SIGKILLs its process group if it overruns, and removes any python-backend region of this
+server left behind. tritonserver gets SIGTERM if the thread that started it dies (Linux PR_SET_PDEATHSIG): a
+SIGKILLed zsad-serve leaves no server behind.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -19,6 +30,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -26,6 +38,49 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from zsad import ZsadError
+
+log = logging.getLogger("zsad.serve")
+
+ADMIN_HEADER = "zsad-admin-key"
+# APIs a client has no business with: shared memory (a stub's own region can be registered), repository control,
+# tracing and logging settings
+RESTRICTED_APIS = "shared-memory,model-repository,trace,logging"
+SHM_PREFIX = "triton_python_backend_shm_region_"
+STUB_NAME = b"triton_python_backend_stub"
+EXIT_TIMEOUT_S = 5  # tritonserver's own wait for in-flight requests on SIGTERM
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: SIGTERM this child when the thread that started it exits (Linux prctl PR_SET_PDEATHSIG)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass  # not Linux: the server outlives a killed parent (stop() still ends it)
+
+
+def python_stubs(server_pid: int) -> dict[int, tuple[str, str, str]]:
+    """The live python-backend stub processes of a server: {pid: (model name, instance name, shm region)}.
+
+    A stub's argv is [stub, <repo>/<model>/<version>/model.py, <shm region>, ..., <instance name>, ...]."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read().rsplit(")", 1)[1].split()
+            if stat[0] == "Z" or int(stat[1]) != server_pid:  # zombie (dead, not reaped yet) / not ours
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if argv and argv[0].endswith(STUB_NAME) and len(argv) > 8:
+            model = Path(argv[1].decode(errors="replace")).parent.parent.name
+            out[int(entry)] = (model, argv[8].decode(errors="replace"), argv[2].decode(errors="replace"))
+    return out
 
 
 def free_ports(n: int, taken: tuple[int, ...] = ()) -> list[int]:
@@ -82,7 +137,7 @@ class TritonServer:
 
     def __init__(self, repo: str | Path, http_port: int | None = None, grpc_port: int | None = None,
                  metrics_port: int | None = None, binary: str | None = None, startup_timeout: float = 180.0,
-                 log_verbose: int = 0, extra_args: list[str] | None = None):
+                 log_verbose: int = 0, extra_args: list[str] | None = None, monitor_interval: float = 0.5):
         self.repo = Path(repo).resolve()
         if not self.repo.is_dir():
             raise ZsadError(f"model repository not found: {self.repo}")
@@ -97,6 +152,13 @@ class TritonServer:
         self.extra_args = extra_args or []
         self.process: subprocess.Popen | None = None
         self._workdir: Path | None = None
+        self.monitor_interval = monitor_interval
+        self._admin_key = secrets.token_hex(16)
+        self.healthy = True  # false once a dead stub's model could not be reloaded
+        self.events: list[dict] = []  # stub deaths seen by the monitor: model, pid, detected/reloaded times
+        self._stop_monitor = threading.Event()
+        self._monitor: threading.Thread | None = None
+        self._shm_regions: set[str] = set()  # every python-backend region this server's stubs were given
 
     @property
     def http_url(self) -> str:
@@ -123,7 +185,10 @@ class TritonServer:
                f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}",
                f"--metrics-port={self.metrics_port}", "--http-address=127.0.0.1", "--grpc-address=127.0.0.1",
                "--metrics-address=127.0.0.1", "--strict-readiness=true", "--exit-on-error=true",
-               f"--log-verbose={self.log_verbose}"]
+               f"--log-verbose={self.log_verbose}", "--model-control-mode=explicit", "--load-model=*",
+               f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
+               f"--http-restricted-api={RESTRICTED_APIS}:{ADMIN_HEADER}={self._admin_key}",
+               f"--grpc-restricted-protocol={RESTRICTED_APIS}:{ADMIN_HEADER}={self._admin_key}"]
         if server.backend_dir:
             cmd.append(f"--backend-directory={server.backend_dir}")
         if server.cache_dir:
@@ -131,10 +196,13 @@ class TritonServer:
         cmd += self.extra_args
         env = dict(os.environ, **server.env)
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-        log = open(self.log_path, "wb")
-        self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        log.close()
+        logfile = open(self.log_path, "wb")
+        self.process = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                        preexec_fn=_die_with_parent)
+        logfile.close()
         self._wait_ready()
+        self._monitor = threading.Thread(target=self._watch_stubs, name="zsad-stub-monitor", daemon=True)
+        self._monitor.start()
         return self
 
     def _wait_ready(self) -> None:
@@ -152,39 +220,91 @@ class TritonServer:
         raise ZsadError(f"tritonserver not ready after {self.startup_timeout:.0f} s:\n{tail}")
 
     def ready(self) -> bool:
+        """The server answers ready and no model is left with a dead stub."""
+        if not self.healthy:
+            return False
         try:
             with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as r:
                 return r.status == 200
         except (urllib.error.URLError, ConnectionError, OSError):
             return False
 
+    def _admin(self, path: str, timeout: float = 5):
+        """POST to a restricted endpoint with the admin key; returns the decoded JSON body (or None)."""
+        req = urllib.request.Request(f"http://{self.http_url}{path}", data=b"{}", method="POST",
+                                     headers={ADMIN_HEADER: self._admin_key})
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            body = r.read()
+        return json.loads(body) if body else None
+
     def models(self) -> list[dict]:
         """The repository index: [{"name", "version", "state"}, ...]."""
-        req = urllib.request.Request(f"http://{self.http_url}/v2/repository/index", data=b"{}", method="POST")
-        with urllib.request.urlopen(req, timeout=5) as r:
-            return json.loads(r.read())
+        return self._admin("/v2/repository/index")
+
+    def _watch_stubs(self) -> None:
+        """Every ``monitor_interval`` s: a stub seen before whose process is gone means its model no longer answers
+        (Triton reports it ready still): reload that model, or mark the server unhealthy if the reload fails."""
+        known: dict[str, tuple[int, str]] = {}  # instance name -> (pid, model)
+        while not self._stop_monitor.wait(self.monitor_interval):
+            if self.process is None or self.process.poll() is not None:
+                return
+            stubs = python_stubs(self.process.pid)
+            self._shm_regions |= {region for _, _, region in stubs.values()}
+            alive = {inst: (pid, model) for pid, (model, inst, _) in stubs.items()}
+            dead = {model: pid for inst, (pid, model) in known.items() if inst not in alive or alive[inst][0] != pid}
+            for model, pid in dead.items():
+                self._reload(model, pid)
+            if dead:
+                stubs = python_stubs(self.process.pid)
+                self._shm_regions |= {region for _, _, region in stubs.values()}
+                alive = {inst: (pid, model) for pid, (model, inst, _) in stubs.items()}
+            known = alive
+
+    def _reload(self, model: str, pid: int) -> None:
+        event = {"model": model, "pid": pid, "detected": time.time()}
+        self.events.append(event)
+        log.warning("python stub of model '%s' (pid %d) died; reloading the model", model, pid)
+        try:
+            self._admin(f"/v2/repository/models/{model}/load", timeout=120)
+            event["reloaded"] = time.time()
+            log.warning("model '%s' reloaded in %.1f s", model, event["reloaded"] - event["detected"])
+        except (urllib.error.URLError, OSError, ValueError) as err:
+            self.healthy = False
+            log.error("model '%s' could not be reloaded (%s): the server is not ready", model, err)
 
     def log_tail(self, lines: int = 15) -> str:
         """The server's error lines (Triton logs them as E<MMDD> ...) and the last ``lines`` lines."""
         try:
-            log = self.log_path.read_text(errors="replace").splitlines()
+            text = self.log_path.read_text(errors="replace").splitlines()
         except OSError:
             return "(no log)"
-        errors = [line for line in log if re.match(r"E\d{4} ", line)]
-        return "\n".join(errors[-20:] + ["..."] + log[-lines:])
+        errors = [line for line in text if re.match(r"E\d{4} ", line)]
+        return "\n".join(errors[-20:] + ["..."] + text[-lines:])
 
-    def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM the server's process group, SIGKILL it if it does not exit in ``timeout`` seconds."""
+    def stop(self, timeout: float = EXIT_TIMEOUT_S + 3.0) -> None:
+        """SIGTERM tritonserver (not its stubs: it unloads them itself and frees their shared memory), SIGKILL its
+        process group if it has not exited after ``timeout`` s, then remove this server's leftover regions."""
+        self._stop_monitor.set()
+        if self._monitor is not None:
+            self._monitor.join(timeout=5)
         p = self.process
-        if p is not None and p.poll() is None:
+        if p is not None:
+            self._shm_regions |= {region for _, _, region in python_stubs(p.pid).values()}
+            if p.poll() is None:
+                try:
+                    p.send_signal(signal.SIGTERM)
+                    p.wait(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    pass
             try:
-                os.killpg(p.pid, signal.SIGTERM)
-                p.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(timeout=10)
-            except ProcessLookupError:
+                os.killpg(p.pid, signal.SIGKILL)  # stubs of a server that overran or died
+            except (ProcessLookupError, PermissionError):
                 pass
+            if p.poll() is None:
+                p.wait(timeout=10)
+        for region in self._shm_regions:
+            if region.startswith(SHM_PREFIX) and "/" not in region:
+                Path("/dev/shm", region).unlink(missing_ok=True)
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None

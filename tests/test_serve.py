@@ -83,7 +83,8 @@ BAD_INPUTS = {
     "corrupt bytes": (lambda imgs: [os.urandom(2000)], "cannot decode"),
     "truncated png": (lambda imgs: [_png(imgs[0])[:500]], "cannot decode"),
     "not an image": (lambda imgs: [b"a text file, not an image\n" * 20], "cannot decode"),
-    "oversized image": (lambda imgs: [_png(np.zeros((1001, 1000, 3), np.uint8))], "above the limit"),
+    "oversized image": (lambda imgs: [_png(np.zeros((1001, 1000, 3), np.uint8))], "at most 1,000,000 pixels"),
+    "too many pixels together": (lambda imgs: [_png(np.zeros((600, 1000, 3), np.uint8))] * 2, "image 1 .* at most"),
     "batch over max": (lambda imgs: [_png(imgs[0])] * (MAX_BATCH + 1), "batch"),
 }
 
@@ -228,3 +229,19 @@ def test_no_server_process_or_port_left_behind(tmp_path):
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
     assert all(_port_free(p) for p in ports)
+
+
+def test_client_refuses_unscaled_non_uint8_arrays():
+    """A float image in [0, 1] cast to uint8 would be all black and still scored: refused unless scale= is given."""
+    from zsad.serve.client import _to_uint8
+
+    img = np.linspace(0, 1, 12, dtype=np.float32).reshape(2, 2, 3)
+    with pytest.raises(ZsadError, match="scale="):
+        _to_uint8(img, None)
+    np.testing.assert_array_equal(_to_uint8(img, 255), np.rint(img.astype(np.float64) * 255).astype(np.uint8))
+    with pytest.raises(ZsadError, match=r"\[0, 255\]"):
+        _to_uint8(img * 2, 255)
+    with pytest.raises(ZsadError, match="NaN"):
+        _to_uint8(np.full((2, 2, 3), np.nan, np.float32), 255)
+    u16 = np.full((2, 2, 3), 65535, np.uint16)
+    assert (_to_uint8(u16, 1 / 257) == 255).all()

@@ -2,48 +2,74 @@
 
 Inputs (per batch item): ``image_bytes`` (TYPE_STRING, an encoded image) or ``image`` (TYPE_UINT8 [H,W,3]),
 chosen by the ``input_kind`` parameter. Outputs ``images`` FP32 [3,S,S] and ``original_size`` INT32 [2] (H, W).
-A request with an undecodable, non-image, empty or oversized image gets an error response naming the item;
-the other requests of the batch are unaffected.
+``max_pixels`` bounds a request's decoded pixels summed over its images (checked from each header before it is
+decoded), which bounds this model's memory and the restore model's output. A request with an undecodable,
+non-image, empty or oversized image gets an error naming the image's index; the other requests are unaffected.
 """
+import io
 import json
+import warnings
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+from PIL import Image
 
 from zsad import ZsadError
 from zsad.data import decode_image, preprocess
+from zsad.serve.backend_guard import BadInput, each_request
 
 
 class TritonPythonModel:
     def initialize(self, args):
         cfg = json.loads(args["model_config"])
         p = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
+        self.model_name = args["model_name"]
         self.kind = p["input_kind"]
         self.size = int(p["image_size"])
         self.mean = [float(v) for v in p["mean"].split(",")]
         self.std = [float(v) for v in p["std"].split(",")]
         self.max_pixels = int(p["max_pixels"])
 
+    def _decode(self, data: bytes, i: int, budget: int):
+        """One encoded image -> PIL RGB image; whatever the decoder raises is this input's fault."""
+        try:
+            if not data:
+                raise BadInput(f"image {i} is empty")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                w, h = Image.open(io.BytesIO(data)).size  # header only: nothing decoded yet
+            if w * h > budget:
+                raise BadInput(f"image {i} is {w}x{h} pixels; a request's images may have at most "
+                               f"{self.max_pixels:,} pixels together")
+            return decode_image(data, budget, f"image {i}")  # PIL RGB: preprocess resizes it without a copy
+        except ZsadError:
+            raise
+        except Exception as err:  # noqa: BLE001 - Pillow raises NotImplementedError, struct.error, ...
+            raise BadInput(f"cannot decode image {i} ({type(err).__name__})") from None
+
     def _images(self, request):
+        """The request's images (PIL or uint8 arrays) and their (H, W)."""
         if self.kind == "bytes":
             items = pb_utils.get_input_tensor_by_name(request, "image_bytes").as_numpy().reshape(-1)
-            return [np.asarray(decode_image(bytes(b), self.max_pixels, f"image {i}")) for i, b in enumerate(items)]
+            images, used = [], 0
+            for i, b in enumerate(items):
+                images.append(self._decode(bytes(b), i, self.max_pixels - used))
+                used += images[-1].width * images[-1].height
+            return images, [(img.height, img.width) for img in images]
         arr = pb_utils.get_input_tensor_by_name(request, "image").as_numpy()
-        if arr.shape[1] * arr.shape[2] > self.max_pixels:
-            raise ZsadError(f"image is {arr.shape[2]}x{arr.shape[1]} pixels, above the limit of {self.max_pixels:,}")
         if 0 in arr.shape:
-            raise ZsadError(f"empty image of shape {list(arr.shape[1:])}")
-        return list(arr)
+            raise BadInput(f"empty image of shape {list(arr.shape[1:])}")
+        if arr.shape[0] * arr.shape[1] * arr.shape[2] > self.max_pixels:
+            raise BadInput(f"{arr.shape[0]} images of {arr.shape[2]}x{arr.shape[1]} pixels; a request's images "
+                           f"may have at most {self.max_pixels:,} pixels together")
+        return list(arr), [arr.shape[1:3]] * arr.shape[0]
+
+    def _answer(self, request):
+        images, sizes = self._images(request)
+        x = np.stack([preprocess(img, self.size, self.mean, self.std) for img in images])
+        sizes = np.array(sizes, dtype=np.int32)
+        return pb_utils.InferenceResponse(
+            output_tensors=[pb_utils.Tensor("images", x), pb_utils.Tensor("original_size", sizes)])
 
     def execute(self, requests):
-        responses = []
-        for request in requests:
-            try:
-                images = self._images(request)
-                x = np.stack([preprocess(img, self.size, self.mean, self.std) for img in images])
-                sizes = np.array([img.shape[:2] for img in images], dtype=np.int32)
-                responses.append(pb_utils.InferenceResponse(
-                    output_tensors=[pb_utils.Tensor("images", x), pb_utils.Tensor("original_size", sizes)]))
-            except ZsadError as err:
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"bad input: {err}")))
-        return responses
+        return each_request(pb_utils, requests, self._answer, self.model_name)

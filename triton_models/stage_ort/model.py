@@ -1,7 +1,10 @@
 """Triton python backend: one exported zsad stage run by ONNX Runtime (the `python-ort` backend).
 
-For servers without the onnxruntime backend (e.g. the CPU tritonserver bundled with nvidia-pytriton). Requests
-of a dynamic batch are concatenated along the batch axis, run in one ORT call and split back.
+For servers without the onnxruntime backend (e.g. the CPU tritonserver bundled with nvidia-pytriton). Clients can
+reach a stage model directly, so each request is checked before it runs: Triton has already checked names, dtypes
+and shapes against config.pbtxt; here float inputs must be finite and integer inputs (token ids, indices) in the
+range the graph indexes with them (read off the ONNX graph at load). Valid requests of a dynamic batch are
+concatenated along the batch axis, run in one ORT call and split back; if that call fails, each runs alone.
 """
 import json
 import os
@@ -10,11 +13,54 @@ import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
+from zsad.serve.backend_guard import check_tensor, run_batched
+
+# ops that carry an integer tensor's values through unchanged (only its layout changes)
+_PASS_THROUGH = {"Unsqueeze", "Squeeze", "Reshape", "Expand", "Flatten", "Identity", "Concat", "Tile", "Transpose"}
+
+
+def index_bounds(path: str, names: list) -> dict:
+    """For each integer graph input: the smallest static size of a dimension it indexes (Gather, GatherElements,
+    GatherND, reached through layout-only ops). ONNX wraps negative indices silently, so they are refused too."""
+    import onnx
+
+    model = onnx.shape_inference.infer_shapes(onnx.load(path, load_external_data=False))
+    g = model.graph
+    shapes = {t.name: [d.dim_value if d.HasField("dim_value") else None for d in t.type.tensor_type.shape.dim]
+              for t in list(g.value_info) + list(g.input) + list(g.output)}
+    shapes.update({t.name: list(t.dims) for t in g.initializer})
+    consumers = {}
+    for node in g.node:
+        for k, x in enumerate(node.input):
+            consumers.setdefault(x, []).append((node, k))
+    bounds = {}
+    for name in names:
+        found, frontier, seen = [], [name], set()
+        while frontier:
+            x = frontier.pop()
+            for node, k in consumers.get(x, []):
+                if (node.name, k) in seen:
+                    continue
+                seen.add((node.name, k))
+                data = shapes.get(node.input[0]) or []
+                axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+                if node.op_type in ("Gather", "GatherElements") and k == 1 and data:
+                    found.append(data[axis % len(data)])
+                elif node.op_type == "GatherND" and k == 1:
+                    index_depth = (shapes.get(node.input[1]) or [None])[-1]
+                    found += data[:index_depth] if index_depth else []
+                elif node.op_type in _PASS_THROUGH:
+                    frontier += list(node.output)
+        static = [d for d in found if d]
+        bounds[name] = min(static) if static else None
+    return bounds
+
 
 class TritonPythonModel:
     def initialize(self, args):
         cfg = json.loads(args["model_config"])
         p = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
+        self.model_name = args["model_name"]
         path = os.path.join(args["model_repository"], args["model_version"], p["onnx_file"])
         wanted = p.get("providers", "CPUExecutionProvider").split(",")
         providers = [x for x in wanted if x in ort.get_available_providers()] or ["CPUExecutionProvider"]
@@ -26,16 +72,25 @@ class TritonPythonModel:
         self.session = ort.InferenceSession(path, opts, providers=providers)
         self.inputs = [i["name"] for i in cfg["input"]]
         self.outputs = [o["name"] for o in cfg["output"]]
+        ints = [i["name"] for i in cfg["input"] if i["data_type"] in ("TYPE_INT64", "TYPE_INT32")]
+        self.bounds = index_bounds(path, ints) if ints else {}
+
+    def _read(self, request):
+        feeds = [pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in self.inputs]
+        for n, x in zip(self.inputs, feeds):
+            check_tensor(n, x, self.bounds.get(n))
+        return feeds
+
+    def _run(self, feeds_list):
+        sizes = [f[0].shape[0] for f in feeds_list]
+        batch = {n: np.concatenate([f[i] for f in feeds_list]) for i, n in enumerate(self.inputs)}
+        out = self.session.run(self.outputs, batch)
+        splits = np.cumsum(sizes)[:-1]
+        return list(zip(*[np.split(o, splits) for o in out]))
+
+    def _write(self, outs):
+        return pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor(n, np.ascontiguousarray(o)) for n, o in zip(self.outputs, outs)])
 
     def execute(self, requests):
-        feeds = [[pb_utils.get_input_tensor_by_name(r, n).as_numpy() for n in self.inputs] for r in requests]
-        sizes = [f[0].shape[0] for f in feeds]
-        batch = {n: np.concatenate([f[i] for f in feeds]) for i, n in enumerate(self.inputs)}
-        out = self.session.run(self.outputs, batch)
-        responses, start = [], 0
-        for size in sizes:
-            tensors = [pb_utils.Tensor(n, np.ascontiguousarray(o[start:start + size]))
-                       for n, o in zip(self.outputs, out)]
-            responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
-            start += size
-        return responses
+        return run_batched(pb_utils, requests, self._read, self._run, self._write, self.model_name)

@@ -3,7 +3,9 @@
 For GPU servers without TensorRT: the method is rebuilt from the checkpoint shipped beside this file and its
 ``stages()`` run in order in one process, so the encoder's taps never cross a model boundary. On CUDA it can run
 in fp16 (LayerNorm kept in fp32 by torch autocast) and capture CUDA graphs per batch size (torch.compile
-"reduce-overhead"). Dynamic batches are concatenated, run once, and split back per request.
+"reduce-overhead"). Each request is checked first (finite floats, non-negative integers: clients can reach this
+model directly); valid requests of a dynamic batch are concatenated, run once and split back per request, and if
+that run fails, each runs alone so only a request that fails by itself gets an error.
 """
 import json
 import os
@@ -14,6 +16,7 @@ import triton_python_backend_utils as pb_utils
 
 from zsad.checkpoint import load_checkpoint
 from zsad.methods import run_stages
+from zsad.serve.backend_guard import check_tensor, run_batched
 
 
 class TritonPythonModel:
@@ -21,6 +24,7 @@ class TritonPythonModel:
         cfg = json.loads(args["model_config"])
         p = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
         here = os.path.join(args["model_repository"], args["model_version"])
+        self.model_name = args["model_name"]
         self.device = p.get("device", "cpu") if torch.cuda.is_available() else "cpu"
         self.fp16 = p.get("fp16", "False") == "True" and self.device.startswith("cuda")
         clip = os.path.join(here, p["clip_weights"]) if p.get("clip_weights") else None
@@ -38,16 +42,24 @@ class TritonPythonModel:
         env = run_stages(self.stages, **feed)
         return [env[n] for n in self.outputs]
 
-    def execute(self, requests):
-        feeds = [[pb_utils.get_input_tensor_by_name(r, n).as_numpy() for n in self.inputs] for r in requests]
-        sizes = [f[0].shape[0] for f in feeds]
-        batch = {n: torch.from_numpy(np.concatenate([f[i] for f in feeds])).to(self.device)
+    def _read(self, request):
+        feeds = [pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in self.inputs]
+        for n, x in zip(self.inputs, feeds):
+            check_tensor(n, x)
+        return feeds
+
+    def _run_requests(self, feeds_list):
+        sizes = [f[0].shape[0] for f in feeds_list]
+        batch = {n: torch.from_numpy(np.concatenate([f[i] for f in feeds_list])).to(self.device)
                  for i, n in enumerate(self.inputs)}
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=self.fp16):
             out = [o.float().cpu().numpy() for o in self.chain(**batch)]
-        responses, start = [], 0
-        for size in sizes:
-            tensors = [pb_utils.Tensor(n, np.ascontiguousarray(o[start:start + size])) for n, o in zip(self.outputs, out)]
-            responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
-            start += size
-        return responses
+        splits = np.cumsum(sizes)[:-1]
+        return list(zip(*[np.split(o, splits) for o in out]))
+
+    def _write(self, outs):
+        return pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor(n, np.ascontiguousarray(o)) for n, o in zip(self.outputs, outs)])
+
+    def execute(self, requests):
+        return run_batched(pb_utils, requests, self._read, self._run_requests, self._write, self.model_name)
