@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import click
 
+from zsad import ZsadError
 from zsad.cli import cli_entry
 
 
 def _batches(value: str | None) -> list[int]:
-    return [int(v) for v in value.split(",") if v] if value else []
+    try:
+        return [int(v) for v in value.split(",") if v.strip()] if value else []
+    except ValueError:
+        raise ZsadError(f"--preferred-batch-size takes comma-separated integers such as 8,16, got '{value}'") from None
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -46,9 +50,11 @@ def _batches(value: str | None) -> list[int]:
 @click.option("--fp16", is_flag=True, help="fp16 compute (TensorRT flag; fp16 ONNX for ORT-CUDA; autocast for "
               "python-torch). Refused where this machine cannot run and check fp16.")
 @click.option("--max-batch", type=int, default=32, help="Largest batch (dynamic batch axis 1..max).")
-@click.option("--preferred-batch", default=None, help="Dynamic batcher's preferred sizes, e.g. 4,8 [default: "
-              "4,8,16,32 up to max].")
-@click.option("--queue-delay-us", type=int, default=200, help="Dynamic batcher's max queue delay (microseconds).")
+@click.option("--preferred-batch-size", "--preferred-batch", "preferred_batch", default=None,
+              help="Dynamic batcher's preferred sizes, e.g. 8,16 [default: none, as Triton's batcher guide advises: "
+                   "set them only where a model runs those sizes measurably faster].")
+@click.option("--queue-delay-us", type=int, default=200, help="Dynamic batcher's max queue delay (microseconds): how "
+              "long a request may wait for others to batch with.")
 @click.option("--device", type=click.Choice(["cpu", "gpu"]), default=None,
               help="Instance kind in the configs [default: cpu for python-ort, gpu otherwise].")
 @click.option("--instances", type=int, default=1, help="Model instances per stage.")

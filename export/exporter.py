@@ -27,8 +27,9 @@ from zsad import ZsadError, __version__
 from zsad.export import parity
 from zsad.export.onnx_export import export_metadata, export_stage, onnx_files, stamp_stage_files
 from zsad.export.triton_repo import (RepoOptions, Sym, ensemble_config, openvino_stage_config, preprocess_config,
-                                     python_source, restore_config, stage_config, string_tensor_file, tensor_config,
-                                     text_input_config, torch_config, write_model)
+                                     python_model_files, repository_readme, restore_config, restore_warmup_files, stage_config,
+                                     string_tensor_file, tensor_config, text_input_config, text_warmup_files,
+                                     torch_config, write_model)
 
 OPENVINO_BACKENDS = ("openvino", "python-openvino")
 
@@ -308,7 +309,7 @@ def _write_repository(repo: Path, method, stages, opts: RepoOptions, stage_files
     for raw in (False, True):
         pname = f"{name}_preprocess" + ("_raw" if raw else "")
         write_model(repo, preprocess_config(opts, pname, raw, size, CLIP_MEAN, CLIP_STD),
-                    files={"model.py": python_source("preprocess")},
+                    files=python_model_files("preprocess"),
                     extra={} if raw else {"warmup/warmup.bin": string_tensor_file([warm_png])})
         models.append(pname)
     # the stage models (or one torch chain)
@@ -316,14 +317,15 @@ def _write_repository(repo: Path, method, stages, opts: RepoOptions, stage_files
     steps: list[tuple[str, dict, dict]] = []
     for ti in text_inputs:
         tname = f"{name}_text_{ti.request_name}"
-        write_model(repo, text_input_config(opts, tname, ti), files={"model.py": python_source("text_input")})
+        write_model(repo, text_input_config(opts, tname, ti), files=python_model_files("text_input"),
+                    extra=text_warmup_files(ti))
         models.append(tname)
         steps.append((tname, {ti.request_name: ti.request_name}, {ti.tensor: ti.tensor}))
     if opts.backend == "python-torch":
         mname = f"{name}_torch"
         inputs = [tensor_config(n, shp, dt) for n, (shp, dt) in chain_in.items()]
         cfg = torch_config(opts, mname, inputs, out_tensors)
-        files = {"model.py": python_source("torch_chain"), "checkpoint": stage_files["__checkpoint__"]}
+        files = {**python_model_files("torch_chain"), "checkpoint": stage_files["__checkpoint__"]}
         clip = method.config.backbone.weights
         if clip:
             files[f"clip_weights{Path(clip).suffix}"] = Path(clip)
@@ -338,7 +340,7 @@ def _write_repository(repo: Path, method, stages, opts: RepoOptions, stage_files
             if opts.backend in OPENVINO_BACKENDS:
                 files.update({p.name: p for p in stage_files[st.name]})  # model.xml + model.bin
                 if opts.backend == "python-openvino":
-                    files["model.py"] = python_source("stage_openvino")
+                    files.update(python_model_files("stage_openvino"))
                 write_model(repo, openvino_stage_config(opts, st, mname, precision), files=files)
                 models.append(mname)
                 steps.append((mname, {n: n for n in st.inputs}, {n: n for n in st.outputs}))
@@ -350,11 +352,11 @@ def _write_repository(repo: Path, method, stages, opts: RepoOptions, stage_files
             else:
                 files.update({p.name: p for p in stage_files[st.name]})
                 if opts.backend == "python-ort":
-                    files["model.py"] = python_source("stage_ort")
+                    files.update(python_model_files("stage_ort"))
             write_model(repo, stage_config(opts, st, mname), files=files)
             models.append(mname)
             steps.append((mname, {n: n for n in st.inputs}, {n: n for n in st.outputs}))
-    ensembles = []
+    ensembles, ens_cfgs = [], []
     for raw in (False, True):
         ename = name + ("_raw" if raw else "")
         pre = f"{name}_preprocess" + ("_raw" if raw else "")
@@ -369,15 +371,19 @@ def _write_repository(repo: Path, method, stages, opts: RepoOptions, stage_files
             pre_out["original_size"] = "original_size"
             rname = f"{name}_restore"
             if rname not in models:
-                write_model(repo, restore_config(opts, rname, size), files={"model.py": python_source("restore")})
+                write_model(repo, restore_config(opts, rname, size), files=python_model_files("restore"),
+                            extra=restore_warmup_files(size))
                 models.append(rname)
             ens_steps.append((rname, {"anomaly_map": "anomaly_map", "original_size": "original_size"},
                               {"anomaly_map_original": "anomaly_map_original"}))
             outputs += [{"name": "anomaly_map_original", "data_type": Sym("TYPE_FP32"), "dims": [-1]},
                         {"name": "original_size", "data_type": Sym("TYPE_INT32"), "dims": [2]}]
-        write_model(repo, ensemble_config(opts, ename, inputs, outputs, ens_steps))
+        ens_cfg = ensemble_config(opts, ename, inputs, outputs, ens_steps)
+        write_model(repo, ens_cfg)
         models.append(ename)
         ensembles.append(ename)
+        ens_cfgs.append(ens_cfg)
+    (repo / name / "README.md").write_text(repository_readme(name, ens_cfgs, opts.backend, trained, size))
     return models, ensembles
 
 

@@ -17,6 +17,7 @@ own ``ModelConfig`` schema (shipped in tritonclient) so a typo never reaches a s
 """
 from __future__ import annotations
 
+import re
 import shutil
 import struct
 from dataclasses import dataclass, field
@@ -24,9 +25,10 @@ from pathlib import Path
 
 import torch
 
+import zsad.triton_models as _triton_models
 from zsad import ZsadError
 
-SOURCES = Path(__file__).resolve().parent.parent / "triton_models"
+SOURCES = Path(_triton_models.__file__).resolve().parent  # shipped in the wheel as package data
 BACKENDS = ("onnxruntime", "tensorrt", "python-ort", "python-torch", "openvino", "python-openvino")
 _DTYPES = {torch.float32: "TYPE_FP32", torch.float16: "TYPE_FP16", torch.int64: "TYPE_INT64",
            torch.int32: "TYPE_INT32", torch.uint8: "TYPE_UINT8", torch.bool: "TYPE_BOOL"}
@@ -92,6 +94,8 @@ class RepoOptions:
     max_batch: int = 32
     instance_kind: str = "KIND_GPU"  # KIND_GPU | KIND_CPU
     instances: int = 1
+    # Triton's batcher guide: set preferred sizes only where a model is measured to run some sizes much faster;
+    # by default the batcher takes what has queued within the (small) delay, up to max_batch
     preferred_batch: list[int] = field(default_factory=list)
     queue_delay_us: int = 200
     resize_to_input: bool = False
@@ -106,8 +110,11 @@ class RepoOptions:
             raise ZsadError(f"backend must be one of {BACKENDS}, got '{self.backend}'")
         if not 1 <= self.max_batch <= 4096:
             raise ZsadError(f"max batch must be in 1..4096, got {self.max_batch}")
-        if not self.preferred_batch:
-            self.preferred_batch = [b for b in (4, 8, 16, 32) if b <= self.max_batch] or [self.max_batch]
+        bad = [b for b in self.preferred_batch if not 1 <= b <= self.max_batch]
+        if bad:
+            raise ZsadError(f"preferred batch sizes must be in 1..{self.max_batch} (the max batch), got {bad}")
+        if self.queue_delay_us < 0:
+            raise ZsadError(f"the max queue delay must be >= 0 microseconds, got {self.queue_delay_us}")
 
 
 def _common(opts: RepoOptions, name: str) -> dict:
@@ -117,8 +124,8 @@ def _common(opts: RepoOptions, name: str) -> dict:
 def _scheduling(opts: RepoOptions, kind: str | None = None) -> dict:
     out = {}
     if opts.dynamic_batching:
-        out["dynamic_batching"] = {"preferred_batch_size": opts.preferred_batch,
-                                   "max_queue_delay_microseconds": opts.queue_delay_us}
+        batching = {"preferred_batch_size": sorted(set(opts.preferred_batch))} if opts.preferred_batch else {}
+        out["dynamic_batching"] = {**batching, "max_queue_delay_microseconds": opts.queue_delay_us}
     out["instance_group"] = [{"count": opts.instances, "kind": Sym(kind or opts.instance_kind)}]
     return out
 
@@ -208,7 +215,18 @@ def restore_config(opts: RepoOptions, model_name: str, image_size: int) -> dict:
     cfg["output"] = [{"name": "anomaly_map_original", "data_type": Sym("TYPE_FP32"), "dims": [-1]}]
     cfg.update(_scheduling(opts, "KIND_CPU"))
     cfg.update(_parameters({"max_pixels": opts.max_pixels}))
+    # zeros would ask for 0x0 maps (refused): warm up with a real size from warmup/original_size.bin
+    cfg["model_warmup"] = [{"name": "map_at_model_size", "batch_size": 1, "inputs": [
+        {"key": "anomaly_map", "value": {"data_type": Sym("TYPE_FP32"), "dims": [image_size, image_size],
+                                         "zero_data": True}},
+        {"key": "original_size", "value": {"data_type": Sym("TYPE_INT32"), "dims": [2],
+                                           "input_data_file": "original_size.bin"}}]}]
     return cfg
+
+
+def restore_warmup_files(image_size: int) -> dict[str, bytes]:
+    """The restore model's warm-up data (``extra`` of :func:`write_model`): original_size = (S, S), int32."""
+    return {"warmup/original_size.bin": struct.pack("<2i", image_size, image_size)}
 
 
 def text_input_config(opts: RepoOptions, model_name: str, text_input) -> dict:
@@ -221,8 +239,19 @@ def text_input_config(opts: RepoOptions, model_name: str, text_input) -> dict:
     cfg["input"] = [{"name": text_input.request_name, "data_type": Sym("TYPE_STRING"), "dims": [1]}]
     cfg["output"] = [{"name": text_input.tensor, "data_type": Sym("TYPE_INT64"), "dims": [text_input.length]}]
     cfg.update(_scheduling(opts, "KIND_CPU"))  # tokenising is CPU work whatever the stages use
-    cfg.update(_parameters({"text_input": json.dumps(dataclasses.asdict(text_input))}))
+    _standalone_text_encoder(text_input)
+    cfg.update(_parameters({"text_input": json.dumps(dataclasses.asdict(text_input)),
+                            "aliases": json.dumps(_class_name_aliases())}))
+    # warm-up with the method's default text (an empty string is refused): warmup/text.bin
+    cfg["model_warmup"] = [{"name": "default_text", "batch_size": 1, "inputs": [
+        {"key": text_input.request_name, "value": {"data_type": Sym("TYPE_STRING"), "dims": [1],
+                                                   "input_data_file": "text.bin"}}]}]
     return cfg
+
+
+def text_warmup_files(text_input) -> dict[str, bytes]:
+    """The text model's warm-up data (``extra`` of :func:`write_model`): the method's default text."""
+    return {"warmup/text.bin": string_tensor_file([text_input.default.encode("utf-8")])}
 
 
 def torch_config(opts: RepoOptions, model_name: str, chain_inputs: list[dict], chain_outputs: list[dict]) -> dict:
@@ -274,6 +303,70 @@ def write_model(repo: Path, cfg: dict, files: dict[str, Path | bytes] | None = N
     return mdir
 
 
+def _class_name_aliases() -> dict:
+    from zsad.methods.bayespfl import CLASS_NAME_ALIASES
+
+    return dict(CLASS_NAME_ALIASES)
+
+
+# the text encoders the standalone text model (triton_models/text_input) reproduces without zsad
+_STANDALONE_TEXT_ENCODERS = ("zsad.methods.bayespfl:class_name_tokens",)
+
+
+def _standalone_text_encoder(text_input):
+    """open_clip's SimpleTokenizer of the method's architecture, refusing what the served model cannot repeat."""
+    from zsad._compat import ensure_torchvision_importable
+
+    ensure_torchvision_importable()
+    import open_clip
+
+    from zsad.backbone import resolve_arch
+
+    if text_input.encoder not in _STANDALONE_TEXT_ENCODERS:
+        raise ZsadError(f"internal: the served text model has no standalone version of {text_input.encoder}")
+    tok = open_clip.get_tokenizer(resolve_arch(text_input.kwargs["arch"]))
+    if not isinstance(tok, open_clip.tokenizer.SimpleTokenizer) or tok.clean_fn is not open_clip.tokenizer._clean_lower \
+            or tok.reduction_fn is not None or tok.context_length != 77:
+        raise ZsadError(f"architecture {text_input.kwargs['arch']} uses a tokeniser other than CLIP's BPE "
+                        f"(open_clip {type(tok).__name__}); the served text model cannot reproduce it")
+    return tok
+
+
+# sibling modules each python model imports: written beside its model.py (the stub puts that folder on sys.path)
+_SIBLINGS = {"preprocess": ("image_io", "transforms"), "restore": ("transforms",)}
+
+
+def _zsad_free_copy(module: str) -> bytes:
+    """zsad/data/<module>.py with its one zsad import (ZsadError) pointed at the guard's BadInput."""
+    import zsad.data
+
+    src = (Path(zsad.data.__file__).parent / ("io.py" if module == "image_io" else f"{module}.py")).read_text()
+    old = "from zsad import ZsadError\n"
+    if src.count(old) != 1 or re.search(r"^\s*(from|import)\s+zsad\b", src.replace(old, ""), re.M):
+        raise ZsadError(f"internal: zsad/data/{module}.py imports more of zsad than ZsadError; the served model "
+                        f"cannot carry it without zsad")
+    return src.replace(old, "from zsad_backend_guard import BadInput as ZsadError\n").encode()
+
+
+def python_model_files(kind: str) -> dict[str, Path | bytes]:
+    """The files of a python model's version folder: model.py and the sibling modules it imports (the backend
+    guard always; zsad's image code for preprocess / restore; CLIP's tokeniser and vocabulary for text_input)."""
+    import zsad.serve.backend_guard as guard
+
+    files: dict[str, Path | bytes] = {"model.py": python_source(kind), "zsad_backend_guard.py": Path(guard.__file__)}
+    for module in _SIBLINGS.get(kind, ()):
+        files[f"zsad_{module}.py"] = _zsad_free_copy(module)
+    if kind == "text_input":
+        from zsad._compat import ensure_torchvision_importable
+
+        ensure_torchvision_importable()
+        from open_clip.tokenizer import default_bpe
+
+        files["zsad_clip_tokenizer.py"] = SOURCES / "text_input" / "zsad_clip_tokenizer.py"
+        files["bpe_simple_vocab_16e6.txt.gz"] = Path(default_bpe())
+    return files
+
+
 def python_source(kind: str) -> Path:
     """A shipped python-backend model.py from triton_models/ (preprocess, stage_ort, restore, torch_chain, text_input)."""
     path = SOURCES / kind / "model.py"
@@ -285,3 +378,46 @@ def python_source(kind: str) -> Path:
 def string_tensor_file(items: list[bytes]) -> bytes:
     """Triton's serialised TYPE_STRING layout (4-byte little-endian length + bytes per element): warm-up data."""
     return b"".join(struct.pack("<I", len(x)) + x for x in items)
+
+
+def _dims(t: dict) -> str:
+    return "[B, " + ", ".join(str(d) for d in t["dims"]) + "]"
+
+
+def repository_readme(name: str, ensembles: list[dict], backend: str, trained: bool, image_size: int) -> str:
+    """README.md for an exported model (written into its ensemble folder): how to serve and query it."""
+    lines = [f"# {name}", "", f"Written by zsad-export: backend `{backend}`, {image_size} px, "
+             f"{'trained' if trained else 'UNTRAINED (random prompts and heads: for benchmarks only)'}. "
+             f"`parity_report.json` beside this file says how close every stage came to PyTorch.", "",
+             "## Serve", "", "```bash",
+             "tritonserver --model-repository=$(pwd)/<this repository>   # or, on a CPU box: zsad-serve <this repository>",
+             "```", "", "## Ensembles", ""]
+    for cfg in ensembles:
+        lines += [f"### `{cfg['name']}`", "", "| | tensor | type | shape |", "|---|---|---|---|"]
+        lines += [f"| input | `{t['name']}` | {t['data_type']} | {_dims(t)} |" for t in cfg["input"]]
+        lines += [f"| output | `{t['name']}` | {t['data_type']} | {_dims(t)} |" for t in cfg["output"]]
+        lines.append("")
+    text_inputs = [t["name"] for t in ensembles[0]["input"] if t["name"] != "image_bytes"]
+    header = {"inputs": [{"name": "image_bytes", "shape": [1, 1], "datatype": "BYTES",
+                          "parameters": {"binary_data_size": 0}}]
+              + [{"name": t, "shape": [1, 1], "datatype": "BYTES", "data": ["bottle"]} for t in text_inputs],
+              "outputs": [{"name": "score"}]}
+    import json
+
+    head = json.dumps(header, separators=(",", ":"))
+    lines += ["## Query with curl", "",
+              "`image_bytes` carries the encoded file (PNG, JPEG, BMP, TIFF, ...) through Triton's binary-data "
+              "extension: a JSON header, then the tensor's bytes. A BYTES element travels as a 4-byte little-endian "
+              "length and the file, so `binary_data_size` is the file size + 4; `Inference-Header-Content-Length` "
+              "is the header's length. (base64 text in JSON is refused with a 400.)", "",
+              "```bash", "IMG=image.png; URL=http://localhost:8000; N=$(stat -c %s \"$IMG\")",
+              "HEADER=$(printf '" + head.replace("%", "%%").replace('"binary_data_size":0', '"binary_data_size":%d')
+              + "' $((N + 4)))",
+              "{ printf '%s' \"$HEADER\"; perl -e 'print pack(\"V\", shift)' \"$N\"; cat \"$IMG\"; } |",
+              "  curl -s --data-binary @- -H \"Content-Type: application/octet-stream\" \\",
+              "  -H \"Inference-Header-Content-Length: ${#HEADER}\" \"$URL/v2/models/" + name + "/infer\"",
+              "```", "",
+              f"The `{name}_raw` ensemble takes decoded pixels instead (`image`, UINT8 [B, H, W, 3]) and works "
+              "with plain JSON. Python: `zsad.serve.client.AnomalyClient(url, \"" + name + "\")`, or `zsad-infer`.",
+              ""]
+    return "\n".join(lines)

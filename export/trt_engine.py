@@ -37,7 +37,7 @@ def build_engine(onnx_path: Path, stage, opts, workspace_gib: float = 4.0) -> by
                 for j in range(layer.num_outputs):
                     layer.set_output_type(j, trt.float32)
     profile = builder.create_optimization_profile()
-    opt = max(b for b in opts.preferred_batch if b <= opts.max_batch)
+    opt = max(opts.preferred_batch, default=opts.max_batch)  # no preferred sizes: optimise for the largest
     for i in range(network.num_inputs):
         tensor = network.get_input(i)
         dims = list(tensor.shape)[1:]

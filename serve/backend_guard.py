@@ -1,7 +1,10 @@
 """Per-request isolation for zsad's python-backend models (imported by triton_models/*/model.py inside the stub).
 
+zsad-export copies this file beside every model.py as ``zsad_backend_guard.py``; it needs only numpy, so the models
+that need nothing else (preprocess, the class-name tokeniser, restore) run in a stock Triton container.
+
 Triton hands a python model a list of requests (a dynamic batch). An exception raised out of ``execute`` fails all
-of them with HTTP 500, so every model answers each request on its own: an input error (``BadInput``, ``ZsadError``)
+of them with HTTP 500, so every model answers each request on its own: an input error (``BadInput``, ``ZsadError`` where zsad is installed)
 becomes that request's HTTP 400 / gRPC INVALID_ARGUMENT with a short, sanitised message; anything else is an
 internal fault: logged with its traceback, HTTP 500 for that request only. Messages never carry object reprs,
 file paths or more than ``MAX_MESSAGE`` characters of what a client sent.
@@ -13,14 +16,18 @@ import traceback
 
 import numpy as np
 
-from zsad import ZsadError
+try:
+    from zsad import ZsadError as InputError
+except ImportError:  # copied beside a model.py (zsad-export does) into a container without zsad: numpy only
+    class InputError(Exception):
+        """A user-facing input error (zsad.ZsadError where zsad is installed)."""
 
 MAX_MESSAGE = 200
 _REPR = re.compile(r"<[^<>]{0,200}>")  # <_io.BytesIO object at 0x...>, <PIL.Image ...>
 _PATH = re.compile(r"(?:[A-Za-z]:)?(?:[/\\][\w.\-]+){2,}[/\\]?")  # /usr/lib/python3/..., C:\x\y
 
 
-class BadInput(ZsadError):
+class BadInput(InputError):
     """A request's input is unusable: answered with INVALID_ARG, never logged as a server fault."""
 
 
@@ -32,7 +39,7 @@ def short_message(text: str) -> str:
 
 def error_response(pb_utils, err: BaseException, model: str):
     """The response for one failed request: 400 for input errors, 500 (logged, message generic) otherwise."""
-    if isinstance(err, ZsadError):
+    if isinstance(err, InputError):
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(
             short_message(f"bad input: {err}"), pb_utils.TritonError.INVALID_ARG))
     pb_utils.Logger.log_error(f"{model}: internal error: {''.join(traceback.format_exception(err))}")

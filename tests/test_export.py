@@ -30,7 +30,9 @@ def test_every_generated_config_parses_as_triton_modelconfig(backend, tiny_metho
     for st in stages:
         m = _parse(stage_config(opts, st, f"bag_{st.name}"))
         assert m.max_batch_size == 16 and m.name == f"bag_{st.name}"
-        assert list(m.dynamic_batching.preferred_batch_size) == [4, 8, 16]
+        # Triton's batcher guide: no preferred sizes unless asked for (--preferred-batch-size), a small delay
+        assert list(m.dynamic_batching.preferred_batch_size) == []
+        assert m.dynamic_batching.max_queue_delay_microseconds == 200
         assert m.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.Kind.Value(kind)
         assert [i.name for i in m.input] == list(st.inputs) and [o.name for o in m.output] == list(st.outputs)
         assert m.model_warmup[0].batch_size == 1

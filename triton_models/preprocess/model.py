@@ -1,4 +1,5 @@
-"""Triton python backend: decode + resize + CLIP-normalise, with zsad's own pre-processing (the eager path's code).
+"""Triton python backend: decode + resize + CLIP-normalise, with zsad's own pre-processing (the eager path's code,
+copied beside this file: the model needs numpy and Pillow only, so a stock Triton container runs it).
 
 Inputs (per batch item): ``image_bytes`` (TYPE_STRING, an encoded image) or ``image`` (TYPE_UINT8 [H,W,3]),
 chosen by the ``input_kind`` parameter. Outputs ``images`` FP32 [3,S,S] and ``original_size`` INT32 [2] (H, W).
@@ -8,15 +9,21 @@ non-image, empty or oversized image gets an error naming the image's index; the 
 """
 import io
 import json
+import re
 import warnings
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 from PIL import Image
 
-from zsad import ZsadError
-from zsad.data import decode_image, preprocess
-from zsad.serve.backend_guard import BadInput, each_request
+# zsad's own decoder and pre-processing (zsad.data.io, zsad.data.transforms), copied beside this file at export with
+# their ZsadError import pointed at the guard's BadInput: numpy and Pillow are all this model needs
+from zsad_backend_guard import BadInput, each_request
+from zsad_image_io import decode_image
+from zsad_transforms import preprocess
+
+# what a JSON client sends when it base64-encodes a file into image_bytes (checked only on bytes Pillow refused)
+_BASE64_TEXT = re.compile(rb"[A-Za-z0-9+/=\r\n]+")
 
 
 class TritonPythonModel:
@@ -42,9 +49,13 @@ class TritonPythonModel:
                 raise BadInput(f"image {i} is {w}x{h} pixels; a request's images may have at most "
                                f"{self.max_pixels:,} pixels together")
             return decode_image(data, budget, f"image {i}")  # PIL RGB: preprocess resizes it without a copy
-        except ZsadError:
+        except BadInput:
             raise
         except Exception as err:  # noqa: BLE001 - Pillow raises NotImplementedError, struct.error, ...
+            if _BASE64_TEXT.fullmatch(data[:4096]):
+                raise BadInput(f"image {i} is base64 text, not image bytes: JSON requests cannot carry binary "
+                               f"image_bytes; send the file's bytes with Triton's binary-data extension "
+                               f"(Inference-Header-Content-Length; see docs/protocols.md)") from None
             raise BadInput(f"cannot decode image {i} ({type(err).__name__})") from None
 
     def _images(self, request):

@@ -13,7 +13,7 @@ import numpy as np
 import openvino as ov
 import triton_python_backend_utils as pb_utils
 
-from zsad.serve.backend_guard import check_tensor, run_batched
+from zsad_backend_guard import check_tensor, run_batched
 
 
 class TritonPythonModel:

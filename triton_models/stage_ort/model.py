@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
-from zsad.serve.backend_guard import check_tensor, run_batched
+from zsad_backend_guard import check_tensor, run_batched
 
 # ops that carry an integer tensor's values through unchanged (only its layout changes)
 _PASS_THROUGH = {"Unsqueeze", "Squeeze", "Reshape", "Expand", "Flatten", "Identity", "Concat", "Tile", "Transpose"}

@@ -1,19 +1,37 @@
-"""Triton python backend: a request's text field (Bayes-PFL's class name) -> the token tensor the stages take.
+"""Triton python backend: a request's class name (Bayes-PFL's text input) -> the token tensor the stages take.
 
-The ``text_input`` parameter is a serialised ``zsad.methods.base.TextInput``; its ``encode`` calls the method's own
-encoder function, the one the eager path uses, so a served request and ``method(images, class_names)`` see the
-same tokens. A name the encoder refuses (empty, too long), one over ``MAX_TEXT_BYTES`` (refused before it is
-decoded or tokenised, and never echoed) or one that is not UTF-8 gets an error response for its request alone.
+Needs the standard library and numpy only, so a stock Triton container runs it: CLIP's tokeniser is
+``zsad_clip_tokenizer.py`` with open_clip's vocabulary file, both copied beside this file at export. The class
+name becomes prompt words as zsad.methods.bayespfl.prompt_class_name does (lower case, "_" -> " ", whitespace
+collapsed, the released renaming table passed in the ``aliases`` parameter), then ``[SOT] words [EOT] 0...`` cut to
+the ``text_input`` parameter's length; tests/test_triton_repo_standalone.py checks the ids equal the eager
+encoder's. An empty name, one whose tokens do not fit, one over ``MAX_TEXT_BYTES`` (refused before it is decoded
+or tokenised, and never echoed) or one that is not UTF-8 gets an error response for its request alone.
 """
 import json
+import os
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from zsad.methods.base import TextInput
-from zsad.serve.backend_guard import BadInput, each_request
+from zsad_backend_guard import BadInput, each_request
+from zsad_clip_tokenizer import ClipTokenizer
 
 MAX_TEXT_BYTES = 256
+VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
+
+
+def class_name_ids(tokenizer: ClipTokenizer, name: str, aliases: dict, length: int) -> list[int]:
+    """One class name -> its ``length`` prompt-word token ids; BadInput if it is empty or does not fit."""
+    if not name.strip():
+        raise BadInput("a class name must be a non-empty string")
+    key = " ".join(name.strip().lower().replace("_", " ").split())
+    words = aliases.get(key, key)
+    ids = tokenizer(words)
+    eot = ids.index(tokenizer.eot)
+    if eot >= length:
+        raise BadInput(f"the class name is {eot - 1} BPE tokens; with {length} class tokens at most {length - 2} fit")
+    return ids[:length]
 
 
 class TritonPythonModel:
@@ -21,22 +39,27 @@ class TritonPythonModel:
         cfg = json.loads(args["model_config"])
         p = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
         self.model_name = args["model_name"]
-        self.text_input = TextInput(**json.loads(p["text_input"]))
+        spec = json.loads(p["text_input"])
+        self.request_name, self.tensor = spec["request_name"], spec["tensor"]
+        self.length = int(spec["length"])
+        self.aliases = json.loads(p["aliases"])
+        here = os.path.dirname(os.path.abspath(__file__))
+        self.tokenizer = ClipTokenizer(os.path.join(here, VOCAB_FILE))
 
     def _answer(self, request):
-        ti = self.text_input
-        items = pb_utils.get_input_tensor_by_name(request, ti.request_name).as_numpy().reshape(-1)
-        texts = []
+        items = pb_utils.get_input_tensor_by_name(request, self.request_name).as_numpy().reshape(-1)
+        rows = []
         for i, b in enumerate(items):
             b = b if isinstance(b, bytes) else str(b).encode("utf-8")
             if len(b) > MAX_TEXT_BYTES:
-                raise BadInput(f"{ti.request_name} {i} is {len(b):,} bytes; at most {MAX_TEXT_BYTES} are allowed")
+                raise BadInput(f"{self.request_name} {i} is {len(b):,} bytes; at most {MAX_TEXT_BYTES} are allowed")
             try:
-                texts.append(b.decode("utf-8"))
+                text = b.decode("utf-8")
             except UnicodeDecodeError:
-                raise BadInput(f"{ti.request_name} {i} is not UTF-8 text") from None
-        tokens = np.ascontiguousarray(ti.encode(texts).numpy().astype(np.int64))
-        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(ti.tensor, tokens)])
+                raise BadInput(f"{self.request_name} {i} is not UTF-8 text") from None
+            rows.append(class_name_ids(self.tokenizer, text, self.aliases, self.length))
+        tokens = np.asarray(rows, dtype=np.int64).reshape(len(rows), self.length)
+        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.tensor, tokens)])
 
     def execute(self, requests):
         return each_request(pb_utils, requests, self._answer, self.model_name)

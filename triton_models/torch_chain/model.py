@@ -16,7 +16,7 @@ import triton_python_backend_utils as pb_utils
 
 from zsad.checkpoint import load_checkpoint
 from zsad.methods import run_stages
-from zsad.serve.backend_guard import check_tensor, run_batched
+from zsad_backend_guard import check_tensor, run_batched
 
 
 class TritonPythonModel:

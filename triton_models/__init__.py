@@ -1,0 +1,5 @@
+"""Python-backend model sources (one folder per model kind) that zsad-export copies into Triton repositories.
+
+Installed as ``zsad.triton_models`` (package data). The folders are not imported here: each ``model.py`` runs inside
+Triton's python-backend stub, next to the sibling modules the export copies beside it.
+"""
