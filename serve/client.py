@@ -4,6 +4,7 @@
     results = client.infer(["a.png", "b.jpg"])                       # encoded bytes -> the NAME ensemble
     results = client.infer([np.zeros((480, 640, 3), np.uint8)])      # raw uint8 HWC -> the NAME_raw ensemble
     results = client.infer([float_rgb_in_0_1], scale=255)            # other dtypes only with an explicit scale
+    AnomalyClient(url, "bagclip_raw").infer([arr])                    # the raw ensemble by name: arrays only
     results[0].score, results[0].anomaly_map                         # float, float32 [S,S] (or input size)
     AnomalyClient(url, "bayespfl").infer(["a.png"], class_names="bottle")   # models that take the class name
 """
@@ -57,8 +58,10 @@ class AnomalyClient:
                 loaded = "the server does not list its models to clients"
             raise ZsadError(f"model '{model}' is not ready on {protocol}://{url} ({loaded})")
         inputs, self.outputs = self._io_names(model)
+        # the NAME_raw ensemble given by name takes decoded pixels ("image") only: its "_raw" is not added again
+        self.raw_only = "image" in inputs and "image_bytes" not in inputs
         # per-image text inputs besides the image (from Method.text_inputs()): ["class_name"] for Bayes-PFL
-        self.text_fields = [n for n in inputs if n != "image_bytes"]
+        self.text_fields = [n for n in inputs if n not in ("image_bytes", "image")]
 
     def models(self) -> list[str]:
         index = self.client.get_model_repository_index()
@@ -100,6 +103,10 @@ class AnomalyClient:
         """
         if len(images) == 0:
             return []
+        raw = all(isinstance(i, np.ndarray) for i in images)
+        if self.raw_only and not raw:
+            raise ZsadError(f"model '{self.model}' takes decoded uint8 [H,W,3] arrays only; send files or bytes to "
+                            f"the ensemble without '_raw'")
         feeds = []
         if self.text_fields:
             if class_names is None:
@@ -112,14 +119,14 @@ class AnomalyClient:
             feeds = [(field, text, "BYTES") for field in self.text_fields]
         sources = list(sources) if sources else [str(i) if isinstance(i, (str, Path)) else f"#{k}"
                                                  for k, i in enumerate(images)]
-        if all(isinstance(i, np.ndarray) for i in images):
+        if raw:
             shapes = {i.shape for i in images}
             if len(shapes) > 1:
                 raise ZsadError(f"raw images in one request must share a shape, got {sorted(shapes)}")
             arr = np.stack([_to_uint8(i, scale) for i in images])
             if arr.ndim != 4 or arr.shape[-1] != 3:
                 raise ZsadError(f"raw images must be uint8 [H,W,3], got {list(arr.shape[1:])}")
-            out = self._call(f"{self.model}_raw", [("image", arr, "UINT8")] + feeds)
+            out = self._call(self.model if self.raw_only else f"{self.model}_raw", [("image", arr, "UINT8")] + feeds)
         else:
             blobs = [Path(i).read_bytes() if isinstance(i, (str, Path)) else bytes(i) for i in images]
             out = self._call(self.model, [("image_bytes", np.array(blobs, dtype=object).reshape(-1, 1), "BYTES")]

@@ -175,6 +175,22 @@ def test_client_errors_are_clear(server):
         AnomalyClient(f"127.0.0.1:{_free_port()}", "bagclip", timeout=2)
 
 
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_client_takes_the_raw_ensemble_by_name(server, images, protocol):
+    """AnomalyClient(url, "bagclip_raw") sends arrays to bagclip_raw itself and asks for no class name."""
+    url = server.http_url if protocol == "http" else server.grpc_url
+    direct = AnomalyClient(f"{protocol}://{url}", "bagclip_raw")
+    assert direct.text_fields == []
+    got = direct.infer([images[0]])
+    score, amap = _eager("bagclip", [images[0]])
+    assert got[0].score == pytest.approx(float(score[0]), rel=1e-4, abs=1e-6)
+    h, w = images[0].shape[:2]
+    np.testing.assert_allclose(got[0].anomaly_map, resize_map(amap[0], h, w), rtol=1e-4,
+                               atol=1e-4 * np.abs(amap).max())
+    with pytest.raises(ZsadError, match="arrays only"):  # encoded files belong to the ensemble without _raw
+        direct.infer([_png(images[0])])
+
+
 def test_free_ports_are_distinct_and_avoid_taken_ones():
     from zsad.serve.server import free_ports
 
