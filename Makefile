@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 CONSTRAINTS ?= constraints/cpu.txt
-EXTRAS ?= onnx,dev,kernels,serve
+EXTRAS ?= onnx,dev,kernels,serve,openvino
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.zsad-installed
 PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
@@ -49,3 +49,9 @@ gpu-check:
 # needs PyPI: wheels for CPython $(PY) on x86-64 Linux, split in OUT/core, OUT/client, OUT/server (see gpu_check.py)
 wheelhouse:
 	$(RUN_PYTHON) bench/gpu_check.py --wheelhouse $(OUT) --python-version $(PY)
+
+# Mutation testing (tools/mutants.py, list in tools/mutants.toml): one-line bugs applied to a temp COPY of the tree,
+# each against its selected tests; report in tools/mutants_out/mutants.{md,json}. Slow (~15-30 min): not in CI.
+.PHONY: mutants
+mutants: $(STAMP)
+	$(BIN)/python tools/mutants.py --out tools/mutants_out
