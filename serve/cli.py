@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import click
-import numpy as np
 
 from zsad import ZsadError
 from zsad.cli import cli_entry
@@ -146,7 +145,9 @@ def infer_main(images, url, model, protocol, batch_size, threshold, out, heatmap
         "seconds": round(seconds, 3),
         "images": [{**r, "score": float(r["score"]) if r["score"] else None} for r in rows]}, indent=2))
     if heatmaps and results:
-        _write_heatmaps(out_dir / "heatmaps", results)
+        from zsad.visualize import save_prediction_panels
+
+        save_prediction_panels(out_dir / "heatmaps", results)
     failed = [r for r in rows if r["error"]]
     ng = sum(r["decision"] == "NG" for r in rows)
     click.echo(f"{len(rows) - len(failed)} images scored in {seconds:.1f} s"
@@ -156,25 +157,6 @@ def infer_main(images, url, model, protocol, batch_size, threshold, out, heatmap
         click.echo(f"error: {r['image']}: {r['error']}", err=True)
     if failed:
         sys.exit(1)
-
-
-def _write_heatmaps(folder: Path, results) -> None:
-    from PIL import Image
-
-    from zsad.data import read_image
-    from zsad.visualize import save_panel
-
-    maps = [p.anomaly_map for _, p in results]
-    vmin, vmax = float(min(m.min() for m in maps)), float(max(m.max() for m in maps))  # one scale for the run
-    used: set[str] = set()
-    for path, pred in results:
-        h, w = pred.anomaly_map.shape
-        img = np.asarray(read_image(path).resize((w, h), Image.BICUBIC))
-        name, k = path.stem, 1
-        while name in used:  # same file name in different folders
-            name, k = f"{path.stem}_{k}", k + 1
-        used.add(name)
-        save_panel(folder / f"{name}.png", img, pred.anomaly_map, vmin, vmax, title_score=pred.score)
 
 
 if __name__ == "__main__":

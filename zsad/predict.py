@@ -198,7 +198,9 @@ def main(images, checkpoint, device, clip_weights, class_name, batch_size, thres
         writer.writeheader()
         writer.writerows(rows)
     if heatmaps and results:
-        _write_heatmaps(out_dir / "heatmaps", results)
+        from zsad.visualize import save_prediction_panels
+
+        save_prediction_panels(out_dir / "heatmaps", results)
     failed = [r for r in rows if r["error"]]
     click.echo(f"{len(results)} images scored in {time.perf_counter() - t0:.1f} s; wrote {out_dir / 'scores.csv'}"
                + (", heatmaps/" if heatmaps and results else ""))
@@ -206,21 +208,3 @@ def main(images, checkpoint, device, clip_weights, class_name, batch_size, thres
         click.echo(f"error: {r['image']}: {r['error']}", err=True)
     if failed:
         sys.exit(1)
-
-
-
-
-def _write_heatmaps(folder: Path, results) -> None:
-    from zsad.data import read_image
-    from zsad.visualize import save_panel
-
-    maps = [p.anomaly_map for _, p in results]
-    vmin, vmax = float(min(m.min() for m in maps)), float(max(m.max() for m in maps))  # one scale for the run
-    used: set[str] = set()
-    for path, pred in results:
-        name, k = path.stem, 1
-        while name in used:  # the same file name in different folders
-            name, k = f"{path.stem}_{k}", k + 1
-        used.add(name)
-        save_panel(folder / f"{name}.png", np.asarray(read_image(path)), pred.anomaly_map, vmin, vmax,
-                   title_score=pred.score)

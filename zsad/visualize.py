@@ -46,3 +46,27 @@ def save_panel(path: Path, image: np.ndarray, anomaly_map: np.ndarray, vmin: flo
     path.parent.mkdir(parents=True, exist_ok=True)
     panel.save(path)
     return path
+
+
+def save_prediction_panels(folder: Path, results) -> list[Path]:
+    """One panel per ``(image path, prediction)`` (``prediction.anomaly_map``, ``prediction.score``), all on one
+    colour scale for the run. The image is resized to the map where they differ (a map at the model's resolution);
+    equal file names from different folders get a ``_1``, ``_2`` suffix."""
+    from zsad.data import read_image
+
+    maps = [p.anomaly_map for _, p in results]
+    vmin, vmax = float(min(m.min() for m in maps)), float(max(m.max() for m in maps))
+    used: set[str] = set()
+    written = []
+    for path, pred in results:
+        h, w = pred.anomaly_map.shape
+        img = read_image(path)
+        if img.size != (w, h):
+            img = img.resize((w, h), Image.BICUBIC)
+        name, k = path.stem, 1
+        while name in used:
+            name, k = f"{path.stem}_{k}", k + 1
+        used.add(name)
+        written.append(save_panel(folder / f"{name}.png", np.asarray(img), pred.anomaly_map, vmin, vmax,
+                                  title_score=pred.score))
+    return written
