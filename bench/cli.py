@@ -262,7 +262,9 @@ def main(model, profile, image_size, batch, backend, device, iters, warmup, chec
     """Benchmark latency / FPS / VRAM of zsad methods across backends, beside the papers' tables."""
     from zsad.bench.report import environment, write_results
     from zsad.bench.runners import BACKENDS
-    from zsad.reference import PAPER_NAMES, efficiency_rows
+    import zsad.methods as M
+    from zsad.methods import METHODS
+    from zsad.reference import efficiency_rows
 
     models = [m for m in model.split(",") if m]
     backends = [b for b in backend.split(",") if b]
@@ -283,9 +285,11 @@ def main(model, profile, image_size, batch, backend, device, iters, warmup, chec
                                           served_backend=served_backend)
         # the papers' per-method latency rows (variants in brackets, e.g. Bayes-PFL's R sweep, are left out)
         paper = [p for p in efficiency_rows() if p["quantity"] in ("latency_ms", "fps", "it_per_s")
-                 and p["method"] in {"AnomalyCLIP", "BAG-CLIP", "AF-CLIP", "Bayes-PFL", "SOWA"}]
+                 and p["method"] in {cls.paper_name for cls in METHODS.values() if cls.paper_name}]
+        # the papers' image size for this method: the paper profile's (a figure is comparable only at it)
+        paper_size = M.resolve_config(m, "paper").backbone.image_size if method.paper_name else None
         paths = write_results(Path(out), m, method.profile, rows, env, paper, flops, command,
-                              plot_method=PAPER_NAMES.get(m, m))
+                              plot_method=method.paper_name or None, paper_image_size=paper_size)
         click.echo(summary_table(m, rows))
         click.echo("wrote " + ", ".join(str(p) for p in paths.values()))
 

@@ -69,7 +69,8 @@ def result_stem(model: str, env: dict, profile: str = "paper") -> str:
 
 
 def write_results(out_dir: Path, model: str, profile: str, rows: list[dict], env: dict, paper: list[dict],
-                  flops: dict, command: str, plot_method: str | None = None) -> dict[str, Path]:
+                  flops: dict, command: str, plot_method: str | None = None,
+                  paper_image_size: int | None = None) -> dict[str, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / result_stem(model, env, profile)
@@ -85,7 +86,7 @@ def write_results(out_dir: Path, model: str, profile: str, rows: list[dict], env
         for r in rows:
             w.writerow({**{k: _cell(r.get(k)) for k in CSV_FIELDS}, "environment": envtxt})
     paths["md"].write_text(markdown(model, profile, rows, env, paper, flops, command))
-    if not plot(paths["png"], model, rows, [p for p in paper if p["method"] == plot_method]):
+    if not plot(paths["png"], model, rows, [p for p in paper if p["method"] == plot_method], paper_image_size):
         paths.pop("png")
     return paths
 
@@ -147,14 +148,41 @@ def markdown(model: str, profile: str, rows: list[dict], env: dict, paper: list[
     return "\n".join(lines) + "\n"
 
 
-def plot(path: Path, model: str, rows: list[dict], paper: list[dict]) -> bool:
+def not_comparable(rows: list[dict], paper_image_size: int | None) -> str:
+    """Why our timed rows are not the papers' setting (the paper profile at the papers' image size on a GPU), or
+    "" when they are. The papers' latency figures are fp32 single-image times on the authors' GPUs."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    if not ok:
+        return "no timed rows"
+    why = sorted({f"{r.get('profile')} profile" for r in ok if r.get("profile") != "paper"})
+    why += sorted({f"{r.get('image_size')} px" for r in ok
+                   if paper_image_size is None or r.get("image_size") != paper_image_size})
+    if any(not str(r.get("device", "")).startswith("cuda") for r in ok):
+        why.append("CPU")
+    return ", ".join(why)
+
+
+def plot(path: Path, model: str, rows: list[dict], paper: list[dict], paper_image_size: int | None = None) -> bool:
+    fig = plot_figure(model, rows, paper, paper_image_size)
+    if fig is None:
+        return False
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_figure(model: str, rows: list[dict], paper: list[dict], paper_image_size: int | None = None):
+    """Latency per image vs batch per backend; the papers' whole-model latency as a line only where our rows are
+    their setting (``not_comparable``), else named in the title as not comparable. None without matplotlib."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return False
+        return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
     timed = [r for r in rows if r["status"] == "ok" and r["backend"] != "served"]
     for backend in dict.fromkeys(r["backend"] for r in timed):
@@ -166,19 +194,22 @@ def plot(path: Path, model: str, rows: list[dict], paper: list[dict]) -> bool:
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="s", linestyle="--",
                     label=f"served ({'dyn. batching' if dyn else 'no batching'}), x = concurrency, 1/throughput")
-    for p in paper:
-        if p["quantity"] == "latency_ms" and not p.get("component"):
-            ax.axhline(p["value"], color="grey", linewidth=0.8, linestyle=":")
-            ax.text(1, p["value"], f" {p['method']} (paper) {p['value']} ms", fontsize=7, va="bottom", color="grey")
+    title = f"zsad-bench: {model}"
+    paper_latency = [p for p in paper if p["quantity"] == "latency_ms" and not p.get("component")]
+    why = not_comparable(rows, paper_image_size) if paper_latency else ""
+    if why:
+        shown = ", ".join(f"{p['value']} ms" for p in paper_latency)
+        title += f"\npaper latency ({shown}, GPU) not comparable: ours is {why}"
+    for p in [] if why else paper_latency:  # a paper line only beside our comparable rows
+        ax.axhline(p["value"], color="grey", linewidth=0.8, linestyle=":", gid="paper")
+        ax.text(1, p["value"], f" {p['method']} (paper) {p['value']} ms", fontsize=7, va="bottom", color="grey")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("batch size")
     ax.set_ylabel("p50 latency per image (ms)")
-    ax.set_title(f"zsad-bench: {model}")
+    ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return fig

@@ -414,7 +414,10 @@ def _fit_support(method, support, shots: int, support_class: str | None, seed: i
     from zsad.evaluate import _load_support, support_images
 
     if not getattr(method, "few_shot", False):
-        raise ZsadError(f"{method.name} has no few-shot mode (--support/--shots are for afclip and sowa)")
+        import zsad.methods as M
+
+        few_shot = ", ".join(n for n in M.available() if M.METHODS[n].few_shot)
+        raise ZsadError(f"{method.name} has no few-shot mode (--support/--shots are for {few_shot})")
     if support is None or shots < 1:
         raise ZsadError("few-shot export needs both --support DIR and --shots K (K >= 1)")
     paths = support_images(support, [support_class or "(folder)"], shots, seed)

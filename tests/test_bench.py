@@ -171,3 +171,28 @@ def test_capture_hazards_finds_host_syncs_and_deviceless_tensors(tiny_method, mo
     assert len(found["item"]) == 1 and ".item()" in found["item"][0]
     assert any("boolean-mask indexing" in f for f in found["mask"])
     assert len(found["deviceless"]) == 1 and "without an explicit device" in found["deviceless"][0]
+
+
+def test_paper_latency_line_only_beside_comparable_rows():
+    pytest.importorskip("matplotlib")
+    from zsad.bench.report import plot_figure
+
+    paper = [{"quantity": "latency_ms", "component": None, "method": "BAG-CLIP", "value": 121.6},
+             {"quantity": "latency_ms", "component": "GCN", "method": "BAG-CLIP", "value": 9.0}]
+
+    def row(profile, size, device):
+        return {"backend": "torch-fp32", "status": "ok", "batch": 1, "p50_ms_per_image": 5.0, "profile": profile,
+                "image_size": size, "device": device}
+
+    def paper_lines(fig):
+        return [ln for ln in fig.axes[0].lines if ln.get_gid() == "paper"]
+
+    same = plot_figure("bagclip", [row("paper", 518, "cuda")], paper, paper_image_size=518)
+    assert [ln.get_ydata()[0] for ln in paper_lines(same)] == [121.6]  # the whole-model figure, not the component
+    assert "not comparable" not in same.axes[0].get_title()
+    for rows, why in (([row("tiny", 224, "cpu")], "tiny profile, 224 px, CPU"),
+                      ([row("paper", 518, "cpu")], "CPU"),
+                      ([row("paper", 336, "cuda")], "336 px")):
+        fig = plot_figure("bagclip", rows, paper, paper_image_size=518)
+        assert paper_lines(fig) == []
+        assert fig.axes[0].get_title().endswith(f"paper latency (121.6 ms, GPU) not comparable: ours is {why}")

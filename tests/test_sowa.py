@@ -93,7 +93,9 @@ def test_stages_equal_forward_and_folding_equals_the_mlp():
     with torch.no_grad():
         out = m(x)
         env = _run_by_hand(stages, x)
-        unfolded = _run_by_hand(m.stages(fold_position_bias=False), x)
+        m.config.fold_position_bias = False
+        unfolded = _run_by_hand(m.stages(), x)
+        m.config.fold_position_bias = True
     assert torch.equal(env["score"], out.score) and torch.equal(env["anomaly_map"], out.anomaly_map)
     # the folded tables are the MLP's output: identical results
     torch.testing.assert_close(env["layer_logits"], unfolded["layer_logits"], rtol=0, atol=0)

@@ -1,6 +1,6 @@
 """AF-CLIP (Fang, Lv, Su; ACM MM 2025): anomaly-focused CLIP adaptation, and AF-CLIP+ (few-shot).
 
-methods/afclip_bayespfl.md PART A, following the released code where it differs from the paper:
+the design spec afclip_bayespfl.md PART A (its choices: docs/methods/afclip.md), following the released code where it differs from the paper:
 
 1. stock frozen ViT (QuickGELU for OpenAI weights), raw residual stream of blocks ``taps`` *with* the class
    token: c^l [B, 1+N, D];
@@ -114,6 +114,7 @@ class AfClipConfig:
 
 class AfClip(StaticTextCache, Method):
     name = "afclip"
+    paper_name = "AF-CLIP"
     config_class = AfClipConfig
     few_shot = True
 

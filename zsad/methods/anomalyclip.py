@@ -22,7 +22,7 @@ from zsad.backbone import ATTENTION_MODES
 from zsad.methods.base import (BackboneConfig, EncoderStage, LossConfig, Method, PromptConfig, Stage,
                                TrainConfig)
 from zsad.modules.losses import layered_focal_dice
-from zsad.modules.prompts import ObjectAgnosticPrompts
+from zsad.modules.prompts import ObjectAgnosticPrompts, StaticTextCache
 from zsad.postprocess import Postprocess, upsample
 
 
@@ -48,8 +48,9 @@ class AnomalyClipConfig:
             raise ZsadError("taps must list at least one block")
 
 
-class AnomalyClip(Method):
+class AnomalyClip(StaticTextCache, Method):
     name = "anomalyclip"
+    paper_name = "AnomalyCLIP"
     config_class = AnomalyClipConfig
 
     def __init__(self, config: AnomalyClipConfig, profile: str):
@@ -60,7 +61,6 @@ class AnomalyClip(Method):
         self.prompts = ObjectAgnosticPrompts(self.backbone, p.n_ctx, p.deep_length, p.deep_depth,
                                              p.normal_template, p.abnormal_template)
         self.postprocess = Postprocess(info.image_size, config.sigma, config.align_corners, config.score_map_weight)
-        self._text_cache: torch.Tensor | None = None
 
     # -- pieces -----------------------------------------------------------------------------------------------
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,16 +90,10 @@ class AnomalyClip(Method):
         return image_prob, patch_map
 
     # -- text -------------------------------------------------------------------------------------------------
-    def text_embeddings(self) -> torch.Tensor:
-        """The static (2,E) normalised prompt embeddings (row 1 = abnormal), cached outside training."""
-        if self.training or torch.is_grad_enabled():
-            return self.prompts(self.backbone)
-        if self._text_cache is None:
-            self._text_cache = self.prompts(self.backbone).detach()
-        return self._text_cache
-
-    def invalidate_text_cache(self) -> None:
-        self._text_cache = None
+    def encode_text(self) -> torch.Tensor:
+        """The (2,E) normalised prompt embeddings (row 1 = abnormal); ``text_embeddings()`` caches them outside
+        training (StaticTextCache)."""
+        return self.prompts(self.backbone)
 
     # -- export plan --------------------------------------------------------------------------------------------
     def stages(self) -> list[Stage]:

@@ -1,7 +1,7 @@
 """BAG-CLIP (Wu, Zhang, Li; Electronics 2026, 15(8), 1659): Bifurcated Attention Graph-enhanced CLIP.
 
 Only the paper's headings, tables and budgets survive in our copy, so the internals are the reconstruction of
-methods/bagclip_sowa.md section 2 (every unknown is a config knob, defaults from its table 2.8):
+the design spec bagclip_sowa.md section 2 (docs/methods/bagclip.md) (every unknown is a config knob, defaults from its table 2.8):
 
 - BSA: AnomalyCLIP's dual stream (stock global branch + V-V detail branch without FFN) from ``dual_start``;
 - detail taps D_l (raw width-D tokens of the V-V stream) at ``taps``;
@@ -70,6 +70,7 @@ class BagClipConfig(AnomalyClipConfig):
 
 class BagClip(AnomalyClip):
     name = "bagclip"
+    paper_name = "BAG-CLIP"
     config_class = BagClipConfig
     # The kNN graph is a discontinuous function of the features: ~1e-6 runtime differences in the encoder (ORT vs
     # torch GEMMs) flip a few neighbours at a rounding boundary of the similarities, which moves the map by up to

@@ -6,7 +6,10 @@ tensor name; ``Method.forward`` is exactly that chain, so what is exported is wh
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import inspect
+from abc import ABCMeta, abstractmethod
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -158,10 +161,14 @@ class TrainingStage:
     monitor: str = "pixel_ap"  # the held-out metric (a key of zsad.evaluate's mean) early stopping watches
 
 
-class Method(nn.Module):
-    """Base class. Subclasses set ``name``, build ``self.backbone`` and implement the abstract pieces."""
+class Method(nn.Module, metaclass=ABCMeta):
+    """Base class. Subclasses set ``name`` and ``config_class`` (a dataclass), build ``self.backbone`` in
+    ``__init__(config, profile)`` and implement the abstract pieces; a subclass that misses one is refused where
+    it is defined (``__init_subclass__``), so export, serving and benchmarks can rely on the whole contract."""
 
     name: str = ""
+    config_class: type | None = None  # the dataclass a profile section builds (zsad.configs.build_config)
+    paper_name: str = ""  # how the papers' tables (zsad/reference) name it; "" = in none of them
     # export parity: the end-to-end chain's fp32 tolerance where it must exceed the per-stage one (0: the same)
     chain_tolerance: float = 0.0
 
@@ -170,15 +177,39 @@ class Method(nn.Module):
         self.config = config
         self.profile = profile
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        where = f"{cls.__module__}.{cls.__qualname__}"
+        missing = [n for n in ("encode", "stages", "loss", "text_embeddings")
+                   if getattr(getattr(cls, n), "__isabstractmethod__", False)]
+        if missing:
+            raise TypeError(f"{where} does not implement {', '.join(missing)} (see zsad.methods.base.Method)")
+        if not (isinstance(cls.name, str) and cls.name.isidentifier()):
+            raise TypeError(f"{where}.name must be an identifier (the registry key), got {cls.name!r}")
+        if not dataclasses.is_dataclass(cls.config_class):
+            raise TypeError(f"{where}.config_class must be a dataclass, got {cls.config_class!r}")
+        # one signature for every method: generic code calls these without method-specific arguments
+        for fn, params in (("stages", ["self"]), ("encode", ["self", "images"])):
+            got = list(inspect.signature(getattr(cls, fn)).parameters)
+            if got != params:
+                raise TypeError(f"{where}.{fn} must take ({', '.join(params)}), takes ({', '.join(got)})")
+
     # -- to implement -------------------------------------------------------------------------------------------
+    @abstractmethod
+    def encode(self, images: torch.Tensor):
+        """images [B,3,S,S] -> the first stage's outputs (the frozen backbone's features)."""
+
+    @abstractmethod
     def stages(self) -> list[Stage]:
-        raise NotImplementedError
+        """The export plan: ``forward`` is exactly ``run_stages(stages(), **stage_inputs(images))``."""
 
+    @abstractmethod
     def loss(self, batch: dict) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """Named loss terms of a training batch; "total" is the one optimised."""
 
+    @abstractmethod
     def text_embeddings(self) -> torch.Tensor:
-        raise NotImplementedError
+        """The static text side (baked into exported stages), where the method has one."""
 
     # -- shared ---------------------------------------------------------------------------------------------------
     @property

@@ -1,6 +1,6 @@
 """Bayes-PFL (Qu et al., CVPR 2025): Bayesian prompt flow learning, on the zsad core.
 
-Spec: methods/afclip_bayespfl.md PART B (the released code where it differs from the paper). Shapes at the paper
+Spec: the design spec afclip_bayespfl.md PART B (its choices: docs/methods/bayespfl.md) (the released code where it differs from the paper). Shapes at the paper
 profile (518 px, N = 1369 patches, D = 1024, E = W = 768, L = 4 taps, B = 3 banks, R = 10 samples, T = 2BR = 60):
 
 1. frozen CLIP ViT with **plain GELU** in both towers (the released code's activation; the profile's
@@ -278,6 +278,7 @@ class BayesPflModules(nn.Module):
 # -- the method -----------------------------------------------------------------------------------------------------
 class BayesPfl(Method):
     name = "bayespfl"
+    paper_name = "Bayes-PFL"
     config_class = BayesPflConfig
 
     def __init__(self, config: BayesPflConfig, profile: str):

@@ -1,6 +1,6 @@
 """SOWA / HFWA (Hu, Zhang; arXiv 2407.03634v4): hierarchical frozen window self-attention adapters on CLIP.
 
-methods/bagclip_sowa.md section 3, following the released code (the paper leaves the internals open):
+the design spec (bagclip_sowa.md section 3; its choices: docs/methods/sowa.md), following the released code (the paper leaves the internals open):
 
 1. stock frozen ViT at 336 px (grid 24); raw block outputs at ``taps`` (6/12/18/24), class token dropped, and
    the global embedding g = ln_post(CLS) @ proj;
@@ -25,7 +25,7 @@ nothing can compute while serving): lo = the smallest max-map of the K shots, ea
 the other shots (K >= 2; else ``k_shot.score_offset``), scale = ``k_shot.score_scale``.
 
 Export: the head stage folds exp(clamp(theta)) and each adapter's CPB MLP into constant per-head (H, T, T)
-bias tables at stage construction (``stages(fold_position_bias=True)``, the default), so the exported graph has
+bias tables at stage construction (config ``fold_position_bias``, on by default), so the exported graph has
 no MLP.
 """
 from __future__ import annotations
@@ -101,6 +101,8 @@ class SowaConfig:
     patch_temperature: float  # divisor of the patch cosines before the softmax (code: 1 = none)
     sigma: float  # Gaussian smoothing (4)
     align_corners: bool  # per-layer map upsampling (code: True)
+    # export: fold exp(clamp(theta)) and the CPB MLPs into constant tables (False: run the MLPs, for checks)
+    fold_position_bias: bool = True
 
     def __post_init__(self):
         if not self.taps:
@@ -109,6 +111,7 @@ class SowaConfig:
 
 class Sowa(StaticTextCache, Method):
     name = "sowa"
+    paper_name = "SOWA"
     config_class = SowaConfig
     few_shot = True
 
@@ -243,7 +246,7 @@ class Sowa(StaticTextCache, Method):
         self.score_offset.fill_(float(self.config.k_shot.score_offset))
 
     # -- export plan --------------------------------------------------------------------------------------------
-    def stages(self, fold_position_bias: bool = True) -> list[Stage]:
+    def stages(self) -> list[Stage]:
         info = self.backbone.info
         s, g, n, d, e = info.image_size, info.grid, info.grid ** 2, info.width, info.embed_dim
         n_taps = len(self.config.taps)
@@ -254,7 +257,7 @@ class Sowa(StaticTextCache, Method):
         final = {"score": ("B",), "anomaly_map": ("B", s, s)}
         stages = [
             Stage("encoder", EncoderStage(self), {"images": ("B", 3, s, s)}, enc),
-            Stage("head", _Head(self, text, fold_position_bias), enc, head_out),
+            Stage("head", _Head(self, text, self.config.fold_position_bias), enc, head_out),
         ]
         if self.memory is None:
             stages.append(Stage("postprocess", _Postprocess(self), head_out, final))

@@ -6,7 +6,7 @@ their g x g grid and each channel is filtered with a fixed, normalised r x r Gau
 code, which makes the kernels nearly box filters). r = 1 is the identity. The class token is passed through
 untouched.
 
-Borders (methods/afclip_bayespfl.md A1.2 / A8.2): ``border="zero"`` (default, the released code) pads with
+Borders (design spec afclip_bayespfl.md A1.2 / A8.2, see docs/methods/afclip.md): ``border="zero"`` (default, the released code) pads with
 zeros and does not renormalise, so border patches are attenuated; ``border="renormalize"`` divides by the kernel
 mass that fell inside the image (a weighted mean over the valid neighbours), an option for retraining.
 

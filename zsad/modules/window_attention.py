@@ -2,7 +2,7 @@
 
 ``window_vv_attention`` is the adapter's attention around ``zsad.kernels.window_attention`` (its plain-torch
 reference is what CPU runs and export traces; its Triton kernel runs on CUDA). ``FrozenWindowAdapter`` wraps it
-with SOWA's trainable parts (methods/bagclip_sowa.md
+with SOWA's trainable parts (design spec bagclip_sowa.md, see docs/methods/sowa.md;
 section 3.1):
 
 1. the patch tokens (class token dropped) of one tapped block, [B, N, D] on a grid x grid layout, are split into

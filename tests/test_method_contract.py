@@ -1,0 +1,265 @@
+"""The Method contract, checked for every registered method and for a sixth, test-only method.
+
+Per registered method (tiny profile): the exported ONNX stage files, chained by tensor name in ONNX Runtime, give
+what the eager torch method gives; a checkpoint restores the exact outputs of perturbed weights; few-shot methods
+change their output with a memory bank and return to zero-shot without it, the others refuse it.
+
+The probe method below is registered only inside the tests. It goes create -> stages -> zsad-export (ONNX, parity)
+-> checkpoint -> zsad-bench with no edit in export/, serve/ or bench/: that is the proof that a new method needs
+none.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import zsad.methods as M
+from zsad import ZsadError
+from zsad.checkpoint import load_checkpoint, save_checkpoint
+from zsad.export.parity import synthetic_class_names, synthetic_images
+from zsad.methods.base import BackboneConfig, EncoderStage, Method, Stage, TrainConfig
+from zsad.postprocess import Postprocess
+
+
+def _ort_chain(repo: Path, model: str, stages, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run the exported stage files of ``repo`` in ONNX Runtime, chained by tensor name (our own loop, not the
+    exporter's parity code)."""
+    import onnxruntime as ort
+
+    env = dict(feed)
+    for st in stages:
+        sess = ort.InferenceSession(str(repo / f"{model}_{st.name}" / "1" / "model.onnx"),
+                                    providers=["CPUExecutionProvider"])
+        outs = sess.run(None, {i.name: env[i.name] for i in sess.get_inputs()})
+        env.update(zip((o.name for o in sess.get_outputs()), outs))
+    return env
+
+
+def _eager_and_feed(method, images: torch.Tensor):
+    names = synthetic_class_names(images.shape[0]) if method.text_inputs() else None
+    with torch.no_grad():
+        out = method(images, names)
+    feed = {k: v.numpy() for k, v in method.stage_inputs(images, names).items()}
+    return out, feed
+
+
+def _export(tmp_path, model: str, profile: str):
+    from zsad.export.exporter import export_model
+
+    return export_model(model=model, profile=profile, backend="onnxruntime", device="cpu", max_batch=2,
+                        parity_images=1, out=tmp_path / "repo", log=lambda *a: None)
+
+
+def _assert_exported_matches_eager(tmp_path, model: str, profile: str):
+    with pytest.warns(UserWarning, match="UNTRAINED"):
+        res = _export(tmp_path, model, profile)
+    assert all(r.ok for r in res.parity_rows)
+    method = M.create(model, profile)  # creation is seeded: the same weights the exporter used
+    images = torch.from_numpy(synthetic_images(method.image_size, n=1))
+    eager, feed = _eager_and_feed(method, images)
+    got = _ort_chain(res.repo, model, method.stages(), feed)
+    np.testing.assert_allclose(got["score"], eager.score.numpy(), rtol=1e-4, atol=1e-5)
+    amap = eager.anomaly_map.numpy()
+    assert np.abs(got["anomaly_map"] - amap).max() <= 1e-4 * max(np.abs(amap).max(), 1e-6)
+
+
+def _assert_checkpoint_round_trip(tmp_path, method):
+    images = torch.from_numpy(synthetic_images(method.image_size, n=2))
+    before, _ = _eager_and_feed(method, images)
+    with torch.no_grad():  # move every trainable weight, so a checkpoint that restored nothing would show
+        gen = torch.Generator().manual_seed(1)
+        for p in method.trainable_parameters().values():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    method.invalidate_text_cache()
+    perturbed, _ = _eager_and_feed(method, images)
+    assert not torch.allclose(perturbed.anomaly_map, before.anomaly_map)
+    loaded, _ = load_checkpoint(save_checkpoint(tmp_path / "ckpt", method))
+    assert type(loaded) is type(method)
+    restored, _ = _eager_and_feed(loaded, images)
+    torch.testing.assert_close(restored.score, perturbed.score, rtol=0, atol=0)
+    torch.testing.assert_close(restored.anomaly_map, perturbed.anomaly_map, rtol=0, atol=0)
+
+
+# -- every registered method ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", M.available())
+def test_exported_onnx_chain_equals_eager(tmp_path, name):
+    _assert_exported_matches_eager(tmp_path, name, "tiny")
+
+
+@pytest.mark.parametrize("name", M.available())
+def test_checkpoint_round_trip_restores_outputs(tmp_path, name):
+    _assert_checkpoint_round_trip(tmp_path, M.create(name, "tiny"))
+
+
+@pytest.mark.parametrize("name", M.available())
+def test_few_shot_where_declared(tiny_method, name):
+    method = tiny_method(name)
+    images = torch.from_numpy(synthetic_images(method.image_size, n=3))
+    if not method.few_shot:
+        with pytest.raises(ZsadError, match="no few-shot mode"):
+            method.fit_memory(images[:2])
+        return
+    zero_shot, _ = _eager_and_feed(method, images[2:])
+    try:
+        method.fit_memory(images[:2])
+        few_shot, feed = _eager_and_feed(method, images[2:])
+        with torch.no_grad():  # the stage chain carries the memory bank too (it is what gets exported)
+            chained = M.run_stages(method.stages(), **{k: torch.from_numpy(v) for k, v in feed.items()})
+        torch.testing.assert_close(chained["anomaly_map"], few_shot.anomaly_map)
+        assert not torch.allclose(few_shot.anomaly_map, zero_shot.anomaly_map, atol=1e-5)
+    finally:
+        method.clear_memory()
+    back, _ = _eager_and_feed(method, images[2:])
+    torch.testing.assert_close(back.anomaly_map, zero_shot.anomaly_map)
+
+
+# -- a sixth method, registered only here ------------------------------------------------------------------------
+@dataclass
+class ProbeConfig:
+    backbone: BackboneConfig
+    train: TrainConfig
+    taps: list[int]
+    sigma: float
+
+
+class _ProbeHead(nn.Module):
+    def __init__(self, method: "ProbeMethod"):
+        super().__init__()
+        self.method = method
+
+    def forward(self, global_embedding, taps):
+        return self.method.head(global_embedding, taps)
+
+
+class ProbeMethod(Method):
+    """Patch score = sigmoid(last tap . w); image score = sigmoid(mean of the global embedding * a)."""
+
+    name = "contract_probe"
+    config_class = ProbeConfig
+
+    def __init__(self, config: ProbeConfig, profile: str):
+        super().__init__(config, profile)
+        self.backbone = self.load_backbone()
+        info = self.backbone.info
+        self.patch_weight = nn.Parameter(torch.randn(info.width) / info.width ** 0.5)
+        self.global_scale = nn.Parameter(torch.ones(()))
+        self.postprocess = Postprocess(info.image_size, config.sigma)
+
+    def encode(self, images):
+        return self.backbone.forward_taps(images, self.config.taps)
+
+    def head(self, global_embedding, taps):
+        g = self.backbone.info.grid
+        patch_map = torch.sigmoid(taps[:, -1] @ self.patch_weight).reshape(-1, g, g)
+        return torch.sigmoid(global_embedding.mean(dim=-1) * self.global_scale), patch_map
+
+    def stages(self) -> list[Stage]:
+        info = self.backbone.info
+        s, g, n, d, e = info.image_size, info.grid, info.grid ** 2, info.width, info.embed_dim
+        enc = {"global_embedding": ("B", e), "taps": ("B", len(self.config.taps), n, d)}
+        head = {"image_prob": ("B",), "patch_map": ("B", g, g)}
+        return [Stage("encoder", EncoderStage(self), {"images": ("B", 3, s, s)}, enc),
+                Stage("head", _ProbeHead(self), enc, head),
+                Stage("postprocess", self.postprocess, head, {"score": ("B",), "anomaly_map": ("B", s, s)})]
+
+    def loss(self, batch):
+        out = self(batch["image"])
+        total = torch.nn.functional.binary_cross_entropy(out.score.clamp(1e-6, 1 - 1e-6), batch["label"].float())
+        return {"total": total}
+
+    def text_embeddings(self):
+        return torch.zeros(0)
+
+
+@pytest.fixture
+def probe(tmp_path, monkeypatch):
+    """Register the probe method and write its profile (a .json path extending the tiny profile)."""
+    monkeypatch.setitem(M.METHODS, ProbeMethod.name, ProbeMethod)
+    profile = tmp_path / "probe_profile.json"
+    profile.write_text(json.dumps({"extends": "tiny", ProbeMethod.name: {
+        "train": {"optimizer": "adam", "lr": 1e-3, "betas": [0.9, 0.999], "weight_decay": 0.0, "epochs": 1,
+                  "batch_size": 2, "seed": 7},
+        "taps": [1, 2], "sigma": 2.0}}))
+    return str(profile)
+
+
+def test_probe_method_is_created_from_the_registry(probe):
+    assert ProbeMethod.name in M.available()
+    method = M.create(ProbeMethod.name, probe)
+    assert isinstance(method, ProbeMethod) and method.config.taps == [1, 2]
+    images = torch.from_numpy(synthetic_images(method.image_size, n=2))
+    with torch.no_grad():
+        out = method(images)
+        g, taps = method.encode(images)
+        by_hand = torch.sigmoid(taps[:, -1] @ method.patch_weight).reshape(2, method.backbone.info.grid, -1)
+    assert out.anomaly_map.shape == (2, method.image_size, method.image_size)
+    torch.testing.assert_close(out.score, torch.sigmoid(g.mean(dim=-1) * method.global_scale))
+    # Gaussian smoothing keeps the map within the range of the upsampled patch probabilities
+    assert by_hand.min() - 1e-5 <= out.anomaly_map.min() and out.anomaly_map.max() <= by_hand.max() + 1e-5
+
+
+def test_probe_method_exports_with_parity(tmp_path, probe):
+    _assert_exported_matches_eager(tmp_path, ProbeMethod.name, probe)
+
+
+def test_probe_method_checkpoint_round_trip(tmp_path, probe):
+    _assert_checkpoint_round_trip(tmp_path, M.create(ProbeMethod.name, probe))
+
+
+def test_probe_method_benchmarks(tmp_path, probe):
+    from click.testing import CliRunner
+
+    from zsad.bench.cli import main
+
+    out = tmp_path / "bench"
+    res = CliRunner().invoke(main, ["--model", ProbeMethod.name, "--profile", probe, "--batch", "1",
+                                    "--backend", "torch-fp32,ort", "--device", "cpu", "--iters", "1",
+                                    "--warmup", "0", "--out", str(out), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    (result,) = out.glob("*.json")
+    rows = json.loads(result.read_text())["rows"]
+    assert [(r["backend"], r["status"], r["parity_ok"]) for r in rows] == [("torch-fp32", "ok", True),
+                                                                          ("ort", "ok", True)]
+
+
+# -- the contract is enforced where a method is defined ----------------------------------------------------------
+def _define(drop: str = "", **attrs):
+    """Define a ProbeMethod subclass with ``drop`` left out (reverted to the abstract base) and ``attrs`` set."""
+    body = {"name": "probe_variant", **attrs}
+    if drop:
+        body[drop] = getattr(Method, drop)  # the base's abstract placeholder: as if the subclass never defined it
+    return type("Variant", (ProbeMethod,), body)
+
+
+def test_a_complete_method_is_accepted():
+    assert issubclass(_define(), Method)
+
+
+@pytest.mark.parametrize("piece", ["encode", "stages", "loss", "text_embeddings"])
+def test_a_method_missing_a_piece_is_refused_at_definition(piece):
+    with pytest.raises(TypeError, match=f"does not implement {piece}"):
+        _define(piece)
+
+
+def test_config_class_name_and_signatures_are_checked_at_definition():
+    with pytest.raises(TypeError, match="config_class must be a dataclass"):
+        _define(config_class=dict)
+    with pytest.raises(TypeError, match="name must be an identifier"):
+        _define(name="")
+    with pytest.raises(TypeError, match=r"stages must take \(self\), takes \(self, fold\)"):
+        _define(stages=lambda self, fold=True: [])
+    with pytest.raises(TypeError, match=r"encode must take \(self, images\)"):
+        _define(encode=lambda self, images, extra: None)
+
+
+def test_paper_names_are_the_reference_tables_names():
+    from zsad.reference import PAPER_NAMES, tables
+
+    assert {n: M.METHODS[n].paper_name for n in M.available()} == {n: PAPER_NAMES[n] for n in M.available()}
+    assert {M.METHODS[n].paper_name for n in M.available()} <= {r["method"] for r in tables()["results"]}
