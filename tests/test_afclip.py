@@ -221,7 +221,10 @@ def test_learning_on_synthetic_defects(synthetic):
     Measured on this box (2026-11-23): held-out pixel AUROC 0.427 untrained -> 0.601 after the tiny recipe's 3
     epochs at lr 1e-3, batch 4 (other recipes measured: lr 1e-3 / 2e-3 / 5e-3 at batch 8 for 4 epochs -> 0.579 /
     0.556 / 0.602; lr 5e-3 batch 4 -> 0.58 and no further). AF-CLIP's global, residual-free adaptor learns less
-    on a random backbone than BAG-CLIP's heads. Asserted: a gain of at least 0.10 and at least 0.55 absolute.
+    on a random backbone than BAG-CLIP's heads.
+    Since the trainable init is seeded from the profile's train.seed (2026-11-29), the untrained adaptor starts
+    higher: 0.568 -> 0.604 (3 epochs); 6 epochs -> 0.610, lr 2e-3 -> 0.591: the recipe plateaus near 0.60 whatever
+    the start. Asserted: at least 0.58 after training and a gain of at least 0.03 (no update at all leaves 0.568).
     """
     torch.manual_seed(0)
     train_set = AnomalyDataset(load_samples(synthetic, "test", classes=list(SYNTHETIC_TRAIN_CLASSES)), 224)
@@ -233,8 +236,8 @@ def test_learning_on_synthetic_defects(synthetic):
     after = evaluate(m, held_out, progress=False)["mean"]["pixel_auroc"]
     print(f"afclip held-out pixel AUROC {before:.3f} -> {after:.3f} ({m.config.train.epochs} epochs, "
           f"lr {m.config.train.lr}, {time.perf_counter() - t0:.0f} s)")
-    assert after - before >= 0.10
-    assert after >= 0.55
+    assert after - before >= 0.03
+    assert after >= 0.58
 
 
 # -- few-shot through zsad-eval -------------------------------------------------------------------------------------
