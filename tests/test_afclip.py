@@ -278,7 +278,7 @@ def test_few_shot_eval_cli(tmp_path, tiny_method):
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert report["setting"] == "few-shot-2" and report["few_shot"]["shots"] == 2
-    picked = report["few_shot"]["images"]["bottle"]
+    picked = report["few_shot"]["images"][0]["bottle"]  # one list entry per draw
     assert len(set(picked)) == 2 and all("/train/good/" in p for p in picked)
     assert report["paper"]["image_auroc"]["value"] == 96.5  # AF-CLIP+ 2-shot on MVTec AD, AF-CLIP's Table 2
     assert "AF-CLIP+ on MVTec AD (few-shot-2)" in res.output
@@ -286,7 +286,7 @@ def test_few_shot_eval_cli(tmp_path, tiny_method):
     folder = tmp_path / "mvtec" / "bottle" / "train" / "good"
     res = CliRunner().invoke(eval_cli, args + ["--shots", "1", "--support", str(folder), "--out", str(tmp_path / "o2")])
     assert res.exit_code == 0, res.output
-    assert json.loads((tmp_path / "o2" / "metrics.json").read_text())["few_shot"]["images"]["bottle"][0].startswith(
+    assert json.loads((tmp_path / "o2" / "metrics.json").read_text())["few_shot"]["images"][0]["bottle"][0].startswith(
         str(folder))
     for extra, msg in [(["--shots", "2"], "needs both --shots"),
                        (["--shots", "4", "--support", str(tmp_path / "mvtec")], "fewer than --shots 4"),

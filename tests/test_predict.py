@@ -75,7 +75,8 @@ def test_paths_bytes_and_arrays_agree_and_grayscale_becomes_rgb(method, images, 
     np.testing.assert_array_equal(from_path.anomaly_map, from_array.anomaly_map)
     assert from_path.source == str(tmp_path / "a.png")
     gray_rgb = pred.predict([np.repeat(gray[..., None], 3, axis=-1)])[0]
-    assert from_gray.score == gray_rgb.score and from_gray.anomaly_map.shape == gray.shape
+    # batch of 4 vs batch of 1: BLAS blocks the batch differently, so equal to float rounding, not bit for bit
+    assert from_gray.score == pytest.approx(gray_rgb.score, rel=1e-6) and from_gray.anomaly_map.shape == gray.shape
 
 
 def test_from_checkpoint_rebuilds_the_trained_method(method, images, tmp_path):
