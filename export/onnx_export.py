@@ -89,18 +89,12 @@ def export_metadata(method, trained: bool, checkpoint: str | Path | None = None,
 
 
 def _checkpoint_sha256(checkpoint: Path) -> str:
-    import hashlib
-
-    from zsad.checkpoint import WEIGHTS_NAME
+    from zsad.checkpoint import WEIGHTS_NAME, sha256_file
 
     path = checkpoint / WEIGHTS_NAME if checkpoint.is_dir() else checkpoint
     if path.suffix == ".json":  # the sidecar was given: its weights file is the source
         path = path.with_suffix(".safetensors")
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 def stamp_metadata(path: Path, props: dict[str, str]) -> None:

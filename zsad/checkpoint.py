@@ -76,7 +76,8 @@ def checkpoint_sidecar(method, state: dict[str, torch.Tensor], **meta) -> dict:
     }
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -88,7 +89,7 @@ def write_checkpoint(directory: Path, state: dict[str, torch.Tensor], sidecar: d
     """Write ``state`` (safetensors) and ``sidecar`` (JSON, plus the weights file's SHA-256) into ``directory``."""
     directory = Path(directory)
     atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": FORMAT}))
-    sidecar = {**sidecar, "weights_sha256": _sha256(directory / WEIGHTS_NAME)}
+    sidecar = {**sidecar, "weights_sha256": sha256_file(directory / WEIGHTS_NAME)}
     atomic_write_text(directory / SIDECAR_NAME, json.dumps(sidecar, indent=2, default=str))
     return directory
 
@@ -157,7 +158,7 @@ def load_checkpoint(path: str | Path, clip_weights: str | Path | None = None, de
     except (TypeError, ValueError, KeyError, AttributeError) as err:  # a hand-edited or garbled config
         raise ZsadError(f"checkpoint {path}: its config does not build a {name} ({type(err).__name__}: "
                         f"{str(err)[:200]})") from err
-    if "weights_sha256" in meta and _sha256(weights) != meta["weights_sha256"]:
+    if "weights_sha256" in meta and sha256_file(weights) != meta["weights_sha256"]:
         raise ZsadError(f"{weights} is not the weights file {SIDECAR_NAME} was written with (an interrupted or "
                         f"mixed-up save); re-save the checkpoint, or --resume the training run to rewrite it")
     try:

@@ -19,7 +19,8 @@ from pathlib import Path
 from zsad import ZsadError
 from zsad.importers.afclip import AfClipImporter
 from zsad.importers.anomalyclip import AnomalyClipImporter
-from zsad.importers.base import Importer, Mapping, build_method, sha256
+from zsad.checkpoint import sha256_file
+from zsad.importers.base import Importer, Mapping, build_method
 from zsad.importers.bayespfl import BayesPflImporter
 from zsad.importers.detect import AFCLIP_ADAPTOR, AFCLIP_PROMPT, detect_format
 from zsad.importers.sowa import SowaImporter
@@ -72,7 +73,7 @@ def import_checkpoint(fmt: str, files, out, clip_weights: str | Path | None = No
         where = f"open_clip:{b.pretrained}" if b.pretrained else (b.weights or "random")
     imported = {
         "format": fmt,
-        "files": [{"path": str(f.resolve()), "sha256": sha256(f), "bytes": f.stat().st_size} for f in files],
+        "files": [{"path": str(f.resolve()), "sha256": sha256_file(f), "bytes": f.stat().st_size} for f in files],
         "settings": settings,
         "backbone": {"arch": b.arch, "quick_gelu": b.quick_gelu, "pos_interpolation": b.pos_interpolation,
                      "image_size": b.image_size, "taps": list(method.config.taps), "clip_weights": where,

@@ -8,7 +8,6 @@ source key exists and its shape, applies the documented reshape, and records ``s
 """
 from __future__ import annotations
 
-import hashlib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,14 +17,6 @@ import torch
 
 from zsad import ZsadError
 from zsad.importers.torchfile import materialize, shape_of
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass
