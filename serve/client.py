@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from zsad import ZsadError
+from zsad import ZsadError, per_image_names
 
 
 @dataclass
@@ -112,9 +112,7 @@ class AnomalyClient:
             if class_names is None:
                 raise ZsadError(f"model '{self.model}' takes the object's class name with every image "
                                 f"({', '.join(self.text_fields)}): pass class_names (zsad-infer --class-name)")
-            names = [class_names] * len(images) if isinstance(class_names, str) else list(class_names)
-            if len(names) != len(images):
-                raise ZsadError(f"got {len(names)} class names for {len(images)} images")
+            names = per_image_names(class_names, len(images))
             text = np.array([n.encode("utf-8") for n in names], dtype=object).reshape(-1, 1)
             feeds = [(field, text, "BYTES") for field in self.text_fields]
         sources = list(sources) if sources else [str(i) if isinstance(i, (str, Path)) else f"#{k}"

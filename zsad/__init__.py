@@ -10,6 +10,14 @@ class ZsadError(Exception):
     """A user-facing error: the message says what is wrong and how to fix it (CLIs print it, no traceback)."""
 
 
+def per_image_names(names, n: int) -> list[str]:
+    """Class names for ``n`` images: one str for all, or one per image (the eager, local and client paths agree)."""
+    out = [names] * n if isinstance(names, str) else list(names)
+    if len(out) != n:
+        raise ZsadError(f"got {len(out)} class names for {n} images")
+    return out
+
+
 def __getattr__(name):
     # lazy, so that `import zsad` stays free of torch (the served pre-processing imports zsad)
     if name == "Predictor":

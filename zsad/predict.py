@@ -18,7 +18,7 @@ from typing import Sequence
 import click
 import numpy as np
 
-from zsad import ZsadError
+from zsad import ZsadError, per_image_names
 from zsad.cli import cli_entry
 from zsad.data import CLIP_MEAN, CLIP_STD, decode_image, preprocess
 from zsad.data.transforms import resize_map
@@ -86,9 +86,7 @@ class Predictor:
             if class_names is None:
                 raise ZsadError(f"{self.method.name} takes the object's class name with every image: pass "
                                 f"class_names (zsad-predict --class-name)")
-            names = [class_names] * len(images) if isinstance(class_names, str) else list(class_names)
-            if len(names) != len(images):
-                raise ZsadError(f"got {len(names)} class names for {len(images)} images")
+            names = per_image_names(class_names, len(images))
         out: list[Prediction] = []
         for start in range(0, len(images), self.batch_size):
             chunk = images[start:start + self.batch_size]

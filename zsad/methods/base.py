@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from zsad import ZsadError
+from zsad import ZsadError, per_image_names
 from zsad.backbone import load_clip
 
 
@@ -227,10 +227,7 @@ class Method(nn.Module, metaclass=ABCMeta):
         feed = {"images": images}
         n = images.shape[0]
         for ti in self.text_inputs():
-            texts = [ti.default] * n if class_names is None else (
-                [class_names] * n if isinstance(class_names, str) else list(class_names))
-            if len(texts) != n:
-                raise ZsadError(f"got {len(texts)} class names for {n} images")
+            texts = [ti.default] * n if class_names is None else per_image_names(class_names, n)
             feed[ti.tensor] = ti.encode(texts).to(images.device)
         return feed
 
