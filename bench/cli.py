@@ -18,6 +18,7 @@ depend on them); the parity check compares backends with each other, not with th
 from __future__ import annotations
 
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -71,11 +72,12 @@ def build(model: str, profile: str, image_size: int | None, checkpoint: str | No
 def bench_model(model: str, profile: str, image_size: int | None, batches: list[int], backends: list[str],
                 device: str, iters: int, warmup: int, checkpoint: str | None, served_url: str | None,
                 concurrency: list[int], served_seconds: float, progress: bool, log=click.echo,
-                served_backend: str = "python-ort"):
+                served_backend: str = "python-ort", served_precision: str = "fp32",
+                calibration_images: int = 16):
     from tqdm import tqdm
 
     from zsad.bench.flops import method_flops
-    from zsad.bench.runners import Skip, make_runner, stage_feed
+    from zsad.bench.runners import Scratch, Skip, make_runner, stage_feed
     from zsad.bench.timing import percentiles, time_iterations
     from zsad.export.parity import synthetic_images
     from zsad.methods import run_stages
@@ -93,9 +95,10 @@ def bench_model(model: str, profile: str, image_size: int | None, batches: list[
     timed = [b for b in backends if b != "served"]
     bar = tqdm(total=len(timed) * len(batches) + (1 if "served" in backends else 0), disable=not progress,
                desc=f"bench {model}", dynamic_ncols=True)
+    scratch = Scratch(calibration_images=calibration_images)  # ONNX exported once for ort / ort-int8 / openvino-*
     for backend in timed:
         try:
-            runner = make_runner(backend, method, device, max(batches))
+            runner = make_runner(backend, method, device, max(batches), scratch)
         except Skip as skip:
             rows += [{**base, "backend": backend, "precision": "-", "batch": b, "status": "skipped",
                       "reason": str(skip)} for b in batches]
@@ -131,9 +134,10 @@ def bench_model(model: str, profile: str, image_size: int | None, batches: list[
                 row["nvml_used_mb"] = _nvml_used_mb(device)
             rows.append(row)
             bar.update(1)
+    shutil.rmtree(scratch.workdir, ignore_errors=True)  # the temporary folder Scratch made for this run
     if "served" in backends:
         rows += _served_rows(base, method, checkpoint, overrides, served_url, concurrency, served_seconds,
-                             ref_score, ref_map, log, served_backend, device)
+                             ref_score, ref_map, log, served_backend, device, served_precision, calibration_images)
         bar.update(1)
     bar.close()
     _speedups(rows)
@@ -141,7 +145,7 @@ def bench_model(model: str, profile: str, image_size: int | None, batches: list[
 
 
 def _served_rows(base, method, checkpoint, overrides, served_url, concurrency, seconds, ref_score, ref_map, log,
-                 served_backend="python-ort", device="cpu"):
+                 served_backend="python-ort", device="cpu", precision="fp32", calibration_images=16):
     import io
 
     from PIL import Image
@@ -165,14 +169,11 @@ def _served_rows(base, method, checkpoint, overrides, served_url, concurrency, s
 
     def sweep(grpc_url, variants):
         score, amap = served_predictions(f"grpc://{grpc_url}", variants[0][0], pngs, texts)
-        parity = {"parity_score_max_rel": _rel(ref_score, score), "parity_map_max_rel": _rel(ref_map, amap),
-                  "parity_rank_agreement": _rank_agreement(ref_score, score)}
-        parity["parity_ok"] = bool(max(parity["parity_score_max_rel"], parity["parity_map_max_rel"]) <= PARITY_TOL["fp32"]
-                                   and parity["parity_rank_agreement"] == 1.0)
+        parity = _parity(ref_score, ref_map, score, amap, precision)
         for name, dynamic in variants:
             for c in concurrency:
                 r = sweep_one(grpc_url, name, pngs, c, seconds, texts)
-                rows.append({**base, "backend": "served", "precision": "fp32", "batch": 1, "concurrency": c,
+                rows.append({**base, "backend": "served", "precision": precision, "batch": 1, "concurrency": c,
                              "dynamic_batching": dynamic, "status": "ok" if r["requests"] else "skipped",
                              "reason": "" if r["requests"] else f"no request completed: {r['error_examples']}",
                              **{k: r.get(k) for k in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "images_per_s")},
@@ -184,14 +185,16 @@ def _served_rows(base, method, checkpoint, overrides, served_url, concurrency, s
         log(f"served mode against grpc://{host}, ensemble '{method.name}'")
         sweep(host, [(method.name, None)])
         return rows
-    log(f"served mode: exporting ({served_backend}) with and without dynamic batching and starting tritonserver ...")
+    log(f"served mode: exporting ({served_backend}, {precision}) with and without dynamic batching and starting "
+        "tritonserver ...")
     try:
         # max batch: at least the 4 parity images of one request, and room for the batcher at high concurrency
         with export_and_serve(method.name, method.profile, checkpoint, overrides, max(8, *concurrency),
-                              backend=served_backend, device="gpu" if device.startswith("cuda") else "cpu") as server:
+                              backend=served_backend, device="gpu" if device.startswith("cuda") else "cpu",
+                              precision=precision, calibration_images=calibration_images) as server:
             sweep(server.grpc_url, [(method.name, True), (f"{method.name}_nodb", False)])
     except ZsadError as err:
-        rows.append({**base, "backend": "served", "precision": "fp32", "batch": 1, "status": "skipped",
+        rows.append({**base, "backend": "served", "precision": precision, "batch": 1, "status": "skipped",
                      "reason": str(err)[:300]})
     return rows
 
@@ -251,14 +254,20 @@ def _speedups(rows: list[dict]) -> None:
               "with and without dynamic batching).")
 @click.option("--concurrency", default="1,2,4,8,16,32,64", help="Served mode: in-flight requests to sweep.")
 @click.option("--served-seconds", type=float, default=10.0, help="Served mode: seconds per concurrency level.")
-@click.option("--served-backend", type=click.Choice(["python-ort", "python-torch"]), default="python-ort",
+@click.option("--served-backend", type=click.Choice(["python-ort", "python-torch", "python-openvino"]),
+              default="python-ort",
               help="Served mode without --served-url: the stage backend exported (python-torch with --device cuda: "
-                   "the torch chain on the GPU, KIND_GPU instances).")
+                   "the torch chain on the GPU, KIND_GPU instances; python-openvino: OpenVINO on the CPU, at "
+                   "--served-precision).")
+@click.option("--served-precision", type=click.Choice(["fp32", "bf16", "int8"]), default="fp32",
+              help="Served mode, python-openvino: the precision exported (bf16 / int8 must pass the precision gate).")
+@click.option("--calibration-images", type=int, default=16,
+              help="ort-int8 / openvino-int8 / served int8: synthetic images the int8 calibration uses.")
 @click.option("--out", type=click.Path(), default="bench/results", help="Where the result files go.")
 @click.option("--no-progress", is_flag=True)
 @cli_entry
 def main(model, profile, image_size, batch, backend, device, iters, warmup, checkpoint, served_url, concurrency,
-         served_seconds, served_backend, out, no_progress):
+         served_seconds, served_backend, served_precision, calibration_images, out, no_progress):
     """Benchmark latency / FPS / VRAM of zsad methods across backends, beside the papers' tables."""
     from zsad.bench.report import environment, write_results
     from zsad.bench.runners import BACKENDS
@@ -277,12 +286,17 @@ def main(model, profile, image_size, batch, backend, device, iters, warmup, chec
         raise ZsadError("--checkpoint times one method: give a single --model")
     if iters < 1 or warmup < 0:
         raise ZsadError("--iters must be >= 1 and --warmup >= 0")
+    if calibration_images < 1:
+        raise ZsadError(f"--calibration-images must be >= 1, got {calibration_images}")
+    if served_precision != "fp32" and served_backend != "python-openvino":
+        raise ZsadError(f"--served-precision {served_precision} needs --served-backend python-openvino")
     command = "zsad-bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     env = environment(device)
     for m in models:
         method, flops, rows = bench_model(m, profile, image_size, _ints(batch), backends, device, iters, warmup,
                                           checkpoint, served_url, _ints(concurrency), served_seconds, not no_progress,
-                                          served_backend=served_backend)
+                                          served_backend=served_backend, served_precision=served_precision,
+                                          calibration_images=calibration_images)
         # the papers' per-method latency rows (variants in brackets, e.g. Bayes-PFL's R sweep, are left out)
         paper = [p for p in efficiency_rows() if p["quantity"] in ("latency_ms", "fps", "it_per_s")
                  and p["method"] in {cls.paper_name for cls in METHODS.values() if cls.paper_name}]

@@ -246,13 +246,36 @@ def _stage_chain_runner(method, runs, backend: str, precision: str, note: str) -
     return Runner(backend, precision, predict, make_step, note, stage_steps)
 
 
-def _export_onnx(method, workdir: Path, max_batch: int) -> dict:
-    from zsad.export.onnx_export import export_stage
+class Scratch:
+    """What the CPU backends of one model's bench run share: one ONNX export of the stages (made on first use, at
+    the run's largest batch) and one set of calibration images, so ort, ort-int8 and each openvino precision do not
+    re-export a ViT-L or re-render the calibration set."""
 
-    return {st.name: [export_stage(st, workdir / st.name / "model.onnx", max(max_batch, 2))] for st in method.stages()}
+    def __init__(self, workdir: Path | None = None, calibration_images: int = 16):
+        self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="zsad-bench-"))
+        self.calibration_images = calibration_images
+        self._onnx: dict | None = None
+        self._calibration = None
+
+    def onnx(self, method, max_batch: int) -> dict:
+        """{stage name: [model.onnx]} of ``method``'s stages (each exported once, with its own parity check)."""
+        from zsad.export.onnx_export import export_stage
+
+        if self._onnx is None:
+            self._onnx = {st.name: [export_stage(st, self.workdir / "onnx" / st.name / "model.onnx",
+                                                 max(max_batch, 2))] for st in method.stages()}
+        return self._onnx
+
+    def calibration(self, method) -> np.ndarray:
+        """Preprocessed calibration images [N,3,S,S] from the synthetic training classes."""
+        from zsad.export.openvino_export import calibration_images
+
+        if self._calibration is None:
+            self._calibration = calibration_images(None, method.image_size, self.calibration_images)
+        return self._calibration
 
 
-def _openvino_runner(method, workdir: Path, max_batch: int, precision: str) -> Runner:
+def _openvino_runner(method, scratch: Scratch, max_batch: int, precision: str) -> Runner:
     try:
         from zsad.export.openvino_export import build_openvino_stages, check_precision, require_openvino
 
@@ -261,15 +284,17 @@ def _openvino_runner(method, workdir: Path, max_batch: int, precision: str) -> R
     except Exception as err:  # not installed, or no bf16 on this CPU
         raise Skip(str(err)) from None
     stages = method.stages()
-    runners, _, info = build_openvino_stages(method, stages, _export_onnx(method, workdir, max_batch), precision,
-                                             workdir, log=lambda *a: None)
-    quant = f"; int8 stages {[q['stage'] for q in info['quantized_stages']]} (NNCF)" if precision == "int8" else ""
+    cal = scratch.calibration(method) if precision == "int8" else None
+    runners, _, info = build_openvino_stages(method, stages, scratch.onnx(method, max_batch), precision,
+                                             scratch.workdir / f"openvino-{precision}", cal, log=lambda *a: None)
+    quant = (f"; int8 stages {[q['stage'] for q in info['quantized_stages']]} (NNCF, {len(cal)} synthetic "
+             f"calibration images)" if precision == "int8" else "")
     return _stage_chain_runner(method, [(st, runners[st.name]) for st in stages], f"openvino-{precision}", precision,
                                f"OpenVINO {ov.__version__} CPU, INFERENCE_PRECISION_HINT {info['inference_precision_hint']}"
                                f"{quant}, one compiled model per stage")
 
 
-def _ort_int8_runner(method, workdir: Path, max_batch: int) -> Runner:
+def _ort_int8_runner(method, scratch: Scratch, max_batch: int) -> Runner:
     """ONNX Runtime static int8 (QDQ, per-channel weights) of the encoder's MatMul/Conv, calibrated on the synthetic
     set's training classes; CLIP's final projection (found by value) stays fp32, as in the OpenVINO int8 path."""
     import onnx
@@ -277,17 +302,14 @@ def _ort_int8_runner(method, workdir: Path, max_batch: int) -> Runner:
     from onnx import numpy_helper
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-    from zsad.export.openvino_export import calibration_images
+    from zsad.export.openvino_export import stage_calibration_feeds
     from zsad.export.parity import ort_runner
-    from zsad.methods import run_stages
     from zsad.methods.base import EncoderStage
 
     stages = method.stages()
-    files = _export_onnx(method, workdir, max_batch)
+    files = scratch.onnx(method, max_batch)
     proj = method.backbone.visual.proj.detach().cpu().numpy()
-    cal = torch.from_numpy(calibration_images(None, method.image_size, 16))
-    with torch.inference_mode():
-        cal_env = run_stages(stages, **stage_feed(method, cal))
+    cal = scratch.calibration(method)
     runs = []
     for st in stages:
         path = files[st.name][0]
@@ -297,7 +319,7 @@ def _ort_int8_runner(method, workdir: Path, max_batch: int) -> Runner:
             keep = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and any(
                 i in inits and any(inits[i].shape == p.shape and np.array_equal(inits[i], p) for p in (proj, proj.T))
                 for i in n.input)]
-            feeds = [{n: cal_env[n][i:i + 1].numpy() for n in st.inputs} for i in range(len(cal))]
+            feeds = stage_calibration_feeds(method, stages, st, cal)
 
             class Reader(CalibrationDataReader):
                 def __init__(self):
@@ -306,7 +328,8 @@ def _ort_int8_runner(method, workdir: Path, max_batch: int) -> Runner:
                 def get_next(self):
                     return next(self.it, None)
 
-            qpath = path.with_name("model.int8.onnx")
+            qpath = scratch.workdir / "ort-int8" / st.name / "model.onnx"
+            qpath.parent.mkdir(parents=True, exist_ok=True)
             quantize_static(str(path), str(qpath), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                             op_types_to_quantize=["MatMul", "Conv", "Gemm"], nodes_to_exclude=keep)
@@ -314,11 +337,10 @@ def _ort_int8_runner(method, workdir: Path, max_batch: int) -> Runner:
         runs.append((st, ort_runner(path)))
     return _stage_chain_runner(method, runs, "ort-int8", "int8",
                                f"ONNX Runtime {ort.__version__} CPU, static int8 QDQ (per-channel weights) of the "
-                               f"encoder's MatMul/Conv, final projection fp32, 16 synthetic calibration images")
+                               f"encoder's MatMul/Conv, final projection fp32, {len(cal)} synthetic calibration images")
 
 
-def _ort_runner(method, device: str, workdir: Path, max_batch: int) -> Runner:
-    from zsad.export.onnx_export import export_stage
+def _ort_runner(method, device: str, scratch: Scratch, max_batch: int) -> Runner:
     from zsad.export.parity import ort_runner
 
     import onnxruntime as ort
@@ -329,13 +351,14 @@ def _ort_runner(method, device: str, workdir: Path, max_batch: int) -> Runner:
             raise Skip("onnxruntime has no CUDA provider in this environment (install onnxruntime-gpu)")
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     stages = method.stages()
-    runs = [(st, ort_runner(export_stage(st, workdir / f"{st.name}.onnx", max(max_batch, 2)), providers))
-            for st in stages]
+    files = scratch.onnx(method, max_batch)
+    runs = [(st, ort_runner(files[st.name][0], providers)) for st in stages]
     return _stage_chain_runner(method, runs, "ort", "fp32",
                                f"ONNX Runtime {ort.__version__}, {providers[0]}, one session per stage")
 
 
-def make_runner(backend: str, method, device: str, max_batch: int, workdir: Path | None = None) -> Runner:
+def make_runner(backend: str, method, device: str, max_batch: int, scratch: Scratch | None = None) -> Runner:
+    """The runner of ``backend``; ``scratch`` is shared by the calls of one model's run (ONNX exported once)."""
     cuda = device.startswith("cuda")
     if backend in GPU_ONLY and not cuda:
         raise Skip(GPU_ONLY[backend] + ("" if torch.cuda.is_available() else "; no CUDA device on this machine"))
@@ -348,14 +371,14 @@ def make_runner(backend: str, method, device: str, max_batch: int, workdir: Path
             raise Skip("TensorRT is not installed here (pip install 'zsad[gpu]' on a TensorRT machine)") from None
         raise Skip("time TensorRT through the served mode (zsad-export --backend tensorrt + a GPU tritonserver)")
     if backend == "ort":
-        return _ort_runner(method, device, workdir or Path(tempfile.mkdtemp(prefix="zsad-bench-")), max_batch)
+        return _ort_runner(method, device, scratch or Scratch(), max_batch)
     if backend in ("ort-int8",) or backend.startswith("openvino-"):
         if cuda:
             raise Skip(f"{backend} is a CPU backend: run it with --device cpu")
-        workdir = workdir or Path(tempfile.mkdtemp(prefix="zsad-bench-"))
+        scratch = scratch or Scratch()
         if backend == "ort-int8":
-            return _ort_int8_runner(method, workdir, max_batch)
-        return _openvino_runner(method, workdir, max_batch, backend.split("-", 1)[1])
+            return _ort_int8_runner(method, scratch, max_batch)
+        return _openvino_runner(method, scratch, max_batch, backend.split("-", 1)[1])
     if backend.startswith(("torch-", "cuda-graphs")):
         return _torch_runner(method, device, backend)
     raise Skip(f"unknown backend '{backend}' (known: {', '.join(BACKENDS)})")

@@ -86,9 +86,11 @@ def served_predictions(url: str, model: str, images: list[bytes], texts: dict[st
 
 @contextmanager
 def export_and_serve(method_name: str, profile: str, checkpoint: str | None, overrides: dict | None,
-                     max_batch: int, log=lambda *a: None, backend: str = "python-ort", device: str = "cpu"):
+                     max_batch: int, log=lambda *a: None, backend: str = "python-ort", device: str = "cpu",
+                     precision: str = "fp32", calibration_images: int = 16):
     """Yield a ready TritonServer holding NAME (dynamic batching) and NAME_nodb (without), exported with ``backend``
-    for ``device`` (cpu or gpu)."""
+    for ``device`` (cpu or gpu); ``precision`` for the OpenVINO backends (bf16 / int8 pass the precision gate at
+    export, int8 calibrated on ``calibration_images`` synthetic images)."""
     from zsad.export.exporter import export_model
     from zsad.serve.server import TritonServer
 
@@ -97,6 +99,7 @@ def export_and_serve(method_name: str, profile: str, checkpoint: str | None, ove
         for name, dynamic in ((method_name, True), (f"{method_name}_nodb", False)):
             export_model(model=None if checkpoint else method_name, checkpoint=checkpoint, profile=profile,
                          backend=backend, device=device, out=repo, name=name, max_batch=max_batch,
-                         parity_images=2, dynamic_batching=dynamic, overrides=overrides, log=log)
+                         parity_images=2, dynamic_batching=dynamic, overrides=overrides, log=log,
+                         precision=precision, calibration_images=calibration_images)
         with TritonServer(repo) as server:
             yield server

@@ -250,34 +250,43 @@ def _chain_feed(method, images: np.ndarray) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in method.stage_inputs(torch.from_numpy(images), names).items()}
 
 
+def stage_calibration_feeds(method, stages, stage, images: np.ndarray) -> list[dict[str, np.ndarray]]:
+    """One feed per calibration image for ``stage``: its inputs, running only the stages before it that produce
+    them (the encoder, every method's first stage, takes the images themselves: nothing runs)."""
+    env = {k: torch.from_numpy(v) for k, v in _chain_feed(method, images).items()}
+    for st in stages:
+        if st is stage or all(n in env for n in stage.inputs):
+            break
+        with torch.inference_mode():
+            out = st.module(*[env[n] for n in st.inputs])
+        env.update(zip(st.outputs, out if isinstance(out, tuple) else (out,)))
+    return [{n: env[n][i:i + 1].numpy() for n in stage.inputs} for i in range(len(images))]
+
+
 def build_openvino_stages(method, stages, onnx_files: dict, precision: str, scratch: Path, calibration=None,
                           n_calibration: int = CALIBRATION_IMAGES, log=print):
     """Convert each stage's ONNX to OpenVINO (int8: quantise the encoder). Returns (runners, {stage: files},
-    info): the runners compile the models exactly as they are saved, with the precision's hint."""
-    from zsad.methods import run_stages
+    info): the runners compile the models exactly as they are saved, with the precision's hint. ``calibration``:
+    a folder of images, None (the synthetic training classes) or preprocessed images [N,3,S,S] already made."""
     from zsad.methods.base import EncoderStage
 
     check_precision(precision)
     runners, files, info = {}, {}, {"precision": precision, "inference_precision_hint": OV_HINT[precision],
                                      "openvino": require_openvino().__version__, "quantized_stages": []}
-    calib_env = None
     for st in stages:
         model = convert(onnx_files[st.name][0])
         quantize = precision == "int8" and isinstance(st.module, EncoderStage)
         if quantize:
-            if calib_env is None:
+            if isinstance(calibration, np.ndarray):
+                cal, source = calibration, "preprocessed images given by the caller"
+            else:
                 cal = calibration_images(calibration, method.image_size, n_calibration)
-                with torch.inference_mode():
-                    calib_env = run_stages(stages, **{k: torch.from_numpy(v) for k, v in
-                                                      _chain_feed(method, cal).items()})
-                info["calibration"] = {"source": str(calibration) if calibration else "synthetic set (training "
-                                       "classes)", "images": len(cal)}
+                source = str(calibration) if calibration else "synthetic set (training classes)"
+            info["calibration"] = {"source": source, "images": len(cal)}
             keep = projection_ops(model, method.backbone.visual.proj.detach().cpu().numpy())
-            log(f"  quantising stage '{st.name}' to int8 (NNCF, {info['calibration']['images']} calibration images;"
+            log(f"  quantising stage '{st.name}' to int8 (NNCF, {len(cal)} calibration images;"
                 f" fp32 kept: LayerNorm (MVN), Softmax, final projection {keep})")
-            feeds = [{n: calib_env[n][i:i + 1].numpy() for n in st.inputs}
-                     for i in range(len(calib_env[next(iter(st.inputs))]))]
-            model = quantize_int8(model, feeds, keep)
+            model = quantize_int8(model, stage_calibration_feeds(method, stages, st, cal), keep)
             info["quantized_stages"].append({"stage": st.name, "kept_fp32": {
                 "types": ["MVN (LayerNorm)", "Softmax", "ScaledDotProductAttention (not quantised by NNCF)"],
                 "final_projection": keep}, "nncf": {"version": __import__("nncf").__version__,
