@@ -1,70 +1,103 @@
-"""Plumbing shared by the kernel modules: lazy Triton JIT, the dispatch rule, and perf-sweep rows.
+"""Shared by the kernel modules: the guarded triton import, the dispatch rule, the launch-time choice between
+Triton's interpreter and its compiler, the online-softmax step the attention kernels share, and perf-sweep rows.
 
-Importing a kernel module never imports ``triton``. Each module writes its kernels as plain functions in Triton's
-language (``tl`` is a module global that is ``None`` until first use) and :func:`lazy_jit` imports triton and
-wraps them with ``triton.jit`` the first time a Triton path runs. This keeps ``import zsad`` light, lets a missing
-triton mean "reference path" instead of ImportError, and lets tests set ``TRITON_INTERPRET=1`` before the first
-kernel is built (``triton.jit`` reads that variable when it wraps a function).
+Triton is optional. Without it, ``triton.jit`` below is the identity, the kernels stay plain Python functions, and
+``dispatch()`` never launches them: every call runs the torch reference (tests/test_kernels.py checks this with
+triton hidden from ``sys.modules``).
 
-The kernels are built for the ``TRITON_INTERPRET`` value current at the call: when it changes, the next call
-re-wraps the original functions. So one process can run the interpreter tests (tests/test_kernels.py sets the
-variable for its whole pytest process) and, with the variable removed, compile the same kernels for a real GPU
+Interpreted or compiled: ``triton.jit`` fixes that when it wraps a function, from ``TRITON_INTERPRET`` at that
+moment, i.e. when a kernel module is imported. Every launch goes through :func:`for_current_mode`, which returns
+the kernel as ``TRITON_INTERPRET`` says now (the module's own object, or a copy built once in the other mode,
+helpers included). So one process can run the interpreter tests (tests/test_kernels.py sets the variable for its
+whole pytest process) and, with the variable removed, compile the same kernels for a real GPU
 (tests/test_kernels_gpu.py, tests/test_chain_gpu.py): one ``pytest -m gpu`` run does both.
 """
 from __future__ import annotations
 
-import functools
 import os
-import threading
-from typing import Callable
+import types
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
-_JIT_LOCK = threading.Lock()
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # the kernels below stay plain functions that dispatch() never launches
+    triton = types.SimpleNamespace(jit=lambda fn: fn)  # type: ignore[assignment]
+    tl = None  # type: ignore[assignment]
+    HAS_TRITON = False
 
 
 class KernelArgumentError(ValueError):
     """Bad arguments to a kernel or its reference (``zsad`` turns these into ``ZsadError``)."""
 
 
-@functools.cache
-def triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except ImportError:
-        return False
-    return True
+# -- interpreted or compiled, decided at launch -----------------------------------------------------------------
+_VARIANTS: dict[tuple[int, bool], tuple[Any, Any]] = {}  # (id(kernel), interpret) -> (kernel, its variant)
 
 
-def interpret_mode() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``), read now, as triton.jit does."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip() == "1"
+def _is_jitted(obj: Any) -> bool:
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    return isinstance(obj, (JITFunction, InterpretedFunction))
 
 
-def lazy_jit(module_globals: dict, names: tuple[str, ...]) -> None:
-    """Bind ``tl``/``triton`` in a kernel module and replace its kernel functions ``names`` by jitted ones: once,
-    and again whenever ``TRITON_INTERPRET`` changed since (interpreted <-> compiled; the plain functions are kept).
+def _interpret_now() -> bool:
+    """What ``triton.jit`` would choose now: triton >= 3.4 reads its knob, older versions the variable itself."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-    Helpers called from inside a kernel must be in ``names`` too (Triton resolves callees by global name).
+
+def for_current_mode(kernel: Any) -> Any:
+    """``kernel`` (a ``@triton.jit`` function) interpreted if ``TRITON_INTERPRET`` is set now, compiled if not.
+
+    The other mode's copy wraps a copy of the Python function whose globals name the same-mode copies of the
+    ``@triton.jit`` helpers it calls (Triton resolves callees by global name), so the module's own objects are
+    never changed. Built once per mode and kept.
     """
-    mode = interpret_mode()
-    if module_globals.get("_JITTED") and module_globals.get("_JIT_INTERPRET") == mode:
-        return
-    with _JIT_LOCK:
-        if module_globals.get("_JITTED") and module_globals.get("_JIT_INTERPRET") == mode:
-            return
-        import triton
-        import triton.language as tl
+    if not HAS_TRITON:
+        raise RuntimeError("triton is not installed (pip install 'zsad[kernels]'): call dispatch(), which runs the "
+                           "torch reference without it")
+    from triton.runtime.interpreter import InterpretedFunction
 
-        module_globals["triton"] = triton
-        module_globals["tl"] = tl
-        plain = module_globals.setdefault("_PLAIN_KERNELS", {})
-        for name in names:
-            fn = plain.setdefault(name, module_globals[name])  # the undecorated function, kept for re-wrapping
-            module_globals[name] = triton.jit(fn)
-        module_globals["_JIT_INTERPRET"] = mode
-        module_globals["_JITTED"] = True
+    interpret = _interpret_now()
+    if isinstance(kernel, InterpretedFunction) == interpret:
+        return kernel
+    key = (id(kernel), interpret)
+    if key not in _VARIANTS:
+        fn = kernel.fn
+        scope = dict(fn.__globals__)
+        scope.update({name: for_current_mode(scope[name]) for name in fn.__code__.co_names
+                      if _is_jitted(scope.get(name))})
+        copy = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
+        copy.__kwdefaults__, copy.__annotations__ = fn.__kwdefaults__, fn.__annotations__
+        copy.__qualname__, copy.__module__, copy.__doc__ = fn.__qualname__, fn.__module__, fn.__doc__
+        _VARIANTS[key] = (kernel, triton.jit(copy))
+    return _VARIANTS[key][1]
+
+
+# -- the online-softmax step (flash attention's inner loop), shared by the attention kernels ---------------------
+LOG2E = 1.4426950408889634  # softmax(x) == softmax in base 2 of x * log2(e); the kernels use exp2
+
+
+@triton.jit
+def online_softmax_update(m_i, l_i, acc, s, v, DOT_PREC: tl.constexpr):
+    """Fold one key block into a running softmax(s) @ v: ``s`` [M, N] are logits in log2 units (scaled by log2(e),
+    -inf at masked keys), ``v`` [N, D] the block's values. ``m_i`` [M] is the running max, ``l_i`` [M] the
+    denominator, ``acc`` [M, D] the unnormalised output; the last two are rescaled to the new max. Returns all three."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return m_new, l_i, acc
 
 
 def kernels_disabled() -> bool:
@@ -86,7 +119,7 @@ def use_triton(*tensors: torch.Tensor) -> bool:
         return False  # the kernels have no backward
     if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.compiler.is_compiling():
         return False
-    return triton_importable()
+    return HAS_TRITON
 
 
 def next_pow2(n: int) -> int:
@@ -105,16 +138,14 @@ def sweep_unavailable_reason(device: str) -> str | None:
         return f"device '{device}' is not CUDA: the Triton kernels only run on CUDA (CPU uses the torch reference)"
     if not torch.cuda.is_available():
         return "no CUDA device available"
-    if not triton_importable():
+    if not HAS_TRITON:
         return "triton is not installed (pip install 'zsad[kernels]')"
     return None
 
 
 def environment_info(device: str) -> dict:
     info = {"device": str(device), "torch": torch.__version__}
-    if triton_importable():
-        import triton
-
+    if HAS_TRITON:
         info["triton"] = triton.__version__
     if str(device).startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))

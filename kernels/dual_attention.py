@@ -10,30 +10,33 @@ with s = hd^-1/2 unless given. The reference is two ``F.scaled_dot_product_atten
 
 Triton kernel (flash-style): one program per (query block, image x head). It loads its q rows and v rows once,
 then streams the key/value blocks of the sequence once, feeding both streams from the same k and v tiles: two
-online softmaxes (exp2, running max and sum), two accumulators. Sequence lengths need not be powers of two (577,
-1370 at ViT-L 336 / 518 px): the last key block is masked to -inf, the last query block's rows are not stored.
+online softmaxes (the shared step ``_common.online_softmax_update``: exp2, running max and sum), two accumulators.
+Sequence lengths need not be powers of two (577, 1370 at ViT-L 336 / 518 px): the last key block is masked to
+-inf, the last query block's rows are not stored.
 ``vv_attention_triton`` is the same kernel with the q-k stream compiled out (the backbone's ``vv`` mode).
 Inputs may be strided views (the head split of a packed qkv projection); the last dim must be contiguous.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 
 from ._common import (
+    LOG2E,
     KernelArgumentError,
     check_float,
-    lazy_jit,
+    for_current_mode,
     next_pow2,
+    online_softmax_update,
     skipped_rows,
     sweep_unavailable_reason,
     timed_row,
+    tl,
+    triton,
     use_triton,
 )
-
-tl = None  # triton.language, bound by lazy_jit() on the first Triton call
-triton = None
-_JITTED = False
 
 
 # == torch reference ============================================================================================
@@ -66,6 +69,7 @@ def vv_dispatch(v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
 
 
 # == Triton kernel ===============================================================================================
+@triton.jit
 def _dual_attention_kernel(
     Q, K, V, O_QK, O_VV,
     n_heads, L, qk_scale,
@@ -102,32 +106,18 @@ def _dual_attention_kernel(
         # V-V stream
         s = tl.dot(vq, tl.trans(vt), input_precision=DOT_PREC) * qk_scale
         s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_vv, tl.max(s, axis=1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_vv - m_new)
-        l_vv = l_vv * alpha + tl.sum(p, axis=1)
-        acc_vv = acc_vv * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PREC)
-        m_vv = m_new
+        m_vv, l_vv, acc_vv = online_softmax_update(m_vv, l_vv, acc_vv, s, vt, DOT_PREC)
         # Q-K stream, same V tile
         if WITH_QK:
             kt = tl.load(k_bh + rn[:, None] * skl + dd[None, :], mask=kv_mask, other=0.0)
             s = tl.dot(q, tl.trans(kt), input_precision=DOT_PREC) * qk_scale
             s = tl.where(n_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_qk, tl.max(s, axis=1))
-            p = tl.exp2(s - m_new[:, None])
-            alpha = tl.exp2(m_qk - m_new)
-            l_qk = l_qk * alpha + tl.sum(p, axis=1)
-            acc_qk = acc_qk * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PREC)
-            m_qk = m_new
+            m_qk, l_qk, acc_qk = online_softmax_update(m_qk, l_qk, acc_qk, s, vt, DOT_PREC)
     o = acc_vv / l_vv[:, None]
     tl.store(O_VV + b * svvb + h * svvh + rm[:, None] * svvl + dd[None, :], o.to(O_VV.dtype.element_ty), mask=q_mask)
     if WITH_QK:
         o = acc_qk / l_qk[:, None]
         tl.store(O_QK + b * sab + h * sah + rm[:, None] * sal + dd[None, :], o.to(O_QK.dtype.element_ty), mask=q_mask)
-
-
-def _jit() -> None:
-    lazy_jit(globals(), ("_dual_attention_kernel",))
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -149,13 +139,12 @@ def _check(name: str, t: torch.Tensor, shape: tuple) -> None:
 
 
 def _launch(q, k, v, o_qk, o_vv, scale, with_qk, block_m, block_n, num_warps, num_stages):
-    _jit()
     b, h, n, hd = v.shape
     s = float(scale) if scale is not None else hd ** -0.5
     grid = (-(-n // block_m), b * h)
-    _dual_attention_kernel[grid](
+    for_current_mode(_dual_attention_kernel)[grid](
         q, k, v, o_qk, o_vv,
-        h, n, s * 1.4426950408889634,
+        h, n, s * LOG2E,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         o_qk.stride(0), o_qk.stride(1), o_qk.stride(2), o_vv.stride(0), o_vv.stride(1), o_vv.stride(2),
@@ -239,10 +228,9 @@ def perf_sweep(device: str = "cuda", cases: list[dict] | None = None) -> list[di
         with torch.no_grad():
             for bm, bn, nw, ns in PERF_CONFIGS:
                 rows.append(timed_row("dual_attention", dict(case, config=f"{bm}x{bn}w{nw}s{ns}"), "triton",
-                                      lambda: dual_attention_triton(q, k, v, block_m=bm, block_n=bn, num_warps=nw,
-                                                                    num_stages=ns), device))
+                                      partial(dual_attention_triton, q, k, v, block_m=bm, block_n=bn, num_warps=nw,
+                                              num_stages=ns), device))
             rows.append(timed_row("dual_attention", case, "two_sdpa_reference",
-                                  lambda: dual_attention_reference(q, k, v), device))
-            rows.append(timed_row("dual_attention", case, "one_sdpa_floor",
-                                  lambda: vv_attention_reference(v), device))
+                                  partial(dual_attention_reference, q, k, v), device))
+            rows.append(timed_row("dual_attention", case, "one_sdpa_floor", partial(vv_attention_reference, v), device))
     return rows

@@ -38,25 +38,25 @@ could not be measured here (no GPU); ``perf_sweep`` times the dense GEMM so a GP
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 
 from ._common import (
     KernelArgumentError,
-    lazy_jit,
+    for_current_mode,
     next_pow2,
     skipped_rows,
     sweep_unavailable_reason,
     timed_row,
+    tl,
+    triton,
     use_triton,
 )
 
 EDGE_WEIGHTS = ("binary", "relu_cos")
 SYMMETRIZE = ("max", "mean")
-
-tl = None  # triton.language, bound by lazy_jit() on the first Triton call (importing this module never imports triton)
-triton = None
-_JITTED = False
 
 
 # == torch reference ============================================================================================
@@ -149,7 +149,8 @@ def dispatch(x: torch.Tensor, k: int, edge_weight: str = "binary", symmetrize: s
     return knn_graph_reference(x, k, edge_weight, symmetrize, resolution_bits)
 
 
-# == Triton kernels (plain functions until lazy_jit wraps them; `tl` is bound then) ===============================
+# == Triton kernels ==============================================================================================
+@triton.jit
 def _rank_key(v, idx):
     """int64 key whose order is the tie rule: higher similarity first, then lower column index.
 
@@ -163,6 +164,7 @@ def _rank_key(v, idx):
     return (u.to(tl.int64) << 32) | (0x7FFFFFFF - idx).to(tl.int64)
 
 
+@triton.jit
 def _knn_topk_kernel(
     XN, IDX, VAL, ADJ,
     N, D,
@@ -231,13 +233,11 @@ def _knn_topk_kernel(
         tl.store(IDX + out + r, idx, mask=row_ok)
         tl.store(VAL + out + r, val, mask=row_ok)
         if WRITE_ADJ:
-            if BINARY:
-                w = tl.full([BLOCK_M], 1.0, tl.float32)
-            else:
-                w = tl.maximum(val, 0.0)
+            w = tl.full([BLOCK_M], 1.0, tl.float32) if BINARY else tl.maximum(val, 0.0)
             tl.store(ADJ + b * stride_ab + rows * stride_am + idx, w, mask=row_ok)
 
 
+@triton.jit
 def _knn_degree_kernel(
     ADJ, DINV,
     N, stride_ab, stride_am, stride_db,
@@ -262,6 +262,7 @@ def _knn_degree_kernel(
     tl.store(DINV + b * stride_db + ri, 1.0 / tl.sqrt(deg + 1.0), mask=ri_ok)
 
 
+@triton.jit
 def _knn_normalize_kernel(
     ADJ, DINV, OUT,
     N, stride_ab, stride_am, stride_db, stride_ob, stride_om,
@@ -277,22 +278,12 @@ def _knn_normalize_kernel(
     adj = ADJ + b * stride_ab
     a = tl.load(adj + ri[:, None] * stride_am + cj[None, :], mask=m, other=0.0)
     at = tl.load(adj + cj[None, :] * stride_am + ri[:, None], mask=m, other=0.0)
-    if SYM_MAX:
-        t = tl.maximum(a, at)
-    else:
-        t = 0.5 * (a + at)
+    t = tl.maximum(a, at) if SYM_MAX else 0.5 * (a + at)
     t = t + (ri[:, None] == cj[None, :]).to(tl.float32)
     di = tl.load(DINV + b * stride_db + ri, mask=ri < N, other=0.0)
     dj = tl.load(DINV + b * stride_db + cj, mask=cj < N, other=0.0)
     # t * (d_i d_j): the product of the two scales commutes, so Â comes out exactly symmetric
     tl.store(OUT + b * stride_ob + ri[:, None] * stride_om + cj[None, :], t * (di[:, None] * dj[None, :]), mask=m)
-
-
-_KERNELS = ("_rank_key", "_knn_topk_kernel", "_knn_degree_kernel", "_knn_normalize_kernel")
-
-
-def _jit() -> None:
-    lazy_jit(globals(), _KERNELS)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -327,7 +318,6 @@ def knn_topk_triton(
     _check_edge_weight(edge_weight)
     b, n, d = x.shape
     _check_k(n, k)
-    _jit()
     # the reference's own normalisation (zero rows stay zero: similarity 0 to everything)
     xn = F.normalize(x.float(), dim=-1, eps=eps).contiguous()
     if out_idx is None:
@@ -342,7 +332,7 @@ def knn_topk_triton(
     adj = adjacency if adjacency is not None else out_val  # a placeholder pointer when not written
     block_d = block_d or min(64, max(16, next_pow2(d)))
     grid = (_cdiv(n, block_m), b)
-    _knn_topk_kernel[grid](
+    for_current_mode(_knn_topk_kernel)[grid](
         xn, out_idx, out_val, adj, n, d,
         xn.stride(0), xn.stride(1), out_idx.stride(0), out_idx.stride(1),
         adj.stride(0), adj.stride(1),
@@ -371,7 +361,6 @@ def knn_normalize_triton(
     _check_symmetrize(symmetrize)
     if adjacency.dim() != 3 or adjacency.shape[1] != adjacency.shape[2]:
         raise KernelArgumentError(f"expected an adjacency [B,N,N], got shape {tuple(adjacency.shape)}")
-    _jit()
     b, n, _ = adjacency.shape
     a = adjacency.to(torch.float32)
     if a.stride(-1) != 1:
@@ -381,11 +370,11 @@ def knn_normalize_triton(
     _check_square(out, b, n, "out")
     dinv = torch.empty(b, n, dtype=torch.float32, device=a.device)
     sym_max = symmetrize == "max"
-    _knn_degree_kernel[(_cdiv(n, block_m), b)](
+    for_current_mode(_knn_degree_kernel)[(_cdiv(n, block_m), b)](
         a, dinv, n, a.stride(0), a.stride(1), dinv.stride(0),
         SYM_MAX=sym_max, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
     )
-    _knn_normalize_kernel[(_cdiv(n, block_m), _cdiv(n, block_n), b)](
+    for_current_mode(_knn_normalize_kernel)[(_cdiv(n, block_m), _cdiv(n, block_n), b)](
         a, dinv, out, n, a.stride(0), a.stride(1), dinv.stride(0), out.stride(0), out.stride(1),
         SYM_MAX=sym_max, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
     )
@@ -443,8 +432,8 @@ def perf_sweep(device: str = "cuda", cases: list[dict] | None = None) -> list[di
         k = case["k"]
         with torch.no_grad():
             adj = knn_graph_reference(x, k)
-            rows.append(timed_row("knn_graph", case, "triton", lambda: knn_graph_triton(x, k), device))
-            rows.append(timed_row("knn_graph", case, "triton_topk_only", lambda: knn_topk_triton(x, k), device))
-            rows.append(timed_row("knn_graph", case, "torch_reference", lambda: knn_graph_reference(x, k), device))
-            rows.append(timed_row("knn_graph", case, "dense_aggregation_gemm", lambda: torch.bmm(adj, x), device))
+            rows.append(timed_row("knn_graph", case, "triton", partial(knn_graph_triton, x, k), device))
+            rows.append(timed_row("knn_graph", case, "triton_topk_only", partial(knn_topk_triton, x, k), device))
+            rows.append(timed_row("knn_graph", case, "torch_reference", partial(knn_graph_reference, x, k), device))
+            rows.append(timed_row("knn_graph", case, "dense_aggregation_gemm", partial(torch.bmm, adj, x), device))
     return rows

@@ -21,7 +21,7 @@ symmetrize="max")`` (``network.add_plugin(trtp.op.zsad.knn_graph(...))``). Witho
 # No ``from __future__ import annotations`` here: tensorrt.plugin reads the decorated functions' type hints, which
 # must be real objects (TensorDesc, Tuple[...]), not strings.
 import contextlib
-from typing import Tuple
+from typing import Tuple  # noqa: UP035 - the form the tensorrt.plugin docs use (see above)
 
 NAMESPACE = "zsad"
 PLUGINS = ("knn_graph", "window_vv_attention", "dual_attention")
@@ -72,7 +72,7 @@ def register_plugins() -> tuple[str, ...]:
 
     @trtp.impl("zsad::knn_graph")
     def _knn_graph_impl(x: trtp.Tensor, k: int, edge_weight: str, symmetrize: str,
-                        outputs: Tuple[trtp.Tensor], stream: int) -> None:
+                        outputs: Tuple[trtp.Tensor], stream: int) -> None:  # noqa: UP006
         with _on_stream(stream):
             knn_graph.knn_graph_triton(cuda(x), k, edge_weight, symmetrize, out=cuda(outputs[0]))
 
@@ -84,7 +84,7 @@ def register_plugins() -> tuple[str, ...]:
 
     @trtp.impl("zsad::window_vv_attention")
     def _window_impl(v: trtp.Tensor, scale: trtp.Tensor, bias: trtp.Tensor, n_heads: int, window: int,
-                     grid_h: int, grid_w: int, outputs: Tuple[trtp.Tensor], stream: int) -> None:
+                     grid_h: int, grid_w: int, outputs: Tuple[trtp.Tensor], stream: int) -> None:  # noqa: UP006
         with _on_stream(stream):
             window_attention.window_vv_attention_triton(cuda(v), n_heads, cuda(scale), cuda(bias), window,
                                                         (grid_h, grid_w), out=cuda(outputs[0]))
@@ -92,12 +92,12 @@ def register_plugins() -> tuple[str, ...]:
     # -- dual-stream attention -------------------------------------------------------------------------------------
     @trtp.register("zsad::dual_attention")
     def _dual_desc(q: trtp.TensorDesc, k: trtp.TensorDesc,
-                   v: trtp.TensorDesc) -> Tuple[trtp.TensorDesc, trtp.TensorDesc]:
+                   v: trtp.TensorDesc) -> Tuple[trtp.TensorDesc, trtp.TensorDesc]:  # noqa: UP006
         return v.like(), v.like()
 
     @trtp.impl("zsad::dual_attention")
-    def _dual_impl(q: trtp.Tensor, k: trtp.Tensor, v: trtp.Tensor, outputs: Tuple[trtp.Tensor, trtp.Tensor],
-                   stream: int) -> None:
+    def _dual_impl(q: trtp.Tensor, k: trtp.Tensor, v: trtp.Tensor,
+                   outputs: Tuple[trtp.Tensor, trtp.Tensor], stream: int) -> None:  # noqa: UP006
         with _on_stream(stream):
             dual_attention.dual_attention_triton(cuda(q), cuda(k), cuda(v), out_qk=cuda(outputs[0]),
                                                  out_vv=cuda(outputs[1]))

@@ -21,32 +21,34 @@ with the window partition and stay outside. Attention dropout (SOWA trains with 
 
 Triton kernel: one launch, grid (B * windows * heads, query blocks). Each program gathers its window's rows
 straight from v by index arithmetic (the partition/reverse is the indexing), L2-normalises query and key rows in
-fp32, runs an online softmax over key blocks of the window (masked tail: T = 144 is not a power of two), adds the
-bias tile, accumulates P @ v with the raw values, and writes its rows back to their token positions.
+fp32, adds the bias tile, runs the shared online-softmax step (``_common.online_softmax_update``, base 2: scale and
+bias come premultiplied by log2 e) over key blocks of the window (masked tail: T = 144 is not a power of two),
+accumulating P @ v with the raw values, and writes its rows back to their token positions.
 """
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 from ._common import (
+    LOG2E,
     KernelArgumentError,
     check_float,
-    lazy_jit,
+    for_current_mode,
     next_pow2,
+    online_softmax_update,
     skipped_rows,
     sweep_unavailable_reason,
     timed_row,
+    tl,
+    triton,
     use_triton,
 )
 
 MAX_LOGIT_SCALE = 100.0
-
-tl = None  # triton.language, bound by lazy_jit() on the first Triton call
-triton = None
-_JITTED = False
 
 
 # == torch reference ============================================================================================
@@ -148,6 +150,7 @@ def dispatch(
 
 
 # == Triton kernel ===============================================================================================
+@triton.jit
 def _window_vv_kernel(
     V, SCALE, BIAS, OUT,
     n_heads, n_win, n_win_w, grid_w,
@@ -156,7 +159,8 @@ def _window_vv_kernel(
     WINDOW: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """Query rows [BLOCK_M] of one (image, window, head)."""
+    """Query rows [BLOCK_M] of one (image, window, head). SCALE and BIAS come multiplied by log2(e): the
+    online softmax works in base 2 (exp2)."""
     T = WINDOW * WINDOW  # constexpr
     pid = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -190,19 +194,10 @@ def _window_vv_kernel(
         s += tl.load(BIAS + h * stride_bh + tq[:, None] * stride_bq + tk[None, :],
                      mask=q_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
         s = tl.where(k_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(kv.dtype), kv, input_precision=DOT_PREC)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_update(m_i, l_i, acc, s, kv, DOT_PREC)
     out = acc / l_i[:, None]
     tl.store(OUT + b * stride_ob + rq[:, None] * stride_ol + h * HEAD_DIM + dd[None, :],
              out.to(OUT.dtype.element_ty), mask=q_ok[:, None] & d_ok[None, :])
-
-
-def _jit() -> None:
-    lazy_jit(globals(), ("_window_vv_kernel",))
 
 
 def window_vv_attention_triton(
@@ -224,13 +219,12 @@ def window_vv_attention_triton(
     contiguous) may be given to write into. Computes in fp32; fp16/bf16 inputs use half-precision ``tl.dot``."""
     gh, gw = _check_args(v, n_heads, scale, bias, window, grid)
     check_float("v", v)
-    _jit()
     b, n_tok, c = v.shape
     hd = c // n_heads
     if v.stride(-1) != 1:
         v = v.contiguous()
-    scale = scale.detach().reshape(-1).to(torch.float32).contiguous()
-    bias = bias.detach().to(torch.float32).contiguous()
+    scale = (scale.detach().reshape(-1).to(torch.float32) * LOG2E).contiguous()
+    bias = (bias.detach().to(torch.float32) * LOG2E).contiguous()
     if out is None:
         out = torch.empty_like(v, memory_format=torch.contiguous_format)
     if out.shape != v.shape or out.stride(-1) != 1:
@@ -239,7 +233,7 @@ def window_vv_attention_triton(
     n_win = (gh // window) * n_win_w
     t = window * window
     grid_ = (b * n_win * n_heads, -(-t // block_m))
-    _window_vv_kernel[grid_](
+    for_current_mode(_window_vv_kernel)[grid_](
         v, scale, bias, out,
         n_heads, n_win, n_win_w, gw,
         v.stride(0), v.stride(1), out.stride(0), out.stride(1), bias.stride(0), bias.stride(1),
@@ -292,10 +286,10 @@ def perf_sweep(device: str = "cuda", cases: list[dict] | None = None) -> list[di
         with torch.no_grad():
             for bm, bn, nw, ns in PERF_CONFIGS:
                 rows.append(timed_row("window_vv_attention", dict(case, config=f"{bm}x{bn}w{nw}s{ns}"), "triton",
-                                      lambda: window_vv_attention_triton(v, h, scale, bias, w, block_m=bm, block_n=bn,
-                                                                         num_warps=nw, num_stages=ns), device))
+                                      partial(window_vv_attention_triton, v, h, scale, bias, w, block_m=bm,
+                                              block_n=bn, num_warps=nw, num_stages=ns), device))
             rows.append(timed_row("window_vv_attention", case, "torch_reference",
-                                  lambda: window_vv_attention_reference(v, h, scale, bias, w), device))
+                                  partial(window_vv_attention_reference, v, h, scale, bias, w), device))
             rows.append(timed_row("window_vv_attention", case, "sdpa_folded",
-                                  lambda: _sdpa_folded(v, h, scale, bias, w, grid), device))
+                                  partial(_sdpa_folded, v, h, scale, bias, w, grid), device))
     return rows

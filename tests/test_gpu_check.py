@@ -81,15 +81,16 @@ def test_kernels_rebuild_when_triton_interpret_changes(monkeypatch):
     import torch
 
     from zsad.kernels import knn_graph as KG
+    from zsad.kernels._common import for_current_mode
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    KG._jit()
-    assert type(KG._knn_topk_kernel).__name__ == "InterpretedFunction"
+    assert type(for_current_mode(KG._knn_topk_kernel)).__name__ == "InterpretedFunction"
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    KG._jit()
-    assert type(KG._knn_topk_kernel).__name__ == "JITFunction" and type(KG._rank_key).__name__ == "JITFunction"
+    compiled = for_current_mode(KG._knn_topk_kernel)
+    assert type(compiled).__name__ == "JITFunction"
+    assert type(compiled.fn.__globals__["_rank_key"]).__name__ == "JITFunction"
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     x = torch.randn(1, 37, 16, generator=torch.Generator().manual_seed(0))
     got = KG.knn_graph_triton(x, 3, topk_blocks=(16, 16, 16), norm_blocks=(16, 16))
-    assert type(KG._knn_topk_kernel).__name__ == "InterpretedFunction"
+    assert type(for_current_mode(KG._knn_topk_kernel)).__name__ == "InterpretedFunction"
     torch.testing.assert_close(got.double(), KG.knn_graph_reference(x.double(), 3), rtol=1e-5, atol=1e-6)

@@ -1,18 +1,19 @@
 """Triton kernels on CPU through Triton's interpreter, against their torch references evaluated in float64.
 
-TRITON_INTERPRET=1 is set before anything imports triton: the kernel modules import triton lazily (on the first
-Triton call), and conftest/zsad never import it. Every test draws its own seeded random inputs, poisons the
+TRITON_INTERPRET=1 is set for this whole pytest process; every launch goes through
+``kernels._common.for_current_mode``, so the kernels run interpreted here even if a kernel module was imported
+(and its ``@triton.jit`` functions wrapped) before. Every test draws its own seeded random inputs, poisons the
 outputs before the launch (NaN / -1) and checks that every element was written. Sizes are small but exercise
 tiling and masked tails (N = 37, 50, 130 with 16-64 blocks; 144-token windows; L = 577 for one dual case).
 GPU-only checks at the real sizes live in tests/test_kernels_gpu.py.
 """
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # conftest sets it on GPU-less machines before triton is imported
+os.environ["TRITON_INTERPRET"] = "1"  # conftest sets it on GPU-less machines; launches read it (for_current_mode)
 
 import math  # noqa: E402
-import sys  # noqa: E402
 import subprocess  # noqa: E402
+import sys  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -21,7 +22,18 @@ import torch.nn.functional as F  # noqa: E402
 from zsad.kernels import dual_attention as DA  # noqa: E402
 from zsad.kernels import knn_graph as KG  # noqa: E402
 from zsad.kernels import window_attention as WA  # noqa: E402
-from zsad.kernels._common import KernelArgumentError, use_triton  # noqa: E402
+from zsad.kernels._common import (  # noqa: E402
+    KernelArgumentError,
+    for_current_mode,
+    online_softmax_update,
+    tl,
+    triton,
+    use_triton,
+)
+
+KERNELS = ((KG, "_knn_topk_kernel"), (KG, "_knn_degree_kernel"), (KG, "_knn_normalize_kernel"),
+           (WA, "_window_vv_kernel"), (DA, "_dual_attention_kernel"))
+
 
 def _triton_or_skip():
     pytest.importorskip("triton")
@@ -29,12 +41,10 @@ def _triton_or_skip():
 
 @pytest.fixture(scope="module")
 def interpreted():
-    """Build the kernels (lazily jitted) and make sure they are the interpreter's, not compiled GPU kernels."""
+    """The kernels these tests launch are the interpreter's, not compiled GPU kernels."""
     _triton_or_skip()
-    for mod, name in ((KG, "_knn_topk_kernel"), (WA, "_window_vv_kernel"), (DA, "_dual_attention_kernel")):
-        mod._jit()
-        if type(getattr(mod, name)).__name__ != "InterpretedFunction":
-            pytest.skip("kernels were built without TRITON_INTERPRET=1 earlier in this process")
+    for mod, name in KERNELS:
+        assert type(for_current_mode(getattr(mod, name))).__name__ == "InterpretedFunction", name
 
 
 def _gen(seed):
@@ -355,13 +365,77 @@ def test_dual_attention_fp16(interpreted):
     torch.testing.assert_close(o_vv.double(), _softmax_attention64(v, v, v), rtol=0, atol=5e-3)
 
 
+# == the online-softmax step shared by the attention kernels ======================================================
+@triton.jit
+def _online_softmax_probe(S, V, OUT, M, L, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+                          DOT_PREC: tl.constexpr):
+    """softmax2(S) @ V for S [BLOCK_M, N], V [N, D], folded in key blocks of BLOCK_N (masked tail) by the helper."""
+    rm = tl.arange(0, BLOCK_M)
+    dd = tl.arange(0, D)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    for start in range(0, N, BLOCK_N):
+        rn = start + tl.arange(0, BLOCK_N)
+        ok = rn < N
+        s = tl.load(S + rm[:, None] * N + rn[None, :], mask=ok[None, :], other=float("-inf"))
+        v = tl.load(V + rn[:, None] * D + dd[None, :], mask=ok[:, None], other=0.0)
+        m_i, l_i, acc = online_softmax_update(m_i, l_i, acc, s, v, DOT_PREC)
+    tl.store(OUT + rm[:, None] * D + dd[None, :], acc / l_i[:, None])
+    tl.store(M + rm, m_i)
+    tl.store(L + rm, l_i)
+
+
+def test_online_softmax_update_folds_blocks_into_one_softmax(interpreted):
+    """The shared step, block by block, equals one float64 softmax in base 2: running max = the row max, the
+    denominator = sum 2^(s - max), the output = softmax(s ln 2) @ v, including rows whose max arrives late (every
+    earlier block rescaled) or early, and a masked tail block."""
+    g = _gen(77)
+    m, n, d = 16, 50, 16  # key blocks of 16: 16 + 16 + 16 + a 2-key tail
+    s = 4 * torch.randn(m, n, generator=g)
+    s[0] += torch.linspace(0, 40, n)  # max in the last block: the accumulator is rescaled at every block
+    s[1, 3] = 60.0  # max in the first block: later blocks add terms far below it
+    s[2] -= 100.0  # all logits very negative: only the running max keeps exp2 finite
+    v = torch.randn(n, d, generator=g)
+    out, m_out, l_out = torch.full((m, d), float("nan")), torch.full((m,), float("nan")), torch.full((m,), float("nan"))
+    for_current_mode(_online_softmax_probe)[(1,)](s, v, out, m_out, l_out, n, BLOCK_M=m, BLOCK_N=16, D=d,
+                                                  DOT_PREC="ieee")
+    s64 = s.double()
+    torch.testing.assert_close(m_out.double(), s64.max(dim=1).values, rtol=0, atol=0)
+    torch.testing.assert_close(l_out.double(), torch.exp2(s64 - s64.max(dim=1, keepdim=True).values).sum(1),
+                               rtol=1e-5, atol=0)
+    torch.testing.assert_close(out.double(), torch.softmax(s64 * math.log(2.0), dim=1) @ v.double(),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_launches_follow_triton_interpret_at_each_call(monkeypatch):
+    """Compiled without TRITON_INTERPRET, interpreted with it, whatever it was when the module was imported: the
+    attention kernels' copies call the shared helper in the same mode, and the modules' own objects never change."""
+    _triton_or_skip()
+    own = {name: getattr(mod, name) for mod, name in KERNELS}
+    for value, kind in (("0", "JITFunction"), ("1", "InterpretedFunction")):
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+        for mod, name in KERNELS:
+            assert type(for_current_mode(getattr(mod, name))).__name__ == kind, name
+        for kernel in (WA._window_vv_kernel, DA._dual_attention_kernel):
+            helper = for_current_mode(kernel).fn.__globals__["online_softmax_update"]
+            assert type(helper).__name__ == kind
+        assert type(for_current_mode(KG._knn_topk_kernel).fn.__globals__["_rank_key"]).__name__ == kind
+    assert {name: getattr(mod, name) for mod, name in KERNELS} == own
+    v = torch.randn(1, 64, 32, generator=_gen(8))  # and, back in the interpreter, still right
+    scale, bias = torch.tensor([10.0, 30.0]), torch.randn(2, 16, 16, generator=_gen(9))
+    got = WA.window_vv_attention_triton(v, 2, scale, bias, window=4, block_m=16, block_n=16)
+    torch.testing.assert_close(got.double(), _naive_window_attention(v, 2, scale, bias, 4, (8, 8)),
+                               rtol=1e-5, atol=2e-5)
+
+
 # == dispatch, integration, sweeps, TensorRT ======================================================================
 def test_dispatch_runs_the_reference_on_cpu():
     x = torch.randn(2, 30, 8, generator=_gen(11))
     assert not use_triton(x)
     assert torch.equal(KG.dispatch(x, 4, "relu_cos", "mean"), KG.knn_graph_reference(x, 4, "relu_cos", "mean"))
     q, k, v = _packed_qkv(1, 20, 2, 8, seed=12)
-    for a, r in zip(DA.dispatch(q, k, v), DA.dual_attention_reference(q, k, v)):
+    for a, r in zip(DA.dispatch(q, k, v), DA.dual_attention_reference(q, k, v), strict=True):
         assert torch.equal(a, r)
     assert torch.equal(DA.vv_dispatch(v), F.scaled_dot_product_attention(v, v, v))
     vw = torch.randn(1, 144, 16, generator=_gen(13))
@@ -382,11 +456,43 @@ def test_graph_module_calls_the_kernels_reference():
         graph.normalize_adjacency(graph.knn_adjacency(x, 3), "min")
 
 
-def test_importing_zsad_modules_does_not_import_triton():
-    code = ("import sys, zsad.modules.graph, zsad.modules.attention, zsad.kernels.window_attention, "
-            "zsad.kernels.trt_plugins, zsad.kernels; assert 'triton' not in sys.modules, 'triton imported'")
+def test_importing_zsad_or_the_kernels_package_does_not_import_triton():
+    """Only the kernel modules import triton (guarded); the core package and the kernels package itself do not."""
+    code = "import sys, zsad, zsad.kernels; assert 'triton' not in sys.modules, 'triton imported'"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_without_triton_everything_imports_and_dispatch_runs_the_reference():
+    """triton hidden from sys.modules (as on a machine without it): the kernel modules and their users import, the
+    kernels stay plain functions, dispatch() gives the references' results, and a direct launch says why it cannot."""
+    code = """
+import sys
+sys.modules["triton"] = None  # 'import triton' now raises ImportError
+sys.modules["triton.language"] = None
+import torch
+import zsad.modules.attention, zsad.modules.graph, zsad.modules.window_attention, zsad.kernels.trt_plugins
+from zsad.kernels import _common, dual_attention as DA, knn_graph as KG, window_attention as WA
+assert _common.HAS_TRITON is False and _common.tl is None
+assert type(KG._knn_topk_kernel).__name__ == "function" and type(WA._window_vv_kernel).__name__ == "function"
+g = torch.Generator().manual_seed(0)
+x = torch.randn(2, 30, 8, generator=g)
+assert torch.equal(KG.dispatch(x, 4), KG.knn_graph_reference(x, 4))
+q, k, v = torch.randn(3, 1, 2, 20, 8, generator=g)
+assert all(torch.equal(a, b) for a, b in zip(DA.dispatch(q, k, v), DA.dual_attention_reference(q, k, v)))
+vw, s, b = torch.randn(1, 144, 16, generator=g), torch.tensor([10.0, 20.0]), torch.randn(2, 144, 144, generator=g)
+assert torch.equal(WA.dispatch(vw, 2, s, b), WA.window_vv_attention_reference(vw, 2, s, b))
+assert _common.sweep_unavailable_reason("cuda") is not None
+try:
+    KG.knn_topk_triton(x, 4)
+except RuntimeError as e:
+    assert "triton is not installed" in str(e), e
+else:
+    raise AssertionError("a launch without triton did not fail")
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
 
 
 def test_perf_sweep_on_cpu_reports_skipped_rows_without_numbers():

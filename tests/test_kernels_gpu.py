@@ -1,8 +1,9 @@
 """The Triton kernels compiled for a real GPU, at the real sizes, against the torch references (CUDA only).
 
 Skipped without CUDA (tests/conftest.py skips the ``gpu`` marker). tests/test_kernels.py sets TRITON_INTERPRET=1 for
-its whole pytest process; the fixture below removes it for each test here, and kernels/_common.py rebuilds the
-kernels whenever that variable changes, so these compile for real even in the same run: ``pytest -m gpu``.
+its whole pytest process; the fixture below removes it for each test here, and every launch takes the kernel in the
+mode that variable says now (``kernels._common.for_current_mode``), so these compile for real even in the same run:
+``pytest -m gpu``.
 Paper sizes have masked tails everywhere (N = 1369 nodes, 144-token windows, 577 / 1370 tokens); batch 2 throughout.
 """
 import math
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from zsad.kernels import dual_attention as DA
 from zsad.kernels import knn_graph as KG
 from zsad.kernels import window_attention as WA
-from zsad.kernels._common import use_triton
+from zsad.kernels._common import for_current_mode, use_triton
 
 pytestmark = pytest.mark.gpu
 
@@ -23,6 +24,8 @@ pytestmark = pytest.mark.gpu
 def compiled_kernels(monkeypatch):
     pytest.importorskip("triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for kernel in (KG._knn_topk_kernel, WA._window_vv_kernel, DA._dual_attention_kernel):
+        assert type(for_current_mode(kernel)).__name__ == "JITFunction"  # compiled, not the CPU interpreter
 
 
 def _gen(seed):
