@@ -29,8 +29,8 @@ def main(out, model, epochs, no_progress):
 
 def run(out: Path, model: str, epochs: int | None, progress: bool) -> dict:
     from zsad.data.synthetic import SYNTHETIC_TEST_CLASSES, SYNTHETIC_TRAIN_CLASSES, generate
-    from zsad.evaluate import run as evaluate
-    from zsad.export.exporter import export_model
+    from zsad.evaluate_cli import run as evaluate
+    from zsad.export.exporter import ExportOptions, export_model
     from zsad.serve.cli import infer_main
     from zsad.serve.server import TritonServer
     from zsad.train.run import run as train
@@ -58,7 +58,8 @@ def run(out: Path, model: str, epochs: int | None, progress: bool) -> dict:
     repo = out / "model_repository"
     click.echo(f"\n[4/6] exporting the checkpoint to a Triton repository (python-ort backend) -> {repo}")
     t = time.perf_counter()
-    export_model(checkpoint=str(ckpt), backend="python-ort", out=repo, max_batch=8, resize_to_input=True,
+    export_model(ExportOptions(checkpoint=str(ckpt), backend="python-ort", out=repo, max_batch=8,
+                               resize_to_input=True),
                  log=lambda msg: click.echo(msg) if not msg.startswith(("stage ", "-", "encoder", "head", "post",
                                                                          "end-to-end")) else None)
     steps["export"] = time.perf_counter() - t
@@ -75,7 +76,8 @@ def run(out: Path, model: str, epochs: int | None, progress: bool) -> dict:
 
     click.echo("\n[6/6] a short benchmark of the trained model (zsad-bench, torch fp32 vs ONNX Runtime, CPU)")
     t = time.perf_counter()
-    from zsad.bench.cli import bench_model, summary_table
+    from zsad.bench.report import summary_table
+    from zsad.bench.run import bench_model
 
     _, _, bench_rows = bench_model(model, "tiny", None, [1, 4], ["torch-fp32", "ort"], "cpu", iters=5, warmup=1,
                                    checkpoint=str(ckpt), served_url=None, concurrency=[1], served_seconds=0,

@@ -207,7 +207,7 @@ def step_install(out: Path, device: str, wheels: str | None) -> None:
 
 
 def _zsad_from_here() -> bool:
-    code = "import zsad.bench.runners, zsad.kernels, zsad; print(zsad.__file__)"
+    code = "import zsad.bench.backends, zsad.kernels, zsad; print(zsad.__file__)"
     r = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True)
     return r.returncode == 0 and Path(r.stdout.strip()).resolve().is_relative_to(ROOT)
 

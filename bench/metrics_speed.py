@@ -11,6 +11,7 @@ import threading
 import time
 
 import numpy as np
+
 from zsad import metrics as M
 
 SIZES = {"bottle": 83, "cable": 150, "capsule": 132, "carpet": 117, "grid": 78, "hazelnut": 110,

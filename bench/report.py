@@ -1,5 +1,7 @@
-"""zsad-bench result files: JSON (everything), CSV (one row per configuration), a markdown report with the papers'
-latency table beside ours, and a PNG plot (latency per image vs batch per backend, the papers' figures as lines)."""
+"""zsad-bench results: the speed-up column, the console summary, and the result files: JSON (everything), CSV (one
+row per configuration), a markdown report with the papers' latency table beside ours, and a PNG plot (latency per
+image vs batch per backend; the papers' figure as a line only beside a comparable setting). ``replot`` redraws a
+PNG from its JSON."""
 from __future__ import annotations
 
 import csv
@@ -16,6 +18,71 @@ CSV_FIELDS = ["model", "profile", "backend", "precision", "batch", "concurrency"
               "images_per_s", "speedup_vs_torch_fp32_b1", "gflops_per_image", "achieved_tflops",
               "peak_vram_mb", "nvml_used_mb", "parity_score_max_rel", "parity_map_max_rel", "parity_rank_agreement",
               "parity_map_corr", "parity_score_spearman", "parity_ok", "stage_ms", "note"]
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """Set ``speedup_vs_torch_fp32_b1`` on every timed row: torch-fp32 batch-1 time per image / the row's."""
+    base = next((r for r in rows if r["backend"] == "torch-fp32" and r["batch"] == 1 and r["status"] == "ok"), None)
+    for r in rows:
+        if base and r["status"] == "ok" and r.get("p50_ms_per_image"):
+            r["speedup_vs_torch_fp32_b1"] = base["p50_ms_per_image"] / r["p50_ms_per_image"]
+
+
+def summary_table(model: str, rows: list[dict]) -> str:
+    """The console summary of one model's rows."""
+    lines = [f"{model}: {'backend':<14}{'prec':<6}{'batch':>6}{'conc':>6}{'p50 ms':>10}{'ms/img':>10}{'img/s':>9}"
+             f"{'x fp32':>8}  parity"]
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"{'':<{len(model) + 2}}{r['backend']:<14}skipped: {r['reason'][:90]}")
+            continue
+        conc = r.get("concurrency") or ""
+        if r.get("dynamic_batching") is False:
+            conc = f"{conc}n"
+        lines.append(f"{'':<{len(model) + 2}}{r['backend']:<14}{r['precision']:<6}{r['batch']:>6}{conc!s:>6}"
+                     f"{r['p50_ms']:>10.2f}{r['p50_ms_per_image']:>10.2f}{r['images_per_s']:>9.2f}"
+                     f"{r.get('speedup_vs_torch_fp32_b1', float('nan')):>8.2f}  "
+                     + ("ok" if r.get("parity_ok", True) else "FAIL") + f" ({r.get('parity_map_max_rel', 0):.1e})")
+    return "\n".join(lines)
+
+
+def paper_rows() -> list[dict]:
+    """The papers' per-method speed figures (variants in brackets, e.g. Bayes-PFL's R sweep, are left out)."""
+    from zsad.methods import METHODS
+    from zsad.reference import efficiency_rows
+
+    names = {cls.paper_name for cls in METHODS.values() if cls.paper_name}
+    return [p for p in efficiency_rows() if p["quantity"] in ("latency_ms", "fps", "it_per_s") and p["method"] in names]
+
+
+def paper_setting(model: str) -> tuple[str | None, int | None]:
+    """(the papers' name of ``model``, their image size for it: the paper profile's), or (None, None) for a method
+    in none of the papers. A paper figure is comparable only at that image size."""
+    import zsad.methods as M
+
+    paper_name = M.METHODS[model].paper_name if model in M.METHODS else ""
+    if not paper_name:
+        return None, None
+    return paper_name, M.resolve_config(model, "paper").backbone.image_size
+
+
+def replot(json_path: Path) -> Path:
+    """Redraw the PNG beside a result JSON from its rows and paper figures (as ``write_results`` draws it now)."""
+    from zsad import ZsadError
+
+    json_path = Path(json_path)
+    try:
+        data = json.loads(json_path.read_text())
+    except (OSError, ValueError) as err:
+        raise ZsadError(f"cannot read bench results {json_path}: {err}") from None
+    if not isinstance(data, dict) or data.get("schema") != "zsad-bench/1":
+        raise ZsadError(f"{json_path} is not a zsad-bench result file (schema zsad-bench/1)")
+    paper_name, paper_size = paper_setting(data["model"])
+    png = json_path.with_suffix(".png")
+    if not plot(png, data["model"], data["rows"], [p for p in data["paper"] if p["method"] == paper_name],
+                paper_size):
+        raise ZsadError("replotting needs matplotlib (pip install matplotlib)")
+    return png
 
 
 def environment(device: str) -> dict:
@@ -144,7 +211,8 @@ def markdown(model: str, profile: str, rows: list[dict], env: dict, paper: list[
               "|---|---|---|---|---|---|---|---|"]
     for p in paper:
         lines.append(f"| {p['paper']} | {p['method']} | {p.get('component') or '-'} | {p['quantity']} | {p['value']} "
-                     f"| {p.get('image_size') or '-'} | {p.get('hardware') or 'not stated'} | {(p.get('note') or '')[:90]} |")
+                     f"| {p.get('image_size') or '-'} | {p.get('hardware') or 'not stated'} "
+                     f"| {(p.get('note') or '')[:90]} |")
     return "\n".join(lines) + "\n"
 
 

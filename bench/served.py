@@ -3,7 +3,8 @@
 For each concurrency c, c requests (one encoded image each) are kept in flight for ``seconds``: every completion
 callback records its latency and submits the next request. Throughput = completed requests / wall time.
 ``export_and_serve`` builds its own server when no URL is given: the method exported twice into one repository
-(python-ort backend), as NAME with Triton's dynamic batcher and NAME_nodb without it, so both are swept.
+(python-ort, python-torch or python-openvino stages), as NAME with Triton's dynamic batcher and NAME_nodb without
+it, so both are swept.
 """
 from __future__ import annotations
 
@@ -91,15 +92,16 @@ def export_and_serve(method_name: str, profile: str, checkpoint: str | None, ove
     """Yield a ready TritonServer holding NAME (dynamic batching) and NAME_nodb (without), exported with ``backend``
     for ``device`` (cpu or gpu); ``precision`` for the OpenVINO backends (bf16 / int8 pass the precision gate at
     export, int8 calibrated on ``calibration_images`` synthetic images)."""
-    from zsad.export.exporter import export_model
+    from zsad.export.exporter import ExportOptions, export_model
     from zsad.serve.server import TritonServer
 
     with tempfile.TemporaryDirectory(prefix="zsad-bench-repo-") as tmp:
         repo = Path(tmp)
         for name, dynamic in ((method_name, True), (f"{method_name}_nodb", False)):
-            export_model(model=None if checkpoint else method_name, checkpoint=checkpoint, profile=profile,
-                         backend=backend, device=device, out=repo, name=name, max_batch=max_batch,
-                         parity_images=2, dynamic_batching=dynamic, overrides=overrides, log=log,
-                         precision=precision, calibration_images=calibration_images)
+            export_model(ExportOptions(model=None if checkpoint else method_name, checkpoint=checkpoint,
+                                       profile=profile, backend=backend, device=device, out=repo, name=name,
+                                       max_batch=max_batch, parity_images=2, dynamic_batching=dynamic,
+                                       overrides=overrides, precision=precision,
+                                       calibration_images=calibration_images), log=log)
         with TritonServer(repo) as server:
             yield server

@@ -59,12 +59,13 @@ def _run(tmp_path, backends, extra=()):
     assert stem.startswith(tuple("0123456789")) and "-anomalyclip-tiny-cpu-torch" in stem
     assert {f.suffix for f in files} == {".json", ".csv", ".md", ".png"}
     data = json.loads((tmp_path / f"{stem}.json").read_text())
-    rows_csv = list(csv.DictReader(open(tmp_path / f"{stem}.csv")))
+    with open(tmp_path / f"{stem}.csv", newline="") as f:
+        rows_csv = list(csv.DictReader(f))
     assert len(rows_csv) == len(data["rows"])
     return data, res.output, (tmp_path / f"{stem}.md").read_text()
 
 
-def test_bench_torch_and_ort_with_skips(tmp_path):
+def test_bench_torch_and_ort_with_skips(tmp_path, monkeypatch):
     data, output, md = _run(tmp_path, "torch-fp32,ort,torch-fp16,cuda-graphs,tensorrt")
     env = data["environment"]
     assert env["torch"] == torch.__version__ and env["onnxruntime"] and env["device_name"].startswith("CPU")
@@ -90,6 +91,33 @@ def test_bench_torch_and_ort_with_skips(tmp_path):
     assert data["gflops_per_image"]["total"] > 0
     assert "AnomalyCLIP" in md and "123.8" in md  # the paper's latency beside ours
     assert "skipped" in output and "torch-fp32" in output
+    _assert_replot_redraws(tmp_path, monkeypatch)
+
+
+def _assert_replot_redraws(tmp_path, monkeypatch):
+    """--replot draws the PNG again from the JSON alone, with the papers' figure set aside as not comparable (these
+    are tiny-profile CPU rows)."""
+    from zsad.bench import report
+
+    (result,) = tmp_path.glob("*.json")
+    png = result.with_suffix(".png")
+    png.unlink()
+    figures = []
+
+    def keep(*args, **kwargs):
+        figures.append(original(*args, **kwargs))
+        return figures[-1]
+
+    original = report.plot_figure
+    monkeypatch.setattr(report, "plot_figure", keep)
+    res = CliRunner().invoke(bench_cli, ["--replot", str(result)])
+    assert res.exit_code == 0, res.output
+    assert png.stat().st_size > 0 and f"wrote {png}" in res.output
+    (fig,) = figures
+    assert [ln for ln in fig.axes[0].lines if ln.get_gid() == "paper"] == []
+    assert "paper latency (123.8 ms, GPU) not comparable: ours is tiny profile" in fig.axes[0].get_title()
+    res = CliRunner().invoke(bench_cli, ["--replot", str(tmp_path / "missing.json")])
+    assert res.exit_code == 2 and "cannot read bench results" in res.stderr
 
 
 def test_bench_rejects_bad_arguments(tmp_path):
@@ -98,12 +126,46 @@ def test_bench_rejects_bad_arguments(tmp_path):
     res = CliRunner().invoke(bench_cli, ["--batch", "0", "--profile", "tiny", "--backend", "torch-fp32",
                                          "--out", str(tmp_path)])
     assert res.exit_code == 2 and "positive" in res.stderr
+    res = CliRunner().invoke(bench_cli, ["--served-precision", "bf16", "--profile", "tiny", "--backend", "served",
+                                         "--out", str(tmp_path)])
+    assert res.exit_code == 2 and res.stderr.count("\n") == 1
+    assert "--served-precision bf16 needs --served-backend python-openvino" in res.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_cpu_backends_share_one_onnx_export(monkeypatch):
+    """ort, ort-int8 and openvino-fp32 in one run export each stage to ONNX once (the shared Scratch), and each
+    backend still matches torch fp32."""
+    pytest.importorskip("openvino")
+    from zsad.bench.run import bench_model
+
+    exported = []
+    export = torch.onnx.export
+
+    def counting_export(*args, **kwargs):
+        exported.append(tuple(kwargs["output_names"]))
+        return export(*args, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", counting_export)
+    method, _, rows = bench_model("anomalyclip", "tiny", None, [1], ["ort", "ort-int8", "openvino-fp32"], "cpu",
+                                  iters=1, warmup=0, checkpoint=None, served_url=None, concurrency=[1],
+                                  served_seconds=1.0, progress=False, log=lambda *a: None)
+    assert sorted(exported) == sorted(tuple(st.outputs) for st in method.stages())
+    assert [(r["backend"], r["precision"], r["status"]) for r in rows] == [
+        ("ort", "fp32", "ok"), ("ort-int8", "int8", "ok"), ("openvino-fp32", "fp32", "ok")], rows
+    # int8's parity on the tiny model is test_openvino's subject; fp32 must match torch here
+    assert all(r["parity_ok"] and r["parity_map_max_rel"] <= 1e-3 for r in rows if r["precision"] == "fp32")
 
 
 @pytest.mark.server
 def test_bench_served_sweep(tmp_path):
-    data, _, md = _run(tmp_path, "served", ["--concurrency", "1,2", "--served-seconds", "2"])
+    """The one server this file starts: the stages served by OpenVINO (python-openvino), swept with and without
+    dynamic batching; the served outputs match torch fp32."""
+    pytest.importorskip("openvino")
+    data, _, md = _run(tmp_path, "served", ["--concurrency", "1,2", "--served-seconds", "2",
+                                            "--served-backend", "python-openvino"])
     served = [r for r in data["rows"] if r["backend"] == "served"]
+    assert all(r["precision"] == "fp32" and r["parity_map_max_rel"] <= 1e-3 for r in served), served
     assert {(r["concurrency"], r["dynamic_batching"]) for r in served} == {(1, True), (2, True), (1, False),
                                                                           (2, False)}
     for r in served:
@@ -131,7 +193,7 @@ def test_bench_takes_every_method(tmp_path, model):
 def test_every_chain_is_free_of_capture_hazards(tiny_method, model):
     """No method's stage chain synchronises with the host or makes tensors without a device: what would break its
     capture as one CUDA graph (the cuda-graphs* backends), checked on the CPU."""
-    from zsad.bench.runners import capture_hazards
+    from zsad.bench.backends import capture_hazards
 
     m = tiny_method(model)
     assert capture_hazards(m, torch.randn(2, 3, m.image_size, m.image_size)) == []
@@ -142,7 +204,7 @@ def test_capture_hazards_finds_host_syncs_and_deviceless_tensors(tiny_method, mo
     a device is reported, each with its own reason."""
     import dataclasses
 
-    from zsad.bench.runners import capture_hazards
+    from zsad.bench.backends import capture_hazards
 
     m = tiny_method("anomalyclip")
     stages = m.stages()
@@ -166,7 +228,8 @@ def test_capture_hazards_finds_host_syncs_and_deviceless_tensors(tiny_method, mo
     x = torch.randn(1, 3, m.image_size, m.image_size)
     found = {}
     for kind in ("item", "mask", "deviceless"):
-        monkeypatch.setattr(m, "stages", lambda kind=kind: stages[:-1] + [dataclasses.replace(post, module=Hazard(kind))])
+        monkeypatch.setattr(m, "stages",
+                            lambda kind=kind: stages[:-1] + [dataclasses.replace(post, module=Hazard(kind))])
         found[kind] = capture_hazards(m, x)
     assert len(found["item"]) == 1 and ".item()" in found["item"][0]
     assert any("boolean-mask indexing" in f for f in found["mask"])

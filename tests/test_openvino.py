@@ -16,7 +16,7 @@ import openvino as ov  # noqa: E402
 import zsad.methods as M  # noqa: E402
 from zsad.data import preprocess  # noqa: E402
 from zsad.export import openvino_export as OV  # noqa: E402
-from zsad.export.exporter import export_model  # noqa: E402
+from zsad.export.exporter import ExportOptions, export_model  # noqa: E402
 
 HAS_BF16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 QUIET = dict(log=lambda *a: None)
@@ -51,8 +51,9 @@ TINY_GATE = OV.GateThresholds(map_corr=0.99, score_spearman=0.95, pixel_auroc_po
 def int8_repo(tmp_path_factory):
     """AF-CLIP tiny, int8 through NNCF, served by OpenVINO inside the python backend (also the server's repo)."""
     repo = tmp_path_factory.mktemp("ov_int8")
-    res = export_model(model="afclip", profile="tiny", backend="python-openvino", precision="int8", out=repo,
-                       max_batch=4, parity_images=2, gate_thresholds=TINY_GATE, **QUIET)  # 32 calibration images
+    res = export_model(ExportOptions(model="afclip", profile="tiny", backend="python-openvino", precision="int8",
+                                     out=repo, max_batch=4, parity_images=2, gate_thresholds=TINY_GATE),
+                       **QUIET)  # 32 calibration images
     return repo, res
 
 
@@ -82,8 +83,8 @@ def test_int8_export_passes_gate_and_keeps_layernorm_softmax_fp32(int8_repo):
 
 @pytest.mark.skipif(not HAS_BF16, reason="this CPU has no bf16 in OpenVINO")
 def test_bf16_export_for_the_openvino_backend(tmp_path):
-    res = export_model(model="bagclip", profile="tiny", backend="openvino", precision="bf16", out=tmp_path,
-                       max_batch=2, parity_images=2, gate_thresholds=TINY_GATE, **QUIET)
+    res = export_model(ExportOptions(model="bagclip", profile="tiny", backend="openvino", precision="bf16",
+                                     out=tmp_path, max_batch=2, parity_images=2, gate_thresholds=TINY_GATE), **QUIET)
     gate = json.loads(res.report.read_text())["openvino"]["gate"]
     assert gate["passed"] and gate["images"] == 16
     cfg = (tmp_path / "bagclip_encoder" / "config.pbtxt").read_text()
@@ -92,8 +93,8 @@ def test_bf16_export_for_the_openvino_backend(tmp_path):
 
 
 def test_fp32_openvino_passes_the_fp32_parity_gate(tmp_path):
-    res = export_model(model="anomalyclip", profile="tiny", backend="openvino", precision="fp32", out=tmp_path,
-                       max_batch=2, parity_images=2, **QUIET)
+    res = export_model(ExportOptions(model="anomalyclip", profile="tiny", backend="openvino", precision="fp32",
+                                     out=tmp_path, max_batch=2, parity_images=2), **QUIET)
     ov_rows = [r for r in res.parity_rows if r.case.startswith("openvino")]
     assert ov_rows and all(r.ok and r.tol == 1e-4 for r in ov_rows)
     assert "HINT_BF16" not in (tmp_path / "anomalyclip_encoder" / "config.pbtxt").read_text()
@@ -103,8 +104,8 @@ def test_failing_gate_is_refused_and_nothing_written(tmp_path):
     out = tmp_path / "repo"
     strict = OV.GateThresholds(map_corr=1.0 + 1e-9)  # no int8 map correlates above 1
     with pytest.raises(OV.PrecisionGateError, match="anomaly-map correlation .* nothing was written"):
-        export_model(model="afclip", profile="tiny", backend="python-openvino", precision="int8", out=out,
-                     max_batch=2, parity_images=2, calibration_images=4, gate_thresholds=strict, **QUIET)
+        export_model(ExportOptions(model="afclip", profile="tiny", backend="python-openvino", precision="int8", out=out,
+                                   max_batch=2, parity_images=2, calibration_images=4, gate_thresholds=strict), **QUIET)
     assert not out.exists()
     assert not any(tmp_path.iterdir())  # no scratch folder left beside it either
 
@@ -113,7 +114,8 @@ def test_user_mistakes_get_one_line_errors(tmp_path):
     from zsad import ZsadError
 
     with pytest.raises(ZsadError, match="--precision int8 is for --backend openvino"):
-        export_model(model="afclip", profile="tiny", backend="python-ort", precision="int8", out=tmp_path, **QUIET)
+        export_model(ExportOptions(model="afclip", profile="tiny", backend="python-ort", precision="int8",
+                                   out=tmp_path), **QUIET)
     with pytest.raises(ZsadError, match="holds no images"):
         OV.calibration_images(tmp_path, 224)
 
@@ -148,7 +150,7 @@ def test_served_python_openvino_equals_eager_within_the_gate(int8_repo):
 
 
 def test_bench_cpu_backends_give_rows_with_parity_and_stage_times(tmp_path):
-    from zsad.bench.cli import bench_model
+    from zsad.bench.run import bench_model
 
     _, _, rows = bench_model("afclip", "tiny", None, [1], ["torch-fp32", "openvino-fp32", "openvino-int8", "ort-int8"],
                              "cpu", iters=1, warmup=0, checkpoint=None, served_url=None, concurrency=[1],

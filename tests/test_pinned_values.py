@@ -136,12 +136,12 @@ def test_percentiles_match_numpys_linear_definition():
 
 
 def test_speedup_is_baseline_time_over_row_time():
-    from zsad.bench.cli import _speedups
+    from zsad.bench.report import add_speedups
 
     rows = [{"backend": "torch-fp32", "batch": 1, "status": "ok", "p50_ms_per_image": 10.0},
             {"backend": "ort", "batch": 8, "status": "ok", "p50_ms_per_image": 2.5},
             {"backend": "torch-fp16", "batch": 1, "status": "skipped", "p50_ms_per_image": None}]
-    _speedups(rows)
+    add_speedups(rows)
     assert rows[0]["speedup_vs_torch_fp32_b1"] == 1.0
     assert rows[1]["speedup_vs_torch_fp32_b1"] == 4.0  # 4x faster per image
     assert "speedup_vs_torch_fp32_b1" not in rows[2]

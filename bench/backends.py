@@ -1,16 +1,17 @@
 """The backends zsad-bench times, each a way to run a method's stage chain on a batch of images.
 
-Every runner maps a CPU float32 image batch to (score [B], anomaly_map [B,S,S]) numpy arrays for the parity check,
-and exposes ``step()`` for timing, which runs on inputs already placed where the backend wants them (so a torch
-CUDA timing excludes the host-to-device copy of the images; ORT's includes its numpy in/out, as ORT is used).
-A backend that cannot run here raises ``Skip`` with the reason, which lands in the report.
+``make_backend_runner(backend, ...)`` returns a ``BackendRunner``: ``predict`` maps a CPU float32 image batch to
+(score [B], anomaly_map [B,S,S]) numpy arrays for the parity check, and ``make_step(images)`` returns the call that
+is timed, which runs on inputs already placed where the backend wants them (so a torch CUDA timing excludes the
+host-to-device copy of the images; ORT's includes its numpy in/out, as ORT is used). A backend that cannot run
+here raises ``Skip`` with the reason, which lands in the report.
 """
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -32,7 +33,9 @@ class Skip(Exception):
 
 
 @dataclass
-class Runner:
+class BackendRunner:
+    """One backend of one method, ready to run (see the module docstring)."""
+
     backend: str
     precision: str
     predict: Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]]
@@ -66,7 +69,7 @@ def _numpy(out) -> tuple[np.ndarray, np.ndarray]:
     return out[0].float().cpu().numpy(), out[1].float().cpu().numpy()
 
 
-def _torch_runner(method, device: str, backend: str) -> Runner:
+def _torch_runner(method, device: str, backend: str) -> BackendRunner:
     method = method.to(device).eval()
     chain = _chain(method)
     dtype = AUTOCAST.get(backend)
@@ -98,7 +101,7 @@ def _torch_runner(method, device: str, backend: str) -> Runner:
         xd = x.to(device)
         return lambda: fn(xd)
 
-    return Runner(backend, precision, lambda x: _numpy(fn(x.to(device))), make_step, note)
+    return BackendRunner(backend, precision, lambda x: _numpy(fn(x.to(device))), make_step, note)
 
 
 class GraphedChain:
@@ -158,7 +161,7 @@ class GraphedChain:
         return out
 
 
-def _cuda_graph_runner(method, device: str, backend: str, precision: str, dtype) -> Runner:
+def _cuda_graph_runner(method, device: str, backend: str, precision: str, dtype) -> BackendRunner:
     graphed = GraphedChain(method, device, dtype)
     try:
         graphed(torch.zeros(1, 3, method.image_size, method.image_size))
@@ -171,7 +174,7 @@ def _cuda_graph_runner(method, device: str, backend: str, precision: str, dtype)
         graph, _ = graphed.load(x)
         return graph.replay
 
-    return Runner(backend, precision, lambda x: _numpy(graphed(x)), make_step,
+    return BackendRunner(backend, precision, lambda x: _numpy(graphed(x)), make_step,
                   f"whole chain as one torch.cuda.CUDAGraph per batch size, {precision}"
                   + (" autocast" if dtype is not None else ""))
 
@@ -222,8 +225,8 @@ def capture_hazards(method, images: torch.Tensor) -> list[str]:
     return found
 
 
-def _stage_chain_runner(method, runs, backend: str, precision: str, note: str) -> Runner:
-    """A Runner over per-stage callables ``runs`` [(stage, feed dict -> output dict)], with per-stage timing."""
+def _stage_chain_runner(method, runs, backend: str, precision: str, note: str) -> BackendRunner:
+    """A BackendRunner over per-stage callables ``runs`` [(stage, feed dict -> output dict)], with per-stage timing."""
     def predict(x):
         env = {k: v.cpu().numpy() for k, v in stage_feed(method, x.cpu()).items()}
         for st, run in runs:
@@ -243,7 +246,7 @@ def _stage_chain_runner(method, runs, backend: str, precision: str, note: str) -
             env.update(run(feed))
         return steps
 
-    return Runner(backend, precision, predict, make_step, note, stage_steps)
+    return BackendRunner(backend, precision, predict, make_step, note, stage_steps)
 
 
 class Scratch:
@@ -275,7 +278,7 @@ class Scratch:
         return self._calibration
 
 
-def _openvino_runner(method, scratch: Scratch, max_batch: int, precision: str) -> Runner:
+def _openvino_runner(method, scratch: Scratch, max_batch: int, precision: str) -> BackendRunner:
     try:
         from zsad.export.openvino_export import build_openvino_stages, check_precision, require_openvino
 
@@ -290,11 +293,11 @@ def _openvino_runner(method, scratch: Scratch, max_batch: int, precision: str) -
     quant = (f"; int8 stages {[q['stage'] for q in info['quantized_stages']]} (NNCF, {len(cal)} synthetic "
              f"calibration images)" if precision == "int8" else "")
     return _stage_chain_runner(method, [(st, runners[st.name]) for st in stages], f"openvino-{precision}", precision,
-                               f"OpenVINO {ov.__version__} CPU, INFERENCE_PRECISION_HINT {info['inference_precision_hint']}"
-                               f"{quant}, one compiled model per stage")
+                               f"OpenVINO {ov.__version__} CPU, INFERENCE_PRECISION_HINT "
+                               f"{info['inference_precision_hint']}{quant}, one compiled model per stage")
 
 
-def _ort_int8_runner(method, scratch: Scratch, max_batch: int) -> Runner:
+def _ort_int8_runner(method, scratch: Scratch, max_batch: int) -> BackendRunner:
     """ONNX Runtime static int8 (QDQ, per-channel weights) of the encoder's MatMul/Conv, calibrated on the synthetic
     set's training classes; CLIP's final projection (found by value) stays fp32, as in the OpenVINO int8 path."""
     import onnx
@@ -305,6 +308,13 @@ def _ort_int8_runner(method, scratch: Scratch, max_batch: int) -> Runner:
     from zsad.export.openvino_export import stage_calibration_feeds
     from zsad.export.parity import ort_runner
     from zsad.methods.base import EncoderStage
+
+    class Reader(CalibrationDataReader):
+        def __init__(self, feeds):
+            self.it = iter(feeds)
+
+        def get_next(self):
+            return next(self.it, None)
 
     stages = method.stages()
     files = scratch.onnx(method, max_batch)
@@ -320,17 +330,9 @@ def _ort_int8_runner(method, scratch: Scratch, max_batch: int) -> Runner:
                 i in inits and any(inits[i].shape == p.shape and np.array_equal(inits[i], p) for p in (proj, proj.T))
                 for i in n.input)]
             feeds = stage_calibration_feeds(method, stages, st, cal)
-
-            class Reader(CalibrationDataReader):
-                def __init__(self):
-                    self.it = iter(feeds)
-
-                def get_next(self):
-                    return next(self.it, None)
-
             qpath = scratch.workdir / "ort-int8" / st.name / "model.onnx"
             qpath.parent.mkdir(parents=True, exist_ok=True)
-            quantize_static(str(path), str(qpath), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+            quantize_static(str(path), str(qpath), Reader(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                             op_types_to_quantize=["MatMul", "Conv", "Gemm"], nodes_to_exclude=keep)
             path = qpath
@@ -340,10 +342,10 @@ def _ort_int8_runner(method, scratch: Scratch, max_batch: int) -> Runner:
                                f"encoder's MatMul/Conv, final projection fp32, {len(cal)} synthetic calibration images")
 
 
-def _ort_runner(method, device: str, scratch: Scratch, max_batch: int) -> Runner:
-    from zsad.export.parity import ort_runner
-
+def _ort_runner(method, device: str, scratch: Scratch, max_batch: int) -> BackendRunner:
     import onnxruntime as ort
+
+    from zsad.export.parity import ort_runner
 
     providers = ["CPUExecutionProvider"]
     if device.startswith("cuda"):
@@ -357,7 +359,8 @@ def _ort_runner(method, device: str, scratch: Scratch, max_batch: int) -> Runner
                                f"ONNX Runtime {ort.__version__}, {providers[0]}, one session per stage")
 
 
-def make_runner(backend: str, method, device: str, max_batch: int, scratch: Scratch | None = None) -> Runner:
+def make_backend_runner(backend: str, method, device: str, max_batch: int,
+                        scratch: Scratch | None = None) -> BackendRunner:
     """The runner of ``backend``; ``scratch`` is shared by the calls of one model's run (ONNX exported once)."""
     cuda = device.startswith("cuda")
     if backend in GPU_ONLY and not cuda:

@@ -1,0 +1,223 @@
+"""One model's benchmark run (what zsad-bench does per --model): build the method and its torch fp32 reference on
+synthetic-defect images, time every backend at every batch size, sweep the served ensemble, add the speed-ups.
+
+Each timed row carries its parity against the reference (``zsad.export.parity.chain_parity``), so a fast but wrong
+backend shows as wrong. The result files are written by ``zsad.bench.report``.
+"""
+from __future__ import annotations
+
+import gc
+import shutil
+from dataclasses import dataclass, field
+
+import click
+import numpy as np
+import torch
+
+from zsad import ZsadError
+
+
+@dataclass
+class Reference:
+    """The parity batch and the torch fp32 eager outputs every backend is compared with."""
+
+    images: torch.Tensor  # [n,3,S,S] preprocessed synthetic-defect images
+    score: np.ndarray  # [n] float64
+    anomaly_map: np.ndarray  # [n,S,S] float64
+
+    def parity(self, score, anomaly_map, precision: str) -> dict:
+        """The report's parity columns (parity_score_max_rel, ..., parity_ok) of one backend's outputs."""
+        from zsad.export.parity import chain_parity
+
+        return {f"parity_{k}": v
+                for k, v in chain_parity(self.score, self.anomaly_map, score, anomaly_map, precision).items()}
+
+
+@dataclass
+class ServedSettings:
+    """Served mode (zsad-bench --served-*): a running server at ``url``, or one exported and started here."""
+
+    url: str | None = None
+    concurrency: list[int] = field(default_factory=lambda: [1])
+    seconds: float = 10.0
+    backend: str = "python-ort"
+    precision: str = "fp32"
+    calibration_images: int = 16
+
+
+def build_method(model: str, profile: str, image_size: int | None, checkpoint: str | None):
+    """(method, overrides): a trained checkpoint, or ``model`` at ``profile`` with random weights (timing does not
+    depend on them); ``overrides`` re-create the same method when it is exported for serving."""
+    import zsad.methods as M
+    from zsad.checkpoint import load_checkpoint
+
+    overrides = {"backbone": {"image_size": image_size}} if image_size else {}
+    if checkpoint:
+        return load_checkpoint(checkpoint, overrides=overrides)[0], overrides
+    overrides = {**overrides, "backbone": {**overrides.get("backbone", {}), "pretrained": None}}
+    return M.create(model, profile, **overrides), overrides
+
+
+def reference_outputs(method, n: int = 4) -> Reference:
+    from zsad.bench.backends import stage_feed
+    from zsad.export.parity import synthetic_images
+    from zsad.methods import run_stages
+
+    images = torch.from_numpy(synthetic_images(method.image_size, n=n))
+    with torch.inference_mode():
+        out = run_stages(method.eval().stages(), **stage_feed(method, images))
+    return Reference(images, out["score"].numpy().astype(np.float64), out["anomaly_map"].numpy().astype(np.float64))
+
+
+def bench_model(model: str, profile: str, image_size: int | None, batches: list[int], backends: list[str],
+                device: str, iters: int, warmup: int, checkpoint: str | None, served_url: str | None,
+                concurrency: list[int], served_seconds: float, progress: bool, log=click.echo,
+                served_backend: str = "python-ort", served_precision: str = "fp32",
+                calibration_images: int = 16):
+    """(method, flops, rows): one row per (backend, batch), plus the served rows when ``backends`` has "served"."""
+    from tqdm import tqdm
+
+    from zsad.bench.backends import Scratch
+    from zsad.bench.flops import method_flops
+    from zsad.bench.report import add_speedups
+
+    method, overrides = build_method(model, profile, image_size, checkpoint)
+    flops = method_flops(method)
+    ref = reference_outputs(method)
+    base = {"model": model, "profile": method.profile, "image_size": method.image_size, "device": device,
+            "gflops_per_image": round(flops["total"], 3)}
+    timed = [b for b in backends if b != "served"]
+    bar = tqdm(total=len(timed) * len(batches) + (1 if "served" in backends else 0), disable=not progress,
+               desc=f"bench {model}", dynamic_ncols=True)
+    rows: list[dict] = []
+    scratch = Scratch(calibration_images=calibration_images)  # ONNX exported once for ort / ort-int8 / openvino-*
+    try:
+        for backend in timed:
+            rows += backend_rows(backend, method, scratch, ref, base, batches, device, iters, warmup, flops["total"],
+                                 bar.update)
+            # release this backend's sessions / compiled models now (closures hold cycles): a paper-profile ViT-L
+            # keeps a few GB per backend, and six backends at once ran a 24 GB machine out of memory
+            gc.collect()
+    finally:
+        shutil.rmtree(scratch.workdir, ignore_errors=True)  # the temporary folder Scratch made for this run
+    if "served" in backends:
+        served = ServedSettings(served_url, concurrency, served_seconds, served_backend, served_precision,
+                                calibration_images)
+        rows += served_rows(served, method, ref, base, checkpoint, overrides, device, log)
+        bar.update(1)
+    bar.close()
+    add_speedups(rows)
+    return method, flops, rows
+
+
+def backend_rows(backend: str, method, scratch, ref: Reference, base: dict, batches: list[int], device: str,
+                 iters: int, warmup: int, gflops: float, advance=lambda n: None) -> list[dict]:
+    """One row per batch size for ``backend``: timed, or skipped with the reason. ``advance(n)``: progress."""
+    from zsad.bench.backends import Skip, make_backend_runner
+
+    try:
+        runner = make_backend_runner(backend, method, device, max(batches), scratch)
+    except Skip as skip:
+        advance(len(batches))
+        return [{**base, "backend": backend, "precision": "-", "batch": b, "status": "skipped", "reason": str(skip)}
+                for b in batches]
+    parity = ref.parity(*runner.predict(ref.images), runner.precision)
+    rows = []
+    for b in batches:
+        images = ref.images[torch.arange(b) % len(ref.images)].contiguous()
+        row = {**base, "backend": backend, "precision": runner.precision, "batch": b}
+        rows.append(time_batch(runner, images, row, parity, device, iters, warmup, gflops))
+        advance(1)
+    return rows
+
+
+def time_batch(runner, images: torch.Tensor, row: dict, parity: dict, device: str, iters: int, warmup: int,
+               gflops: float) -> dict:
+    """``row`` completed with the timing of ``runner`` on ``images`` (and per-stage times where it has them)."""
+    from zsad.bench.timing import percentiles, time_iterations
+
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        samples = time_iterations(runner.make_step(images), iters, warmup, device)
+    except Exception as err:  # e.g. out of memory at a large batch
+        return {**row, "status": "skipped", "reason": f"{type(err).__name__}: {str(err)[:200]}"}
+    stats = percentiles(samples)
+    stage_ms = {}
+    if runner.stage_steps is not None:  # where the time goes: each stage alone on its real inputs
+        stage_ms = {name: percentiles(time_iterations(step, iters, min(warmup, 1), device))["p50_ms"]
+                    for name, step in runner.stage_steps(images)}
+    b = len(images)
+    # achieved_tflops: GFLOP per ms is TFLOP/s
+    row = {**row, "status": "ok", "reason": "", "iters": iters, **stats, "p50_ms_per_image": stats["p50_ms"] / b,
+           "images_per_s": 1000.0 * b / stats["p50_ms"], "achieved_tflops": gflops * b / stats["p50_ms"], **parity,
+           "note": runner.note}
+    if stage_ms:
+        row["stage_ms"] = stage_ms
+    if cuda:
+        row["peak_vram_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        row["nvml_used_mb"] = nvml_used_mb(device)
+    return row
+
+
+def served_rows(served: ServedSettings, method, ref: Reference, base: dict, checkpoint: str | None,
+                overrides: dict, device: str, log=click.echo) -> list[dict]:
+    """Concurrency sweep rows of the ensemble at ``served.url``, or of one exported and served here with and without
+    dynamic batching (a skipped row with the reason when that export or server fails)."""
+    from zsad.bench.served import export_and_serve
+    from zsad.data.synthetic import sample_pngs
+
+    pngs = sample_pngs(len(ref.images), with_good=True)  # the parity images, encoded as a client sends them
+    texts = None
+    if method.text_inputs():  # the same class names the reference used (zsad.bench.backends.stage_feed)
+        from zsad.export.parity import synthetic_class_names
+
+        texts = {ti.request_name: synthetic_class_names(len(pngs)) for ti in method.text_inputs()}
+    base = {**base, "backend": "served", "precision": served.precision, "batch": 1}
+    if served.url:
+        host = served.url.split("://")[-1]
+        log(f"served mode against grpc://{host}, ensemble '{method.name}'")
+        return _sweep_rows(host, [(method.name, None)], pngs, texts, served, ref, base)
+    log(f"served mode: exporting ({served.backend}, {served.precision}) with and without dynamic batching and "
+        "starting tritonserver ...")
+    try:
+        # max batch: at least the 4 parity images of one request, and room for the batcher at high concurrency
+        with export_and_serve(method.name, method.profile, checkpoint, overrides, max(8, *served.concurrency),
+                              backend=served.backend, device="gpu" if device.startswith("cuda") else "cpu",
+                              precision=served.precision, calibration_images=served.calibration_images) as server:
+            return _sweep_rows(server.grpc_url, [(method.name, True), (f"{method.name}_nodb", False)], pngs, texts,
+                               served, ref, base)
+    except ZsadError as err:
+        return [{**base, "status": "skipped", "reason": str(err)[:300]}]
+
+
+def _sweep_rows(grpc_url: str, variants: list[tuple[str, bool | None]], pngs: list[bytes], texts, served,
+                ref: Reference, base: dict) -> list[dict]:
+    """Parity from one request to the first variant, then one row per (variant, concurrency)."""
+    from zsad.bench.served import served_predictions, sweep_one
+
+    parity = ref.parity(*served_predictions(f"grpc://{grpc_url}", variants[0][0], pngs, texts), served.precision)
+    rows = []
+    for name, dynamic in variants:
+        for c in served.concurrency:
+            r = sweep_one(grpc_url, name, pngs, c, served.seconds, texts)
+            rows.append({**base, "concurrency": c, "dynamic_batching": dynamic,
+                         "status": "ok" if r["requests"] else "skipped",
+                         "reason": "" if r["requests"] else f"no request completed: {r['error_examples']}",
+                         **{k: r.get(k) for k in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "images_per_s")},
+                         "p50_ms_per_image": r.get("p50_ms"), "iters": r["requests"], **parity,
+                         "note": f"{r['errors']} errors; {r['wall_s']} s; p95 {r.get('p95_ms')}"})
+    return rows
+
+
+def nvml_used_mb(device: str) -> float | None:
+    """Device memory in use as the driver sees it (other processes included); None without pynvml."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.device(device).index or 0)
+        return pynvml.nvmlDeviceGetMemoryInfo(handle).used / 2**20
+    except Exception:
+        return None
