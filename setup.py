@@ -10,7 +10,8 @@ from pathlib import Path
 from setuptools import find_namespace_packages, setup
 from setuptools.config.pyprojecttoml import read_configuration  # reads TOML on Python 3.10 too (no tomllib)
 
-_MAPPED = read_configuration(Path(__file__).with_name("pyproject.toml"), expand=False)["tool"]["setuptools"]["package-dir"]
+_CONFIG = read_configuration(Path(__file__).with_name("pyproject.toml"), expand=False)
+_MAPPED = _CONFIG["tool"]["setuptools"]["package-dir"]
 _PACKAGES = [pkg + sub for pkg, folder in _MAPPED.items()
              for sub in [""] + ["." + p for p in find_namespace_packages(folder, exclude=["*__pycache__*"])]]
 

@@ -144,7 +144,7 @@ def sweep_unavailable_reason(device: str) -> str | None:
 
 
 def environment_info(device: str) -> dict:
-    info = {"device": str(device), "torch": torch.__version__}
+    info: dict[str, str | None] = {"device": str(device), "torch": torch.__version__}
     if HAS_TRITON:
         info["triton"] = triton.__version__
     if str(device).startswith("cuda") and torch.cuda.is_available():

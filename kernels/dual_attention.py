@@ -19,6 +19,7 @@ Inputs may be strided views (the head split of a packed qkv projection); the las
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -203,7 +204,7 @@ def vv_attention_triton(
 
 # == perf sweep ==================================================================================================
 # ViT-L/14: 16 heads x 64; 577 tokens at 336 px, 1370 at 518 px (class token included)
-PERF_CASES = [
+PERF_CASES: list[dict[str, Any]] = [
     dict(batch=b, tokens=n, heads=16, head_dim=64, dtype=dt)
     for n in (577, 1370) for b in (1, 8) for dt in ("float16", "float32")
 ]

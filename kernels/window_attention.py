@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -246,7 +247,7 @@ def window_vv_attention_triton(
 
 # == perf sweep ==================================================================================================
 # SOWA at 336 px: 24 x 24 grid, 4 windows of 12 x 12, 8 heads x 128 (C = 1024)
-PERF_CASES = [
+PERF_CASES: list[dict[str, Any]] = [
     dict(batch=1, grid=24, channels=1024, heads=8, window=12, dtype="float32"),
     dict(batch=1, grid=24, channels=1024, heads=8, window=12, dtype="float16"),
     dict(batch=8, grid=24, channels=1024, heads=8, window=12, dtype="float32"),

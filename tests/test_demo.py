@@ -1,10 +1,10 @@
 """`make demo`'s script end to end (one epoch, to keep the suite fast): every promised file appears, the exported
 model is served by a real tritonserver and scored."""
-import pytest
 import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -66,7 +66,8 @@ def test_dockerfile_pins_the_triton_image_and_copies_every_package_folder():
     assert _dockerfile_arg("TORCH") == "cpu"
     # the image installs zsad non-editably from these folders: each mapped package folder must be copied in
     # and let through the build context's ignore file
-    package_dirs = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values())
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    package_dirs = set(pyproject["tool"]["setuptools"]["package-dir"].values())
     copied = set(re.findall(r"^COPY (\S+) \./\1$", text, re.M))
     ignore = (DEPLOY / "Dockerfile.dockerignore").read_text()
     for folder in package_dirs | {"triton_models"}:

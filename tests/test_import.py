@@ -88,8 +88,10 @@ def bayespfl_file(path: Path, embed: int, text: int, vision: int, layers: int = 
     for n in ("context", "state"):
         sd.update({f"{n}_encoder.{key}": v for key, v in enc[n].items()})
         sd.update({f"{n}_decoder.{key}": v for key, v in dec[n].items()})
-    sd.update({"PFL_context.amor_u.weight": rnd(k * embed, embed, scale=0.01), "PFL_context.amor_u.bias": rnd(k * embed),
-               "PFL_context.amor_w.weight": rnd(k * embed, embed, scale=0.01), "PFL_context.amor_w.bias": rnd(k * embed),
+    sd.update({"PFL_context.amor_u.weight": rnd(k * embed, embed, scale=0.01),
+               "PFL_context.amor_u.bias": rnd(k * embed),
+               "PFL_context.amor_w.weight": rnd(k * embed, embed, scale=0.01),
+               "PFL_context.amor_w.bias": rnd(k * embed),
                "PFL_context.amor_b.weight": rnd(k, embed), "PFL_context.amor_b.bias": rnd(k)})
     for branch, n in (("PFL_context", "context"), ("PFL_normal", "state"), ("PFL_abnormal", "state")):
         sd.update({f"{branch}.encoder.{key}": v for key, v in enc[n].items()})  # the same tensors (shared)
@@ -130,7 +132,8 @@ def sowa_file(path: Path, width: int, text: int, taps: list[int], heads: int = 8
         a = f"net.visual_encoder.adapters.{i}.blocks.0."
         sd.update({a + "norm1.weight": 1 + rnd(width), a + "norm1.bias": rnd(width),
                    a + "norm2.weight": 1 + rnd(width), a + "norm2.bias": rnd(width),
-                   a + "mlp.layers.0.weight": rnd(width, width), a + "attn.logit_scale": rnd(heads, 1, 1) + math.log(10),
+                   a + "mlp.layers.0.weight": rnd(width, width),
+                   a + "attn.logit_scale": rnd(heads, 1, 1) + math.log(10),
                    a + "attn.cpb_mlp.0.weight": rnd(cpb, 2), a + "attn.cpb_mlp.0.bias": rnd(cpb),
                    a + "attn.cpb_mlp.2.weight": rnd(heads, cpb), a + "attn.relative_coords_table": rnd(1, 3, 3, 2),
                    a + "attn.relative_position_index": torch.zeros(4, 4, dtype=torch.int64)})
@@ -597,8 +600,8 @@ def test_sowa_matches_the_released_forward(tmp_path):
         env = run_stages(method.stages()[:2], images=images)
         tok = tokens(method, [" ".join(["X"] * 12) + " object.", " ".join(["X"] * 12) + " damaged object."])
         emb = clip.token_embedding(tok)
-        emb = torch.cat([emb[:, :1], torch.cat([sd["net.prompt_learner.ctx_pos"][0], sd["net.prompt_learner.ctx_neg"][0]]),
-                         emb[:, 13:]], dim=1)
+        ctx = torch.cat([sd["net.prompt_learner.ctx_pos"][0], sd["net.prompt_learner.ctx_neg"][0]])
+        emb = torch.cat([emb[:, :1], ctx, emb[:, 13:]], dim=1)
         text = ref_text(clip, emb, tok.argmax(-1)) @ sd["net.cross_fusion.linear.weight"].t() \
             + sd["net.cross_fusion.linear.bias"]
         text = F.normalize(text, dim=-1)
@@ -618,7 +621,8 @@ def test_sowa_matches_the_released_forward(tmp_path):
             rel = (co[:, :, None] - co[:, None]).permute(1, 2, 0) + win - 1
             bias = 16 * torch.sigmoid(cpb[(rel[..., 0] * (2 * win - 1) + rel[..., 1]).reshape(-1)]
                                       .reshape(win * win, win * win, heads).permute(2, 0, 1))
-            wins = feat.reshape(2, g // win, win, g // win, win, 128).permute(0, 1, 3, 2, 4, 5).reshape(-1, win * win, 128)
+            wins = (feat.reshape(2, g // win, win, g // win, win, 128).permute(0, 1, 3, 2, 4, 5)
+                    .reshape(-1, win * win, 128))
             qkv = (wins @ sd[a + "attn.qkv"].t()).reshape(wins.shape[0], win * win, 3, heads, -1).permute(2, 0, 3, 1, 4)
             v = qkv[2]
             scale = torch.clamp(sd[a + "attn.logit_scale"], max=math.log(100)).exp()

@@ -5,8 +5,7 @@ import pytest
 import torch
 
 import zsad.methods as M
-from zsad.modules.losses import (binary_focal_loss, dice_loss, focal_loss, layered_focal_dice,
-                                 patch_alignment_loss)
+from zsad.modules.losses import binary_focal_loss, dice_loss, focal_loss, layered_focal_dice, patch_alignment_loss
 
 EPS = 1e-5
 
@@ -59,7 +58,7 @@ def test_layered_focal_dice_sums_both_dice_terms_over_layers():
     assert float(focal) == pytest.approx((_focal_by_hand(0.8, 2.0) + _focal_by_hand(0.6, 2.0)) / 2 + f2, rel=1e-12)
 
     def one(p, t):  # dice loss of one image of two pixels, smooth 1
-        return 1 - (2 * sum(a * b for a, b in zip(p, t)) + 1) / (sum(p) + sum(t) + 1)
+        return 1 - (2 * sum(a * b for a, b in zip(p, t, strict=True)) + 1) / (sum(p) + sum(t) + 1)
 
     want = (one([0.8, 0.4], [1, 0]) + one([0.2, 0.6], [0, 1])) + (one([0.2, 0.6], [1, 0]) + one([0.8, 0.4], [0, 1]))
     assert float(dice) == pytest.approx(want, rel=1e-12)

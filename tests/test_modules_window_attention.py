@@ -10,8 +10,13 @@ from torch import nn
 
 from zsad import ZsadError
 from zsad.kernels.window_attention import window_partition, window_reverse
-from zsad.modules.window_attention import (ContinuousPositionBias, FrozenWindowAdapter, relative_coords_table,
-                                           relative_position_index, window_vv_attention)
+from zsad.modules.window_attention import (
+    ContinuousPositionBias,
+    FrozenWindowAdapter,
+    relative_coords_table,
+    relative_position_index,
+    window_vv_attention,
+)
 
 
 def _gen(seed=0):

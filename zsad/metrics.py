@@ -60,6 +60,7 @@ from __future__ import annotations
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
+from typing import Literal
 
 import numpy as np
 from scipy import ndimage
@@ -185,7 +186,7 @@ class _SortedScores:
         self.parts = np.array_split(values, n_parts)  # views: the chunks are sorted in place
         _parallel_map(np.ndarray.sort, self.parts)
 
-    def count(self, queries: np.ndarray, side: str) -> np.ndarray:
+    def count(self, queries: np.ndarray, side: Literal["left", "right"]) -> np.ndarray:
         """Number of scores ``< q`` (side="left") or ``<= q`` (side="right") for every query ``q``."""
         counts = _parallel_map(lambda part: np.searchsorted(part, queries, side=side), self.parts)
         return np.sum(counts, axis=0, dtype=np.int64)
@@ -234,7 +235,7 @@ def _rank_metrics(pos: np.ndarray, neg: _SortedScores) -> dict[str, float]:
     return {"auroc": float(auc), "ap": ap, "f1max": f1}
 
 
-def _image_sorted(labels, scores) -> tuple[np.ndarray, np.ndarray]:
+def _image_sorted(labels, scores) -> tuple[np.ndarray, _SortedScores]:
     y, s = _as_image_inputs(labels, scores)
     return np.sort(s[y]), _SortedScores(s[~y])
 
@@ -268,7 +269,7 @@ class _PixelData:
     def __init__(self, masks, maps, need_components: bool, keep_images: bool = False):
         y, m = _as_pixel_inputs(masks, maps)
         # per-image FPRs ("sowa" AUPRO) need the images; references only, the caller holds these arrays anyway
-        self.images = (y, m) if keep_images else None
+        self.images: tuple[np.ndarray, np.ndarray] | None = (y, m) if keep_images else None
         self.min = float(m.min())
         self.max = float(m.max())
         if not (math.isfinite(self.min) and math.isfinite(self.max)):
@@ -276,8 +277,8 @@ class _PixelData:
         flat_y, flat_m = y.reshape(-1), m.reshape(-1)
         self.pos = flat_m[flat_y]  # anomalous pixels in C order (matches the component labels below)
         self.neg = _SortedScores(flat_m[~flat_y])  # sorted in place: no extra copy of the largest array
-        self._pos_sorted = None
-        self.comp = None  # 0-based component index of every anomalous pixel
+        self._pos_sorted: np.ndarray | None = None
+        self.comp: np.ndarray | None = None  # 0-based component index of every anomalous pixel
         self.n_comp = 0
         if need_components and self.pos.size:
             anomalous = np.flatnonzero(y.reshape(y.shape[0], -1).any(axis=1))
@@ -294,6 +295,7 @@ class _PixelData:
 
     def pro_weights(self) -> np.ndarray:
         """Weight of each anomalous pixel in PRO: 1 / (|C| * number of components)."""
+        assert self.comp is not None, "built without need_components"
         sizes = np.bincount(self.comp, minlength=self.n_comp)
         return 1.0 / (sizes[self.comp].astype(np.float64) * self.n_comp)
 
@@ -322,7 +324,7 @@ def _count_above(values: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
 def _mean_image_fpr(y: np.ndarray, m: np.ndarray, thresholds: np.ndarray) -> np.ndarray | None:
     """Mean over the images that have normal pixels of each image's FPR at every threshold (None: no such image)."""
     total, n_images = np.zeros(thresholds.size), 0
-    for yi, mi in zip(y, m):
+    for yi, mi in zip(y, m, strict=True):
         normal = mi[~yi]
         if normal.size:
             total += _count_above(normal, thresholds) / normal.size
@@ -338,7 +340,10 @@ def _aupro_thresholds(d: _PixelData, fpr_limit: float, steps: int, mode: str) ->
     delta = (d.max - d.min) / steps
     thresholds = _floor_thresholds(d.min + np.arange(steps, dtype=np.float64) * delta, d.neg.dtype)
     if fpr_kind == "per_image":  # "sowa": FPR(t_j) = mean over images of #(normal > t_j) / #normal of that image
+        assert d.images is not None, "built without keep_images"
         fpr = _mean_image_fpr(*d.images, thresholds)
+        if fpr is None:  # no image has a normal pixel
+            return _NAN
     else:  # FPR(t_j) = #(normal > t_j) / #normal, read off the sorted normal pixels of the class.
         fpr = (n_neg - d.neg.count(thresholds, side="right")) / n_neg
     # bin of an anomalous pixel = number of thresholds strictly below it, so it is predicted anomalous at
@@ -418,7 +423,8 @@ def _aupro_from(d: _PixelData, mode: str, fpr_limit: float, steps: int) -> float
 def aupro(masks, maps, mode: str = "anomalyclip", fpr_limit: float = 0.3, steps: int = 200) -> float:
     """Area under the per-region-overlap curve up to ``fpr_limit`` (see the module docstring for the modes).
 
-    ``masks`` and ``maps`` are [N, H, W]; ``steps`` is the number of thresholds of every mode but "mvtec". NaN when the class has no anomalous or no normal pixel.
+    ``masks`` and ``maps`` are [N, H, W]; ``steps`` is the number of thresholds of every mode but "mvtec". NaN when
+    the class has no anomalous or no normal pixel.
     """
     _check_aupro_args(mode, fpr_limit, steps)
     d = _PixelData(masks, maps, need_components=True, keep_images=mode == "sowa")

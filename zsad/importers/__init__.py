@@ -17,9 +17,9 @@ import tempfile
 from pathlib import Path
 
 from zsad import ZsadError
+from zsad.checkpoint import sha256_file
 from zsad.importers.afclip import AfClipImporter
 from zsad.importers.anomalyclip import AnomalyClipImporter
-from zsad.checkpoint import sha256_file
 from zsad.importers.base import Importer, Mapping, build_method
 from zsad.importers.bayespfl import BayesPflImporter
 from zsad.importers.detect import AFCLIP_ADAPTOR, AFCLIP_PROMPT, detect_format

@@ -17,6 +17,7 @@ The files may be given in either order.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from zsad import ZsadError
 from zsad.importers.base import Importer, Mapping, Source
@@ -43,7 +44,7 @@ class AfClipImporter(Importer):
     def read(self, files: list[Path]) -> Source:
         if len(files) != 2:
             raise ZsadError(f"AF-CLIP needs two files ({self.files_help}), got {len(files)}")
-        found: dict[str, tuple[Path, object]] = {}
+        found: dict[str, tuple[Path, Any]] = {}  # kind -> (file, the unpickled object)
         for f in files:
             obj = read_torch_file(f)
             kind = detect_format(obj)

@@ -24,8 +24,8 @@ import torch
 from zsad import ZsadError
 from zsad.backbone import arch_config
 from zsad.importers.base import Importer, Mapping, Source
-from zsad.importers.torchfile import read_torch_file
 from zsad.importers.detect import detect_format, flatten
+from zsad.importers.torchfile import read_torch_file
 
 
 class AnomalyClipImporter(Importer):

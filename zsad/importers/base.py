@@ -9,9 +9,9 @@ source key exists and its shape, applies the documented reshape, and records ``s
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 

@@ -5,18 +5,20 @@ B = 3 prompts, P = Q = 5:
 
 | key | shape | zsad (``pfl.`` ...) |
 |---|---|---|
-| prompt_context / prompt_state_normal / prompt_state_abnormal | (B, P, W) | bank.context / state_normal / state_abnormal |
+| prompt_context / prompt_state_{normal,abnormal} | (B, P, W) | bank.context / state_normal / state_abnormal |
 | temperature_pixel / temperature_image | () | tau_pixel / tau_image |
 | context_encoder.weight_mean.module.{0,2,4}.* | Linear E->h->h->W | context_flow.encoder.mu.{0,2,4}.* |
 | context_encoder.weight_log_variance.module.{0,2,4}.* | same | context_flow.encoder.log_var.{0,2,4}.* |
 | PFL_context.amor_u / amor_w (Linear E -> K*W), amor_b (E -> K) | | context_flow.u / w / b |
 | state_encoder.weight_mean / weight_log_variance ... | | state_flows.encoder.mu / log_var ... |
-| PFL_normal.amor_u (1,K,W,1), amor_w (1,K,1,W), amor_b (1,K,1,1), state (1,W) | | state_flows.normal.u (K,W), w (K,W), b (K), xi (1,W): reshaped |
+| PFL_normal.amor_{u,w,b} / state | (1,K,W,1) / (1,K,1,W) / (1,K,1,1) / (1,W) | state_flows.normal.u / w / b / xi (1) |
 | PFL_abnormal.* | | state_flows.abnormal.* |
 | RCA.q_proj_pre.weight (W,W,1) / bias | Conv1d k=1 | rca.query.weight (W,W): kernel axis squeezed / bias |
 | RCA.linear_proj.{l}.weight (W,D) | | rca.patch_proj.{l}.weight |
 | fuse.fuse_modules / compress / post_process | Linear 4D->h, h->1, h->W | fuse.proj / score / out |
 | class_mapping / image_mapping | Linear W->W | class_mapping / image_mapping |
+
+(1) reshaped to (K,W) / (K,W) / (K) / (1,W).
 
 Dropped: the two decoders (a discarded reconstruction idea), the three ``p_mu`` layers, and the duplicates the
 shared modules create (``PFL_context.encoder.*`` is ``context_encoder.*``, ``PFL_normal/abnormal.encoder.*`` is
@@ -95,9 +97,11 @@ class BayesPflImporter(Importer):
             m.take(f"{branch}.amor_b", f"{dst}.b", (1, k, 1, 1), "reshape (1,K,1,1)->(K,)", lambda x: x.reshape(k))
             m.take(f"{branch}.state", f"{dst}.xi", (1, w))
         # shared modules appear twice in a state_dict: check the copies are the tensors mapped above, then drop
-        for holder, canonical in (("PFL_context.encoder.", "context_encoder."), ("PFL_normal.encoder.", "state_encoder."),
+        for holder, canonical in (("PFL_context.encoder.", "context_encoder."),
+                                  ("PFL_normal.encoder.", "state_encoder."),
                                   ("PFL_abnormal.encoder.", "state_encoder."),
-                                  ("PFL_context.decoder.", "context_decoder."), ("PFL_normal.decoder.", "state_decoder."),
+                                  ("PFL_context.decoder.", "context_decoder."),
+                                  ("PFL_normal.decoder.", "state_decoder."),
                                   ("PFL_abnormal.decoder.", "state_decoder.")):
             for key in [k for k in source.tensors if k.startswith(holder)]:
                 m.drop(key, f"the same module as {canonical}*", same_as=canonical + key[len(holder):])

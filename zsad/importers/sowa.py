@@ -10,7 +10,7 @@ H = 8 heads, adapter i of ``visual_encoder.adapters`` built on CLIP block ``feat
 | prompt_learner.ctx_pos / ctx_neg | (1, 1, 12, W) | prompts.ctx[0] / [1] (reshaped, stacked) |
 | cross_fusion.linear.weight / bias | (W, W) / (W,) | text_fusion.weight / bias |
 | visual_encoder.adapters.{i}.blocks.0.attn.logit_scale | (H, 1, 1) | adapters.{i}.logit_scale (H,) |
-| ....attn.cpb_mlp.0.weight / bias, ....attn.cpb_mlp.2.weight | (64, 2) / (64,), (H, 64) | adapters.{i}.cpb.mlp.0.* / mlp.2.weight |
+| ....attn.cpb_mlp.0.weight / bias, ....2.weight | (64, 2) / (64,), (H, 64) | adapters.{i}.cpb.mlp.0.* / mlp.2.weight |
 | ....norm1.* / ....norm2.* | (D,) | adapters.{i}.norm1.* / norm2.* |
 | ....mlp.layers.0.weight | (D, D) | adapters.{i}.linear.weight |
 
@@ -50,8 +50,8 @@ class SowaImporter(Importer):
         state = flatten(obj["state_dict"])
         tensors = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
         glue = sorted(k for k in state if not k.startswith("net."))
-        source = Source(self.name, tensors, files, notes={"lightning_version": str(obj.get("pytorch-lightning_version")),
-                                                          "module_state_outside_net": glue})
+        notes = {"lightning_version": str(obj.get("pytorch-lightning_version")), "module_state_outside_net": glue}
+        source = Source(self.name, tensors, files, notes=notes)
         source.notes["taps"] = self._taps(source)
         return source
 
@@ -60,8 +60,9 @@ class SowaImporter(Importer):
 
     def _taps(self, source: Source) -> list[int] | None:
         """1-based CLIP blocks the adapters were built on: the block whose in_proj_weight each adapter's qkv is."""
+        prefix = CLIP + "visual.transformer.resblocks."
         blocks = sorted({int(k.split(".")[4]) for k in source.tensors
-                         if k.startswith(CLIP + "visual.transformer.resblocks.") and k.endswith(".attn.in_proj_weight")})
+                         if k.startswith(prefix) and k.endswith(".attn.in_proj_weight")})
         if not blocks:
             return None
         taps = []
@@ -106,7 +107,7 @@ class SowaImporter(Importer):
                 raise ZsadError(f"SOWA checkpoint {source.names()}: adapter {i} is beyond the profile's adapters")
             heads = t[dst + "logit_scale"][0]
             m.take(src + "attn.logit_scale", dst + "logit_scale", (heads, 1, 1), "reshape (H,1,1)->(H,)",
-                   lambda x: x.reshape(heads))
+                   lambda x, h=heads: x.reshape(h))
             for a, b in (("attn.cpb_mlp.0.weight", "cpb.mlp.0.weight"), ("attn.cpb_mlp.0.bias", "cpb.mlp.0.bias"),
                          ("attn.cpb_mlp.2.weight", "cpb.mlp.2.weight"), ("norm1.weight", "norm1.weight"),
                          ("norm1.bias", "norm1.bias"), ("norm2.weight", "norm2.weight"), ("norm2.bias", "norm2.bias"),

@@ -78,7 +78,7 @@ class Inert:
 class TensorRef:
     """A tensor in the archive, read on ``load()``: storage key, dtype, offset, size, stride (in elements)."""
 
-    def __init__(self, archive: "_Archive", key: str, dtype: torch.dtype, offset: int, size, stride):
+    def __init__(self, archive: _Archive, key: str, dtype: torch.dtype, offset: int, size, stride):
         self.archive, self.key, self.dtype = archive, key, dtype
         self.offset, self.shape, self.stride = int(offset), torch.Size(size), tuple(stride)
 

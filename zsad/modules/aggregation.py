@@ -6,9 +6,10 @@ their g x g grid and each channel is filtered with a fixed, normalised r x r Gau
 code, which makes the kernels nearly box filters). r = 1 is the identity. The class token is passed through
 untouched.
 
-Borders (design spec afclip_bayespfl.md A1.2 / A8.2, see docs/methods/afclip.md): ``border="zero"`` (default, the released code) pads with
-zeros and does not renormalise, so border patches are attenuated; ``border="renormalize"`` divides by the kernel
-mass that fell inside the image (a weighted mean over the valid neighbours), an option for retraining.
+Borders (design spec afclip_bayespfl.md A1.2 / A8.2, see docs/methods/afclip.md): ``border="zero"`` (default, the
+released code) pads with zeros and does not renormalise, so border patches are attenuated; ``border="renormalize"``
+divides by the kernel mass that fell inside the image (a weighted mean over the valid neighbours), an option for
+retraining.
 
 Shapes: ``tokens`` [B, L, 1+N, D] (class token first, N = g*g) -> [B, L, R, 1+N, D] for R kernel sizes.
 Plain conv2d with a constant kernel: exports to ONNX as Conv, static shapes apart from the batch axis.
@@ -16,7 +17,7 @@ Plain conv2d with a constant kernel: exports to ONNX as Conv, static shapes apar
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -44,7 +44,7 @@ def vv_attention(attn: nn.MultiheadAttention, x: torch.Tensor) -> torch.Tensor:
 
 
 def dual_attention(attn: nn.MultiheadAttention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stock ``softmax(q k^T * s) v`` and V-V ``softmax(v v^T * s) v`` from one qkv projection, both through out_proj."""
+    """Stock ``softmax(q k^T * s) v`` and V-V ``softmax(v v^T * s) v`` from one qkv projection, both via out_proj."""
     q, k, v = _qkv(attn, x)
     o_qk, o_vv = _da.dispatch(q, k, v)
     return _out(attn, o_qk), _out(attn, o_vv)

@@ -43,7 +43,7 @@ class ClassScoreCalibration:
         if len(class_names) != scores.size or scores.size == 0:
             raise ZsadError(f"calibration needs one class name per score, got {len(class_names)} for {scores.size}")
         by_class: dict[str, list[float]] = {}
-        for s, c in zip(scores, class_names):
+        for s, c in zip(scores, class_names, strict=True):
             by_class.setdefault(_key(c), []).append(float(s))
         constants = {}
         for c, vals in by_class.items():
@@ -61,7 +61,7 @@ class ClassScoreCalibration:
         if len(class_names) != scores.size:
             raise ZsadError(f"got {len(class_names)} class names for {scores.size} scores")
         out = np.empty_like(scores)
-        for i, (s, c) in enumerate(zip(scores, class_names)):
+        for i, (s, c) in enumerate(zip(scores, class_names, strict=True)):
             k = _key(c)
             if k not in self.constants:
                 raise ZsadError(f"no calibration for class '{c}' (calibrated: {', '.join(sorted(self.constants))})")

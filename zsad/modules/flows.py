@@ -26,6 +26,8 @@ Everything is a plain tensor op (MatMul / Tanh / Add), with the K steps unrolled
 """
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -84,7 +86,7 @@ class GaussianEncoder(nn.Module):
         self.mu = _mlp(in_dim, hidden, out_dim)
         self.log_var = _mlp(in_dim, hidden, out_dim)
         _init_linear(self)
-        nn.init.constant_(self.log_var[-1].bias, 2.0 * log_var_init)
+        nn.init.constant_(cast(nn.Linear, self.log_var[-1]).bias, 2.0 * log_var_init)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.mu(x), 0.5 * self.log_var(x)
@@ -124,7 +126,7 @@ class ConditionalPlanarFlow(nn.Module):
 
 
 class FreePlanarFlow(nn.Module):
-    """One image-agnostic branch: a learned input vector xi and free (u, w, b); N(0, init_std^2) at init (released: 1)."""
+    """One image-agnostic branch: a learned input vector xi, free (u, w, b); N(0, init_std^2) at init (released: 1)."""
 
     def __init__(self, width: int, length: int = 10, init_std: float = 1.0):
         super().__init__()

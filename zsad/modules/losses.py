@@ -55,8 +55,9 @@ def layered_focal_dice(probs: torch.Tensor, target: torch.Tensor, gamma: float) 
     Returns (sum over layers of ``focal_loss``, sum over layers of dice(abnormal, target) + dice(normal, 1 - target)).
     """
     layers = range(probs.shape[1])
-    focal = sum(focal_loss(probs[:, i], target, gamma=gamma) for i in layers)
-    dice = sum(dice_loss(probs[:, i, 1], target) + dice_loss(probs[:, i, 0], 1 - target) for i in layers)
+    zero = probs.new_zeros(())  # start of the sums: a tensor even for zero layers
+    focal = sum((focal_loss(probs[:, i], target, gamma=gamma) for i in layers), zero)
+    dice = sum((dice_loss(probs[:, i, 1], target) + dice_loss(probs[:, i, 0], 1 - target) for i in layers), zero)
     return focal, dice
 
 

@@ -21,6 +21,8 @@ from zsad import ZsadError
 
 
 class MemoryBank(nn.Module):
+    bank: torch.Tensor  # buffer (register_buffer), declared for type checkers
+
     def __init__(self, features: torch.Tensor, chunk: int = 0):
         """``features`` [K, L, N, D] (K reference images) or a ready bank [L, M, D] (normalised here)."""
         super().__init__()
@@ -51,10 +53,9 @@ class MemoryBank(nn.Module):
         for level in range(self.levels):  # a static Python loop: unrolled at export
             ql, bl = q[:, level], bank[level]  # [B, N, D], [M, D]
             step = self.chunk if self.chunk > 0 else bl.shape[0]
-            best = None
-            for start in range(0, bl.shape[0], step):
-                sim = (ql @ bl[start:start + step].t()).amax(dim=-1)
-                best = sim if best is None else torch.maximum(best, sim)
+            best = (ql @ bl[:step].t()).amax(dim=-1)
+            for start in range(step, bl.shape[0], step):
+                best = torch.maximum(best, (ql @ bl[start:start + step].t()).amax(dim=-1))
             out.append(1.0 - best)
         return torch.stack(out, dim=1)
 

@@ -31,6 +31,10 @@ PLACEMENTS = ("after_sot", "before_sot")
 
 
 class ObjectAgnosticPrompts(nn.Module):
+    prefix: torch.Tensor  # buffers (register_buffer), declared for type checkers
+    suffix: torch.Tensor
+    eot_index: torch.Tensor
+
     def __init__(self, backbone, n_ctx: int = 12, deep_length: int = 4, deep_depth: int = 9,
                  normal_template: str = "{} object.", abnormal_template: str = "{} damaged object.",
                  shared_context: bool = False, placement: str = "after_sot", init_std: float = 0.02):
@@ -86,6 +90,9 @@ class StaticTextCache:
     """
 
     _text_cache: torch.Tensor | None = None
+    training: bool  # provided by nn.Module
+    prompts: ObjectAgnosticPrompts  # set by the method
+
 
     def encode_text(self) -> torch.Tensor:
         raise NotImplementedError

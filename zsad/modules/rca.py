@@ -38,7 +38,7 @@ class ResidualCrossModalAttention(nn.Module):
         """taps [B,L,N,D] -> unit-length patch embeddings [B,L,N,E] (layer l through its own W_l)."""
         if taps.shape[1] != len(self.patch_proj):
             raise ZsadError(f"RCA was built for {len(self.patch_proj)} layers, got taps {tuple(taps.shape)}")
-        weight = torch.stack([p.weight for p in self.patch_proj])  # [L,E,D]
+        weight = torch.stack(list(self.patch_proj.parameters()))  # [L,E,D]: each Linear's weight (bias=False)
         return F.normalize(torch.einsum("blnd,led->blne", taps, weight), dim=-1)
 
     def refine(self, patches: torch.Tensor, text: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,6 @@ class ScaleAdaptiveRecalibration(nn.Module):
     def forward(self, taps: torch.Tensor) -> torch.Tensor:
         """taps [B,L,N,D] -> fused [B,N,D]."""
         scaled = [se(taps[:, i]) for i, se in enumerate(self.se)]
-        codes = torch.cat([c(x) for c, x in zip(self.compress, scaled)], dim=-1)
+        codes = torch.cat([c(x) for c, x in zip(self.compress, scaled, strict=True)], dim=-1)
         w = self.weights(codes).softmax(dim=-1)  # [B,N,L]
         return (torch.stack(scaled, dim=-1) * w.unsqueeze(-2)).sum(dim=-1)

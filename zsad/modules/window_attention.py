@@ -34,6 +34,7 @@ from torch import nn
 from zsad import ZsadError
 from zsad.kernels import window_attention as _wa
 
+
 def window_vv_attention(
     x: torch.Tensor,
     v_weight: torch.Tensor,
@@ -87,6 +88,9 @@ def relative_position_index(window: int) -> torch.Tensor:
 
 class ContinuousPositionBias(nn.Module):
     """Swin-V2 CPB: MLP(2 -> hidden, ReLU, -> heads, no bias) over the coordinate table; bias = 16 sigmoid(.)."""
+
+    coords_table: torch.Tensor  # buffers (register_buffer), declared for type checkers
+    index: torch.Tensor
 
     def __init__(self, window: int, heads: int, hidden: int = 64):
         super().__init__()
