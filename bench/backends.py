@@ -74,7 +74,8 @@ def _torch_runner(method, device: str, backend: str) -> BackendRunner:
     chain = _chain(method)
     dtype = AUTOCAST.get(backend)
     dev_type = "cuda" if device.startswith("cuda") else "cpu"
-    precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
+    names: dict[torch.dtype | None, str] = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+    precision = names.get(dtype, "fp32")
     if backend.startswith("cuda-graphs"):
         return _cuda_graph_runner(method, device, backend, precision, dtype)
 
@@ -258,7 +259,7 @@ class Scratch:
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="zsad-bench-"))
         self.calibration_images = calibration_images
         self._onnx: dict | None = None
-        self._calibration = None
+        self._calibration: np.ndarray | None = None
 
     def onnx(self, method, max_batch: int) -> dict:
         """{stage name: [model.onnx]} of ``method``'s stages (each exported once, with its own parity check)."""
@@ -290,8 +291,10 @@ def _openvino_runner(method, scratch: Scratch, max_batch: int, precision: str) -
     cal = scratch.calibration(method) if precision == "int8" else None
     runners, _, info = build_openvino_stages(method, stages, scratch.onnx(method, max_batch), precision,
                                              scratch.workdir / f"openvino-{precision}", cal, log=lambda *a: None)
-    quant = (f"; int8 stages {[q['stage'] for q in info['quantized_stages']]} (NNCF, {len(cal)} synthetic "
-             f"calibration images)" if precision == "int8" else "")
+    quant = ""
+    if cal is not None:  # int8
+        quant = (f"; int8 stages {[q['stage'] for q in info['quantized_stages']]} (NNCF, {len(cal)} synthetic "
+                 f"calibration images)")
     return _stage_chain_runner(method, [(st, runners[st.name]) for st in stages], f"openvino-{precision}", precision,
                                f"OpenVINO {ov.__version__} CPU, INFERENCE_PRECISION_HINT "
                                f"{info['inference_precision_hint']}{quant}, one compiled model per stage")

@@ -22,7 +22,7 @@ mode = sys.argv[1] if len(sys.argv) > 1 else "anomalyclip"
 assert sum(SIZES.values()) == 1725
 
 
-def make_class(rng, n):
+def make_class(rng, n) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     labels = (rng.random(n) < 0.7).astype(np.uint8)
     masks = np.zeros((n, H, W), dtype=bool)
     yy, xx = np.mgrid[:H, :W]

@@ -51,7 +51,7 @@ def build_method(model: str, profile: str, image_size: int | None, checkpoint: s
     import zsad.methods as M
     from zsad.checkpoint import load_checkpoint
 
-    overrides = {"backbone": {"image_size": image_size}} if image_size else {}
+    overrides: dict[str, dict] = {"backbone": {"image_size": image_size}} if image_size else {}
     if checkpoint:
         return load_checkpoint(checkpoint, overrides=overrides)[0], overrides
     overrides = {**overrides, "backbone": {**overrides.get("backbone", {}), "pretrained": None}}

@@ -76,7 +76,8 @@ def sweep_one(grpc_url: str, model: str, images: list[bytes], concurrency: int, 
                 "mean_ms": float(lat.mean())} if lat.size else {})}
 
 
-def served_predictions(url: str, model: str, images: list[bytes], texts: dict[str, list[str]] | None = None):
+def served_predictions(url: str, model: str, images: list[bytes],
+                       texts: dict[str, list[str]] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(score [n], anomaly_map [n,S,S]) from one request, for the parity check."""
     from zsad.serve.client import AnomalyClient
 

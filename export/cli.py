@@ -70,8 +70,9 @@ def _batches(value: str | None) -> list[int]:
               "batch > 1 case uses all of them).")
 @click.option("--max-pixels", type=int, default=50_000_000, help="Decoded images above this many pixels are "
               "refused by the server's preprocess model.")
-@click.option("--support", type=click.Path(), default=None, help="Few-shot (afclip, sowa): a folder of normal "
-              "images of one product, or a data-set root with --support-class; the memory bank is baked in.")
+@click.option("--support", type=click.Path(), default=None, help="Few-shot (methods with a few-shot mode; "
+              "the others are refused with the list): a folder of normal images of one product, or a data-set root "
+              "with --support-class; the memory bank is baked in.")
 @click.option("--shots", type=int, default=0, help="Few-shot: K normal images drawn (seeded) from --support.")
 @click.option("--support-class", default=None, help="Few-shot: the class of a data-set root given as --support.")
 @cli_entry
@@ -79,16 +80,16 @@ def main(model, checkpoint, profile, image_size, clip_weights, backend, fp16, ma
          queue_delay_us, device, instances, resize_to_input, out, name, force, parity_images, max_pixels, support,
          shots, support_class, precision, calibration, calibration_images, gate_images):
     """Export a zsad method to a Triton model repository, stage by stage, behind a parity gate."""
-    from zsad.export.exporter import export_model
+    from zsad.export.exporter import ExportOptions, export_model
 
-    export_model(model=model, checkpoint=checkpoint, profile=profile, image_size=image_size,
-                 clip_weights=clip_weights, backend=backend, fp16=fp16, max_batch=max_batch, out=out, name=name,
-                 device=device, resize_to_input=resize_to_input, parity_images=parity_images,
-                 preferred_batch=_batches(preferred_batch), queue_delay_us=queue_delay_us, instances=instances,
-                 max_pixels=max_pixels, support=support, shots=shots, support_class=support_class, force=force,
-                 precision=precision, calibration=calibration, calibration_images=calibration_images,
-                 gate_images=gate_images, log=click.echo)
-
+    export_model(ExportOptions(
+        model=model, checkpoint=checkpoint, profile=profile, image_size=image_size, clip_weights=clip_weights,
+        out=out, name=name, force=force,
+        backend=backend, device=device, max_batch=max_batch, preferred_batch=_batches(preferred_batch),
+        queue_delay_us=queue_delay_us, instances=instances, resize_to_input=resize_to_input, max_pixels=max_pixels,
+        support=support, shots=shots, support_class=support_class,
+        fp16=fp16, precision=precision, calibration=calibration, calibration_images=calibration_images,
+        gate_images=gate_images, parity_images=parity_images), log=click.echo)
 
 if __name__ == "__main__":
     main()

@@ -7,9 +7,14 @@ schema) and the parity report. A failing stage writes nothing and raises ``Parit
 tensor and the error.
 
 Never losing a user's files: everything is built in a temporary folder beside ``--out`` (same file system; see
-``_scratch_folder`` for why not inside), and each model folder carries a marker file, :data:`MARKER_NAME`. An existing folder of the same name is replaced
-only if it carries that marker (an earlier export), unless ``force``; otherwise the export is refused before any
-work, with nothing deleted. ``--name`` must be a plain identifier, so no model folder can land outside ``--out``.
+``_scratch_folder`` for why not inside), and each model folder carries a marker file, :data:`MARKER_NAME`. An
+existing folder of the same name is replaced only if it carries that marker (an earlier export), unless ``force``;
+otherwise the export is refused before any work, with nothing deleted. ``--name`` must be a plain identifier, so
+no model folder can land outside ``--out``.
+
+Options: :class:`ExportOptions`, one field per ``zsad-export`` option (export/cli.py). Steps: ``_export_and_gate``
+(ONNX / plans / IR per stage + the gates) -> ``_write_repository`` (one writer per kind of model) ->
+``_write_report_and_markers`` -> ``_install``.
 """
 from __future__ import annotations
 
@@ -19,19 +24,39 @@ import re
 import shutil
 import tempfile
 import warnings
-from datetime import datetime, timezone
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from zsad import ZsadError, __version__
 from zsad.export import parity
 from zsad.export.onnx_export import export_metadata, export_stage, onnx_files, stamp_stage_files
-from zsad.export.triton_repo import (RepoOptions, Sym, ensemble_config, openvino_stage_config, preprocess_config,
-                                     python_model_files, repository_readme, restore_config, restore_warmup_files, stage_config,
-                                     string_tensor_file, tensor_config, text_input_config, text_warmup_files,
-                                     torch_config, write_model)
+from zsad.export.triton_repo import (
+    RepoOptions,
+    Sym,
+    ensemble_config,
+    openvino_stage_config,
+    preprocess_config,
+    python_model_files,
+    repository_readme,
+    restore_config,
+    restore_warmup_files,
+    stage_config,
+    string_tensor_file,
+    tensor_config,
+    text_input_config,
+    text_warmup_files,
+    torch_config,
+    write_model,
+)
+
+if TYPE_CHECKING:  # openvino_export is imported where an OpenVINO backend is used
+    from zsad.export.openvino_export import GateThresholds
 
 OPENVINO_BACKENDS = ("openvino", "python-openvino")
+# the python backends that run one stage per model: their model.py source in triton_models/
+PYTHON_STAGE_SOURCES = {"python-ort": "stage_ort", "python-openvino": "stage_openvino"}
 
 
 MARKER_NAME = ".zsad-export.json"
@@ -150,7 +175,8 @@ def _check_backend_available(backend: str, fp16: bool, device: str, precision: s
             import tensorrt  # noqa: F401
         except ImportError as err:
             raise ZsadError("--backend tensorrt needs TensorRT (pip install 'zsad[gpu]' on a machine with NVIDIA's "
-                            "TensorRT); it is not installed here. The onnxruntime backend runs the same ONNX stages.") from err
+                            "TensorRT); it is not installed here. The onnxruntime backend runs the same ONNX "
+                            "stages.") from err
     if fp16:
         if backend in ("onnxruntime", "python-ort"):
             import onnxruntime as ort
@@ -170,17 +196,70 @@ def _check_backend_available(backend: str, fp16: bool, device: str, precision: s
                 raise ZsadError("--fp16 with python-torch needs CUDA on this machine to run the parity gate")
 
 
-def export_model(*, model: str | None = None, checkpoint: str | None = None, profile: str = "paper",
-                 image_size: int | None = None, clip_weights: str | None = None, backend: str = "onnxruntime",
-                 fp16: bool = False, max_batch: int = 32, out: str | Path = "model_repository",
-                 name: str | None = None, device: str | None = None, resize_to_input: bool = False,
-                 parity_images: int = 4, preferred_batch: list[int] | None = None, queue_delay_us: int = 200,
-                 instances: int = 1, max_pixels: int = 50_000_000, overrides: dict | None = None,
-                 dynamic_batching: bool = True, support: str | Path | None = None, shots: int = 0,
-                 support_class: str | None = None, support_seed: int = 0, force: bool = False,
-                 precision: str = "fp32", calibration: str | Path | None = None, calibration_images: int = 32,
-                 gate_images: int = 16, gate_thresholds=None, log=print) -> ExportResult:
-    """See the module docstring; ``overrides`` deep-merge into an untrained method's profile (tests, benchmarks).
+@dataclass
+class ExportOptions:
+    """Everything ``zsad-export`` is told, grouped as its command line is (one field per option)."""
+
+    # what to export: a trained checkpoint, or an untrained method from a profile (``overrides`` deep-merge into it)
+    model: str | None = None
+    checkpoint: str | None = None
+    profile: str = "paper"
+    image_size: int | None = None
+    clip_weights: str | None = None
+    overrides: dict | None = None
+    # where: the model repository, the model name in it, and whether foreign folders of that name may be replaced
+    out: str | Path = "model_repository"
+    name: str | None = None
+    force: bool = False
+    # serving config, written into every config.pbtxt
+    backend: str = "onnxruntime"
+    device: str | None = None  # cpu | gpu; default cpu for python-ort and the OpenVINO backends, gpu otherwise
+    max_batch: int = 32
+    preferred_batch: list[int] | None = None
+    queue_delay_us: int = 200
+    dynamic_batching: bool = True
+    instances: int = 1
+    resize_to_input: bool = False
+    max_pixels: int = 50_000_000
+    # few-shot: K normal images of one class baked into the graph as the memory bank
+    support: str | Path | None = None
+    shots: int = 0
+    support_class: str | None = None
+    support_seed: int = 0
+    # precision and the gates that check it
+    fp16: bool = False
+    precision: str = "fp32"  # OpenVINO backends: fp32, bf16 or int8
+    calibration: str | Path | None = None
+    calibration_images: int = 32
+    gate_images: int = 16
+    gate_thresholds: GateThresholds | None = None  # None: its defaults
+    parity_images: int = 4
+
+    def __post_init__(self):
+        if self.device not in (None, "cpu", "gpu"):
+            raise ZsadError(f"--device must be cpu or gpu, got '{self.device}'")
+
+    @property
+    def target_device(self) -> str:
+        """``device``, or the backend's default when it is not given."""
+        return self.device or ("cpu" if self.backend in ("python-ort",) + OPENVINO_BACKENDS else "gpu")
+
+    @property
+    def tolerance(self) -> float:
+        """The parity gate's per-stage tolerance."""
+        return parity.FP16_TOL if self.fp16 else parity.FP32_TOL
+
+    def repo_options(self, name: str) -> RepoOptions:
+        return RepoOptions(name=name, backend=self.backend, max_batch=self.max_batch,
+                           instance_kind="KIND_GPU" if self.target_device == "gpu" else "KIND_CPU",
+                           instances=self.instances, preferred_batch=self.preferred_batch or [],
+                           queue_delay_us=self.queue_delay_us,
+                           resize_to_input=self.resize_to_input, fp16=self.fp16, max_pixels=self.max_pixels,
+                           dynamic_batching=self.dynamic_batching)
+
+
+def export_model(opts: ExportOptions, log=print) -> ExportResult:
+    """See the module docstring and :class:`ExportOptions`.
 
     Few-shot (``support`` + ``shots``, methods with a few-shot mode): the memory bank of K normal images of ONE
     class (a folder of images, or ``support_class`` of a data-set root's train/good) is built before the stages
@@ -190,71 +269,33 @@ def export_model(*, model: str | None = None, checkpoint: str | None = None, pro
     the fp32 gate first, then the IR does (fp32: the same parity gate; bf16 / int8: the precision gate on
     ``gate_images`` synthetic images, ``gate_thresholds`` a GateThresholds; int8 calibrated on ``calibration``).
     """
-    repo = Path(out)
-    check_out_and_name(repo, name)
-    device = device or ("cpu" if backend in ("python-ort",) + OPENVINO_BACKENDS else "gpu")
-    if device not in ("cpu", "gpu"):
-        raise ZsadError(f"--device must be cpu or gpu, got '{device}'")
-    _check_backend_available(backend, fp16, device, precision)
-    method, trained = build_method(model, checkpoint, profile, image_size, clip_weights, overrides)
-    if support is not None or shots:
-        _fit_support(method, support, shots, support_class, support_seed, log)  # may add a stage (few-shot)
-    name = name or method.name
-    planned = planned_models(name, method.stages(), method.text_inputs(), backend, resize_to_input)
-    refuse_foreign_folders(repo, planned, force)
-    opts = RepoOptions(name=name, backend=backend, max_batch=max_batch,
-                       instance_kind="KIND_GPU" if device == "gpu" else "KIND_CPU", instances=instances,
-                       preferred_batch=preferred_batch or [], queue_delay_us=queue_delay_us,
-                       resize_to_input=resize_to_input, fp16=fp16, max_pixels=max_pixels,
-                       dynamic_batching=dynamic_batching)
-    stages = method.stages()
-    size = method.image_size
-    n_images = max(1, min(parity_images, max_batch))
-    if n_images == 1:
-        log("note: parity gate at batch 1 only (--parity-images 1 or --max-batch 1)")
-    images = parity.synthetic_images(size, n=n_images)
-    # text inputs (Bayes-PFL's class name): the synthetic images' own class names, through the method's encoder
-    names = parity.synthetic_class_names(n_images)
-    extra_feed = {ti.tensor: ti.encode(names).numpy() for ti in method.text_inputs()}
-    tol = parity.FP16_TOL if fp16 else parity.FP32_TOL
+    repo = Path(opts.out)
+    check_out_and_name(repo, opts.name)
+    _check_backend_available(opts.backend, opts.fp16, opts.target_device, opts.precision)
+    method, trained = build_method(opts.model, opts.checkpoint, opts.profile, opts.image_size, opts.clip_weights,
+                                   opts.overrides)
+    if opts.support is not None or opts.shots:
+        _fit_support(method, opts.support, opts.shots, opts.support_class, opts.support_seed, log)  # adds a stage
+    name = opts.name or method.name
+    planned = planned_models(name, method.stages(), method.text_inputs(), opts.backend, opts.resize_to_input)
+    refuse_foreign_folders(repo, planned, opts.force)
+    repo_opts = opts.repo_options(name)
     created_repo = not repo.exists()
     repo.mkdir(parents=True, exist_ok=True)
     scratch = _scratch_folder(repo)
     try:
-        log(f"exporting {method.name} ({method.profile}, {'trained' if trained else 'UNTRAINED'}) at {size} px, "
-            f"backend {backend}{' fp16' if fp16 else ''}, max batch {max_batch}: stages "
-            + " -> ".join(s.name for s in stages))
-        runners, stage_files = _build_stage_artifacts(method, stages, opts, scratch, log)
-        stamp_stage_files(stage_files, export_metadata(method, trained, checkpoint, fp16))  # self-describing files
-        rows = parity.check_stages(stages, runners, images, tol, extra_feed=extra_feed,
-                                   chain_tol=None if fp16 else method.chain_tolerance)
-        log(parity.format_table(rows))
-        gate_section = None
-        if backend in OPENVINO_BACKENDS:
-            stage_files, gate_section, ov_rows = _openvino_stages(
-                method, stages, stage_files, precision, scratch, calibration, calibration_images, gate_images,
-                gate_thresholds, images, tol, extra_feed, log)
-            rows += ov_rows
+        stages, stage_files, rows, gate_section = _export_and_gate(method, trained, opts, repo_opts, scratch, log)
         staging = scratch / "repo"
-        models, ensembles = _write_repository(staging, method, stages, opts, stage_files, trained, precision)
+        models, ensembles = _write_repository(staging, method, stages, repo_opts, stage_files, trained,
+                                              opts.precision)
         if sorted(models) != sorted(planned):
             raise ZsadError(f"internal: wrote models {sorted(models)} but planned {sorted(planned)}")
-        report = staging / name / "parity_report.json"
-        parity.write_report(report, rows, {
-            "model": name, "method": method.name, "profile": method.profile, "trained": trained,
-            "backend": backend, "fp16": fp16, "image_size": size, "max_batch": max_batch, "tolerance": tol,
-            "end_to_end_tolerance": tol if fp16 else max(tol, method.chain_tolerance),
-            "runtime": "onnxruntime " + __import__("onnxruntime").__version__ if backend != "python-torch" else "torch",
-            **({"precision": precision, "openvino": gate_section} if gate_section else {})})
-        marker = json.dumps({"written_by": "zsad-export", "zsad": __version__, "export": name,
-                             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}, indent=2)
-        for m in models:
-            (staging / m / MARKER_NAME).write_text(marker + "\n")
-        refuse_foreign_folders(repo, planned, force)  # again: the user may have added a folder meanwhile
+        _write_report_and_markers(staging, models, method, trained, opts, repo_opts, rows, gate_section)
+        refuse_foreign_folders(repo, planned, opts.force)  # again: the user may have added a folder meanwhile
         _install(staging, repo, models, scratch)
         log(f"wrote {len(models)} models to {repo}: ensembles {', '.join(ensembles)}; parity report "
             f"{repo / name / 'parity_report.json'} (worst relative error {max(r.max_rel for r in rows):.2e}, "
-            f"tolerance {tol:g})")
+            f"tolerance {opts.tolerance:g})")
         return ExportResult(repo, models, ensembles, rows, repo / name / "parity_report.json")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -262,9 +303,59 @@ def export_model(*, model: str | None = None, checkpoint: str | None = None, pro
             repo.rmdir()  # a failed export into a new folder leaves nothing behind
 
 
+def _gate_inputs(method, max_batch: int, parity_images: int, log):
+    """The parity gate's synthetic images and, for methods with text inputs (Bayes-PFL's class name), the
+    images' own class names through the method's encoder."""
+    n_images = max(1, min(parity_images, max_batch))
+    if n_images == 1:
+        log("note: parity gate at batch 1 only (--parity-images 1 or --max-batch 1)")
+    images = parity.synthetic_images(method.image_size, n=n_images)
+    names = parity.synthetic_class_names(n_images)
+    return images, {ti.tensor: ti.encode(names).numpy() for ti in method.text_inputs()}
+
+
+def _export_and_gate(method, trained: bool, opts: ExportOptions, repo_opts: RepoOptions, scratch: Path, log):
+    """Export every stage into ``scratch`` and pass it through the gate(s); returns (stages, the files to ship
+    per stage, parity rows, the OpenVINO report section or None). A failing gate raises."""
+    stages = method.stages()
+    images, extra_feed = _gate_inputs(method, opts.max_batch, opts.parity_images, log)
+    log(f"exporting {method.name} ({method.profile}, {'trained' if trained else 'UNTRAINED'}) at {method.image_size} "
+        f"px, backend {opts.backend}{' fp16' if opts.fp16 else ''}, max batch {opts.max_batch}: stages "
+        + " -> ".join(s.name for s in stages))
+    runners, stage_files = _build_stage_artifacts(method, stages, repo_opts, scratch, log)
+    stamp_stage_files(stage_files, export_metadata(method, trained, opts.checkpoint, opts.fp16))  # self-describing
+    rows = parity.check_stages(stages, runners, images, opts.tolerance, extra_feed=extra_feed,
+                               chain_tol=None if opts.fp16 else method.chain_tolerance)
+    log(parity.format_table(rows))
+    gate_section = None
+    if opts.backend in OPENVINO_BACKENDS:
+        stage_files, gate_section, ov_rows = _openvino_stages(method, stages, stage_files, opts, scratch, images,
+                                                              extra_feed, log)
+        rows += ov_rows
+    return stages, stage_files, rows, gate_section
+
+
+def _write_report_and_markers(staging: Path, models: list[str], method, trained: bool, opts: ExportOptions,
+                              repo_opts: RepoOptions, rows, gate_section) -> None:
+    """``NAME/parity_report.json`` and the :data:`MARKER_NAME` file in every model folder."""
+    tol, name = opts.tolerance, repo_opts.name
+    parity.write_report(staging / name / "parity_report.json", rows, {
+        "model": name, "method": method.name, "profile": method.profile, "trained": trained,
+        "backend": opts.backend, "fp16": opts.fp16, "image_size": method.image_size, "max_batch": opts.max_batch,
+        "tolerance": tol, "end_to_end_tolerance": tol if opts.fp16 else max(tol, method.chain_tolerance),
+        "runtime": "onnxruntime " + __import__("onnxruntime").__version__ if opts.backend != "python-torch"
+        else "torch",
+        **({"precision": opts.precision, "openvino": gate_section} if gate_section else {})})
+    marker = json.dumps({"written_by": "zsad-export", "zsad": __version__, "export": name,
+                         "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}, indent=2)
+    for m in models:
+        (staging / m / MARKER_NAME).write_text(marker + "\n")
+
+
 def _build_stage_artifacts(method, stages, opts: RepoOptions, scratch: Path, log):
     """Per stage: the file(s) to ship and a runner for the parity gate (ORT session or the torch chain)."""
-    runners, files = {}, {}
+    runners: dict[str, parity.Runner] = {}
+    files: dict[str, Path | list[Path]] = {}  # stage name -> its files; "__checkpoint__" -> the checkpoint
     if opts.backend == "python-torch":
         # the served code is the torch stage chain rebuilt from the shipped checkpoint: check exactly that
         from zsad.checkpoint import load_checkpoint, save_checkpoint
@@ -272,7 +363,7 @@ def _build_stage_artifacts(method, stages, opts: RepoOptions, scratch: Path, log
         ckpt = save_checkpoint(scratch / "checkpoint", method, exported=True)
         clip = method.config.backbone.weights
         rebuilt = load_checkpoint(ckpt, clip_weights=clip)[0]
-        for st, st2 in zip(stages, rebuilt.stages()):
+        for st, st2 in zip(stages, rebuilt.stages(), strict=True):
             runners[st.name] = parity.torch_runner(st2.module, list(st2.inputs), list(st2.outputs))
         files["__checkpoint__"] = ckpt
         return runners, files
@@ -291,119 +382,156 @@ def _build_stage_artifacts(method, stages, opts: RepoOptions, scratch: Path, log
 
 
 def _write_repository(repo: Path, method, stages, opts: RepoOptions, stage_files: dict, trained: bool,
-                      precision: str = "fp32"):
-    from zsad.data import CLIP_MEAN, CLIP_STD
-
-    name, size = opts.name, method.image_size
-    models: list[str] = []
-    chain_in = chain_inputs(stages)
+                      precision: str = "fp32") -> tuple[list[str], list[str]]:
+    """Write every model of the export into ``repo``: the preprocess models, the text models, the stage models
+    (or one torch chain), the optional restore model and the two ensembles; returns (models, ensembles)."""
+    chain_in = _request_tensors(method, stages)
     text_inputs = method.text_inputs()
-    expected = {"images"} | {ti.tensor for ti in text_inputs}
+    final = stages[-1]
+    out_tensors = [tensor_config(n, s, final.dtype(n)) for n, s in final.outputs.items()]
+    models = _write_preprocess_models(repo, opts, method.image_size)
+    text_models, steps = _write_text_models(repo, opts, text_inputs)
+    if opts.backend == "python-torch":
+        chain_models, chain_steps = _write_torch_chain(repo, opts, method, chain_in, out_tensors, stage_files)
+    else:
+        chain_models, chain_steps = _write_stage_models(repo, opts, stages, stage_files, precision)
+    models += text_models + chain_models
+    steps += chain_steps
+    if opts.resize_to_input:
+        rname = f"{opts.name}_restore"
+        write_model(repo, restore_config(opts, rname, method.image_size), files=python_model_files("restore"),
+                    extra=restore_warmup_files(method.image_size))
+        models.append(rname)
+    ens_cfgs = [_ensemble(opts, raw, text_inputs, steps, out_tensors) for raw in (False, True)]
+    for cfg in ens_cfgs:
+        write_model(repo, cfg)
+    ensembles = [cfg["name"] for cfg in ens_cfgs]
+    (repo / opts.name / "README.md").write_text(
+        repository_readme(opts.name, ens_cfgs, opts.backend, trained, method.image_size))
+    return models + ensembles, ensembles
+
+
+def _step(model: str, inputs, outputs) -> tuple[str, dict, dict]:
+    """An ensemble step whose model's tensors keep their names in the ensemble."""
+    return model, {n: n for n in inputs}, {n: n for n in outputs}
+
+
+def _request_tensors(method, stages) -> dict[str, tuple]:
+    """The chain's outside inputs, checked to be what a request supplies: 'images' and the method's text inputs."""
+    chain_in = chain_inputs(stages)
+    expected = {"images"} | {ti.tensor for ti in method.text_inputs()}
     if set(chain_in) != expected:
         raise ZsadError(f"{method.name}: the stage chain takes {sorted(chain_in)}; a request supplies 'images' and "
                         f"the method's text inputs {sorted(expected)} only")
-    final = stages[-1]
-    out_tensors = [tensor_config(n, s, final.dtype(n)) for n, s in final.outputs.items()]
-    # preprocess models (bytes and raw uint8)
-    warm_png = _warmup_png(size)
+    return chain_in
+
+
+def _write_preprocess_models(repo: Path, opts: RepoOptions, size: int) -> list[str]:
+    """NAME_preprocess (encoded bytes; warmed up with a real PNG) and NAME_preprocess_raw (uint8 HWC)."""
+    from zsad.data import CLIP_MEAN, CLIP_STD
+    from zsad.data.synthetic import sample_pngs
+
+    models = []
+    warm_png = sample_pngs(1, image_size=size)[0]  # a synthetic defect image at the model's size
     for raw in (False, True):
-        pname = f"{name}_preprocess" + ("_raw" if raw else "")
+        pname = f"{opts.name}_preprocess" + ("_raw" if raw else "")
         write_model(repo, preprocess_config(opts, pname, raw, size, CLIP_MEAN, CLIP_STD),
                     files=python_model_files("preprocess"),
                     extra={} if raw else {"warmup/warmup.bin": string_tensor_file([warm_png])})
         models.append(pname)
-    # the stage models (or one torch chain)
-    # text models: a request's text field -> the token tensor (the method's own encoder function)
-    steps: list[tuple[str, dict, dict]] = []
+    return models
+
+
+def _write_text_models(repo: Path, opts: RepoOptions, text_inputs) -> tuple[list[str], list[tuple]]:
+    """One NAME_text_<field> per text input: a request's text field -> its token tensor (the method's encoder)."""
+    models, steps = [], []
     for ti in text_inputs:
-        tname = f"{name}_text_{ti.request_name}"
+        tname = f"{opts.name}_text_{ti.request_name}"
         write_model(repo, text_input_config(opts, tname, ti), files=python_model_files("text_input"),
                     extra=text_warmup_files(ti))
         models.append(tname)
-        steps.append((tname, {ti.request_name: ti.request_name}, {ti.tensor: ti.tensor}))
-    if opts.backend == "python-torch":
-        mname = f"{name}_torch"
-        inputs = [tensor_config(n, shp, dt) for n, (shp, dt) in chain_in.items()]
-        cfg = torch_config(opts, mname, inputs, out_tensors)
-        files = {**python_model_files("torch_chain"), "checkpoint": stage_files["__checkpoint__"]}
-        clip = method.config.backbone.weights
-        if clip:
-            files[f"clip_weights{Path(clip).suffix}"] = Path(clip)
-            cfg["parameters"].append({"key": "clip_weights", "value": {"string_value": f"clip_weights{Path(clip).suffix}"}})
+        steps.append(_step(tname, [ti.request_name], [ti.tensor]))
+    return models, steps
+
+
+def _write_torch_chain(repo: Path, opts: RepoOptions, method, chain_in: dict, out_tensors: list[dict],
+                       stage_files: dict) -> tuple[list[str], list[tuple]]:
+    """python-torch: NAME_torch, the whole stage chain rebuilt from the shipped checkpoint (and CLIP weights)."""
+    mname = f"{opts.name}_torch"
+    inputs = [tensor_config(n, shp, dt) for n, (shp, dt) in chain_in.items()]
+    cfg = torch_config(opts, mname, inputs, out_tensors)
+    files = {**python_model_files("torch_chain"), "checkpoint": stage_files["__checkpoint__"]}
+    clip = method.config.backbone.weights
+    if clip:
+        files[f"clip_weights{Path(clip).suffix}"] = Path(clip)
+        cfg["parameters"].append({"key": "clip_weights", "value": {"string_value": f"clip_weights{Path(clip).suffix}"}})
+    write_model(repo, cfg, files=files)
+    return [mname], [_step(mname, chain_in, [t["name"] for t in out_tensors])]
+
+
+def _write_stage_models(repo: Path, opts: RepoOptions, stages, stage_files: dict,
+                        precision: str) -> tuple[list[str], list[tuple]]:
+    """One NAME_<stage> per stage, in the backend's form (ONNX, TensorRT plan, OpenVINO IR, or a python model)."""
+    models, steps = [], []
+    for st in stages:
+        mname = f"{opts.name}_{st.name}"
+        files: dict[str, Path | bytes]
+        if opts.backend == "tensorrt":
+            from zsad.export.trt_engine import build_engine
+
+            files = {"model.plan": build_engine(stage_files[st.name][0], st, opts)}
+        else:
+            files = {p.name: p for p in stage_files[st.name]}  # model.onnx (+ its data), or model.xml + model.bin
+            if opts.backend in PYTHON_STAGE_SOURCES:
+                files.update(python_model_files(PYTHON_STAGE_SOURCES[opts.backend]))
+        if opts.backend in OPENVINO_BACKENDS:
+            cfg = openvino_stage_config(opts, st, mname, precision)
+        else:
+            cfg = stage_config(opts, st, mname)
         write_model(repo, cfg, files=files)
         models.append(mname)
-        steps.append((mname, {n: n for n in chain_in}, {n: n for n in final.outputs}))
-    else:
-        for st in stages:
-            mname = f"{name}_{st.name}"
-            files = {}
-            if opts.backend in OPENVINO_BACKENDS:
-                files.update({p.name: p for p in stage_files[st.name]})  # model.xml + model.bin
-                if opts.backend == "python-openvino":
-                    files.update(python_model_files("stage_openvino"))
-                write_model(repo, openvino_stage_config(opts, st, mname, precision), files=files)
-                models.append(mname)
-                steps.append((mname, {n: n for n in st.inputs}, {n: n for n in st.outputs}))
-                continue
-            if opts.backend == "tensorrt":
-                from zsad.export.trt_engine import build_engine
-
-                files["model.plan"] = build_engine(stage_files[st.name][0], st, opts)
-            else:
-                files.update({p.name: p for p in stage_files[st.name]})
-                if opts.backend == "python-ort":
-                    files.update(python_model_files("stage_ort"))
-            write_model(repo, stage_config(opts, st, mname), files=files)
-            models.append(mname)
-            steps.append((mname, {n: n for n in st.inputs}, {n: n for n in st.outputs}))
-    ensembles, ens_cfgs = [], []
-    for raw in (False, True):
-        ename = name + ("_raw" if raw else "")
-        pre = f"{name}_preprocess" + ("_raw" if raw else "")
-        in_name = "image" if raw else "image_bytes"
-        inputs = [{"name": "image", "data_type": Sym("TYPE_UINT8"), "dims": [-1, -1, 3]} if raw else
-                  {"name": "image_bytes", "data_type": Sym("TYPE_STRING"), "dims": [1]}]
-        inputs += [{"name": ti.request_name, "data_type": Sym("TYPE_STRING"), "dims": [1]} for ti in text_inputs]
-        pre_out = {"images": "images"}
-        outputs = list(out_tensors)
-        ens_steps = [(pre, {in_name: in_name}, pre_out)] + list(steps)
-        if opts.resize_to_input:
-            pre_out["original_size"] = "original_size"
-            rname = f"{name}_restore"
-            if rname not in models:
-                write_model(repo, restore_config(opts, rname, size), files=python_model_files("restore"),
-                            extra=restore_warmup_files(size))
-                models.append(rname)
-            ens_steps.append((rname, {"anomaly_map": "anomaly_map", "original_size": "original_size"},
-                              {"anomaly_map_original": "anomaly_map_original"}))
-            outputs += [{"name": "anomaly_map_original", "data_type": Sym("TYPE_FP32"), "dims": [-1]},
-                        {"name": "original_size", "data_type": Sym("TYPE_INT32"), "dims": [2]}]
-        ens_cfg = ensemble_config(opts, ename, inputs, outputs, ens_steps)
-        write_model(repo, ens_cfg)
-        models.append(ename)
-        ensembles.append(ename)
-        ens_cfgs.append(ens_cfg)
-    (repo / name / "README.md").write_text(repository_readme(name, ens_cfgs, opts.backend, trained, size))
-    return models, ensembles
+        steps.append(_step(mname, st.inputs, st.outputs))
+    return models, steps
 
 
-def _openvino_stages(method, stages, onnx_files, precision, scratch, calibration, n_calibration, gate_images,
-                     thresholds, images, tol, extra_feed, log):
+def _ensemble(opts: RepoOptions, raw: bool, text_inputs, steps: list[tuple], out_tensors: list[dict]) -> dict:
+    """The ensemble NAME (encoded image bytes) or NAME_raw (uint8 HWC arrays): preprocess -> ``steps`` ->
+    (with resize_to_input) restore."""
+    suffix = "_raw" if raw else ""
+    in_name = "image" if raw else "image_bytes"
+    inputs = [{"name": "image", "data_type": Sym("TYPE_UINT8"), "dims": [-1, -1, 3]} if raw else
+              {"name": "image_bytes", "data_type": Sym("TYPE_STRING"), "dims": [1]}]
+    inputs += [{"name": ti.request_name, "data_type": Sym("TYPE_STRING"), "dims": [1]} for ti in text_inputs]
+    pre_out = {"images": "images"}
+    outputs = list(out_tensors)
+    restore = []
+    if opts.resize_to_input:
+        pre_out["original_size"] = "original_size"
+        restore = [(f"{opts.name}_restore", {"anomaly_map": "anomaly_map", "original_size": "original_size"},
+                    {"anomaly_map_original": "anomaly_map_original"})]
+        outputs += [{"name": "anomaly_map_original", "data_type": Sym("TYPE_FP32"), "dims": [-1]},
+                    {"name": "original_size", "data_type": Sym("TYPE_INT32"), "dims": [2]}]
+    ens_steps = [(f"{opts.name}_preprocess{suffix}", {in_name: in_name}, pre_out), *steps, *restore]
+    return ensemble_config(opts, opts.name + suffix, inputs, outputs, ens_steps)
+
+
+def _openvino_stages(method, stages, onnx_files, opts: ExportOptions, scratch, images, extra_feed, log):
     """The gated ONNX stages -> OpenVINO IR; fp32 IR passes the parity gate, bf16 / int8 the precision gate.
     Returns ({stage: IR files}, the report section, the fp32 IR's parity rows)."""
     from zsad.export.openvino_export import build_openvino_stages, precision_gate
 
-    runners, files, info = build_openvino_stages(method, stages, onnx_files, precision, scratch, calibration,
-                                                 n_calibration, log)
+    precision = opts.precision
+    runners, files, info = build_openvino_stages(method, stages, onnx_files, precision, scratch, opts.calibration,
+                                                 opts.calibration_images, log)
     rows = []
     if precision == "fp32":
-        rows = parity.check_stages(stages, runners, images, tol, extra_feed=extra_feed,
+        rows = parity.check_stages(stages, runners, images, opts.tolerance, extra_feed=extra_feed,
                                    chain_tol=method.chain_tolerance)
         for r in rows:
             r.case = f"openvino {r.case}"
         log(parity.format_table(rows))
         return files, {**info, "gate": "fp32 parity gate (the rows marked 'openvino')"}, rows
-    section = precision_gate(method, stages, runners, precision, gate_images, thresholds)
+    section = precision_gate(method, stages, runners, precision, opts.gate_images, opts.gate_thresholds)
     log(f"{precision} precision gate passed: map correlation {section['map_corr']:.5f}, score Spearman "
         f"{section['score_spearman']:.5f}, pixel AUROC {100 * section['pixel_auroc']:.2f} vs fp32 "
         f"{100 * section['pixel_auroc_fp32']:.2f}\nnote: {section['caveat']}")
@@ -420,8 +548,8 @@ def _fit_support(method, support, shots: int, support_class: str | None, seed: i
         raise ZsadError(f"{method.name} has no few-shot mode (--support/--shots are for {few_shot})")
     if support is None or shots < 1:
         raise ZsadError("few-shot export needs both --support DIR and --shots K (K >= 1)")
-    paths = support_images(support, [support_class or "(folder)"], shots, seed)
-    paths = next(iter(paths.values()))
+    by_class = support_images(support, [support_class or "(folder)"], shots, seed)
+    paths = next(iter(by_class.values()))
     method.fit_memory(_load_support(paths, method.image_size, "cpu"))
     log(f"few-shot: memory bank from {len(paths)} normal images of {support_class or support} (baked into the graph)")
 
@@ -435,16 +563,3 @@ def chain_inputs(stages) -> dict[str, tuple]:
                 out[n] = (shape, st.dtype(n))
         produced.update(st.outputs)
     return out
-
-
-def _warmup_png(size: int) -> bytes:
-    import io
-
-    from PIL import Image
-
-    from zsad.data.synthetic import SYNTHETIC_TEST_CLASSES, render_sample
-
-    buf = io.BytesIO()
-    Image.fromarray(render_sample(SYNTHETIC_TEST_CLASSES[0], "test_defect", 0, image_size=size).image).save(buf, "PNG")
-    return buf.getvalue()
-

@@ -51,6 +51,7 @@ def export_stage(stage, path: Path, max_batch: int = 32) -> Path:
     except Exception as err:
         raise ZsadError(f"stage '{stage.name}' could not be exported to ONNX: {type(err).__name__}: "
                         f"{str(err).splitlines()[0][:300]}") from err
+    assert program is not None  # None only for the legacy exporter (dynamo=False)
     size = sum(v.const_value.nbytes for v in program.model.graph.initializers.values() if v.const_value is not None)
     program.save(str(path), external_data=size > _PROTO_LIMIT)
     return path

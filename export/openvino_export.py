@@ -48,7 +48,7 @@ class GateThresholds:
 
 
 class PrecisionGateError(ZsadError):
-    pass
+    section: dict  # the gate's report section (metrics, thresholds, failures), set where it is raised
 
 
 def require_openvino():
@@ -149,7 +149,7 @@ def quantize_int8(ov_model, feeds: list[dict[str, np.ndarray]], keep_fp32: list[
 
 
 def compile_model(ov_model, precision: str, threads: int = 0):
-    props = {"INFERENCE_PRECISION_HINT": OV_HINT[precision], "PERFORMANCE_HINT": "LATENCY"}
+    props: dict[str, object] = {"INFERENCE_PRECISION_HINT": OV_HINT[precision], "PERFORMANCE_HINT": "LATENCY"}
     if threads:
         props["INFERENCE_NUM_THREADS"] = threads
     return require_openvino().Core().compile_model(ov_model, "CPU", props)
@@ -259,7 +259,7 @@ def stage_calibration_feeds(method, stages, stage, images: np.ndarray) -> list[d
             break
         with torch.inference_mode():
             out = st.module(*[env[n] for n in st.inputs])
-        env.update(zip(st.outputs, out if isinstance(out, tuple) else (out,)))
+        env.update(zip(st.outputs, out if isinstance(out, tuple) else (out,), strict=True))
     return [{n: env[n][i:i + 1].numpy() for n in stage.inputs} for i in range(len(images))]
 
 

@@ -12,9 +12,9 @@ tiny runtime differences upstream can flip a neighbour there, while each stage o
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -67,7 +67,7 @@ def torch_runner(module: torch.nn.Module, inputs: Sequence[str], outputs: Sequen
             out = module(*[torch.from_numpy(np.ascontiguousarray(feed[n])) for n in inputs])
         out = out if isinstance(out, tuple) else (out,)
         # float tensors as fp32 (fp16 stages compare in fp32); integer ones (token positions) keep their type
-        return {n: (o.float() if o.is_floating_point() else o).cpu().numpy() for n, o in zip(outputs, out)}
+        return {n: (o.float() if o.is_floating_point() else o).cpu().numpy() for n, o in zip(outputs, out, strict=True)}
 
     return run
 
@@ -82,7 +82,7 @@ def ort_runner(path: Path, providers: Sequence[str] = ("CPUExecutionProvider",))
 
     def run(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         wanted = {i.name for i in sess.get_inputs()}
-        return dict(zip(names, sess.run(None, {k: v for k, v in feed.items() if k in wanted})))
+        return dict(zip(names, sess.run(None, {k: v for k, v in feed.items() if k in wanted}), strict=True))
 
     return run
 
@@ -109,7 +109,7 @@ def synthetic_class_names(n: int) -> list[str]:
 
 def _random_feed(stage, batch: int, seed: int) -> dict[str, np.ndarray]:
     gen = torch.Generator().manual_seed(seed)
-    return {n: t.numpy() for n, t in zip(stage.inputs, stage.example_inputs(batch, gen))}
+    return {n: t.numpy() for n, t in zip(stage.inputs, stage.example_inputs(batch, gen), strict=True)}
 
 
 def check_stages(stages, runners: dict[str, Runner], images: np.ndarray, tol: float, seed: int = 0,

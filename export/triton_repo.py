@@ -1,16 +1,18 @@
 """Triton model-repository writer: config.pbtxt for every model and the ensemble that chains them.
 
-Per exported model NAME (see DESIGN.md, "Serving shape"):
+Per exported model NAME (docs/architecture.md, sections 3 and 4, shows where these sit in the whole path):
 
     NAME            ensemble, input image_bytes (TYPE_STRING, one encoded image per batch item)
     NAME_raw        ensemble, input image (TYPE_UINT8 [H,W,3])
     NAME_preprocess / NAME_preprocess_raw   python: decode, resize, normalise (zsad.data.preprocess)
-    NAME_<stage>    one model per Method.stages() entry (onnxruntime_onnx | tensorrt_plan | python + ONNX Runtime)
+    NAME_<stage>    one model per Method.stages() entry: onnxruntime_onnx | tensorrt_plan | openvino, or python
+                    running ONNX Runtime (triton_models/stage_ort) or OpenVINO (triton_models/stage_openvino)
     NAME_text_<field>  python, where the method takes text per request (Bayes-PFL's class_name): tokenises it
     NAME_restore    python, optional (--resize-to-input): anomaly maps back to the input images' sizes, flattened
                     and concatenated per request (``original_size`` tells how to split them)
-    NAME_torch      python-torch backend only: the whole stage chain in one process (fp16 / CUDA graphs on GPU),
-                    which keeps the encoder's taps (up to 22 MB per image) out of Triton's inter-model traffic
+    NAME_torch      python-torch backend only (triton_models/torch_chain): the whole stage chain in one process
+                    (fp16 / CUDA graphs on GPU), which keeps the encoder's taps (up to 22 MB per image) out of
+                    Triton's inter-model traffic
 
 Configs are rendered from plain dicts into protobuf text format; ``validate_config`` parses them against Triton's
 own ``ModelConfig`` schema (shipped in tritonclient) so a typo never reaches a server.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import re
 import shutil
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,7 +84,7 @@ def validate_config(text: str):
 def tensor_config(name: str, shape: tuple, dtype: torch.dtype) -> dict:
     """A config input/output; shape includes the leading "B". A per-item scalar becomes dims [1] + reshape []."""
     dims = [int(d) for d in shape[1:]]
-    out = {"name": name, "data_type": Sym(_DTYPES[dtype]), "dims": dims or [1]}
+    out: dict[str, object] = {"name": name, "data_type": Sym(_DTYPES[dtype]), "dims": dims or [1]}
     if not dims:
         out["reshape"] = {"shape": []}
     return out
@@ -122,7 +125,7 @@ def _common(opts: RepoOptions, name: str) -> dict:
 
 
 def _scheduling(opts: RepoOptions, kind: str | None = None) -> dict:
-    out = {}
+    out: dict[str, object] = {}
     if opts.dynamic_batching:
         batching = {"preferred_batch_size": sorted(set(opts.preferred_batch))} if opts.preferred_batch else {}
         out["dynamic_batching"] = {**batching, "max_queue_delay_microseconds": opts.queue_delay_us}
@@ -282,8 +285,8 @@ def ensemble_config(opts: RepoOptions, name: str, inputs: list[dict], outputs: l
     return cfg
 
 
-def write_model(repo: Path, cfg: dict, files: dict[str, Path | bytes] | None = None,
-                extra: dict[str, Path | bytes] | None = None) -> Path:
+def write_model(repo: Path, cfg: dict, files: Mapping[str, Path | bytes] | None = None,
+                extra: Mapping[str, Path | bytes] | None = None) -> Path:
     """Write ``repo/<name>/config.pbtxt`` (validated), version files under 1/, other files beside the config."""
     text = to_pbtxt(cfg) + "\n"
     validate_config(text)
@@ -325,7 +328,8 @@ def _standalone_text_encoder(text_input):
     if text_input.encoder not in _STANDALONE_TEXT_ENCODERS:
         raise ZsadError(f"internal: the served text model has no standalone version of {text_input.encoder}")
     tok = open_clip.get_tokenizer(resolve_arch(text_input.kwargs["arch"]))
-    if not isinstance(tok, open_clip.tokenizer.SimpleTokenizer) or tok.clean_fn is not open_clip.tokenizer._clean_lower \
+    if not isinstance(tok, open_clip.tokenizer.SimpleTokenizer) \
+            or tok.clean_fn is not open_clip.tokenizer._clean_lower \
             or tok.reduction_fn is not None or tok.context_length != 77:
         raise ZsadError(f"architecture {text_input.kwargs['arch']} uses a tokeniser other than CLIP's BPE "
                         f"(open_clip {type(tok).__name__}); the served text model cannot reproduce it")
@@ -368,7 +372,7 @@ def python_model_files(kind: str) -> dict[str, Path | bytes]:
 
 
 def python_source(kind: str) -> Path:
-    """A shipped python-backend model.py from triton_models/ (preprocess, stage_ort, restore, torch_chain, text_input)."""
+    """A shipped python-backend model.py: ``triton_models/<kind>/model.py`` (one folder per kind)."""
     path = SOURCES / kind / "model.py"
     if not path.is_file():
         raise ZsadError(f"python backend source missing: {path} (broken installation?)")
@@ -390,7 +394,8 @@ def repository_readme(name: str, ensembles: list[dict], backend: str, trained: b
              f"{'trained' if trained else 'UNTRAINED (random prompts and heads: for benchmarks only)'}. "
              f"`parity_report.json` beside this file says how close every stage came to PyTorch.", "",
              "## Serve", "", "```bash",
-             "tritonserver --model-repository=$(pwd)/<this repository>   # or, on a CPU box: zsad-serve <this repository>",
+             "tritonserver --model-repository=$(pwd)/<this repository>"
+             "   # or, on a CPU box: zsad-serve <this repository>",
              "```", "", "## Ensembles", ""]
     for cfg in ensembles:
         lines += [f"### `{cfg['name']}`", "", "| | tensor | type | shape |", "|---|---|---|---|"]

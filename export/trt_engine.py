@@ -17,7 +17,8 @@ def build_engine(onnx_path: Path, stage, opts, workspace_gib: float = 4.0) -> by
     try:
         import tensorrt as trt
     except ImportError as err:
-        raise ZsadError("TensorRT is not installed (pip install 'zsad[gpu]' on a machine with NVIDIA's TensorRT)") from err
+        raise ZsadError("TensorRT is not installed (pip install 'zsad[gpu]' on a machine with NVIDIA's "
+                        "TensorRT)") from err
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode

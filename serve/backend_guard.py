@@ -1,13 +1,14 @@
-"""Per-request isolation for zsad's python-backend models (imported by triton_models/*/model.py inside the stub).
+"""Per-request isolation for zsad's python-backend models (imported by triton_models/*/model.py inside the stub),
+and the batching around a stage model's run (:func:`run_stage_requests`).
 
 zsad-export copies this file beside every model.py as ``zsad_backend_guard.py``; it needs only numpy, so the models
 that need nothing else (preprocess, the class-name tokeniser, restore) run in a stock Triton container.
 
 Triton hands a python model a list of requests (a dynamic batch). An exception raised out of ``execute`` fails all
-of them with HTTP 500, so every model answers each request on its own: an input error (``BadInput``, ``ZsadError`` where zsad is installed)
-becomes that request's HTTP 400 / gRPC INVALID_ARGUMENT with a short, sanitised message; anything else is an
-internal fault: logged with its traceback, HTTP 500 for that request only. Messages never carry object reprs,
-file paths or more than ``MAX_MESSAGE`` characters of what a client sent.
+of them with HTTP 500, so every model answers each request on its own: an input error (``BadInput``, ``ZsadError``
+where zsad is installed) becomes that request's HTTP 400 / gRPC INVALID_ARGUMENT with a short, sanitised message;
+anything else is an internal fault: logged with its traceback, HTTP 500 for that request only. Messages never carry
+object reprs, file paths or more than ``MAX_MESSAGE`` characters of what a client sent.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ import numpy as np
 try:
     from zsad import ZsadError as InputError
 except ImportError:  # copied beside a model.py (zsad-export does) into a container without zsad: numpy only
-    class InputError(Exception):
+    # mypy types InputError from the import above and cannot follow this fallback definition
+    class InputError(Exception):  # type: ignore[no-redef]
         """A user-facing input error (zsad.ZsadError where zsad is installed)."""
 
 MAX_MESSAGE = 200
@@ -83,7 +85,7 @@ def run_batched(pb_utils, requests, read, run, write, model: str) -> list:
     if valid:
         try:
             outs = run([f for _, f in valid])
-            for (i, _), out in zip(valid, outs):
+            for (i, _), out in zip(valid, outs, strict=True):
                 responses[i] = write(out)
         except Exception:  # noqa: BLE001 - find the culprit(s): one request at a time
             for i, feeds in valid:
@@ -92,3 +94,28 @@ def run_batched(pb_utils, requests, read, run, write, model: str) -> list:
                 except Exception as err:  # noqa: BLE001
                     responses[i] = error_response(pb_utils, err, model)
     return responses
+
+
+def run_stage_requests(pb_utils, requests, inputs: list, outputs: list, run, model: str, bounds=None) -> list:
+    """The request loop of a stage model (stage_ort, stage_openvino, torch_chain): each request's ``inputs``
+    checked (:func:`check_tensor`, integer bounds from ``bounds``), the valid requests of a dynamic batch
+    concatenated along the batch axis into one ``run({input name: array}) -> [array per output]`` call, the
+    outputs split back into one response per request; :func:`run_batched` retries a failed batch one by one."""
+    bounds = bounds or {}
+
+    def read(request):
+        feeds = [pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in inputs]
+        for n, x in zip(inputs, feeds, strict=True):
+            check_tensor(n, x, bounds.get(n))
+        return feeds
+
+    def run_concatenated(feeds_list):
+        batch = {n: np.concatenate([f[i] for f in feeds_list]) for i, n in enumerate(inputs)}
+        splits = np.cumsum([f[0].shape[0] for f in feeds_list])[:-1]
+        return list(zip(*[np.split(np.asarray(o), splits) for o in run(batch)], strict=True))
+
+    def write(outs):
+        return pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor(n, np.ascontiguousarray(o)) for n, o in zip(outputs, outs, strict=True)])
+
+    return run_batched(pb_utils, requests, read, run_concatenated, write, model)

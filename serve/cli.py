@@ -1,9 +1,6 @@
 """zsad-serve (run a Triton server on a model repository) and zsad-infer (score images against a served ensemble)."""
 from __future__ import annotations
 
-import csv
-import glob
-import json
 import signal
 import sys
 import threading
@@ -14,6 +11,8 @@ import click
 
 from zsad import ZsadError
 from zsad.cli import cli_entry
+from zsad.data.io import image_paths
+from zsad.results import report_errors, result_rows, score_in_batches, write_results
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -64,25 +63,6 @@ def serve_main(repo, http_port, grpc_port, metrics_port, binary, log_verbose, tr
     click.echo("stopped")
 
 
-def expand_images(patterns) -> list[Path]:
-    """Files, folders (their images, recursively) and glob patterns -> sorted unique image paths."""
-    from zsad.data.io import is_image_file
-
-    found: list[Path] = []
-    for pat in patterns:
-        p = Path(pat)
-        if p.is_dir():
-            found += sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f))
-        elif p.is_file():
-            found.append(p)
-        else:
-            matches = sorted(Path(m) for m in glob.glob(pat, recursive=True))
-            if not matches:
-                raise ZsadError(f"no such file, folder or glob match: {pat}")
-            found += [m for m in matches if m.is_file() and is_image_file(m)]
-    return list(dict.fromkeys(found))
-
-
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.argument("images", nargs=-1, required=True)
 @click.option("--url", default="127.0.0.1:8000", help="Server address; 'grpc://host:port' selects gRPC.")
@@ -98,11 +78,9 @@ def expand_images(patterns) -> list[Path]:
 @cli_entry
 def infer_main(images, url, model, protocol, batch_size, threshold, out, heatmaps, class_name, no_progress):
     """Score IMAGES (files, folders, globs) with a served zsad ensemble; write scores and heatmaps."""
-    from tqdm import tqdm
-
     from zsad.serve.client import AnomalyClient
 
-    paths = expand_images(images)
+    paths = image_paths(images)
     if not paths:
         raise ZsadError("no images found in " + " ".join(images))
     if batch_size < 1:
@@ -114,48 +92,20 @@ def infer_main(images, url, model, protocol, batch_size, threshold, out, heatmap
     if class_name and not client.text_fields:
         click.echo(f"note: model '{model}' does not use a class name; --class-name ignored", err=True)
     out_dir = Path(out)
-    rows, results, t0 = [], [], time.perf_counter()
-    batches = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
-    for batch in tqdm(batches, desc=f"{model} @ {client.protocol}://{client.url}", disable=no_progress,
-                      unit="batch", dynamic_ncols=True):
-        try:
-            preds = client.infer(batch, class_names=class_name)
-        except ZsadError:
-            preds = []
-            for p in batch:  # isolate the bad image(s): one request each
-                try:
-                    preds += client.infer([p], class_names=class_name)
-                except ZsadError as err:
-                    preds.append(err)
-        for path, pred in zip(batch, preds):
-            if isinstance(pred, ZsadError):
-                rows.append({"image": str(path), "score": "", "decision": "", "error": str(pred)})
-                continue
-            decision = "" if threshold is None else ("NG" if pred.score >= threshold else "OK")
-            rows.append({"image": str(path), "score": f"{pred.score:.6f}", "decision": decision, "error": ""})
-            results.append((path, pred))
+    t0 = time.perf_counter()
+    outcomes = score_in_batches(paths, lambda batch: client.infer(batch, class_names=class_name), batch_size,
+                                f"{model} @ {client.protocol}://{client.url}", progress=not no_progress)
     seconds = time.perf_counter() - t0
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "scores.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["image", "score", "decision", "error"])
-        w.writeheader()
-        w.writerows(rows)
-    (out_dir / "scores.json").write_text(json.dumps({
+    rows = result_rows(outcomes, threshold)
+    write_results(out_dir, rows, outcomes, heatmaps, summary={
         "model": model, "url": url, "protocol": client.protocol, "threshold": threshold, "class_name": class_name,
-        "seconds": round(seconds, 3),
-        "images": [{**r, "score": float(r["score"]) if r["score"] else None} for r in rows]}, indent=2))
-    if heatmaps and results:
-        from zsad.visualize import save_prediction_panels
-
-        save_prediction_panels(out_dir / "heatmaps", results)
-    failed = [r for r in rows if r["error"]]
+        "seconds": round(seconds, 3)})
+    n_scored = sum(not r["error"] for r in rows)
     ng = sum(r["decision"] == "NG" for r in rows)
-    click.echo(f"{len(rows) - len(failed)} images scored in {seconds:.1f} s"
+    click.echo(f"{n_scored} images scored in {seconds:.1f} s"
                + (f", {ng} NG at threshold {threshold}" if threshold is not None else "")
-               + f"; wrote {out_dir / 'scores.csv'}, scores.json" + (", heatmaps/" if heatmaps and results else ""))
-    for r in failed:
-        click.echo(f"error: {r['image']}: {r['error']}", err=True)
-    if failed:
+               + f"; wrote {out_dir / 'scores.csv'}, scores.json" + (", heatmaps/" if heatmaps and n_scored else ""))
+    if report_errors(rows):
         sys.exit(1)
 
 

@@ -10,9 +10,9 @@
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -87,7 +87,8 @@ class AnomalyClient:
             kwargs = {"client_timeout": self.timeout} if self.protocol == "grpc" else {}
             res = self.client.infer(model, inputs, outputs=outputs, **kwargs)
         except Exception as err:  # InferenceServerException: the server's own message is the useful part
-            msg = err.message() if callable(getattr(err, "message", None)) else str(err)
+            message = getattr(err, "message", None)
+            msg = message() if callable(message) else str(err)
             raise ZsadError(f"inference failed on {model}: {msg}") from err
         return {n: res.as_numpy(n) for n in self.outputs}
 
@@ -115,6 +116,8 @@ class AnomalyClient:
             names = per_image_names(class_names, len(images))
             text = np.array([n.encode("utf-8") for n in names], dtype=object).reshape(-1, 1)
             feeds = [(field, text, "BYTES") for field in self.text_fields]
+        if sources and len(sources) != len(images):
+            raise ZsadError(f"got {len(sources)} sources for {len(images)} images: give one per image, or none")
         sources = list(sources) if sources else [str(i) if isinstance(i, (str, Path)) else f"#{k}"
                                                  for k, i in enumerate(images)]
         if raw:
@@ -137,7 +140,7 @@ class AnomalyClient:
                 start += h * w
         else:
             maps = list(out["anomaly_map"])
-        return [Prediction(float(s), m, src) for s, m, src in zip(scores, maps, sources)]
+        return [Prediction(float(s), m, src) for s, m, src in zip(scores, maps, sources, strict=True)]
 
 
 def _to_uint8(image: np.ndarray, scale: float | None) -> np.ndarray:
@@ -153,5 +156,6 @@ def _to_uint8(image: np.ndarray, scale: float | None) -> np.ndarray:
     if not np.isfinite(x).all():
         raise ZsadError("raw image holds NaN or infinite values")
     if x.size and (x.min() < -0.5 or x.max() > 255.5):
-        raise ZsadError(f"raw image values times scale={scale} must lie in [0, 255], got [{x.min():.4g}, {x.max():.4g}]")
+        raise ZsadError(f"raw image values times scale={scale} must lie in [0, 255], "
+                        f"got [{x.min():.4g}, {x.max():.4g}]")
     return np.rint(x).astype(np.uint8)

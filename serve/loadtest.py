@@ -8,7 +8,6 @@ latency percentiles, failures, mismatches and the server process tree's resident
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import threading
@@ -19,6 +18,7 @@ import click
 import numpy as np
 
 from zsad.cli import cli_entry
+from zsad.data.synthetic import sample_pngs
 
 
 def process_tree_rss(pid: int) -> int:
@@ -42,20 +42,6 @@ def process_tree_rss(pid: int) -> int:
         except (OSError, StopIteration):
             continue
     return total
-
-
-def synthetic_pngs(n: int = 6, size: int = 256) -> list[bytes]:
-    from PIL import Image
-
-    from zsad.data.synthetic import SYNTHETIC_TEST_CLASSES, render_sample
-
-    out = []
-    for i in range(n):
-        buf = io.BytesIO()
-        cls = SYNTHETIC_TEST_CLASSES[i % len(SYNTHETIC_TEST_CLASSES)]
-        Image.fromarray(render_sample(cls, "test_defect", i, image_size=size).image).save(buf, "PNG")
-        out.append(buf.getvalue())
-    return out
 
 
 def run_load(url: str, model: str, images: list[bytes], clients: int = 8, seconds: float = 20.0,
@@ -132,7 +118,7 @@ def run_load(url: str, model: str, images: list[bytes], clients: int = 8, second
 @cli_entry
 def main(url, model, protocol, clients, seconds, server_pid, out, class_name):
     """Bounded concurrent load against a served zsad ensemble."""
-    result = run_load(url, model, synthetic_pngs(), clients, seconds, protocol, server_pid, class_name=class_name)
+    result = run_load(url, model, sample_pngs(6), clients, seconds, protocol, server_pid, class_name=class_name)
     text = json.dumps(result, indent=2)
     click.echo(text)
     if out:

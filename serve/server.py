@@ -18,6 +18,7 @@ SIGKILLed zsad-serve leaves no server behind.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -86,7 +87,8 @@ def python_stubs(server_pid: int) -> dict[int, tuple[str, str, str]]:
 def free_ports(n: int, taken: tuple[int, ...] = ()) -> list[int]:
     """``n`` distinct free loopback ports, none in ``taken``. The sockets stay bound until all are picked: picking
     them one at a time can hand out the same port twice (the OS reuses a just-released ephemeral port)."""
-    socks, ports = [], []
+    socks: list[socket.socket] = []
+    ports: list[int] = []
     try:
         while len(ports) < n:
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -170,17 +172,19 @@ class TritonServer:
 
     @property
     def log_path(self) -> Path:
+        if self._workdir is None:
+            raise ZsadError("the Triton server has not been started: it has no log yet")
         return self._workdir / "tritonserver.log"
 
-    def _resolve_binary(self) -> ServerBinary:
+    def _resolve_binary(self, workdir: Path) -> ServerBinary:
         path = self.binary or shutil.which("tritonserver")
         if path:
             return ServerBinary(Path(path), None, None, {})
-        return _bundled_binary(self._workdir)
+        return _bundled_binary(workdir)
 
-    def start(self) -> "TritonServer":
+    def start(self) -> TritonServer:
         self._workdir = Path(tempfile.mkdtemp(prefix="zsad-triton-"))
-        server = self._resolve_binary()
+        server = self._resolve_binary(self._workdir)
         cmd = [str(server.path), f"--model-repository={self.repo}",
                f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}",
                f"--metrics-port={self.metrics_port}", "--http-address=127.0.0.1", "--grpc-address=127.0.0.1",
@@ -196,22 +200,21 @@ class TritonServer:
         cmd += self.extra_args
         env = dict(os.environ, **server.env)
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-        logfile = open(self.log_path, "wb")
-        self.process = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                        preexec_fn=_die_with_parent)
-        logfile.close()
-        self._wait_ready()
+        with open(self.log_path, "wb") as logfile:
+            self.process = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, env=env,
+                                            start_new_session=True, preexec_fn=_die_with_parent)
+        self._wait_ready(self.process)
         self._monitor = threading.Thread(target=self._watch_stubs, name="zsad-stub-monitor", daemon=True)
         self._monitor.start()
         return self
 
-    def _wait_ready(self) -> None:
+    def _wait_ready(self, process: subprocess.Popen) -> None:
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
+            if process.poll() is not None:
                 tail = self.log_tail()
                 self.stop()
-                raise ZsadError(f"tritonserver exited with code {self.process.returncode} while starting:\n{tail}")
+                raise ZsadError(f"tritonserver exited with code {process.returncode} while starting:\n{tail}")
             if self.ready():
                 return
             time.sleep(0.25)
@@ -261,13 +264,14 @@ class TritonServer:
             known = alive
 
     def _reload(self, model: str, pid: int) -> None:
-        event = {"model": model, "pid": pid, "detected": time.time()}
+        detected = time.time()
+        event = {"model": model, "pid": pid, "detected": detected}
         self.events.append(event)
         log.warning("python stub of model '%s' (pid %d) died; reloading the model", model, pid)
         try:
             self._admin(f"/v2/repository/models/{model}/load", timeout=120)
-            event["reloaded"] = time.time()
-            log.warning("model '%s' reloaded in %.1f s", model, event["reloaded"] - event["detected"])
+            event["reloaded"] = reloaded = time.time()
+            log.warning("model '%s' reloaded in %.1f s", model, reloaded - detected)
         except (urllib.error.URLError, OSError, ValueError) as err:
             self.healthy = False
             log.error("model '%s' could not be reloaded (%s): the server is not ready", model, err)
@@ -296,10 +300,8 @@ class TritonServer:
                     p.wait(timeout=timeout)
                 except subprocess.TimeoutExpired:
                     pass
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(p.pid, signal.SIGKILL)  # stubs of a server that overran or died
-            except (ProcessLookupError, PermissionError):
-                pass
             if p.poll() is None:
                 p.wait(timeout=10)
         for region in self._shm_regions:
@@ -309,7 +311,7 @@ class TritonServer:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
 
-    def __enter__(self) -> "TritonServer":
+    def __enter__(self) -> TritonServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

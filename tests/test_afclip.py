@@ -266,7 +266,7 @@ def test_few_shot_eval_cli(tmp_path, tiny_method):
     from click.testing import CliRunner
 
     from zsad.checkpoint import save_checkpoint
-    from zsad.evaluate import main as eval_cli
+    from zsad.evaluate_cli import main as eval_cli
 
     _write_mvtec(tmp_path / "mvtec", np.random.default_rng(0))
     save_checkpoint(tmp_path / "ckpt", tiny_method("afclip"), epochs=0)

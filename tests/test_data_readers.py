@@ -1,6 +1,7 @@
 """Readers, image/mask decoding, CLIP pre-processing and the torch Dataset, on tiny fake data set trees."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -476,7 +477,7 @@ def test_anomaly_dataset_items_and_batching(tmp_path):
 
 def test_sample_is_frozen():
     s = Sample(Path("a.png"), None, 0, "c", "good")
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         s.label = 1  # type: ignore[misc]
 
 
@@ -495,3 +496,17 @@ def test_anomaly_dataset_refuses_a_mask_of_another_size(tmp_path):
     want = np.zeros((8, 8), np.float32)
     want[2:4, 4:6] = 1
     np.testing.assert_array_equal(got, want)
+
+
+def test_image_paths_expands_files_folders_and_globs(tmp_path):
+    """zsad-predict / zsad-infer inputs: folders recursively and sorted, globs, files; duplicates once, in order."""
+    from zsad.data.io import image_paths
+
+    for rel in ("d/b.png", "d/a.jpg", "d/sub/c.PNG", "d/notes.txt", "e/x.bmp", "e/y.tif"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    got = image_paths([tmp_path / "e" / "y.tif", tmp_path / "d", str(tmp_path / "e" / "*"), tmp_path / "d" / "a.jpg"])
+    assert got == [tmp_path / "e" / "y.tif", tmp_path / "d" / "a.jpg", tmp_path / "d" / "b.png",
+                   tmp_path / "d" / "sub" / "c.PNG", tmp_path / "e" / "x.bmp"]
+    with pytest.raises(ZsadError, match="no such file, folder or glob match"):
+        image_paths([tmp_path / "missing.png"])

@@ -12,7 +12,7 @@ from sklearn.metrics import roc_auc_score
 import zsad.methods as M
 from zsad.checkpoint import save_checkpoint
 from zsad.data import AnomalyDataset, load_samples
-from zsad.evaluate import main as eval_cli
+from zsad.evaluate_cli import main as eval_cli
 
 
 def _write_mpdd(root, rng):
@@ -60,8 +60,10 @@ def test_eval_cli_writes_everything(setup):
     assert report["mean"]["image_auroc"] == report["per_class"]["bracket_black"]["image_auroc"]
     assert report["paper"]["image_auroc"]["value"] == 80.3  # BAG-CLIP on MPDD, the paper's table
     assert "paper" in res.output and "80.3" in res.output and "RANDOM weights" in res.output
-    rows = list(csv.reader(open(out / "metrics.csv")))
-    assert rows[0][:3] == ["class", "images", "anomalous"] and [r[0] for r in rows[1:]] == ["bracket_black", "tubes", "mean"]
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows[0][:3] == ["class", "images", "anomalous"]
+    assert [r[0] for r in rows[1:]] == ["bracket_black", "tubes", "mean"]
     pngs = sorted((out / "heatmaps").rglob("*.png"))
     assert len(pngs) == 3 and all(Image.open(p).size == (2 * 224 + 4, 224) for p in pngs)
 
@@ -224,7 +226,8 @@ def test_eval_protocol_paper_afclip_uses_its_aupro(setup, tmp_path):
     args = ["--checkpoint", str(tmp_path / "ckpt"), "--data", str(base / "mpdd"), "--classes", "bracket_black",
             "--heatmaps", "0", "--no-progress", "--device", "cpu"]
     out = {}
-    for extra in (["--protocol", "paper"], ["--aupro-mode", "afclip"], ["--protocol", "paper", "--aupro-mode", "mvtec"]):
+    for extra in (["--protocol", "paper"], ["--aupro-mode", "afclip"],
+                  ["--protocol", "paper", "--aupro-mode", "mvtec"]):
         name = "-".join(extra)
         assert CliRunner().invoke(eval_cli, args + ["--out", str(tmp_path / name)] + extra).exit_code == 0
         out[name] = json.loads((tmp_path / name / "metrics.json").read_text())

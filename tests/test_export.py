@@ -14,8 +14,18 @@ from zsad import ZsadError
 from zsad.export import exporter, parity
 from zsad.export.cli import main as export_cli
 from zsad.export.onnx_export import export_stage
-from zsad.export.triton_repo import (BACKENDS, RepoOptions, ensemble_config, preprocess_config, restore_config,
-                                     stage_config, tensor_config, to_pbtxt, torch_config, validate_config)
+from zsad.export.triton_repo import (
+    BACKENDS,
+    RepoOptions,
+    ensemble_config,
+    preprocess_config,
+    restore_config,
+    stage_config,
+    tensor_config,
+    to_pbtxt,
+    torch_config,
+    validate_config,
+)
 
 
 def _parse(cfg: dict):
@@ -209,22 +219,24 @@ def test_fp16_onnx_parity_on_cuda(tmp_path):
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("onnxruntime has no CUDA provider here")
-    res = exporter.export_model(model="anomalyclip", profile="tiny", backend="onnxruntime", fp16=True,
-                                out=tmp_path / "repo", max_batch=4, log=lambda *a: None)
+    res = exporter.export_model(exporter.ExportOptions(model="anomalyclip", profile="tiny", backend="onnxruntime",
+                                                       fp16=True, out=tmp_path / "repo",
+                                                       max_batch=4), log=lambda *a: None)
     assert all(r.ok for r in res.parity_rows) and res.parity_rows[0].tol == parity.FP16_TOL
 
 
 def test_tensorrt_engine_builds(tmp_path, tiny_method):
     pytest.importorskip("tensorrt")
-    res = exporter.export_model(model="anomalyclip", profile="tiny", backend="tensorrt", out=tmp_path / "repo",
-                                max_batch=4, log=lambda *a: None)
+    res = exporter.export_model(exporter.ExportOptions(model="anomalyclip", profile="tiny", backend="tensorrt",
+                                                       out=tmp_path / "repo", max_batch=4), log=lambda *a: None)
     assert (tmp_path / "repo" / "anomalyclip_encoder" / "1" / "model.plan").stat().st_size > 0
     assert res.ensembles == ["anomalyclip", "anomalyclip_raw"]
 
 
 def test_python_torch_backend_ships_a_checkpoint(tmp_path):
-    res = exporter.export_model(model="bagclip", profile="tiny", backend="python-torch", device="cpu",
-                                out=tmp_path / "repo", max_batch=4, parity_images=2, log=lambda *a: None)
+    res = exporter.export_model(exporter.ExportOptions(model="bagclip", profile="tiny", backend="python-torch",
+                                                       device="cpu", out=tmp_path / "repo", max_batch=4,
+                                                       parity_images=2), log=lambda *a: None)
     mdir = tmp_path / "repo" / "bagclip_torch" / "1"
     assert (mdir / "model.py").is_file() and (mdir / "checkpoint" / "checkpoint.safetensors").is_file()
     assert res.models.count("bagclip_torch") == 1 and all(r.ok for r in res.parity_rows)
@@ -234,9 +246,10 @@ def test_python_torch_backend_ships_a_checkpoint(tmp_path):
 def test_vit_l_paper_profile_exports_on_this_box(tmp_path):
     """The real ViT-L-14-336 at 518 px (random weights) through the whole export: single-file ONNX under 2 GB,
     every stage and the chain within the fp32 tolerance (batch 1 only, to keep CPU time reasonable)."""
-    res = exporter.export_model(model="anomalyclip", profile="paper", clip_weights=None, backend="python-ort",
-                                out=tmp_path / "repo", max_batch=4, parity_images=1, log=lambda *a: None,
-                                overrides={"backbone": {"pretrained": None}})
+    res = exporter.export_model(exporter.ExportOptions(model="anomalyclip", profile="paper", clip_weights=None,
+                                                       backend="python-ort", out=tmp_path / "repo", max_batch=4,
+                                                       parity_images=1, overrides={"backbone": {"pretrained": None}}),
+                                log=lambda *a: None)
     enc = tmp_path / "repo" / "anomalyclip_encoder" / "1"
     assert (enc / "model.onnx").stat().st_size < 2 * 1024 ** 3 and not (enc / "model.onnx.data").exists()
     assert all(r.ok for r in res.parity_rows)

@@ -29,7 +29,7 @@ from PIL import Image
 import zsad.methods as M
 from zsad.data import preprocess
 from zsad.data.synthetic import SYNTHETIC_TEST_CLASSES, render_sample
-from zsad.export.exporter import export_model
+from zsad.export.exporter import ExportOptions, export_model
 from zsad.serve.client import AnomalyClient
 from zsad.serve.server import SHM_PREFIX, TritonServer, python_stubs
 
@@ -56,8 +56,8 @@ def server(tmp_path_factory):
     repo = tmp_path_factory.mktemp("hostile_repo")
     # one export (the export is most of this file's time): Bayes-PFL has every kind of model (preprocess, text,
     # image and text stages with float and integer inputs, restore)
-    export_model(model="bayespfl", profile="tiny", backend="python-ort", out=repo, max_batch=8, parity_images=2,
-                 resize_to_input=True, max_pixels=MAX_PIXELS, log=lambda *a: None)
+    export_model(ExportOptions(model="bayespfl", profile="tiny", backend="python-ort", out=repo, max_batch=8,
+                               parity_images=2, resize_to_input=True, max_pixels=MAX_PIXELS), log=lambda *a: None)
     with TritonServer(repo) as srv:
         yield srv
 

@@ -23,7 +23,7 @@ import zsad.methods as M
 from zsad import ZsadError
 from zsad.checkpoint import load_checkpoint, save_checkpoint
 from zsad.export.parity import synthetic_class_names, synthetic_images
-from zsad.methods.base import BackboneConfig, EncoderStage, Method, Stage, TrainConfig
+from zsad.methods.base import BackboneConfig, BoundStage, EncoderStage, Method, Stage, TrainConfig
 from zsad.postprocess import Postprocess
 
 
@@ -37,7 +37,7 @@ def _ort_chain(repo: Path, model: str, stages, feed: dict[str, np.ndarray]) -> d
         sess = ort.InferenceSession(str(repo / f"{model}_{st.name}" / "1" / "model.onnx"),
                                     providers=["CPUExecutionProvider"])
         outs = sess.run(None, {i.name: env[i.name] for i in sess.get_inputs()})
-        env.update(zip((o.name for o in sess.get_outputs()), outs))
+        env.update(zip((o.name for o in sess.get_outputs()), outs, strict=True))
     return env
 
 
@@ -50,10 +50,10 @@ def _eager_and_feed(method, images: torch.Tensor):
 
 
 def _export(tmp_path, model: str, profile: str):
-    from zsad.export.exporter import export_model
+    from zsad.export.exporter import ExportOptions, export_model
 
-    return export_model(model=model, profile=profile, backend="onnxruntime", device="cpu", max_batch=2,
-                        parity_images=1, out=tmp_path / "repo", log=lambda *a: None)
+    return export_model(ExportOptions(model=model, profile=profile, backend="onnxruntime", device="cpu", max_batch=2,
+                                      parity_images=1, out=tmp_path / "repo"), log=lambda *a: None)
 
 
 def _assert_exported_matches_eager(tmp_path, model: str, profile: str):
@@ -87,6 +87,26 @@ def _assert_checkpoint_round_trip(tmp_path, method):
 
 
 # -- every registered method ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", M.available())
+def test_stage_chain_by_hand_equals_forward(tiny_method, name):
+    """Each stage called on its declared inputs gives its declared outputs (names, shapes, dtypes), and the chain
+    ends in exactly what ``forward`` returns."""
+    method = tiny_method(name)
+    images = torch.from_numpy(synthetic_images(method.image_size, n=3))
+    out, feed = _eager_and_feed(method, images)
+    env = {k: torch.from_numpy(v) for k, v in feed.items()}
+    with torch.no_grad():
+        for st in method.stages():
+            res = st.module(*[env[n] for n in st.inputs])
+            res = res if isinstance(res, tuple) else (res,)
+            assert len(res) == len(st.outputs), st.name
+            for (oname, shape), t in zip(st.outputs.items(), res, strict=True):
+                assert tuple(t.shape) == tuple(3 if d == "B" else d for d in shape), (st.name, oname)
+                assert t.dtype == st.dtype(oname), (st.name, oname)
+                env[oname] = t
+    assert torch.equal(env["score"], out.score) and torch.equal(env["anomaly_map"], out.anomaly_map)
+
+
 @pytest.mark.parametrize("name", M.available())
 def test_exported_onnx_chain_equals_eager(tmp_path, name):
     _assert_exported_matches_eager(tmp_path, name, "tiny")
@@ -128,15 +148,6 @@ class ProbeConfig:
     sigma: float
 
 
-class _ProbeHead(nn.Module):
-    def __init__(self, method: "ProbeMethod"):
-        super().__init__()
-        self.method = method
-
-    def forward(self, global_embedding, taps):
-        return self.method.head(global_embedding, taps)
-
-
 class ProbeMethod(Method):
     """Patch score = sigmoid(last tap . w); image score = sigmoid(mean of the global embedding * a)."""
 
@@ -165,7 +176,7 @@ class ProbeMethod(Method):
         enc = {"global_embedding": ("B", e), "taps": ("B", len(self.config.taps), n, d)}
         head = {"image_prob": ("B",), "patch_map": ("B", g, g)}
         return [Stage("encoder", EncoderStage(self), {"images": ("B", 3, s, s)}, enc),
-                Stage("head", _ProbeHead(self), enc, head),
+                Stage("head", BoundStage(self, "head"), enc, head),
                 Stage("postprocess", self.postprocess, head, {"score": ("B",), "anomaly_map": ("B", s, s)})]
 
     def loss(self, batch):
@@ -258,8 +269,47 @@ def test_config_class_name_and_signatures_are_checked_at_definition():
         _define(encode=lambda self, images, extra: None)
 
 
-def test_paper_names_are_the_reference_tables_names():
-    from zsad.reference import PAPER_NAMES, tables
+@pytest.mark.parametrize("attr, value", [("paper_aupro_mode", "pro"), ("paper_aupro_mode", "")])
+def test_paper_aupro_mode_is_checked_at_definition(attr, value):
+    with pytest.raises(TypeError, match=f"{attr} must be one of"):
+        _define(**{attr: value})
 
-    assert {n: M.METHODS[n].paper_name for n in M.available()} == {n: PAPER_NAMES[n] for n in M.available()}
-    assert {M.METHODS[n].paper_name for n in M.available()} <= {r["method"] for r in tables()["results"]}
+
+def test_paper_names_are_the_reference_tables_names():
+    from zsad.reference import efficiency_rows, known_datasets, paper_method_name, paper_metrics, tables
+
+    named = {r["method"] for r in tables()["results"]}
+    for n in M.available():
+        cls = M.METHODS[n]
+        assert cls.paper_name and paper_method_name(n) == cls.paper_name and cls.paper_name in named
+        assert any(paper_metrics(n, ds) for ds in known_datasets()), n  # published zero-shot numbers somewhere
+        if cls.paper_few_shot_name:
+            assert paper_method_name(n, "few-shot-4") == cls.paper_few_shot_name in named
+    assert all(r["method"] == "BAG-CLIP" for r in efficiency_rows("bagclip")) and efficiency_rows("bagclip")
+    assert paper_method_name("not_registered") == "not_registered"
+
+
+def test_paper_facts_come_from_the_method(monkeypatch):
+    """The reference tables and the paper protocol read a registered method's own attributes; a method with no
+    paper name maps to itself."""
+    from zsad.protocols import paper_aupro_mode
+    from zsad.reference import paper_method_name
+
+    monkeypatch.setitem(M.METHODS, "probe_variant", _define(paper_aupro_mode="mvtec", paper_name="SOWA"))
+    monkeypatch.setitem(M.METHODS, ProbeMethod.name, ProbeMethod)
+    assert paper_method_name("probe_variant") == "SOWA" and paper_aupro_mode("probe_variant") == "mvtec"
+    assert paper_method_name(ProbeMethod.name) == ProbeMethod.name
+
+
+def test_bound_stage_bakes_its_constants_and_checks_its_function():
+    m = M.create("anomalyclip", "tiny")
+    text = torch.randn(2, m.backbone.info.embed_dim)
+    stage = BoundStage(m, "head", text=text)
+    assert "text" in dict(stage.named_buffers()) and torch.equal(stage.text, text) and stage.text is not text
+    g, taps = torch.randn(2, m.backbone.info.embed_dim), torch.randn(2, len(m.config.taps), 196, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(stage(g, taps), m.head(g, taps, text), rtol=0, atol=0)
+    with pytest.raises(TypeError, match="no function 'hed'"):
+        BoundStage(m, "hed")
+    with pytest.raises(TypeError, match=r"head has no parameter \['txt'\]"):
+        BoundStage(m, "head", txt=text)

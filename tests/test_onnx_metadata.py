@@ -9,7 +9,7 @@ from onnx.reference import ReferenceEvaluator
 import zsad
 import zsad.methods as M
 from zsad.checkpoint import save_checkpoint
-from zsad.export.exporter import export_model
+from zsad.export.exporter import ExportOptions, export_model
 from zsad.export.onnx_export import stamp_metadata
 
 
@@ -21,8 +21,8 @@ def test_exported_stages_carry_their_metadata(tmp_path):
     method = M.create("anomalyclip", "tiny")
     ckpt = save_checkpoint(tmp_path / "ckpt", method)
     sha = hashlib.sha256((ckpt / "checkpoint.safetensors").read_bytes()).hexdigest()
-    res = export_model(checkpoint=str(ckpt), backend="onnxruntime", out=tmp_path / "repo", max_batch=2,
-                       parity_images=2, log=lambda *a: None)
+    res = export_model(ExportOptions(checkpoint=str(ckpt), backend="onnxruntime", out=tmp_path / "repo", max_batch=2,
+                                     parity_images=2), log=lambda *a: None)
     files = sorted(res.repo.glob("*/1/model.onnx"))
     stages = [s.name for s in method.stages()]
     assert len(files) == len(stages) >= 2
@@ -44,8 +44,8 @@ def test_exported_stages_carry_their_metadata(tmp_path):
 
 
 def test_untrained_export_says_so_and_has_no_checkpoint_hash(tmp_path):
-    res = export_model(model="anomalyclip", profile="tiny", backend="onnxruntime", out=tmp_path / "repo",
-                       max_batch=2, parity_images=2, log=lambda *a: None)
+    res = export_model(ExportOptions(model="anomalyclip", profile="tiny", backend="onnxruntime", out=tmp_path / "repo",
+                                     max_batch=2, parity_images=2), log=lambda *a: None)
     for f in res.repo.glob("*/1/model.onnx"):
         props = _props(f)
         assert props["zsad.trained"] == "false"

@@ -13,7 +13,8 @@ import zsad.methods as M
 from zsad import ZsadError
 from zsad.checkpoint import save_checkpoint
 from zsad.data.synthetic import SYNTHETIC_TEST_CLASSES, render_sample
-from zsad.predict import Predictor, main
+from zsad.predict import Predictor
+from zsad.predict_cli import main
 
 # OpenAI CLIP's published normalisation, typed in here independently of zsad.data
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
@@ -56,7 +57,7 @@ def test_predict_equals_eager_model_with_hand_preprocessing(method, images):
         ref = method(torch.from_numpy(np.stack([_by_hand(a, size) for a in images])))
     preds = Predictor(method, batch_size=2).predict(images)  # two batches: 2 + 1
     assert len(preds) == 3
-    for i, (p, a) in enumerate(zip(preds, images)):
+    for i, (p, a) in enumerate(zip(preds, images, strict=True)):
         h, w = a.shape[:2]
         assert p.score == pytest.approx(float(ref.score[i]), rel=1e-5, abs=1e-7)
         assert p.anomaly_map.shape == (h, w) and p.anomaly_map.dtype == np.float32
@@ -124,7 +125,8 @@ def test_cli_writes_scores_and_heatmaps(method, images, tmp_path):
                                     "--threshold", "0.5", "--no-progress"])
     assert res.exit_code == 1, res.output  # the broken file is reported; the others are scored
     assert "broken.png" in res.output and "Traceback" not in res.output
-    rows = {r["image"]: r for r in csv.DictReader(open(out / "scores.csv"))}
+    with open(out / "scores.csv") as f:
+        rows = {r["image"]: r for r in csv.DictReader(f)}
     assert len(rows) == 4 and rows[str(folder / "broken.png")]["error"].startswith("cannot decode")
     expected = Predictor(method).predict(images)
     for i, e in enumerate(expected):
@@ -161,7 +163,7 @@ def test_console_scripts_point_at_click_commands():
     import click
 
     scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
-    for name in ("zsad-predict", "zsad-train"):
+    for name in ("zsad-eval", "zsad-predict", "zsad-train"):
         module, attr = scripts[name].split(":")
         assert isinstance(getattr(importlib.import_module(module), attr), click.Command), name
 
@@ -169,17 +171,17 @@ def test_console_scripts_point_at_click_commands():
 @pytest.mark.server
 def test_predict_equals_the_served_answer(method, images, tmp_path):
     """The same tiny model exported with --resize-to-input and served by a real tritonserver answers the same."""
-    from zsad.export.exporter import export_model
+    from zsad.export.exporter import ExportOptions, export_model
     from zsad.serve.client import AnomalyClient
     from zsad.serve.server import TritonServer
 
     ckpt = save_checkpoint(tmp_path / "ckpt", method)
-    export_model(checkpoint=str(ckpt), backend="python-ort", out=tmp_path / "repo", max_batch=4, parity_images=2,
-                 resize_to_input=True, max_pixels=1_000_000, log=lambda *a: None)
+    export_model(ExportOptions(checkpoint=str(ckpt), backend="python-ort", out=tmp_path / "repo", max_batch=4,
+                               parity_images=2, resize_to_input=True, max_pixels=1_000_000), log=lambda *a: None)
     local = Predictor.from_checkpoint(ckpt).predict([_png(a) for a in images])
     with TritonServer(tmp_path / "repo") as srv:
         served = AnomalyClient(srv.http_url, "anomalyclip").infer([_png(a) for a in images])
-    for lp, sp in zip(local, served):
+    for lp, sp in zip(local, served, strict=True):
         assert lp.score == pytest.approx(sp.score, rel=1e-4, abs=1e-6)  # ONNX Runtime vs torch: float rounding
         assert lp.anomaly_map.shape == sp.anomaly_map.shape
         np.testing.assert_allclose(lp.anomaly_map, sp.anomaly_map, rtol=1e-4, atol=1e-4 * np.abs(sp.anomaly_map).max())

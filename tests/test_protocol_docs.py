@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from zsad.export.exporter import export_model
+from zsad.export.exporter import ExportOptions, export_model
 from zsad.serve.client import AnomalyClient
 from zsad.serve.server import TritonServer
 
@@ -62,8 +62,8 @@ def counter(text: str, name: str, model: str, reason: str | None = None) -> floa
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     work = tmp_path_factory.mktemp("protocol_docs")
-    export_model(model=MODEL, profile="tiny", backend="python-ort", out=work / "repo", max_batch=4, parity_images=2,
-                 log=lambda *a: None)
+    export_model(ExportOptions(model=MODEL, profile="tiny", backend="python-ort", out=work / "repo", max_batch=4,
+                               parity_images=2), log=lambda *a: None)
     image = work / "image.png"  # not square, so a swapped H/W would show
     Image.fromarray(np.random.default_rng(3).integers(0, 256, (50, 70, 3), dtype=np.uint8)).save(image)
     with TritonServer(work / "repo") as srv:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from zsad.data.synthetic import (
     SYNTHETIC_TRAIN_CLASSES,
     generate,
     render_sample,
+    sample_pngs,
 )
 
 SMALL = dict(image_size=64, n_train_good=1, n_test_good=2, n_test_defect=5, progress=False)
@@ -98,7 +100,7 @@ def test_files_match_render_and_masks_are_exact(small_set):
 def test_defect_sizes_in_range():
     fractions = [render_sample(c, "test_defect", i, seed=3, image_size=128).mask.mean()
                  for c in SYNTHETIC_CLASSES for i in range(6)]
-    assert 0.002 <= min(fractions) and max(fractions) <= 0.09
+    assert min(fractions) >= 0.002 and max(fractions) <= 0.09
     assert max(fractions) / min(fractions) > 5  # varied, not one size
 
 
@@ -179,3 +181,17 @@ def test_cli(tmp_path):
     assert len(load_samples(out, "test")) == 2 * 3
     res = CliRunner().invoke(_cli(), [str(tmp_path / "y"), "--classes", "toaster", "--quiet"])
     assert res.exit_code != 0 and "toaster" in res.output
+
+
+def test_sample_pngs_decode_to_the_rendered_images():
+    """PNG bytes for clients: image i is defect image i of test class i % 4; with_good makes every third good."""
+    for with_good in (False, True):
+        pngs = sample_pngs(5, image_size=48, seed=1, with_good=with_good)
+        assert len(pngs) == 5
+        for i, data in enumerate(pngs):
+            assert data.startswith(b"\x89PNG")
+            decoded = np.asarray(Image.open(io.BytesIO(data)))
+            part = "test_good" if with_good and i == 2 else "test_defect"
+            expected = render_sample(SYNTHETIC_TEST_CLASSES[i % 4], part, i, seed=1, image_size=48).image
+            np.testing.assert_array_equal(decoded, expected)
+    assert sample_pngs(2, image_size=48, classes=["nut"]) != sample_pngs(2, image_size=48)

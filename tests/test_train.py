@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 import torch
+from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import zsad.methods as M
@@ -33,7 +33,8 @@ def test_checkpoint_round_trip(tmp_path, synthetic):
     meta = read_sidecar(tmp_path)
     assert (meta["method"], meta["profile"], meta["epochs"], meta["clip_weights"]) == ("bagclip", "tiny", 1, "random")
     assert meta["config"]["graph"]["knn_k"] == 8 and meta["versions"]["torch"] == torch.__version__
-    assert meta["trainable_parameters"] == sum(v.numel() for v in load_file(str(tmp_path / "checkpoint.safetensors")).values())
+    saved = load_file(str(tmp_path / "checkpoint.safetensors"))
+    assert meta["trainable_parameters"] == sum(v.numel() for v in saved.values())
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temp files
     loaded, _ = load_checkpoint(tmp_path / "checkpoint.safetensors")
     x = torch.randn(2, 3, 224, 224)
@@ -190,7 +191,7 @@ def test_crash_inside_any_write_resumes_exactly(tmp_path, synthetic, monkeypatch
 
 
 def test_damaged_runs_and_checkpoints_are_one_line_errors(tmp_path, synthetic):
-    from zsad.evaluate import main as eval_cli
+    from zsad.evaluate_cli import main as eval_cli
 
     run = tmp_path / "run"
     train(M.create("anomalyclip", "tiny", train={"epochs": 1, "batch_size": 4}), _small_set(synthetic, n=4), run,

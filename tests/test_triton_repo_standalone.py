@@ -17,7 +17,7 @@ from tritonclient.grpc import model_config_pb2
 
 from zsad import ZsadError
 from zsad._compat import ensure_torchvision_importable
-from zsad.export.exporter import export_model
+from zsad.export.exporter import ExportOptions, export_model
 from zsad.export.triton_repo import SOURCES, RepoOptions
 
 ensure_torchvision_importable()
@@ -26,8 +26,8 @@ ensure_torchvision_importable()
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     out = tmp_path_factory.mktemp("repo")
-    export_model(model="bayespfl", profile="tiny", backend="python-ort", out=out, max_batch=4, parity_images=2,
-                 resize_to_input=True, log=lambda *a: None)
+    export_model(ExportOptions(model="bayespfl", profile="tiny", backend="python-ort", out=out, max_batch=4,
+                               parity_images=2, resize_to_input=True), log=lambda *a: None)
     return out
 
 
@@ -115,10 +115,11 @@ def test_tokenizer_equals_open_clip_without_importing_it(repo):
     out = _run_standalone(repo / "bayespfl_text_class_name" / "1", f"""
         import json, os
         from zsad_clip_tokenizer import ClipTokenizer
-        tok = ClipTokenizer(os.path.join({str(repo / "bayespfl_text_class_name" / "1")!r}, "bpe_simple_vocab_16e6.txt.gz"))
+        folder = {str(repo / "bayespfl_text_class_name" / "1")!r}
+        tok = ClipTokenizer(os.path.join(folder, "bpe_simple_vocab_16e6.txt.gz"))
         print(json.dumps([tok(s) for s in {strings!r}]))
     """)
-    diff = [(s, a[:8], b[:8]) for s, a, b in zip(strings, ref, out) if a != b]
+    diff = [(s, a[:8], b[:8]) for s, a, b in zip(strings, ref, out, strict=True) if a != b]
     assert not diff, diff[:5]
 
 
@@ -178,7 +179,7 @@ def test_preprocess_and_restore_equal_zsad_without_importing_it(repo, tmp_path):
     ref_raw = np.stack([preprocess(a, 224) for a in raw])
     amap = np.random.default_rng(2).random((224, 224)).astype(np.float32)
     ref_map = resize_map(amap, 77, 301)
-    np.savez(tmp_path / "in.npz", raw=raw, amap=amap, *[np.frombuffer(b, np.uint8) for b in images])
+    np.savez(tmp_path / "in.npz", *[np.frombuffer(b, np.uint8) for b in images], raw=raw, amap=amap)
     out = _run_standalone(repo / "bayespfl_preprocess" / "1", f"""
         import json, numpy as np, sys
         from zsad_image_io import decode_image
@@ -212,3 +213,69 @@ def test_every_python_model_folder_carries_its_sibling_modules(repo):
     for kind in ("preprocess", "text_input", "restore"):  # the stock-container models: no zsad import at all
         text = (SOURCES / kind / "model.py").read_text()
         assert "from zsad." not in text and "import zsad" not in text and "import torch" not in text, kind
+
+
+# -- the stage models' request loop (zsad_backend_guard.run_stage_requests), with a stand-in for Triton's pb_utils --
+class _FakePbUtils:
+    """The parts of triton_python_backend_utils the guard uses; a request is a dict of numpy arrays."""
+
+    class Tensor:
+        def __init__(self, name, arr):
+            self.name, self.arr = name, arr
+
+        def as_numpy(self):
+            return self.arr
+
+    class TritonError:
+        INVALID_ARG = "INVALID_ARG"
+
+        def __init__(self, message, code="INTERNAL"):
+            self.message, self.code = message, code
+
+    class InferenceResponse:
+        def __init__(self, output_tensors=(), error=None):
+            self.outputs, self.error = {t.name: t.arr for t in output_tensors}, error
+
+    class Logger:
+        @staticmethod
+        def log_error(message):
+            pass
+
+    @staticmethod
+    def get_input_tensor_by_name(request, name):
+        return _FakePbUtils.Tensor(name, request[name])
+
+
+def test_stage_request_loop_batches_splits_and_isolates_bad_requests():
+    from zsad.serve.backend_guard import run_stage_requests
+
+    rng = np.random.default_rng(0)
+    xs = [rng.random((n, 3)).astype(np.float32) for n in (1, 2, 1, 3)]
+    # per request: a class id per row; 9 is out of range (bound 5)
+    ids = [np.array([[k]] * len(x), np.int64) for k, x in zip((0, 1, 9, 2), xs, strict=True)]
+    xs[3][1, 0] = np.nan
+    calls = []
+
+    def run(batch):  # doubles x, sums it, adds the id: a different result per row, so a mis-split shows
+        calls.append(len(batch["x"]))
+        if (batch["x"] > 0.99).any():
+            raise RuntimeError("boom")
+        return [batch["x"] * 2, batch["x"].sum(axis=1) + batch["ids"][:, 0]]
+
+    requests = [{"x": x, "ids": i} for x, i in zip(xs, ids, strict=True)]
+    got = run_stage_requests(_FakePbUtils, requests, ["x", "ids"], ["y", "s"], run, "m", bounds={"ids": 5})
+    assert calls == [3]  # requests 0 and 1 (1 + 2 rows) in one run; 2 and 3 refused before it
+    for r, x, i in zip(got[:2], xs, ids, strict=False):  # the first two requests
+        assert r.error is None
+        np.testing.assert_array_equal(r.outputs["y"], x * 2)
+        expected_sums = [row.sum() + k for row, k in zip(x, i[:, 0], strict=True)]
+        np.testing.assert_allclose(r.outputs["s"], expected_sums, rtol=1e-6)
+    assert got[2].error.code == "INVALID_ARG" and "allowed [0, 4]" in got[2].error.message
+    assert got[3].error.code == "INVALID_ARG" and "NaN" in got[3].error.message
+    # a batch that fails: each request runs alone, and only the one that fails by itself gets an (internal) error
+    xs[1][0, 0] = 0.995
+    calls.clear()
+    got = run_stage_requests(_FakePbUtils, requests[:2], ["x", "ids"], ["y", "s"], run, "m", bounds={"ids": 5})
+    assert calls == [3, 1, 2]
+    np.testing.assert_array_equal(got[0].outputs["y"], xs[0] * 2)
+    assert got[1].error.code == "INTERNAL" and "RuntimeError" in got[1].error.message

@@ -50,13 +50,13 @@ def test_wheel_installs_and_exports_serves_answers(wheel_venv):
         import numpy as np
         from PIL import Image
         import zsad
-        from zsad.export.exporter import export_model
+        from zsad.export.exporter import ExportOptions, export_model
         from zsad.serve.client import AnomalyClient
         from zsad.serve.server import TritonServer
 
         repo = Path({str(tmp / "repo")!r})
-        export_model(model="bagclip", profile="tiny", backend="python-ort", out=repo, max_batch=2, parity_images=2,
-                     log=lambda *a: None)
+        export_model(ExportOptions(model="bagclip", profile="tiny", backend="python-ort", out=repo, max_batch=2,
+                                   parity_images=2), log=lambda *a: None)
         readme = (repo / "bagclip" / "README.md").read_text()
         curl = readme.split("## Query with curl")[1].split("```bash")[1].split("```")[0]
         arr = np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)

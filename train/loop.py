@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler
 from tqdm import tqdm
 
 from zsad import ZsadError
@@ -71,7 +71,7 @@ def _stage_kwargs(method, stage: int) -> dict:
 class _LossModule(nn.Module):
     """DDP hooks into forward(); the method's training entry is loss(), so wrap it."""
 
-    def __init__(self, method):
+    def __init__(self, method) -> None:
         super().__init__()
         self.method = method
         self.stage_kwargs: dict = {}
@@ -115,6 +115,7 @@ def _to_device(batch: dict, device) -> dict:
 
 
 def _epoch_loader(dataset, batch_size: int, seed: int, epoch: int, workers: int, dinfo: DistInfo) -> DataLoader:
+    sampler: Sampler
     if dinfo.world_size > 1:
         sampler = DistributedSampler(dataset, num_replicas=dinfo.world_size, rank=dinfo.rank, shuffle=True, seed=seed)
         sampler.set_epoch(epoch)
@@ -175,6 +176,104 @@ def _fresh_progress(stage: int) -> dict:
     return {"stage": stage, "stage_epoch": 0, "best": None, "bad": 0, "stopped": False}
 
 
+def _resume_state(method, out_dir: Path, stages, dinfo: DistInfo) -> tuple[dict, dict, dict | None]:
+    """Load train_state.pt into ``method``; returns the state, the progress and the best weights so far."""
+    state = load_train_state(out_dir)
+    method.load_trainable_state_dict(state["weights"])
+    start_epoch, history, prog, best_weights = state["epoch"], state["history"], _fresh_progress(0), None
+    if "progress" in state:
+        prog = json.loads(state["progress"])
+        best_weights = state.get("best_weights") or None
+    else:  # a run written before stages were recorded: one stage
+        prog["stage_epoch"] = start_epoch
+    if prog["stage"] >= len(stages):
+        raise ZsadError(f"--resume: {out_dir} was at training stage {prog['stage'] + 1}, but this method has "
+                        f"{len(stages)}")
+    last = stages[-1]
+    if prog["stage"] == len(stages) - 1 and (prog["stopped"] or prog["stage_epoch"] >= last.epochs):
+        raise ZsadError(f"--resume: {out_dir} already finished {start_epoch} epochs "
+                        f"(stage {last.index}: {prog['stage_epoch']} of {last.epochs})")
+    if dinfo.main:  # a crash after the commit may have left these stale or half-written
+        _write_run_files(out_dir, state["weights"], state["sidecar"], history)
+    return state, prog, best_weights
+
+
+def _load_optimizer_state(optimizer, state: dict, out_dir: Path) -> None:
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise ZsadError(f"--resume: the optimizer state in {out_dir / STATE_NAME} does not fit this method "
+                        f"({err})") from err
+
+
+def _seed_epoch(dataset, cfg, epoch: int, workers: int, dinfo: DistInfo) -> DataLoader:
+    """Everything random in epoch ``epoch`` seeded from (seed, epoch, rank) alone, so a resume repeats it; returns
+    the epoch's loader."""
+    if hasattr(dataset, "set_epoch"):  # per-epoch random augmentation (SOWA's mosaic), reproducible on resume
+        dataset.set_epoch(epoch)
+    loader = _epoch_loader(dataset, cfg.batch_size, cfg.seed, epoch, workers, dinfo)
+    # randomness inside loss() (Bayes-PFL's Monte-Carlo samples, on-device augmentation)
+    torch.manual_seed((cfg.seed * 1_000_003 + epoch) * 1_009 + dinfo.rank)
+    return loader
+
+
+def _next_stage(method, cfg, stages, prog: dict, best_weights):
+    """Progress, best weights and optimizer of the stage after ``prog``'s, which starts from the best epoch's weights
+    (released: ema.load_check)."""
+    if best_weights is not None:
+        method.load_trainable_state_dict(best_weights)
+    prog = _fresh_progress(prog["stage"] + 1)
+    return prog, None, make_optimizer(method, cfg, stages[prog["stage"]].index)
+
+
+def _train_epoch(model, loader, optimizer, cfg, st, stage_epoch: int, device: str, bar) -> tuple[dict, int]:
+    """One pass over ``loader`` under the stage's schedule; returns the summed loss terms and the step count."""
+    sums: dict[str, float] = {}
+    n = 0
+    for batch in bar:
+        factor = lr_factor(cfg, stage_epoch * len(loader) + n, st.epochs * len(loader), st.schedule)
+        for g in optimizer.param_groups:
+            g["lr"] = g["base_lr"] * factor
+        losses = model(_to_device(batch, device))
+        optimizer.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        optimizer.step()
+        values = {k: float(v.detach()) for k, v in losses.items()}
+        for k, v in values.items():
+            sums[k] = sums.get(k, 0.0) + v
+        n += 1
+        bar.set_postfix(loss=f"{values['total']:.4f}")
+    return sums, n
+
+
+def _early_stopping(method, heldout, st, device: str, cfg, prog: dict, row: dict, best_weights):
+    """Score the held-out classes, record the value in ``row`` and update ``prog``; returns the best weights."""
+    value = heldout_metric(method, heldout, st.monitor, device, cfg.batch_size)
+    row[f"heldout_{st.monitor}"] = value
+    if prog["best"] is None or value >= prog["best"]:
+        prog["best"], prog["bad"] = value, 0
+        return trainable_state(method)
+    if prog["bad"] >= cfg.patience:
+        prog["stopped"] = True
+    else:
+        prog["bad"] += 1
+    return best_weights
+
+
+def _commit(out_dir: Path, method, optimizer, epoch: int, steps: int, history: list, prog: dict, best_weights,
+            stage_meta: dict, meta: dict | None) -> None:
+    """Write train_state.pt (the commit point, one atomic rename), then the checkpoint pair and history.csv."""
+    weights = trainable_state(method)
+    sidecar = checkpoint_sidecar(method, weights, epochs=epoch, steps_per_epoch=steps, history=history,
+                                 **stage_meta, **(meta or {}))
+    sidecar = json.loads(json.dumps(sidecar, default=str))  # what the JSON file holds, exactly
+    committed = {"epoch": epoch, "weights": weights, "optimizer": optimizer.state_dict(),
+                 "history": json.dumps(history), "sidecar": json.dumps(sidecar),
+                 "progress": json.dumps(prog), "best_weights": best_weights or {}}
+    atomic_write(out_dir / STATE_NAME, lambda p: torch.save(committed, p))  # the commit point
+    _write_run_files(out_dir, weights, sidecar, history)
+
+
 def train(method, dataset, out_dir: Path, *, resume: bool = False, device: str = "cpu", workers: int = 0,
           progress: bool = True, meta: dict | None = None, dinfo: DistInfo | None = None,
           heldout=None) -> dict:
@@ -188,99 +287,44 @@ def train(method, dataset, out_dir: Path, *, resume: bool = False, device: str =
     if len(dataset) == 0:
         raise ZsadError("the training set is empty")
     method.to(device)
-    start_epoch, history, prog, best_weights = 0, [], _fresh_progress(0), None
-    state_path = out_dir / STATE_NAME
-    state = None
+    state, history, prog, best_weights = None, [], _fresh_progress(0), None
     if resume:
-        state = load_train_state(out_dir)
-        method.load_trainable_state_dict(state["weights"])
-        start_epoch, history = state["epoch"], state["history"]
-        if "progress" in state:
-            prog = json.loads(state["progress"])
-            best_weights = state.get("best_weights") or None
-        else:  # a run written before stages were recorded: one stage
-            prog["stage_epoch"] = start_epoch
-        if prog["stage"] >= len(stages):
-            raise ZsadError(f"--resume: {out_dir} was at training stage {prog['stage'] + 1}, but this method has "
-                            f"{len(stages)}")
-        last = stages[-1]
-        if prog["stage"] == len(stages) - 1 and (prog["stopped"] or prog["stage_epoch"] >= last.epochs):
-            raise ZsadError(f"--resume: {out_dir} already finished {start_epoch} epochs "
-                            f"(stage {last.index}: {prog['stage_epoch']} of {last.epochs})")
-        if dinfo.main:  # a crash after the commit may have left these stale or half-written
-            _write_run_files(out_dir, state["weights"], state["sidecar"], history)
+        state, prog, best_weights = _resume_state(method, out_dir, stages, dinfo)
+        history = state["history"]
     optimizer = make_optimizer(method, cfg, stages[prog["stage"]].index)
     if state is not None:
-        try:
-            optimizer.load_state_dict(state["optimizer"])
-        except (ValueError, KeyError, TypeError) as err:
-            raise ZsadError(f"--resume: the optimizer state in {state_path} does not fit this method ({err})") from err
+        _load_optimizer_state(optimizer, state, out_dir)
     loss_module = _LossModule(method)
-    model = loss_module
+    model: nn.Module = loss_module
     if dinfo.world_size > 1:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[dinfo.local_rank] if device.startswith("cuda") else None)
     method.train()
-    epoch = start_epoch
+    epoch = state["epoch"] if state is not None else 0
+    total_epochs = sum(s.epochs for s in stages)
     while True:
         st = stages[prog["stage"]]
         if prog["stopped"] or prog["stage_epoch"] >= st.epochs:  # this stage is over
             if prog["stage"] + 1 >= len(stages):
                 break
-            if best_weights is not None:  # the next stage starts from the best epoch (released: ema.load_check)
-                method.load_trainable_state_dict(best_weights)
-            prog, best_weights = _fresh_progress(prog["stage"] + 1), None
-            optimizer = make_optimizer(method, cfg, stages[prog["stage"]].index)
+            prog, best_weights, optimizer = _next_stage(method, cfg, stages, prog, best_weights)
             continue
+        stage_meta = {"stage": st.index} if len(stages) > 1 else {}
         loss_module.stage_kwargs = _stage_kwargs(method, st.index)
-        if hasattr(dataset, "set_epoch"):  # per-epoch random augmentation (SOWA's mosaic), reproducible on resume
-            dataset.set_epoch(epoch)
-        loader = _epoch_loader(dataset, cfg.batch_size, cfg.seed, epoch, workers, dinfo)
-        # randomness inside loss() (Bayes-PFL's Monte-Carlo samples, on-device augmentation) depends only on
-        # (seed, epoch, rank): a resumed run draws the same
-        torch.manual_seed((cfg.seed * 1_000_003 + epoch) * 1_009 + dinfo.rank)
-        sums, n, t0 = {}, 0, time.perf_counter()
-        total_epochs = sum(s.epochs for s in stages)
+        loader = _seed_epoch(dataset, cfg, epoch, workers, dinfo)
+        t0 = time.perf_counter()
         desc = f"epoch {epoch + 1}/{total_epochs}" + (f" (stage {st.index})" if len(stages) > 1 else "")
         bar = tqdm(loader, desc=desc, disable=not (progress and dinfo.main), dynamic_ncols=True, leave=True)
-        for batch in bar:
-            factor = lr_factor(cfg, prog["stage_epoch"] * len(loader) + n, st.epochs * len(loader), st.schedule)
-            for g in optimizer.param_groups:
-                g["lr"] = g["base_lr"] * factor
-            losses = model(_to_device(batch, device))
-            optimizer.zero_grad(set_to_none=True)
-            losses["total"].backward()
-            optimizer.step()
-            values = {k: float(v.detach()) for k, v in losses.items()}
-            for k, v in values.items():
-                sums[k] = sums.get(k, 0.0) + v
-            n += 1
-            bar.set_postfix(loss=f"{values['total']:.4f}")
-        row = {"epoch": epoch + 1, **({"stage": st.index} if len(stages) > 1 else {}),
+        sums, n = _train_epoch(model, loader, optimizer, cfg, st, prog["stage_epoch"], device, bar)
+        row = {"epoch": epoch + 1, **stage_meta,
                **{k: v / max(n, 1) for k, v in sums.items()}, "seconds": round(time.perf_counter() - t0, 2)}
         prog["stage_epoch"] += 1
         if heldout:
-            value = heldout_metric(method, heldout, st.monitor, device, cfg.batch_size)
-            row[f"heldout_{st.monitor}"] = value
-            if prog["best"] is None or value >= prog["best"]:
-                prog["best"], prog["bad"] = value, 0
-                best_weights = trainable_state(method)
-            elif prog["bad"] >= cfg.patience:
-                prog["stopped"] = True
-            else:
-                prog["bad"] += 1
+            best_weights = _early_stopping(method, heldout, st, device, cfg, prog, row, best_weights)
         history.append(row)
         epoch += 1
         if dinfo.main:
-            weights = trainable_state(method)
-            sidecar = checkpoint_sidecar(method, weights, epochs=epoch, steps_per_epoch=n, history=history,
-                                         **({"stage": st.index} if len(stages) > 1 else {}), **(meta or {}))
-            sidecar = json.loads(json.dumps(sidecar, default=str))  # what the JSON file holds, exactly
-            committed = {"epoch": epoch, "weights": weights, "optimizer": optimizer.state_dict(),
-                         "history": json.dumps(history), "sidecar": json.dumps(sidecar),
-                         "progress": json.dumps(prog), "best_weights": best_weights or {}}
-            atomic_write(state_path, lambda p: torch.save(committed, p))  # the commit point
-            _write_run_files(out_dir, weights, sidecar, history)
+            _commit(out_dir, method, optimizer, epoch, n, history, prog, best_weights, stage_meta, meta)
         if dinfo.world_size > 1:
             dist.barrier()
     method.eval()

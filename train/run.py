@@ -18,6 +18,7 @@ import click
 from zsad import ZsadError
 from zsad.cli import cli_entry
 
+
 def resolve_device(device: str) -> str:
     import torch
 
@@ -39,7 +40,7 @@ def training_samples(data: str | None, split: str, classes: str | None, progress
     if data is None:
         root = generate(default_root(), progress=progress)
         class_list = class_list or list(SYNTHETIC_TRAIN_CLASSES)
-        name = "synthetic"
+        name: str | None = "synthetic"
     else:
         root = Path(data)
         name = guess_dataset_name(root)
@@ -75,7 +76,8 @@ def training_samples(data: str | None, split: str, classes: str | None, progress
 @click.option("--lr", type=float, default=None, help="Override the profile's learning rate.")
 @click.option("--image-size", type=int, default=None, help="Override the profile's input size (pixels).")
 @click.option("--seed", type=int, default=None, help="Override the profile's seed (data order).")
-@click.option("--out", type=click.Path(), default=None, help="Output directory [default: runs/<model>-<profile>-<time>].")
+@click.option("--out", type=click.Path(), default=None,
+              help="Output directory [default: runs/<model>-<profile>-<time>].")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last finished epoch.")
 @click.option("--device", default="auto", help="cpu, cuda, cuda:1 or auto.")
 @click.option("--workers", type=int, default=0, help="DataLoader worker processes.")
@@ -124,7 +126,8 @@ def run(model, profile, data, split, classes, clip_weights, epochs, batch_size, 
         method = M.build(model, build_config(M.METHODS[model].config_class, cfg_dict, where=str(out_dir)),
                          meta["profile"])
         data_meta = meta.get("data", {})
-        data, split, classes = data_meta.get("path"), data_meta.get("split", split), ",".join(data_meta.get("classes", []))
+        data, split = data_meta.get("path"), data_meta.get("split", split)
+        classes = ",".join(data_meta.get("classes", []))
     else:
         method = M.create(model, profile, **overrides)
     cfg = method.config

@@ -19,9 +19,10 @@ import logging
 import math
 import warnings
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,10 @@ ATTENTION_MODES = ("qk", "vv", "dual")
 POS_INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 _registered_config_paths: set[str] = set()
+
+# an open_clip CLIP model or one of its towers. Their submodules are reached as attributes (visual.transformer,
+# blk.attn, ...), which nn.Module types as `Tensor | Module`; the classes vary with the architecture, so: Any.
+OpenClipModule = Any
 
 
 def _register_config(path: Path) -> None:
@@ -174,9 +179,11 @@ class BackboneInfo:
 class ClipBackbone(nn.Module):
     """A frozen open_clip CLIP with a tapped forward. ``self.clip`` is the open_clip model itself."""
 
-    def __init__(self, clip: nn.Module, info: BackboneInfo):
+    clip: OpenClipModule
+
+    def __init__(self, clip: OpenClipModule, info: BackboneInfo):
         super().__init__()
-        if not hasattr(clip, "visual") or not hasattr(clip.visual, "transformer") or not hasattr(clip, "token_embedding"):
+        if not (hasattr(clip, "visual") and hasattr(clip.visual, "transformer") and hasattr(clip, "token_embedding")):
             raise ZsadError(f"{info.arch}: only open_clip ViT CLIP models with the built-in text tower are supported")
         self.clip = clip
         self.info = info
@@ -185,7 +192,7 @@ class ClipBackbone(nn.Module):
 
     # -- vision ---------------------------------------------------------------------------------------------
     @property
-    def visual(self) -> nn.Module:
+    def visual(self) -> OpenClipModule:
         return self.clip.visual
 
     def embed_patches(self, images: torch.Tensor) -> torch.Tensor:
@@ -242,7 +249,8 @@ class ClipBackbone(nn.Module):
                 x = x + blk.ls_1(a_qk)
                 x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
             if i in tap_set:
-                tapped[i] = (x_vv if layer_mode == "dual" else x)[:, 1:]
+                # taps at dual layers read the V-V stream (always started by then; `is not None` is for mypy)
+                tapped[i] = (x_vv if layer_mode == "dual" and x_vv is not None else x)[:, 1:]
         cls = x[:, 0]
         if global_ln_post:
             cls = self.visual.ln_post(cls)
@@ -275,7 +283,8 @@ class ClipBackbone(nn.Module):
         clip = self.clip
         blocks = clip.transformer.resblocks
         if len(deep_prompts) >= len(blocks):
-            raise ZsadError(f"{len(deep_prompts)} deep prompt layers need a text tower deeper than {len(blocks)} blocks")
+            raise ZsadError(f"{len(deep_prompts)} deep prompt layers need a text tower deeper than "
+                            f"{len(blocks)} blocks")
         # a batch may be cut after its last end token (L <= context length): causal attention makes the end-token
         # outputs identical to the full-length run's, at a fraction of the cost (Bayes-PFL's 60 prompts per image)
         length = embeddings.shape[1]
@@ -294,6 +303,47 @@ class ClipBackbone(nn.Module):
         x = x[torch.arange(x.shape[0], device=x.device), eot_index]
         proj = clip.text_projection
         return proj(x) if isinstance(proj, nn.Linear) else x @ proj
+
+
+def _create_open_clip(name: str, pretrained: str | None, weights, quick_gelu: bool) -> tuple[OpenClipModule, str]:
+    """The open_clip model (pretrained tag, or random weights to be overwritten by a file) and its weights source."""
+    if not pretrained:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            clip = open_clip.create_model(name, pretrained=None, force_quick_gelu=quick_gelu)
+        return clip, str(weights) if weights else "random"
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if pretrained not in tags:
+        raise ZsadError(f"'{pretrained}' is not an open_clip pretrained tag for {name} (known: {tags or 'none'})")
+    try:
+        clip = open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=quick_gelu)
+    except Exception as err:
+        raise ZsadError(
+            f"Could not get the open_clip pretrained weights '{pretrained}' for {name} "
+            f"({type(err).__name__}: {str(err)[:200]}). Without internet, download them on another machine "
+            f"(open_clip / Hugging Face cache) and pass the file with --clip-weights PATH "
+            f"(.safetensors or .pt/.bin), e.g. open_clip_model.safetensors of timm/vit_large_patch14_clip_336.openai."
+        ) from err
+    return clip, f"open_clip:{pretrained}"
+
+
+def _set_image_size(
+    visual: OpenClipModule, name: str, image_size: int | None, pos_interpolation: str
+) -> tuple[int, int]:
+    """Resize the positional embedding of ``visual`` for ``image_size`` (once, here); returns (size, patch)."""
+    patch = visual.patch_size[0] if isinstance(visual.patch_size, (tuple, list)) else int(visual.patch_size)
+    native = visual.image_size[0] if isinstance(visual.image_size, (tuple, list)) else int(visual.image_size)
+    size = int(image_size or native)
+    if size % patch:
+        raise ZsadError(f"image size {size} is not a multiple of the patch size {patch} of {name}")
+    grid = size // patch
+    if size != native:
+        with torch.no_grad():
+            visual.positional_embedding = nn.Parameter(
+                _interpolate_grid(visual.positional_embedding.data, grid, pos_interpolation))
+        visual.image_size = (size, size)
+        visual.grid_size = (grid, grid)
+    return size, patch
 
 
 def load_clip(
@@ -320,38 +370,9 @@ def load_clip(
         raise ZsadError(f"pos_interpolation must be one of {POS_INTERPOLATIONS}, got '{pos_interpolation}'")
     name = resolve_arch(arch)
     qg = resolve_quick_gelu(name, pretrained, quick_gelu)
-    if pretrained:
-        tags = open_clip.list_pretrained_tags_by_model(name)
-        if pretrained not in tags:
-            raise ZsadError(f"'{pretrained}' is not an open_clip pretrained tag for {name} (known: {tags or 'none'})")
-        try:
-            clip = open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=qg)
-        except Exception as err:
-            raise ZsadError(
-                f"Could not get the open_clip pretrained weights '{pretrained}' for {name} "
-                f"({type(err).__name__}: {str(err)[:200]}). Without internet, download them on another machine "
-                f"(open_clip / Hugging Face cache) and pass the file with --clip-weights PATH "
-                f"(.safetensors or .pt/.bin), e.g. open_clip_model.safetensors of timm/vit_large_patch14_clip_336.openai."
-            ) from err
-        source = f"open_clip:{pretrained}"
-    else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            clip = open_clip.create_model(name, pretrained=None, force_quick_gelu=qg)
-        source = str(weights) if weights else "random"
+    clip, source = _create_open_clip(name, pretrained, weights, qg)
     visual = clip.visual
-    patch = visual.patch_size[0] if isinstance(visual.patch_size, (tuple, list)) else int(visual.patch_size)
-    native = visual.image_size[0] if isinstance(visual.image_size, (tuple, list)) else int(visual.image_size)
-    size = int(image_size or native)
-    if size % patch:
-        raise ZsadError(f"image size {size} is not a multiple of the patch size {patch} of {name}")
-    grid = size // patch
-    if size != native:
-        with torch.no_grad():
-            visual.positional_embedding = nn.Parameter(
-                _interpolate_grid(visual.positional_embedding.data, grid, pos_interpolation))
-        visual.image_size = (size, size)
-        visual.grid_size = (grid, grid)
+    size, patch = _set_image_size(visual, name, image_size, pos_interpolation)
     if weights:
         _load_into(clip, _read_state_dict(Path(weights)), Path(weights), pos_interpolation)
     elif not pretrained:
@@ -365,7 +386,7 @@ def load_clip(
         arch=name,
         image_size=size,
         patch_size=patch,
-        grid=grid,
+        grid=size // patch,
         width=visual.transformer.width,
         layers=len(blocks),
         heads=blocks[0].attn.num_heads,

@@ -7,19 +7,18 @@
 The pre- and post-processing are the served ensemble's own functions: :func:`zsad.data.decode_image` and
 :func:`zsad.data.preprocess` (with the mean/std the export writes into the ``preprocess`` model) as the
 ``preprocess`` python model runs them, and :func:`zsad.data.transforms.resize_map` as the ``restore`` model runs it,
-so a local answer equals the answer of an ensemble exported with ``--resize-to-input``.
+so a local answer equals the answer of an ensemble exported with ``--resize-to-input``. The command ``zsad-predict``
+around it is :mod:`zsad.predict_cli`.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
-import click
 import numpy as np
 
 from zsad import ZsadError, per_image_names
-from zsad.cli import cli_entry
 from zsad.data import CLIP_MEAN, CLIP_STD, decode_image, preprocess
 from zsad.data.transforms import resize_map
 
@@ -69,7 +68,7 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, device: str = "cpu", clip_weights: str | Path | None = None,
-                        batch_size: int = 8) -> "Predictor":
+                        batch_size: int = 8) -> Predictor:
         """Rebuild the method of a checkpoint folder (what train/run.py or zsad-import wrote) for inference."""
         from zsad.checkpoint import load_checkpoint
 
@@ -98,111 +97,11 @@ class Predictor:
         import torch
 
         labels = [str(im) if isinstance(im, (str, Path)) else f"#{start + k}" for k, im in enumerate(images)]
-        arrays = [_load(im, label) for im, label in zip(images, labels)]
+        arrays = [_load(im, label) for im, label in zip(images, labels, strict=True)]
         x = np.stack([preprocess(a, self.image_size, CLIP_MEAN, CLIP_STD) for a in arrays])
         with torch.no_grad():
             res = self.method(torch.from_numpy(x).to(self.device), **kwargs)
         scores = res.score.float().cpu().numpy()
         maps = res.anomaly_map.float().cpu().numpy()
         return [Prediction(float(s), resize_map(m, *a.shape[:2]), label)
-                for s, m, a, label in zip(scores, maps, arrays, labels)]
-
-
-def image_files(inputs: Sequence[str]) -> list[Path]:
-    """Files and folders (their images, recursively, sorted) -> unique image paths, in the order given."""
-    from zsad.data.io import is_image_file
-
-    found: list[Path] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            found += sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f))
-        elif p.is_file():
-            found.append(p)
-        else:
-            raise ZsadError(f"no such file or folder: {item}")
-    return list(dict.fromkeys(found))
-
-
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.argument("images", nargs=-1, required=True)
-@click.option("--checkpoint", required=True, type=click.Path(),
-              help="Checkpoint folder (train/run.py or zsad-import output), or an authors' released file.")
-@click.option("--device", default="cpu", help="Torch device: cpu, cuda, cuda:1, ...")
-@click.option("--clip-weights", type=click.Path(), default=None,
-              help="Local CLIP weights file for an offline machine (else the checkpoint's own source).")
-@click.option("--class-name", default=None, help="The object's class name (e.g. bottle): required by methods "
-              "whose prompts use it (Bayes-PFL), ignored by the others.")
-@click.option("--batch-size", type=int, default=8, help="Images per forward pass.")
-@click.option("--threshold", type=float, default=None, help="Score at or above which an image is NG (else OK).")
-@click.option("--out", type=click.Path(), default="predict_out", help="Where scores.csv and heatmaps/ go.")
-@click.option("--heatmaps/--no-heatmaps", default=True, help="Write input | overlay PNGs (one colour scale "
-              "for the whole run).")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
-@cli_entry
-def main(images, checkpoint, device, clip_weights, class_name, batch_size, threshold, out, heatmaps, no_progress):
-    """Score IMAGES (files and folders of images) locally, without a server.
-
-    Same pre- and post-processing as the served ensemble: each image is decoded, resized to the model's
-    resolution and normalised exactly as the preprocess model does, and its anomaly map is resized back to
-    the image's own size. Writes OUT/scores.csv (image, score, decision, height, width, error) and, with
-    --heatmaps, OUT/heatmaps/<name>.png. An image that cannot be read is listed with its error and the exit
-    code is 1; the others are still scored.
-    """
-    import csv
-    import sys
-    import time
-
-    from tqdm import tqdm
-
-    paths = image_files(images)
-    if not paths:
-        raise ZsadError("no images found in " + " ".join(images))
-    if batch_size < 1:
-        raise ZsadError("--batch-size must be >= 1")
-    predictor = Predictor.from_checkpoint(checkpoint, device=device, clip_weights=clip_weights,
-                                          batch_size=batch_size)
-    if predictor.takes_class_name and not class_name:
-        raise ZsadError(f"{predictor.method.name} takes the object's class name: pass --class-name "
-                        f"(e.g. --class-name bottle)")
-    kwargs = {"class_names": class_name} if predictor.takes_class_name else {}
-    rows, results, t0 = [], [], time.perf_counter()
-    for start in tqdm(range(0, len(paths), batch_size), desc=f"{predictor.method.name} on {predictor.device}",
-                      unit="batch", disable=no_progress, dynamic_ncols=True):
-        batch = paths[start:start + batch_size]
-        try:
-            preds = predictor.predict(batch, **kwargs)
-        except ZsadError:  # isolate the unreadable image(s)
-            preds = []
-            for p in batch:
-                try:
-                    preds += predictor.predict([p], **kwargs)
-                except ZsadError as err:
-                    preds.append(err)
-        for path, pred in zip(batch, preds):
-            if isinstance(pred, ZsadError):
-                rows.append({"image": str(path), "score": "", "decision": "", "height": "", "width": "",
-                             "error": str(pred)})
-                continue
-            decision = "" if threshold is None else ("NG" if pred.score >= threshold else "OK")
-            h, w = pred.anomaly_map.shape
-            rows.append({"image": str(path), "score": f"{pred.score:.6f}", "decision": decision, "height": h,
-                         "width": w, "error": ""})
-            results.append((path, pred))
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "scores.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    if heatmaps and results:
-        from zsad.visualize import save_prediction_panels
-
-        save_prediction_panels(out_dir / "heatmaps", results)
-    failed = [r for r in rows if r["error"]]
-    click.echo(f"{len(results)} images scored in {time.perf_counter() - t0:.1f} s; wrote {out_dir / 'scores.csv'}"
-               + (", heatmaps/" if heatmaps and results else ""))
-    for r in failed:
-        click.echo(f"error: {r['image']}: {r['error']}", err=True)
-    if failed:
-        sys.exit(1)
+                for s, m, a, label in zip(scores, maps, arrays, labels, strict=True)]

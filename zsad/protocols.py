@@ -45,10 +45,6 @@ BAYESPFL_MINMAX_EPS = 1e-8  # the released code's denominator guard
 SOWA_EVAL_SEEDS = (42, 2020, 2023, 2024, 2025)
 AFCLIP_DRAWS = 5
 
-# AUPRO definition each paper's table uses (the value of --aupro-mode under --protocol paper).
-PAPER_AUPRO_MODE = {"anomalyclip": "anomalyclip", "bagclip": "anomalyclip", "afclip": "afclip",
-                    "bayespfl": "anomalyclip", "sowa": "sowa"}
-
 
 def check_protocol(protocol: str) -> None:
     if protocol not in PROTOCOLS:
@@ -123,7 +119,12 @@ def paper_image_scores(method: str, cls: str, terms: dict, *, dataset: str | Non
 
 
 def paper_aupro_mode(method: str) -> str:
-    return PAPER_AUPRO_MODE.get(method, "anomalyclip")
+    """The AUPRO definition ``method``'s paper tables use (the value of --aupro-mode under --protocol paper): the
+    registered method's ``paper_aupro_mode``; "anomalyclip" for a name the registry does not know."""
+    from zsad.methods import METHODS
+
+    cls = METHODS.get(method)
+    return cls.paper_aupro_mode if cls is not None else "anomalyclip"
 
 
 def paper_draw_seeds(method: str) -> tuple[int, ...]:

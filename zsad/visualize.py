@@ -62,7 +62,7 @@ def save_prediction_panels(folder: Path, results) -> list[Path]:
         h, w = pred.anomaly_map.shape
         img = read_image(path)
         if img.size != (w, h):
-            img = img.resize((w, h), Image.BICUBIC)
+            img = img.resize((w, h), Image.Resampling.BICUBIC)
         name, k = path.stem, 1
         while name in used:
             name, k = f"{path.stem}_{k}", k + 1

@@ -13,8 +13,8 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from zsad_transforms import resize_map  # zsad.data.transforms, copied beside this file at export
 from zsad_backend_guard import BadInput, check_tensor, each_request
+from zsad_transforms import resize_map  # zsad.data.transforms, copied beside this file at export
 
 
 def concat_maps(maps, sizes) -> np.ndarray:
@@ -22,7 +22,7 @@ def concat_maps(maps, sizes) -> np.ndarray:
     total, rows = sum(h * w for h, w in sizes), len(maps)
     out = np.zeros(rows * -(-total // rows), np.float32)
     start = 0
-    for m, (h, w) in zip(maps, sizes):  # written in place: one map's copy at a time besides the output
+    for m, (h, w) in zip(maps, sizes, strict=True):  # written in place: one map's copy at a time besides the output
         out[start:start + h * w] = resize_map(m, h, w).reshape(-1)
         start += h * w
     return out.reshape(rows, -1)

@@ -4,16 +4,16 @@ For CPU servers without Triton's openvino backend (e.g. the tritonserver bundled
 (model.xml + model.bin, int8 where NNCF quantised it) is compiled with the inference precision the export gated
 (parameter ``inference_precision``: f32 or bf16), which must be given explicitly: on CPUs with AVX-512 BF16 / AMX
 OpenVINO's default is bf16. Requests are checked (finite floats, non-negative integers), the valid ones of a
-dynamic batch concatenated, run in one call and split back; if that call fails, each runs alone.
+dynamic batch concatenated, run in one call and split back; if that call fails, each runs alone
+(zsad_backend_guard.run_stage_requests, copied beside this file at export).
 """
 import json
 import os
 
-import numpy as np
 import openvino as ov
 import triton_python_backend_utils as pb_utils
 
-from zsad_backend_guard import check_tensor, run_batched
+from zsad_backend_guard import run_stage_requests
 
 
 class TritonPythonModel:
@@ -32,22 +32,9 @@ class TritonPythonModel:
         by_name = {o.get_any_name(): o for o in self.compiled.outputs}
         self.ports = [by_name[n] for n in self.outputs]
 
-    def _read(self, request):
-        feeds = [pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in self.inputs]
-        for n, x in zip(self.inputs, feeds):
-            check_tensor(n, x)
-        return feeds
-
-    def _run(self, feeds_list):
-        sizes = [f[0].shape[0] for f in feeds_list]
-        batch = {n: np.ascontiguousarray(np.concatenate([f[i] for f in feeds_list])) for i, n in enumerate(self.inputs)}
+    def _run(self, batch):
         result = self.compiled(batch)
-        splits = np.cumsum(sizes)[:-1]
-        return list(zip(*[np.split(np.asarray(result[port]), splits) for port in self.ports]))
-
-    def _write(self, outs):
-        return pb_utils.InferenceResponse(output_tensors=[
-            pb_utils.Tensor(n, np.ascontiguousarray(o)) for n, o in zip(self.outputs, outs)])
+        return [result[port] for port in self.ports]
 
     def execute(self, requests):
-        return run_batched(pb_utils, requests, self._read, self._run, self._write, self.model_name)
+        return run_stage_requests(pb_utils, requests, self.inputs, self.outputs, self._run, self.model_name)

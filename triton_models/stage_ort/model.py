@@ -4,16 +4,16 @@ For servers without the onnxruntime backend (e.g. the CPU tritonserver bundled w
 reach a stage model directly, so each request is checked before it runs: Triton has already checked names, dtypes
 and shapes against config.pbtxt; here float inputs must be finite and integer inputs (token ids, indices) in the
 range the graph indexes with them (read off the ONNX graph at load). Valid requests of a dynamic batch are
-concatenated along the batch axis, run in one ORT call and split back; if that call fails, each runs alone.
+concatenated along the batch axis, run in one ORT call and split back; if that call fails, each runs alone
+(zsad_backend_guard.run_stage_requests, copied beside this file at export).
 """
 import json
 import os
 
-import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
-from zsad_backend_guard import check_tensor, run_batched
+from zsad_backend_guard import run_stage_requests
 
 # ops that carry an integer tensor's values through unchanged (only its layout changes)
 _PASS_THROUGH = {"Unsqueeze", "Squeeze", "Reshape", "Expand", "Flatten", "Identity", "Concat", "Tile", "Transpose"}
@@ -29,7 +29,7 @@ def index_bounds(path: str, names: list) -> dict:
     shapes = {t.name: [d.dim_value if d.HasField("dim_value") else None for d in t.type.tensor_type.shape.dim]
               for t in list(g.value_info) + list(g.input) + list(g.output)}
     shapes.update({t.name: list(t.dims) for t in g.initializer})
-    consumers = {}
+    consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}  # tensor name -> (node, input slot)
     for node in g.node:
         for k, x in enumerate(node.input):
             consumers.setdefault(x, []).append((node, k))
@@ -75,22 +75,9 @@ class TritonPythonModel:
         ints = [i["name"] for i in cfg["input"] if i["data_type"] in ("TYPE_INT64", "TYPE_INT32")]
         self.bounds = index_bounds(path, ints) if ints else {}
 
-    def _read(self, request):
-        feeds = [pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in self.inputs]
-        for n, x in zip(self.inputs, feeds):
-            check_tensor(n, x, self.bounds.get(n))
-        return feeds
-
-    def _run(self, feeds_list):
-        sizes = [f[0].shape[0] for f in feeds_list]
-        batch = {n: np.concatenate([f[i] for f in feeds_list]) for i, n in enumerate(self.inputs)}
-        out = self.session.run(self.outputs, batch)
-        splits = np.cumsum(sizes)[:-1]
-        return list(zip(*[np.split(o, splits) for o in out]))
-
-    def _write(self, outs):
-        return pb_utils.InferenceResponse(output_tensors=[
-            pb_utils.Tensor(n, np.ascontiguousarray(o)) for n, o in zip(self.outputs, outs)])
+    def _run(self, batch):
+        return self.session.run(self.outputs, batch)
 
     def execute(self, requests):
-        return run_batched(pb_utils, requests, self._read, self._run, self._write, self.model_name)
+        return run_stage_requests(pb_utils, requests, self.inputs, self.outputs, self._run, self.model_name,
+                                  self.bounds)

@@ -24,10 +24,10 @@ _ANSI_ESCAPE = re.compile("\033\\[((?:\\d|;)*)([a-zA-Z])")
 _LINE_BREAK = re.compile("\r\n|\r|\u2028|\u2029|\u0085")
 _C1 = re.compile("[\x80-\x9f]")
 _QUOTES = {0x02BC: "'", **{c: "'" for c in range(0x2018, 0x201C)}, **{c: '"' for c in range(0x201C, 0x2020)}}
-_LIGATURES = {"Ĳ": "IJ", "ĳ": "ij", "ŉ": "ʼn", "Ǳ": "DZ", "ǲ": "Dz", "ǳ": "dz", "Ǆ": "DŽ", "ǅ": "Dž", "ǆ": "dž",
-              "Ǉ": "LJ", "ǈ": "Lj", "ǉ": "lj", "Ǌ": "NJ", "ǋ": "Nj", "ǌ": "nj", "ﬀ": "ff", "ﬁ": "fi", "ﬂ": "fl",
-              "ﬃ": "ffi", "ﬄ": "ffl", "ﬅ": "ſt", "ﬆ": "st"}
-_LIGATURES = {ord(k): v for k, v in _LIGATURES.items()}
+_LIGATURES = str.maketrans({
+    "Ĳ": "IJ", "ĳ": "ij", "ŉ": "ʼn", "Ǳ": "DZ", "ǲ": "Dz", "ǳ": "dz", "Ǆ": "DŽ", "ǅ": "Dž", "ǆ": "dž",
+    "Ǉ": "LJ", "ǈ": "Lj", "ǉ": "lj", "Ǌ": "NJ", "ǋ": "Nj", "ǌ": "nj", "ﬀ": "ff", "ﬁ": "fi", "ﬂ": "fl",
+    "ﬃ": "ffi", "ﬄ": "ffl", "ﬅ": "ſt", "ﬆ": "st"})
 _WIDTH = {0x3000: " ", **{c: unicodedata.normalize("NFKC", chr(c)) for c in range(0xFF01, 0xFFF0)
                           if unicodedata.normalize("NFKC", chr(c)) != chr(c)}}
 _CONTROL = {c: None for c in [*range(0x00, 0x09), 0x0B, *range(0x0E, 0x20), 0x7F, *range(0x206A, 0x2070), 0xFEFF,
@@ -77,9 +77,10 @@ def split_words(text: str) -> list[str]:
     while i < n:
         special = next((t for t in (SOT, EOT) if text.startswith(t, i)), None)
         contraction = next((c for c in _CONTRACTIONS if text[i:i + len(c)].lower() == c), None)
+        whole = special or contraction  # taken as one piece
         kind = _kind(text[i])
-        if special or contraction:
-            j = i + len(special or contraction)
+        if whole:
+            j = i + len(whole)
         elif kind == "s":
             i += 1
             continue
@@ -104,7 +105,8 @@ def _byte_symbols() -> dict[int, str]:
 
 class ClipTokenizer:
     def __init__(self, vocab_path: str):
-        lines = gzip.open(vocab_path).read().decode("utf-8").split("\n")[1:_MERGES + 1]
+        with gzip.open(vocab_path) as f:
+            lines = f.read().decode("utf-8").split("\n")[1:_MERGES + 1]
         merges = [tuple(line.split()) for line in lines]
         self.byte_symbols = _byte_symbols()
         ordered = list(self.byte_symbols.values())
@@ -123,7 +125,7 @@ class ClipTokenizer:
             return self._cache[word]
         parts = list(word[:-1]) + [word[-1] + "</w>"]
         while len(parts) > 1:
-            pairs = {(a, b) for a, b in zip(parts, parts[1:]) if (a, b) in self.rank}
+            pairs = {(a, b) for a, b in zip(parts, parts[1:], strict=False) if (a, b) in self.rank}
             if not pairs:
                 break
             best = min(pairs, key=self.rank.__getitem__)

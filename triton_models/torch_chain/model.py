@@ -5,18 +5,19 @@ For GPU servers without TensorRT: the method is rebuilt from the checkpoint ship
 in fp16 (LayerNorm kept in fp32 by torch autocast) and capture CUDA graphs per batch size (torch.compile
 "reduce-overhead"). Each request is checked first (finite floats, non-negative integers: clients can reach this
 model directly); valid requests of a dynamic batch are concatenated, run once and split back per request, and if
-that run fails, each runs alone so only a request that fails by itself gets an error.
+that run fails, each runs alone so only a request that fails by itself gets an error
+(zsad_backend_guard.run_stage_requests, copied beside this file at export).
 """
 import json
 import os
 
-import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
 from zsad.checkpoint import load_checkpoint
 from zsad.methods import run_stages
-from zsad_backend_guard import check_tensor, run_batched
+
+from zsad_backend_guard import run_stage_requests
 
 
 class TritonPythonModel:
@@ -42,24 +43,10 @@ class TritonPythonModel:
         env = run_stages(self.stages, **feed)
         return [env[n] for n in self.outputs]
 
-    def _read(self, request):
-        feeds = [pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in self.inputs]
-        for n, x in zip(self.inputs, feeds):
-            check_tensor(n, x)
-        return feeds
-
-    def _run_requests(self, feeds_list):
-        sizes = [f[0].shape[0] for f in feeds_list]
-        batch = {n: torch.from_numpy(np.concatenate([f[i] for f in feeds_list])).to(self.device)
-                 for i, n in enumerate(self.inputs)}
+    def _run_numpy(self, batch):
+        feed = {n: torch.from_numpy(x).to(self.device) for n, x in batch.items()}
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=self.fp16):
-            out = [o.float().cpu().numpy() for o in self.chain(**batch)]
-        splits = np.cumsum(sizes)[:-1]
-        return list(zip(*[np.split(o, splits) for o in out]))
-
-    def _write(self, outs):
-        return pb_utils.InferenceResponse(output_tensors=[
-            pb_utils.Tensor(n, np.ascontiguousarray(o)) for n, o in zip(self.outputs, outs)])
+            return [o.float().cpu().numpy() for o in self.chain(**feed)]
 
     def execute(self, requests):
-        return run_batched(pb_utils, requests, self._read, self._run_requests, self._write, self.model_name)
+        return run_stage_requests(pb_utils, requests, self.inputs, self.outputs, self._run_numpy, self.model_name)

@@ -41,7 +41,7 @@ def mosaic(images: list[Image.Image], masks: list[np.ndarray]) -> tuple[Image.Im
         raise ZsadError("a mosaic needs exactly 4 images and 4 masks")
     w, h = images[0].size
     canvas, canvas_mask = Image.new("RGB", (2 * w, 2 * h)), Image.new("L", (2 * w, 2 * h))
-    for i, (img, m) in enumerate(zip(images, masks)):
+    for i, (img, m) in enumerate(zip(images, masks, strict=True)):
         corner = ((i % 2) * w, (i // 2) * h)
         canvas.paste(img.convert("RGB"), corner)
         canvas_mask.paste(Image.fromarray(np.asarray(m, dtype=bool).astype(np.uint8) * 255), corner)
@@ -70,7 +70,7 @@ class MosaicDataset(torch.utils.data.Dataset):
         self.soft_masks = bool(soft_masks)
         self.epoch = 0
         # class -> defect type -> sample indices (sorted, so the draws do not depend on the listing order)
-        pools = defaultdict(lambda: defaultdict(list))
+        pools: defaultdict[str, defaultdict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
         for i, s in enumerate(base.samples):
             pools[s.cls][s.defect if s.label else "good"].append(i)
         self.pools = {c: dict(sorted(d.items())) for c, d in pools.items()}
@@ -113,14 +113,14 @@ class MosaicDataset(torch.utils.data.Dataset):
             return item
         parts = [self.base.samples[j] for j in picks]
         images = [read_image(p.image) for p in parts]
-        canvas, canvas_mask = mosaic(images, [self._full_mask(p, im.size) for p, im in zip(parts, images)])
+        canvas, canvas_mask = mosaic(images, [self._full_mask(p, im.size) for p, im in zip(parts, images, strict=True)])
         if self.soft_masks:
-            mask = soft_mask(canvas_mask, size)
+            mask_array = soft_mask(canvas_mask, size)
         else:
             from zsad.data.transforms import preprocess_mask
 
-            mask = preprocess_mask(np.asarray(canvas_mask) > 0, size)
-        mask = torch.from_numpy(mask)
+            mask_array = preprocess_mask(np.asarray(canvas_mask) > 0, size)
+        mask = torch.from_numpy(mask_array)
         if self.draw == "anomalous":
             label = torch.tensor(1, dtype=torch.int64)
         else:

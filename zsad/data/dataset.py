@@ -1,11 +1,10 @@
 """A torch Dataset over :class:`~zsad.data.readers.Sample` lists, with CLIP pre-processing."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
-
 from PIL import Image
 
 from zsad import ZsadError

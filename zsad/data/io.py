@@ -28,7 +28,7 @@ from PIL import Image, UnidentifiedImageError
 
 from zsad import ZsadError
 
-__all__ = ["DECODED_FORMATS", "DEFAULT_MAX_PIXELS", "IMAGE_EXTENSIONS", "decode_image", "image_size",
+__all__ = ["DECODED_FORMATS", "DEFAULT_MAX_PIXELS", "IMAGE_EXTENSIONS", "decode_image", "image_paths", "image_size",
            "is_image_file", "read_image", "read_mask"]
 
 IMAGE_EXTENSIONS = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -42,6 +42,26 @@ _HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 def is_image_file(path: str | Path) -> bool:
     """True for a file whose extension is one of :data:`IMAGE_EXTENSIONS` (case-insensitive)."""
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def image_paths(inputs) -> list[Path]:
+    """Files, folders (their images, recursively, sorted) and glob patterns -> unique image paths, in the order
+    given (what zsad-predict and zsad-infer score)."""
+    import glob
+
+    found: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found += sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f))
+        elif p.is_file():
+            found.append(p)
+        else:
+            matches = sorted(Path(m) for m in glob.glob(str(item), recursive=True))
+            if not matches:
+                raise ZsadError(f"no such file, folder or glob match: {item}")
+            found += [m for m in matches if m.is_file() and is_image_file(m)]
+    return list(dict.fromkeys(found))
 
 
 def _open(path: str | Path, what: str) -> Image.Image:

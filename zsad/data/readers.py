@@ -17,9 +17,10 @@ from __future__ import annotations
 import csv
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Any
 
 from zsad import ZsadError
 from zsad.data.io import is_image_file
@@ -41,10 +42,10 @@ _VISA_COLUMNS = ("object", "split", "label", "image", "mask")
 
 # Class names of the public sets, used to name an MVTec-layout folder whose own name says nothing.
 _MVTEC_CLASSES = frozenset(
-    "bottle cable capsule carpet grid hazelnut leather metal_nut pill screw tile toothbrush transistor wood "
-    "zipper".split()
+    ["bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill", "screw", "tile",
+     "toothbrush", "transistor", "wood", "zipper"]
 )
-_MPDD_CLASSES = frozenset("bracket_black bracket_brown bracket_white connector metal_plate tubes".split())
+_MPDD_CLASSES = frozenset(["bracket_black", "bracket_brown", "bracket_white", "connector", "metal_plate", "tubes"])
 
 
 @dataclass(frozen=True)
@@ -295,7 +296,7 @@ def load_samples(root, split: str = "test", layout: str | None = None, classes: 
         raise ZsadError(f"split must be one of {', '.join(SPLITS)}, got {split!r} (data set {root})")
     layout = _resolve_layout(root, layout)
 
-    source = None
+    source: Any = None  # the parsed index: the visa rows (list) or meta.json (dict), by layout
     if layout == "visa":
         source = _read_visa_rows(root)
     elif layout == "meta":

@@ -19,17 +19,18 @@ depend on each other or on the order they are generated in.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import shutil
 import time
 import zlib
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -46,7 +47,9 @@ __all__ = [
     "SyntheticImage",
     "default_root",
     "generate",
+    "held_out_samples",
     "render_sample",
+    "sample_pngs",
 ]
 
 GENERATOR_VERSION = 1  # bump when the pictures change, so old manifests no longer short-circuit
@@ -84,7 +87,7 @@ class SyntheticImage:
 # ------------------------------------------------------------------------------------------------- helpers
 
 
-@lru_cache(maxsize=None)
+@cache
 def _texture_source(cls: str) -> np.ndarray:
     """The scikit-image picture behind a texture class (bundled with the package, no download)."""
     import skimage.data
@@ -212,10 +215,12 @@ def _plate(rng: np.random.Generator, size: int):
         ccx, ccy = qx * (w / 2 - cr), qy * (h / 2 - cr)
         for t in np.radians(np.linspace(a0, a0 + 90, 8)):
             pts.append((ccx + cr * math.cos(t), ccy + cr * math.sin(t)))
-    pts = np.array(pts)
     ca, sa = math.cos(theta), math.sin(theta)
-    rot = lambda p: np.stack([cx + p[:, 0] * ca - p[:, 1] * sa, cy + p[:, 0] * sa + p[:, 1] * ca], axis=1)  # noqa
-    outline = rot(pts)
+
+    def rot(p):
+        return np.stack([cx + p[:, 0] * ca - p[:, 1] * sa, cy + p[:, 0] * sa + p[:, 1] * ca], axis=1)
+
+    outline = rot(np.array(pts))
     hr = 0.035 * size
     holes = rot(np.array([(qx * (w / 2 - 0.08 * size), qy * (h / 2 - 0.08 * size))
                           for qx in (-1, 1) for qy in (-1, 1)]))
@@ -345,7 +350,8 @@ def _push_far(target, clean: np.ndarray, alpha: np.ndarray) -> np.ndarray:
 def _place(rng: np.random.Generator, scene: _Scene, size: int, where: str = "inside") -> tuple[float, float]:
     """A defect centre: anywhere on textures; on the part (or on its outline, for missing pieces) for objects."""
     if scene.obj is None:
-        return tuple(rng.uniform(0.15 * size, 0.85 * size, 2))  # type: ignore[return-value]
+        x, y = rng.uniform(0.15 * size, 0.85 * size, 2)
+        return float(x), float(y)
     cover = scene.obj
     cand = np.flatnonzero(((cover > 0.05) & (cover < 0.95)) if where == "edge" else (cover > 0.99))
     if cand.size == 0:
@@ -564,6 +570,28 @@ def render_sample(cls: str, part: str, index: int, seed: int = 0, image_size: in
     return SyntheticImage(image, scene.clean, mask, kind, f"{index // len(kinds):03d}")
 
 
+def held_out_samples(n: int, image_size: int = 256, seed: int = 0, with_good: bool = False,
+                     classes: Sequence[str] = SYNTHETIC_TEST_CLASSES) -> list[SyntheticImage]:
+    """``n`` rendered images for checks and probes: image ``i`` is index ``i`` of class ``classes[i % len]``.
+
+    All are defect images, unless ``with_good``: then every third one (``i % 3 == 2``) is a good image, so a
+    batch of four holds both kinds.
+    """
+    return [render_sample(classes[i % len(classes)], "test_good" if with_good and i % 3 == 2 else "test_defect", i,
+                          seed=seed, image_size=image_size) for i in range(n)]
+
+
+def sample_pngs(n: int, image_size: int = 256, seed: int = 0, with_good: bool = False,
+                classes: Sequence[str] = SYNTHETIC_TEST_CLASSES) -> list[bytes]:
+    """The images of :func:`held_out_samples`, encoded as PNG files (what a client sends to a served model)."""
+    out = []
+    for s in held_out_samples(n, image_size, seed, with_good, classes):
+        buf = io.BytesIO()
+        Image.fromarray(s.image).save(buf, "PNG")
+        out.append(buf.getvalue())
+    return out
+
+
 def _save_png(arr: np.ndarray, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # compress_level 1: several times faster than the default and still deterministic.
@@ -624,6 +652,78 @@ def default_root(seed: int = 0) -> Path:
     return Path(os.environ.get("ZSAD_CACHE", "~/.cache/zsad")).expanduser() / "synthetic" / f"seed{seed}"
 
 
+def _checked_params(classes, seed, image_size, counts: dict) -> dict:
+    """The generator's parameters as written to the manifest; ZsadError for a bad one."""
+    classes = list(SYNTHETIC_CLASSES if classes is None else dict.fromkeys([classes] if isinstance(classes, str)
+                                                                           else classes))
+    for cls in classes:
+        _check_class(cls)
+    seed, image_size = int(seed), int(image_size)
+    if seed < 0:
+        raise ZsadError(f"seed must be >= 0, got {seed}")
+    if image_size < 32:
+        raise ZsadError(f"image_size must be at least 32, got {image_size}")
+    counts = {k: int(v) for k, v in counts.items()}
+    if min(counts.values()) < 0 or counts["n_test_good"] + counts["n_test_defect"] == 0:
+        raise ZsadError(f"image counts must be >= 0 and the test split non-empty, got {counts}")
+    return {"generator": "zsad.data.synthetic", "version": GENERATOR_VERSION, "seed": seed,
+            "image_size": image_size, **counts, "classes": classes}
+
+
+def _claim_root(root: Path, params: dict, old: dict | None) -> None:
+    """Replace what an earlier (possibly interrupted) run wrote; refuse to overwrite anything else."""
+    classes = params["classes"]
+    ours = set(old.get("classes", [])) if old is not None else set()
+    for cls in classes:
+        if (root / cls).exists() and cls not in ours:
+            raise ZsadError(f"{root / cls} exists and was not written by zsad.data.synthetic; "
+                            f"generate into an empty folder")
+    for cls in sorted(ours & set(SYNTHETIC_CLASSES)):
+        shutil.rmtree(root / cls, ignore_errors=True)
+    root.mkdir(parents=True, exist_ok=True)
+    # Claim the class folders before writing them, so a run interrupted half-way can be redone.
+    _write_manifest(root, {**params, "classes": sorted(set(classes) | ours), "complete": False})
+
+
+def _write_sample(root: Path, cls: str, part: str, i: int, seed: int, image_size: int) -> SyntheticImage | None:
+    """Render and save one image (and its mask); return it when it belongs on the preview sheet."""
+    s = render_sample(cls, part, i, seed, image_size)
+    folder = "good" if part != "test_defect" else s.defect
+    _save_png(s.image, root / cls / part.split("_")[0] / folder / f"{s.stem}.png")
+    if s.mask is not None:
+        _save_png(s.mask.astype(np.uint8) * 255, root / cls / "ground_truth" / s.defect / f"{s.stem}_mask.png")
+    keep = part != "train_good" and i < max(len(SYNTHETIC_DEFECTS[cls]), 1)
+    return s if keep else None
+
+
+def _write_images(root: Path, params: dict, progress: bool) -> tuple[dict, dict, int]:
+    """Write every image of the set; returns the per-class counts, the preview tiles and the number of images."""
+    from tqdm import tqdm
+
+    classes, seed, image_size = params["classes"], params["seed"], params["image_size"]
+    counts = {part: params[f"n_{part}"] for part in PARTS}
+    jobs = [(cls, part, i) for cls in classes for part in PARTS for i in range(counts[part])]
+    tiles: dict[str, list] = {c: [] for c in classes}
+    per_class = {c: {"train_good": counts["train_good"], "test_good": counts["test_good"], "test_defect": {}}
+                 for c in classes}
+    # Threads: PNG encoding, PIL drawing and numpy release the GIL, and each image has its own RNG, so the
+    # output does not depend on scheduling.
+    workers = max(1, min(4, os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(
+            total=len(jobs), desc="synthetic data", unit="img", disable=not progress) as bar:
+        # mypy miscounts a star-unpacked tuple inside a lambda (the same call outside one checks clean)
+        written = pool.map(lambda job: _write_sample(root, *job, seed, image_size), jobs)  # type: ignore[call-arg]
+        for (cls, part, i), s in zip(jobs, written, strict=True):
+            bar.update()
+            if part == "test_defect":
+                d = per_class[cls]["test_defect"]
+                kind = SYNTHETIC_DEFECTS[cls][i % len(SYNTHETIC_DEFECTS[cls])]
+                d[kind] = d.get(kind, 0) + 1
+            if s is not None and (part == "test_defect" or not tiles[cls]):
+                tiles[cls].append((s.image, s.mask, s.defect))
+    return per_class, tiles, len(jobs)
+
+
 def generate(
     root,
     seed: int = 0,
@@ -641,74 +741,21 @@ def generate(
     replaced; folders that this generator did not write are never deleted (ZsadError instead).
     """
     root = Path(root).expanduser()
-    classes = list(SYNTHETIC_CLASSES if classes is None else dict.fromkeys([classes] if isinstance(classes, str)
-                                                                           else classes))
-    for cls in classes:
-        _check_class(cls)
-    seed, image_size = int(seed), int(image_size)
-    if seed < 0:
-        raise ZsadError(f"seed must be >= 0, got {seed}")
-    if image_size < 32:
-        raise ZsadError(f"image_size must be at least 32, got {image_size}")
-    counts = {"n_train_good": int(n_train_good), "n_test_good": int(n_test_good), "n_test_defect": int(n_test_defect)}
-    if min(counts.values()) < 0 or counts["n_test_good"] + counts["n_test_defect"] == 0:
-        raise ZsadError(f"image counts must be >= 0 and the test split non-empty, got {counts}")
+    params = _checked_params(classes, seed, image_size, {"n_train_good": n_train_good, "n_test_good": n_test_good,
+                                                         "n_test_defect": n_test_defect})
+    classes = params["classes"]
     if root.exists() and not root.is_dir():
         raise ZsadError(f"synthetic data root exists and is not a directory: {root}")
-
-    params = {"generator": "zsad.data.synthetic", "version": GENERATOR_VERSION, "seed": seed,
-              "image_size": image_size, **counts, "classes": classes}
-    files = _expected_files(classes, **counts)
+    files = _expected_files(classes, params["n_train_good"], params["n_test_good"], params["n_test_defect"])
     old = _read_manifest(root) if root.is_dir() else None
     if old is not None and old.get("complete") is True and all(old.get(k) == v for k, v in params.items()) and all(
             (root / f).is_file() for f in files):
         return root
 
-    # Replace what an earlier (possibly interrupted) run wrote; refuse to overwrite anything else.
-    ours = set(old.get("classes", [])) if old is not None else set()
-    for cls in classes:
-        if (root / cls).exists() and cls not in ours:
-            raise ZsadError(f"{root / cls} exists and was not written by zsad.data.synthetic; "
-                            f"generate into an empty folder")
-    for cls in sorted(ours & set(SYNTHETIC_CLASSES)):
-        shutil.rmtree(root / cls, ignore_errors=True)
-    root.mkdir(parents=True, exist_ok=True)
-    # Claim the class folders before writing them, so a run interrupted half-way can be redone.
-    _write_manifest(root, {**params, "classes": sorted(set(classes) | ours), "complete": False})
-
-    from tqdm import tqdm
-
+    _claim_root(root, params, old)
     started = time.perf_counter()
-    jobs = [(cls, part, i) for cls in classes for part, n in zip(PARTS, counts.values()) for i in range(n)]
-
-    def work(job):
-        cls, part, i = job
-        s = render_sample(cls, part, i, seed, image_size)
-        folder = "good" if part != "test_defect" else s.defect
-        _save_png(s.image, root / cls / part.split("_")[0] / folder / f"{s.stem}.png")
-        if s.mask is not None:
-            _save_png(s.mask.astype(np.uint8) * 255, root / cls / "ground_truth" / s.defect / f"{s.stem}_mask.png")
-        keep = part != "train_good" and i < max(len(SYNTHETIC_DEFECTS[cls]), 1)
-        return s if keep else None
-
-    tiles: dict[str, list] = {c: [] for c in classes}
-    per_class = {c: {"train_good": counts["n_train_good"], "test_good": counts["n_test_good"], "test_defect": {}}
-                 for c in classes}
-    # Threads: PNG encoding, PIL drawing and numpy release the GIL, and each image has its own RNG, so the
-    # output does not depend on scheduling.
-    workers = max(1, min(4, os.cpu_count() or 1))
-    with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(
-            total=len(jobs), desc="synthetic data", unit="img", disable=not progress) as bar:
-        for (cls, part, i), s in zip(jobs, pool.map(work, jobs)):
-            bar.update()
-            if part == "test_defect":
-                d = per_class[cls]["test_defect"]
-                kind = SYNTHETIC_DEFECTS[cls][i % len(SYNTHETIC_DEFECTS[cls])]
-                d[kind] = d.get(kind, 0) + 1
-            if s is not None and (part == "test_defect" or not tiles[cls]):
-                tiles[cls].append((s.image, s.mask, s.defect))
-    total = len(jobs)
-    _preview(root, tiles, thumb=min(128, image_size))
+    per_class, tiles, total = _write_images(root, params, progress)
+    _preview(root, tiles, thumb=min(128, params["image_size"]))
     manifest = {
         **params,
         "layout": "mvtec",

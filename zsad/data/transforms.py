@@ -5,7 +5,7 @@ numpy + PIL (no torch/torchvision) and is deterministic: a served model sees exa
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image

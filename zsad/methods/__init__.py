@@ -12,8 +12,8 @@ from zsad.configs import build_config, deep_merge, resolve_profile
 from zsad.methods.afclip import AfClip
 from zsad.methods.anomalyclip import AnomalyClip
 from zsad.methods.bagclip import BagClip
-from zsad.methods.bayespfl import BayesPfl
 from zsad.methods.base import AnomalyOutput, Method, Stage, run_stages
+from zsad.methods.bayespfl import BayesPfl
 from zsad.methods.sowa import Sowa
 
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (AnomalyClip, BagClip, AfClip, Sowa, BayesPfl)}
@@ -44,4 +44,5 @@ def create(name: str, profile: str = "paper", **overrides) -> Method:
     return build(name, resolve_config(name, profile, **overrides), profile)
 
 
-__all__ = ["METHODS", "available", "build", "create", "resolve_config", "AnomalyOutput", "Method", "Stage", "run_stages"]
+__all__ = ["METHODS", "available", "build", "create", "resolve_config", "AnomalyOutput", "Method", "Stage",
+           "run_stages"]

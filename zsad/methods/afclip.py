@@ -1,6 +1,6 @@
 """AF-CLIP (Fang, Lv, Su; ACM MM 2025): anomaly-focused CLIP adaptation, and AF-CLIP+ (few-shot).
 
-the design spec afclip_bayespfl.md PART A (its choices: docs/methods/afclip.md), following the released code where it differs from the paper:
+Our choices are in docs/methods/afclip.md; where the released code differs from the paper, this follows the code:
 
 1. stock frozen ViT (QuickGELU for OpenAI weights), raw residual stream of blocks ``taps`` *with* the class
    token: c^l [B, 1+N, D];
@@ -30,11 +30,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from zsad import ZsadError
 from zsad.backbone import arch_config
-from zsad.methods.base import BackboneConfig, EncoderStage, Method, Stage, TrainConfig
+from zsad.methods.base import BackboneConfig, BoundStage, EncoderStage, Method, Stage, TrainConfig
 from zsad.modules.adaptor import AttentionAdaptor
 from zsad.modules.aggregation import BORDERS, MultiScaleAggregation
 from zsad.modules.losses import binary_focal_loss, patch_alignment_loss
@@ -115,6 +114,8 @@ class AfClipConfig:
 class AfClip(StaticTextCache, Method):
     name = "afclip"
     paper_name = "AF-CLIP"
+    paper_few_shot_name = "AF-CLIP+"
+    paper_aupro_mode = "afclip"  # util/utils.py compute_pro: kept FPRs divided by their maximum
     config_class = AfClipConfig
     few_shot = True
 
@@ -225,12 +226,13 @@ class AfClip(StaticTextCache, Method):
         zero_shot = {"image_prob": ("B",), "patch_map": ("B", g, g)}
         stages = [
             Stage("encoder", EncoderStage(self), {"images": ("B", 3, s, s)}, tokens),
-            Stage("head", _Head(self, text), tokens, zero_shot),
+            Stage("head", BoundStage(self, "head", text=text), tokens, zero_shot),
         ]
         final = zero_shot
         if self.memory is not None:
             final = {"fewshot_prob": ("B",), "fewshot_map": ("B", g, g)}
-            stages.append(Stage("fewshot", _FewShot(self, self.memory), {**tokens, **zero_shot}, final))
+            stages.append(Stage("fewshot", BoundStage(self, "few_shot_fusion", memory=self.memory),
+                                {**tokens, **zero_shot}, final))
         stages.append(Stage("postprocess", self.postprocess, final,
                             {"score": ("B",), "anomaly_map": ("B", s, s)}))
         return stages
@@ -260,27 +262,3 @@ class AfClip(StaticTextCache, Method):
         total = cls + lc.seg_weight * (focal + l1) + lc.pal_weight * pal
         return {"total": total, "cls_focal": cls.detach(), "seg_focal": focal.detach(), "seg_l1": l1.detach(),
                 "pal": pal.detach()}
-
-
-class _Head(nn.Module):
-    """Aggregation + shared adaptor + projection + scoring, the trained text (2, E) baked in as a buffer."""
-
-    def __init__(self, method: AfClip, text: torch.Tensor):
-        super().__init__()
-        self.method = method
-        self.register_buffer("text", text)
-
-    def forward(self, tokens):
-        return self.method.head(tokens, self.text)
-
-
-class _FewShot(nn.Module):
-    """AF-CLIP+ fusion with the class's memory bank baked in (a buffer of ``memory``)."""
-
-    def __init__(self, method: AfClip, memory: MemoryBank):
-        super().__init__()
-        self.method = method
-        self.memory = memory
-
-    def forward(self, tokens, image_prob, patch_map):
-        return self.method.few_shot_fusion(tokens, image_prob, patch_map, self.memory)

@@ -15,12 +15,19 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from zsad import ZsadError
 from zsad.backbone import ATTENTION_MODES
-from zsad.methods.base import (BackboneConfig, EncoderStage, LossConfig, Method, PromptConfig, Stage,
-                               TrainConfig)
+from zsad.methods.base import (
+    BackboneConfig,
+    BoundStage,
+    EncoderStage,
+    LossConfig,
+    Method,
+    PromptConfig,
+    Stage,
+    TrainConfig,
+)
 from zsad.modules.losses import layered_focal_dice
 from zsad.modules.prompts import ObjectAgnosticPrompts, StaticTextCache
 from zsad.postprocess import Postprocess, upsample
@@ -105,7 +112,8 @@ class AnomalyClip(StaticTextCache, Method):
         return [
             Stage("encoder", EncoderStage(self), {"images": ("B", 3, s, s)},
                   {"global_embedding": ("B", e), "taps": ("B", n_taps, n, d)}),
-            Stage("head", _Head(self, text), {"global_embedding": ("B", e), "taps": ("B", n_taps, n, d)},
+            Stage("head", BoundStage(self, "head", text=text),
+                  {"global_embedding": ("B", e), "taps": ("B", n_taps, n, d)},
                   {"image_prob": ("B",), "patch_map": ("B", g, g)}),
             Stage("postprocess", self.postprocess, {"image_prob": ("B",), "patch_map": ("B", g, g)},
                   {"score": ("B",), "anomaly_map": ("B", s, s)}),
@@ -126,15 +134,3 @@ class AnomalyClip(StaticTextCache, Method):
         focal, dice = layered_focal_dice(probs, gt, c.loss.focal_gamma)
         total = image_loss + c.loss.seg_weight * (focal + dice)
         return {"total": total, "image_ce": image_loss.detach(), "focal": focal.detach(), "dice": dice.detach()}
-
-
-class _Head(nn.Module):
-    """The method's head with the trained text embeddings baked in as a constant."""
-
-    def __init__(self, method: AnomalyClip, text: torch.Tensor):
-        super().__init__()
-        self.method = method
-        self.register_buffer("text", text)
-
-    def forward(self, global_embedding, taps):
-        return self.method.head(global_embedding, taps, self.text)

@@ -1,7 +1,7 @@
 """BAG-CLIP (Wu, Zhang, Li; Electronics 2026, 15(8), 1659): Bifurcated Attention Graph-enhanced CLIP.
 
-Only the paper's headings, tables and budgets survive in our copy, so the internals are the reconstruction of
-the design spec bagclip_sowa.md section 2 (docs/methods/bagclip.md) (every unknown is a config knob, defaults from its table 2.8):
+Only the paper's headings, tables and budgets survive in our copy, so the internals are our reconstruction
+(docs/methods/bagclip.md; every unknown is a config knob):
 
 - BSA: AnomalyCLIP's dual stream (stock global branch + V-V detail branch without FFN) from ``dual_start``;
 - detail taps D_l (raw width-D tokens of the V-V stream) at ``taps``;
@@ -31,7 +31,6 @@ from zsad import ZsadError
 from zsad.methods.anomalyclip import AnomalyClip, AnomalyClipConfig
 from zsad.modules.graph import EDGE_WEIGHTS, GCN, SYMMETRIZE, knn_graph
 from zsad.modules.recalibration import ScaleAdaptiveRecalibration
-
 
 JFF_VARIANTS = ("add", "concat")
 

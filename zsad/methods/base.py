@@ -7,17 +7,19 @@ tensor name; ``Method.forward`` is exactly that chain, so what is exported is wh
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import inspect
 from abc import ABCMeta, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 from torch import nn
 
 from zsad import ZsadError, per_image_names
 from zsad.backbone import load_clip
+from zsad.metrics import AUPRO_MODES
 
 
 @dataclass
@@ -90,19 +92,56 @@ def run_stages(stages: Sequence[Stage], **tensors: torch.Tensor) -> dict[str, to
         out = out if isinstance(out, tuple) else (out,)
         if len(out) != len(st.outputs):
             raise ZsadError(f"stage '{st.name}' returned {len(out)} tensors, declared {list(st.outputs)}")
-        env.update(zip(st.outputs, out))
+        env.update(zip(st.outputs, out, strict=True))
     return env
 
 
-class EncoderStage(nn.Module):
-    """A method's ``encode(images)`` as a stage module (every method's first stage)."""
+class BoundStage(nn.Module):
+    """A stage module that calls one function of its method: ``method.<function>(*stage inputs, **constants)``.
 
-    def __init__(self, method: "Method"):
+    ``constants`` are fixed when the stage is built and passed by keyword (their names are the function's
+    parameter names): a tensor becomes a buffer (the trained text, folded position tables: constants of the
+    exported graph), a module a sub-module (a few-shot memory bank). Read them back as ``stage.module.<name>``.
+    """
+
+    def __init__(self, method: Method, function: str, **constants: torch.Tensor | nn.Module):
         super().__init__()
+        fn = getattr(method, function, None)
+        if not callable(fn):
+            raise TypeError(f"{type(method).__name__} has no function '{function}' to bind as a stage")
+        params = inspect.signature(fn).parameters
+        unknown = [n for n in constants if n not in params]
+        if unknown:
+            raise TypeError(f"{type(method).__name__}.{function} has no parameter {unknown}")
         self.method = method
+        self.function = function
+        self.constant_names = tuple(constants)
+        for name, value in constants.items():
+            if isinstance(value, nn.Module):
+                self.add_module(name, value)
+            else:
+                self.register_buffer(name, value.detach().clone())
+        # torch.export matches the dynamic shapes to forward's parameters, so this instance's forward states the
+        # function's own inputs (its parameters without a default that are not bound as constants), not *inputs
+        forward = functools.partial(BoundStage.forward, self)
+        forward.__signature__ = inspect.Signature(
+            [p for p in params.values() if p.name not in constants and p.default is inspect.Parameter.empty])
+        self.forward = forward
 
-    def forward(self, images):
-        return self.method.encode(images)
+    def forward(self, *inputs):
+        constants = {n: getattr(self, n) for n in self.constant_names}
+        return getattr(self.method, self.function)(*inputs, **constants)
+
+    def extra_repr(self) -> str:
+        return f"function={self.function}, constants={list(self.constant_names)}"
+
+
+class EncoderStage(BoundStage):
+    """``method.encode(images)``: every method's first stage (tools that treat the encoder apart, e.g. int8
+    quantisation, recognise it by this class)."""
+
+    def __init__(self, method: Method):
+        super().__init__(method, "encode")
 
 
 # -- config parts shared by the methods ------------------------------------------------------------------------
@@ -169,6 +208,8 @@ class Method(nn.Module, metaclass=ABCMeta):
     name: str = ""
     config_class: type | None = None  # the dataclass a profile section builds (zsad.configs.build_config)
     paper_name: str = ""  # how the papers' tables (zsad/reference) name it; "" = in none of them
+    paper_few_shot_name: str = ""  # how they name its few-shot variant, where that has its own name (AF-CLIP+)
+    paper_aupro_mode: str = "anomalyclip"  # the AUPRO definition its paper's tables use (zsad.metrics.AUPRO_MODES)
     # export parity: the end-to-end chain's fp32 tolerance where it must exceed the per-stage one (0: the same)
     chain_tolerance: float = 0.0
 
@@ -188,6 +229,8 @@ class Method(nn.Module, metaclass=ABCMeta):
             raise TypeError(f"{where}.name must be an identifier (the registry key), got {cls.name!r}")
         if not dataclasses.is_dataclass(cls.config_class):
             raise TypeError(f"{where}.config_class must be a dataclass, got {cls.config_class!r}")
+        if cls.paper_aupro_mode not in AUPRO_MODES:
+            raise TypeError(f"{where}.paper_aupro_mode must be one of {AUPRO_MODES}, got {cls.paper_aupro_mode!r}")
         # one signature for every method: generic code calls these without method-specific arguments
         for fn, params in (("stages", ["self"]), ("encode", ["self", "images"])):
             got = list(inspect.signature(getattr(cls, fn)).parameters)

@@ -1,6 +1,6 @@
 """Bayes-PFL (Qu et al., CVPR 2025): Bayesian prompt flow learning, on the zsad core.
 
-Spec: the design spec afclip_bayespfl.md PART B (its choices: docs/methods/bayespfl.md) (the released code where it differs from the paper). Shapes at the paper
+Our choices: docs/methods/bayespfl.md (the released code where it differs from the paper). Shapes at the paper
 profile (518 px, N = 1369 patches, D = 1024, E = W = 768, L = 4 taps, B = 3 banks, R = 10 samples, T = 2BR = 60):
 
 1. frozen CLIP ViT with **plain GELU** in both towers (the released code's activation; the profile's
@@ -58,8 +58,16 @@ from torch import nn
 
 from zsad import ZsadError
 from zsad.backbone import tokenize
-from zsad.methods.base import (BackboneConfig, EncoderStage, Method, Stage, TextInput, TrainConfig,
-                               TrainingStage)
+from zsad.methods.base import (
+    BackboneConfig,
+    BoundStage,
+    EncoderStage,
+    Method,
+    Stage,
+    TextInput,
+    TrainConfig,
+    TrainingStage,
+)
 from zsad.modules.augment import AugmentConfig, BatchAugment
 from zsad.modules.flows import ConditionalPlanarFlow, StatePlanarFlows
 from zsad.modules.losses import dice_loss, focal_loss
@@ -349,6 +357,21 @@ class BayesPfl(Method):
     def invalidate_text_cache(self) -> None:
         self._state_cache = None
 
+    def sample_prompts(self, global_embedding: torch.Tensor, class_tokens: torch.Tensor, phi_normal: torch.Tensor,
+                       phi_abnormal: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompt head: ISD samples from the noise bank, the constant IAD samples ``phi_normal`` /
+        ``phi_abnormal`` [R,W], the bank and the class tokens -> the text tower's input (``prompt_embeddings``)."""
+        if self.config.sampling.noise == "random":  # research mode: fresh samples on every call (not exportable)
+            r, w = self.noise_context.shape
+            dev, dt = global_embedding.device, global_embedding.dtype
+            noise = torch.randn(global_embedding.shape[0], r, w).to(dev, dt)
+            phi_normal, phi_abnormal, _, _ = self.pfl.state_flows(torch.randn(r, w).to(dev, dt),
+                                                                  torch.randn(r, w).to(dev, dt))
+        else:
+            noise = self.noise_context.unsqueeze(0)
+        phi_e, _ = self.pfl.context_flow(global_embedding, noise)
+        return self.prompt_embeddings(phi_e, phi_normal, phi_abnormal, class_tokens)
+
     def prompt_embeddings(self, phi_context: torch.Tensor, phi_normal: torch.Tensor, phi_abnormal: torch.Tensor,
                           class_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Samples + bank + class tokens -> (sequences [N,T,Ls,W], end-token index [N])."""
@@ -407,12 +430,13 @@ class BayesPfl(Method):
         return [
             Stage("encoder", EncoderStage(self), {"images": ("B", 3, s, s)},
                   {"global_embedding": ("B", e), "taps": ("B", n_taps, n, d)}),
-            Stage("prompt_head", _PromptHead(self, phi_n, phi_a),
+            Stage("prompt_head", BoundStage(self, "sample_prompts", phi_normal=phi_n, phi_abnormal=phi_a),
                   {"global_embedding": ("B", e), "class_tokens": ("B", lc)},
                   {"prompt_embeddings": ("B", t, ls, w), "eot_index": ("B",)}, dtypes=dict(ints)),
-            Stage("text_encoder", _TextEncoder(self), {"prompt_embeddings": ("B", t, ls, w), "eot_index": ("B",)},
+            Stage("text_encoder", BoundStage(self, "text_features"),
+                  {"prompt_embeddings": ("B", t, ls, w), "eot_index": ("B",)},
                   {"text_features": ("B", t, e)}, dtypes={"eot_index": torch.int64}),
-            Stage("head", _Head(self),
+            Stage("head", BoundStage(self, "head"),
                   {"global_embedding": ("B", e), "taps": ("B", n_taps, n, d), "text_features": ("B", t, e)},
                   {"image_prob": ("B",), "pair_logits": ("B", n_taps * t // 2, g, g)}),
             Stage("postprocess", self.postprocess, {"image_prob": ("B",), "pair_logits": ("B", n_taps * t // 2, g, g)},
@@ -531,7 +555,8 @@ class PairMapPostprocess(nn.Module):
                  text_weight: float = 0.5, chunk: int = 30, truncate: float = 4.0):
         super().__init__()
         self.image_size, self.sigma, self.align_corners = int(image_size), float(sigma), bool(align_corners)
-        self.topk, self.text_weight, self.chunk, self.truncate = int(topk), float(text_weight), int(chunk), float(truncate)
+        self.topk, self.text_weight = int(topk), float(text_weight)
+        self.chunk, self.truncate = int(chunk), float(truncate)
 
     def mean_map(self, pair_logits: torch.Tensor) -> torch.Tensor:
         c, size = pair_logits.shape[1], self.image_size
@@ -553,42 +578,3 @@ class PairMapPostprocess(nn.Module):
         return (f"image_size={self.image_size}, sigma={self.sigma}, align_corners={self.align_corners}, "
                 f"topk={self.topk}, text_weight={self.text_weight}")
 
-
-class _PromptHead(nn.Module):
-    """ISD sampling with the noise bank, prompt bank + constant IAD samples, class tokens -> text-tower input."""
-
-    def __init__(self, method: BayesPfl, phi_normal: torch.Tensor, phi_abnormal: torch.Tensor):
-        super().__init__()
-        self.method = method
-        self.register_buffer("phi_normal", phi_normal.detach().clone())
-        self.register_buffer("phi_abnormal", phi_abnormal.detach().clone())
-
-    def forward(self, global_embedding, class_tokens):
-        m = self.method
-        if m.config.sampling.noise == "random":  # research mode: fresh samples on every call (not exportable)
-            r, w = m.noise_context.shape
-            dev, dt = global_embedding.device, global_embedding.dtype
-            noise = torch.randn(global_embedding.shape[0], r, w).to(dev, dt)
-            phi_n, phi_a, _, _ = m.pfl.state_flows(torch.randn(r, w).to(dev, dt), torch.randn(r, w).to(dev, dt))
-        else:
-            noise, phi_n, phi_a = m.noise_context.unsqueeze(0), self.phi_normal, self.phi_abnormal
-        phi_e, _ = m.pfl.context_flow(global_embedding, noise)
-        return m.prompt_embeddings(phi_e, phi_n, phi_a, class_tokens)
-
-
-class _TextEncoder(nn.Module):
-    def __init__(self, method: BayesPfl):
-        super().__init__()
-        self.method = method
-
-    def forward(self, prompt_embeddings, eot_index):
-        return self.method.text_features(prompt_embeddings, eot_index)
-
-
-class _Head(nn.Module):
-    def __init__(self, method: BayesPfl):
-        super().__init__()
-        self.method = method
-
-    def forward(self, global_embedding, taps, text_features):
-        return self.method.head(global_embedding, taps, text_features)

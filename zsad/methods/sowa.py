@@ -1,6 +1,6 @@
 """SOWA / HFWA (Hu, Zhang; arXiv 2407.03634v4): hierarchical frozen window self-attention adapters on CLIP.
 
-the design spec (bagclip_sowa.md section 3; its choices: docs/methods/sowa.md), following the released code (the paper leaves the internals open):
+The paper leaves the internals open; this follows the released code:
 
 1. stock frozen ViT at 336 px (grid 24); raw block outputs at ``taps`` (6/12/18/24), class token dropped, and
    the global embedding g = ln_post(CLS) @ proj;
@@ -38,7 +38,7 @@ from torch import nn
 
 from zsad import ZsadError
 from zsad.backbone import arch_config
-from zsad.methods.base import BackboneConfig, EncoderStage, Method, PromptConfig, Stage, TrainConfig
+from zsad.methods.base import BackboneConfig, BoundStage, EncoderStage, Method, PromptConfig, Stage, TrainConfig
 from zsad.modules.losses import layered_focal_dice
 from zsad.modules.memory_bank import MemoryBank
 from zsad.modules.prompts import ObjectAgnosticPrompts, StaticTextCache
@@ -112,6 +112,7 @@ class SowaConfig:
 class Sowa(StaticTextCache, Method):
     name = "sowa"
     paper_name = "SOWA"
+    paper_aupro_mode = "sowa"  # src/utils/metrics.py cal_pro_score: the mean of per-image FPRs
     config_class = SowaConfig
     few_shot = True
 
@@ -208,6 +209,18 @@ class Sowa(StaticTextCache, Method):
         up = upsample(distance.flatten(0, 1), s, self.config.align_corners)
         return up.unflatten(0, (-1, distance.shape[1])).sum(dim=1)
 
+    def zero_shot_output(self, image_prob: torch.Tensor, layer_logits: torch.Tensor):
+        """The zero-shot post-process: (score = the image probability, smoothed map)."""
+        return image_prob, self.zero_shot_map(layer_logits)
+
+    def k_shot_output(self, image_prob: torch.Tensor, layer_logits: torch.Tensor, fewshot_distance: torch.Tensor,
+                      offset: torch.Tensor):
+        """The K-shot post-process: map = smoothed zero-shot map + unsmoothed few-shot map;
+        score = 0.5 (p + (max(map) - lo) / scale), lo = ``offset`` (calibrated by ``fit_memory``)."""
+        amap = self.zero_shot_map(layer_logits) + self.few_shot_map(fewshot_distance)
+        score = 0.5 * (image_prob + (amap.flatten(1).amax(dim=1) - offset) / float(self.config.k_shot.score_scale))
+        return score, amap
+
     # -- text -------------------------------------------------------------------------------------------------
     def encode_text(self) -> torch.Tensor:
         t = self.prompts(self.backbone, normalize=self.text_fusion is None)
@@ -252,19 +265,26 @@ class Sowa(StaticTextCache, Method):
         n_taps = len(self.config.taps)
         with torch.no_grad():
             text = self.text_embeddings().detach().clone()
+            # folded: the per-head logit scales [L, H] and CPB bias tables [L, H, T, T] as constants, so the
+            # exported graph holds the tables, not the CPB MLPs
+            position = {}
+            if self.config.fold_position_bias:
+                position["scales"], position["biases"] = self.position_terms()
         enc = {"global_embedding": ("B", e), "taps": ("B", n_taps, n, d)}
         head_out = {"image_prob": ("B",), "layer_logits": ("B", n_taps, g, g)}
         final = {"score": ("B",), "anomaly_map": ("B", s, s)}
         stages = [
             Stage("encoder", EncoderStage(self), {"images": ("B", 3, s, s)}, enc),
-            Stage("head", _Head(self, text, self.config.fold_position_bias), enc, head_out),
+            Stage("head", BoundStage(self, "head", text=text, **position), enc, head_out),
         ]
         if self.memory is None:
-            stages.append(Stage("postprocess", _Postprocess(self), head_out, final))
+            stages.append(Stage("postprocess", BoundStage(self, "zero_shot_output"), head_out, final))
         else:
             dist = {"fewshot_distance": ("B", n_taps, g, g)}
-            stages.append(Stage("fewshot", _FewShot(self, self.memory), {"taps": enc["taps"]}, dist))
-            stages.append(Stage("postprocess", _KShotPostprocess(self), {**head_out, **dist}, final))
+            stages.append(Stage("fewshot", BoundStage(self, "few_shot_distance", memory=self.memory),
+                                {"taps": enc["taps"]}, dist))
+            stages.append(Stage("postprocess", BoundStage(self, "k_shot_output", offset=self.score_offset),
+                                {**head_out, **dist}, final))
         return stages
 
     # -- training ---------------------------------------------------------------------------------------------
@@ -302,64 +322,3 @@ class Sowa(StaticTextCache, Method):
         total = image_loss + c.loss.seg_weight * (focal + dice)
         return {"total": total, "image_ce": image_loss.detach(), "focal": focal.detach(), "dice": dice.detach()}
 
-
-class _Head(nn.Module):
-    """FWA adapters + projection + text alignment; text (2, E) baked; position terms folded into constants.
-
-    With ``fold=True`` the per-head logit scales [L, H] and the CPB bias tables [L, H, T, T] are computed once
-    here and registered as buffers: the exported graph holds the tables, not the CPB MLPs.
-    """
-
-    def __init__(self, method: Sowa, text: torch.Tensor, fold: bool = True):
-        super().__init__()
-        self.method = method
-        self.fold = bool(fold)
-        self.register_buffer("text", text)
-        if self.fold:
-            with torch.no_grad():
-                scales, biases = method.position_terms()
-            self.register_buffer("scales", scales.detach().clone())
-            self.register_buffer("biases", biases.detach().clone())
-
-    def forward(self, global_embedding, taps):
-        if self.fold:
-            return self.method.head(global_embedding, taps, self.text, self.scales, self.biases)
-        return self.method.head(global_embedding, taps, self.text)
-
-
-class _Postprocess(nn.Module):
-    """Per-layer upsample -> sigmoid -> sum -> Gaussian; score = the image probability."""
-
-    def __init__(self, method: Sowa):
-        super().__init__()
-        self.method = method
-
-    def forward(self, image_prob, layer_logits):
-        return image_prob, self.method.zero_shot_map(layer_logits)
-
-
-class _FewShot(nn.Module):
-    """Per-layer nearest-neighbour distances to the class's bank (baked in as a buffer of ``memory``)."""
-
-    def __init__(self, method: Sowa, memory: MemoryBank):
-        super().__init__()
-        self.method = method
-        self.memory = memory
-
-    def forward(self, taps):
-        return self.method.few_shot_distance(taps, self.memory)
-
-
-class _KShotPostprocess(nn.Module):
-    """map = smoothed zero-shot map + unsmoothed few-shot map; score = 0.5 (p + (max(map) - lo) / scale)."""
-
-    def __init__(self, method: Sowa):
-        super().__init__()
-        self.method = method
-        self.register_buffer("offset", method.score_offset.detach().clone())
-        self.scale = float(method.config.k_shot.score_scale)
-
-    def forward(self, image_prob, layer_logits, fewshot_distance):
-        amap = self.method.zero_shot_map(layer_logits) + self.method.few_shot_map(fewshot_distance)
-        score = 0.5 * (image_prob + (amap.flatten(1).amax(dim=1) - self.offset) / self.scale)
-        return score, amap

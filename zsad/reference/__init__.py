@@ -3,6 +3,8 @@
 ``paper_metrics(method, dataset)`` returns the published zero-shot numbers for one method on one data set,
 keyed like zsad's own metrics (``image_auroc``, ``pixel_aupro``, ...), with where each number was printed.
 The method's own paper is preferred; baselines (AnomalyCLIP) come from the first paper that reports them.
+How the tables name a method is the method's own fact (``Method.paper_name`` / ``paper_few_shot_name``); the
+``paper`` key of a row is the registry name of the method whose paper printed it.
 """
 from __future__ import annotations
 
@@ -12,10 +14,6 @@ from functools import lru_cache
 from pathlib import Path
 
 TABLES_PATH = Path(__file__).parent / "paper_tables.json"
-PAPER_NAMES = {"anomalyclip": "AnomalyCLIP", "bagclip": "BAG-CLIP", "afclip": "AF-CLIP", "bayespfl": "Bayes-PFL",
-               "sowa": "SOWA"}
-_PAPER_ORDER = ("bagclip", "afclip", "bayespfl", "sowa")
-_FEW_SHOT_NAMES = {"afclip": "AF-CLIP+"}  # a method's few-shot variant as its paper's tables name it
 _METRIC_ALIASES = {"pro": "aupro"}  # the papers label the same column PRO or AUPRO
 
 
@@ -39,14 +37,22 @@ def known_datasets() -> list[str]:
 
 
 def paper_method_name(method: str, setting: str = "zero-shot") -> str:
-    """The name a method's rows carry in the tables: AF-CLIP's few-shot rows are AF-CLIP+'s."""
-    name = PAPER_NAMES.get(method, method)
-    return _FEW_SHOT_NAMES.get(method, name) if setting.startswith("few-shot") else name
+    """The name a registered method's rows carry in the tables (its ``paper_name``; in a few-shot setting its
+    ``paper_few_shot_name`` where it has one, e.g. AF-CLIP+). Any other name is returned as it is."""
+    from zsad.methods import METHODS
+
+    cls = METHODS.get(method)
+    if cls is None or not cls.paper_name:
+        return method
+    if setting.startswith("few-shot") and cls.paper_few_shot_name:
+        return cls.paper_few_shot_name
+    return cls.paper_name
 
 
 def paper_metrics(method: str, dataset: str, setting: str = "zero-shot") -> dict[str, PaperValue]:
     name = paper_method_name(method, setting)
-    order = ([method] if method in _PAPER_ORDER else []) + [p for p in _PAPER_ORDER if p != method]
+    papers = list(tables()["papers"])  # the order the data file lists them in
+    order = ([method] if method in papers else []) + [p for p in papers if p != method]
     out: dict[str, PaperValue] = {}
     for paper in order:
         for r in tables()["results"]:
@@ -61,4 +67,4 @@ def paper_metrics(method: str, dataset: str, setting: str = "zero-shot") -> dict
 
 def efficiency_rows(method: str | None = None) -> list[dict]:
     rows = tables()["efficiency"]
-    return [r for r in rows if method is None or r["method"] == PAPER_NAMES.get(method, method)]
+    return [r for r in rows if method is None or r["method"] == paper_method_name(method)]
