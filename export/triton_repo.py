@@ -244,7 +244,7 @@ def text_input_config(opts: RepoOptions, model_name: str, text_input) -> dict:
     cfg.update(_scheduling(opts, "KIND_CPU"))  # tokenising is CPU work whatever the stages use
     _standalone_text_encoder(text_input)
     cfg.update(_parameters({"text_input": json.dumps(dataclasses.asdict(text_input)),
-                            "aliases": json.dumps(_class_name_aliases())}))
+                            "aliases": json.dumps(text_input.aliases)}))
     # warm-up with the method's default text (an empty string is refused): warmup/text.bin
     cfg["model_warmup"] = [{"name": "default_text", "batch_size": 1, "inputs": [
         {"key": text_input.request_name, "value": {"data_type": Sym("TYPE_STRING"), "dims": [1],
@@ -306,14 +306,8 @@ def write_model(repo: Path, cfg: dict, files: Mapping[str, Path | bytes] | None 
     return mdir
 
 
-def _class_name_aliases() -> dict:
-    from zsad.methods.bayespfl import CLASS_NAME_ALIASES
-
-    return dict(CLASS_NAME_ALIASES)
-
-
-# the text encoders the standalone text model (triton_models/text_input) reproduces without zsad
-_STANDALONE_TEXT_ENCODERS = ("zsad.methods.bayespfl:class_name_tokens",)
+# the TextInput.standalone versions triton_models/text_input implements (without zsad)
+_STANDALONE_TEXT_MODELS = ("clip_class_name",)
 
 
 def _standalone_text_encoder(text_input):
@@ -325,7 +319,7 @@ def _standalone_text_encoder(text_input):
 
     from zsad.backbone import resolve_arch
 
-    if text_input.encoder not in _STANDALONE_TEXT_ENCODERS:
+    if text_input.standalone not in _STANDALONE_TEXT_MODELS:
         raise ZsadError(f"internal: the served text model has no standalone version of {text_input.encoder}")
     tok = open_clip.get_tokenizer(resolve_arch(text_input.kwargs["arch"]))
     if not isinstance(tok, open_clip.tokenizer.SimpleTokenizer) \

@@ -78,7 +78,7 @@ def _run_by_hand(stages, x):
         res = st.module(*[env[n] for n in st.inputs])
         res = res if isinstance(res, tuple) else (res,)
         assert len(res) == len(st.outputs), st.name
-        for (name, shape), t in zip(st.outputs.items(), res):
+        for (name, shape), t in zip(st.outputs.items(), res, strict=True):
             assert tuple(t.shape) == tuple(x.shape[0] if d == "B" else d for d in shape), (st.name, name)
             env[name] = t
     return env
@@ -108,7 +108,8 @@ def _reference(m, x, support=None):
     def tokens_of(images):
         out = v.forward_intermediates(images, indices=[0, 1, 2, 3], output_fmt="NLC", intermediates_only=True,
                                       output_extra_tokens=True)
-        return [torch.cat([c, p], dim=1) for c, p in zip(out["image_intermediates_prefix"], out["image_intermediates"])]
+        pairs = zip(out["image_intermediates_prefix"], out["image_intermediates"], strict=True)
+        return [torch.cat([c, p], dim=1) for c, p in pairs]
 
     def aggregate(t):  # [B, 1+N, D] -> 3 x [B, 1+N, D]
         b, n1, d = t.shape

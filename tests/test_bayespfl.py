@@ -162,7 +162,7 @@ def test_rca_against_a_naive_loop_and_its_residual():
         ResidualCrossModalAttention(12, 10, 1, heads=4)
 
 
-# -- stages, determinism, forward ---------------------------------------------------------------------------------------
+# -- stages, determinism, forward --------------------------------------------------------------------------------------
 def test_stages_declare_what_they_produce(tiny_method):
     m = tiny_method("bayespfl")
     stages = m.stages()
@@ -175,7 +175,7 @@ def test_stages_declare_what_they_produce(tiny_method):
             res = st.module(*[env[n] for n in st.inputs])
             res = res if isinstance(res, tuple) else (res,)
             assert len(res) == len(st.outputs)
-            for (oname, shape), t in zip(st.outputs.items(), res):
+            for (oname, shape), t in zip(st.outputs.items(), res, strict=True):
                 assert tuple(t.shape) == tuple(3 if d == "B" else d for d in shape), (st.name, oname)
                 assert t.dtype == st.dtype(oname), (st.name, oname)
                 env[oname] = t
@@ -307,7 +307,7 @@ def test_postprocess_chunks_and_image_score():
     torch.testing.assert_close(outs[0][0], 0.3 * prob + 0.7 * top)
 
 
-# -- training -------------------------------------------------------------------------------------------------------------
+# -- training ----------------------------------------------------------------------------------------------------------
 def test_losses_against_their_formulas():
     torch.manual_seed(0)
     p = torch.rand(3, 8, 8) * 0.98 + 0.01
@@ -361,7 +361,7 @@ def test_param_groups_follow_the_released_rates(tiny_method):
     factors = [lr_factor(cfg, s, 100) for s in range(100)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert factors[10] == pytest.approx(1.0) and factors[55] == pytest.approx(0.5 * (1 + math.cos(math.pi * 45 / 90)))
-    assert all(a >= b for a, b in zip(factors[10:-1], factors[11:]))
+    assert all(a >= b for a, b in zip(factors[10:-1], factors[11:], strict=True))
 
 
 def test_checkpoint_round_trip(tmp_path):
@@ -403,7 +403,7 @@ def test_per_class_calibration_on_normal_scores(tmp_path):
 def _write_mvtec_class(root, cls, rng):
     from PIL import Image
 
-    for defect, n in (("good", 1), ("crack", 1)):
+    for defect in ("good", "crack"):
         img = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
         p = root / cls / "test" / defect / "000.png"
         p.parent.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,8 @@ def test_profiles_are_the_published_settings():
     assert a.taps == [6, 12, 18, 24] and a.dual_start == 6 and a.attention == "dual"
     assert a.global_ln_post is False  # AnomalyCLIP's released global feature
     assert (a.prompt.n_ctx, a.prompt.deep_length, a.prompt.deep_depth) == (12, 4, 9)
-    assert (a.train.lr, a.train.betas, a.train.epochs, a.train.batch_size, a.train.seed) == (1e-3, [0.5, 0.999], 15, 8, 111)
+    assert (a.train.lr, a.train.betas, a.train.epochs, a.train.batch_size, a.train.seed) \
+        == (1e-3, [0.5, 0.999], 15, 8, 111)
     assert a.loss.seg_weight == 4.0 and a.temperature == 0.07 and a.sigma == 4.0
     b = M.resolve_config("bagclip", "paper")
     g = b.graph
@@ -51,7 +52,7 @@ def test_profiles_are_the_published_settings():
 
 def test_creation_is_deterministic():
     a, b = M.create("bagclip", "tiny"), M.create("bagclip", "tiny")
-    for (n, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
+    for (n, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.equal(p, q), n
     c = M.create("bagclip", "tiny", backbone={"init_seed": 1})
     assert not torch.equal(a.backbone.visual.conv1.weight, c.backbone.visual.conv1.weight)
@@ -97,7 +98,7 @@ def test_stages_in_sequence_equal_forward(tiny_method, name):
         env = {"images": x}
         for st in stages:  # by hand, checking every declared name and shape on the way
             res = st.module(*[env[n] for n in st.inputs])
-            for (oname, shape), t in zip(st.outputs.items(), res):
+            for (oname, shape), t in zip(st.outputs.items(), res, strict=True):
                 assert tuple(t.shape) == tuple(3 if d == "B" else d for d in shape), (st.name, oname)
                 env[oname] = t
     assert torch.equal(env["score"], out.score) and torch.equal(env["anomaly_map"], out.anomaly_map)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from google.protobuf import text_format
 from PIL import Image
 from tritonclient.grpc import model_config_pb2
-from google.protobuf import text_format
 
 import zsad.methods as M
 from zsad import ZsadError
@@ -71,7 +71,8 @@ def test_each_export_passed_the_gate_with_its_own_stages(served):
     assert {"bayespfl_text_encoder", "bayespfl_text_class_name"} <= set(results["bayespfl"].models)
     ens = text_format.Parse((srv.repo / "bayespfl" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
     assert [i.name for i in ens.input] == ["image_bytes", "class_name"]
-    assert [s.model_name for s in ens.ensemble_scheduling.step][:2] == ["bayespfl_preprocess", "bayespfl_text_class_name"]
+    assert [s.model_name for s in ens.ensemble_scheduling.step][:2] \
+        == ["bayespfl_preprocess", "bayespfl_text_class_name"]
     # SOWA: the position-bias MLP is folded into per-head bias tables (constants; no ReLU left in the graph)
     import onnx
 

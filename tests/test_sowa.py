@@ -67,7 +67,7 @@ def _run_by_hand(stages, x):
     for st in stages:
         res = st.module(*[env[n] for n in st.inputs])
         res = res if isinstance(res, tuple) else (res,)
-        for (name, shape), t in zip(st.outputs.items(), res):
+        for (name, shape), t in zip(st.outputs.items(), res, strict=True):
             assert tuple(t.shape) == tuple(x.shape[0] if d == "B" else d for d in shape), (st.name, name)
             env[name] = t
     return env
@@ -157,7 +157,7 @@ def _reference(m, x, support=None, offset=0.0):
     score = p.numpy()
     if support is not None:
         few = 0
-        for t, ts in zip(taps, taps_of(support)):
+        for t, ts in zip(taps, taps_of(support), strict=True):
             bank = F.normalize(ts @ v.proj, dim=-1).reshape(-1, v.proj.shape[1])
             d = 1 - (F.normalize(t @ v.proj, dim=-1) @ bank.t()).max(-1).values
             few = few + F.interpolate(d.reshape(-1, 1, g, g), size=(s, s), mode="bilinear", align_corners=True)[:, 0]

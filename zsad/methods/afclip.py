@@ -258,7 +258,8 @@ class AfClip(StaticTextCache, Method):
         focal = binary_focal_loss(p_map, gt, gamma=lc.focal_gamma)
         l1 = (p_map - gt).abs().mean()
         flat = gt.flatten(1)
-        pal = sum(patch_alignment_loss(z[:, i, 1:], flat) for i in range(z.shape[1])) / z.shape[1]
+        terms = [patch_alignment_loss(z[:, i, 1:], flat) for i in range(z.shape[1])]
+        pal = sum(terms[1:], terms[0]) / len(terms)
         total = cls + lc.seg_weight * (focal + l1) + lc.pal_weight * pal
         return {"total": total, "cls_focal": cls.detach(), "seg_focal": focal.detach(), "seg_l1": l1.detach(),
                 "pal": pal.detach()}

@@ -58,7 +58,7 @@ class AnomalyClipConfig:
 class AnomalyClip(StaticTextCache, Method):
     name = "anomalyclip"
     paper_name = "AnomalyCLIP"
-    config_class = AnomalyClipConfig
+    config_class: type[AnomalyClipConfig] = AnomalyClipConfig  # BagClip overrides it with a subclass
 
     def __init__(self, config: AnomalyClipConfig, profile: str):
         super().__init__(config, profile)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from zsad import ZsadError, per_image_names
-from zsad.backbone import load_clip
+from zsad.backbone import ClipBackbone, load_clip
 from zsad.metrics import AUPRO_MODES
 
 
@@ -65,8 +65,9 @@ class TextInput:
     """A per-image text field of a request (Bayes-PFL: the class name) that becomes a stage tensor outside the graph.
 
     ``encoder`` names a function "module:function" called as ``fn(texts, **kwargs)`` -> int64 [n, length]; the
-    eager path (``Method.stage_inputs``) and the served ensemble's text model call the same function, so a
-    request's text becomes the same tensor in both.
+    eager path (``Method.stage_inputs``) calls it. The served ensemble's text model cannot import zsad: it runs the
+    standalone version named by ``standalone``, configured with this spec and ``aliases`` (zsad.export writes it),
+    and the export tests check its ids equal ``encode``'s.
     """
 
     request_name: str  # the request field, e.g. "class_name"
@@ -75,6 +76,10 @@ class TextInput:
     encoder: str
     kwargs: dict
     default: str  # used where a caller gives no text
+    # the standalone text model that repeats ``encoder`` in a served ensemble: "clip_class_name" (lower case,
+    # "_" -> " ", ``aliases``, CLIP BPE; triton_models/text_input); "" = none, the method cannot be served
+    standalone: str = ""
+    aliases: dict[str, str] = field(default_factory=dict)  # words the encoder puts in place of a text (lower case)
 
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
         module, _, attr = self.encoder.partition(":")
@@ -124,9 +129,10 @@ class BoundStage(nn.Module):
         # torch.export matches the dynamic shapes to forward's parameters, so this instance's forward states the
         # function's own inputs (its parameters without a default that are not bound as constants), not *inputs
         forward = functools.partial(BoundStage.forward, self)
-        forward.__signature__ = inspect.Signature(
+        # a partial takes attributes (it has a __dict__); typeshed does not declare this one
+        forward.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
             [p for p in params.values() if p.name not in constants and p.default is inspect.Parameter.empty])
-        self.forward = forward
+        self.forward = forward  # type: ignore[method-assign]  # per instance on purpose: its own signature
 
     def forward(self, *inputs):
         constants = {n: getattr(self, n) for n in self.constant_names}
@@ -212,6 +218,7 @@ class Method(nn.Module, metaclass=ABCMeta):
     paper_aupro_mode: str = "anomalyclip"  # the AUPRO definition its paper's tables use (zsad.metrics.AUPRO_MODES)
     # export parity: the end-to-end chain's fp32 tolerance where it must exceed the per-stage one (0: the same)
     chain_tolerance: float = 0.0
+    backbone: ClipBackbone  # built in the subclass's __init__ (load_backbone)
 
     def __init__(self, config, profile: str):
         super().__init__()
@@ -274,7 +281,7 @@ class Method(nn.Module, metaclass=ABCMeta):
             feed[ti.tensor] = ti.encode(texts).to(images.device)
         return feed
 
-    def load_backbone(self):
+    def load_backbone(self) -> ClipBackbone:
         """The frozen CLIP of ``config.backbone``, with ``config.taps`` checked against its depth.
 
         Random CLIP weights (tests) come from ``backbone.init_seed`` (set by ``zsad.methods.build``); everything a

@@ -288,6 +288,10 @@ class BayesPfl(Method):
     name = "bayespfl"
     paper_name = "Bayes-PFL"
     config_class = BayesPflConfig
+    # buffers: the fixed noise samples (sampling.noise_seed)
+    noise_context: torch.Tensor
+    noise_normal: torch.Tensor
+    noise_abnormal: torch.Tensor
 
     def __init__(self, config: BayesPflConfig, profile: str):
         super().__init__(config, profile)
@@ -334,7 +338,8 @@ class BayesPfl(Method):
     def text_inputs(self) -> list[TextInput]:
         lc = self.class_token_length
         return [TextInput("class_name", "class_tokens", lc, "zsad.methods.bayespfl:class_name_tokens",
-                          {"arch": self.backbone.info.arch, "length": lc}, self.config.default_class_name)]
+                          {"arch": self.backbone.info.arch, "length": lc}, self.config.default_class_name,
+                          standalone="clip_class_name", aliases=dict(CLASS_NAME_ALIASES))]
 
     def encode_class_names(self, names: str | Sequence[str]) -> torch.Tensor:
         """Class names -> int64 token ids [len(names), Lc] ("[SOT] words [EOT] 0..."), done outside the graph."""
@@ -566,6 +571,8 @@ class PairMapPostprocess(nn.Module):
                                  align_corners=self.align_corners)
             part = torch.sigmoid(part).sum(dim=1)
             total = part if total is None else total + part
+        if total is None:
+            raise ZsadError("pair_logits has no prompt pairs (dimension 1 is empty)")
         return total / c
 
     def forward(self, image_prob: torch.Tensor, pair_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

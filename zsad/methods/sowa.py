@@ -31,6 +31,7 @@ no MLP.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -115,6 +116,7 @@ class Sowa(StaticTextCache, Method):
     paper_aupro_mode = "sowa"  # src/utils/metrics.py cal_pro_score: the mean of per-image FPRs
     config_class = SowaConfig
     few_shot = True
+    score_offset: torch.Tensor  # buffer (k-shot score offset)
 
     def __init__(self, config: SowaConfig, profile: str):
         super().__init__(config, profile)
@@ -160,7 +162,7 @@ class Sowa(StaticTextCache, Method):
 
     def position_terms(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every adapter's (scale [H], bias [H, T, T]) stacked: ([L, H], [L, H, T, T])."""
-        terms = [ad.position_terms() for ad in self.adapters]
+        terms = [cast(FrozenWindowAdapter, ad).position_terms() for ad in self.adapters]
         return torch.stack([s for s, _ in terms]), torch.stack([b for _, b in terms])
 
     def adapted(self, taps: torch.Tensor, scales: torch.Tensor | None = None,
@@ -169,7 +171,8 @@ class Sowa(StaticTextCache, Method):
         proj = self.backbone.visual.proj
         outs = []
         for i, ad in enumerate(self.adapters):
-            x = ad(taps[:, i]) if scales is None else ad(taps[:, i], scales[i], biases[i])
+            # the adapter's own rule: without both folded terms it computes them
+            x = ad(taps[:, i]) if scales is None or biases is None else ad(taps[:, i], scales[i], biases[i])
             outs.append(x @ proj)
         return torch.stack(outs, dim=1)
 
