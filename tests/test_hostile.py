@@ -60,6 +60,10 @@ def server(tmp_path_factory):
                                parity_images=2, resize_to_input=True, max_pixels=MAX_PIXELS), log=lambda *a: None)
     with TritonServer(repo) as srv:
         yield srv
+        # a server that died under attack: keep its last log lines in the report (stop() removes its folder)
+        if srv.process.poll() is not None and srv.process.returncode != 0 and srv._workdir is not None:
+            tail = srv.log_path.read_bytes()[-6000:].decode(errors="replace")
+            print(f"tritonserver died (exit code {srv.process.returncode}); its log ends:\n{tail}", file=sys.stderr)
 
 
 def _eager(name, arrays, class_names=None):
