@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 BACKENDS = ("torch-fp32", "torch-fp16", "torch-bf16", "torch-compile", "cuda-graphs", "cuda-graphs-fp16",
-            "cuda-graphs-bf16", "ort", "ort-int8", "openvino-fp32", "openvino-bf16", "openvino-int8", "tensorrt",
-            "served")
+            "cuda-graphs-bf16", "ort", "ort-int8", "openvino-fp32", "openvino-bf16", "openvino-int8",
+            "openvino-int8-bf16", "tensorrt", "served")
 GPU_ONLY = {"torch-fp16": "fp16 matmuls are a GPU feature (CPU fp16 is emulated and slow, not a deployment target)",
             "cuda-graphs": "CUDA graphs need CUDA", "cuda-graphs-fp16": "CUDA graphs need CUDA",
             "cuda-graphs-bf16": "CUDA graphs need CUDA"}
@@ -43,6 +43,8 @@ class BackendRunner:
     note: str = ""
     # per-stage timing (ORT / OpenVINO backends): images -> [(stage name, zero-argument call of that stage alone)]
     stage_steps: Callable[[torch.Tensor], list] | None = None
+    # inside the stages (OpenVINO): images -> {stage name: {kind of node: ms}}, see openvino_export.op_profile
+    op_profile: Callable[[torch.Tensor], dict] | None = None
 
 
 def stage_feed(method, images):
@@ -226,8 +228,9 @@ def capture_hazards(method, images: torch.Tensor) -> list[str]:
     return found
 
 
-def _stage_chain_runner(method, runs, backend: str, precision: str, note: str) -> BackendRunner:
-    """A BackendRunner over per-stage callables ``runs`` [(stage, feed dict -> output dict)], with per-stage timing."""
+def _stage_chain_runner(method, runs, backend: str, precision: str, note: str, profilers=None) -> BackendRunner:
+    """A BackendRunner over per-stage callables ``runs`` [(stage, feed dict -> output dict)], with per-stage timing;
+    ``profilers`` {stage name: feed dict -> {kind: ms}} give the op profile of those stages."""
     def predict(x):
         env = {k: v.cpu().numpy() for k, v in stage_feed(method, x.cpu()).items()}
         for st, run in runs:
@@ -247,7 +250,18 @@ def _stage_chain_runner(method, runs, backend: str, precision: str, note: str) -
             env.update(run(feed))
         return steps
 
-    return BackendRunner(backend, precision, predict, make_step, note, stage_steps)
+    def op_profile(x):
+        env = {k: v.cpu().numpy() for k, v in stage_feed(method, x.cpu()).items()}
+        out = {}
+        for st, run in runs:
+            feed = {n: env[n] for n in st.inputs}
+            if st.name in profilers:
+                out[st.name] = profilers[st.name](feed)
+            env.update(run(feed))
+        return out
+
+    return BackendRunner(backend, precision, predict, make_step, note, stage_steps,
+                         op_profile if profilers else None)
 
 
 class Scratch:
@@ -281,23 +295,31 @@ class Scratch:
 
 def _openvino_runner(method, scratch: Scratch, max_batch: int, precision: str) -> BackendRunner:
     try:
-        from zsad.export.openvino_export import build_openvino_stages, check_precision, require_openvino
+        from zsad.export.openvino_export import (
+            QUANTIZED,
+            build_openvino_stages,
+            check_precision,
+            op_profile,
+            require_openvino,
+        )
 
         ov = require_openvino()
         check_precision(precision)
     except Exception as err:  # not installed, or no bf16 on this CPU
         raise Skip(str(err)) from None
     stages = method.stages()
-    cal = scratch.calibration(method) if precision == "int8" else None
-    runners, _, info = build_openvino_stages(method, stages, scratch.onnx(method, max_batch), precision,
-                                             scratch.workdir / f"openvino-{precision}", cal, log=lambda *a: None)
+    cal = scratch.calibration(method) if precision in QUANTIZED else None
+    runners, files, info = build_openvino_stages(method, stages, scratch.onnx(method, max_batch), precision,
+                                                 scratch.workdir / f"openvino-{precision}", cal, log=lambda *a: None)
+    profilers = {st.name: lambda feed, xml=files[st.name][0]: op_profile(ov.Core().read_model(str(xml)), precision,
+                                                                        feed) for st in stages}
     quant = ""
-    if cal is not None:  # int8
+    if cal is not None:  # int8, int8-bf16
         quant = (f"; int8 stages {[q['stage'] for q in info['quantized_stages']]} (NNCF, {len(cal)} synthetic "
                  f"calibration images)")
     return _stage_chain_runner(method, [(st, runners[st.name]) for st in stages], f"openvino-{precision}", precision,
                                f"OpenVINO {ov.__version__} CPU, INFERENCE_PRECISION_HINT "
-                               f"{info['inference_precision_hint']}{quant}, one compiled model per stage")
+                               f"{info['inference_precision_hint']}{quant}, one compiled model per stage", profilers)
 
 
 def _ort_int8_runner(method, scratch: Scratch, max_batch: int) -> BackendRunner:

@@ -50,8 +50,8 @@ def _ints(text: str) -> list[int]:
 @click.option("--backend", default="torch-fp32,torch-fp16,torch-bf16,torch-compile,cuda-graphs,cuda-graphs-fp16,"
               "cuda-graphs-bf16,ort,served",
               help="Comma-separated: torch-fp32, torch-fp16, torch-bf16, torch-compile, cuda-graphs, cuda-graphs-fp16, "
-                   "cuda-graphs-bf16, ort, ort-int8, openvino-fp32, openvino-bf16, openvino-int8 (CPU; with "
-                   "per-stage times), tensorrt, served.")
+                   "cuda-graphs-bf16, ort, ort-int8, openvino-fp32, openvino-bf16, openvino-int8, openvino-int8-bf16 "
+                   "(CPU; with per-stage times), tensorrt, served.")
 @click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu.")
 @click.option("--iters", type=int, default=20, help="Timed iterations per configuration.")
 @click.option("--warmup", type=int, default=3, help="Untimed warm-up iterations.")
@@ -66,10 +66,10 @@ def _ints(text: str) -> list[int]:
               help="Served mode without --served-url: the stage backend exported (python-torch with --device cuda: "
                    "the torch chain on the GPU, KIND_GPU instances; python-openvino: OpenVINO on the CPU, at "
                    "--served-precision).")
-@click.option("--served-precision", type=click.Choice(["fp32", "bf16", "int8"]), default="fp32",
-              help="Served mode, python-openvino: the precision exported (bf16 / int8 must pass the precision gate).")
+@click.option("--served-precision", type=click.Choice(["fp32", "bf16", "int8", "int8-bf16"]), default="fp32",
+              help="Served mode, python-openvino: the precision exported (all but fp32 must pass the precision gate).")
 @click.option("--calibration-images", type=int, default=16,
-              help="ort-int8 / openvino-int8 / served int8: synthetic images the int8 calibration uses.")
+              help="ort-int8 / openvino-int8(-bf16) / served int8: synthetic images the int8 calibration uses.")
 @click.option("--out", type=click.Path(), default="bench/results", help="Where the result files go.")
 @click.option("--no-progress", is_flag=True)
 @click.option("--replot", type=click.Path(), multiple=True,

@@ -201,6 +201,17 @@ def markdown(model: str, profile: str, rows: list[dict], env: dict, paper: list[
         for r in staged:
             lines.append(f"| {r['backend']} | {r['batch']} | {_f(r['p50_ms'])} | "
                          + " | ".join(_f(v) for v in r["stage_ms"].values()) + " |")
+    profiled = [r for r in rows if r["status"] == "ok" and r.get("op_ms")]
+    if profiled:
+        lines += ["", "Inside the stages (OpenVINO's per-node counters, PERF_COUNT, one profiled run of each stage on "
+                  "its real inputs): milliseconds per kind of executed node, largest first. \"attention\" is the "
+                  "fused attention kernel; FullyConnected the linear layers; the kernel name says the precision.", "",
+                  "| backend | batch | stage | profiled ms | where it goes |", "|---|---|---|---|---|"]
+        for r in profiled:
+            for stage, kinds in r["op_ms"].items():
+                total = sum(kinds.values())
+                parts = "; ".join(f"{k} {v:.0f} ({100 * v / total:.0f}%)" for k, v in kinds.items()) if total else "-"
+                lines.append(f"| {r['backend']} | {r['batch']} | {stage} | {_f(total)} | {parts} |")
     skipped = [r for r in rows if r["status"] != "ok"]
     if skipped:
         lines += ["", "Skipped:", ""] + [f"- {r['backend']} (batch {r['batch']}): {r['reason']}" for r in skipped]

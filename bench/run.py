@@ -155,6 +155,8 @@ def time_batch(runner, images: torch.Tensor, row: dict, parity: dict, device: st
            "note": runner.note}
     if stage_ms:
         row["stage_ms"] = stage_ms
+    if runner.op_profile is not None:
+        row["op_ms"] = runner.op_profile(images)
     if cuda:
         row["peak_vram_mb"] = torch.cuda.max_memory_allocated() / 2**20
         row["nvml_used_mb"] = nvml_used_mb(device)

@@ -38,15 +38,19 @@ def _batches(value: str | None) -> list[int]:
                    "python-torch: the PyTorch chain in one python model (GPU servers without TensorRT); openvino: "
                    "OpenVINO IR per stage for Triton's openvino backend (CPU); python-openvino: OpenVINO inside the "
                    "python backend (the CPU server zsad-serve starts).")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "int8"]), default="fp32",
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "int8", "int8-bf16"]), default="fp32",
               help="OpenVINO backends: fp32; bf16 (OpenVINO's inference-precision hint); int8 (NNCF post-training "
-                   "quantisation of the encoder, LayerNorm / softmax / final projection kept fp32). bf16 and int8 "
-                   "must pass the precision gate against fp32 on the synthetic set, else nothing is written.")
+                   "quantisation of the encoder's linear layers and attention, LayerNorm / softmax / final "
+                   "projection kept fp32); int8-bf16 (int8 linear layers, attention and the rest in bf16: the "
+                   "fastest on CPUs with AVX-512 BF16 but no AMX). Every precision but fp32 must pass the precision "
+                   "gate against fp32 on the synthetic set, else nothing is written.")
 @click.option("--calibration", type=click.Path(), default=None,
-              help="int8: a folder of images (searched recursively) to calibrate on [default: the synthetic set]. "
-                   "Use your own product's images: the gate then runs on your weights and data.")
-@click.option("--calibration-images", type=int, default=32, help="int8: how many calibration images to use.")
-@click.option("--gate-images", type=int, default=16, help="bf16/int8: synthetic images the precision gate uses.")
+              help="int8, int8-bf16: a folder of images (searched recursively) to calibrate on [default: the "
+                   "synthetic set]. Use your own product's images: the gate then runs on your weights and data.")
+@click.option("--calibration-images", type=int, default=32,
+              help="int8, int8-bf16: how many calibration images to use.")
+@click.option("--gate-images", type=int, default=16,
+              help="bf16 / int8 / int8-bf16: synthetic images the precision gate uses.")
 @click.option("--fp16", is_flag=True, help="fp16 compute (TensorRT flag; fp16 ONNX for ORT-CUDA; autocast for "
               "python-torch). Refused where this machine cannot run and check fp16.")
 @click.option("--max-batch", type=int, default=32, help="Largest batch (dynamic batch axis 1..max).")

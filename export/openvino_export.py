@@ -1,4 +1,4 @@
-"""OpenVINO IR per stage, in fp32, bf16 or int8, behind a precision gate (CPU inspection stations).
+"""OpenVINO IR per stage, in fp32, bf16, int8 or int8-bf16, behind a precision gate (CPU inspection stations).
 
 The exporter first produces every stage's ONNX and passes it through the fp32 parity gate; this module converts
 that ONNX to OpenVINO IR (``ov.convert_model`` + ``ov.save_model``, weights kept fp32: ``compress_to_fp16`` off).
@@ -10,15 +10,22 @@ Precisions:
   islands). The hint is recorded in the IR's rt_info (``zsad/inference_precision``) and in the served config.
 - ``int8``: NNCF post-training quantisation (``nncf.quantize`` on the OpenVINO model, ``model_type=TRANSFORMER``)
   of the encoder stage only, calibrated on the encoder inputs of images from a folder (default: the synthetic
-  set's training classes, disjoint from the gate's classes). Kept in fp32, via ``nncf.IgnoredScope``: every
-  ``MVN`` (LayerNorm), every ``Softmax`` (and attention itself, which OpenVINO fuses into one
-  ``ScaledDotProductAttention`` op that NNCF does not quantise), and the final projection (the MatMul(s) whose
-  constant operand is CLIP's ``visual.proj``, found by value). The head and postprocess stages stay fp32 (little
-  compute; BAG-CLIP's kNN selection and the text similarity decide the map). Everything not quantised runs f32.
+  set's training classes, disjoint from the gate's classes). Quantised: every linear layer and the patch
+  convolution, and attention (OpenVINO fuses it into one ``ScaledDotProductAttention`` op; NNCF quantises its
+  inputs and output, and the CPU plugin runs it as one int8 attention kernel). Kept in fp32, via
+  ``nncf.IgnoredScope``: every ``MVN`` (LayerNorm), every stand-alone ``Softmax``, and the final projection (the
+  MatMul(s) whose constant operand is CLIP's ``visual.proj``, found by value). The head and postprocess stages
+  stay fp32 (little compute; BAG-CLIP's kNN selection and the text similarity decide the map). Everything not
+  quantised runs f32.
+- ``int8-bf16``: the same int8 linear layers, but attention is left out of the quantisation and everything not
+  quantised (attention, LayerNorm, softmax, the residual stream, the head) runs in bf16 (``INFERENCE_PRECISION_HINT``
+  bf16). Why: on CPUs without AMX, OpenVINO's fused int8 attention is slower than its bf16 one (measured on an
+  AVX-512 VNNI/BF16 EPYC: 57 vs 47 ms per ViT-L attention at 1370 tokens, one thread), while int8 linear layers run
+  ~4x fp32; this mix is the fastest CPU path there. Needs a CPU with bf16 (AVX-512 BF16 or AMX).
 
-The precision gate (bf16, int8) compares the exported chain with torch fp32 eager of the same checkpoint on
-synthetic-defect images: anomaly-map correlation >= 0.99, image-score Spearman >= 0.99, pixel AUROC within 0.5
-points. A failing precision raises :class:`PrecisionGateError` and nothing is written.
+The precision gate (every precision but fp32) compares the exported chain with torch fp32 eager of the same
+checkpoint on synthetic-defect images: anomaly-map correlation >= 0.99, image-score Spearman >= 0.99, pixel AUROC
+within 0.5 points. A failing precision raises :class:`PrecisionGateError` and nothing is written.
 """
 from __future__ import annotations
 
@@ -30,8 +37,10 @@ import torch
 
 from zsad import ZsadError
 
-PRECISIONS = ("fp32", "bf16", "int8")
-OV_HINT = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8: whatever stays unquantised runs in fp32
+PRECISIONS = ("fp32", "bf16", "int8", "int8-bf16")
+# what runs unquantised: int8 keeps it in fp32, int8-bf16 runs it (attention included) in bf16
+OV_HINT = {"fp32": "f32", "bf16": "bf16", "int8": "f32", "int8-bf16": "bf16"}
+QUANTIZED = ("int8", "int8-bf16")  # the precisions whose encoder NNCF quantises
 CALIBRATION_IMAGES = 32
 GATE_IMAGES = 16
 CAVEAT = ("Random or tiny weights lack real CLIP's activation outliers (a few channels with values 100x the rest), "
@@ -63,16 +72,16 @@ def require_openvino():
 def check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
         raise ZsadError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
-    if precision == "int8":
+    if precision in QUANTIZED:
         try:
             import nncf  # noqa: F401
         except ImportError as err:
-            raise ZsadError("--precision int8 needs NNCF: pip install 'zsad[openvino]'") from err
-    if precision == "bf16":
+            raise ZsadError(f"--precision {precision} needs NNCF: pip install 'zsad[openvino]'") from err
+    if OV_HINT[precision] == "bf16":
         caps = require_openvino().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
         if "BF16" not in caps:
-            raise ZsadError("--precision bf16: this CPU has no bf16 support in OpenVINO (no AVX-512 BF16 / AMX), "
-                            "so bf16 would be emulated and slow; export fp32 or int8")
+            raise ZsadError(f"--precision {precision}: this CPU has no bf16 support in OpenVINO (no AVX-512 BF16 / "
+                            f"AMX), so bf16 would be emulated and slow; export fp32 or int8")
 
 
 # -- data ---------------------------------------------------------------------------------------------------------
@@ -136,23 +145,51 @@ def projection_ops(ov_model, proj: np.ndarray) -> list[str]:
     return names
 
 
-def quantize_int8(ov_model, feeds: list[dict[str, np.ndarray]], keep_fp32: list[str]):
-    """NNCF post-training int8 of ``ov_model`` on calibration ``feeds`` (one dict per image), see module doc."""
+def quantize_int8(ov_model, feeds: list[dict[str, np.ndarray]], keep_fp32: list[str], attention: bool = True):
+    """NNCF post-training int8 of ``ov_model`` on calibration ``feeds`` (one dict per image), see module doc;
+    ``attention=False`` leaves the fused attention ops unquantised (int8-bf16)."""
     import logging
 
     import nncf
 
     logging.getLogger("nncf").setLevel(logging.WARNING)
-    scope = nncf.IgnoredScope(names=keep_fp32, types=["MVN", "Softmax"], validate=False)
+    types = ["MVN", "Softmax"] + ([] if attention else ["ScaledDotProductAttention"])
+    scope = nncf.IgnoredScope(names=keep_fp32, types=types, validate=False)
     return nncf.quantize(ov_model, nncf.Dataset(feeds), model_type=nncf.ModelType.TRANSFORMER,
                          subset_size=len(feeds), ignored_scope=scope)
 
 
-def compile_model(ov_model, precision: str, threads: int = 0):
+def compile_model(ov_model, precision: str, threads: int = 0, perf_count: bool = False):
     props: dict[str, object] = {"INFERENCE_PRECISION_HINT": OV_HINT[precision], "PERFORMANCE_HINT": "LATENCY"}
     if threads:
         props["INFERENCE_NUM_THREADS"] = threads
+    if perf_count:
+        props["PERF_COUNT"] = True
     return require_openvino().Core().compile_model(ov_model, "CPU", props)
+
+
+def op_profile(ov_model, precision: str, feed: dict[str, np.ndarray], top: int = 8) -> dict[str, float]:
+    """Where one inference of ``ov_model`` (compiled as the runners compile it) spends its time: milliseconds per
+    kind of executed node, from OpenVINO's per-node counters (``PERF_COUNT``; the second of two runs), the ``top``
+    largest and the rest summed as "other". A kind is "<node type> <kernel>", attention named as such: the CPU
+    plugin runs it as a fused "Subgraph" that keeps the attention op's name."""
+    compiled = compile_model(ov_model, precision, perf_count=True)
+    request = compiled.create_infer_request()
+    names = [i.get_any_name() for i in compiled.inputs]
+    for _ in range(2):  # the first run includes one-off work (weight repacking)
+        request.infer({n: np.ascontiguousarray(feed[n]) for n in names})
+    ms: dict[str, float] = {}
+    for node in request.profiling_info:
+        if node.status.name != "EXECUTED":
+            continue
+        kind = "attention" if "scaled_dot_product_attention" in node.node_name.lower() else node.node_type
+        key = f"{kind} {node.exec_type}"
+        ms[key] = ms.get(key, 0.0) + node.real_time.total_seconds() * 1e3
+    ranked = sorted(ms.items(), key=lambda kv: -kv[1])
+    out = dict(ranked[:top])
+    if len(ranked) > top:
+        out["other"] = sum(v for _, v in ranked[top:])
+    return out
 
 
 def ov_runner(ov_model, precision: str):
@@ -275,7 +312,7 @@ def build_openvino_stages(method, stages, onnx_files: dict, precision: str, scra
                                      "openvino": require_openvino().__version__, "quantized_stages": []}
     for st in stages:
         model = convert(onnx_files[st.name][0])
-        quantize = precision == "int8" and isinstance(st.module, EncoderStage)
+        quantize = precision in QUANTIZED and isinstance(st.module, EncoderStage)
         if quantize:
             if isinstance(calibration, np.ndarray):
                 cal, source = calibration, "preprocessed images given by the caller"
@@ -284,13 +321,16 @@ def build_openvino_stages(method, stages, onnx_files: dict, precision: str, scra
                 source = str(calibration) if calibration else "synthetic set (training classes)"
             info["calibration"] = {"source": source, "images": len(cal)}
             keep = projection_ops(model, method.backbone.visual.proj.detach().cpu().numpy())
-            log(f"  quantising stage '{st.name}' to int8 (NNCF, {len(cal)} calibration images;"
-                f" fp32 kept: LayerNorm (MVN), Softmax, final projection {keep})")
-            model = quantize_int8(model, stage_calibration_feeds(method, stages, st, cal), keep)
-            info["quantized_stages"].append({"stage": st.name, "kept_fp32": {
-                "types": ["MVN (LayerNorm)", "Softmax", "ScaledDotProductAttention (not quantised by NNCF)"],
-                "final_projection": keep}, "nncf": {"version": __import__("nncf").__version__,
-                                                         "model_type": "TRANSFORMER"}})
+            attention = precision == "int8"
+            rest = "fp32" if OV_HINT[precision] == "f32" else "bf16"
+            log(f"  quantising stage '{st.name}' to int8 (NNCF, {len(cal)} calibration images; attention "
+                f"{'int8' if attention else rest}; {rest}: LayerNorm (MVN), Softmax, final projection {keep})")
+            model = quantize_int8(model, stage_calibration_feeds(method, stages, st, cal), keep, attention)
+            info["quantized_stages"].append({"stage": st.name, "attention": "int8" if attention else rest,
+                                             "not_quantised": {"types": ["MVN (LayerNorm)", "Softmax"], "runs_in": rest,
+                                                               "final_projection": keep},
+                                             "nncf": {"version": __import__("nncf").__version__,
+                                                      "model_type": "TRANSFORMER"}})
         files[st.name] = save(model, scratch / "openvino" / st.name, precision, quantize)
         runners[st.name] = ov_runner(require_openvino().Core().read_model(str(files[st.name][0])), precision)
     return runners, files, info

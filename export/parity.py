@@ -187,7 +187,7 @@ def write_report(path: Path, rows: list[ParityRow], meta: dict) -> None:
 
 # A deployed chain (another runtime or precision) against torch fp32 eager on the same images: what zsad-bench and
 # its served rows report. Looser than the export gate's per-stage tolerances because the whole chain accumulates.
-CHAIN_TOL = {"fp32": 1e-3, "fp16": 5e-2, "bf16": 1e-1, "int8": 1e-1}
+CHAIN_TOL = {"fp32": 1e-3, "fp16": 5e-2, "bf16": 1e-1, "int8": 1e-1, "int8-bf16": 1e-1}
 
 
 def rank_agreement(ref: np.ndarray, got: np.ndarray) -> float:
@@ -202,10 +202,10 @@ def rank_agreement(ref: np.ndarray, got: np.ndarray) -> float:
 def chain_parity(ref_score, ref_map, score, amap, precision: str) -> dict:
     """Max relative errors (as ``compare``) and rank agreement of a chain's outputs vs torch fp32, and ``ok``.
 
-    fp32 / fp16 pass within ``CHAIN_TOL`` with an identical ranking. bf16 / int8 also get the precision gate's
-    map correlation and score Spearman (``zsad.export.openvino_export``) and pass on those instead of the ranking:
-    their max relative error is large by nature and near-ties may swap (pixel AUROC needs masks: the gate at
-    export checks it)."""
+    fp32 / fp16 pass within ``CHAIN_TOL`` with an identical ranking. bf16 / int8 / int8-bf16 also get the precision
+    gate's map correlation and score Spearman (``zsad.export.openvino_export``) and pass on those instead of the
+    ranking: their max relative error is large by nature and near-ties may swap (pixel AUROC needs masks: the gate
+    at export checks it)."""
     from zsad.export.openvino_export import GateThresholds, gate_metrics
 
     tol = CHAIN_TOL[precision]
@@ -213,7 +213,7 @@ def chain_parity(ref_score, ref_map, score, amap, precision: str) -> dict:
            "map_max_rel": compare("chain", "images", "anomaly_map", ref_map, amap, tol).max_rel,
            "rank_agreement": rank_agreement(ref_score, score)}
     within = max(out["score_max_rel"], out["map_max_rel"]) <= tol
-    if precision in ("bf16", "int8"):
+    if precision in ("bf16", "int8", "int8-bf16"):
         gate = GateThresholds()
         m = gate_metrics(ref_score, ref_map, score, amap, np.zeros(np.shape(ref_map)))
         out["map_corr"], out["score_spearman"] = m["map_corr"], m["score_spearman"]

@@ -30,6 +30,7 @@ import torch
 
 import zsad.triton_models as _triton_models
 from zsad import ZsadError
+from zsad.export.openvino_export import OV_HINT
 
 SOURCES = Path(_triton_models.__file__).resolve().parent  # shipped in the wheel as package data
 BACKENDS = ("onnxruntime", "tensorrt", "python-ort", "python-torch", "openvino", "python-openvino")
@@ -175,10 +176,10 @@ def openvino_stage_config(opts: RepoOptions, stage, model_name: str, precision: 
     cfg["backend"] = "openvino" if opts.backend == "openvino" else "python"
     cfg.update({"input": inputs, "output": outputs})
     cfg.update(_scheduling(opts, "KIND_CPU"))
-    hint = "bf16" if precision == "bf16" else "f32"
+    hint = OV_HINT[precision]
     if opts.backend == "openvino":
         params = {"PERFORMANCE_HINT": "LATENCY", "zsad_precision": precision}
-        if precision == "bf16":
+        if hint == "bf16":
             params["HINT_BF16"] = "YES"
     else:
         params = {"model_file": "model.xml", "inference_precision": hint, "zsad_precision": precision}

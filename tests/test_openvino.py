@@ -2,6 +2,7 @@
 tritonserver, and the zsad-bench CPU backends (tiny profile)."""
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -61,6 +62,13 @@ def _ops(xml):
     return [op.get_type_name() for op in ov.Core().read_model(str(xml)).get_ordered_ops()]
 
 
+def _attention_inputs_quantised(model) -> list[bool]:
+    """Per fused attention op of ``model``: does its query input come from a FakeQuantize?"""
+    ops = [op for op in model.get_ordered_ops() if op.get_type_name() == "ScaledDotProductAttention"]
+    assert ops, "the converted encoder has no fused attention op"
+    return [op.input(0).get_source_output().get_node().get_type_name() == "FakeQuantize" for op in ops]
+
+
 def test_int8_export_passes_gate_and_keeps_layernorm_softmax_fp32(int8_repo):
     repo, res = int8_repo
     report = json.loads(res.report.read_text())
@@ -75,6 +83,7 @@ def test_int8_export_passes_gate_and_keeps_layernorm_softmax_fp32(int8_repo):
                     if op.get_type_name() == "FakeQuantize" for t in op.output(0).get_target_inputs()}
     assert "MatMul" in fq_consumers  # something was quantised ...
     assert not fq_consumers & {"MVN", "Softmax"}  # ... but never a LayerNorm's or softmax's input
+    assert _attention_inputs_quantised(model)  # int8 attention: NNCF quantises the fused op's inputs
     # head and postprocess stay fp32: no quantisation nodes at all
     assert "FakeQuantize" not in _ops(repo / "afclip_head" / "1" / "model.xml")
     cfg = (repo / "afclip_encoder" / "config.pbtxt").read_text()
@@ -90,6 +99,23 @@ def test_bf16_export_for_the_openvino_backend(tmp_path):
     cfg = (tmp_path / "bagclip_encoder" / "config.pbtxt").read_text()
     assert 'backend: "openvino"' in cfg and "HINT_BF16" in cfg
     assert {p.name for p in (tmp_path / "bagclip_head" / "1").iterdir()} == {"model.xml", "model.bin"}
+
+
+@pytest.mark.skipif(not HAS_BF16, reason="this CPU has no bf16 in OpenVINO")
+def test_int8_bf16_quantises_linear_layers_not_attention_and_compiles_bf16(tmp_path):
+    res = export_model(ExportOptions(model="afclip", profile="tiny", backend="python-openvino", precision="int8-bf16",
+                                     out=tmp_path, max_batch=2, parity_images=2, calibration_images=8,
+                                     gate_thresholds=TINY_GATE), **QUIET)
+    section = json.loads(res.report.read_text())["openvino"]
+    assert section["gate"]["passed"] and section["gate"]["precision"] == "int8-bf16"
+    assert section["inference_precision_hint"] == "bf16"
+    enc = ov.Core().read_model(str(tmp_path / "afclip_encoder" / "1" / "model.xml"))
+    assert "FakeQuantize" in [op.get_type_name() for op in enc.get_ordered_ops()]  # linear layers: int8
+    assert not any(_attention_inputs_quantised(enc))  # attention: left to bf16
+    assert enc.get_rt_info(["zsad", "inference_precision"]).astype(str) == "bf16"
+    for stage in ("encoder", "head"):  # the python-openvino model compiles every stage with the bf16 hint
+        cfg = (tmp_path / f"afclip_{stage}" / "config.pbtxt").read_text()
+        assert re.search(r'key: "inference_precision"\s*value \{\s*string_value: "bf16"', cfg), cfg
 
 
 def test_fp32_openvino_passes_the_fp32_parity_gate(tmp_path):
@@ -152,14 +178,32 @@ def test_served_python_openvino_equals_eager_within_the_gate(int8_repo):
 def test_bench_cpu_backends_give_rows_with_parity_and_stage_times(tmp_path):
     from zsad.bench.run import bench_model
 
-    _, _, rows = bench_model("afclip", "tiny", None, [1], ["torch-fp32", "openvino-fp32", "openvino-int8", "ort-int8"],
+    _, _, rows = bench_model("afclip", "tiny", None, [1], ["torch-fp32", "openvino-fp32", "openvino-int8", "ort-int8"]
+                             + (["openvino-int8-bf16"] if HAS_BF16 else []),
                              "cpu", iters=1, warmup=0, checkpoint=None, served_url=None, concurrency=[1],
                              served_seconds=1.0, progress=False, log=lambda *a: None)
     by = {r["backend"]: r for r in rows}
     assert all(by[b]["status"] == "ok" for b in by), rows
     assert by["openvino-fp32"]["parity_ok"] and by["openvino-fp32"]["parity_map_max_rel"] < 1e-3
-    for b in ("openvino-int8", "ort-int8"):
-        assert by[b]["precision"] == "int8" and by[b]["parity_map_corr"] >= 0.99 and by[b]["parity_ok"]
+    for b in ("openvino-int8", "ort-int8", "openvino-int8-bf16")[:3 if HAS_BF16 else 2]:
+        assert by[b]["precision"] == b.split("-", 1)[1] and by[b]["parity_map_corr"] >= 0.99 and by[b]["parity_ok"]
     for b in ("openvino-fp32", "openvino-int8", "ort-int8"):
         assert set(by[b]["stage_ms"]) == {"encoder", "head", "postprocess"}
         assert all(v > 0 for v in by[b]["stage_ms"].values())
+    # the op profile says what the compiled encoder really executed: int8 linear layers in the int8 models (an
+    # int8 kernel), attention in f32 / int8 / bf16 as each precision asks
+    ops = {b: by[b]["op_ms"]["encoder"] for b in by if b.startswith("openvino")}
+    assert all(set(by[b]["op_ms"]) == {"encoder", "head", "postprocess"} for b in ops)
+    fc = {b: " ".join(k for k in kinds if k.startswith("FullyConnected")) for b, kinds in ops.items()}
+    assert "8" not in fc["openvino-fp32"] and "f32" in fc["openvino-fp32"]
+    assert re.search(r"[iuIU]8", fc["openvino-int8"])
+    attention = {b: [k for k in kinds if k.startswith("attention")] for b, kinds in ops.items()}
+    assert any("f32" in k for k in attention["openvino-fp32"]), ops["openvino-fp32"]
+    assert any(re.search(r"[iuIU]8", k) for k in attention["openvino-int8"]), ops["openvino-int8"]
+    if HAS_BF16:
+        assert re.search(r"[iuIU]8", fc["openvino-int8-bf16"])
+        assert any("bf16" in k for k in attention["openvino-int8-bf16"]), ops["openvino-int8-bf16"]
+    from zsad.bench.report import environment, markdown
+
+    md = markdown("afclip", "tiny", rows, environment("cpu"), [], {}, "zsad-bench (test)")
+    assert "| openvino-int8 | 1 | encoder |" in md and "attention" in md
