@@ -33,17 +33,10 @@ def training_samples(data: str | None, split: str, classes: str | None, progress
                      heldout_classes: list[str] | None = None):
     """The samples to train on, the held-out ones (early stopping: ``heldout_classes`` of the same data, split,
     never trained on) and a description of both for the checkpoint sidecar."""
-    from zsad.data import guess_dataset_name, load_samples
-    from zsad.data.synthetic import SYNTHETIC_TRAIN_CLASSES, default_root, generate
+    from zsad.data import data_source, load_samples
+    from zsad.data.synthetic import SYNTHETIC_TRAIN_CLASSES
 
-    class_list = [c for c in classes.split(",") if c] if classes else None
-    if data is None:
-        root = generate(default_root(), progress=progress)
-        class_list = class_list or list(SYNTHETIC_TRAIN_CLASSES)
-        name: str | None = "synthetic"
-    else:
-        root = Path(data)
-        name = guess_dataset_name(root)
+    root, name, class_list = data_source(data, classes, SYNTHETIC_TRAIN_CLASSES, progress=progress)
     held = sorted(set(heldout_classes or []))
     both = sorted(set(held) & set(class_list or []))
     if both:

@@ -164,17 +164,10 @@ def _load_method(checkpoint, clip_weights, device: str, shots: int, support, pro
 
 def _load_data(data, split: str, classes, dataset_name, progress: bool, resize_masks: bool):
     """(root, data-set name, samples): ``data``, or the synthetic set's held-out classes when it is None."""
-    from zsad.data import guess_dataset_name, load_samples
-    from zsad.data.synthetic import SYNTHETIC_TEST_CLASSES, default_root, generate
+    from zsad.data import data_source, load_samples
+    from zsad.data.synthetic import SYNTHETIC_TEST_CLASSES
 
-    class_list = [c for c in classes.split(",") if c] if classes else None
-    if data is None:
-        root = generate(default_root(), progress=progress)
-        class_list = class_list or list(SYNTHETIC_TEST_CLASSES)
-        name: str | None = "synthetic"
-    else:
-        root = Path(data)
-        name = dataset_name or guess_dataset_name(root)
+    root, name, class_list = data_source(data, classes, SYNTHETIC_TEST_CLASSES, dataset_name, progress)
     samples = load_samples(root, split=split, classes=class_list)
     check_mask_sizes(samples, resize_masks)
     return root, name, samples

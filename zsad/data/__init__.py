@@ -5,7 +5,15 @@ a torch Dataset and the offline synthetic-defect data set.
 :func:`preprocess`) do not pay for importing torch through this package.
 """
 from zsad.data.io import IMAGE_EXTENSIONS, decode_image, read_image, read_mask
-from zsad.data.readers import LAYOUTS, Sample, detect_layout, guess_dataset_name, list_classes, load_samples
+from zsad.data.readers import (
+    LAYOUTS,
+    Sample,
+    data_source,
+    detect_layout,
+    guess_dataset_name,
+    list_classes,
+    load_samples,
+)
 from zsad.data.transforms import CLIP_MEAN, CLIP_STD, preprocess, preprocess_mask
 
 __all__ = [
@@ -16,6 +24,7 @@ __all__ = [
     "decode_image",
     "LAYOUTS",
     "Sample",
+    "data_source",
     "detect_layout",
     "guess_dataset_name",
     "list_classes",

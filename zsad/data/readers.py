@@ -17,7 +17,7 @@ from __future__ import annotations
 import csv
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -348,6 +348,20 @@ def _name_from_folder(name: str) -> str | None:
     if "btad" in n or "btech" in n:
         return "BTAD"
     return None
+
+
+def data_source(data, classes: str | None, default_classes: Sequence[str], dataset_name: str | None = None,
+                progress: bool = True) -> tuple[Path, str | None, list[str] | None]:
+    """(root, data-set name, classes) of a command's ``--data`` / ``--classes`` (comma-separated or None): ``data``
+    (named ``dataset_name`` or by its layout), or without it the synthetic set, generated if missing, named
+    "synthetic" and limited to ``default_classes`` unless ``classes`` names others."""
+    from zsad.data.synthetic import default_root, generate
+
+    class_list = [c for c in classes.split(",") if c] if classes else None
+    if data is None:
+        return generate(default_root(), progress=progress), "synthetic", class_list or list(default_classes)
+    root = Path(data)
+    return root, dataset_name or guess_dataset_name(root), class_list
 
 
 def guess_dataset_name(root) -> str | None:
