@@ -14,7 +14,8 @@ torch-fp32 at batch 1 is the papers' setting; every row states its speed-up over
 Backends that cannot run here are listed as skipped with the reason. Writes bench/results/<date>-<model>-
 <device>-<torch>.json / .csv / .md / .png. Weights are random unless --checkpoint is given (timing does not
 depend on them); the parity check compares backends with each other, not with the truth.
-``zsad-bench --replot RESULT.json`` redraws the PNG of a result file as the current report draws it.
+``zsad-bench --replot RESULT.json`` redraws the PNG and rewrites the .md of a result file as the current report
+writes them.
 
 This module is the command only: the run is ``zsad.bench.run``, the backends ``zsad.bench.backends``, the result
 files ``zsad.bench.report``.
@@ -73,7 +74,7 @@ def _ints(text: str) -> list[int]:
 @click.option("--out", type=click.Path(), default="bench/results", help="Where the result files go.")
 @click.option("--no-progress", is_flag=True)
 @click.option("--replot", type=click.Path(), multiple=True,
-              help="Redraw the PNG of this result JSON (repeatable) and run nothing else.")
+              help="Redraw the PNG and rewrite the .md of this result JSON (repeatable) and run nothing else.")
 @cli_entry
 def main(model, profile, image_size, batch, backend, device, iters, warmup, checkpoint, served_url, concurrency,
          served_seconds, served_backend, served_precision, calibration_images, out, no_progress, replot):
@@ -84,7 +85,8 @@ def main(model, profile, image_size, batch, backend, device, iters, warmup, chec
 
     if replot:
         for path in replot:
-            click.echo(f"wrote {replot_png(Path(path))}")
+            png = replot_png(Path(path))
+            click.echo(f"wrote {png} and {png.with_suffix('.md')}")
         return
     models = [m for m in model.split(",") if m]
     backends = [b for b in backend.split(",") if b]

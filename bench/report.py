@@ -67,7 +67,8 @@ def paper_setting(model: str) -> tuple[str | None, int | None]:
 
 
 def replot(json_path: Path) -> Path:
-    """Redraw the PNG beside a result JSON from its rows and paper figures (as ``write_results`` draws it now)."""
+    """Redraw the PNG and rewrite the .md beside a result JSON from its rows, paper figures and command (as
+    ``write_results`` writes them now)."""
     from zsad import ZsadError
 
     json_path = Path(json_path)
@@ -78,6 +79,8 @@ def replot(json_path: Path) -> Path:
     if not isinstance(data, dict) or data.get("schema") != "zsad-bench/1":
         raise ZsadError(f"{json_path} is not a zsad-bench result file (schema zsad-bench/1)")
     paper_name, paper_size = paper_setting(data["model"])
+    json_path.with_suffix(".md").write_text(markdown(data["model"], data["profile"], data["rows"], data["environment"],
+                                                     data["paper"], data["gflops_per_image"], data["command"]))
     png = json_path.with_suffix(".png")
     if not plot(png, data["model"], data["rows"], [p for p in data["paper"] if p["method"] == paper_name],
                 paper_size):
@@ -215,9 +218,11 @@ def markdown(model: str, profile: str, rows: list[dict], env: dict, paper: list[
     skipped = [r for r in rows if r["status"] != "ok"]
     if skipped:
         lines += ["", "Skipped:", ""] + [f"- {r['backend']} (batch {r['batch']}): {r['reason']}" for r in skipped]
+    why = not_comparable(rows, paper_setting(model)[1])
     lines += ["", "## The papers' figures", "",
               "As printed: single-image latency, batch 1, fp32 PyTorch on the authors' own GPU (often not stated); "
-              "our batch-1 torch-fp32 row is the comparable setting.", "",
+              + (f"not comparable with the rows above ({why})." if why else
+                 "our batch-1 torch-fp32 row is the comparable setting."), "",
               "| paper | method | component | quantity | value | image size | hardware | note |",
               "|---|---|---|---|---|---|---|---|"]
     for p in paper:

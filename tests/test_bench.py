@@ -100,8 +100,9 @@ def _assert_replot_redraws(tmp_path, monkeypatch):
     from zsad.bench import report
 
     (result,) = tmp_path.glob("*.json")
-    png = result.with_suffix(".png")
+    png, md = result.with_suffix(".png"), result.with_suffix(".md")
     png.unlink()
+    md.write_text("stale")
     figures = []
 
     def keep(*args, **kwargs):
@@ -116,6 +117,9 @@ def _assert_replot_redraws(tmp_path, monkeypatch):
     (fig,) = figures
     assert [ln for ln in fig.axes[0].lines if ln.get_gid() == "paper"] == []
     assert "paper latency (123.8 ms, GPU) not comparable: ours is tiny profile" in fig.axes[0].get_title()
+    text = md.read_text()  # rewritten from the JSON: the command, the rows, and no claim of comparability
+    assert "`zsad-bench" in text and "| torch-fp32 | fp32 | 1 |" in text
+    assert "not comparable with the rows above (tiny profile, 224 px, CPU)" in text and "comparable setting" not in text
     res = CliRunner().invoke(bench_cli, ["--replot", str(tmp_path / "missing.json")])
     assert res.exit_code == 2 and "cannot read bench results" in res.stderr
 
