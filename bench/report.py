@@ -132,10 +132,12 @@ def _slug(text: str) -> str:
 
 
 def result_stem(model: str, env: dict, profile: str = "paper") -> str:
-    """<date>-<model>-<device>-<torch>; a non-paper profile is named after the model so runs do not overwrite."""
+    """<date>-<model>-<device>-torch<major.minor>; a non-paper profile is named after the model so runs do not
+    overwrite each other."""
     dev = "cpu" if env["device"] == "cpu" else _slug(env["device_name"])
     name = model if profile == "paper" else f"{model}-{_slug(Path(profile).stem)}"
-    return f"{env['date'][:10]}-{name}-{dev}-torch{env['torch'].split('+')[0]}"
+    torch_version = ".".join(env["torch"].split("+")[0].split(".")[:2])
+    return f"{env['date'][:10]}-{name}-{dev}-torch{torch_version}"
 
 
 def write_results(out_dir: Path, model: str, profile: str, rows: list[dict], env: dict, paper: list[dict],
@@ -143,9 +145,11 @@ def write_results(out_dir: Path, model: str, profile: str, rows: list[dict], env
                   paper_image_size: int | None = None) -> dict[str, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / result_stem(model, env, profile)
-    paths = {"json": stem.with_suffix(".json"), "csv": stem.with_suffix(".csv"), "md": stem.with_suffix(".md"),
-             "png": stem.with_suffix(".png")}
+    stem, n = result_stem(model, env, profile), 1
+    paths = {ext: out_dir / f"{stem}.{ext}" for ext in ("json", "csv", "md", "png")}
+    while any(p.exists() for p in paths.values()):
+        n += 1  # an earlier run's files (same day, model, device): keep them, number this run
+        paths = {ext: out_dir / f"{stem}-{n}.{ext}" for ext in ("json", "csv", "md", "png")}
     payload = {"schema": "zsad-bench/1", "model": model, "profile": profile, "command": command, "environment": env,
                "gflops_per_image": flops, "rows": rows, "paper": paper}
     paths["json"].write_text(json.dumps(payload, indent=2, default=str))

@@ -265,3 +265,18 @@ def test_paper_latency_line_only_beside_comparable_rows():
         fig = plot_figure("bagclip", rows, paper, paper_image_size=518)
         assert paper_lines(fig) == []
         assert fig.axes[0].get_title().endswith(f"paper latency (121.6 ms, GPU) not comparable: ours is {why}")
+
+
+def test_a_second_run_the_same_day_keeps_the_first_runs_files(tmp_path):
+    from zsad.bench.report import environment, write_results
+
+    env = environment("cpu")
+    rows = [{"model": "afclip", "profile": "tiny", "backend": "torch-fp32", "precision": "-", "batch": 1,
+             "status": "skipped", "reason": "run 1"}]
+    first = write_results(tmp_path, "afclip", "tiny", rows, env, [], {"total": 1.0}, "zsad-bench (run 1)")
+    before = {p: p.read_bytes() for p in first.values()}
+    second = write_results(tmp_path, "afclip", "tiny", [{**rows[0], "reason": "run 2"}], env, [], {"total": 1.0},
+                           "zsad-bench (run 2)")
+    assert {p: p.read_bytes() for p in first.values()} == before  # untouched
+    assert second["json"].name == first["json"].name.replace(".json", "-2.json")
+    assert "run 2" in second["md"].read_text() and "run 1" not in second["md"].read_text()
