@@ -389,7 +389,9 @@ def _write_repository(repo: Path, method, stages, opts: RepoOptions, stage_files
     text_inputs = method.text_inputs()
     final = stages[-1]
     out_tensors = [tensor_config(n, s, final.dtype(n)) for n, s in final.outputs.items()]
-    models = _write_preprocess_models(repo, opts, method.image_size)
+    # the text models' outputs: the preprocess models take them (unread) to run after them (see _ensemble)
+    text_outputs = [{"name": ti.tensor, "data_type": Sym("TYPE_INT64"), "dims": [ti.length]} for ti in text_inputs]
+    models = _write_preprocess_models(repo, opts, method.image_size, text_outputs)
     text_models, steps = _write_text_models(repo, opts, text_inputs)
     if opts.backend == "python-torch":
         chain_models, chain_steps = _write_torch_chain(repo, opts, method, chain_in, out_tensors, stage_files)
@@ -426,8 +428,9 @@ def _request_tensors(method, stages) -> dict[str, tuple]:
     return chain_in
 
 
-def _write_preprocess_models(repo: Path, opts: RepoOptions, size: int) -> list[str]:
-    """NAME_preprocess (encoded bytes; warmed up with a real PNG) and NAME_preprocess_raw (uint8 HWC)."""
+def _write_preprocess_models(repo: Path, opts: RepoOptions, size: int, after: list[dict]) -> list[str]:
+    """NAME_preprocess (encoded bytes; warmed up with a real PNG) and NAME_preprocess_raw (uint8 HWC), taking the
+    text models' outputs ``after`` as unread inputs (see :func:`_ensemble`)."""
     from zsad.data import CLIP_MEAN, CLIP_STD
     from zsad.data.synthetic import sample_pngs
 
@@ -435,7 +438,7 @@ def _write_preprocess_models(repo: Path, opts: RepoOptions, size: int) -> list[s
     warm_png = sample_pngs(1, image_size=size)[0]  # a synthetic defect image at the model's size
     for raw in (False, True):
         pname = f"{opts.name}_preprocess" + ("_raw" if raw else "")
-        write_model(repo, preprocess_config(opts, pname, raw, size, CLIP_MEAN, CLIP_STD),
+        write_model(repo, preprocess_config(opts, pname, raw, size, CLIP_MEAN, CLIP_STD, after),
                     files=python_model_files("preprocess"),
                     extra={} if raw else {"warmup/warmup.bin": string_tensor_file([warm_png])})
         models.append(pname)
@@ -496,12 +499,22 @@ def _write_stage_models(repo: Path, opts: RepoOptions, stages, stage_files: dict
 
 def _ensemble(opts: RepoOptions, raw: bool, text_inputs, steps: list[tuple], out_tensors: list[dict]) -> dict:
     """The ensemble NAME (encoded image bytes) or NAME_raw (uint8 HWC arrays): preprocess -> ``steps`` ->
-    (with resize_to_input) restore."""
+    (with resize_to_input) restore.
+
+    Every step that can refuse a client's input (the text models: a bad class name; preprocess: a bad image) runs
+    alone: the text models first, then preprocess, which takes their outputs (unread) for that ordering; the stage
+    models need preprocess's images. Triton 2.51 (the bundled server) crashes when an ensemble step fails while
+    another thread is still scheduling a step of the same request: it answers the request, that step's InferAsync
+    then fails on memory already released, and it answers the request again (SIGSEGV in RespondIfError via
+    EnsembleContext::FinishEnsemble; "incomplete string data for inference input" when it survives). With the text
+    and preprocess steps side by side, a bad image or class name failing fast did exactly that under load. (Every
+    method has at most one text input today; a second one would be a second entry step beside the first.)"""
     suffix = "_raw" if raw else ""
     in_name = "image" if raw else "image_bytes"
     inputs = [{"name": "image", "data_type": Sym("TYPE_UINT8"), "dims": [-1, -1, 3]} if raw else
               {"name": "image_bytes", "data_type": Sym("TYPE_STRING"), "dims": [1]}]
     inputs += [{"name": ti.request_name, "data_type": Sym("TYPE_STRING"), "dims": [1]} for ti in text_inputs]
+    pre_in = {in_name: in_name, **{ti.tensor: ti.tensor for ti in text_inputs}}  # after the text models
     pre_out = {"images": "images"}
     outputs = list(out_tensors)
     restore = []
@@ -511,7 +524,7 @@ def _ensemble(opts: RepoOptions, raw: bool, text_inputs, steps: list[tuple], out
                     {"anomaly_map_original": "anomaly_map_original"})]
         outputs += [{"name": "anomaly_map_original", "data_type": Sym("TYPE_FP32"), "dims": [-1]},
                     {"name": "original_size", "data_type": Sym("TYPE_INT32"), "dims": [2]}]
-    ens_steps = [(f"{opts.name}_preprocess{suffix}", {in_name: in_name}, pre_out), *steps, *restore]
+    ens_steps = [(f"{opts.name}_preprocess{suffix}", pre_in, pre_out), *steps, *restore]
     return ensemble_config(opts, opts.name + suffix, inputs, outputs, ens_steps)
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 import shutil
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -188,25 +188,31 @@ def openvino_stage_config(opts: RepoOptions, stage, model_name: str, precision: 
     return cfg
 
 
-def preprocess_config(opts: RepoOptions, model_name: str, raw: bool, image_size: int, mean, std) -> dict:
+def preprocess_config(opts: RepoOptions, model_name: str, raw: bool, image_size: int, mean, std,
+                      after: Sequence[dict] = ()) -> dict:
+    """The preprocess model. ``after``: tensor configs (the text models' outputs) it takes as extra inputs and never
+    reads, so that in the ensemble it runs after the text models (see ``zsad.export.exporter._ensemble``)."""
     cfg = _common(opts, model_name)
     cfg["backend"] = "python"
     cfg["input"] = [{"name": "image", "data_type": Sym("TYPE_UINT8"), "dims": [-1, -1, 3]} if raw else
                     {"name": "image_bytes", "data_type": Sym("TYPE_STRING"), "dims": [1]}]
+    cfg["input"] += [dict(t) for t in after]
     cfg["output"] = [{"name": "images", "data_type": Sym("TYPE_FP32"), "dims": [3, image_size, image_size]},
                      {"name": "original_size", "data_type": Sym("TYPE_INT32"), "dims": [2]}]
     cfg.update(_scheduling(opts, "KIND_CPU"))  # decoding runs on the CPU whatever the stages use
     cfg.update(_parameters({"input_kind": "raw" if raw else "bytes", "image_size": image_size,
                             "mean": ",".join(map(str, mean)), "std": ",".join(map(str, std)),
                             "max_pixels": opts.max_pixels}))
+    unread = [{"key": t["name"], "value": {"data_type": t["data_type"], "dims": t["dims"], "zero_data": True}}
+              for t in after]
     if raw:
         cfg.update({"model_warmup": [{"name": "zeros_image", "batch_size": 1, "inputs": [
             {"key": "image", "value": {"data_type": Sym("TYPE_UINT8"), "dims": [image_size, image_size, 3],
-                                       "zero_data": True}}]}]})
+                                       "zero_data": True}}, *unread]}]})
     else:  # a real PNG from the model's warmup/ folder: warm-up exercises the decoder too
         cfg.update({"model_warmup": [{"name": "png", "batch_size": 1, "inputs": [
             {"key": "image_bytes", "value": {"data_type": Sym("TYPE_STRING"), "dims": [1],
-                                             "input_data_file": "warmup.bin"}}]}]})
+                                             "input_data_file": "warmup.bin"}}, *unread]}]})
     return cfg
 
 

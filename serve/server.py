@@ -248,6 +248,10 @@ class TritonServer:
         """Every ``monitor_interval`` s: a stub seen before whose process is gone means its model no longer answers
         (Triton reports it ready still): reload that model, or mark the server unhealthy if the reload fails."""
         known: dict[str, tuple[int, str]] = {}  # instance name -> (pid, model)
+        if self.process is not None:  # the stubs at start: one that dies before the first interval is seen too
+            stubs = python_stubs(self.process.pid)
+            self._shm_regions |= {region for _, _, region in stubs.values()}
+            known = {inst: (pid, model) for pid, (model, inst, _) in stubs.items()}
         while not self._stop_monitor.wait(self.monitor_interval):
             if self.process is None or self.process.poll() is not None:
                 return

@@ -198,11 +198,9 @@ def test_attacks_under_good_load(server, good_images):
             print("attack: fuzzed", k, flush=True)
             if isinstance(res, InferenceServerException):
                 _check_refusal(res, f"fuzzed image {k}")
-                # names the bad image, not the good one. Once in ~8 runs (gRPC, under load) Triton itself refused
-                # the request first, reading its class_name tensor without the length prefixes: a 400 all the
-                # same, before any zsad model ran, and no good request failed meanwhile.
-                assert "image 1" in res.message() or "incomplete string data for inference input" in \
-                    res.message(), res.message()
+                # names the bad image, not the good one. (Triton's "incomplete string data for inference input"
+                # here was its ensemble reading a freed request after a failed step: zsad.export.exporter._ensemble)
+                assert "image 1" in res.message(), res.message()
             else:
                 n_fuzz_ok += 1  # a mutation the decoder still reads as a valid image
         for what, blob in _crafted_images().items():

@@ -56,6 +56,31 @@ def test_batcher_has_no_preferred_sizes_and_every_model_warms_up(repo):
     assert size.tolist() == [224, 224]
 
 
+def test_steps_that_refuse_client_input_run_alone(repo):
+    """Triton 2.51 crashes when an ensemble step fails while another step of the same request is being scheduled
+    (SIGSEGV under the hostile test): the text model (a bad class name) runs first and alone, then preprocess (a bad
+    image), which takes the tokens, unread, for that ordering; every stage model waits for preprocess's images."""
+    configs = _configs(repo)
+    for ens in ("bayespfl", "bayespfl_raw"):
+        pre_name = f"bayespfl_preprocess{ens[len('bayespfl'):]}"
+        steps = {s.model_name: s for s in configs[ens].ensemble_scheduling.step}
+        request = {t.name for t in configs[ens].input}
+        made_by = {t: name for name, s in steps.items() for t in s.output_map.values()}
+        needs = {name: {made_by[t] for t in s.input_map.values() if t not in request} for name, s in steps.items()}
+        assert needs["bayespfl_text_class_name"] == set()  # the only entry step
+        assert needs[pre_name] == {"bayespfl_text_class_name"}
+
+        for name in set(steps) - {"bayespfl_text_class_name", pre_name}:
+            assert pre_name in _upstream(needs, name), name
+        pre = configs[pre_name]
+        assert {t.name for t in pre.input} == {"image" if ens == "bayespfl_raw" else "image_bytes", "class_tokens"}
+        assert {i for w in pre.model_warmup for i in w.inputs} == {t.name for t in pre.input}
+
+
+def _upstream(needs: dict, name: str) -> set:
+    return set().union(*({d} | _upstream(needs, d) for d in needs[name]))
+
+
 def test_preferred_batch_size_only_when_asked(tiny_method):
     from zsad.export.triton_repo import stage_config
 

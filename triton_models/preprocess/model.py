@@ -6,6 +6,8 @@ chosen by the ``input_kind`` parameter. Outputs ``images`` FP32 [3,S,S] and ``or
 ``max_pixels`` bounds a request's decoded pixels summed over its images (checked from each header before it is
 decoded), which bounds this model's memory and the restore model's output. A request with an undecodable,
 non-image, empty or oversized image gets an error naming the image's index; the other requests are unaffected.
+Any further inputs (a method's text tokens, e.g. Bayes-PFL's ``class_tokens``) are never read: the ensemble feeds
+them in only so that this step runs after the text models (see zsad.export.exporter._ensemble).
 """
 import io
 import json
