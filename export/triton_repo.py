@@ -250,8 +250,7 @@ def text_input_config(opts: RepoOptions, model_name: str, text_input) -> dict:
     cfg["output"] = [{"name": text_input.tensor, "data_type": Sym("TYPE_INT64"), "dims": [text_input.length]}]
     cfg.update(_scheduling(opts, "KIND_CPU"))  # tokenising is CPU work whatever the stages use
     _standalone_text_encoder(text_input)
-    cfg.update(_parameters({"text_input": json.dumps(dataclasses.asdict(text_input)),
-                            "aliases": json.dumps(text_input.aliases)}))
+    cfg.update(_parameters({"text_input": json.dumps(dataclasses.asdict(text_input))}))  # the aliases too
     # warm-up with the method's default text (an empty string is refused): warmup/text.bin
     cfg["model_warmup"] = [{"name": "default_text", "batch_size": 1, "inputs": [
         {"key": text_input.request_name, "value": {"data_type": Sym("TYPE_STRING"), "dims": [1],

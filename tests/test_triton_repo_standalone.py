@@ -159,7 +159,7 @@ def test_served_class_name_ids_equal_the_eager_encoder(repo, tiny_method):
             expected.append("refused")
     folder = repo / "bayespfl_text_class_name" / "1"
     cfg = text_format.Parse((folder.parent / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
-    aliases = json.loads(cfg.parameters["aliases"].string_value)
+    aliases = json.loads(cfg.parameters["text_input"].string_value)["aliases"]
     out = _run_standalone(folder, f"""
         import json, os
         from model import class_name_ids

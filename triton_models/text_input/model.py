@@ -3,7 +3,7 @@
 Needs the standard library and numpy only, so a stock Triton container runs it: CLIP's tokeniser is
 ``zsad_clip_tokenizer.py`` with open_clip's vocabulary file, both copied beside this file at export. The class
 name becomes prompt words as zsad.methods.bayespfl.prompt_class_name does (lower case, "_" -> " ", whitespace
-collapsed, the released renaming table passed in the ``aliases`` parameter), then ``[SOT] words [EOT] 0...`` cut to
+collapsed, the released renaming table: the spec's ``aliases``), then ``[SOT] words [EOT] 0...`` cut to
 the ``text_input`` parameter's length; tests/test_triton_repo_standalone.py checks the ids equal the eager
 encoder's. An empty name, one whose tokens do not fit, one over ``MAX_TEXT_BYTES`` (refused before it is decoded
 or tokenised, and never echoed) or one that is not UTF-8 gets an error response for its request alone.
@@ -42,7 +42,7 @@ class TritonPythonModel:
         spec = json.loads(p["text_input"])
         self.request_name, self.tensor = spec["request_name"], spec["tensor"]
         self.length = int(spec["length"])
-        self.aliases = json.loads(p["aliases"])
+        self.aliases = spec["aliases"]
         here = os.path.dirname(os.path.abspath(__file__))
         self.tokenizer = ClipTokenizer(os.path.join(here, VOCAB_FILE))
 
