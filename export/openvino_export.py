@@ -172,8 +172,10 @@ def op_profile(ov_model, precision: str, feed: dict[str, np.ndarray], top: int =
     """Where one inference of ``ov_model`` (compiled as the runners compile it) spends its time: milliseconds per
     kind of executed node, from OpenVINO's per-node counters (``PERF_COUNT``; the second of two runs), the ``top``
     largest and the rest summed as "other". A kind is "<node type> <kernel>", attention named as such: the CPU
-    plugin runs it as a fused "Subgraph" that keeps the attention op's name."""
+    plugin runs it as a fused "Subgraph" whose original layers include the attention op."""
     compiled = compile_model(ov_model, precision, perf_count=True)
+    fused = {op.get_friendly_name(): op.get_rt_info()["originalLayersNames"].astype(str).lower()
+             for op in compiled.get_runtime_model().get_ordered_ops()}
     request = compiled.create_infer_request()
     names = [i.get_any_name() for i in compiled.inputs]
     for _ in range(2):  # the first run includes one-off work (weight repacking)
@@ -182,7 +184,8 @@ def op_profile(ov_model, precision: str, feed: dict[str, np.ndarray], top: int =
     for node in request.profiling_info:
         if node.status.name != "EXECUTED":
             continue
-        kind = "attention" if "scaled_dot_product_attention" in node.node_name.lower() else node.node_type
+        attention = "scaled_dot_product_attention" in fused.get(node.node_name, node.node_name.lower())
+        kind = "attention" if attention else node.node_type
         key = f"{kind} {node.exec_type}"
         ms[key] = ms.get(key, 0.0) + node.real_time.total_seconds() * 1e3
     ranked = sorted(ms.items(), key=lambda kv: -kv[1])
