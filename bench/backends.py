@@ -241,24 +241,21 @@ def _stage_chain_runner(method, runs, backend: str, precision: str, note: str, p
         xc = x.cpu()
         return lambda: predict(xc)
 
-    def stage_steps(x):
+    def stage_feeds(x):
+        """[(stage, run, its real inputs)]: the chain run once, each stage's inputs kept."""
         env = {k: v.cpu().numpy() for k, v in stage_feed(method, x.cpu()).items()}
-        steps = []
-        for st, run in runs:  # each stage on its real inputs, computed once beforehand
-            feed = {n: env[n] for n in st.inputs}
-            steps.append((st.name, lambda run=run, feed=feed: run(feed)))
-            env.update(run(feed))
-        return steps
-
-    def op_profile(x):
-        env = {k: v.cpu().numpy() for k, v in stage_feed(method, x.cpu()).items()}
-        out = {}
+        out = []
         for st, run in runs:
             feed = {n: env[n] for n in st.inputs}
-            if st.name in profilers:
-                out[st.name] = profilers[st.name](feed)
+            out.append((st, run, feed))
             env.update(run(feed))
         return out
+
+    def stage_steps(x):
+        return [(st.name, lambda run=run, feed=feed: run(feed)) for st, run, feed in stage_feeds(x)]
+
+    def op_profile(x):
+        return {st.name: profilers[st.name](feed) for st, _, feed in stage_feeds(x) if st.name in profilers}
 
     return BackendRunner(backend, precision, predict, make_step, note, stage_steps,
                          op_profile if profilers else None)

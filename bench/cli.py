@@ -31,6 +31,7 @@ import torch
 
 from zsad import ZsadError
 from zsad.cli import cli_entry
+from zsad.export.openvino_export import PRECISIONS
 
 
 def _ints(text: str) -> list[int]:
@@ -67,7 +68,7 @@ def _ints(text: str) -> list[int]:
               help="Served mode without --served-url: the stage backend exported (python-torch with --device cuda: "
                    "the torch chain on the GPU, KIND_GPU instances; python-openvino: OpenVINO on the CPU, at "
                    "--served-precision).")
-@click.option("--served-precision", type=click.Choice(["fp32", "bf16", "int8", "int8-bf16"]), default="fp32",
+@click.option("--served-precision", type=click.Choice(PRECISIONS), default="fp32",
               help="Served mode, python-openvino: the precision exported (all but fp32 must pass the precision gate).")
 @click.option("--calibration-images", type=int, default=16,
               help="ort-int8 / openvino-int8(-bf16) / served int8: synthetic images the int8 calibration uses.")

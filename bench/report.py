@@ -5,6 +5,7 @@ PNG from its JSON."""
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import platform
 import re
@@ -145,11 +146,12 @@ def write_results(out_dir: Path, model: str, profile: str, rows: list[dict], env
                   paper_image_size: int | None = None) -> dict[str, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem, n = result_stem(model, env, profile), 1
-    paths = {ext: out_dir / f"{stem}.{ext}" for ext in ("json", "csv", "md", "png")}
-    while any(p.exists() for p in paths.values()):
-        n += 1  # an earlier run's files (same day, model, device): keep them, number this run
-        paths = {ext: out_dir / f"{stem}-{n}.{ext}" for ext in ("json", "csv", "md", "png")}
+    stem = result_stem(model, env, profile)
+    for n in itertools.count(1):  # an earlier run's files (same day, model, device) are kept: number this run
+        name = stem if n == 1 else f"{stem}-{n}"
+        paths = {ext: out_dir / f"{name}.{ext}" for ext in ("json", "csv", "md", "png")}
+        if not any(p.exists() for p in paths.values()):
+            break
     payload = {"schema": "zsad-bench/1", "model": model, "profile": profile, "command": command, "environment": env,
                "gflops_per_image": flops, "rows": rows, "paper": paper}
     paths["json"].write_text(json.dumps(payload, indent=2, default=str))

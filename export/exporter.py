@@ -46,6 +46,7 @@ from zsad.export.triton_repo import (
     string_tensor_file,
     tensor_config,
     text_input_config,
+    text_output_config,
     text_warmup_files,
     torch_config,
     write_model,
@@ -390,8 +391,7 @@ def _write_repository(repo: Path, method, stages, opts: RepoOptions, stage_files
     final = stages[-1]
     out_tensors = [tensor_config(n, s, final.dtype(n)) for n, s in final.outputs.items()]
     # the text models' outputs: the preprocess models take them (unread) to run after them (see _ensemble)
-    text_outputs = [{"name": ti.tensor, "data_type": Sym("TYPE_INT64"), "dims": [ti.length]} for ti in text_inputs]
-    models = _write_preprocess_models(repo, opts, method.image_size, text_outputs)
+    models = _write_preprocess_models(repo, opts, method.image_size, [text_output_config(ti) for ti in text_inputs])
     text_models, steps = _write_text_models(repo, opts, text_inputs)
     if opts.backend == "python-torch":
         chain_models, chain_steps = _write_torch_chain(repo, opts, method, chain_in, out_tensors, stage_files)

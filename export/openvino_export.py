@@ -41,6 +41,7 @@ PRECISIONS = ("fp32", "bf16", "int8", "int8-bf16")
 # what runs unquantised: int8 keeps it in fp32, int8-bf16 runs it (attention included) in bf16
 OV_HINT = {"fp32": "f32", "bf16": "bf16", "int8": "f32", "int8-bf16": "bf16"}
 QUANTIZED = ("int8", "int8-bf16")  # the precisions whose encoder NNCF quantises
+GATED = tuple(p for p in PRECISIONS if p != "fp32")  # judged by the precision gate, not by the fp32 parity gate
 CALIBRATION_IMAGES = 32
 GATE_IMAGES = 16
 CAVEAT = ("Random or tiny weights lack real CLIP's activation outliers (a few channels with values 100x the rest), "

@@ -206,14 +206,14 @@ def chain_parity(ref_score, ref_map, score, amap, precision: str) -> dict:
     gate's map correlation and score Spearman (``zsad.export.openvino_export``) and pass on those instead of the
     ranking: their max relative error is large by nature and near-ties may swap (pixel AUROC needs masks: the gate
     at export checks it)."""
-    from zsad.export.openvino_export import GateThresholds, gate_metrics
+    from zsad.export.openvino_export import GATED, GateThresholds, gate_metrics
 
     tol = CHAIN_TOL[precision]
     out = {"score_max_rel": compare("chain", "images", "score", ref_score, score, tol).max_rel,
            "map_max_rel": compare("chain", "images", "anomaly_map", ref_map, amap, tol).max_rel,
            "rank_agreement": rank_agreement(ref_score, score)}
     within = max(out["score_max_rel"], out["map_max_rel"]) <= tol
-    if precision in ("bf16", "int8", "int8-bf16"):
+    if precision in GATED:
         gate = GateThresholds()
         m = gate_metrics(ref_score, ref_map, score, amap, np.zeros(np.shape(ref_map)))
         out["map_corr"], out["score_spearman"] = m["map_corr"], m["score_spearman"]

@@ -239,6 +239,11 @@ def restore_warmup_files(image_size: int) -> dict[str, bytes]:
     return {"warmup/original_size.bin": struct.pack("<2i", image_size, image_size)}
 
 
+def text_output_config(text_input) -> dict:
+    """The token tensor a text model hands the ensemble (its output; also preprocess's unread ordering input)."""
+    return {"name": text_input.tensor, "data_type": Sym("TYPE_INT64"), "dims": [text_input.length]}
+
+
 def text_input_config(opts: RepoOptions, model_name: str, text_input) -> dict:
     """A python model turning a request's text field (one string per image) into its token tensor."""
     import dataclasses
@@ -247,7 +252,7 @@ def text_input_config(opts: RepoOptions, model_name: str, text_input) -> dict:
     cfg = _common(opts, model_name)
     cfg["backend"] = "python"
     cfg["input"] = [{"name": text_input.request_name, "data_type": Sym("TYPE_STRING"), "dims": [1]}]
-    cfg["output"] = [{"name": text_input.tensor, "data_type": Sym("TYPE_INT64"), "dims": [text_input.length]}]
+    cfg["output"] = [text_output_config(text_input)]
     cfg.update(_scheduling(opts, "KIND_CPU"))  # tokenising is CPU work whatever the stages use
     _standalone_text_encoder(text_input)
     cfg.update(_parameters({"text_input": json.dumps(dataclasses.asdict(text_input))}))  # the aliases too

@@ -247,25 +247,24 @@ class TritonServer:
     def _watch_stubs(self) -> None:
         """Every ``monitor_interval`` s: a stub seen before whose process is gone means its model no longer answers
         (Triton reports it ready still): reload that model, or mark the server unhealthy if the reload fails."""
-        known: dict[str, tuple[int, str]] = {}  # instance name -> (pid, model)
-        if self.process is not None:  # the stubs at start: one that dies before the first interval is seen too
-            stubs = python_stubs(self.process.pid)
-            self._shm_regions |= {region for _, _, region in stubs.values()}
-            known = {inst: (pid, model) for pid, (model, inst, _) in stubs.items()}
+        # the stubs at start too: one that dies before the first interval is seen as well
+        known = self._stub_instances() if self.process is not None else {}
         while not self._stop_monitor.wait(self.monitor_interval):
             if self.process is None or self.process.poll() is not None:
                 return
-            stubs = python_stubs(self.process.pid)
-            self._shm_regions |= {region for _, _, region in stubs.values()}
-            alive = {inst: (pid, model) for pid, (model, inst, _) in stubs.items()}
+            alive = self._stub_instances()
             dead = {model: pid for inst, (pid, model) in known.items() if inst not in alive or alive[inst][0] != pid}
             for model, pid in dead.items():
                 self._reload(model, pid)
-            if dead:
-                stubs = python_stubs(self.process.pid)
-                self._shm_regions |= {region for _, _, region in stubs.values()}
-                alive = {inst: (pid, model) for pid, (model, inst, _) in stubs.items()}
-            known = alive
+            known = self._stub_instances() if dead else alive
+
+    def _stub_instances(self) -> dict[str, tuple[int, str]]:
+        """{instance name: (pid, model)} of the server's python stubs now; their shared-memory regions are
+        remembered for ``stop`` to clean up."""
+        assert self.process is not None
+        stubs = python_stubs(self.process.pid)
+        self._shm_regions |= {region for _, _, region in stubs.values()}
+        return {inst: (pid, model) for pid, (model, inst, _) in stubs.items()}
 
     def _reload(self, model: str, pid: int) -> None:
         detected = time.time()
