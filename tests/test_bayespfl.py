@@ -37,6 +37,9 @@ def test_paper_profile_is_the_released_setting():
     b = c.backbone
     assert (b.arch, b.pretrained, b.image_size, b.quick_gelu, b.pos_interpolation) == \
         ("ViT-L-14-336", "openai", 518, False, "bicubic")
+    # open_clip's resize_pos_embed as the release calls it (models/model_CLIP.py:248, 276-303); checked against a
+    # re-computation in tests/test_released_pos_resize.py
+    assert (b.pos_align_corners, b.pos_antialias) == (False, True)
     assert c.taps == [6, 12, 18, 24]
     assert (c.prompt.banks, c.prompt.context_length, c.prompt.state_length, c.flow.length) == (3, 5, 5, 10)
     assert (c.sampling.samples, c.sampling.train_samples, c.sampling.noise) == (10, 1, "fixed")

@@ -11,6 +11,11 @@ returns plain tensors (global embedding, tapped token maps) with a per-layer att
   the FFN. Taps at dual layers read the V-V stream.
 
 Everything is out of place (AnomalyCLIP's in-place ``+=`` aliased all of its taps to the last layer).
+
+Position table for another image size (:class:`PosResize`, the profile's ``pos_*`` fields): row 0 (the class
+token) is kept as it is; rows 1.. are read as the row-major g x g grid (row = y), channels moved in front, resized
+with ``F.interpolate`` (mode, align_corners, antialias), and laid back out row-major. All four released codebases
+lay the grid out this way and keep the class row; they differ in the interpolation (docs/methods/*.md, "backbone").
 """
 from __future__ import annotations
 
@@ -122,7 +127,30 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _interpolate_grid(pos: torch.Tensor, grid: int, mode: str) -> torch.Tensor:
+@dataclass(frozen=True)
+class PosResize:
+    """How CLIP's position table is resized to another grid: ``F.interpolate``'s mode, align_corners, antialias.
+
+    The class-token row is kept and the grid is row-major in every released codebase (module docstring), so those
+    are not settings. Note: antialias changes bicubic even when up-sampling (torch's antialiased bicubic is PIL's
+    kernel, a = -0.5, the plain one a = -0.75); for bilinear it matters only when down-sampling.
+    """
+
+    mode: str = "bilinear"
+    align_corners: bool = False
+    antialias: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in POS_INTERPOLATIONS:
+            raise ZsadError(f"pos_interpolation must be one of {POS_INTERPOLATIONS}, got '{self.mode}'")
+        for name, value in (("pos_align_corners", self.align_corners), ("pos_antialias", self.antialias)):
+            if not isinstance(value, bool):
+                raise ZsadError(f"{name} must be true or false, got {value!r}")
+        if self.mode == "nearest" and (self.align_corners or self.antialias):
+            raise ZsadError("pos_align_corners / pos_antialias apply to bilinear and bicubic, not 'nearest'")
+
+
+def _interpolate_grid(pos: torch.Tensor, grid: int, resize: PosResize) -> torch.Tensor:
     """Resize a [1 + g*g, D] CLIP positional table (class token first) to a ``grid`` x ``grid`` patch grid."""
     cls_pos, patch_pos = pos[:1], pos[1:]
     old = int(round(math.sqrt(patch_pos.shape[0])))
@@ -131,18 +159,19 @@ def _interpolate_grid(pos: torch.Tensor, grid: int, mode: str) -> torch.Tensor:
     if old == grid:
         return pos.clone()
     img = patch_pos.reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
-    kwargs = {} if mode == "nearest" else {"align_corners": False}
-    img = F.interpolate(img, size=(grid, grid), mode=mode, **kwargs)
+    kwargs = {} if resize.mode == "nearest" else {"align_corners": resize.align_corners,
+                                                  "antialias": resize.antialias}
+    img = F.interpolate(img, size=(grid, grid), mode=resize.mode, **kwargs)
     patch_pos = img.permute(0, 2, 3, 1).reshape(grid * grid, -1).to(pos.dtype)
     return torch.cat([cls_pos, patch_pos], dim=0)
 
 
-def _load_into(model: nn.Module, state: dict[str, torch.Tensor], path: Path, mode: str) -> None:
+def _load_into(model: nn.Module, state: dict[str, torch.Tensor], path: Path, resize: PosResize) -> None:
     own = model.state_dict()
     key = "visual.positional_embedding"
     if key in state and key in own and state[key].shape != own[key].shape:
         grid = int(round(math.sqrt(own[key].shape[0] - 1)))
-        state = dict(state, **{key: _interpolate_grid(state[key], grid, mode)})
+        state = dict(state, **{key: _interpolate_grid(state[key], grid, resize)})
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     mismatched = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
@@ -328,7 +357,7 @@ def _create_open_clip(name: str, pretrained: str | None, weights, quick_gelu: bo
 
 
 def _set_image_size(
-    visual: OpenClipModule, name: str, image_size: int | None, pos_interpolation: str
+    visual: OpenClipModule, name: str, image_size: int | None, pos_resize: PosResize
 ) -> tuple[int, int]:
     """Resize the positional embedding of ``visual`` for ``image_size`` (once, here); returns (size, patch)."""
     patch = visual.patch_size[0] if isinstance(visual.patch_size, (tuple, list)) else int(visual.patch_size)
@@ -340,7 +369,7 @@ def _set_image_size(
     if size != native:
         with torch.no_grad():
             visual.positional_embedding = nn.Parameter(
-                _interpolate_grid(visual.positional_embedding.data, grid, pos_interpolation))
+                _interpolate_grid(visual.positional_embedding.data, grid, pos_resize))
         visual.image_size = (size, size)
         visual.grid_size = (grid, grid)
     return size, patch
@@ -353,6 +382,8 @@ def load_clip(
     image_size: int | None = None,
     quick_gelu: bool | None = None,
     pos_interpolation: str = "bilinear",
+    pos_align_corners: bool = False,
+    pos_antialias: bool = False,
 ) -> ClipBackbone:
     """Build a frozen CLIP backbone.
 
@@ -362,19 +393,19 @@ def load_clip(
     - neither: random weights, with a loud warning (fine for tests and architecture benchmarks, meaningless
       for accuracy).
     - ``image_size``: the positional embedding is resized once here (e.g. 336 -> 518 gives a 37x37 grid)
-      with ``pos_interpolation``; never inside forward.
+      with ``F.interpolate(mode=pos_interpolation, align_corners=pos_align_corners, antialias=pos_antialias)``
+      (:class:`PosResize`); never inside forward.
     """
     if pretrained and weights:
         raise ZsadError("give either a pretrained tag or a weights file, not both")
-    if pos_interpolation not in POS_INTERPOLATIONS:
-        raise ZsadError(f"pos_interpolation must be one of {POS_INTERPOLATIONS}, got '{pos_interpolation}'")
+    pos_resize = PosResize(pos_interpolation, pos_align_corners, pos_antialias)
     name = resolve_arch(arch)
     qg = resolve_quick_gelu(name, pretrained, quick_gelu)
     clip, source = _create_open_clip(name, pretrained, weights, qg)
     visual = clip.visual
-    size, patch = _set_image_size(visual, name, image_size, pos_interpolation)
+    size, patch = _set_image_size(visual, name, image_size, pos_resize)
     if weights:
-        _load_into(clip, _read_state_dict(Path(weights)), Path(weights), pos_interpolation)
+        _load_into(clip, _read_state_dict(Path(weights)), Path(weights), pos_resize)
     elif not pretrained:
         warnings.warn(
             f"CLIP {name}: no pretrained tag and no weights file given, using RANDOM weights. Results are "

@@ -157,9 +157,11 @@ class BackboneConfig:
     pretrained: str | None  # open_clip tag, e.g. "openai" (needs internet once)
     quick_gelu: bool | None  # None = automatic (QuickGELU for OpenAI weights)
     image_size: int
-    pos_interpolation: str  # how the positional table is resized for image_size
+    pos_interpolation: str  # how the positional table is resized for image_size: F.interpolate's mode
     weights: str | None = None  # local CLIP weights file; overrides `pretrained`
     init_seed: int = 0  # seeds random CLIP weights (tests/benchmarks) so a checkpoint can rebuild them
+    pos_align_corners: bool = False  # F.interpolate's align_corners for that resize
+    pos_antialias: bool = False  # F.interpolate's antialias for that resize (Bayes-PFL's release: True)
 
 
 @dataclass
@@ -289,7 +291,8 @@ class Method(nn.Module, metaclass=ABCMeta):
         seed, as the released train scripts seed the RNG before building their models."""
         b, taps = self.config.backbone, self.config.taps
         backbone = load_clip(b.arch, pretrained=None if b.weights else b.pretrained, weights=b.weights,
-                             image_size=b.image_size, quick_gelu=b.quick_gelu, pos_interpolation=b.pos_interpolation)
+                             image_size=b.image_size, quick_gelu=b.quick_gelu, pos_interpolation=b.pos_interpolation,
+                             pos_align_corners=b.pos_align_corners, pos_antialias=b.pos_antialias)
         info = backbone.info
         if max(taps) > info.layers or min(taps) < 1:
             raise ZsadError(f"taps {taps} outside the {info.layers} blocks of {info.arch}")
