@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import warnings
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,37 +93,13 @@ def resolve_quick_gelu(arch: str, pretrained: str | None, quick_gelu: bool | Non
     return bool(quick_gelu)
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise ZsadError(f"CLIP weights file not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+def _read_state_dict(path: Path, expected: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """The CLIP weights in ``path`` (.safetensors, torch.save state dict, or OpenAI's TorchScript .pt), floats as
+    float32: read without running anything from the file, every key and declared shape checked against
+    ``expected`` (the model's own state dict) before a tensor is read (zsad.importers.clipfile)."""
+    from zsad.importers.clipfile import read_clip_state
 
-            return load_file(str(path))
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except RuntimeError:
-            # OpenAI's original ViT-*.pt files are TorchScript archives, not pickled state dicts.
-            if not zipfile.is_zipfile(path):
-                raise
-            obj = torch.jit.load(str(path), map_location="cpu").state_dict()
-    except ZsadError:
-        raise
-    except Exception as err:  # corrupt, truncated, or not a weights file at all
-        raise ZsadError(f"Could not read CLIP weights from {path}: {type(err).__name__}: {err}") from err
-    for key in ("state_dict", "model", "module"):
-        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ZsadError(f"{path} does not hold a CLIP state dict (a mapping of parameter names to tensors)")
-    state = {}
-    for k, v in obj.items():
-        k = k[len("module."):] if k.startswith("module.") else k
-        if k in ("input_resolution", "context_length", "vocab_size"):  # OpenAI JIT attributes, not weights
-            continue
-        state[k] = v.float() if v.is_floating_point() else v
-    return state
+    return read_clip_state(path, expected)
 
 
 @dataclass(frozen=True)
@@ -405,7 +380,8 @@ def load_clip(
     visual = clip.visual
     size, patch = _set_image_size(visual, name, image_size, pos_resize)
     if weights:
-        _load_into(clip, _read_state_dict(Path(weights)), Path(weights), pos_resize)
+        expected = {k: tuple(v.shape) for k, v in clip.state_dict().items()}
+        _load_into(clip, _read_state_dict(Path(weights), expected), Path(weights), pos_resize)
     elif not pretrained:
         warnings.warn(
             f"CLIP {name}: no pretrained tag and no weights file given, using RANDOM weights. Results are "

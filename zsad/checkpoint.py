@@ -61,14 +61,19 @@ def trainable_state(method) -> dict[str, torch.Tensor]:
 
 def checkpoint_sidecar(method, state: dict[str, torch.Tensor], **meta) -> dict:
     """The sidecar JSON of a checkpoint of ``method`` holding ``state``; extra ``meta`` goes in as is."""
+    return config_sidecar(method.name, method.profile, method.config, state,
+                          **{"clip_weights": method.backbone.info.weights, **meta})
+
+
+def config_sidecar(name: str, profile: str, config, state: dict[str, torch.Tensor], **meta) -> dict:
+    """The sidecar JSON from a method's name, profile and resolved config, with no model built (zsad-import)."""
     from zsad.configs import config_to_dict
 
     return {
         "format": FORMAT,
-        "method": method.name,
-        "profile": method.profile,
-        "config": config_to_dict(method.config),
-        "clip_weights": method.backbone.info.weights,
+        "method": name,
+        "profile": profile,
+        "config": config_to_dict(config),
         "trainable_parameters": int(sum(v.numel() for v in state.values())),
         "versions": versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -100,12 +105,13 @@ def save_checkpoint(directory: Path, method, **meta) -> Path:
     return write_checkpoint(directory, state, checkpoint_sidecar(method, state, **meta))
 
 
-def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
-    """Accept the directory, the .safetensors or the .json of a checkpoint; return (weights, sidecar)."""
+def checkpoint_paths(path: str | Path, clip_weights: str | Path | None = None) -> tuple[Path, Path]:
+    """Accept the directory, the .safetensors or the .json of a checkpoint; return (weights, sidecar). An authors'
+    released file is imported on the fly (cached per process), with ``clip_weights`` as zsad-import takes them."""
     p = Path(path)
     if p.is_file() and p.suffix not in (".safetensors", ".json"):  # an authors' released file: import it (cached)
         from zsad.importers import import_released
-        p = import_released(p)
+        p = import_released(p, clip_weights)
     if p.is_dir():
         weights, sidecar = p / WEIGHTS_NAME, p / SIDECAR_NAME
     elif p.suffix in (".safetensors", ".json"):
@@ -119,8 +125,8 @@ def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
     return weights, sidecar
 
 
-def read_sidecar(path: str | Path) -> dict:
-    _, sidecar = checkpoint_paths(path)
+def read_sidecar(path: str | Path, clip_weights: str | Path | None = None) -> dict:
+    _, sidecar = checkpoint_paths(path, clip_weights)
     try:
         meta = json.loads(sidecar.read_text())
     except (OSError, ValueError) as err:  # ValueError: bad JSON or bytes that are not UTF-8
@@ -144,8 +150,8 @@ def load_checkpoint(path: str | Path, clip_weights: str | Path | None = None, de
     import zsad.methods as M
     from zsad.configs import build_config, deep_merge
 
-    weights, _ = checkpoint_paths(path)
-    meta = read_sidecar(path)
+    weights, _ = checkpoint_paths(path, clip_weights)
+    meta = read_sidecar(path, clip_weights)
     name = meta["method"]
     if name not in M.METHODS:
         raise ZsadError(f"checkpoint {path} is for method '{name}', which this zsad does not know")

@@ -8,7 +8,6 @@ source key exists and its shape, applies the documented reshape, and records ``s
 """
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import torch
 
 from zsad import ZsadError
-from zsad.importers.torchfile import materialize, shape_of
+from zsad.importers.torchfile import dtype_of, materialize, same_tensor, shape_of
 
 
 @dataclass
@@ -38,7 +37,8 @@ class Source:
 
 
 class Mapping:
-    """Source tensors -> zsad trainable tensors, with shape checks against the built method's parameters."""
+    """Source tensors -> zsad trainable tensors. ``target_shapes`` is the method's table (zsad.importers.shapes):
+    every source tensor's declared shape is checked before it is read, every result against its target."""
 
     def __init__(self, source: Source, target_shapes: dict[str, tuple[int, ...]]):
         self.source, self.target_shapes = source, target_shapes
@@ -48,20 +48,20 @@ class Mapping:
         self.widened: dict[str, str] = {}  # source key -> its dtype where it was not float32
         self._used: set[str] = set()
 
-    def _get(self, key: str, shape: tuple[int, ...] | None) -> torch.Tensor:
+    def _get(self, key: str, shape: tuple[int, ...]) -> torch.Tensor:
         got = self.source.shape(key)
-        if shape is not None and tuple(got) != tuple(shape):
+        if tuple(got) != tuple(shape):
             raise ZsadError(f"{self.source.format} checkpoint {self.source.names()}: key '{key}' has shape "
                             f"{tuple(got)}, expected {tuple(shape)} for the {self.source.notes.get('profile', '')} "
                             f"profile")
         self._used.add(key)
-        value = materialize(self.source.tensors[key])
+        value = materialize(self.source.tensors[key], got)
         if value.dtype != torch.float32:  # e.g. fp16 prompts of a CUDA-trained learner: widened exactly
             self.widened[key] = str(value.dtype).replace("torch.", "")
         return value.float()
 
-    def take(self, keys: str | list[str], target: str, source_shape: tuple[int, ...] | None = None,
-             op: str = "copy", fn: Callable[..., torch.Tensor] | None = None) -> None:
+    def take(self, keys: str | list[str], target: str, source_shape: tuple[int, ...], op: str = "copy",
+             fn: Callable[..., torch.Tensor] | None = None) -> None:
         """Map source ``keys`` (checked against ``source_shape``; one shape for all) onto ``target``.
 
         ``fn(*tensors)`` builds the target tensor (default: the single tensor as is); the result must have the
@@ -86,10 +86,9 @@ class Mapping:
         """Record ``key`` as unused at inference; ``same_as``: a duplicate of that key (checked equal)."""
         if key not in self.source.tensors:
             raise ZsadError(f"{self.source.format} checkpoint {self.source.names()}: missing key '{key}'")
-        if same_as is not None:
-            self.source.shape(same_as)  # missing: an error naming it
-        if same_as is not None and not torch.equal(materialize(self.source.tensors[key]),
-                                                   materialize(self.source.tensors[same_as])):
+        if same_as is not None and (self.source.shape(same_as) != self.source.shape(key)
+                                    or dtype_of(self.source.tensors[key]) != dtype_of(self.source.tensors[same_as])
+                                    or not same_tensor(self.source.tensors[key], self.source.tensors[same_as])):
             raise ZsadError(f"{self.source.format} checkpoint {self.source.names()}: '{key}' should be the same "
                             f"tensor as '{same_as}' (shared module) but differs")
         self._used.add(key)
@@ -137,18 +136,3 @@ class Importer:
     def clip_state(self, source: Source) -> dict[str, object] | None:
         """The frozen CLIP's own weights where the released file carries them (SOWA's Lightning checkpoint)."""
         return None
-
-
-def build_method(name: str, profile: str, overrides: dict, clip_weights: str | None):
-    """Build the zsad method the weights go into: with ``clip_weights`` when given (checks they load), else with
-    a random CLIP (only the trainable parameters are converted; the checkpoint records the real source)."""
-    import zsad.methods as M
-
-    backbone = {"weights": str(clip_weights), "pretrained": None} if clip_weights else {"weights": None,
-                                                                                       "pretrained": None}
-    from zsad.configs import deep_merge
-
-    cfg = deep_merge(overrides, {"backbone": backbone})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the random-CLIP warning: nothing is evaluated with it here
-        return M.create(name, profile, **cfg)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from zsad import ZsadError
-from zsad.importers.torchfile import ModuleState, TensorRef
+from zsad.importers.torchfile import ModuleState, TensorRef, describe
 
 AFCLIP_PROMPT = "afclip (prompt)"
 AFCLIP_ADAPTOR = "afclip (adaptor)"
@@ -26,7 +26,7 @@ def detect_format(obj) -> str:
             return "sowa"
         if "visual.conv1.weight" in obj or "state_dict" in obj and "visual.conv1.weight" in obj["state_dict"]:
             return "a CLIP weights file"
-        return f"an unknown dict (keys: {', '.join(map(str, list(obj)[:5]))})"
+        return f"an unknown dict (keys: {', '.join(describe(k, 40) for k in list(obj)[:5])})"
     if isinstance(obj, ModuleState):
         return AFCLIP_ADAPTOR if obj.qualname.endswith(".Adaptor") else f"a pickled module {obj.qualname}"
     if _is_tensor(obj):
@@ -39,6 +39,8 @@ def flatten(state: dict) -> dict[str, object]:
     out = {}
     for k, v in state.items():
         if not _is_tensor(v):
-            raise ZsadError(f"state dict entry '{k}' is a {type(v).__name__}, not a tensor")
-        out[str(k)] = v
+            raise ZsadError(f"state dict entry {describe(k)} is a {type(v).__name__}, not a tensor")
+        if not isinstance(k, str):
+            raise ZsadError(f"state dict key {describe(k)} is not a string")
+        out[k] = v
     return out

@@ -30,7 +30,7 @@ import torch
 from zsad import ZsadError
 from zsad.importers.base import Importer, Mapping, Source
 from zsad.importers.detect import detect_format, flatten
-from zsad.importers.torchfile import materialize, read_torch_file
+from zsad.importers.torchfile import dtype_of, read_torch_file, same_tensor, shape_of
 
 ADAPTERS = "visual_encoder.adapters."
 CLIP = "clip_model."
@@ -50,7 +50,9 @@ class SowaImporter(Importer):
         state = flatten(obj["state_dict"])
         tensors = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
         glue = sorted(k for k in state if not k.startswith("net."))
-        notes = {"lightning_version": str(obj.get("pytorch-lightning_version")), "module_state_outside_net": glue}
+        version = obj.get("pytorch-lightning_version")
+        notes = {"lightning_version": version[:40] if isinstance(version, str) else None,
+                 "module_state_outside_net": glue[:100]}
         source = Source(self.name, tensors, files, notes=notes)
         source.notes["taps"] = self._taps(source)
         return source
@@ -67,9 +69,12 @@ class SowaImporter(Importer):
             return None
         taps = []
         for i in self._adapters(source):
-            qkv = materialize(source.tensors[f"{ADAPTERS}{i}.blocks.0.attn.qkv"])
-            match = [b for b in blocks if torch.equal(
-                qkv, materialize(source.tensors[f"{CLIP}visual.transformer.resblocks.{b}.attn.in_proj_weight"]))]
+            qkv = source.tensors[f"{ADAPTERS}{i}.blocks.0.attn.qkv"]
+            match = []
+            for b in blocks:  # shapes first (nothing read on a mismatch); a shared tensor is equal unread
+                block = source.tensors[f"{CLIP}visual.transformer.resblocks.{b}.attn.in_proj_weight"]
+                if shape_of(qkv) == shape_of(block) and dtype_of(qkv) == dtype_of(block) and same_tensor(qkv, block):
+                    match.append(b)
             if len(match) != 1:
                 raise ZsadError(f"SOWA checkpoint {source.names()}: adapter {i}'s frozen qkv matches "
                                 f"{len(match)} CLIP blocks (expected exactly one)")
