@@ -1,7 +1,8 @@
 """The backends zsad-bench times, each a way to run a method's stage chain on a batch of images.
 
 ``make_backend_runner(backend, ...)`` returns a ``BackendRunner``: ``predict`` maps a CPU float32 image batch to
-(score [B], anomaly_map [B,S,S]) numpy arrays for the parity check, and ``make_step(images)`` returns the call that
+{"score" [B], "anomaly_map" [B,S,S], and the chain's selections (zsad.selection)} numpy arrays for the parity
+check, and ``make_step(images)`` returns the call that
 is timed, which runs on inputs already placed where the backend wants them (so a torch CUDA timing excludes the
 host-to-device copy of the images; ORT's includes its numpy in/out, as ORT is used). A backend that cannot run
 here raises ``Skip`` with the reason, which lands in the report.
@@ -38,7 +39,7 @@ class BackendRunner:
 
     backend: str
     precision: str
-    predict: Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]]
+    predict: Callable[[torch.Tensor], dict[str, np.ndarray]]
     make_step: Callable[[torch.Tensor], Callable[[], object]]  # images -> zero-argument timed call
     note: str = ""
     # per-stage timing (ORT / OpenVINO backends): images -> [(stage name, zero-argument call of that stage alone)]
@@ -55,20 +56,26 @@ def stage_feed(method, images):
     return method.stage_inputs(images, synthetic_class_names(images.shape[0]) if method.text_inputs() else None)
 
 
+def chain_outputs(stages) -> list[str]:
+    """What a backend's ``predict`` returns: the score, the map, and every selection of the chain."""
+    return ["score", "anomaly_map", *[n for st in stages for n in st.selections]]
+
+
 def _chain(method):
     from zsad.methods import run_stages
 
     stages = method.stages()
+    names = chain_outputs(stages)
 
     def run(images):
         env = run_stages(stages, **stage_feed(method, images))
-        return env["score"], env["anomaly_map"]
+        return {n: env[n] for n in names}
 
     return run
 
 
-def _numpy(out) -> tuple[np.ndarray, np.ndarray]:
-    return out[0].float().cpu().numpy(), out[1].float().cpu().numpy()
+def _numpy(out: dict) -> dict[str, np.ndarray]:
+    return {n: (t.float() if t.is_floating_point() else t).cpu().numpy() for n, t in out.items()}
 
 
 def _torch_runner(method, device: str, backend: str) -> BackendRunner:
@@ -127,11 +134,11 @@ class GraphedChain:
         self._run_stages = run_stages
         self.graphs: dict = {}
 
-    def _forward(self, feed: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, feed: dict) -> dict[str, torch.Tensor]:
         with torch.inference_mode(), torch.autocast("cuda", dtype=self.dtype or torch.float32,
                                                     enabled=self.dtype is not None, cache_enabled=False):
             env = self._run_stages(self.stages, **feed)
-            return env["score"], env["anomaly_map"]
+            return {n: env[n] for n in chain_outputs(self.stages)}
 
     def _capture(self, feed: dict):
         static = {k: v.to(self.device).clone() for k, v in feed.items()}
@@ -148,7 +155,8 @@ class GraphedChain:
 
     def load(self, images: torch.Tensor):
         """Copy a batch into the static inputs of its shape's graph (captured on first use); returns the graph and
-        its static outputs (score [B], anomaly_map [B,S,S]), valid after ``graph.replay()``."""
+        its static outputs (``chain_outputs``: score [B], anomaly_map [B,S,S], selections), valid after
+        ``graph.replay()``."""
         feed = stage_feed(self.method, images.cpu())
         key = tuple((k, tuple(v.shape)) for k, v in sorted(feed.items()))
         if key not in self.graphs:
@@ -158,7 +166,7 @@ class GraphedChain:
             static[k].copy_(v.to(self.device))
         return graph, out
 
-    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         graph, out = self.load(images)
         graph.replay()
         return out
@@ -235,7 +243,7 @@ def _stage_chain_runner(method, runs, backend: str, precision: str, note: str, p
         env = {k: v.cpu().numpy() for k, v in stage_feed(method, x.cpu()).items()}
         for st, run in runs:
             env.update(run({n: env[n] for n in st.inputs}))
-        return env["score"], env["anomaly_map"]
+        return {n: env[n] for n in chain_outputs([st for st, _ in runs])}
 
     def make_step(x):
         xc = x.cpu()

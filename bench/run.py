@@ -24,13 +24,39 @@ class Reference:
     images: torch.Tensor  # [n,3,S,S] preprocessed synthetic-defect images
     score: np.ndarray  # [n] float64
     anomaly_map: np.ndarray  # [n,S,S] float64
+    stages: list = field(default_factory=list)  # the method's stage chain (for selections, zsad.selection)
+    env: dict = field(default_factory=dict)  # every tensor of the torch chain on the images, numpy
 
-    def parity(self, score, anomaly_map, precision: str) -> dict:
-        """The report's parity columns (parity_score_max_rel, ..., parity_ok) of one backend's outputs."""
-        from zsad.export.parity import chain_parity
+    @property
+    def selections(self) -> list[str]:
+        return [n for st in self.stages for n in st.selections]
 
-        return {f"parity_{k}": v
-                for k, v in chain_parity(self.score, self.anomaly_map, score, anomaly_map, precision).items()}
+    def parity(self, outputs: dict, precision: str) -> dict:
+        """The report's parity columns (parity_score_max_rel, ..., parity_ok) of one backend's outputs: "score",
+        "anomaly_map", and the chain's selections where the backend returns them.
+
+        fp32 / fp16: a backend's selections are taken by the tie rule (zsad.export.parity.reference_on_selections)
+        and its outputs compared with the torch chain on them; ``parity_selection_differing`` counts the
+        selections that differed (near-ties), and one that is no near-tie fails the row. bf16 / int8: compared with
+        the fp32 chain as it is (their gate measures what a user gets, selection changes included); the differing
+        selections are counted."""
+        from zsad.export.openvino_export import GATED
+        from zsad.export.parity import CHAIN_TOL, chain_parity, reference_on_selections
+
+        score, amap, extra = self.score, self.anomaly_map, {}
+        if self.selections and all(n in outputs for n in self.selections):
+            produced = {n for st in self.stages for n in st.outputs}
+            feed = {n: v for n, v in self.env.items() if n not in produced}  # the chain's inputs
+            ref, rows = reference_on_selections(self.stages, feed, outputs, CHAIN_TOL[precision], self.env)
+            extra = {"selection_differing": sum(r.differing or 0 for r in rows),
+                     "selection_max_gap": max(r.max_abs for r in rows), "selection_ok": all(r.ok for r in rows)}
+            if precision not in GATED:
+                score, amap = ref["score"].astype(np.float64), ref["anomaly_map"].astype(np.float64)
+            else:
+                extra.pop("selection_ok")
+        out = chain_parity(score, amap, outputs["score"], outputs["anomaly_map"], precision)
+        out = {**out, **extra, "ok": bool(out["ok"] and extra.get("selection_ok", True))}
+        return {f"parity_{k}": v for k, v in out.items()}
 
 
 @dataclass
@@ -64,9 +90,11 @@ def reference_outputs(method, n: int = 4) -> Reference:
     from zsad.methods import run_stages
 
     images = torch.from_numpy(synthetic_images(method.image_size, n=n))
+    stages = method.eval().stages()
     with torch.inference_mode():
-        out = run_stages(method.eval().stages(), **stage_feed(method, images))
-    return Reference(images, out["score"].numpy().astype(np.float64), out["anomaly_map"].numpy().astype(np.float64))
+        out = run_stages(stages, **stage_feed(method, images))
+    env = {k: v.numpy() for k, v in out.items()}
+    return Reference(images, env["score"].astype(np.float64), env["anomaly_map"].astype(np.float64), stages, env)
 
 
 def bench_model(model: str, profile: str, image_size: int | None, batches: list[int], backends: list[str],
@@ -121,7 +149,7 @@ def backend_rows(backend: str, method, scratch, ref: Reference, base: dict, batc
         advance(len(batches))
         return [{**base, "backend": backend, "precision": "-", "batch": b, "status": "skipped", "reason": str(skip)}
                 for b in batches]
-    parity = ref.parity(*runner.predict(ref.images), runner.precision)
+    parity = ref.parity(runner.predict(ref.images), runner.precision)
     rows = []
     for b in batches:
         images = ref.images[torch.arange(b) % len(ref.images)].contiguous()
@@ -199,7 +227,8 @@ def _sweep_rows(grpc_url: str, variants: list[tuple[str, bool | None]], pngs: li
     """Parity from one request to the first variant, then one row per (variant, concurrency)."""
     from zsad.bench.served import served_predictions, sweep_one
 
-    parity = ref.parity(*served_predictions(f"grpc://{grpc_url}", variants[0][0], pngs, texts), served.precision)
+    parity = ref.parity(served_predictions(f"grpc://{grpc_url}", variants[0][0], pngs, texts, ref.selections),
+                        served.precision)
     rows = []
     for name, dynamic in variants:
         for c in served.concurrency:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -76,14 +77,18 @@ def sweep_one(grpc_url: str, model: str, images: list[bytes], concurrency: int, 
                 "mean_ms": float(lat.mean())} if lat.size else {})}
 
 
-def served_predictions(url: str, model: str, images: list[bytes],
-                       texts: dict[str, list[str]] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(score [n], anomaly_map [n,S,S]) from one request, for the parity check."""
+def served_predictions(url: str, model: str, images: list[bytes], texts: dict[str, list[str]] | None = None,
+                       selections: Sequence[str] = ()) -> dict[str, np.ndarray]:
+    """{"score" [n], "anomaly_map" [n,S,S], and each of ``selections`` the ensemble outputs} from one request, for
+    the parity check (an ensemble exported before selections were outputs has none: compared without them)."""
     from zsad.serve.client import AnomalyClient
 
     names = next(iter(texts.values())) if texts else None  # the class names (the one text field there is)
-    preds = AnomalyClient(url, model).infer(images, class_names=names)
-    return np.array([p.score for p in preds]), np.stack([p.anomaly_map for p in preds])
+    client = AnomalyClient(url, model)
+    extra = [n for n in selections if n in client.outputs]
+    preds = client.infer(images, class_names=names, outputs=extra)
+    return {"score": np.array([p.score for p in preds]), "anomaly_map": np.stack([p.anomaly_map for p in preds]),
+            **{n: np.stack([p.extra[n] for p in preds]) for n in extra}}
 
 
 @contextmanager

@@ -325,8 +325,7 @@ def _export_and_gate(method, trained: bool, opts: ExportOptions, repo_opts: Repo
         + " -> ".join(s.name for s in stages))
     runners, stage_files = _build_stage_artifacts(method, stages, repo_opts, scratch, log)
     stamp_stage_files(stage_files, export_metadata(method, trained, opts.checkpoint, opts.fp16))  # self-describing
-    rows = parity.check_stages(stages, runners, images, opts.tolerance, extra_feed=extra_feed,
-                               chain_tol=None if opts.fp16 else method.chain_tolerance)
+    rows = parity.check_stages(stages, runners, {"images": images, **extra_feed}, opts.tolerance)
     log(parity.format_table(rows))
     gate_section = None
     if opts.backend in OPENVINO_BACKENDS:
@@ -343,7 +342,7 @@ def _write_report_and_markers(staging: Path, models: list[str], method, trained:
     parity.write_report(staging / name / "parity_report.json", rows, {
         "model": name, "method": method.name, "profile": method.profile, "trained": trained,
         "backend": opts.backend, "fp16": opts.fp16, "image_size": method.image_size, "max_batch": opts.max_batch,
-        "tolerance": tol, "end_to_end_tolerance": tol if opts.fp16 else max(tol, method.chain_tolerance),
+        "tolerance": tol,
         "runtime": "onnxruntime " + __import__("onnxruntime").__version__ if opts.backend != "python-torch"
         else "torch",
         **({"precision": opts.precision, "openvino": gate_section} if gate_section else {})})
@@ -390,6 +389,9 @@ def _write_repository(repo: Path, method, stages, opts: RepoOptions, stage_files
     text_inputs = method.text_inputs()
     final = stages[-1]
     out_tensors = [tensor_config(n, s, final.dtype(n)) for n, s in final.outputs.items()]
+    # selections (BAG-CLIP's knn_index) leave the ensemble too, for served == eager checks by the tie rule
+    # (zsad.selection); clients ask for the outputs they want, so nobody receives them unasked
+    out_tensors += [tensor_config(n, st.outputs[n], st.dtype(n)) for st in stages for n in st.selections]
     # the text models' outputs: the preprocess models take them (unread) to run after them (see _ensemble)
     models = _write_preprocess_models(repo, opts, method.image_size, [text_output_config(ti) for ti in text_inputs])
     text_models, steps = _write_text_models(repo, opts, text_inputs)
@@ -538,8 +540,7 @@ def _openvino_stages(method, stages, onnx_files, opts: ExportOptions, scratch, i
                                                  opts.calibration_images, log)
     rows = []
     if precision == "fp32":
-        rows = parity.check_stages(stages, runners, images, opts.tolerance, extra_feed=extra_feed,
-                                   chain_tol=method.chain_tolerance)
+        rows = parity.check_stages(stages, runners, {"images": images, **extra_feed}, opts.tolerance)
         for r in rows:
             r.case = f"openvino {r.case}"
         log(parity.format_table(rows))

@@ -117,12 +117,53 @@ def knn_mask(sim: torch.Tensor, k: int) -> torch.Tensor:
     return above | (at & (torch.cumsum(at.to(torch.int32), dim=-1) <= need))
 
 
+def mask_to_index(mask: torch.Tensor, k: int) -> torch.Tensor:
+    """The k True columns of each row of ``mask`` [B,N,M] (exactly k per row) as int64 indices [B,N,k], ascending.
+
+    Selected columns get the keys 2M - j, the others -j: all distinct, so TopK has no tie to break and the order is
+    defined (a stable sort does not export; TopK does)."""
+    m = mask.shape[-1]
+    col = torch.arange(m, device=mask.device, dtype=torch.float32)
+    key = torch.where(mask, 2.0 * m - col, -col)
+    return torch.topk(key, k, dim=-1).indices
+
+
+def knn_select(x: torch.Tensor, k: int, resolution_bits: int = 0) -> torch.Tensor:
+    """Each node's k neighbours [B,N,k] int64 (ascending column order): the selection step of the graph.
+
+    This is the one discontinuous step of BAG-CLIP's inference, so it is its own stage output: the parity gate
+    compares it by the tie rule (zsad.selection) and every continuous step after it on the same neighbours."""
+    sim = quantize_similarity(cosine_similarity_matrix(x), resolution_bits)
+    return mask_to_index(knn_mask(sim, k), k)
+
+
+def knn_edge_weights(x: torch.Tensor, index: torch.Tensor, edge_weight: str = "binary",
+                     resolution_bits: int = 0) -> torch.Tensor:
+    """The weight [B,N,k] of each selected edge i -> index[i, r]: 1 (binary) or max(S_ij, 0) with S rounded as for
+    the selection (relu_cos; only the selected pairs' cosines are computed, by gathering their rows)."""
+    _check_edge_weight(edge_weight)
+    xf = _at_least_fp32(x)
+    if edge_weight == "binary":
+        return torch.ones(index.shape, dtype=xf.dtype, device=x.device)
+    b, n, d = xf.shape
+    xn = F.normalize(xf, dim=-1)
+    offset = (torch.arange(b, device=x.device) * n).view(b, 1, 1)
+    rows = torch.index_select(xn.reshape(b * n, d), 0, (index + offset).reshape(-1)).reshape(*index.shape, d)
+    sim = (rows * xn.unsqueeze(-2)).sum(dim=-1)
+    return quantize_similarity(sim, resolution_bits).clamp_min(0)
+
+
+def index_adjacency(index: torch.Tensor, n: int, weights: torch.Tensor) -> torch.Tensor:
+    """The directed adjacency A [B,N,n]: A[b, i, index[b,i,r]] = weights[b,i,r], zero elsewhere."""
+    a = torch.zeros(*index.shape[:-1], n, dtype=weights.dtype, device=weights.device)
+    return a.scatter(-1, index, weights)
+
+
 def knn_adjacency(x: torch.Tensor, k: int, edge_weight: str = "binary", resolution_bits: int = 0) -> torch.Tensor:
     """The directed kNN adjacency A [B,N,N] (row i holds i's k neighbours), before symmetrisation."""
     _check_edge_weight(edge_weight)
-    sim = quantize_similarity(cosine_similarity_matrix(x), resolution_bits)
-    values = torch.ones_like(sim) if edge_weight == "binary" else sim.clamp_min(0)
-    return torch.where(knn_mask(sim, k), values, torch.zeros_like(sim))
+    index = knn_select(x, k, resolution_bits)
+    return index_adjacency(index, x.shape[-2], knn_edge_weights(x, index, edge_weight, resolution_bits))
 
 
 def normalize_adjacency(a: torch.Tensor, symmetrize: str = "max") -> torch.Tensor:
@@ -135,10 +176,36 @@ def normalize_adjacency(a: torch.Tensor, symmetrize: str = "max") -> torch.Tenso
     return d.unsqueeze(-1) * a * d.unsqueeze(-2)
 
 
+def graph_from_index_reference(x: torch.Tensor, index: torch.Tensor, edge_weight: str = "binary",
+                               symmetrize: str = "max", resolution_bits: int = 0) -> torch.Tensor:
+    """Â [B,N,N] of the graph whose directed edges are ``index`` [B,N,k] (from ``knn_select``) over ``x``."""
+    _check_symmetrize(symmetrize)
+    weights = knn_edge_weights(x, index, edge_weight, resolution_bits)
+    return normalize_adjacency(index_adjacency(index, x.shape[-2], weights), symmetrize)
+
+
 def knn_graph_reference(x: torch.Tensor, k: int, edge_weight: str = "binary", symmetrize: str = "max",
                         resolution_bits: int = 0) -> torch.Tensor:
     """Normalised adjacency Â [B,N,N] of the kNN graph of ``x`` [B,N,D] (fp32; fp64 in, fp64 out)."""
-    return normalize_adjacency(knn_adjacency(x, k, edge_weight, resolution_bits), symmetrize)
+    _check_edge_weight(edge_weight)
+    _check_symmetrize(symmetrize)
+    return graph_from_index_reference(x, knn_select(x, k, resolution_bits), edge_weight, symmetrize, resolution_bits)
+
+
+def dispatch_select(x: torch.Tensor, k: int, resolution_bits: int = 0) -> torch.Tensor:
+    """``knn_select``: the fused Triton top-k kernel for CUDA tensors (inference), the torch reference elsewhere."""
+    if use_triton(x):
+        return knn_select_triton(x, k, resolution_bits=resolution_bits)
+    return knn_select(x, k, resolution_bits)
+
+
+def dispatch_graph_from_index(x: torch.Tensor, index: torch.Tensor, edge_weight: str = "binary",
+                              symmetrize: str = "max", resolution_bits: int = 0) -> torch.Tensor:
+    """``graph_from_index_reference``, with the Triton normalisation kernels for CUDA tensors (inference)."""
+    if use_triton(x):
+        weights = knn_edge_weights(x, index, edge_weight, resolution_bits).float()
+        return knn_normalize_triton(index_adjacency(index, x.shape[-2], weights), symmetrize)
+    return graph_from_index_reference(x, index, edge_weight, symmetrize, resolution_bits)
 
 
 def dispatch(x: torch.Tensor, k: int, edge_weight: str = "binary", symmetrize: str = "max",
@@ -341,6 +408,12 @@ def knn_topk_triton(
         QSCALE=float(2 ** int(resolution_bits)) if resolution_bits else 0.0, num_warps=num_warps,
     )
     return out_idx, out_val
+
+
+def knn_select_triton(x: torch.Tensor, k: int, resolution_bits: int = 0, **blocks) -> torch.Tensor:
+    """``knn_select`` by the fused top-k kernel: the same neighbour sets, as int64 [B,N,k] in ascending order."""
+    idx, _ = knn_topk_triton(x, k, resolution_bits=resolution_bits, **blocks)
+    return idx.sort(dim=-1).values.long()
 
 
 def _check_square(t: torch.Tensor, b: int, n: int, name: str) -> None:

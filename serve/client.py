@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,8 @@ class Prediction:
     score: float
     anomaly_map: np.ndarray  # [S,S] at the model resolution, or the input size when the export resized back
     source: str = ""
+    # further outputs asked for by name (``infer(..., outputs=[...])``), this image's slice of each
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class AnomalyClient:
@@ -75,14 +77,24 @@ class AnomalyClient:
             return [t["name"] for t in meta["inputs"]], [t["name"] for t in meta["outputs"]]
         return [t.name for t in meta.inputs], [t.name for t in meta.outputs]
 
-    def _call(self, model: str, feeds: list[tuple[str, np.ndarray, str]]) -> dict[str, np.ndarray]:
+    def _wanted(self, extra: Sequence[str]) -> list[str]:
+        """The outputs to ask for: the score, the maps the client returns, and ``extra`` (e.g. BAG-CLIP's
+        ``knn_index``); an ensemble's other outputs are not sent."""
+        maps = ["anomaly_map_original", "original_size"] if "anomaly_map_original" in self.outputs else ["anomaly_map"]
+        unknown = [n for n in extra if n not in self.outputs]
+        if unknown:
+            raise ZsadError(f"model '{self.model}' has no output {unknown[0]!r} (it has {', '.join(self.outputs)})")
+        return ["score", *maps, *[n for n in extra if n not in maps and n != "score"]]
+
+    def _call(self, model: str, feeds: list[tuple[str, np.ndarray, str]],
+              wanted: Sequence[str]) -> dict[str, np.ndarray]:
         tc = self.tc
         inputs = []
         for name, data, dtype in feeds:
             inp = tc.InferInput(name, list(data.shape), dtype)
             inp.set_data_from_numpy(data)
             inputs.append(inp)
-        outputs = [tc.InferRequestedOutput(n) for n in self.outputs]
+        outputs = [tc.InferRequestedOutput(n) for n in wanted]
         try:
             kwargs = {"client_timeout": self.timeout} if self.protocol == "grpc" else {}
             res = self.client.infer(model, inputs, outputs=outputs, **kwargs)
@@ -90,20 +102,23 @@ class AnomalyClient:
             message = getattr(err, "message", None)
             msg = message() if callable(message) else str(err)
             raise ZsadError(f"inference failed on {model}: {msg}") from err
-        return {n: res.as_numpy(n) for n in self.outputs}
+        return {n: res.as_numpy(n) for n in wanted}
 
     def infer(self, images: Sequence, sources: Sequence[str] | None = None,
-              class_names: str | Sequence[str] | None = None, scale: float | None = None) -> list[Prediction]:
+              class_names: str | Sequence[str] | None = None, scale: float | None = None,
+              outputs: Sequence[str] = ()) -> list[Prediction]:
         """One request for a batch: file paths / encoded bytes (the NAME ensemble) or uint8 HxWx3 arrays (NAME_raw).
 
         Raw arrays in one request must share a shape (one tensor); files may differ in size. Arrays of another
         dtype are refused unless ``scale`` says how they map to 0..255 (``scale=255`` for floats in [0, 1],
         ``scale=1/257`` for 16-bit): a silent cast would score the wrong image. Scaled values must land in
         [0, 255]. ``class_names`` (one per image, or one for all) is required by models whose prompts use the
-        object's name (Bayes-PFL) and ignored by the others.
+        object's name (Bayes-PFL) and ignored by the others. ``outputs``: further ensemble outputs to return, per
+        image, in ``Prediction.extra`` (BAG-CLIP's ``knn_index``: each patch's graph neighbours).
         """
         if len(images) == 0:
             return []
+        wanted = self._wanted(outputs)
         raw = all(isinstance(i, np.ndarray) for i in images)
         if self.raw_only and not raw:
             raise ZsadError(f"model '{self.model}' takes decoded uint8 [H,W,3] arrays only; send files or bytes to "
@@ -127,11 +142,12 @@ class AnomalyClient:
             arr = np.stack([_to_uint8(i, scale) for i in images])
             if arr.ndim != 4 or arr.shape[-1] != 3:
                 raise ZsadError(f"raw images must be uint8 [H,W,3], got {list(arr.shape[1:])}")
-            out = self._call(self.model if self.raw_only else f"{self.model}_raw", [("image", arr, "UINT8")] + feeds)
+            out = self._call(self.model if self.raw_only else f"{self.model}_raw", [("image", arr, "UINT8")] + feeds,
+                             wanted)
         else:
             blobs = [Path(i).read_bytes() if isinstance(i, (str, Path)) else bytes(i) for i in images]
             out = self._call(self.model, [("image_bytes", np.array(blobs, dtype=object).reshape(-1, 1), "BYTES")]
-                             + feeds)
+                             + feeds, wanted)
         scores = out["score"].reshape(-1)
         if "anomaly_map_original" in out:  # exported --resize-to-input: per-image maps, flattened and concatenated
             flat, start, maps = out["anomaly_map_original"].reshape(-1), 0, []
@@ -140,7 +156,8 @@ class AnomalyClient:
                 start += h * w
         else:
             maps = list(out["anomaly_map"])
-        return [Prediction(float(s), m, src) for s, m, src in zip(scores, maps, sources, strict=True)]
+        return [Prediction(float(s), m, src, {n: out[n][i] for n in outputs})
+                for i, (s, m, src) in enumerate(zip(scores, maps, sources, strict=True))]
 
 
 def _to_uint8(image: np.ndarray, scale: float | None) -> np.ndarray:

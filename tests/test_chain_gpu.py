@@ -75,7 +75,8 @@ def test_cuda_graph_chain_equals_eager(name, dtype):
     for n in (1, 2):
         first, second = _images(method, n + 1)[:n], _images(method, n + 1)[1:]
         graphed(first)  # captures this shape
-        got = [t.float().cpu().numpy() for t in graphed(second)]
+        out = graphed(second)
+        got = [out[n].float().cpu().numpy() for n in ("score", "anomaly_map")]
         ref = _run(method, second, dtype)
         tol = 1e-5 if dtype is None else TOL[dtype] / 10  # same kernels, same order: only rounding differs
         assert _rel(ref[0], got[0]) <= tol and _rel(ref[1], got[1]) <= tol
@@ -88,7 +89,7 @@ def test_graph_replays_the_triton_kernels():
 
     calls = []
     method = _method("bagclip", "tiny")
-    originals = (knn_graph.knn_graph_triton, dual_attention.dual_attention_triton)
+    originals = (knn_graph.knn_select_triton, knn_graph.knn_normalize_triton, dual_attention.dual_attention_triton)
 
     def spy(fn):
         def wrapped(*a, **k):
@@ -96,9 +97,10 @@ def test_graph_replays_the_triton_kernels():
             return fn(*a, **k)
         return wrapped
 
-    knn_graph.knn_graph_triton, dual_attention.dual_attention_triton = (spy(f) for f in originals)
+    (knn_graph.knn_select_triton, knn_graph.knn_normalize_triton,
+     dual_attention.dual_attention_triton) = (spy(f) for f in originals)
     try:
         GraphedChain(method, "cuda", torch.float16)(_images(method, 1))
     finally:
-        knn_graph.knn_graph_triton, dual_attention.dual_attention_triton = originals
-    assert {"knn_graph_triton", "dual_attention_triton"} <= set(calls), calls
+        knn_graph.knn_select_triton, knn_graph.knn_normalize_triton, dual_attention.dual_attention_triton = originals
+    assert {"knn_select_triton", "knn_normalize_triton", "dual_attention_triton"} <= set(calls), calls

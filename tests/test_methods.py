@@ -10,6 +10,7 @@ import zsad.methods as M
 from zsad import ZsadError
 from zsad.methods import run_stages
 from zsad.methods.anomalyclip import AnomalyClip
+from zsad.modules.graph import knn_graph
 from zsad.modules.losses import dice_loss, focal_loss
 
 # AnomalyCLIP and the registered methods built on it (BAG-CLIP): the tests below check their shared structure
@@ -91,7 +92,8 @@ def test_deep_prompts_overwrite_positions_at_later_blocks():
 def test_stages_in_sequence_equal_forward(tiny_method, name):
     m = tiny_method(name)
     stages = m.stages()
-    assert [s.name for s in stages] == ["encoder", "head", "postprocess"]
+    # BAG-CLIP's kNN selection is a stage output of its own (zsad.selection), between SAFR and the GCN
+    assert [s.name for s in stages] == ["encoder", *(["graph"] if name == "bagclip" else []), "head", "postprocess"]
     x = _images(3)
     with torch.no_grad():
         out = m(x)
@@ -168,7 +170,8 @@ def test_bagclip_sag_and_safr_off(monkeypatch):
     def no_graph(*args, **kwargs):
         raise AssertionError("SAG off must not build a kNN graph")
 
-    monkeypatch.setattr(bag_module, "knn_graph", no_graph)
+    monkeypatch.setattr(bag_module, "knn_select", no_graph)
+    monkeypatch.setattr(bag_module, "graph_from_index", no_graph)
     with torch.no_grad():
         out = both_off(x).anomaly_map
         _, taps = both_off.encode(x)
@@ -186,7 +189,7 @@ def test_bagclip_sag_and_safr_off(monkeypatch):
     with torch.no_grad():
         _, taps = safr_off.encode(x)
         mean = taps.mean(dim=1)
-        h = safr_off.gcn(mean, bag_module.knn_graph(mean, 8, "binary", "max", 14))
+        h = safr_off.gcn(mean, knn_graph(mean, 8, "binary", "max", 14))
         ref = _bagclip_map(safr_off, safr_off.backbone.project_tokens(taps + 0.1 * h.unsqueeze(1)))
         torch.testing.assert_close(safr_off(x).anomaly_map, ref)
     with pytest.raises(ZsadError, match="graph.jff"):

@@ -36,11 +36,11 @@ def _perturbed_runner(rel, at=(0, 1)):
 def test_gate_fails_just_past_the_fp32_tolerance_and_passes_just_under(magnitude):
     stages = [Stage("head", _Scale(1.0), {"images": ("B", 3)}, {"out": ("B", 3)})]
     images = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32) * magnitude
-    rows = parity.check_stages(stages, {"head": _perturbed_runner(0.9e-4)}, images, tol=parity.FP32_TOL)
+    rows = parity.check_stages(stages, {"head": _perturbed_runner(0.9e-4)}, {"images": images}, tol=parity.FP32_TOL)
     assert rows and all(r.ok for r in rows)
     assert max(r.max_rel for r in rows) == pytest.approx(0.9e-4, rel=1e-3)
     with pytest.raises(parity.ParityError) as e:
-        parity.check_stages(stages, {"head": _perturbed_runner(1.1e-4)}, images, tol=parity.FP32_TOL)
+        parity.check_stages(stages, {"head": _perturbed_runner(1.1e-4)}, {"images": images}, tol=parity.FP32_TOL)
     assert e.value.row.stage == "head" and e.value.row.tensor == "out"
     assert e.value.row.max_rel == pytest.approx(1.1e-4, rel=1e-3) and not e.value.row.ok
     assert "head" in str(e.value) and "out" in str(e.value)
@@ -60,7 +60,7 @@ def test_compare_is_max_abs_over_max_ref():
 def _ranking_chain():
     """encoder: identity feature [B, 1]; head: score = 5 * feature. The exported encoder moves two features by
     0.9e-4 of their scale (within the stage tolerance); the exact head then turns that into a score error of
-    0.9e-4 relative (within a 1e-3 chain tolerance) but swaps two scores that were 1.5e-4 (relative) apart."""
+    0.9e-4 relative (within the tolerance) but swaps two scores that were 1.5e-4 (relative) apart."""
     class Head(nn.Module):
         def forward(self, f):
             return 5.0 * f[:, 0]
@@ -82,19 +82,19 @@ def _ranking_chain():
     return stages, {"encoder": encoder, "head": head}
 
 
-def test_gate_catches_a_ranking_swap_within_the_chain_tolerance():
+def test_gate_catches_a_ranking_swap_within_the_tolerance():
     stages, runners = _ranking_chain()
     images = np.array([[1.0], [0.99985], [0.5], [0.2]], np.float32)
     with pytest.raises(parity.ParityError) as e:
-        parity.check_stages(stages, runners, images, tol=1e-4, chain_tol=1e-3)
+        parity.check_stages(stages, runners, {"images": images}, tol=1e-4)
     assert e.value.row.tensor == "score ranking" and e.value.row.max_abs == 1.0  # one discordant pair
     # the same perturbation where the two scores are farther apart than it: no swap, the gate passes
     images = np.array([[1.0], [0.999], [0.5], [0.2]], np.float32)
-    rows = parity.check_stages(stages, runners, images, tol=1e-4, chain_tol=1e-3)
+    rows = parity.check_stages(stages, runners, {"images": images}, tol=1e-4)
     assert any(r.tensor == "score ranking" and r.ok for r in rows)
     # pairs closer than the tolerance may swap: 0.5e-4 relative apart
     images = np.array([[1.0], [0.99995], [0.5], [0.2]], np.float32)
-    rows = parity.check_stages(stages, runners, images, tol=1e-4, chain_tol=1e-3)
+    rows = parity.check_stages(stages, runners, {"images": images}, tol=1e-4)
     assert all(r.ok for r in rows)
 
 

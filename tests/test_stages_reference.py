@@ -64,7 +64,15 @@ def test_stages_match_the_formulas(name):
     prob, amap = _reference(m, images, graph=name == "bagclip")
     with torch.no_grad():
         env = run_stages(m.stages(), images=images)
-    assert [s.name for s in m.stages()] == ["encoder", "head", "postprocess"]
+    assert [s.name for s in m.stages()] == ["encoder", *(["graph"] if name == "bagclip" else []), "head",
+                                            "postprocess"]
+    if name == "bagclip":  # the graph stage's neighbours: each row's k best by the definition (rounded, stable)
+        fused = env["fused"][0].double().numpy()
+        x = fused / np.linalg.norm(fused, axis=-1, keepdims=True)
+        sim = np.round((x @ x.T) * 2.0 ** 14) / 2.0 ** 14
+        np.fill_diagonal(sim, -np.inf)
+        want = np.sort(np.argsort(-sim, axis=1, kind="stable")[:, :8], axis=1)
+        np.testing.assert_array_equal(np.sort(env["knn_index"][0].numpy(), axis=1), want)
     np.testing.assert_allclose(env["score"].numpy(), prob, rtol=0, atol=1e-5)
     scale = np.abs(amap).max()
     assert np.abs(env["anomaly_map"].numpy() - amap).max() <= 1e-5 * scale

@@ -46,7 +46,8 @@ class TritonPythonModel:
     def _run_numpy(self, batch):
         feed = {n: torch.from_numpy(x).to(self.device) for n, x in batch.items()}
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=self.fp16):
-            return [o.float().cpu().numpy() for o in self.chain(**feed)]
+            # float outputs leave as fp32 (fp16 autocast inside); integer ones (selections) keep their type
+            return [(o.float() if o.is_floating_point() else o).cpu().numpy() for o in self.chain(**feed)]
 
     def execute(self, requests):
         return run_stage_requests(pb_utils, requests, self.inputs, self.outputs, self._run_numpy, self.model_name)

@@ -92,8 +92,12 @@ class AnomalyClip(StaticTextCache, Method):
 
     def head(self, global_embedding: torch.Tensor, taps: torch.Tensor, text: torch.Tensor):
         """-> (image probability [B], patch-grid anomaly map [B,g,g] = sum over taps of p_abnormal)."""
+        return self.head_outputs(global_embedding, self.patch_features(taps), text)
+
+    def head_outputs(self, global_embedding: torch.Tensor, z: torch.Tensor, text: torch.Tensor):
+        """``head`` from the patch embeddings Z [B,L,N,E] (subclasses that compute Z otherwise call this)."""
         image_prob = self.image_logits(global_embedding, text).softmax(dim=-1)[:, 1]
-        patch_map = self.layer_probs(self.patch_features(taps), text)[:, :, 1].sum(dim=1)
+        patch_map = self.layer_probs(z, text)[:, :, 1].sum(dim=1)
         return image_prob, patch_map
 
     # -- text -------------------------------------------------------------------------------------------------

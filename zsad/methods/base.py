@@ -20,6 +20,7 @@ from torch import nn
 from zsad import ZsadError, per_image_names
 from zsad.backbone import ClipBackbone, load_clip
 from zsad.metrics import AUPRO_MODES
+from zsad.selection import TopKSelection
 
 
 @dataclass
@@ -37,6 +38,11 @@ class Stage:
     inputs: dict[str, tuple]  # tensor name -> shape, "B" = dynamic batch
     outputs: dict[str, tuple]
     dtypes: dict[str, torch.dtype] = field(default_factory=dict)  # tensors that are not float32 (e.g. token ids)
+    # discrete outputs (a top-k selection) and how they were made: compared by the tie rule, never by value
+    selections: dict[str, TopKSelection] = field(default_factory=dict)
+    # integer inputs that index a dimension: name -> its size (valid values 0..size-1); random inputs and the served
+    # models' request checks use it
+    index_bounds: dict[str, int] = field(default_factory=dict)
 
     def dtype(self, name: str) -> torch.dtype:
         return self.dtypes.get(name, torch.float32)
@@ -50,14 +56,23 @@ class Stage:
         return axes
 
     def example_inputs(self, batch: int = 2, generator: torch.Generator | None = None) -> tuple[torch.Tensor, ...]:
-        """Random inputs of the declared shapes (float: N(0,1); integer: zeros, e.g. padding token ids)."""
+        """Random inputs of the declared shapes (float: N(0,1); indices: uniform over ``index_bounds``; other
+        integers: zeros, e.g. padding token ids)."""
         out = []
         for name, shape in self.inputs.items():
             size = [batch if d == "B" else d for d in shape]
             dt = self.dtype(name)
-            out.append(torch.randn(*size, generator=generator, dtype=dt) if dt.is_floating_point
-                       else torch.zeros(*size, dtype=dt))
+            if dt.is_floating_point:
+                out.append(torch.randn(*size, generator=generator, dtype=dt))
+            elif name in self.index_bounds:
+                out.append(torch.randint(0, self.index_bounds[name], size, generator=generator, dtype=dt))
+            else:
+                out.append(torch.zeros(*size, dtype=dt))
         return tuple(out)
+
+    def random_inputs_meaningful(self) -> bool:
+        """Whether ``example_inputs`` are valid inputs of this stage (every integer input is a declared index)."""
+        return all(self.dtype(n).is_floating_point or n in self.index_bounds for n in self.inputs)
 
 
 @dataclass(frozen=True)
@@ -66,8 +81,8 @@ class TextInput:
 
     ``encoder`` names a function "module:function" called as ``fn(texts, **kwargs)`` -> int64 [n, length]; the
     eager path (``Method.stage_inputs``) calls it. The served ensemble's text model cannot import zsad: it runs the
-    standalone version named by ``standalone``, configured with this spec and ``aliases`` (zsad.export writes it),
-    and the export tests check its ids equal ``encode``'s.
+    standalone version named by ``standalone``, configured with this spec (zsad.export writes it), and the export
+    tests check its ids equal ``encode``'s. Both take the client's text as given (no renaming).
     """
 
     request_name: str  # the request field, e.g. "class_name"
@@ -76,10 +91,9 @@ class TextInput:
     encoder: str
     kwargs: dict
     default: str  # used where a caller gives no text
-    # the standalone text model that repeats ``encoder`` in a served ensemble: "clip_class_name" (lower case,
-    # "_" -> " ", ``aliases``, CLIP BPE; triton_models/text_input); "" = none, the method cannot be served
+    # the standalone text model that repeats ``encoder`` in a served ensemble: "clip_class_name" (the text as given,
+    # CLIP BPE; triton_models/text_input); "" = none, the method cannot be served
     standalone: str = ""
-    aliases: dict[str, str] = field(default_factory=dict)  # words the encoder puts in place of a text (lower case)
 
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
         module, _, attr = self.encoder.partition(":")
@@ -218,8 +232,6 @@ class Method(nn.Module, metaclass=ABCMeta):
     paper_name: str = ""  # how the papers' tables (zsad/reference) name it; "" = in none of them
     paper_few_shot_name: str = ""  # how they name its few-shot variant, where that has its own name (AF-CLIP+)
     paper_aupro_mode: str = "anomalyclip"  # the AUPRO definition its paper's tables use (zsad.metrics.AUPRO_MODES)
-    # export parity: the end-to-end chain's fp32 tolerance where it must exceed the per-stage one (0: the same)
-    chain_tolerance: float = 0.0
     backbone: ClipBackbone  # built in the subclass's __init__ (load_backbone)
 
     def __init__(self, config, profile: str):

@@ -11,7 +11,10 @@ The graph itself lives in ``zsad.kernels.knn_graph``, beside its Triton kernels:
 4. symmetrise: A = max(A, Aᵀ) (``"max"``) or (A + Aᵀ)/2 (``"mean"``);
 5. self-loops and symmetric normalisation: Â = D^-1/2 (A + I) D^-1/2 with D_ii = Σ_j (A + I)_ij (>= 1).
 
-``knn_graph`` goes through ``dispatch()``: the fused Triton kernels for CUDA tensors at inference, the torch
+The selection (step 2) is a function of its own, ``knn_select`` (indices [B,N,k]), and ``graph_from_index`` does
+steps 3-5 from those indices: BAG-CLIP exports them as two stages, so the parity gate can compare the selection by
+its tie rule and everything after it on the same neighbours (zsad.selection). ``knn_graph`` is the two composed.
+Each goes through a ``dispatch``: the fused Triton kernels for CUDA tensors at inference, the torch
 reference everywhere else (CPU results are exactly the reference's).
 
 GCN layer: H = LayerNorm(F + GELU(Â F W + b)).
@@ -50,6 +53,19 @@ normalize_adjacency = _zsad_errors(_kg.normalize_adjacency)
 
 
 quantize_similarity = _kg.quantize_similarity
+
+
+@_zsad_errors
+def knn_select(x: torch.Tensor, k: int, resolution_bits: int = 0) -> torch.Tensor:
+    """Each node's k neighbours [B,N,k] int64, ascending (the discontinuous step); see zsad.kernels.knn_graph."""
+    return _kg.dispatch_select(x, k, resolution_bits)
+
+
+@_zsad_errors
+def graph_from_index(x: torch.Tensor, index: torch.Tensor, edge_weight: str = "binary", symmetrize: str = "max",
+                     resolution_bits: int = 0) -> torch.Tensor:
+    """Â [B,N,N] of the graph whose edges ``index`` [B,N,k] (from ``knn_select``) gives over ``x`` [B,N,D]."""
+    return _kg.dispatch_graph_from_index(x, index, edge_weight, symmetrize, resolution_bits)
 
 
 @_zsad_errors
