@@ -13,11 +13,14 @@ import json
 import math
 import os
 import pickle
+import pickletools
+import struct
 import subprocess
 import sys
 import types
 import warnings
 import zipfile
+from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -117,11 +120,84 @@ def bayespfl_file(path: Path, embed: int, text: int, vision: int, layers: int = 
     return sd
 
 
+# SOWA's own classes the Lightning checkpoint pickles by name, defined here under the released module names (read off
+# huzongxiang/sowa: configs/model/sowa_hfwa.yaml, configs/data/sowa_{mvt,visa}.yaml, src/models/components/loss.py,
+# src/data/components/{anomal_dataset,kshot_dataset,transform}.py). Unpickling any of them records it in UNPICKLED.
+UNPICKLED: list[str] = []
+
+
+def _recorded_setstate(self, state):
+    UNPICKLED.append(type(self).__qualname__)
+    self.__dict__.update(state)
+
+
+def _sowa_classes(kshot: str) -> dict[str, types.ModuleType]:
+    """src.models.components.loss.{FocalLoss, BinaryDiceLoss} (nn.Modules), the datasets (partial targets) and the
+    transforms (instantiated by Hydra inside the dataset partials), as modules to put in sys.modules."""
+    mods = {n: types.ModuleType(n) for n in ("src", "src.models", "src.models.components",
+                                            "src.models.components.loss", "src.data", "src.data.components",
+                                            "src.data.components.anomal_dataset", "src.data.components.kshot_dataset",
+                                            "src.data.components.transform")}
+
+    class FocalLoss(nn.Module):
+        def __init__(self, apply_nonlin=None, alpha=None, gamma=2, balance_index=0, smooth=1e-5, size_average=True):
+            super().__init__()
+            self.apply_nonlin, self.alpha, self.gamma = apply_nonlin, alpha, gamma
+            self.balance_index, self.smooth, self.size_average = balance_index, smooth, size_average
+
+    class BinaryDiceLoss(nn.Module):
+        pass
+
+    class ImageTransform:
+        def __init__(self, image_size):
+            self.image_size = image_size
+
+    class MaskTransform(ImageTransform):
+        pass
+
+    classes = [("src.models.components.loss", FocalLoss), ("src.models.components.loss", BinaryDiceLoss),
+               ("src.data.components.transform", ImageTransform), ("src.data.components.transform", MaskTransform)]
+    for module, name in (("src.data.components.anomal_dataset", "MVTecDataset"),
+                         ("src.data.components.anomal_dataset", "VisaDataset"),
+                         ("src.data.components.kshot_dataset", kshot)):
+        classes.append((module, type(name, (), {})))
+    for module, c in classes:
+        c.__module__, c.__qualname__ = module, c.__name__
+        c.__setstate__ = _recorded_setstate
+        setattr(mods[module], c.__name__, c)
+    return mods
+
+
+class _FakeModules:
+    """Put modules into sys.modules for a block, then restore what was there."""
+
+    def __init__(self, mods: dict[str, types.ModuleType]):
+        self.mods, self.saved = mods, {}
+
+    def __enter__(self):
+        self.saved = {k: sys.modules.get(k) for k in self.mods}
+        sys.modules.update(self.mods)
+        return self.mods
+
+    def __exit__(self, *exc):
+        for k, v in self.saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+
+
 def sowa_file(path: Path, width: int, text: int, taps: list[int], heads: int = 8, cpb: int = 64,
-              clip_state: dict | None = None) -> dict:
-    """A Lightning checkpoint: state_dict under net., Hydra partials in hyper_parameters, optimizer state."""
+              clip_state: dict | None = None, dataset: str = "mvtec") -> dict:
+    """A Lightning checkpoint of SOWA's AnomalyCLIPModule as its trainer writes it: ``state_dict`` (the module's, an
+    OrderedDict with ``_metadata``) under ``net.``, loops / callbacks / optimizer and scheduler states, and the
+    Hydra-built ``hyper_parameters`` (save_hyperparameters(ignore=['net']): optimizer / scheduler partials, the loss
+    DictConfig of instantiated losses, the kwargs) and ``datamodule_hyper_parameters`` (data_dir and the dataset
+    partials as DictConfigs) made with the real omegaconf, Hydra's allow_objects flag set as hydra.utils.instantiate
+    does. ``dataset``: mvtec (trained on VisA, k-shot MVTecKShotDataset) or visa (VisaKShotDataset)."""
     import functools
 
+    omegaconf = pytest.importorskip("omegaconf")
     sd = {"net.prompt_learner.ctx_pos": rnd(1, 1, 12, text), "net.prompt_learner.ctx_neg": rnd(1, 1, 12, text),
           "net.cross_fusion.linear.weight": rnd(text, text), "net.cross_fusion.linear.bias": rnd(text)}
     for s in ("pos", "neg"):
@@ -145,17 +221,89 @@ def sowa_file(path: Path, width: int, text: int, taps: list[int], heads: int = 8
         else:
             sd[a + "attn.qkv"], sd[a + "attn.proj.weight"], sd[a + "attn.proj.bias"] = (
                 rnd(3 * width, width), rnd(width, width), rnd(width))
-    if clip_state is not None:
+    if clip_state is not None:  # one CLIP, registered under four owners (the same tensors: stored once)
         for prefix in ("net.clip_model.", "net.prompt_learner.clip_model.", "net.visual_encoder.clip_model."):
             sd.update({prefix + k: v for k, v in clip_state.items()})
         sd["net.visual_encoder.proj"] = clip_state["visual.proj"]
-        sd["net.text_encoder.ln_final.weight"] = clip_state["ln_final.weight"]
-    ckpt = {"epoch": 0, "global_step": 216, "pytorch-lightning_version": "2.2.1", "state_dict": sd,
-            "optimizer_states": [{"state": {0: {"exp_avg": rnd(3)}}, "param_groups": [{"lr": 1e-3}]}],
-            "hyper_parameters": {"optimizer": functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.2),
-                                 "compile": False}}
-    torch.save(ckpt, path)
+        sd.update({"net.text_encoder." + k: v for k, v in clip_state.items()  # TextMapEncoder's borrowed parts
+                   if k.startswith(("transformer.", "ln_final.")) or k in ("positional_embedding", "text_projection")})
+    state_dict = OrderedDict(sd)
+    state_dict._metadata = OrderedDict({"": {"version": 1}, "net": {"version": 1}})  # what Module.state_dict() sets
+
+    kshot = {"mvtec": "MVTecKShotDataset", "visa": "VisaKShotDataset"}[dataset]
+    with _FakeModules(_sowa_classes(kshot)) as m:
+        loss_mod, data_mod = m["src.models.components.loss"], m["src.data.components.anomal_dataset"]
+        transform = m["src.data.components.transform"]
+
+        def data_partial(cls, **extra):
+            return functools.partial(cls, transform=transform.ImageTransform(336),
+                                     mask_transform=transform.MaskTransform(336), preload=False, **extra)
+
+        flags = {"allow_objects": True}  # hydra.utils.instantiate keeps instantiated objects inside DictConfigs
+        hparams = {
+            "optimizer": functools.partial(torch.optim.AdamW, lr=0.001, weight_decay=0.2),
+            "scheduler": functools.partial(torch.optim.lr_scheduler.ReduceLROnPlateau, mode="min", factor=0.1,
+                                           patience=5),
+            "loss": omegaconf.DictConfig({"cross_entropy": nn.CrossEntropyLoss(), "focal": loss_mod.FocalLoss(),
+                                          "dice": loss_mod.BinaryDiceLoss()}, flags=flags),
+            "enable_validation": False, "compile": False, "k_shot": False, "filter": True}
+        datamodule = {
+            "data_dir": omegaconf.DictConfig({"train": "/data/Visa", "valid": "/data/MVTec-AD",
+                                              "test": "/data/MVTec-AD"}, flags=flags),
+            "dataset": omegaconf.DictConfig({
+                "train": data_partial(data_mod.VisaDataset), "valid": data_partial(data_mod.MVTecDataset, aug_rate=0.0),
+                "test": data_partial(data_mod.MVTecDataset, aug_rate=0.0),
+                "kshot": data_partial(getattr(m["src.data.components.kshot_dataset"], kshot), k_shot=1)},
+                flags=flags),
+            "batch_size": 8, "image_size": 336, "num_workers": 6, "pin_memory": False}
+        trained = [p for k, p in sd.items() if "clip_model" not in k and p.is_floating_point()][:3]
+        opt = torch.optim.AdamW([nn.Parameter(p.clone()) for p in trained], lr=1e-3, weight_decay=0.2)
+        for q in opt.param_groups[0]["params"]:
+            q.grad = torch.ones_like(q)
+        opt.step()
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=0.1, patience=5)
+        sched.step(1.0)
+        ckpt = {"epoch": 0, "global_step": 216, "pytorch-lightning_version": "2.2.1", "state_dict": state_dict,
+                "loops": {"fit_loop": {"state_dict": {}, "epoch_loop.state_dict": {"_batches_that_stepped": 216},
+                                       "epoch_progress": {"total": {"ready": 1, "started": 1, "processed": 1,
+                                                                    "completed": 0}}}},
+                "callbacks": {"ModelCheckpoint{'monitor': None, 'mode': 'min', 'every_n_train_steps': 0, "
+                              "'every_n_epochs': 1, 'train_time_interval': None}": {
+                                  "monitor": None, "best_model_score": None, "best_model_path": "",
+                                  "current_score": None, "dirpath": "/logs/checkpoints", "best_k_models": {},
+                                  "kth_best_model_path": "", "kth_value": torch.tensor(float("inf")),
+                                  "last_model_path": "/logs/checkpoints/last.ckpt"}},
+                "optimizer_states": [opt.state_dict()], "lr_schedulers": [sched.state_dict()],
+                "hparams_name": "kwargs", "hyper_parameters": hparams,
+                "datamodule_hparams_name": "kwargs", "datamodule_hyper_parameters": datamodule}
+        torch.save(ckpt, path)
     return sd
+
+
+# the public pickle scan of HF zongxiang/sowa mvtec.ckpt (issue 21); visa.ckpt names VisaKShotDataset instead
+RELEASED_SOWA_GLOBALS = {
+    "torch.FloatStorage", "torch.IntStorage", "torch.LongStorage", "torch._utils._rebuild_tensor_v2",
+    "collections.OrderedDict", "collections.defaultdict", "__builtin__.dict", "__builtin__.set", "typing.Any",
+    "functools.partial", "torch.optim.adamw.AdamW", "torch.optim.lr_scheduler.ReduceLROnPlateau",
+    "torch.nn.modules.loss.CrossEntropyLoss", "src.models.components.loss.FocalLoss",
+    "src.models.components.loss.BinaryDiceLoss", "src.data.components.anomal_dataset.MVTecDataset",
+    "src.data.components.anomal_dataset.VisaDataset", "src.data.components.kshot_dataset.MVTecKShotDataset",
+    "src.data.components.transform.ImageTransform", "src.data.components.transform.MaskTransform",
+    "omegaconf.dictconfig.DictConfig", "omegaconf.nodes.AnyNode", "omegaconf.base.ContainerMetadata",
+    "omegaconf.base.Metadata"}
+
+
+def pickle_globals(path: Path) -> set[str]:
+    """The globals a torch.save archive's data.pkl names, read off its opcodes as module.name."""
+    with zipfile.ZipFile(path) as z:
+        data = z.read(next(n for n in z.namelist() if n.endswith("/data.pkl")))
+    names = set()
+    for op, arg, _pos in pickletools.genops(data):
+        assert op.name != "STACK_GLOBAL", "torch.save writes protocol 2: globals are GLOBAL opcodes"
+        if op.name == "GLOBAL":
+            module, name = str(arg).split(" ")
+            names.add(f"{module}.{name}")
+    return names
 
 
 def _adaptor_classes():
@@ -289,6 +437,110 @@ def test_a_file_that_would_run_code_is_refused_and_nothing_runs(tmp_path, fn, ar
     assert not (tmp_path / "out" / "checkpoint.json").exists()
 
 
+# hand-assembled pickles (protocol 2 opcodes), for what pickle.dumps cannot write
+def op_global(name: str) -> bytes:
+    module, _, attr = name.rpartition(".")
+    return b"c" + module.encode() + b"\n" + attr.encode() + b"\n"
+
+
+def op_str(text: str) -> bytes:
+    raw = text.encode()
+    return b"X" + struct.pack("<I", len(raw)) + raw
+
+
+def op_int(i: int) -> bytes:
+    return b"J" + struct.pack("<i", i)
+
+
+PROTO, STOP, MARK, TUPLE, TUPLE1, TUPLE2 = b"\x80\x02", b".", b"(", b"t", b"\x85", b"\x86"
+REDUCE, BUILD, EMPTY_TUPLE, EMPTY_DICT, SETITEM, NONE = b"R", b"b", b")", b"}", b"s", b"N"
+
+
+def call(fn: str, *args: bytes) -> bytes:
+    """``fn(*args)`` as GLOBAL + args tuple + REDUCE."""
+    return op_global(fn) + MARK + b"".join(args) + TUPLE + REDUCE
+
+
+def tensor_record(key: str, numel: int, size: tuple, stride: tuple, offset: int = 0) -> bytes:
+    """``torch._utils._rebuild_tensor_v2`` over persistent storage ('storage', FloatStorage, key, 'cpu', numel)."""
+    pid = MARK + op_str("storage") + op_global("torch.FloatStorage") + op_str(key) + op_str("cpu") + op_int(numel) \
+        + TUPLE + b"Q"
+    def ints(xs):
+        return MARK + b"".join(op_int(x) for x in xs) + TUPLE
+
+    return call("torch._utils._rebuild_tensor_v2", pid, op_int(offset), ints(size), ints(stride), b"\x89",
+                call("collections.OrderedDict"))
+
+
+def crafted_file(path: Path, pickle_bytes: bytes, storages: dict[str, bytes] | None = None) -> Path:
+    """A torch.save-shaped archive (entries stored) holding ``pickle_bytes`` as data.pkl."""
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", pickle_bytes)
+        z.writestr("archive/byteorder", "little")
+        for k, v in (storages or {}).items():
+            z.writestr(f"archive/data/{k}", v)
+        z.writestr("archive/version", "3\n")
+    return path
+
+
+HOSTILE = {  # name: (data.pkl, storages, what the one-line refusal says)
+    "getattr": (call("builtins.getattr", call("collections.OrderedDict"), op_str("__class__")), None,
+                r"global 'builtins\.getattr'"),
+    "eval (py2 name)": (call("__builtin__.eval", op_str("1")), None, r"global 'builtins\.eval'"),
+    "torch.load": (call("torch.load", op_str("x.pt")), None, r"global 'torch\.load'"),
+    "torch storage from bytes": (call("torch.storage._load_from_bytes", op_str("x")), None,
+                                 r"global 'torch\.storage\._load_from_bytes'"),
+    "copy_reg reconstructor": (call("copy_reg._reconstructor", call("collections.OrderedDict")), None,
+                               r"global 'copyreg\._reconstructor'"),
+    "defaultdict(os.system)": (call("collections.defaultdict", op_global("os.system")), None, r"global 'os\.system'"),
+    "dict(object)": (call("builtins.dict", call("src.x.Y")), None, r"calls builtins\.dict with a Y"),
+    "set(object)": (call("__builtin__.set", call("src.x.Y")), None, r"calls builtins\.set with something other"),
+    "OrderedDict(object)": (call("collections.OrderedDict", call("src.x.Y")), None,
+                            r"calls collections\.OrderedDict with a Y"),
+    "OrderedDict keys attribute": (call("collections.OrderedDict") + EMPTY_DICT + op_str("keys")
+                                   + op_global("builtins.set") + SETITEM + BUILD, None, r"other than _metadata"),
+    "call a partial": (op_global("functools.partial") + op_global("src.x.Y") + TUPLE1 + REDUCE + EMPTY_TUPLE + REDUCE,
+                       None, r"could not read .*TypeError"),
+    "dict as NEWOBJ class": (op_global("builtins.dict") + EMPTY_TUPLE + b"\x81", None, r"could not read"),
+    "BUILD on a stand-in class": (op_global("src.x.Y") + NONE + EMPTY_DICT + op_str("__setstate__")
+                                  + op_global("builtins.set") + SETITEM + TUPLE2 + BUILD, None, r"could not read"),
+    "re-point a tensor record": (tensor_record("0", 4, (4,), (1,)) + EMPTY_DICT + op_str("shape")
+                                 + MARK + op_int(100000) + op_int(100000) + TUPLE + SETITEM + BUILD,
+                                 {"0": bytes(16)}, r"modify a tensor record"),
+    "INST opcode": (b"(i" + b"src.x\nY\n", None, r"opcode INST"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_pickles_are_refused_in_one_line(tmp_path, case):
+    """Every gadget a pickle could reach through what the reader admits: refused by name, before anything runs; the
+    guarded dict / set / OrderedDict / defaultdict take only plain containers (no object whose keys / __iter__ /
+    factory could be looked up and called), and nothing the reader hands out can be re-pointed by a later BUILD."""
+    data, storages, message = HOSTILE[case]
+    bad = crafted_file(tmp_path / "bad.pt", PROTO + data + STOP, storages)
+    with pytest.raises(ZsadError, match=message) as err:
+        read_torch_file(bad)
+    assert "\n" not in str(err.value)
+
+
+def test_guarded_factories_still_build_plain_data(tmp_path):
+    """The factories admit what real files hold: dict / OrderedDict of pairs, set of a list, defaultdict(dict) with
+    items; defaultdict's factory is dropped (a missing key is a KeyError, nothing is called)."""
+    pairs = MARK + MARK + op_str("a") + op_int(1) + TUPLE + b"l"
+    data = (EMPTY_DICT + op_str("d") + call("builtins.dict", pairs) + SETITEM
+            + op_str("o") + call("collections.OrderedDict", pairs) + SETITEM
+            + op_str("s") + call("__builtin__.set", MARK + op_int(3) + op_int(4) + b"l") + SETITEM
+            + op_str("dd") + call("collections.defaultdict", op_global("src.x.Y")) + op_str("k") + op_int(5) + SETITEM
+            + SETITEM)
+    obj = read_torch_file(crafted_file(tmp_path / "ok.pt", PROTO + data + STOP))
+    assert obj["d"] == {"a": 1} and type(obj["d"]) is dict
+    assert obj["o"] == {"a": 1} and isinstance(obj["o"], OrderedDict)
+    assert obj["s"] == {3, 4}
+    assert type(obj["dd"]) is dict and obj["dd"] == {"k": 5}
+    with pytest.raises(KeyError):
+        obj["dd"]["missing"]
+
+
 def test_restricted_reader_keeps_module_state_as_plain_tensors(tmp_path):
     prompt, adaptor, state = afclip_files(tmp_path, 128, 128, 4, 32)
     assert "clip" not in sys.modules or not hasattr(sys.modules["clip"], "adaptor")  # nothing to import from
@@ -298,6 +550,36 @@ def test_restricted_reader_keeps_module_state_as_plain_tensors(tmp_path):
     assert sorted(flat) == sorted(k for k in state if k != "prompt")
     for k, v in flat.items():
         assert torch.equal(v, state[k])
+
+
+@pytest.mark.parametrize("dataset", ["mvtec", "visa"])
+def test_sowa_lightning_checkpoint_with_the_released_globals_imports_and_nothing_runs(tmp_path, dataset):
+    """The Lightning + Hydra layout (real omegaconf containers, functools.partial, loss / dataset / transform
+    classes) pickles exactly the globals the released file's scan lists; zsad reads it with inert stand-ins: even with
+    SOWA's classes importable here, none of them is unpickled, and the hyper-parameters stay plain records."""
+    omegaconf = pytest.importorskip("omegaconf")
+    ckpt = tmp_path / f"{dataset}.ckpt"
+    sd = sowa_file(ckpt, 128, 128, [1, 2, 3, 4], dataset=dataset)
+    want = set(RELEASED_SOWA_GLOBALS)
+    if dataset == "visa":
+        want = want - {"src.data.components.kshot_dataset.MVTecKShotDataset"} | {
+            "src.data.components.kshot_dataset.VisaKShotDataset"}
+    assert pickle_globals(ckpt) == want
+    UNPICKLED.clear()
+    kshot = {"mvtec": "MVTecKShotDataset", "visa": "VisaKShotDataset"}[dataset]
+    with _FakeModules(_sowa_classes(kshot)):
+        obj = read_torch_file(ckpt)
+        out = import_checkpoint("sowa", [ckpt], tmp_path / "ckpt", profile="tiny")
+    assert UNPICKLED == []
+    hp, dm = obj["hyper_parameters"], obj["datamodule_hyper_parameters"]
+    assert not isinstance(hp["loss"], omegaconf.DictConfig) and hp["loss"].qualname == "omegaconf.dictconfig.DictConfig"
+    assert hp["optimizer"].qualname == "functools.partial"
+    assert hp["optimizer"].args[0].qualname == "torch.optim.adamw.AdamW"
+    assert hp["optimizer"].state[2] == {"lr": 0.001, "weight_decay": 0.2}  # partial's keywords, as data
+    assert dm["batch_size"] == 8 and hp["compile"] is False
+    w = load_file(str(out / "checkpoint.safetensors"))
+    assert torch.equal(w["adapters.1.linear.weight"], sd["net.visual_encoder.adapters.1.blocks.0.mlp.layers.0.weight"])
+    assert torch.equal(w["prompts.ctx"][1], sd["net.prompt_learner.ctx_neg"][0, 0])
 
 
 # -- tests: paper widths ------------------------------------------------------------------------------------------
