@@ -15,7 +15,7 @@ from sklearn.metrics import roc_auc_score
 import zsad.methods as M
 from zsad import ZsadError
 from zsad.backbone import arch_config
-from zsad.methods.bayespfl import BayesPflModules, PairMapPostprocess, prompt_class_name
+from zsad.methods.bayespfl import BayesPflModules, PairMapPostprocess
 from zsad.modules.calibration import ClassScoreCalibration
 from zsad.modules.losses import dice_loss, focal_loss
 from zsad.modules.rca import ResidualCrossModalAttention
@@ -96,15 +96,20 @@ def test_trainable_parameter_counts_at_the_paper_widths():
 # -- class names ----------------------------------------------------------------------------------------------------
 def test_class_names_become_fixed_length_token_ids(tiny_method):
     m = tiny_method("bayespfl")
-    assert prompt_class_name("metal_nut") == "metal nut" and prompt_class_name("PCB3") == "printed circuit board"
-    assert prompt_class_name("chewinggum") == "chewing gum" and prompt_class_name("macaroni2") == "macaroni"
-    tokens = m.encode_class_names(["bottle", "metal_nut", "pcb1"])
+    tokens = m.encode_class_names(["bottle", "metal nut", "printed circuit board"])
     assert tokens.dtype == torch.int64 and tokens.shape == (3, m.config.text_length - 10)
     eot = m.prompt_embeddings(torch.zeros(3, 10, 128), torch.zeros(10, 128), torch.zeros(10, 128), tokens)[1]
     # spec golden test: the end token sits at 12 for a one-token name (13, 14 for two / three tokens)
     assert eot.tolist() == [12, 13, 14]
     full = m.backbone.tokenize(["printed circuit board"])[0]
     assert torch.equal(tokens[2], full[: tokens.shape[1]])
+    # the words as given: no renaming of folder names ("metal_nut" keeps its underscore: CLIP BPE's own pieces);
+    # only CLIP's tokeniser cleaning applies (lower case, whitespace collapsed)
+    as_given = m.encode_class_names(["metal_nut", "pcb1", "  Metal   NUT "])
+    lc = tokens.shape[1]
+    assert torch.equal(as_given[0], m.backbone.tokenize(["metal_nut"])[0][:lc])
+    assert not torch.equal(as_given[0], tokens[1]) and not torch.equal(as_given[1], tokens[2])
+    assert torch.equal(as_given[2], tokens[1])
     with pytest.raises(ZsadError, match="at most 4 fit"):
         m.encode_class_names(["a very long name of an industrial part"])
     with pytest.raises(ZsadError, match="non-empty string"):
@@ -246,7 +251,7 @@ def _reference_forward(m, x, names):
         mu, std = q0(cf.encoder, glob[i])
         u, w, b = cf.u(glob[i]).reshape(k_len, width), cf.w(glob[i]).reshape(k_len, width), cf.b(glob[i])
         phi_e = [steps(mu + m.noise_context[r] * std, u, w, b) for r in range(r_n)]
-        tok = bb.tokenize([prompt_class_name(name)])[0]
+        tok = bb.tokenize([name])[0]  # the words as given
         emb = bb.token_embeddings(tok)
         z = []
         for st in ("n", "a"):
@@ -323,6 +328,23 @@ def test_losses_against_their_formulas():
     pooled = 1 - (2 * (p * gt).sum() + 1e-5) / (p.sum() + gt.sum() + 1e-5)
     torch.testing.assert_close(dice_loss(p, gt, smooth=1e-5, pooled=True), pooled)
     assert float(focal_loss(torch.stack([1 - p, p], 1), torch.zeros(3, 8, 8), reduction="balanced")) > 0
+
+
+def test_training_prompts_get_the_zsad_class_words(monkeypatch):
+    """Training turns the batch's class folders into words by zsad's rule, as zsad-eval does by default."""
+    m = M.create("bayespfl", "tiny", augment={"enabled": False}, sampling={"train_samples": 1}).train()
+    seen = []
+    original = type(m).encode_class_names
+
+    def recording(self, names):
+        seen.append(list(names))
+        return original(self, names)
+
+    monkeypatch.setattr(type(m), "encode_class_names", recording)
+    batch = {"image": _images(2, seed=6), "mask": torch.zeros(2, 224, 224), "label": torch.tensor([0, 0]),
+             "cls": ["metal_nut", "pcb2"]}
+    m.loss(batch)
+    assert seen == [["metal nut", "printed circuit board"]]
 
 
 def test_loss_trains_only_the_trainable_parts(tiny_method):
@@ -456,7 +478,7 @@ def test_evaluation_passes_each_samples_class_name(small, tmp_path, monkeypatch)
     from zsad.reference import paper_metrics
 
     rng = np.random.default_rng(0)
-    for cls in ("metal_nut", "pcb1"):
+    for cls in ("01", "bracket_black", "pcb1"):
         _write_mvtec_class(tmp_path, cls, rng)
     seen = []
     original = type(small).stage_inputs
@@ -468,10 +490,16 @@ def test_evaluation_passes_each_samples_class_name(small, tmp_path, monkeypatch)
     monkeypatch.setattr(type(small), "stage_inputs", recording)
     samples = load_samples(tmp_path, "test")
     result = evaluate(small, samples, batch_size=2, progress=False)
-    assert seen == [["metal nut", "metal nut"], ["pcb1", "pcb1"]] and set(result["per_class"]) == {"metal_nut", "pcb1"}
-    assert small.encode_class_names(["pcb1"]).tolist() == small.encode_class_names(["printed circuit board"]).tolist()
+    # the zsad protocol's words for the folders (zsad.protocols.class_words): "_" -> " ", the released renaming
+    assert seen == [["01", "01"], ["bracket black", "bracket black"], ["printed circuit board"] * 2]
+    assert set(result["per_class"]) == {"01", "bracket_black", "pcb1"}
+    # the paper protocol's: BTAD's released folder renaming (01 -> metal1), underscores kept elsewhere
+    seen.clear()
+    evaluate(small, samples, batch_size=2, progress=False, protocol="paper", dataset_name="BTAD")
+    assert seen == [["metal1", "metal1"], ["bracket_black", "bracket_black"], ["printed circuit board"] * 2]
+    seen.clear()
     cal = fit_calibration(small, samples)
-    assert set(cal.constants) == {"metal nut", "pcb1"}
+    assert set(cal.constants) == {"01", "bracket black", "pcb1"}
     # zsad-eval prints Bayes-PFL's own paper numbers beside ours
     paper = paper_metrics("bayespfl", "MVTec AD")
     assert paper["image_auroc"].value == 92.3 and paper["pixel_auroc"].value == 91.8

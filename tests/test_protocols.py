@@ -98,6 +98,118 @@ def test_check_protocol():
         P.check_protocol("papers")
 
 
+# == Bayes-PFL's class words ===========================================================================================
+# Test data, written out from xiaozhen228/Bayes-PFL @ 8f155a0 (not from zsad): each converter of dataset/datasets/
+# as the source folder names it reads and the new folder name it writes (its dataset_map / Change_name), the prompt
+# table of models/VPB.py:8-18, and the class names of the shipped dataset/mvisa/data/meta_*.json (what test.py read).
+RELEASE_SOURCE_FOLDERS = {
+    "MVTec AD": ["bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill", "screw",
+                 "tile", "toothbrush", "transistor", "wood", "zipper"],
+    "VisA": ["candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2", "pcb1", "pcb2", "pcb3",
+             "pcb4", "pipe_fryum"],
+    "BTAD": ["01", "02", "03"],
+    "DTD-Synthetic": ["Woven_127", "Woven_125", "Woven_104", "Woven_068", "Woven_001", "Stratified_154",
+                      "Perforated_037", "Mesh_114", "Matted_069", "Marbled_078", "Fibrous_183", "Blotchy_099"],
+    "DAGM": ["classes1", "classes2", "classes3", "classes4", "classes5", "classes7", "classes8"],
+    "KSDD2": ["metal"], "RSDD": ["metal"],
+    **{d: ["object"] for d in ("HeadCT", "BrainMRI", "Br35H", "ISIC", "ClinicDB", "ColonDB", "Endo", "Kvasir",
+                               "TN3K")},
+}
+
+
+def _release_converter(dataset, folder):
+    """The folder name each converter writes (dataset/datasets/<name>.py)."""
+    if dataset in ("MVTec AD", "VisA"):
+        return folder  # MVTec.py new_class_name = data_name; VisA.py Change_name returns the name
+    if dataset == "BTAD":
+        return {"01": "metal1", "02": "wood", "03": "metal2"}[folder]
+    if dataset == "DTD-Synthetic":
+        return {"Woven_127": "woven1", "Woven_125": "woven2", "Woven_104": "woven3", "Woven_068": "woven4",
+                "Woven_001": "woven5", "Stratified_154": "stratified", "Perforated_037": "perforated",
+                "Mesh_114": "mesh", "Matted_069": "matted1", "Marbled_078": "marbled2", "Fibrous_183": "fibrous",
+                "Blotchy_099": "blotchy"}[folder]
+    if dataset == "DAGM":  # dataset_map classesN -> fabricN, then Change_name: capitalize()
+        return dict(zip([f"classes{i}" for i in [1, 2, 3, 4, 5, 7, 8]],
+                        [f"fabric{i}" for i in [1, 2, 3, 4, 5, 7, 8]], strict=True))[folder].capitalize()
+    if dataset == "KSDD2":  # Change_name: capitalize() only (its {"metal": "metal13"} is never read)
+        return folder.capitalize()
+    if dataset == "RSDD":  # Change_name: defect_map, then capitalize()
+        return {"metal": "metal15"}[folder].capitalize()
+    return {"HeadCT": "head ct", "BrainMRI": "brain ct", "Br35H": "brain", "ISIC": "skin", "ClinicDB": "colon",
+            "ColonDB": "colon", "Endo": "colon", "Kvasir": "colon", "TN3K": "thyroid"}[dataset]
+
+
+RELEASE_META_CLASSES = {  # the keys of dataset/mvisa/data/meta_<name>.json ("test"); TN3K ships none
+    "MVTec AD": RELEASE_SOURCE_FOLDERS["MVTec AD"], "VisA": RELEASE_SOURCE_FOLDERS["VisA"],
+    "BTAD": ["metal1", "metal2", "wood"],
+    "DTD-Synthetic": ["blotchy", "fibrous", "marbled2", "matted1", "mesh", "perforated", "stratified", "woven1",
+                      "woven2", "woven3", "woven4", "woven5"],
+    "DAGM": ["Fabric1", "Fabric2", "Fabric3", "Fabric4", "Fabric5", "Fabric7", "Fabric8"],
+    "KSDD2": ["Metal"], "RSDD": ["Metal15"], "HeadCT": ["head ct"], "BrainMRI": ["brain ct"], "Br35H": ["brain"],
+    "ISIC": ["skin"], "ClinicDB": ["colon"], "ColonDB": ["colon"], "Endo": ["colon"], "Kvasir": ["colon"],
+}
+
+
+def _release_prompt(name):
+    """models/VPB.py prompt_names: the class_mapping table (exact key), then "X " + lower()."""
+    class_mapping = {"macaroni1": "macaroni", "macaroni2": "macaroni", "pcb1": "printed circuit board",
+                     "pcb2": "printed circuit board", "pcb3": "printed circuit board", "pcb4": "printed circuit board",
+                     "pipe_fryum": "pipe fryum", "chewinggum": "chewing gum", "metal_nut": "metal nut"}
+    return "X " + class_mapping.get(name, name).lower()
+
+
+def test_the_test_data_agrees_with_the_released_meta_files():
+    for dataset, classes in RELEASE_META_CLASSES.items():
+        assert sorted({_release_converter(dataset, f) for f in RELEASE_SOURCE_FOLDERS[dataset]}) == sorted(classes)
+
+
+@pytest.mark.parametrize("dataset", sorted(RELEASE_SOURCE_FOLDERS))
+def test_paper_class_words_are_the_released_prompts(dataset):
+    for spelling in (dataset, dataset.lower().replace(" ", "").replace("-", "")):
+        for folder in RELEASE_SOURCE_FOLDERS[dataset]:
+            released = _release_prompt(_release_converter(dataset, folder))
+            assert "X " + P.class_words(folder, "paper", spelling) == released, (spelling, folder)
+    # the converted layout itself (folders named as meta_*.json) gives the same words
+    for name in RELEASE_META_CLASSES.get(dataset, []):
+        assert "X " + P.class_words(name, "paper", dataset) == _release_prompt(name)
+
+
+def test_paper_class_words_elsewhere_keep_underscores():
+    # data sets the release has no converter for (MPDD), or no data-set name: the prompt table, lower case, as is
+    for dataset in ("MPDD", None, "my parts"):
+        for folder in ("bracket_black", "Metal_Plate", "tubes", "pcb3", "pipe_fryum"):
+            assert "X " + P.class_words(folder, "paper", dataset) == _release_prompt(folder)
+    assert P.class_words("bracket_black", "paper", "MPDD") == "bracket_black"
+    assert P.class_words("Woven_127", "paper", None) == "woven_127"  # not renamed without the data set's name
+    assert P.class_words("Woven_127", "paper", "dtd") == "woven1"
+    # one-class data sets: the release's single class, whatever the folder is called here
+    assert P.class_words("head_ct", "paper", "HeadCT") == "head ct"
+    assert P.class_words("good_and_bad", "paper", "KSDD2") == "metal"
+
+
+def test_zsad_class_words_rule():
+    """zsad's documented rule: lower case, "_" -> " ", whitespace collapsed, then the released prompt table."""
+    cases = {"metal_nut": "metal nut", "PCB3": "printed circuit board", "pcb1": "printed circuit board",
+             "chewinggum": "chewing gum", "macaroni2": "macaroni", "pipe_fryum": "pipe fryum", "bottle": "bottle",
+             "  Bracket__Black ": "bracket black", "Woven_127": "woven 127", "01": "01"}
+    for folder, words in cases.items():
+        assert P.class_words(folder) == words == P.class_words(folder, "zsad", "BTAD")  # no data-set renaming
+    # on MVTec AD and VisA, zsad's words are the released ones
+    for dataset in ("MVTec AD", "VisA"):
+        for folder in RELEASE_SOURCE_FOLDERS[dataset]:
+            assert "X " + P.class_words(folder) == _release_prompt(folder)
+
+
+def test_class_words_errors_and_protocol_note():
+    for bad in ("", "   ", None, 3):
+        with pytest.raises(ZsadError, match="non-empty string"):
+            P.class_words(bad)
+    with pytest.raises(ZsadError, match="unknown protocol"):
+        P.class_words("bottle", "papers")
+    assert any("BTAD's converter" in line for line in P.describe("bayespfl", "BTAD"))
+    assert any("underscores kept" in line for line in P.describe("bayespfl", "MPDD"))
+
+
 @pytest.fixture(scope="module")
 def images():
     return torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))

@@ -159,7 +159,8 @@ def test_served_class_name_ids_equal_the_eager_encoder(repo, tiny_method):
             expected.append("refused")
     folder = repo / "bayespfl_text_class_name" / "1"
     cfg = text_format.Parse((folder.parent / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
-    aliases = json.loads(cfg.parameters["text_input"].string_value)["aliases"]
+    spec = json.loads(cfg.parameters["text_input"].string_value)
+    assert (spec["request_name"], spec["tensor"], spec["length"]) == (ti.request_name, ti.tensor, ti.length)
     out = _run_standalone(folder, f"""
         import json, os
         from model import class_name_ids
@@ -169,14 +170,16 @@ def test_served_class_name_ids_equal_the_eager_encoder(repo, tiny_method):
         res = []
         for s in {names!r}:
             try:
-                res.append(class_name_ids(tok, s, {aliases!r}, {ti.length}))
+                res.append(class_name_ids(tok, s, {ti.length}))
             except BadInput:
                 res.append("refused")
         print(json.dumps(res))
     """)
     assert "refused" in expected and any(e != "refused" for e in expected)  # both branches exercised
     assert out == expected
-    assert aliases["pcb1"] == "printed circuit board"
+    # the client's text as given on both sides: a folder name is not renamed ("pcb1" is not "printed circuit board")
+    i, j = names.index("pcb1"), names.index("metal_nut")
+    assert out[i] != ti.encode(["printed circuit board"]).tolist()[0] and out[j] != ti.encode(["metal nut"]).tolist()[0]
 
 
 def _encoded_images() -> list[bytes]:

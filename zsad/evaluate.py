@@ -26,14 +26,17 @@ def _display_image(path: str, size: int) -> np.ndarray:
     return np.asarray(read_image(path).resize((size, size), Image.Resampling.BICUBIC))
 
 
-def predict(method, dataset, batch_size: int, device: str, desc: str, progress: bool, with_terms: bool = False):
+def predict(method, dataset, batch_size: int, device: str, desc: str, progress: bool, with_terms: bool = False,
+            protocol: str = "zsad", dataset_name: str | None = None):
     """Run the method over a dataset; returns scores [n], maps [n,S,S] float32, masks [n,S,S] bool, labels [n]
-    and, with ``with_terms``, the per-image terms of :func:`zsad.protocols.forward_with_terms` (else None)."""
+    and, with ``with_terms``, the per-image terms of :func:`zsad.protocols.forward_with_terms` (else None).
+    A class-aware method gets each sample's class folder as the ``protocol``'s words
+    (:func:`zsad.protocols.class_words`, ``dataset_name`` selects the paper protocol's renaming)."""
     import torch
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    from zsad.protocols import forward_with_terms
+    from zsad.protocols import class_words, forward_with_terms
 
     scores, maps, masks, labels, terms = [], [], [], [], defaultdict(list)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
@@ -42,7 +45,7 @@ def predict(method, dataset, batch_size: int, device: str, desc: str, progress: 
         for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
             kwargs = {}
             if takes_class_names:
-                kwargs["class_names"] = [c.replace("_", " ") for c in batch["cls"]]
+                kwargs["class_names"] = [class_words(c, protocol, dataset_name) for c in batch["cls"]]
             if with_terms:
                 score, amap, batch_terms = forward_with_terms(method, batch["image"].to(device), **kwargs)
                 for k, v in batch_terms.items():
@@ -127,7 +130,7 @@ def evaluate(method, samples, *, batch_size: int = 8, device: str = "cpu", aupro
     ``support`` (few-shot): class -> paths of K normal images; the method's memory is built from them before
     that class is scored and dropped after it. ``protocol="paper"`` replaces the image scores by those of the
     method's released test script (:func:`zsad.protocols.paper_image_scores`; ``dataset_name`` selects
-    Bayes-PFL's classification-only data sets, which then get image metrics only).
+    Bayes-PFL's classification-only data sets, which then get image metrics only, and its class words).
     """
     from zsad.data import AnomalyDataset
     from zsad.metrics import class_metrics, summarize
@@ -151,7 +154,8 @@ def evaluate(method, samples, *, batch_size: int = 8, device: str = "cpu", aupro
             method.fit_memory(_load_support(support[cls], size, device))
         try:
             scores, maps, masks, labels, terms = predict(method, ds, batch_size, device, f"eval {cls}", progress,
-                                                         with_terms=paper)
+                                                         with_terms=paper, protocol=protocol,
+                                                         dataset_name=dataset_name)
         finally:
             if support is not None:
                 method.clear_memory()

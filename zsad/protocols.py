@@ -20,6 +20,20 @@ quote the released files and lines):
   tables are the mean and std over five random draws of the shots (no seeds given: zsad draws with seeds 0..4).
 * AnomalyCLIP, BAG-CLIP: the released scores are per image, as zsad's; AUPRO "anomalyclip".
 
+Class words (the text a class-aware method, Bayes-PFL, puts in its prompt for a data-set class folder;
+:func:`class_words`, applied by zsad-eval and by training to the folder names of the data):
+
+* ``zsad``: lower case, "_" -> " ", whitespace collapsed, then the released prompt renaming
+  (:data:`BAYESPFL_PROMPT_NAMES`: pcb1..4 -> "printed circuit board", macaroni1/2 -> "macaroni", chewinggum ->
+  "chewing gum"). On MVTec AD and VisA these are the released words; elsewhere a folder's own words
+  ("Woven_127" -> "woven 127").
+* ``paper``: as the released code: its data-set converter's new folder name (:data:`BAYESPFL_DATASET_CLASSES`,
+  one-class data sets :data:`BAYESPFL_DATASET_WORD`), then the prompt renaming, then lower case; underscores are
+  kept ("bracket_black" stays "bracket_black").
+
+A served model, and ``method(images, class_names)``, take the caller's text as given (CLIP's tokeniser only
+lower-cases it and collapses whitespace): a client sends words, e.g. "metal nut" or "printed circuit board".
+
 All functions here are pure numpy over per-image quantities of ONE class, except :func:`forward_with_terms`,
 which runs a method once and returns those quantities beside its usual outputs.
 """
@@ -45,10 +59,65 @@ BAYESPFL_MINMAX_EPS = 1e-8  # the released code's denominator guard
 SOWA_EVAL_SEEDS = (42, 2020, 2023, 2024, 2025)
 AFCLIP_DRAWS = 5
 
+# -- Bayes-PFL's class words, as released (xiaozhen228/Bayes-PFL @ 8f155a0) ----------------------------------------
+# models/VPB.py:8-18, looked up (exact key) by prompt_names (VPB.py:252-262) before "X " + name.lower()
+BAYESPFL_PROMPT_NAMES = {
+    "macaroni1": "macaroni", "macaroni2": "macaroni", "pcb1": "printed circuit board", "pcb2": "printed circuit board",
+    "pcb3": "printed circuit board", "pcb4": "printed circuit board", "pipe_fryum": "pipe fryum",
+    "chewinggum": "chewing gum", "metal_nut": "metal nut",
+}
+# The converters of dataset/datasets/*.py write each source class folder under a new name, which becomes the class
+# name of meta_*.json and so of the prompt (MVTec.py and VisA.py keep the names). Keys: the source folder, exact.
+BAYESPFL_DATASET_CLASSES = {
+    "MVTec AD": {}, "VisA": {},  # MVTec.py:66/82/97 and VisA.py:56-59 keep the folder names
+    "BTAD": {"01": "metal1", "02": "wood", "03": "metal2"},  # BTAD.py:25-28 (meta_BTAD.json: metal1/metal2/wood)
+    "DTD-Synthetic": {  # DTD.py:29-30
+        "Woven_127": "woven1", "Woven_125": "woven2", "Woven_104": "woven3", "Woven_068": "woven4",
+        "Woven_001": "woven5", "Stratified_154": "stratified", "Perforated_037": "perforated", "Mesh_114": "mesh",
+        "Matted_069": "matted1", "Marbled_078": "marbled2", "Fibrous_183": "fibrous", "Blotchy_099": "blotchy"},
+    # DAGM.py:22-23 (sub_class), Change_name 51-55 capitalises: meta_DAGM.json's Fabric1..8 (no 6)
+    "DAGM": {f"classes{i}": f"Fabric{i}" for i in (1, 2, 3, 4, 5, 7, 8)},
+}
+# One-class data sets: whatever the folder, the converter's single class. KSDD2.py:20-21 maps "metal" -> "metal13",
+# but its Change_name (48-50) never reads that map: the folder is "Metal" (meta_KSDD2.json). RSDD.py:21-22, 51-54:
+# "Metal15". The medical converters map their one source folder "object" (line 28 or 29 of each file).
+BAYESPFL_DATASET_WORD = {
+    "KSDD2": "Metal", "RSDD": "Metal15", "HeadCT": "head ct", "BrainMRI": "brain ct", "Br35H": "brain",
+    "ISIC": "skin", "ClinicDB": "colon", "ColonDB": "colon", "Endo": "colon", "Kvasir": "colon", "TN3K": "thyroid",
+}
+# how data-set names are spelled elsewhere (zsad.data.guess_dataset_name, --dataset-name, the papers' tables)
+_DATASET_SPELLINGS = {"mvtec": "MVTec AD", "dtd": "DTD-Synthetic", "btech": "BTAD", "dagm2007": "DAGM"}
+
 
 def check_protocol(protocol: str) -> None:
     if protocol not in PROTOCOLS:
         raise ZsadError(f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
+
+
+# -- class words --------------------------------------------------------------------------------------------------
+def _release_dataset(dataset: str | None) -> str | None:
+    """The data set's name in Bayes-PFL's converters (spelling and case ignored), or None when it has none."""
+    key = _dataset_key(dataset)
+    known = {_dataset_key(d): d for d in (*BAYESPFL_DATASET_CLASSES, *BAYESPFL_DATASET_WORD)}
+    known.update(_DATASET_SPELLINGS)
+    return known.get(key)
+
+
+def class_words(cls: str, protocol: str = "zsad", dataset: str | None = None) -> str:
+    """The words a class-aware prompt (Bayes-PFL) gets for the data-set class folder ``cls`` (module docstring)."""
+    check_protocol(protocol)
+    if not isinstance(cls, str) or not cls.strip():
+        raise ZsadError(f"a class name must be a non-empty string, got {cls!r}")
+    if protocol == "zsad":
+        key = " ".join(cls.strip().lower().replace("_", " ").split())
+        renames = {k.replace("_", " "): v for k, v in BAYESPFL_PROMPT_NAMES.items()}
+        return renames.get(key, key)
+    name = _release_dataset(dataset)
+    if name in BAYESPFL_DATASET_WORD:
+        cls = BAYESPFL_DATASET_WORD[name]
+    elif name in BAYESPFL_DATASET_CLASSES:
+        cls = BAYESPFL_DATASET_CLASSES[name].get(cls, cls)
+    return BAYESPFL_PROMPT_NAMES.get(cls, cls).lower()
 
 
 # -- per-class normalisation ---------------------------------------------------------------------------------------
@@ -140,6 +209,11 @@ def describe(method: str, dataset: str | None = None, shots: int = 0) -> list[st
     """What ``--protocol paper`` changes for this run, one line each (written to metrics.json)."""
     lines = [f"AUPRO mode '{paper_aupro_mode(method)}'"]
     if method == "bayespfl":
+        where = _release_dataset(dataset)
+        lines.append(f"class words as released: the folder names {where}'s converter writes, then models/VPB.py's "
+                     "table, lower case"
+                     if where else "class words as released: models/VPB.py's table, lower case, underscores kept "
+                     "(no renaming of this data set's folders in the release; --dataset-name names one)")
         if is_classification_only(dataset):
             lines.append("image score = min-max(s_text) over the class (classification-only data set)")
         else:

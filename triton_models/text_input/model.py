@@ -1,12 +1,13 @@
 """Triton python backend: a request's class name (Bayes-PFL's text input) -> the token tensor the stages take.
 
 Needs the standard library and numpy only, so a stock Triton container runs it: CLIP's tokeniser is
-``zsad_clip_tokenizer.py`` with open_clip's vocabulary file, both copied beside this file at export. The class
-name becomes prompt words as zsad.methods.bayespfl.prompt_class_name does (lower case, "_" -> " ", whitespace
-collapsed, the released renaming table: the spec's ``aliases``), then ``[SOT] words [EOT] 0...`` cut to
-the ``text_input`` parameter's length; tests/test_triton_repo_standalone.py checks the ids equal the eager
-encoder's. An empty name, one whose tokens do not fit, one over ``MAX_TEXT_BYTES`` (refused before it is decoded
-or tokenised, and never echoed) or one that is not UTF-8 gets an error response for its request alone.
+``zsad_clip_tokenizer.py`` with open_clip's vocabulary file, both copied beside this file at export. The client's
+text is taken as given, as zsad.methods.bayespfl.class_name_tokens takes it (no renaming of folder names: the
+client sends words, e.g. "metal nut"; CLIP's tokeniser lower-cases them and collapses whitespace), and becomes
+``[SOT] words [EOT] 0...`` cut to the ``text_input`` parameter's length; tests/test_triton_repo_standalone.py
+checks the ids equal the eager encoder's. An empty name, one whose tokens do not fit, one over ``MAX_TEXT_BYTES``
+(refused before it is decoded or tokenised, and never echoed) or one that is not UTF-8 gets an error response for
+its request alone.
 """
 import json
 import os
@@ -21,13 +22,11 @@ MAX_TEXT_BYTES = 256
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 
 
-def class_name_ids(tokenizer: ClipTokenizer, name: str, aliases: dict, length: int) -> list[int]:
-    """One class name -> its ``length`` prompt-word token ids; BadInput if it is empty or does not fit."""
+def class_name_ids(tokenizer: ClipTokenizer, name: str, length: int) -> list[int]:
+    """One class name, as given -> its ``length`` token ids; BadInput if it is empty or does not fit."""
     if not name.strip():
         raise BadInput("a class name must be a non-empty string")
-    key = " ".join(name.strip().lower().replace("_", " ").split())
-    words = aliases.get(key, key)
-    ids = tokenizer(words)
+    ids = tokenizer(name)
     eot = ids.index(tokenizer.eot)
     if eot >= length:
         raise BadInput(f"the class name is {eot - 1} BPE tokens; with {length} class tokens at most {length - 2} fit")
@@ -42,7 +41,6 @@ class TritonPythonModel:
         spec = json.loads(p["text_input"])
         self.request_name, self.tensor = spec["request_name"], spec["tensor"]
         self.length = int(spec["length"])
-        self.aliases = spec["aliases"]
         here = os.path.dirname(os.path.abspath(__file__))
         self.tokenizer = ClipTokenizer(os.path.join(here, VOCAB_FILE))
 
@@ -57,7 +55,7 @@ class TritonPythonModel:
                 text = b.decode("utf-8")
             except UnicodeDecodeError:
                 raise BadInput(f"{self.request_name} {i} is not UTF-8 text") from None
-            rows.append(class_name_ids(self.tokenizer, text, self.aliases, self.length))
+            rows.append(class_name_ids(self.tokenizer, text, self.length))
         tokens = np.asarray(rows, dtype=np.int64).reshape(len(rows), self.length)
         return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.tensor, tokens)])
 

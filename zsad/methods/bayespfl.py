@@ -36,8 +36,10 @@ Export plan (``stages()``; the text encoder is its own stage because the prompts
 | postprocess | image_prob, pair_logits | score [B], anomaly_map [B,S,S] |
 
 ``Ls`` = ``text_length`` (16), ``Lc`` = Ls - P - Q (6): ``class_tokens`` are the CLIP BPE ids of the class name,
-"[SOT] name [EOT] 0...", cut to Lc; :meth:`BayesPfl.encode_class_names` makes them outside the graph (the serving
-pre-processing does the same), and ``forward(images, class_names)`` takes names (default ``default_class_name``).
+"[SOT] words [EOT] 0...", cut to Lc; :meth:`BayesPfl.encode_class_names` makes them outside the graph (the served
+text model does the same), and ``forward(images, class_names)`` takes the words (default ``default_class_name``) as
+given: CLIP's tokeniser only lower-cases them and collapses whitespace. Data-set folder names become words before
+that, by zsad.protocols.class_words (zsad-eval under its protocol, training under ``zsad``'s rule).
 
 Deviations from the released code (each a knob where it matters): the second, CE-only training stage on fuse +
 mappings is ``second_stage`` (on in the paper profile) with early stopping only on user-named held-out classes of
@@ -74,23 +76,9 @@ from zsad.modules.losses import dice_loss, focal_loss
 from zsad.modules.prompt_bank import PromptBank, assemble_sequences
 from zsad.modules.rca import ResidualCrossModalAttention
 from zsad.postprocess import gaussian_blur, upsample
+from zsad.protocols import class_words
 
 NOISE_MODES = ("fixed", "random")
-
-# The released code's renaming of data-set folder names into words (keys after lower-casing and "_" -> " ").
-CLASS_NAME_ALIASES = {
-    "pcb1": "printed circuit board", "pcb2": "printed circuit board", "pcb3": "printed circuit board",
-    "pcb4": "printed circuit board", "macaroni1": "macaroni", "macaroni2": "macaroni",
-    "chewinggum": "chewing gum",
-}
-
-
-def prompt_class_name(name: str) -> str:
-    """A data-set class name as the prompt's words: lower case, "_" -> " ", the released renaming table."""
-    if not isinstance(name, str) or not name.strip():
-        raise ZsadError(f"a class name must be a non-empty string, got {name!r}")
-    key = " ".join(name.strip().lower().replace("_", " ").split())
-    return CLASS_NAME_ALIASES.get(key, key)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -104,11 +92,15 @@ def _class_name_ids(arch: str, length: int, words: str) -> tuple[int, ...]:
 
 
 def class_name_tokens(names: Sequence[str], arch: str, length: int) -> torch.Tensor:
-    """Class names -> int64 CLIP token ids [n, length] of their prompt words ("[SOT] words [EOT] 0...").
+    """Class words, as given -> int64 CLIP token ids [n, length] ("[SOT] words [EOT] 0...").
 
-    The one implementation of the class-name input: the eager path and the served ensemble's text model call it.
+    The one implementation of the class-name input: the eager path calls it, the served ensemble's text model
+    repeats it (triton_models/text_input). No renaming here: zsad.protocols.class_words turns folder names into words.
     """
-    return torch.tensor([_class_name_ids(arch, length, prompt_class_name(n)) for n in names], dtype=torch.int64)
+    for name in names:
+        if not isinstance(name, str) or not name.strip():
+            raise ZsadError(f"a class name must be a non-empty string, got {name!r}")
+    return torch.tensor([_class_name_ids(arch, length, name) for name in names], dtype=torch.int64)
 
 
 # -- config -------------------------------------------------------------------------------------------------------
@@ -339,7 +331,7 @@ class BayesPfl(Method):
         lc = self.class_token_length
         return [TextInput("class_name", "class_tokens", lc, "zsad.methods.bayespfl:class_name_tokens",
                           {"arch": self.backbone.info.arch, "length": lc}, self.config.default_class_name,
-                          standalone="clip_class_name", aliases=dict(CLASS_NAME_ALIASES))]
+                          standalone="clip_class_name")]
 
     def encode_class_names(self, names: str | Sequence[str]) -> torch.Tensor:
         """Class names -> int64 token ids [len(names), Lc] ("[SOT] words [EOT] 0..."), done outside the graph."""
@@ -494,8 +486,8 @@ class BayesPfl(Method):
         gt = (batch["mask"] > c.loss.mask_threshold).to(images.dtype)
         images, gt = self.augment(images, gt)
         n, r, nb = images.shape[0], c.sampling.train_samples, c.prompt.banks
-        names = batch.get("cls") or [c.default_class_name] * n
-        class_tokens = self.encode_class_names(list(names)).to(images.device)
+        names = [class_words(f) for f in batch["cls"]] if batch.get("cls") else [c.default_class_name] * n
+        class_tokens = self.encode_class_names(names).to(images.device)
         with torch.no_grad():
             global_embedding, taps = self.encode(images)
         w = self.text_width
