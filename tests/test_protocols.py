@@ -210,6 +210,119 @@ def test_class_words_errors_and_protocol_note():
     assert any("underscores kept" in line for line in P.describe("bayespfl", "MPDD"))
 
 
+# == AF-CLIP's ground-truth masks ======================================================================================
+def _defect_mask(h, w, seed=0):
+    """Thin lines, a small blob and scattered pixels: where bicubic and bilinear resizing disagree."""
+    rng = np.random.default_rng(seed)
+    m = np.zeros((h, w), bool)
+    m[h // 4, :] = True
+    m[:, w // 3:w // 3 + 2] = True
+    m[h // 2:h // 2 + 5, w // 2:w // 2 + 7] = True
+    return m | (rng.random((h, w)) < 0.01)
+
+
+def _afclip_release_mask(mask, size):
+    """AF-CLIP's test path, from its code: dataset/mvtec.py __getitem__ (np.array of the mask file, Image.fromarray),
+    main.py:103-106 target_transform (torchvision Resize((S, S), BICUBIC), ToTensor), util/utils.py:241-243."""
+    from zsad._compat import ensure_torchvision_importable
+
+    ensure_torchvision_importable()
+    from PIL import Image
+    from torchvision import transforms
+
+    target_transform = transforms.Compose([
+        transforms.Resize(size=(size, size), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.ToTensor()])
+    gt = target_transform(Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)))
+    gt[gt > 0.5] = 1
+    gt[gt <= 0.5] = 0
+    return gt.numpy()[0]
+
+
+def _bicubic_weights(n_in, n_out, a=-0.5):
+    """PIL's bicubic resampling weights from the filter's definition (support 2, widened when down-sampling)."""
+    def k(x):
+        x = abs(x)
+        return ((a + 2) * x - (a + 3)) * x * x + 1 if x < 1 else (a * (((x - 5) * x + 8) * x - 4) if x < 2 else 0.0)
+
+    s = n_in / n_out
+    f = max(s, 1.0)
+    w = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        c = (i + 0.5) * s
+        lo, hi = max(int(c - 2 * f + 0.5), 0), min(int(c + 2 * f + 0.5), n_in)
+        v = np.array([k((j - c + 0.5) / f) for j in range(lo, hi)])
+        w[i, lo:hi] = v / v.sum()
+    return w
+
+
+@pytest.mark.parametrize("shape,size", [((300, 300), 224), ((64, 80), 224), ((700, 700), 518), ((37, 53), 16)])
+def test_afclip_mask_is_the_released_test_path(shape, size):
+    from zsad.data.transforms import preprocess_mask
+
+    mask = _defect_mask(*shape)
+    got = P.afclip_mask(mask, size)
+    assert got.dtype == np.float32 and got.shape == (size, size)
+    np.testing.assert_array_equal(got, _afclip_release_mask(mask, size))
+    # the kernel from its definition: PIL's horizontal pass, stored in 8 bits (rounded, clipped to 0..255), then the
+    # vertical pass; equal wherever that value is clear of the 127.5 threshold by more than PIL's fixed-point rounding
+    rows = np.clip(np.round(np.where(mask, 255.0, 0.0) @ _bicubic_weights(shape[1], size).T), 0, 255)
+    v = _bicubic_weights(shape[0], size) @ rows
+    clear = np.abs(v - 127.5) > 1.0
+    assert clear.mean() > 0.97
+    np.testing.assert_array_equal(got[clear], (v > 127.5)[clear].astype(np.float32))
+    # zsad's own masks (bilinear floats) differ on these masks: a flipped filter would be caught
+    if size > 16:
+        assert (preprocess_mask(mask, size) != got).sum() > 50
+    assert P.afclip_mask(np.where(mask, 7, 0), size).tolist() == got.tolist()  # any nonzero value is a defect
+    with pytest.raises(ZsadError, match="2-D mask"):
+        P.afclip_mask(np.zeros((4, 4, 3)), size)
+
+
+def test_mask_transform_dispatch():
+    from zsad.data.transforms import preprocess_mask
+
+    assert P.mask_transform("afclip", "paper") is P.afclip_mask
+    for method, protocol in (("afclip", "zsad"), ("anomalyclip", "paper"), ("bayespfl", "paper"), ("sowa", "paper")):
+        assert P.mask_transform(method, protocol) is preprocess_mask
+    with pytest.raises(ZsadError, match="unknown protocol"):
+        P.mask_transform("afclip", "Paper")
+    assert any("bicubic" in line for line in P.describe("afclip"))
+
+
+def test_evaluate_scores_afclip_against_its_released_masks(tmp_path, monkeypatch):
+    """zsad-eval under --protocol paper hands the metrics AF-CLIP's masks; under zsad, zsad's own."""
+    from PIL import Image
+
+    import zsad.metrics
+    from zsad.data import load_samples
+    from zsad.data.transforms import preprocess_mask
+    from zsad.evaluate import evaluate
+
+    rng = np.random.default_rng(1)
+    mask = _defect_mask(300, 300, seed=2)
+    for defect in ("good", "crack"):
+        path = tmp_path / "part" / "test" / defect / "000.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (300, 300, 3), dtype=np.uint8)).save(path)
+    (tmp_path / "part" / "ground_truth" / "crack").mkdir(parents=True)
+    Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)).save(tmp_path / "part/ground_truth/crack/000_mask.png")
+    seen = {}
+    original = zsad.metrics.class_metrics
+
+    def recording(labels, scores, masks, maps, **kw):
+        seen["masks"] = masks.copy()
+        return original(labels, scores, masks, maps, **kw)
+
+    monkeypatch.setattr(zsad.metrics, "class_metrics", recording)
+    samples = load_samples(tmp_path, "test")
+    method = M.create("afclip", "tiny")
+    for protocol, expected in (("paper", _afclip_release_mask(mask, 224)), ("zsad", preprocess_mask(mask, 224))):
+        evaluate(method, samples, batch_size=2, progress=False, protocol=protocol)
+        anomalous = [i for i, s in enumerate(sorted(samples, key=lambda s: str(s.image))) if s.label]
+        np.testing.assert_array_equal(seen["masks"][anomalous[0]], expected > 0.5)
+
+
 @pytest.fixture(scope="module")
 def images():
     return torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))

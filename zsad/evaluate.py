@@ -4,7 +4,7 @@
 :func:`support_images` draws the few-shot reference images; :func:`average_draws` averages evaluations over
 several few-shot draws. The command ``zsad-eval`` around them is :mod:`zsad.evaluate_cli`. Metrics follow
 methods/bagclip_sowa.md section 5: per class, then the unweighted mean over classes, maps at the model resolution,
-GT masks resized bilinearly and binarised > 0.5.
+GT masks resized bilinearly and binarised > 0.5 (AF-CLIP under ``--protocol paper``: bicubic on 8 bits, as released).
 
 Few-shot support images: K normal images per class, drawn (seeded by the seed and the class name) from the
 support folder's train split (good images) when it is a data-set root, or from the folder itself when it is a
@@ -130,11 +130,12 @@ def evaluate(method, samples, *, batch_size: int = 8, device: str = "cpu", aupro
     ``support`` (few-shot): class -> paths of K normal images; the method's memory is built from them before
     that class is scored and dropped after it. ``protocol="paper"`` replaces the image scores by those of the
     method's released test script (:func:`zsad.protocols.paper_image_scores`; ``dataset_name`` selects
-    Bayes-PFL's classification-only data sets, which then get image metrics only, and its class words).
+    Bayes-PFL's classification-only data sets, which then get image metrics only, and its class words) and, for
+    AF-CLIP, its ground-truth masks (:func:`zsad.protocols.afclip_mask`).
     """
     from zsad.data import AnomalyDataset
     from zsad.metrics import class_metrics, summarize
-    from zsad.protocols import check_protocol, is_classification_only, paper_image_scores
+    from zsad.protocols import check_protocol, is_classification_only, mask_transform, paper_image_scores
     from zsad.visualize import save_panel
 
     check_protocol(protocol)
@@ -149,7 +150,8 @@ def evaluate(method, samples, *, batch_size: int = 8, device: str = "cpu", aupro
     size = method.image_size
     for cls in sorted(by_class):
         cls_samples = by_class[cls]
-        ds = AnomalyDataset(cls_samples, size, resize_masks=resize_masks)
+        ds = AnomalyDataset(cls_samples, size, resize_masks=resize_masks,
+                            mask_transform=mask_transform(method.name, protocol))
         if support is not None:
             method.fit_memory(_load_support(support[cls], size, device))
         try:

@@ -18,6 +18,9 @@ quote the released files and lines):
 * AF-CLIP (Faustinaqq/AF-CLIP, util/utils.py ``compute_pro``): AUPRO with the kept FPRs divided by their maximum
   instead of min-max rescaled (``aupro_mode`` "afclip"). Its scores are per image, as zsad's; AF-CLIP+ few-shot
   tables are the mean and std over five random draws of the shots (no seeds given: zsad draws with seeds 0..4).
+  Ground-truth masks as its test path makes them (:func:`afclip_mask`): the 8-bit mask resized to S x S with PIL
+  bicubic (main.py:103-106, Resize + ToTensor), then > 0.5 (util/utils.py:241-243); zsad's own masks are resized
+  bilinearly as floats (zsad.data.preprocess_mask).
 * AnomalyCLIP, BAG-CLIP: the released scores are per image, as zsad's; AUPRO "anomalyclip".
 
 Class words (the text a class-aware method, Bayes-PFL, puts in its prompt for a data-set class folder;
@@ -118,6 +121,29 @@ def class_words(cls: str, protocol: str = "zsad", dataset: str | None = None) ->
     elif name in BAYESPFL_DATASET_CLASSES:
         cls = BAYESPFL_DATASET_CLASSES[name].get(cls, cls)
     return BAYESPFL_PROMPT_NAMES.get(cls, cls).lower()
+
+
+# -- ground-truth masks ---------------------------------------------------------------------------------------------
+def afclip_mask(mask, size: int) -> np.ndarray:
+    """A defect mask [H, W] (nonzero = defect) as AF-CLIP's test path makes it: stored as 0 / 255 in 8 bits, resized
+    to ``size`` x ``size`` with PIL bicubic (8-bit result), / 255, > 0.5. float32 [size, size] in {0, 1}."""
+    from PIL import Image
+
+    arr = np.asarray(mask)
+    if arr.ndim != 2 or arr.size == 0:
+        raise ZsadError(f"afclip_mask expects a non-empty 2-D mask, got shape {arr.shape}")
+    img = Image.fromarray(np.where(arr != 0, 255, 0).astype(np.uint8))
+    if img.size != (size, size):
+        img = img.resize((int(size), int(size)), Image.Resampling.BICUBIC)
+    return (np.asarray(img, dtype=np.float32) / np.float32(255.0) > 0.5).astype(np.float32)
+
+
+def mask_transform(method: str, protocol: str):
+    """How ground-truth masks reach S x S for ``method`` under ``protocol``: a function (mask, size) -> float32."""
+    from zsad.data.transforms import preprocess_mask
+
+    check_protocol(protocol)
+    return afclip_mask if protocol == "paper" and method == "afclip" else preprocess_mask
 
 
 # -- per-class normalisation ---------------------------------------------------------------------------------------
@@ -221,6 +247,8 @@ def describe(method: str, dataset: str | None = None, shots: int = 0) -> list[st
                          f"class, k = 20 for {sorted(BAYESPFL_TOPK20_CLASSES)}, else 2000")
     if method == "sowa" and shots:
         lines.append("image score = 0.5 (text probability + min-max(max of the final map) over the class)")
+    if method == "afclip":
+        lines.append("ground-truth masks: 8-bit, PIL bicubic to the model size, / 255 > 0.5")
     if shots and method in ("afclip", "sowa"):
         lines.append(f"mean and std over the draws with seeds {list(paper_draw_seeds(method))}")
     return lines

@@ -1,7 +1,7 @@
 """A torch Dataset over :class:`~zsad.data.readers.Sample` lists, with CLIP pre-processing."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ class AnomalyDataset(torch.utils.data.Dataset):
     Normal images get an all-zero mask, so batches always carry a mask and the default collate works. A mask
     whose size differs from its image's raises :class:`ZsadError` (the pixels would not line up), unless
     ``resize_masks``: then it is resized to the image with nearest neighbour first (the caller warns).
+    ``mask_transform(mask, size)`` brings a mask to S x S (zsad's bilinear; zsad.protocols.mask_transform).
     """
 
     def __init__(
@@ -46,12 +47,14 @@ class AnomalyDataset(torch.utils.data.Dataset):
         mean: Sequence[float] = CLIP_MEAN,
         std: Sequence[float] = CLIP_STD,
         resize_masks: bool = False,
+        mask_transform: Callable[[np.ndarray, int], np.ndarray] = preprocess_mask,
     ) -> None:
         self.samples = list(samples)
         self.image_size = int(image_size)
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self.resize_masks = bool(resize_masks)
+        self.mask_transform = mask_transform
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -66,7 +69,7 @@ class AnomalyDataset(torch.utils.data.Dataset):
                 if not self.resize_masks:
                     raise ZsadError(_mismatch_message(s.mask, mask.shape[::-1], s.image, pil.size))
                 mask = np.asarray(Image.fromarray(mask).resize(pil.size, Image.Resampling.NEAREST))
-            mask = preprocess_mask(mask, self.image_size)
+            mask = self.mask_transform(mask, self.image_size)
         else:
             mask = np.zeros((self.image_size, self.image_size), dtype=np.float32)
         return {
