@@ -3,15 +3,16 @@
 ``read_torch_file(path)`` never calls ``torch.load``: it reads the archive itself, in three guarded steps.
 
 1. **The archive** (:class:`Archive`). At most ``MAX_ENTRIES`` entries (counted from the end record, before the
-   central directory is parsed); every entry stored, never compressed (``torch.save`` and ``torch.jit.save``
-   store; a deflated entry can expand to any size: refused), not encrypted, lying inside the file; the entries'
-   sizes together no larger than the file (overlapping entries refused); one ``<dir>/data.pkl`` of at most
-   ``MAX_PICKLE_BYTES``; a ``byteorder`` entry, if any, says ``little``. Entries are later read by offset and
-   exact length (``os.pread``), never decompressed and never past their declared size.
+   central directory is parsed); every entry zsad reads (``data.pkl``, ``byteorder``, the storages ``data/*``)
+   stored, never compressed (``torch.save`` and ``torch.jit.save`` store them; a deflated entry can expand to any
+   size: refused; TorchScript's deflated ``code/`` entries are never read); none encrypted, each lying inside the
+   file; the entries' sizes together no larger than the file (overlapping entries refused); one ``<dir>/data.pkl`` of
+   at most ``MAX_PICKLE_BYTES``; a ``byteorder`` entry, if any, says ``little``. Entries are later read by offset
+   and exact length (``os.preadv``), never decompressed and never past their declared size.
 2. **The pickle, before it is unpickled** (:func:`scan_pickle`): one pass over its opcodes that simulates the
    unpickler's stack to bound the nesting depth of what it would build (``MAX_NESTING``: a deeply nested tuple used
    as a dict key crashes CPython's hash with a C stack overflow), refuses memo indices beyond the pickle's own
-   length (``LONG_BINPUT 0x7fffffff`` makes the C unpickler allocate a 16 GiB memo) and opcodes ``torch.save``
+   length (``LONG_BINPUT 0x7fffffff`` makes the C unpickler allocate a 32 GiB memo) and opcodes ``torch.save``
    never writes (``INST``/``OBJ``/``EXT*``/out-of-band buffers).
 3. **Unpickling** (:class:`RestrictedUnpickler`), whose ``find_class`` hands out only inert things:
 
@@ -115,11 +116,13 @@ class Archive:
                 infos = zipfile.ZipFile(f).infolist()
             except (zipfile.BadZipFile, ValueError, OSError) as err:
                 raise ZsadError(f"{self.path} is a corrupt zip archive: {str(err)[:120]}") from err
-            self.entries: dict[str, tuple[int, int]] = {}  # name -> (data offset, size)
+            self.entries: dict[str, tuple[int, int]] = {}  # name -> (data offset, size) of every stored entry
             total = 0
             for info in infos:
-                self.entries[info.filename] = self._check_entry(f, info)
-                total += info.file_size
+                start = self._check_entry(f, info)
+                if info.compress_type == zipfile.ZIP_STORED:
+                    self.entries[info.filename] = (start, info.file_size)
+                total += info.compress_size
         if total > self.size:
             raise ZsadError(f"{self.path}: the archive's entries declare {total} bytes in a {self.size}-byte file "
                             f"(overlapping entries): refused")
@@ -134,15 +137,18 @@ class Archive:
         if order in self.entries and self.read(order) not in (b"little", b"little\n"):
             raise ZsadError(f"{self.path} was saved big-endian; zsad reads little-endian archives only")
 
-    def _check_entry(self, f, info: zipfile.ZipInfo) -> tuple[int, int]:
+    def _check_entry(self, f, info: zipfile.ZipInfo) -> int:
+        """The entry's data offset, after checking it lies in the file. The entries zsad reads (data.pkl, byteorder,
+        data/*) must be stored; TorchScript's code/ and debug entries may be deflated, they are never read."""
         name = describe(info.filename)
         if info.flag_bits & 0x1:
             raise ZsadError(f"{self.path}: archive entry {name} is encrypted: refused")
-        if info.compress_type != zipfile.ZIP_STORED:
+        read = info.filename.partition("/")[2]
+        if info.compress_type != zipfile.ZIP_STORED and (read in ("data.pkl", "byteorder") or read.startswith("data/")):
             raise ZsadError(f"{self.path}: archive entry {name} is compressed (zip method {info.compress_type}); "
                             f"torch.save stores entries uncompressed and a compressed one can expand to any size: "
                             f"refused")
-        if info.compress_size != info.file_size:
+        if info.compress_type == zipfile.ZIP_STORED and info.compress_size != info.file_size:
             raise ZsadError(f"{self.path}: archive entry {name} declares {info.file_size} bytes but stores "
                             f"{info.compress_size}: refused")
         f.seek(info.header_offset)
@@ -151,17 +157,17 @@ class Archive:
             raise ZsadError(f"{self.path}: archive entry {name} has no local header: corrupt archive")
         fields = _LOCAL_HEADER.unpack(head)
         start = info.header_offset + _LOCAL_HEADER.size + fields[9] + fields[10]
-        if start + info.file_size > self.size:
-            raise ZsadError(f"{self.path}: archive entry {name} ({info.file_size} bytes) extends past the end of the "
-                            f"{self.size}-byte file: truncated or crafted archive")
-        return start, info.file_size
+        if start + info.compress_size > self.size:
+            raise ZsadError(f"{self.path}: archive entry {name} ({info.compress_size} bytes) extends past the end of "
+                            f"the {self.size}-byte file: truncated or crafted archive")
+        return start
 
     def entry_size(self, name: str) -> int | None:
         e = self.entries.get(name)
         return None if e is None else e[1]
 
     def read(self, name: str, start: int = 0, length: int | None = None) -> bytearray:
-        """``length`` bytes of entry ``name`` from ``start`` (default: to its end), never past the entry."""
+        """``length`` bytes of stored entry ``name`` from ``start`` (default: to its end), never past the entry."""
         offset, size = self.entries[name]
         length = size - start if length is None else length
         if start < 0 or length < 0 or start + length > size:
