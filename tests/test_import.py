@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from zsad import ZsadError
-from zsad.checkpoint import load_checkpoint, read_sidecar
+from zsad.checkpoint import checkpoint_paths, load_checkpoint, read_sidecar
 from zsad.importers import import_checkpoint, read_torch_file
 from zsad.methods import run_stages
 
@@ -54,6 +54,14 @@ def load(out: Path, size: int | None = None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return load_checkpoint(out, overrides={"backbone": bb})
+
+
+def assert_table_is_the_model(method) -> None:
+    """The shape table the import checked against (no model built) is the built model's trainable parameters."""
+    from zsad.importers.shapes import trainable_shapes
+
+    assert trainable_shapes(method.name, method.config) == {k: tuple(p.shape)
+                                                            for k, p in method.trainable_parameters().items()}
 
 
 # -- released layouts, by hand --------------------------------------------------------------------------------------
@@ -601,6 +609,7 @@ def test_anomalyclip_paper_file_imports_and_runs(tmp_path):
     dropped = {d["key"] for d in imp["dropped"]}
     assert "compound_prompt_projections.*" in dropped and "token_suffix_pos" in dropped
     method, _ = load(out)
+    assert_table_is_the_model(method)
     with torch.no_grad():
         o = method(torch.randn(1, 3, 112, 112))
     assert o.anomaly_map.shape == (1, 112, 112) and torch.isfinite(o.score).all()
@@ -616,6 +625,7 @@ def test_afclip_paper_files_import_and_run(tmp_path, capsys):
     assert torch.equal(w["adaptor.norm.bias"], state["attention.norm.bias"])
     assert sum(v.numel() for v in w.values()) == 2_109_440  # the paper's trainable count
     method, meta = load(out)
+    assert_table_is_the_model(method)
     assert meta["imported"]["notes"]["adaptor_class"] == "clip.adaptor.Adaptor"
     # either released file where a checkpoint is taken: imported on the fly with its partner, said on stderr
     on_the_fly = read_sidecar(prompt)
@@ -644,6 +654,7 @@ def test_bayespfl_paper_file_imports_and_runs(tmp_path):
                        sd["context_encoder.weight_log_variance.module.4.bias"])
     assert torch.equal(w["pfl.fuse.proj.weight"], sd["fuse.fuse_modules.weight"])
     method, _ = load(out)
+    assert_table_is_the_model(method)
     assert isinstance(method.backbone.clip.visual.transformer.resblocks[0].mlp.gelu, nn.GELU)
     with torch.no_grad():
         o = method(torch.randn(1, 3, 112, 112), class_names="bottle")
@@ -662,6 +673,7 @@ def test_sowa_paper_file_imports_and_runs(tmp_path):
     assert torch.equal(w["text_fusion.bias"], sd["net.cross_fusion.linear.bias"])
     assert sum(v.numel() for v in w.values()) == 4_822_560  # the spec's trainable count
     method, _ = load(out)
+    assert_table_is_the_model(method)
     with torch.no_grad():
         o = method(torch.randn(1, 3, 168, 168))
     assert o.anomaly_map.shape == (1, 168, 168)
@@ -709,6 +721,65 @@ def test_cli_and_on_the_fly_import(tmp_path, capsys):
     with pytest.raises(ZsadError, match="ctx_pos"):
         load_checkpoint(tmp_path / "epoch_15.pth")
     assert "released anomalyclip checkpoint" in capsys.readouterr().err
+
+
+def aliased_clip_state(arch: str, seed: int, dtype=torch.float16) -> dict[str, torch.Tensor]:
+    """A full ``arch`` CLIP state dict (OpenAI's fp16) whose tensors are views of ONE random storage as large as the
+    largest tensor (torch.save writes it once: a ViT-L-14-336 file of 76 MB instead of 0.9 GB). Each block's
+    in_proj_weight starts at its own offset, so the blocks differ (SOWA finds its taps by them)."""
+    from zsad.importers.shapes import clip_state_shapes
+
+    shapes = clip_state_shapes(arch)
+    big = max(math.prod(s) for s in shapes.values())
+    base = torch.randn(big + 64 * 1024, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    state = {}
+    for k, shape in shapes.items():
+        offset = 1024 * (1 + int(k.split(".")[-3])) if k.endswith("attn.in_proj_weight") else 0
+        state[k] = base[offset:offset + math.prod(shape)].view(shape)
+    return state
+
+
+def test_clip_weights_go_into_the_on_the_fly_import(tmp_path, capsys):
+    """A released file given where a checkpoint is taken (zsad-eval / zsad-export / zsad-predict --checkpoint) is
+    imported with the user's --clip-weights, as zsad-import --clip-weights does: the sidecar records that file, and
+    a file that does not fit the profile's CLIP is refused at import in one line (its shapes, nothing read)."""
+    anomalyclip_file(tmp_path / "epoch_15.pth", 768)
+    torch.save(aliased_clip_state("ViT-L-14-336", 1), tmp_path / "ViT-L-14-336.pt")
+    assert (tmp_path / "ViT-L-14-336.pt").stat().st_size < 100 << 20
+    meta = read_sidecar(tmp_path / "epoch_15.pth", clip_weights=tmp_path / "ViT-L-14-336.pt")
+    clip = str((tmp_path / "ViT-L-14-336.pt").resolve())
+    assert meta["config"]["backbone"]["weights"] == clip and meta["config"]["backbone"]["pretrained"] is None
+    assert meta["imported"]["backbone"]["clip_weights"] == clip and meta["clip_weights"] == clip
+    assert f"with the CLIP weights {clip}" in capsys.readouterr().err
+    plain = read_sidecar(tmp_path / "epoch_15.pth")  # no --clip-weights: the profile's CLIP, a separate import
+    assert plain["imported"]["backbone"]["clip_weights"] == "open_clip:openai"
+    torch.save(aliased_clip_state("zsad-tiny", 2), tmp_path / "tiny-clip.pt")
+    with pytest.raises(ZsadError, match=r"tiny-clip\.pt does not fit ViT-L-14-336: shape mismatch") as err:
+        read_sidecar(tmp_path / "epoch_15.pth", clip_weights=tmp_path / "tiny-clip.pt")
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_sowa_released_file_with_clip_weights_runs_on_them_not_on_its_own_clip(tmp_path):
+    """SOWA's checkpoint carries a CLIP; given --clip-weights, the on-the-fly import does not extract it, and the
+    model built from the released file runs on the user's CLIP."""
+    own, user = aliased_clip_state("ViT-L-14-336", 3), aliased_clip_state("ViT-L-14-336", 4)
+    sowa_file(tmp_path / "mvtec.ckpt", 1024, 768, [6, 12, 18, 24], clip_state=own)
+    torch.save(user, tmp_path / "user-clip.pt")
+    method, meta = load_checkpoint(tmp_path / "mvtec.ckpt", clip_weights=tmp_path / "user-clip.pt")
+    imported = Path(meta["imported"]["files"][0]["path"])
+    assert imported == (tmp_path / "mvtec.ckpt").resolve()
+    assert meta["config"]["taps"] == [6, 12, 18, 24]  # found from the file's own CLIP blocks
+    assert meta["imported"]["backbone"]["clip_weights"] == str((tmp_path / "user-clip.pt").resolve())
+    assert "clip_source" not in meta["imported"]["backbone"]
+    _, sidecar = checkpoint_paths(tmp_path / "mvtec.ckpt", tmp_path / "user-clip.pt")  # the cached import
+    assert sidecar.parent.name.startswith("zsad-import-") and sidecar.is_file()
+    assert not (sidecar.parent / "clip_weights.safetensors").exists()  # its own CLIP was not extracted
+    clip = method.backbone.clip
+    assert torch.equal(clip.visual.proj.detach(), user["visual.proj"].float())
+    assert torch.equal(clip.visual.transformer.resblocks[5].attn.in_proj_weight.detach(),
+                       user["visual.transformer.resblocks.5.attn.in_proj_weight"].float())
+    assert not torch.equal(clip.visual.proj.detach(), own["visual.proj"].float())
 
 
 # -- tests: tiny widths, independent re-computation of the released forward ---------------------------------------
