@@ -45,13 +45,16 @@ from torch import nn
 from zsad import ZsadError
 from zsad.backbone import load_clip
 from zsad.checkpoint import read_sidecar
+from zsad.importers import read_torch_file
 from zsad.importers.shapes import clip_state_shapes, trainable_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 # VmHWM is the process's own high-water mark. ru_maxrss is not: Linux carries it over execve from the memory the
 # process had before (subprocess forks with vfork, so that is this pytest process's RSS), so it is printed, not used.
+# The address space is capped at 8 GiB, so a crafted file that got through (or a mutant) cannot exhaust the machine.
 PEAK = """
 import atexit, resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))  # a regression fails with MemoryError, not the OOM killer
 def peak():
     hwm = [ln.split()[1] for ln in open("/proc/self/status") if ln.startswith("VmHWM:")][0]
     print(f"PEAK_KB {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss} {hwm}", file=sys.stderr)
@@ -290,19 +293,19 @@ def safetensors_lies(path: Path) -> list:
 
 
 CASES = {  # name: (builder, what the one-line error says)
-    "deflate bomb (2 GiB)": (deflate_bomb, "is compressed (zip method 8)"),
-    "stride-0 view 100000x100000": (stride0, "key 'ctx_pos' has shape (100000, 100000), expected (1, 1, 12, 128)"),
-    "storage size mismatch": (size_mismatch, "declared as 268435456 x torch.float32 (1073741824 bytes) but the "
+    "deflate-bomb-2GiB": (deflate_bomb, "is compressed (zip method 8)"),
+    "stride0-view": (stride0, "key 'ctx_pos' has shape (100000, 100000), expected (1, 1, 12, 128)"),
+    "storage-size-mismatch": (size_mismatch, "declared as 268435456 x torch.float32 (1073741824 bytes) but the "
                                              "archive holds 48 bytes"),
-    "self-containing module": (self_containing, "contains itself"),
-    "deep nesting": (deep_nesting, "nests objects more than 200 levels deep"),
-    "memo bomb": (memo_bomb, "memo index 2147483647"),
-    "overlapping entries": (overlapping, "(overlapping entries)"),
-    "entry past the end": (past_the_end, "extends past the end"),
-    "70,000 entries": (many_entries, "70000 archive entries"),
-    "CLIP weights stride-0": (clip_weights_stride0, "token_embedding.weight (100000, 100000) vs (49408, 128)"),
-    "SOWA's bundled CLIP stride-0": (sowa_clip_stride0, "token_embedding.weight (100000, 100000) vs (49408, 128)"),
-    "safetensors header lies": (safetensors_lies, "Could not read CLIP weights"),
+    "self-containing-module": (self_containing, "contains itself"),
+    "deep-nesting": (deep_nesting, "nests objects more than 200 levels deep"),
+    "memo-bomb": (memo_bomb, "memo index 2147483647"),
+    "overlapping-entries": (overlapping, "(overlapping entries)"),
+    "entry-past-the-end": (past_the_end, "extends past the end"),
+    "70000-entries": (many_entries, "70000 archive entries"),
+    "clip-weights-stride0": (clip_weights_stride0, "token_embedding.weight (100000, 100000) vs (49408, 128)"),
+    "sowa-bundled-clip-stride0": (sowa_clip_stride0, "token_embedding.weight (100000, 100000) vs (49408, 128)"),
+    "safetensors-header-lies": (safetensors_lies, "Could not read CLIP weights"),
 }
 
 
@@ -368,6 +371,48 @@ def test_torchscript_clip_file_is_read_as_data(tmp_path, monkeypatch):
     assert set(refs) == set(want)
     for k, ref in refs.items():
         assert torch.equal(ref.load(want[k].shape), want[k]), k
+
+    class WithMask(nn.Module):  # a tensor attribute that is no parameter or buffer (OpenAI's attn_mask is one)
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(2))
+            self.mask = torch.full((3,), 7.0)
+
+        def forward(self, x):
+            return x * self.weight + self.mask.sum()
+
+    torch.jit.save(torch.jit.script(WithMask()), tmp_path / "mask.pt")
+    assert set(clip_tensors(tmp_path / "mask.pt")) == {"weight", "mask"}
+    assert set(clip_tensors(tmp_path / "mask.pt", {"weight": (2,)})) == {"weight"}
+
+
+def test_a_tensor_record_is_read_only_at_its_expected_shape(tmp_path):
+    """TensorRef.load compares the declared shape with the expected one before reading a byte."""
+    data = PROTO + EMPTY_DICT + op_str("x") + tensor_record("0", 4, (4,), (1,)) + SETITEM + STOP
+    ref = read_torch_file(crafted_file(tmp_path / "x.pt", data, {"0": struct.pack("<4f", 1, 2, 3, 4)}))["x"]
+    assert torch.equal(ref.load((4,)), torch.tensor([1.0, 2, 3, 4]))
+    with pytest.raises(ZsadError, match=r"shape \(4,\) where \(2, 2\) is expected: refused before reading it"):
+        ref.load((2, 2))
+
+
+def test_clip_file_keys_and_positional_grid_are_checked_at_import(tmp_path):
+    """--clip-weights at import: an extra key, or a positional table that is no square grid, is refused by the
+    table alone; another square grid of the same width is accepted (it is resized on loading)."""
+    from zsad.importers import import_checkpoint
+
+    anomalyclip_file(tmp_path / "a.pth", 128, depth=3)
+    base = {k: torch.zeros(s) for k, s in clip_state_shapes("zsad-tiny").items()}
+    for name, edit, message in (("extra", {"extra.weight": torch.zeros(3)}, r"1 unexpected \(e\.g\. 'extra\.weight'\)"),
+                                ("grid", {"visual.positional_embedding": torch.zeros(150, 128)},
+                                 r"visual\.positional_embedding \(150, 128\) vs \(197, 128\)")):
+        save_file({**base, **edit}, str(tmp_path / f"{name}.safetensors"))
+        with pytest.raises(ZsadError, match=message):
+            import_checkpoint("anomalyclip", [tmp_path / "a.pth"], tmp_path / name, profile="tiny",
+                              clip_weights=tmp_path / f"{name}.safetensors")
+    save_file({**base, "visual.positional_embedding": torch.zeros(101, 128)}, str(tmp_path / "g10.safetensors"))
+    out = import_checkpoint("anomalyclip", [tmp_path / "a.pth"], tmp_path / "ok", profile="tiny",
+                            clip_weights=tmp_path / "g10.safetensors")
+    assert (out / "checkpoint.json").is_file()
 
 
 # -- real-size memory ----------------------------------------------------------------------------------------------

@@ -494,28 +494,31 @@ def crafted_file(path: Path, pickle_bytes: bytes, storages: dict[str, bytes] | N
 HOSTILE = {  # name: (data.pkl, storages, what the one-line refusal says)
     "getattr": (call("builtins.getattr", call("collections.OrderedDict"), op_str("__class__")), None,
                 r"global 'builtins\.getattr'"),
-    "eval (py2 name)": (call("__builtin__.eval", op_str("1")), None, r"global 'builtins\.eval'"),
-    "torch.load": (call("torch.load", op_str("x.pt")), None, r"global 'torch\.load'"),
-    "torch storage from bytes": (call("torch.storage._load_from_bytes", op_str("x")), None,
+    "eval-py2-name": (call("__builtin__.eval", op_str("1")), None, r"global 'builtins\.eval'"),
+    "torch-load": (call("torch.load", op_str("x.pt")), None, r"global 'torch\.load'"),
+    "torch-storage-from-bytes": (call("torch.storage._load_from_bytes", op_str("x")), None,
                                  r"global 'torch\.storage\._load_from_bytes'"),
-    "copy_reg reconstructor": (call("copy_reg._reconstructor", call("collections.OrderedDict")), None,
+    "copy-reg-reconstructor": (call("copy_reg._reconstructor", call("collections.OrderedDict")), None,
                                r"global 'copyreg\._reconstructor'"),
-    "defaultdict(os.system)": (call("collections.defaultdict", op_global("os.system")), None, r"global 'os\.system'"),
-    "dict(object)": (call("builtins.dict", call("src.x.Y")), None, r"calls builtins\.dict with a Y"),
-    "set(object)": (call("__builtin__.set", call("src.x.Y")), None, r"calls builtins\.set with something other"),
-    "OrderedDict(object)": (call("collections.OrderedDict", call("src.x.Y")), None,
+    "defaultdict-os-system": (call("collections.defaultdict", op_global("os.system")), None, r"global 'os\.system'"),
+    "dict-of-object": (call("builtins.dict", call("src.x.Y")), None, r"calls builtins\.dict with a Y"),
+    "set-of-object": (call("__builtin__.set", call("src.x.Y")), None, r"calls builtins\.set with something other"),
+    "ordereddict-of-object": (call("collections.OrderedDict", call("src.x.Y")), None,
                             r"calls collections\.OrderedDict with a Y"),
-    "OrderedDict keys attribute": (call("collections.OrderedDict") + EMPTY_DICT + op_str("keys")
+    "ordereddict-keys-attribute": (call("collections.OrderedDict") + EMPTY_DICT + op_str("keys")
                                    + op_global("builtins.set") + SETITEM + BUILD, None, r"other than _metadata"),
-    "call a partial": (op_global("functools.partial") + op_global("src.x.Y") + TUPLE1 + REDUCE + EMPTY_TUPLE + REDUCE,
+    "call-a-partial": (op_global("functools.partial") + op_global("src.x.Y") + TUPLE1 + REDUCE + EMPTY_TUPLE + REDUCE,
                        None, r"could not read .*TypeError"),
-    "dict as NEWOBJ class": (op_global("builtins.dict") + EMPTY_TUPLE + b"\x81", None, r"could not read"),
-    "BUILD on a stand-in class": (op_global("src.x.Y") + NONE + EMPTY_DICT + op_str("__setstate__")
+    "dict-as-newobj-class": (op_global("builtins.dict") + EMPTY_TUPLE + b"\x81", None, r"could not read"),
+    "build-on-a-stand-in-class": (op_global("src.x.Y") + NONE + EMPTY_DICT + op_str("__setstate__")
                                   + op_global("builtins.set") + SETITEM + TUPLE2 + BUILD, None, r"could not read"),
-    "re-point a tensor record": (tensor_record("0", 4, (4,), (1,)) + EMPTY_DICT + op_str("shape")
+    "re-point-a-tensor-record": (tensor_record("0", 4, (4,), (1,)) + EMPTY_DICT + op_str("shape")
                                  + MARK + op_int(100000) + op_int(100000) + TUPLE + SETITEM + BUILD,
-                                 {"0": bytes(16)}, r"modify a tensor record"),
-    "INST opcode": (b"(i" + b"src.x\nY\n", None, r"opcode INST"),
+                                 {"0": bytes(16)}, r"rebuild a tensor record"),
+    "inst-opcode": (b"(i" + b"src.x\nY\n", None, r"opcode INST"),
+    "nested-lists": (b"]" * 100_000 + b"a" * 99_999, None, r"nests objects more than 200 levels deep"),
+    "view-beyond-storage": (tensor_record("0", 4, (8,), (1,)), {"0": bytes(16)},
+                            r"reaches element 8 of a 4-element storage"),
 }
 
 

@@ -62,7 +62,8 @@ def import_checkpoint(fmt: str, files, out, clip_weights: str | Path | None = No
     b = config.backbone
     clip_source = None
     if clip_weights is not None:  # the user's CLIP: its keys and shapes must fit the architecture (nothing read)
-        check_clip_shapes(clip_tensors(clip_weights), clip_state_shapes(b.arch), str(clip_weights), b.arch)
+        table = clip_state_shapes(b.arch)
+        check_clip_shapes(clip_tensors(clip_weights, table), table, str(clip_weights), b.arch)
     elif (clip := imp.clip_state(source)) is not None:
         # the released file carries the frozen CLIP itself: keep it next to the checkpoint (no download needed)
         clip_path = (out / CLIP_NAME).resolve()

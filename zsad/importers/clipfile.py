@@ -47,8 +47,11 @@ class SafetensorsRef:
             return f.get_tensor(self.key)
 
 
-def clip_tensors(path: str | Path) -> dict[str, object]:
-    """{state_dict key: unread tensor} of a CLIP weights file (``module.`` prefixes and OpenAI's extras dropped)."""
+def clip_tensors(path: str | Path, expected: dict[str, tuple[int, ...]] | None = None) -> dict[str, object]:
+    """{state_dict key: unread tensor} of a CLIP weights file (``module.`` prefixes and OpenAI's extras dropped).
+
+    A TorchScript object lists every tensor attribute, not only its parameters and buffers (``torch.jit.load``'s
+    ``state_dict()`` would hold those alone): given ``expected``, its tensors outside that table are left out."""
     path = Path(path)
     if not path.is_file():
         raise ZsadError(f"CLIP weights file not found: {path}")
@@ -66,7 +69,7 @@ def clip_tensors(path: str | Path) -> dict[str, object]:
     else:
         obj = read_torch_file(path)
         if isinstance(obj, ModuleState):  # a TorchScript archive (OpenAI's ViT-*.pt): its tensor attributes
-            obj = obj.tensors()
+            obj = {k: v for k, v in obj.tensors().items() if expected is None or k in expected}
         for key in ("state_dict", "model", "module"):
             if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
                 obj = obj[key]
@@ -117,7 +120,7 @@ def _load(ref, key: str) -> torch.Tensor:
 
 def read_clip_state(path: str | Path, expected: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
     """The CLIP weights in ``path`` after :func:`check_clip_shapes` against ``expected`` (floats widened)."""
-    tensors = clip_tensors(path)
+    tensors = clip_tensors(path, expected)
     check_clip_shapes(tensors, expected, str(path))
     return {k: _load(v, k) for k, v in tensors.items()}
 

@@ -382,17 +382,18 @@ class TensorRef:
         raise ZsadError("the pickle tried to modify a tensor record: refused")
 
     def __setstate__(self, state):
-        raise ZsadError("the pickle tried to modify a tensor record: refused")
+        raise ZsadError("the pickle tried to rebuild a tensor record's state: refused")
 
     @property
     def dtype(self) -> torch.dtype:
         return self.storage.dtype
 
+    def view_key(self) -> tuple:
+        return (id(self.storage.archive), self.storage.name, self.storage.dtype, self.offset, self.shape, self.stride)
+
     def same_view(self, other) -> bool:
         """The same elements of the same storage entry (so equal without reading them)."""
-        return (isinstance(other, TensorRef) and other.storage.archive is self.storage.archive
-                and (other.storage.name, other.storage.dtype, other.offset, other.shape, other.stride)
-                == (self.storage.name, self.storage.dtype, self.offset, self.shape, self.stride))
+        return isinstance(other, TensorRef) and other.view_key() == self.view_key()
 
     def load(self, shape) -> torch.Tensor:
         """The tensor, after its declared shape was found equal to ``shape``: reads only the bytes it spans."""
