@@ -18,7 +18,8 @@ CSV_FIELDS = ["model", "profile", "backend", "precision", "batch", "concurrency"
               "device", "status", "reason", "iters", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "p50_ms_per_image",
               "images_per_s", "speedup_vs_torch_fp32_b1", "gflops_per_image", "achieved_tflops",
               "peak_vram_mb", "nvml_used_mb", "parity_score_max_rel", "parity_map_max_rel", "parity_rank_agreement",
-              "parity_map_corr", "parity_score_spearman", "parity_ok", "stage_ms", "note"]
+              "parity_map_corr", "parity_score_spearman", "parity_score_swaps", "parity_selection_differing",
+              "parity_ok", "stage_ms", "note"]
 
 
 def add_speedups(rows: list[dict]) -> None:

@@ -546,8 +546,9 @@ def _openvino_stages(method, stages, onnx_files, opts: ExportOptions, scratch, i
         log(parity.format_table(rows))
         return files, {**info, "gate": "fp32 parity gate (the rows marked 'openvino')"}, rows
     section = precision_gate(method, stages, runners, precision, opts.gate_images, opts.gate_thresholds)
-    log(f"{precision} precision gate passed: map correlation {section['map_corr']:.5f}, score Spearman "
-        f"{section['score_spearman']:.5f}, pixel AUROC {100 * section['pixel_auroc']:.2f} vs fp32 "
+    log(f"{precision} precision gate passed: map correlation {section['map_corr']:.5f}, image scores ranked as fp32 "
+        f"beyond near-ties ({section['score_tie']:g} of the scale; Spearman {section['score_spearman']:.5f}), pixel "
+        f"AUROC {100 * section['pixel_auroc']:.2f} vs fp32 "
         f"{100 * section['pixel_auroc_fp32']:.2f}\nnote: {section['caveat']}")
     return files, {**info, "gate": section}, rows
 

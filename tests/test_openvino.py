@@ -38,14 +38,24 @@ def test_gate_metrics_match_independent_references():
     assert m["pixel_auroc_fp32"] == pytest.approx(roc_auc_score(masks.ravel() > 0, ref_map.ravel()))
     assert m["pixel_auroc_diff_points"] == pytest.approx(
         100 * abs(roc_auc_score(masks.ravel() > 0, amap.ravel()) - roc_auc_score(masks.ravel() > 0, ref_map.ravel())))
-    assert OV.gate_failures(m, OV.GateThresholds()) == ["image-score Spearman 0.80000 < 0.99"]
+    # the two swapped scores (0.5 vs 0.3) are 0.2 apart in fp32: far beyond the 0.01 x 0.9 near-tie allowance
+    assert m["score_swaps"] == 1
+    assert OV.gate_failures(m, OV.GateThresholds()) == [
+        "1 image pairs more than 0.01 x the score scale apart ranked the other way (Spearman 0.80000)"]
+    # the same swap between scores 0.005 apart (< 0.01 x 0.9) is a near-tie: no failure, Spearman still 0.8
+    near = OV.gate_metrics(np.array([0.1, 0.305, 0.3, 0.9]), ref_map, score, amap, masks)
+    assert near["score_swaps"] == 0 and near["score_spearman"] == pytest.approx(0.8)
+    assert OV.gate_failures(near, OV.GateThresholds()) == []
+    # just past the allowance (0.3 vs 0.3091 > 0.009): a failure again
+    assert OV.gate_metrics(np.array([0.1, 0.3091, 0.3, 0.9]), ref_map, score, amap, masks)["score_swaps"] == 1
 
 
-# Tiny random weights give image scores a few 1e-3 apart (AF-CLIP) or 1e-4 (BAG-CLIP): whether int8 / bf16 reorder
-# a pair of them depends on the init draw (it did after the init became seeded from train.seed: Spearman 0.976).
-# These tests check the export, the gate's plumbing and what gets written, with thresholds a tiny model can meet;
-# the issue's defaults (0.99 / 0.99 / 0.5) are what zsad-export applies, and test_failing_gate_... shows they bite.
-TINY_GATE = OV.GateThresholds(map_corr=0.99, score_spearman=0.95, pixel_auroc_points=2.0)
+# Tiny random CLIP weights are not what int8 is calibrated for: on AF-CLIP tiny, int8 moves image scores by up to
+# 0.017 (1.8% of their scale; measured) and swaps pairs 0.013 apart, and its maps' pixel AUROC by more than 0.5
+# points. These tests check the export, the gate's plumbing and what gets written, with those two allowances widened
+# (score_tie 0.05, 2 AUROC points); the defaults are what zsad-export applies, and test_failing_gate_... shows they
+# bite.
+TINY_GATE = OV.GateThresholds(map_corr=0.99, score_tie=0.05, pixel_auroc_points=2.0)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +84,7 @@ def test_int8_export_passes_gate_and_keeps_layernorm_softmax_fp32(int8_repo):
     report = json.loads(res.report.read_text())
     gate = report["openvino"]["gate"]
     assert gate["passed"] and gate["precision"] == "int8" and "activation outliers" in gate["caveat"]
-    assert gate["map_corr"] >= 0.99 and gate["score_spearman"] >= 0.95 and gate["pixel_auroc_diff_points"] <= 2.0
+    assert gate["map_corr"] >= 0.99 and gate["score_swaps"] == 0 and gate["pixel_auroc_diff_points"] <= 2.0
     enc = repo / "afclip_encoder" / "1"
     assert {p.name for p in enc.iterdir()} == {"model.xml", "model.bin", "model.py", "zsad_backend_guard.py"}
     model = ov.Core().read_model(str(enc / "model.xml"))
@@ -171,7 +181,7 @@ def test_served_python_openvino_equals_eager_within_the_gate(int8_repo):
         served = [p for k in range(0, len(pngs), 4) for p in client.infer(pngs[k:k + 4])]  # max batch 4
     score = np.array([p.score for p in served])
     amap = np.stack([p.anomaly_map for p in served])
-    metrics = OV.gate_metrics(eager.score.numpy(), eager.anomaly_map.numpy(), score, amap, masks)
+    metrics = OV.gate_metrics(eager.score.numpy(), eager.anomaly_map.numpy(), score, amap, masks, TINY_GATE.score_tie)
     assert OV.gate_failures(metrics, TINY_GATE) == [], metrics
 
 
