@@ -14,7 +14,9 @@ quote the released files and lines):
 * SOWA (huzongxiang/sowa, src/models/anomaly_clip_module.py ``on_test_epoch_end``): in K-shot mode the image score
   is 0.5 (p + min-max over the class of max(final map)), p the text probability; zero-shot it is p alone (as
   zsad). AUPRO: the mean of per-image FPRs (``aupro_mode`` "sowa", src/utils/metrics.py ``cal_pro_score``).
-  The K-shot tables are the mean and std over the eval seeds :data:`SOWA_EVAL_SEEDS` (scripts/infer_data.sh).
+  zsad's K-shot tables are the mean and std over draws seeded :data:`SOWA_EVAL_SEEDS`, the seeds
+  scripts/infer_data.sh passes; the released src/eval.py never applies them (no seed_everything), so its own draws
+  are unseeded: one per K on MVTec AD / VisA (infer_auto.sh), ten elsewhere (docs/methods/sowa.md).
 * AF-CLIP (Faustinaqq/AF-CLIP, util/utils.py ``compute_pro``): AUPRO with the kept FPRs divided by their maximum
   instead of min-max rescaled (``aupro_mode`` "afclip"). Its scores are per image, as zsad's; AF-CLIP+ few-shot
   tables are the mean and std over five random draws of the shots (no seeds given: zsad draws with seeds 0..4).
