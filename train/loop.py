@@ -15,8 +15,15 @@ ones (ties count as improving: the released Bayes-PFL rule), and the next stage 
 weights. train_state.pt records the stage, its epoch count, the early-stopping counters and the best weights, so a
 resume at or across a stage boundary continues exactly.
 
-DDP: under ``torchrun --nproc_per_node N train/run.py ...`` each process trains on its shard
-(DistributedSampler, same seed), gradients of the trainable parameters are all-reduced, rank 0 writes.
+DDP: under ``torchrun --nproc_per_node N train/run.py ...`` process r trains on every N-th sample of the epoch's
+order, from the r-th (:class:`EpochShard`: nothing padded or dropped, so each sample is seen once per epoch), the
+gradients of the trainable parameters are averaged over the processes, rank 0 alone writes, and history rows are
+means over every process's steps. Step s of N processes at batch B thus trains on the same samples as step s of one
+process at batch N*B. Shards may differ by a sample, so an epoch's last batches may differ in size or be missing on
+some process: each process scales its mean loss by :func:`batch_share` (1 wherever the batches are equal-sized),
+and a process whose shard is used up takes the step on a stand-in batch at share 0, so every process steps with
+the same gradient and its optimizer state stays the same. For a loss that is a per-sample mean (see README,
+Training) every step is then the one-process step on the union of the processes' batches, up to float rounding.
 """
 from __future__ import annotations
 
@@ -32,7 +39,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler
+from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from zsad import ZsadError
@@ -114,13 +121,31 @@ def _to_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+class EpochShard(Sampler[int]):
+    """Process ``rank``'s samples of one epoch: ``perm[rank::world_size]`` of the epoch's permutation, which is drawn
+    from (seed, epoch) alone (the same on every process and on resume). Unlike DistributedSampler nothing is padded
+    or dropped: across the processes each sample comes exactly once per epoch, and shards differ by at most one
+    sample. With one process it is RandomSampler's order for the same generator seed."""
+
+    def __init__(self, n: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> None:
+        self.n, self.seed, self.epoch, self.rank, self.world_size = n, seed, epoch, rank, world_size
+
+    def __iter__(self):
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch))
+        return iter(perm[self.rank::self.world_size].tolist())
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.world_size))
+
+
+def steps_per_epoch(n: int, batch_size: int, world_size: int = 1) -> int:
+    """Optimiser steps in an epoch of ``n`` samples: those of the largest shard (the schedule's unit on every
+    process, so all of them follow the same learning rates)."""
+    return math.ceil(math.ceil(n / world_size) / batch_size)
+
+
 def _epoch_loader(dataset, batch_size: int, seed: int, epoch: int, workers: int, dinfo: DistInfo) -> DataLoader:
-    sampler: Sampler
-    if dinfo.world_size > 1:
-        sampler = DistributedSampler(dataset, num_replicas=dinfo.world_size, rank=dinfo.rank, shuffle=True, seed=seed)
-        sampler.set_epoch(epoch)
-    else:
-        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    sampler = EpochShard(len(dataset), seed, epoch, dinfo.rank, dinfo.world_size)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=False,
                       persistent_workers=False)
 
@@ -226,18 +251,36 @@ def _next_stage(method, cfg, stages, prog: dict, best_weights):
     return prog, None, make_optimizer(method, cfg, stages[prog["stage"]].index)
 
 
-def _train_epoch(model, loader, optimizer, cfg, st, stage_epoch: int, device: str, bar) -> tuple[dict, int]:
-    """One pass over ``loader`` under the stage's schedule; returns the summed loss terms and the step count."""
+def batch_share(n: int, batch_size: int, world_size: int, rank: int, step: int) -> float:
+    """What process ``rank`` scales its mean loss by at step ``step`` of an epoch of ``n`` samples: its batch's sample
+    count times the process count over the step's samples in all processes (1.0 wherever the batches are equal, 0
+    once its shard is used up). DDP averages the processes' gradients, so a step's gradient is then the per-sample
+    mean over the step's samples of all processes, whatever their batch sizes."""
+    sizes = [min(batch_size, max(0, len(range(r, n, world_size)) - step * batch_size)) for r in range(world_size)]
+    return sizes[rank] * world_size / sum(sizes)
+
+
+def _train_epoch(model, optimizer, cfg, st, stage_epoch: int, steps: int, device: str, bar,
+                 n_samples: int, dinfo: DistInfo) -> tuple[dict, int]:
+    """``steps`` optimiser steps over the epoch's batches (``bar``) under the stage's schedule; returns the summed loss
+    terms and the count of this process's batches. A process out of batches (a shorter shard under DDP) still takes
+    the last steps with the others, on its last batch at share 0 (see :func:`batch_share`)."""
     sums: dict[str, float] = {}
     n = 0
-    for batch in bar:
-        factor = lr_factor(cfg, stage_epoch * len(loader) + n, st.epochs * len(loader), st.schedule)
+    batches, batch = iter(bar), {}
+    for step in range(steps):
+        stand_in = step >= len(bar)  # this process's shard is used up: its last batch again, at share 0
+        if not stand_in:
+            batch = next(batches)
+        factor = lr_factor(cfg, stage_epoch * steps + step, st.epochs * steps, st.schedule)
         for g in optimizer.param_groups:
             g["lr"] = g["base_lr"] * factor
         losses = model(_to_device(batch, device))
         optimizer.zero_grad(set_to_none=True)
-        losses["total"].backward()
+        (losses["total"] * batch_share(n_samples, cfg.batch_size, dinfo.world_size, dinfo.rank, step)).backward()
         optimizer.step()
+        if stand_in:
+            continue
         values = {k: float(v.detach()) for k, v in losses.items()}
         for k, v in values.items():
             sums[k] = sums.get(k, 0.0) + v
@@ -246,9 +289,25 @@ def _train_epoch(model, loader, optimizer, cfg, st, stage_epoch: int, device: st
     return sums, n
 
 
-def _early_stopping(method, heldout, st, device: str, cfg, prog: dict, row: dict, best_weights):
-    """Score the held-out classes, record the value in ``row`` and update ``prog``; returns the best weights."""
-    value = heldout_metric(method, heldout, st.monitor, device, cfg.batch_size)
+def _epoch_means(sums: dict, n: int, device: str, dinfo: DistInfo) -> dict:
+    """Each loss term's mean over the epoch's steps, of every process under DDP (rank 0's alone cover only its
+    shard)."""
+    t = torch.tensor([*sums.values(), float(n)], dtype=torch.float64, device=device)
+    if dinfo.world_size > 1:
+        dist.all_reduce(t)
+    return {k: float(v) / max(float(t[-1]), 1.0) for k, v in zip(sums, t[:-1].tolist(), strict=True)}
+
+
+def _early_stopping(method, heldout, st, device: str, cfg, prog: dict, row: dict, best_weights, dinfo: DistInfo):
+    """Score the held-out classes, record the value in ``row`` and update ``prog``; returns the best weights.
+
+    Under DDP rank 0 scores and every process takes its value: processes deciding apart (an evaluation that is not
+    bit-reproducible across them) would leave one waiting forever for the others' next step."""
+    value = heldout_metric(method, heldout, st.monitor, device, cfg.batch_size) if dinfo.main else 0.0
+    if dinfo.world_size > 1:
+        shared = torch.tensor([value], dtype=torch.float64, device=device)
+        dist.broadcast(shared, src=0)
+        value = float(shared[0])
     row[f"heldout_{st.monitor}"] = value
     if prog["best"] is None or value >= prog["best"]:
         prog["best"], prog["bad"] = value, 0
@@ -284,8 +343,10 @@ def train(method, dataset, out_dir: Path, *, resume: bool = False, device: str =
     stages = method.training_stages()
     dinfo = dinfo or DistInfo()
     out_dir = Path(out_dir)
-    if len(dataset) == 0:
-        raise ZsadError("the training set is empty")
+    if len(dataset) < dinfo.world_size:
+        raise ZsadError(f"the training set has {len(dataset)} samples, fewer than the {dinfo.world_size} processes"
+                        if len(dataset) else "the training set is empty")
+    steps = steps_per_epoch(len(dataset), cfg.batch_size, dinfo.world_size)
     method.to(device)
     state, history, prog, best_weights = None, [], _fresh_progress(0), None
     if resume:
@@ -297,8 +358,10 @@ def train(method, dataset, out_dir: Path, *, resume: bool = False, device: str =
     loss_module = _LossModule(method)
     model: nn.Module = loss_module
     if dinfo.world_size > 1:
+        # unused parameters: a stage may train only some of them (Bayes-PFL's second stage, its image head
+        # in the first); those no process used keep no gradient, as in one process
         model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[dinfo.local_rank] if device.startswith("cuda") else None)
+            model, device_ids=[dinfo.local_rank] if device.startswith("cuda") else None, find_unused_parameters=True)
     method.train()
     epoch = state["epoch"] if state is not None else 0
     total_epochs = sum(s.epochs for s in stages)
@@ -315,15 +378,15 @@ def train(method, dataset, out_dir: Path, *, resume: bool = False, device: str =
         t0 = time.perf_counter()
         desc = f"epoch {epoch + 1}/{total_epochs}" + (f" (stage {st.index})" if len(stages) > 1 else "")
         bar = tqdm(loader, desc=desc, disable=not (progress and dinfo.main), dynamic_ncols=True, leave=True)
-        sums, n = _train_epoch(model, loader, optimizer, cfg, st, prog["stage_epoch"], device, bar)
-        row = {"epoch": epoch + 1, **stage_meta,
-               **{k: v / max(n, 1) for k, v in sums.items()}, "seconds": round(time.perf_counter() - t0, 2)}
+        sums, n = _train_epoch(model, optimizer, cfg, st, prog["stage_epoch"], steps, device, bar, len(dataset), dinfo)
+        row = {"epoch": epoch + 1, **stage_meta, **_epoch_means(sums, n, device, dinfo),
+               "seconds": round(time.perf_counter() - t0, 2)}
         prog["stage_epoch"] += 1
         if heldout:
-            best_weights = _early_stopping(method, heldout, st, device, cfg, prog, row, best_weights)
+            best_weights = _early_stopping(method, heldout, st, device, cfg, prog, row, best_weights, dinfo)
         history.append(row)
         epoch += 1
-        if dinfo.main:
+        if dinfo.main:  # rank 0 alone writes (the others wait at the barrier)
             _commit(out_dir, method, optimizer, epoch, n, history, prog, best_weights, stage_meta, meta)
         if dinfo.world_size > 1:
             dist.barrier()
