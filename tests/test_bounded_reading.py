@@ -264,6 +264,16 @@ class Big:
         return torch._utils._rebuild_tensor_v2, (storage, 0, (100000, 100000), (0, 0), False, OrderedDict())
 
 
+def lying_entry_count(path: Path) -> list:
+    """The 70,000 entries again, the end records claiming 10: the parsed directory is counted too."""
+    many_entries(path)
+    raw = bytearray(path.read_bytes())
+    at = raw.rindex(b"PK\x06\x06")  # the zip64 end record: entries on this disk / in total at +24 / +32
+    raw[at + 24:at + 40] = struct.pack("<QQ", 10, 10)
+    path.write_bytes(bytes(raw))
+    return ["--from", "anomalyclip", path]
+
+
 def clip_weights_stride0(path: Path) -> list:
     """A CLIP weights file for zsad-tiny whose token embedding is a :class:`Big` view, given as --clip-weights."""
     ok = path.with_name("epoch_15.pth")
@@ -302,7 +312,8 @@ CASES = {  # name: (builder, what the one-line error says)
     "memo-bomb": (memo_bomb, "memo index 2147483647"),
     "overlapping-entries": (overlapping, "(overlapping entries)"),
     "entry-past-the-end": (past_the_end, "extends past the end"),
-    "70000-entries": (many_entries, "70000 archive entries"),
+    "70000-entries": (many_entries, "70000 archive entries ("),  # counted from the end record, before parsing
+    "lying-entry-count": (lying_entry_count, "70000 archive entries; at most 65536 are read"),
     "clip-weights-stride0": (clip_weights_stride0, "token_embedding.weight (100000, 100000) vs (49408, 128)"),
     "sowa-bundled-clip-stride0": (sowa_clip_stride0, "token_embedding.weight (100000, 100000) vs (49408, 128)"),
     "safetensors-header-lies": (safetensors_lies, "Could not read CLIP weights"),

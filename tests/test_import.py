@@ -762,7 +762,6 @@ def test_clip_weights_go_into_the_on_the_fly_import(tmp_path, capsys):
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.slow
 def test_sowa_released_file_with_clip_weights_runs_on_them_not_on_its_own_clip(tmp_path):
     """SOWA's checkpoint carries a CLIP; given --clip-weights, the on-the-fly import does not extract it, and the
     model built from the released file runs on the user's CLIP."""

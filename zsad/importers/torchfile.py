@@ -65,7 +65,7 @@ INERT_PREFIXES = ("torch.optim.", "src.", "omegaconf.", "lightning.", "pytorch_l
                   "torchmetrics.", "hydra.", "dotmap.", "typing.")
 
 MAX_ENTRIES = 65_536  # a ViT-L Lightning checkpoint with optimizer state has ~1,000
-MAX_CENTRAL_DIRECTORY = 64 << 20
+MAX_CENTRAL_DIRECTORY = 8 << 20  # 65,536 entries with names of ~80 characters
 MAX_PICKLE_BYTES = 64 << 20  # the structure only: SOWA's data.pkl with every hyper-parameter is ~0.2 MB
 MAX_NESTING = 200  # OmegaConf's deepest pickled chains are ~30 levels
 MAX_MODULES = 100_000  # module visits when a pickled module tree is flattened (shared submodules count each time)
@@ -116,6 +116,8 @@ class Archive:
                 infos = zipfile.ZipFile(f).infolist()
             except (zipfile.BadZipFile, ValueError, OSError) as err:
                 raise ZsadError(f"{self.path} is a corrupt zip archive: {str(err)[:120]}") from err
+            if len(infos) > MAX_ENTRIES:  # the end record's count can lie; the directory's size bounded this parse
+                raise ZsadError(f"{self.path}: {len(infos)} archive entries; at most {MAX_ENTRIES} are read")
             self.entries: dict[str, tuple[int, int]] = {}  # name -> (data offset, size) of every stored entry
             total = 0
             for info in infos:
