@@ -19,6 +19,7 @@ own ``ModelConfig`` schema (shipped in tritonclient) so a typo never reaches a s
 """
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import struct
@@ -146,6 +147,13 @@ def _parameters(params: dict) -> dict:
     return {"parameters": [{"key": k, "value": {"string_value": str(v)}} for k, v in params.items()]}
 
 
+def _index_bounds(stage) -> dict:
+    """The stage's declared index inputs (``Stage.index_bounds``, e.g. BAG-CLIP's knn_index < N) for the python
+    stage models' request checks: a client can call a stage model directly, and an out-of-range index in a scatter
+    is undefined behaviour in some runtimes."""
+    return {"index_bounds": json.dumps(stage.index_bounds)} if stage.index_bounds else {}
+
+
 def stage_config(opts: RepoOptions, stage, model_name: str) -> dict:
     inputs = [tensor_config(n, s, stage.dtype(n)) for n, s in stage.inputs.items()]
     outputs = [tensor_config(n, s, stage.dtype(n)) for n, s in stage.outputs.items()]
@@ -161,7 +169,8 @@ def stage_config(opts: RepoOptions, stage, model_name: str) -> dict:
     if opts.backend == "python-ort":
         cfg.update(_parameters({"onnx_file": "model.onnx",
                                 "providers": "CUDAExecutionProvider,CPUExecutionProvider"
-                                if opts.instance_kind == "KIND_GPU" else "CPUExecutionProvider"}))
+                                if opts.instance_kind == "KIND_GPU" else "CPUExecutionProvider",
+                                **_index_bounds(stage)}))
     cfg.update(_warmup(inputs))
     return cfg
 
@@ -182,7 +191,8 @@ def openvino_stage_config(opts: RepoOptions, stage, model_name: str, precision: 
         if hint == "bf16":
             params["HINT_BF16"] = "YES"
     else:
-        params = {"model_file": "model.xml", "inference_precision": hint, "zsad_precision": precision}
+        params = {"model_file": "model.xml", "inference_precision": hint, "zsad_precision": precision,
+                  **_index_bounds(stage)}
     cfg.update(_parameters(params))
     cfg.update(_warmup(inputs))
     return cfg
@@ -412,8 +422,6 @@ def repository_readme(name: str, ensembles: list[dict], backend: str, trained: b
                           "parameters": {"binary_data_size": 0}}]
               + [{"name": t, "shape": [1, 1], "datatype": "BYTES", "data": ["bottle"]} for t in text_inputs],
               "outputs": [{"name": "score"}]}
-    import json
-
     head = json.dumps(header, separators=(",", ":"))
     lines += ["## Query with curl", "",
               "`image_bytes` carries the encoded file (PNG, JPEG, BMP, TIFF, ...) through Triton's binary-data "

@@ -49,3 +49,28 @@ def tiny_method():
         return m
 
     return get
+
+
+# Trained states (issue 27): comparisons that met only random weights are untested. Each method trained once per
+# session at the tiny profile on two synthetic training classes (48 images) for TRAINED_EPOCHS epochs, enough to
+# leave the random start (tests/test_trained_export.py asserts the weights moved and the loss fell).
+TRAINED_CLASSES = "brick,plate"
+TRAINED_EPOCHS = 3
+_TRAINED: dict = {}
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, synthetic):
+    """A factory: method name -> the run directory of that method trained as above (shared by every test)."""
+    from zsad.train.run import run
+
+    def get(name: str):
+        if name not in _TRAINED:
+            out = tmp_path_factory.mktemp(f"trained_{name}")
+            run(model=name, profile="tiny", data=str(synthetic), split="test", classes=TRAINED_CLASSES,
+                clip_weights=None, epochs=TRAINED_EPOCHS, batch_size=None, lr=None, image_size=None, seed=None,
+                out=str(out), resume=False, device="cpu", workers=0, progress=False)
+            _TRAINED[name] = out
+        return _TRAINED[name]
+
+    return get

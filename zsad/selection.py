@@ -36,7 +36,9 @@ class SelectionCheck:
     rows: int  # rows (selections) compared
     differing: int  # rows whose chosen set differs from the reference's
     unexplained: int  # differing rows that are no near-tie within eps (any > 0 fails)
-    max_gap: float  # largest score gap the other runtime's choice crossed (best unchosen - worst chosen, raw scores)
+    # largest score gap the other runtime's choice crossed over the differing rows (best unchosen - worst chosen, raw
+    # scores; negative where the choice lost only to the rounding or the index rule; 0 when none differ)
+    max_gap: float
     eps: float  # the score perturbation allowed
     first_bad: str = ""  # where the first unexplained row is, for the error message
 
@@ -85,7 +87,7 @@ class TopKSelection:
             return SelectionCheck(b * r, b * r, b * r, float("inf"), eps, f"dtype {got.dtype} is not an index type")
         got_sorted, ref_sorted = np.sort(got, axis=-1), np.sort(ref, axis=-1)
         differing = np.argwhere((got_sorted != ref_sorted).any(axis=-1))
-        unexplained, max_gap, first_bad = 0, 0.0, ""
+        unexplained, gaps, first_bad = 0, [], ""
         cols = np.arange(m)
         for bi, ri in differing:
             chosen = got_sorted[bi, ri]
@@ -97,7 +99,7 @@ class TopKSelection:
                 if self.exclude_self:
                     others[ri] = False
                 s = scores[bi, ri]
-                max_gap = max(max_gap, float(s[others].max() - s[is_chosen].min()))
+                gaps.append(float(s[others].max() - s[is_chosen].min()))
                 # most favourable perturbation: chosen scores up by eps, the others down by eps
                 hi, lo = self._round(s + eps), self._round(s - eps)
                 worst_q = hi[is_chosen].min()
@@ -111,6 +113,7 @@ class TopKSelection:
                        f"{eps:.3g}")
             unexplained += 1
             first_bad = first_bad or f"image {bi}, row {ri}: {why}"
+        max_gap = float("inf") if len(gaps) < len(differing) else max(gaps, default=0.0)  # inf: an invalid choice
         return SelectionCheck(b * r, len(differing), unexplained, max_gap, eps, first_bad)
 
     def _invalid(self, chosen: np.ndarray, row: int, m: int) -> str:

@@ -3,7 +3,8 @@
 For CPU servers without Triton's openvino backend (e.g. the tritonserver bundled with nvidia-pytriton). The IR
 (model.xml + model.bin, int8 where NNCF quantised it) is compiled with the inference precision the export gated
 (parameter ``inference_precision``: f32 or bf16), which must be given explicitly: on CPUs with AVX-512 BF16 / AMX
-OpenVINO's default is bf16. Requests are checked (finite floats, non-negative integers), the valid ones of a
+OpenVINO's default is bf16. Requests are checked (finite floats, integers non-negative and below the export's
+declared index bounds), the valid ones of a
 dynamic batch concatenated, run in one call and split back; if that call fails, each runs alone
 (zsad_backend_guard.run_stage_requests, copied beside this file at export).
 """
@@ -29,6 +30,7 @@ class TritonPythonModel:
         self.compiled = ov.Core().compile_model(path, "CPU", props)
         self.inputs = [i["name"] for i in cfg["input"]]
         self.outputs = [o["name"] for o in cfg["output"]]
+        self.bounds = json.loads(p.get("index_bounds", "{}"))  # the export's Stage.index_bounds (BAG-CLIP's knn_index)
         by_name = {o.get_any_name(): o for o in self.compiled.outputs}
         self.ports = [by_name[n] for n in self.outputs]
 
@@ -37,4 +39,5 @@ class TritonPythonModel:
         return [result[port] for port in self.ports]
 
     def execute(self, requests):
-        return run_stage_requests(pb_utils, requests, self.inputs, self.outputs, self._run, self.model_name)
+        return run_stage_requests(pb_utils, requests, self.inputs, self.outputs, self._run, self.model_name,
+                                  self.bounds)

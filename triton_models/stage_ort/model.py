@@ -21,7 +21,8 @@ _PASS_THROUGH = {"Unsqueeze", "Squeeze", "Reshape", "Expand", "Flatten", "Identi
 
 def index_bounds(path: str, names: list) -> dict:
     """For each integer graph input: the smallest static size of a dimension it indexes (Gather, GatherElements,
-    GatherND, reached through layout-only ops). ONNX wraps negative indices silently, so they are refused too."""
+    GatherND, ScatterElements, reached through layout-only ops). ONNX wraps negative indices silently, so they are
+    refused too."""
     import onnx
 
     model = onnx.shape_inference.infer_shapes(onnx.load(path, load_external_data=False))
@@ -44,7 +45,7 @@ def index_bounds(path: str, names: list) -> dict:
                 seen.add((node.name, k))
                 data = shapes.get(node.input[0]) or []
                 axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-                if node.op_type in ("Gather", "GatherElements") and k == 1 and data:
+                if node.op_type in ("Gather", "GatherElements", "ScatterElements") and k == 1 and data:
                     found.append(data[axis % len(data)])
                 elif node.op_type == "GatherND" and k == 1:
                     index_depth = (shapes.get(node.input[1]) or [None])[-1]
@@ -73,7 +74,11 @@ class TritonPythonModel:
         self.inputs = [i["name"] for i in cfg["input"]]
         self.outputs = [o["name"] for o in cfg["output"]]
         ints = [i["name"] for i in cfg["input"] if i["data_type"] in ("TYPE_INT64", "TYPE_INT32")]
-        self.bounds = index_bounds(path, ints) if ints else {}
+        found = index_bounds(path, ints) if ints else {}
+        # the export's declared bounds (Stage.index_bounds) where the graph hides one: the tighter of the two
+        declared = json.loads(p.get("index_bounds", "{}"))
+        self.bounds = {n: min(b for b in (found.get(n), declared.get(n)) if b is not None)
+                       for n in ints if found.get(n) is not None or declared.get(n) is not None}
 
     def _run(self, batch):
         return self.session.run(self.outputs, batch)
