@@ -64,14 +64,14 @@ def import_checkpoint(fmt: str, files, out, clip_weights: str | Path | None = No
     if clip_weights is not None:  # the user's CLIP: its keys and shapes must fit the architecture (nothing read)
         table = clip_state_shapes(b.arch)
         check_clip_shapes(clip_tensors(clip_weights, table), table, str(clip_weights), b.arch)
-    elif (clip := imp.clip_state(source)) is not None:
+    mapping = Mapping(source, trainable_shapes(imp.method, config))
+    imp.convert(source, mapping)
+    mapping.finish()
+    if clip_weights is None and (clip := imp.clip_state(source)) is not None:
         # the released file carries the frozen CLIP itself: keep it next to the checkpoint (no download needed)
         clip_path = (out / CLIP_NAME).resolve()
         write_clip_safetensors(clip, clip_state_shapes(b.arch), clip_path, f"{files[0]} (clip_model.*)")
         clip_weights, clip_source = clip_path, f"extracted from {files[0].name} (clip_model.*)"
-    mapping = Mapping(source, trainable_shapes(imp.method, config))
-    imp.convert(source, mapping)
-    mapping.finish()
     profile_backbone = resolve_config(imp.method, profile).backbone
     if clip_weights:
         b.weights, b.pretrained = str(Path(clip_weights).resolve()), None
