@@ -545,7 +545,8 @@ def _openvino_stages(method, stages, onnx_files, opts: ExportOptions, scratch, i
             r.case = f"openvino {r.case}"
         log(parity.format_table(rows))
         return files, {**info, "gate": "fp32 parity gate (the rows marked 'openvino')"}, rows
-    section = precision_gate(method, stages, runners, precision, opts.gate_images, opts.gate_thresholds)
+    section = precision_gate(method, stages, runners, precision, opts.gate_images, opts.gate_thresholds,
+                             [q["stage"] for q in info["quantized_stages"]])
     log(f"{precision} precision gate passed: map correlation {section['map_corr']:.5f}, image scores ranked as fp32 "
         f"beyond near-ties ({section['score_tie']:g} of the scale; Spearman {section['score_spearman']:.5f}), pixel "
         f"AUROC {100 * section['pixel_auroc']:.2f} vs fp32 "

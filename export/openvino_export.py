@@ -29,6 +29,7 @@ within 0.5 points. A failing precision raises :class:`PrecisionGateError` and no
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -267,8 +268,9 @@ def run_chain(stages, runners: dict, feed: dict[str, np.ndarray]) -> dict[str, n
 
 
 def precision_gate(method, stages, runners: dict, precision: str, n_images: int = GATE_IMAGES,
-                   thresholds: GateThresholds | None = None) -> dict:
-    """Run the gate; returns its report section, or raises PrecisionGateError naming what failed."""
+                   thresholds: GateThresholds | None = None, quantized: Sequence[str] = ()) -> dict:
+    """Run the gate; returns its report section, or raises PrecisionGateError naming what failed and where the
+    precision was lowered (``quantized``: the int8 stages, from ``build_openvino_stages``' info)."""
     from zsad.methods import run_stages
 
     th = thresholds or GateThresholds()
@@ -284,7 +286,9 @@ def precision_gate(method, stages, runners: dict, precision: str, n_images: int 
                "data": "synthetic set, held-out test classes (defect and good images)",
                "thresholds": asdict(th), **metrics, "passed": not fails, "failures": fails, "caveat": CAVEAT}
     if fails:
-        err = PrecisionGateError(f"{precision} precision gate failed on {n_images} synthetic images: "
+        where = (f"int8 stage{'s' if len(quantized) > 1 else ''} {', '.join(repr(q) for q in quantized)}"
+                 if quantized else f"every stage in {precision}")
+        err = PrecisionGateError(f"{precision} precision gate failed on {n_images} synthetic images ({where}): "
                                  + "; ".join(fails) + "; nothing was written")
         err.section = section
         raise err

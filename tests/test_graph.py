@@ -91,6 +91,18 @@ def test_edge_weight_and_symmetrize_options():
         knn_graph(x, 20)
 
 
+def test_relu_cos_weights_in_every_image_of_a_batch():
+    """Each image's edges carry its own rows' cosines (the batched gather must not read another image's rows)."""
+    x = torch.randn(3, 20, 6, generator=torch.Generator().manual_seed(2))
+    a = knn_adjacency(x, 3, edge_weight="relu_cos").numpy()
+    for b in range(3):
+        xn = x[b].numpy() / np.linalg.norm(x[b].numpy(), axis=1, keepdims=True)
+        s = xn @ xn.T
+        for i, js in enumerate(_brute_neighbours(x[b].numpy(), 3)):
+            np.testing.assert_allclose(a[b, i, js], np.maximum(s[i, js], 0), rtol=1e-5, atol=1e-6)
+            assert np.count_nonzero(a[b, i]) <= 3
+
+
 def test_gcn_layer_formula():
     torch.manual_seed(0)
     layer = GCNLayer(12)

@@ -283,7 +283,6 @@ def _near_tie_features(n=1369, d=1024, groups=100, seed=0):
     return (x @ q).astype(np.float32)
 
 
-@pytest.mark.slow
 def test_paper_width_graph_on_near_ties_passes_the_gate_in_onnx_runtime(tmp_path):
     from zsad.export.onnx_export import export_stage
 
