@@ -138,7 +138,7 @@ def build_method(model: str | None, checkpoint: str | None, profile: str, image_
     from zsad.checkpoint import load_checkpoint, read_sidecar
 
     if checkpoint:
-        meta = read_sidecar(checkpoint)
+        meta = read_sidecar(checkpoint, clip_weights)  # a released file is imported once, with the user's CLIP
         if model and model != meta["method"]:
             raise ZsadError(f"--model {model} but {checkpoint} is a '{meta['method']}' checkpoint")
         overrides = {"backbone": {"image_size": image_size}} if image_size else None

@@ -3,6 +3,7 @@ a hand count. No assertion on absolute times."""
 import csv
 import json
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -280,3 +281,41 @@ def test_a_second_run_the_same_day_keeps_the_first_runs_files(tmp_path):
     assert {p: p.read_bytes() for p in first.values()} == before  # untouched
     assert second["json"].name == first["json"].name.replace(".json", "-2.json")
     assert "run 2" in second["md"].read_text() and "run 1" not in second["md"].read_text()
+
+
+def test_bench_parity_takes_near_tie_selections_and_refuses_others(trained_run):
+    """zsad-bench's parity columns on a trained BAG-CLIP: a backend whose kNN selection breaks a near-tie the
+    other way (its outputs computed on that selection) passes, with the differing selection counted; one that
+    swaps in a far neighbour fails, however close its map happens to be."""
+    from zsad.bench.run import build_method, reference_outputs
+    from zsad.methods import run_stages
+
+    method, _ = build_method("bagclip", "tiny", None, str(trained_run("bagclip")))
+    ref = reference_outputs(method)
+    env, k = ref.env, method.config.graph.knn_k
+    spec = next(st for st in ref.stages if st.name == "graph").selections["knn_index"]
+    scores = spec.raw_scores(env["fused"])
+    n = scores.shape[1]
+    scores[:, np.arange(n), np.arange(n)] = -np.inf
+    rounded = np.round(scores * 2.0 ** spec.resolution_bits) / 2.0 ** spec.resolution_bits
+    order = np.argsort(-rounded, axis=-1, kind="stable")  # the rule: rounded similarity, then the lower index
+    gaps = np.take_along_axis(scores, order[..., k - 1:k], -1) - np.take_along_axis(scores, order[..., k:k + 1], -1)
+    b, row = np.unravel_index(np.argmin(gaps[..., 0]), gaps.shape[:2])
+    assert gaps[b, row, 0] < 1e-4  # the trained features have near-ties (the point of training first)
+
+    def outputs(knn):
+        rest = [st for st in ref.stages if st.name in ("head", "postprocess")]
+        feed = {k_: torch.from_numpy(env[k_]) for k_ in ("global_embedding", "taps", "fused")}
+        with torch.no_grad():
+            out = run_stages(rest, **feed, knn_index=torch.from_numpy(knn))
+        return {"score": out["score"].numpy(), "anomaly_map": out["anomaly_map"].numpy(), "knn_index": knn}
+
+    near = env["knn_index"].copy()
+    near[b, row] = np.sort(np.r_[order[b, row, :k - 1], order[b, row, k]])  # the (k+1)-th for the k-th
+    p = ref.parity(outputs(near), "fp32")
+    assert p["parity_ok"] and p["parity_selection_differing"] == 1 and p["parity_selection_max_gap"] < 1e-4
+    far = env["knn_index"].copy()
+    far[b, row] = np.sort(np.r_[order[b, row, :k - 1], order[b, row, -2]])  # the least similar other patch
+    p = ref.parity(outputs(far), "fp32")
+    assert not p["parity_ok"] and p["parity_selection_differing"] == 1
+    assert ref.parity(outputs(env["knn_index"].copy()), "fp32")["parity_selection_differing"] == 0

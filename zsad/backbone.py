@@ -363,8 +363,8 @@ def load_clip(
     """Build a frozen CLIP backbone.
 
     - ``pretrained``: an open_clip tag (e.g. ``openai``); downloads where there is internet.
-    - ``weights``: a local ``.safetensors`` file, or a torch file loaded with ``weights_only=True`` (OpenAI's
-      TorchScript ``.pt`` files are read too).
+    - ``weights``: a local ``.safetensors`` file or a torch file (OpenAI's TorchScript ``.pt`` files too), read as
+      data and checked against this architecture's shape table before a tensor is read (zsad.importers.clipfile).
     - neither: random weights, with a loud warning (fine for tests and architecture benchmarks, meaningless
       for accuracy).
     - ``image_size``: the positional embedding is resized once here (e.g. 336 -> 518 gives a 37x37 grid)
