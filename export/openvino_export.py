@@ -282,9 +282,14 @@ def precision_gate(method, stages, runners: dict, precision: str, n_images: int 
     metrics = gate_metrics(ref["score"].numpy(), ref["anomaly_map"].numpy(), got["score"], got["anomaly_map"], masks,
                            th.score_tie)
     fails = gate_failures(metrics, th)
+    # selections (BAG-CLIP's kNN neighbours) that the lowered precision chose otherwise: reported, not gated apart;
+    # the metrics above measure the whole chain against fp32, selection changes included (what a user gets)
+    differing = {n: int((np.sort(ref[n].numpy(), -1) != np.sort(got[n], -1)).any(-1).sum())
+                 for st in stages for n in st.selections}
     section = {"precision": precision, "reference": "torch fp32 eager, same checkpoint", "images": n_images,
                "data": "synthetic set, held-out test classes (defect and good images)",
-               "thresholds": asdict(th), **metrics, "passed": not fails, "failures": fails, "caveat": CAVEAT}
+               "thresholds": asdict(th), **metrics, **({"selection_differing": differing} if differing else {}),
+               "passed": not fails, "failures": fails, "caveat": CAVEAT}
     if fails:
         where = (f"int8 stage{'s' if len(quantized) > 1 else ''} {', '.join(repr(q) for q in quantized)}"
                  if quantized else f"every stage in {precision}")

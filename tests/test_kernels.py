@@ -117,6 +117,27 @@ def test_knn_graph_matches_float64_reference(interpreted, n, d, k, edge_weight, 
     assert torch.equal(out, out.transpose(-1, -2))  # symmetric by construction, bit for bit
 
 
+@pytest.mark.parametrize("edge_weight,symmetrize", [("binary", "max"), ("relu_cos", "mean")])
+def test_split_dispatch_takes_the_triton_path_and_matches_the_reference(interpreted, monkeypatch, edge_weight,
+                                                                         symmetrize):
+    """BAG-CLIP's two graph steps (selection, then Â from the selected indices) with dispatch forced to Triton:
+    the neighbour sets equal the float64 reference's (as sets, ascending int64) and Â equals the reference built
+    from the same indices."""
+    calls = []
+    for name in ("knn_select_triton", "knn_normalize_triton"):
+        real = getattr(KG, name)
+        monkeypatch.setattr(KG, name, lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
+    monkeypatch.setattr(KG, "use_triton", lambda *t: True)
+    x = torch.randn(2, 50, 8, generator=_gen(31))
+    idx = KG.dispatch_select(x, 4, resolution_bits=14)
+    assert idx.dtype == torch.int64 and torch.equal(idx, idx.sort(dim=-1).values)
+    assert torch.equal(idx, KG.knn_select(x.double(), 4, 14))
+    a_hat = KG.dispatch_graph_from_index(x, idx, edge_weight, symmetrize, 14)
+    ref = KG.graph_from_index_reference(x.double(), idx, edge_weight, symmetrize, 14)
+    torch.testing.assert_close(a_hat.double(), ref, rtol=1e-5, atol=1e-6)
+    assert calls == ["knn_select_triton", "knn_normalize_triton"]
+
+
 @pytest.mark.parametrize("symmetrize", KG.SYMMETRIZE)
 def test_knn_normalize_on_an_arbitrary_directed_adjacency(interpreted, symmetrize):
     g = _gen(7)

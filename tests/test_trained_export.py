@@ -160,6 +160,9 @@ def test_trained_stages_pass_the_openvino_and_torch_gates(served_trained, traine
         runners, _, _ = OV.build_openvino_stages(method, stages, files, "bf16", tmp_path / "bf16", **QUIET)
         section = OV.precision_gate(method, stages, runners, "bf16")
         assert section["passed"] and section["score_swaps"] == 0, section
+        if name == "bagclip":  # bf16 moves similarities by ~1e-2: other neighbours in places, counted in the report
+            n_rows = OV.GATE_IMAGES * method.backbone.info.grid ** 2
+            assert 0 < section["selection_differing"]["knn_index"] < n_rows
     runners, _, info = OV.build_openvino_stages(method, stages, files, "int8", tmp_path / "int8", **QUIET)
     quantised = [q["stage"] for q in info["quantized_stages"]]
     assert quantised == ["encoder"]
