@@ -265,7 +265,7 @@ def text_input_config(opts: RepoOptions, model_name: str, text_input) -> dict:
     cfg["output"] = [text_output_config(text_input)]
     cfg.update(_scheduling(opts, "KIND_CPU"))  # tokenising is CPU work whatever the stages use
     _standalone_text_encoder(text_input)
-    cfg.update(_parameters({"text_input": json.dumps(dataclasses.asdict(text_input))}))  # the aliases too
+    cfg.update(_parameters({"text_input": json.dumps(dataclasses.asdict(text_input))}))
     # warm-up with the method's default text (an empty string is refused): warmup/text.bin
     cfg["model_warmup"] = [{"name": "default_text", "batch_size": 1, "inputs": [
         {"key": text_input.request_name, "value": {"data_type": Sym("TYPE_STRING"), "dims": [1],

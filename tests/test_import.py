@@ -649,6 +649,10 @@ def test_bayespfl_paper_file_imports_and_runs(tmp_path):
     assert meta["imported"]["values_imported"] == 23_497_505  # what the released model uses at inference
     assert meta["config"]["backbone"]["quick_gelu"] is False
     assert meta["config"]["backbone"]["pos_interpolation"] == "bicubic"
+    # the release's resize (open_clip's resize_pos_embed: bicubic with antialias), also in the import record
+    assert meta["config"]["backbone"]["pos_antialias"] is True
+    assert meta["config"]["backbone"]["pos_align_corners"] is False
+    assert meta["imported"]["backbone"]["pos_antialias"] is True
     w = load_file(str(out / "checkpoint.safetensors"))
     assert torch.equal(w["pfl.rca.query.weight"], sd["RCA.q_proj_pre.weight"][..., 0])
     assert torch.equal(w["pfl.state_flows.abnormal.u"], sd["PFL_abnormal.amor_u"].reshape(10, 768))

@@ -84,6 +84,7 @@ def import_checkpoint(fmt: str, files, out, clip_weights: str | Path | None = No
         "files": [{"path": str(f.resolve()), "sha256": sha256_file(f), "bytes": f.stat().st_size} for f in files],
         "settings": settings,
         "backbone": {"arch": b.arch, "quick_gelu": b.quick_gelu, "pos_interpolation": b.pos_interpolation,
+                     "pos_align_corners": b.pos_align_corners, "pos_antialias": b.pos_antialias,
                      "image_size": b.image_size, "taps": list(config.taps), "clip_weights": where,
                      **({"clip_source": clip_source} if clip_source else {})},
         "mapping": mapping.applied,

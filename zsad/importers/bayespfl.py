@@ -50,10 +50,12 @@ class BayesPflImporter(Importer):
         return Source(self.name, flatten(obj["MyModel"]), files)
 
     def settings(self, source: Source, profile: str) -> dict:
-        """GELU + bicubic (the released backbone), and the head sizes the file was built with (the released code
-        derives them: hidden = fuse width = vision width / 2, B x P / Q prompt vectors, K flow steps)."""
+        """GELU + bicubic with antialias (the released backbone: open_clip's resize_pos_embed), and the head sizes the
+        file was built with (the released code derives them: hidden = fuse width = vision width / 2, B x P / Q
+        prompt vectors, K flow steps)."""
         banks, p, _ = source.shape("prompt_context")
-        return {"backbone": {"quick_gelu": False, "pos_interpolation": "bicubic"},
+        return {"backbone": {"quick_gelu": False, "pos_interpolation": "bicubic", "pos_antialias": True,
+                             "pos_align_corners": False},
                 "prompt": {"banks": banks, "context_length": p, "state_length": source.shape("prompt_state_normal")[1]},
                 "flow": {"hidden": source.shape("context_encoder.weight_mean.module.0.weight")[0],
                          "length": source.shape("PFL_context.amor_b.weight")[0]},
