@@ -17,6 +17,12 @@ depend on them); the parity check compares backends with each other, not with th
 ``zsad-bench --replot RESULT.json`` redraws the PNG and rewrites the .md of a result file as the current report
 writes them.
 
+``zsad-bench --forecast h100,h200,a100,l4 --model ... --batch 1,8,32`` runs nothing: it writes a roofline forecast
+(``zsad.bench.forecast``: per-stage FLOPs and bytes at fp32 / tf32 / fp16 / bf16 / int8 against each GPU's published
+peaks; lower-bound latency, throughput ceilings, the GPU goals and the papers' figures beside them), labelled
+*forecast, not measured*, to <date>-forecast-<profile>-<models>.json / .md / .png; ``--measured RESULT.json`` (a
+zsad-bench GPU run) adds measured / forecast per stage.
+
 This module is the command only: the run is ``zsad.bench.run``, the backends ``zsad.bench.backends``, the result
 files ``zsad.bench.report``.
 """
@@ -76,14 +82,24 @@ def _ints(text: str) -> list[int]:
 @click.option("--no-progress", is_flag=True)
 @click.option("--replot", type=click.Path(), multiple=True,
               help="Redraw the PNG and rewrite the .md of this result JSON (repeatable) and run nothing else.")
+@click.option("--forecast", "forecast_gpus", default=None,
+              help="Comma-separated GPUs (h100, h100-pcie, h200, a100, l4, rtx3090): write a roofline forecast for "
+                   "--model / --profile / --batch (forecast, not measured) and time nothing.")
+@click.option("--measured", type=click.Path(), multiple=True,
+              help="With --forecast: a zsad-bench result JSON of a GPU run (repeatable), set beside the forecast "
+                   "(measured / forecast per stage).")
 @cli_entry
 def main(model, profile, image_size, batch, backend, device, iters, warmup, checkpoint, served_url, concurrency,
-         served_seconds, served_backend, served_precision, calibration_images, out, no_progress, replot):
+         served_seconds, served_backend, served_precision, calibration_images, out, no_progress, replot,
+         forecast_gpus, measured):
     """Benchmark latency / FPS / VRAM of zsad methods across backends, beside the papers' tables."""
     from zsad.bench.report import environment, paper_rows, paper_setting, summary_table, write_results
     from zsad.bench.report import replot as replot_png
     from zsad.bench.run import bench_model
 
+    if forecast_gpus is not None or measured:
+        _forecast(model, profile, image_size, batch, forecast_gpus, measured, out)
+        return
     if replot:
         for path in replot:
             png = replot_png(Path(path))
@@ -106,6 +122,28 @@ def main(model, profile, image_size, batch, backend, device, iters, warmup, chec
                               plot_method=paper_name, paper_image_size=paper_size)
         click.echo(summary_table(m, rows))
         click.echo("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+def _forecast(model: str, profile: str, image_size: int | None, batch: str, gpus: str | None,
+              measured: tuple[str, ...], out: str) -> None:
+    """zsad-bench --forecast: the roofline forecast's files (zsad.bench.forecast, zsad.bench.report)."""
+    import zsad.methods as M
+    from zsad.bench.forecast import forecast, load_measured, parse_gpus
+    from zsad.bench.report import environment, write_forecast
+
+    if gpus is None:
+        raise ZsadError("--measured needs --forecast GPUS (e.g. --forecast h100)")
+    keys = parse_gpus(gpus)
+    models = [m for m in model.split(",") if m]
+    unknown = [m for m in models if m not in M.METHODS]
+    if unknown or not models:
+        raise ZsadError(f"unknown method(s) {unknown or '(none given)'} for --model; known: {', '.join(M.METHODS)}")
+    batches = _ints(batch)
+    results = [load_measured(p) for p in measured]
+    command = "zsad-bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    payload = forecast(models, profile, image_size, batches, keys, results, log=click.echo)
+    paths = write_forecast(Path(out), payload, command, environment("cpu"))
+    click.echo("wrote " + ", ".join(str(p) for p in paths.values()) + " (forecast, not measured)")
 
 
 def _check_arguments(models, backends, device, checkpoint, iters, warmup, calibration_images, served_backend,

@@ -304,3 +304,273 @@ def plot_figure(model: str, rows: list[dict], paper: list[dict], paper_image_siz
         ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+# == the roofline forecast (zsad-bench --forecast; zsad.bench.forecast) ===========================================
+def write_forecast(out_dir: Path, payload: dict, command: str, env: dict) -> dict[str, Path]:
+    """<date>-forecast-<profile>-<models>.json / .md / .png (numbered like ``write_results`` when taken); the
+    models part is "all" when every registered method is in it."""
+    from zsad.methods import METHODS
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    models = list(payload["methods"])
+    name = "all" if set(models) == set(METHODS) else "-".join(models)
+    stem = f"{env['date'][:10]}-forecast-{_slug(payload['profile'])}-{name}"
+    for n in itertools.count(1):
+        paths = {ext: out_dir / f"{stem if n == 1 else f'{stem}-{n}'}.{ext}" for ext in ("json", "md", "png")}
+        if not any(p.exists() for p in paths.values()):
+            break
+    payload = {**payload, "command": command, "environment": env}
+    paths["json"].write_text(json.dumps(payload, indent=1, default=str))
+    paths["md"].write_text(forecast_markdown(payload))
+    fig = forecast_figure(payload)
+    if fig is None:
+        paths.pop("png")
+    else:
+        import matplotlib.pyplot as plt
+
+        fig.savefig(paths["png"], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+def _ms(v) -> str:
+    return "-" if v is None else f"{v:.3g}" if v < 10 else f"{v:.1f}"
+
+
+def forecast_markdown(payload: dict) -> str:
+    from zsad.bench.forecast import GPUS, LABEL, PRECISIONS
+
+    gpus, env = payload["gpus"], payload["environment"]
+    models = list(payload["methods"])
+    lines = [f"# zsad-bench roofline forecast: {', '.join(models)} ({payload['profile']} profile): {LABEL.upper()}",
+             "", f"`{payload['command']}`", "",
+             f"**{LABEL.capitalize()}.** Every time here is a lower bound (every images/s an upper bound) from the "
+             "FLOPs and bytes each stage must move (counted on fake tensors, no weights run) and NVIDIA's published "
+             "peaks: max(FLOPs / peak, bytes / bandwidth) per stage, summed over the chain. Nothing ran on a GPU. "
+             f"Counted on {env.get('device_name')}, torch {env.get('torch')}, {env.get('date')}.", "",
+             "## GPUs: published dense peaks", "",
+             "| key | GPU (variant) | FP32 TFLOPS | TF32 | FP16 | BF16 | INT8 TOPS | DRAM GB/s | source | as printed |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    shown = list(dict.fromkeys([*gpus, *(c["gpu"] for c in payload.get("paper_chains", []))]))
+    for g in shown:
+        gpu = GPUS[g]
+        lines.append(f"| {g} | {gpu.name} | " + " | ".join(f"{gpu.peak_tflops[p]:g}" for p in PRECISIONS)
+                     + f" | {gpu.bandwidth_gbs:g} | {gpu.source} | {gpu.printed} |")
+    lines += ["", "## Byte model", "",
+              "- weights read once per batch (the parameters / buffers each stage touches; a gathered table counts "
+              "its rows gathered) at " + ", ".join(f"{p} {b} B" for p, b in payload["byte_model"]["weight_bytes"]
+                                                   .items()) + ";",
+              "- the stage's declared inputs and outputs at " + ", ".join(
+                  f"{p} {b} B" for p, b in payload["byte_model"]["activation_bytes"].items())
+              + " (integer tensors at their own size);",
+              "- **fused** = those two (the bound); **unfused** adds the score intermediates a fused kernel keeps on "
+              "chip: attention scores and probabilities [B, heads, N, M] x 4 passes per SDPA call, and explicit "
+              "similarity matrices (QK^T, BAG-CLIP's kNN similarity) with every element-wise pass up to their softmax "
+              "or top-k, as the eager code runs them;",
+              "- not counted: other intermediates (linear outputs, LayerNorm / GELU passes), launches, host copies. "
+              "Full statement: `zsad/bench/forecast.py` (bench/forecast.py) docstring.", ""]
+    lines += _forecast_goals_md(payload)
+    for model in models:
+        lines += _forecast_chain_md(payload, model)
+    lines += _forecast_stage_md(payload)
+    lines += _forecast_paper_md(payload)
+    lines += _forecast_measured_md(payload)
+    lines += ["", "Build and count time per method (s): " + "; ".join(
+        f"{m} build {t['build']}, count {t['count']}" for m, t in payload["timing_s"].items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def _forecast_goals_md(payload: dict) -> list[str]:
+    from zsad.bench.forecast import PRECISIONS
+
+    goals = payload["goals"]
+    if not goals:
+        return ["## The GPU goals (bench/gpu_check.py)", "",
+                f"Not set beside this forecast: the goals are for the paper profile at its image size (this is the "
+                f"{payload['profile']} profile, {', '.join(str(m['image_size']) for m in payload['methods'].values())}"
+                " px).", ""]
+    lines = ["## The GPU goals (bench/gpu_check.py) beside the forecast", "",
+             "Per precision: the forecast bound, then 'ruled out' where the bound misses the goal, else the fraction "
+             "of the roofline an implementation must reach to meet it (bound / goal for latency, goal / bound for "
+             "images/s at the best listed batch; a throughput goal is ruled out when even the ceiling over all batch "
+             "sizes misses it). The goals are set for an H100 / H200.", "",
+             "| goal | target | GPU | " + " | ".join(PRECISIONS) + " |", "|---|---|---|" + "---|" * len(PRECISIONS)]
+    keys = list(dict.fromkeys((g["goal"], g["target"], g["gpu"]) for g in goals))
+    for goal, target, gpu in keys:
+        cells = []
+        for p in PRECISIONS:
+            g = next((x for x in goals if (x["goal"], x["gpu"], x["precision"]) == (goal, gpu, p)), None)
+            if g is None:
+                cells.append("-")
+                continue
+            value = (f"{_ms(g['forecast'])} ms" if "ms" in goal
+                     else f"{g['forecast']:.0f}/s at b{g['best_batch']} (ceiling {g['ceiling']:.0f})")
+            cells.append(f"{value}: **ruled out**" if g["verdict"] == "ruled out"
+                         else f"{value}: needs {100 * g['roofline_fraction_needed']:.0f}%")
+        lines.append(f"| {goal} | {target} | {gpu} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _forecast_chain_md(payload: dict, model: str) -> list[str]:
+    from zsad.bench.forecast import PRECISIONS
+
+    chains = [c for c in payload["chains"] if c["model"] == model]
+    ceilings = [c for c in payload["ceilings"] if c["model"] == model]
+    info = payload["methods"][model]
+    lines = [f"## {model}: the chain ({' -> '.join(info['stages'])}, {info['image_size']} px)", "",
+             "Lower bound ms per batch (upper bound images/s); the last column is fp16 with the attention / kNN score "
+             "intermediates written out (no fused kernels).", "",
+             "| GPU | batch | " + " | ".join(PRECISIONS) + " | fp16 unfused |",
+             "|---|---|" + "---|" * (len(PRECISIONS) + 1)]
+    for gpu in payload["gpus"]:
+        for b in sorted({c["batch"] for c in chains}):
+            row = {c["precision"]: c for c in chains if c["gpu"] == gpu and c["batch"] == b}
+            if not row:
+                continue
+            lines.append(f"| {gpu} | {b} | " + " | ".join(
+                f"{_ms(row[p]['bound_ms'])} ({row[p]['images_per_s']:.0f}/s)" for p in PRECISIONS)
+                + f" | {_ms(row['fp16']['bound_unfused_ms'])} ({row['fp16']['images_per_s_unfused']:.0f}/s) |")
+        ceil = {c["precision"]: c for c in ceilings if c["gpu"] == gpu}
+        lines.append(f"| {gpu} | ceiling (any batch) | " + " | ".join(
+            f"{ceil[p]['images_per_s']:.0f}/s ({ceil[p]['limit']})" for p in PRECISIONS) + " | |")
+    return lines + [""]
+
+
+def _forecast_stage_md(payload: dict) -> list[str]:
+    gpus = payload["gpus"]
+    lines = ["## Per stage (fp32 and fp16; bf16 moves the bytes of fp16 and has its peaks on these GPUs, tf32 the "
+             "bytes of fp32; JSON: every precision)", "",
+             "Bound ms (c: compute-bound, m: memory-bound) / unfused bound ms. GFLOP, MB and FLOP/B at that batch.", "",
+             "| model | stage | batch | prec. | GFLOP | MB fused | MB unfused | FLOP/B fused | "
+             + " | ".join(gpus) + " |", "|---|---|---|---|---|---|---|---|" + "---|" * len(gpus)]
+    rows = [r for r in payload["stages"] if r["precision"] in ("fp32", "fp16")]
+    index = {(r["model"], r["stage"], r["batch"], r["precision"], r["gpu"]): r for r in rows}
+    for key in dict.fromkeys((r["model"], r["stage"], r["batch"], r["precision"]) for r in rows):
+        first = index[key + (gpus[0],)]
+        cells = []
+        for g in gpus:
+            r = index[key + (g,)]
+            cells.append(f"{_ms(r['bound_ms'])} {r['limit'][0]} / {_ms(r['bound_unfused_ms'])}")
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {first['flops'] / 1e9:.2f} | "
+                     f"{first['bytes_fused'] / 1e6:.1f} | {first['bytes_unfused'] / 1e6:.1f} | "
+                     f"{_f(first['intensity_fused'], '{:.0f}')} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _forecast_paper_md(payload: dict) -> list[str]:
+    from zsad.bench.forecast import GPUS
+
+    gpus = payload["gpus"]
+    lines = ["## The papers' figures", "",
+             "As printed (mostly batch-1 fp32 PyTorch on the authors' GPU, often not stated), beside our chain's fp32 "
+             "batch-1 lower bound: on the paper's own GPU where the peak table has it, and on the GPUs above. A "
+             "paper figure is a measurement of the authors' code; the bound is what no implementation of our chain "
+             "can beat on that GPU.", "",
+             "| model | " + " | ".join(f"{g} fp32 b1 bound ms" for g in gpus) + " |", "|---|" + "---|" * len(gpus)]
+    for model in payload["methods"]:
+        b1 = {c["gpu"]: c for c in payload["chains"] if c["model"] == model and c["batch"] == 1
+              and c["precision"] == "fp32"}
+        lines.append(f"| {model} | " + " | ".join(_ms(b1[g]["bound_ms"]) if g in b1 else "-" for g in gpus) + " |")
+    lines += ["", "| paper | method | component | quantity | value | hardware | our bound on that GPU (fp32 b1) "
+              "| note |", "|---|---|---|---|---|---|---|---|"]
+    own = {(c["model"], c["gpu"]): c for c in payload.get("paper_chains", []) if c["precision"] == "fp32"}
+    for p in payload["paper"]:
+        c = own.get((p["model"], p["gpu"])) if p["gpu"] and not p.get("component") else None
+        bound = f"{_ms(c['bound_ms'])} ms ({GPUS[p['gpu']].name})" if c else "-"
+        lines.append(f"| {p['paper']} | {p['method']} | {p.get('component') or '-'} | {p['quantity']} | {p['value']} "
+                     f"| {p.get('hardware') or 'not stated'} | {bound} | {(p.get('note') or '')[:80]} |")
+    return lines + [""]
+
+
+def _forecast_measured_md(payload: dict) -> list[str]:
+    rows = payload.get("measured") or []
+    if not rows:
+        return ["## Measured / forecast", "",
+                "No GPU result given (`--measured RESULT.json`, a zsad-bench run with device cuda): nothing measured "
+                "to set beside the forecast.", ""]
+    lines = ["## Measured / forecast", "",
+             "Measured p50 (zsad-bench on the GPU) over the forecast lower bound at the same precision and batch; "
+             "a ratio below 1 means the byte / FLOP model or a peak is wrong.", "",
+             "| source | GPU | backend | precision | batch | stage | measured ms | forecast ms (unfused) | "
+             "measured / forecast |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {Path(r['source']).name} | {r['gpu']} | {r['backend']} | {r['precision']} | {r['batch']} | "
+                     f"{r['stage']} | {_ms(r['measured_ms'])} | {_ms(r['forecast_ms'])} "
+                     f"({_ms(r['forecast_unfused_ms'])}) | {r['ratio']:.2f}"
+                     + (" **below the bound**" if r["below_bound"] else "") + " |")
+    return lines + [""]
+
+
+def forecast_figure(payload: dict):
+    """Roofline per GPU: attainable TFLOP/s against arithmetic intensity (FLOP/byte), one roof per precision, each
+    stage a point on its fp16 roof (fused bytes: filled; unfused: x) at batch 1 (circle) and the largest batch
+    (square), measured stages (FLOPs / measured time) as stars. None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    import numpy as np
+
+    from zsad.bench.forecast import GPUS, LABEL
+
+    gpus = payload["gpus"]
+    cols = min(2, len(gpus))
+    nrows = (len(gpus) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(7.5 * cols, 5.2 * nrows), squeeze=False)
+    models = list(payload["methods"])
+    colors = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(models)}
+    big = max(r["batch"] for r in payload["stages"])
+    x = np.logspace(0, 5, 200)
+    for ax, g in zip(axes.flat, gpus, strict=False):
+        gpu = GPUS[g]
+        bw = gpu.bandwidth_gbs * 1e9
+        for p, style in (("fp32", ":"), ("tf32", "-."), ("fp16", "-"), ("int8", "--")):
+            label = "fp16 / bf16" if p == "fp16" else p
+            ax.plot(x, np.minimum(gpu.peak_tflops[p], x * bw / 1e12), style, color="grey", linewidth=1)
+            ax.text(x[-1], gpu.peak_tflops[p], f" {label} {gpu.peak_tflops[p]:g}", fontsize=6, va="bottom",
+                    ha="right", color="grey")
+        for r in payload["stages"]:
+            if r["gpu"] != g or r["precision"] != "fp16" or r["batch"] not in (1, big) or not r["flops"]:
+                continue
+            marker = "o" if r["batch"] == 1 else "s"
+            for ai, fill in ((r["intensity_fused"], True), (r["intensity_unfused"], False)):
+                if fill or r["bytes_unfused"] > r["bytes_fused"]:
+                    y = min(gpu.peak_tflops["fp16"], ai * bw / 1e12)
+                    ax.scatter([ai], [y], marker=marker if fill else "x", s=22, color=colors[r["model"]],
+                               alpha=0.85, zorder=3)
+            if r["batch"] == big:
+                ax.annotate(f"{r['model']}.{r['stage']}", (r["intensity_fused"],
+                            min(gpu.peak_tflops["fp16"], r["intensity_fused"] * bw / 1e12)), fontsize=5,
+                            xytext=(3, -7), textcoords="offset points", color=colors[r["model"]])
+        for m in payload.get("measured") or []:
+            if m["gpu"] != g or not m["flops"] or m["stage"] == "chain (p50)":
+                continue
+            f = next(r for r in payload["stages"] if (r["model"], r["gpu"], r["precision"], r["batch"], r["stage"])
+                     == (m["model"], g, m["forecast_precision"], m["batch"], m["stage"]))
+            ax.scatter([f["intensity_fused"]], [m["flops"] / (m["measured_ms"] * 1e-3) / 1e12], marker="*", s=70,
+                       color=colors[m["model"]], edgecolor="black", linewidth=0.5, zorder=4)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlim(1, x[-1])
+        ax.set_ylim(gpu.peak_tflops["fp32"] / 100, gpu.peak_tflops["int8"] * 2)
+        ax.set_xlabel("arithmetic intensity (FLOP / byte)")
+        ax.set_ylabel("attainable TFLOP/s")
+        ax.set_title(f"{gpu.name}: {LABEL}", fontsize=9)
+        ax.grid(True, which="both", alpha=0.2)
+    for ax in list(axes.flat)[len(gpus):]:
+        ax.axis("off")
+    handles = [plt.Line2D([], [], marker="o", linestyle="", color=colors[m], label=m) for m in models]
+    handles += [plt.Line2D([], [], marker="o", linestyle="", color="black", label="batch 1, fused bytes")]
+    if big > 1:
+        handles.append(plt.Line2D([], [], marker="s", linestyle="", color="black", label=f"batch {big}, fused bytes"))
+    handles += [plt.Line2D([], [], marker="x", linestyle="", color="black", label="unfused (score intermediates)"),
+                plt.Line2D([], [], marker="*", linestyle="", color="black", label="measured (FLOPs / measured ms)")]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 5), fontsize=7)
+    fig.suptitle(f"zsad-bench roofline, {payload['profile']} profile, stages at fp16: {LABEL.upper()}", fontsize=10)
+    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
+    return fig
