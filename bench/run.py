@@ -40,8 +40,7 @@ class Reference:
         selections that differed (near-ties), and one that is no near-tie fails the row. bf16 / int8: compared with
         the fp32 chain as it is (their gate measures what a user gets, selection changes included); the differing
         selections are counted."""
-        from zsad.export.openvino_export import GATED
-        from zsad.export.parity import CHAIN_TOL, chain_parity, reference_on_selections
+        from zsad.export.parity import CHAIN_TOL, GATED, chain_parity, reference_on_selections
 
         score, amap, extra = self.score, self.anomaly_map, {}
         if self.selections and all(n in outputs for n in self.selections):
@@ -74,14 +73,14 @@ class ServedSettings:
 def build_method(model: str, profile: str, image_size: int | None, checkpoint: str | None):
     """(method, overrides): a trained checkpoint, or ``model`` at ``profile`` with random weights (timing does not
     depend on them); ``overrides`` re-create the same method when it is exported for serving."""
-    import zsad.methods as M
-    from zsad.checkpoint import load_checkpoint
+    from zsad.configs import deep_merge
+    from zsad.load import load
 
     overrides: dict[str, dict] = {"backbone": {"image_size": image_size}} if image_size else {}
     if checkpoint:
-        return load_checkpoint(checkpoint, overrides=overrides)[0], overrides
-    overrides = {**overrides, "backbone": {**overrides.get("backbone", {}), "pretrained": None}}
-    return M.create(model, profile, **overrides), overrides
+        return load(checkpoint, overrides=overrides).method, overrides
+    overrides = deep_merge(overrides, {"backbone": {"pretrained": None}})
+    return load(model=model, profile=profile, overrides=overrides).method, overrides
 
 
 def reference_outputs(method, n: int = 4) -> Reference:

@@ -53,7 +53,7 @@ from zsad.export.triton_repo import (
 )
 
 if TYPE_CHECKING:  # openvino_export is imported where an OpenVINO backend is used
-    from zsad.export.openvino_export import GateThresholds
+    from zsad.export.parity import GateThresholds
 
 OPENVINO_BACKENDS = ("openvino", "python-openvino")
 # the python backends that run one stage per model: their model.py source in triton_models/
@@ -131,30 +131,22 @@ class ExportResult:
     report: Path
 
 
-def build_method(model: str | None, checkpoint: str | None, profile: str, image_size: int | None,
-                 clip_weights: str | None, overrides: dict | None = None):
-    """The method to export: from a checkpoint, or untrained from a profile (loud warning)."""
-    import zsad.methods as M
-    from zsad.checkpoint import load_checkpoint, read_sidecar
-
-    if checkpoint:
-        meta = read_sidecar(checkpoint, clip_weights)  # a released file is imported once, with the user's CLIP
-        if model and model != meta["method"]:
-            raise ZsadError(f"--model {model} but {checkpoint} is a '{meta['method']}' checkpoint")
-        overrides = {"backbone": {"image_size": image_size}} if image_size else None
-        return load_checkpoint(checkpoint, clip_weights=clip_weights, overrides=overrides)[0], True
-    if not model:
-        raise ZsadError("give --model (and --profile) or --checkpoint")
-    warnings.warn(f"exporting UNTRAINED {model} (no --checkpoint): prompts and heads are random. Fine for "
-                  f"architecture benchmarks and tests, useless for detection.", stacklevel=2)
+def build_method(opts: ExportOptions):
+    """(method, trained): from ``opts.checkpoint`` (``opts.overrides`` are for untrained methods only), or untrained
+    from ``opts.model`` at ``opts.profile`` (loud warning); through the one loader, zsad.load."""
     from zsad.configs import deep_merge
+    from zsad.load import load
 
-    overrides = dict(overrides or {})
-    if image_size:
-        overrides = deep_merge(overrides, {"backbone": {"image_size": image_size}})
-    if clip_weights:
-        overrides = deep_merge(overrides, {"backbone": {"weights": str(clip_weights), "pretrained": None}})
-    return M.create(model, profile, **overrides), False
+    size = {"backbone": {"image_size": opts.image_size}} if opts.image_size else {}
+    if not opts.checkpoint:
+        if not opts.model:
+            raise ZsadError("give --model (and --profile) or --checkpoint")
+        warnings.warn(f"exporting UNTRAINED {opts.model} (no --checkpoint): prompts and heads are random. Fine for "
+                      f"architecture benchmarks and tests, useless for detection.", stacklevel=3)
+    overrides = size if opts.checkpoint else deep_merge(opts.overrides or {}, size)
+    loaded = load(opts.checkpoint, model=opts.model, profile=opts.profile, clip_weights=opts.clip_weights,
+                  overrides=overrides)
+    return loaded.method, loaded.trained
 
 
 def _check_backend_available(backend: str, fp16: bool, device: str, precision: str = "fp32") -> None:
@@ -273,8 +265,7 @@ def export_model(opts: ExportOptions, log=print) -> ExportResult:
     repo = Path(opts.out)
     check_out_and_name(repo, opts.name)
     _check_backend_available(opts.backend, opts.fp16, opts.target_device, opts.precision)
-    method, trained = build_method(opts.model, opts.checkpoint, opts.profile, opts.image_size, opts.clip_weights,
-                                   opts.overrides)
+    method, trained = build_method(opts)
     if opts.support is not None or opts.shots:
         _fit_support(method, opts.support, opts.shots, opts.support_class, opts.support_seed, log)  # adds a stage
     name = opts.name or method.name

@@ -30,35 +30,25 @@ within 0.5 points. A failing precision raises :class:`PrecisionGateError` and no
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from zsad import ZsadError
+from zsad.export.parity import GATED, GateThresholds, gate_failures, gate_metrics  # noqa: F401 (re-exported)
 
-PRECISIONS = ("fp32", "bf16", "int8", "int8-bf16")
+PRECISIONS = ("fp32", *GATED)
 # what runs unquantised: int8 keeps it in fp32, int8-bf16 runs it (attention included) in bf16
 OV_HINT = {"fp32": "f32", "bf16": "bf16", "int8": "f32", "int8-bf16": "bf16"}
 QUANTIZED = ("int8", "int8-bf16")  # the precisions whose encoder NNCF quantises
-GATED = tuple(p for p in PRECISIONS if p != "fp32")  # judged by the precision gate, not by the fp32 parity gate
 CALIBRATION_IMAGES = 32
 GATE_IMAGES = 16
 CAVEAT = ("Random or tiny weights lack real CLIP's activation outliers (a few channels with values 100x the rest), "
           "which are what breaks int8 on real CLIP: passing this gate on random/tiny weights says nothing about "
           "int8 on trained weights. The gate runs at export on the checkpoint and calibration images given: "
           "re-export (and so re-gate) int8 with your own weights and images.")
-
-
-@dataclass
-class GateThresholds:
-    map_corr: float = 0.99  # Pearson correlation of all anomaly-map pixels, >=
-    # image scores: no pair whose fp32 scores lie more than score_tie * max|score| apart may be ranked the other
-    # way. Closer pairs are near-ties of the ranking (a trained model's scores cluster: 16 images within 0.1, some
-    # 1e-4 apart, where bf16 moves a score by ~2e-3); Spearman counted every such swap and refused trained models
-    score_tie: float = 0.01
-    pixel_auroc_points: float = 0.5  # |pixel AUROC - fp32 pixel AUROC| * 100, <=
 
 
 class PrecisionGateError(ZsadError):
@@ -224,42 +214,7 @@ def save(ov_model, folder: Path, precision: str, quantized: bool) -> list[Path]:
     return [xml, folder / "model.bin"]
 
 
-# -- the precision gate ----------------------------------------------------------------------------------------------
-def gate_metrics(ref_score, ref_map, score, amap, masks, score_tie: float = GateThresholds.score_tie) -> dict:
-    """Map correlation, image-score ranking (pairs swapped beyond ``score_tie``; Spearman for information) and pixel
-    AUROC (zsad.metrics) of a low-precision chain vs fp32."""
-    from scipy.stats import spearmanr
-
-    from zsad.export.parity import discordant_pairs
-    from zsad.metrics import auroc
-
-    ref_map, amap = np.asarray(ref_map, np.float64), np.asarray(amap, np.float64)
-    if not np.isfinite(amap).all() or not np.isfinite(score).all():
-        return {"map_corr": float("nan"), "score_spearman": float("nan"), "score_swaps": float("nan"),
-                "pixel_auroc_fp32": float("nan"), "pixel_auroc": float("nan"), "pixel_auroc_diff_points": float("nan")}
-    corr = float(np.corrcoef(ref_map.ravel(), amap.ravel())[0, 1])
-    rho = float(spearmanr(np.asarray(ref_score, np.float64), np.asarray(score, np.float64)).statistic)
-    swaps = discordant_pairs(ref_score, score, score_tie)
-    labels = np.asarray(masks).ravel() > 0.5
-    a_ref, a_got = auroc(labels, ref_map.ravel()), auroc(labels, amap.ravel())
-    return {"map_corr": corr, "score_spearman": rho, "score_swaps": swaps, "score_tie": score_tie,
-            "pixel_auroc_fp32": a_ref, "pixel_auroc": a_got, "pixel_auroc_diff_points": abs(a_got - a_ref) * 100.0}
-
-
-def gate_failures(metrics: dict, th: GateThresholds) -> list[str]:
-    """The gate's failed conditions, as text (empty: passed). NaN fails every comparison."""
-    fails = []
-    if not metrics["map_corr"] >= th.map_corr:
-        fails.append(f"anomaly-map correlation {metrics['map_corr']:.5f} < {th.map_corr}")
-    if metrics["score_swaps"] != 0:  # NaN (non-finite outputs) fails too
-        fails.append(f"{metrics['score_swaps']} image pairs more than {metrics['score_tie']:g} x the score scale "
-                     f"apart ranked the other way (Spearman {metrics['score_spearman']:.5f})")
-    if not metrics["pixel_auroc_diff_points"] <= th.pixel_auroc_points:
-        fails.append(f"pixel AUROC {100 * metrics['pixel_auroc']:.2f} vs fp32 {100 * metrics['pixel_auroc_fp32']:.2f}"
-                     f" ({metrics['pixel_auroc_diff_points']:.2f} points > {th.pixel_auroc_points})")
-    return fails
-
-
+# -- the precision gate (its metrics and thresholds live with the other comparisons, zsad.export.parity) -------------
 def run_chain(stages, runners: dict, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     env = dict(feed)
     for st in stages:

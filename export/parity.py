@@ -290,8 +290,6 @@ def chain_parity(ref_score, ref_map, score, amap, precision: str) -> dict:
     gate's map correlation and score ranking (``zsad.export.openvino_export``: no pair further apart than the gate's
     ``score_tie`` swapped) and pass on those: their max relative error is large by nature (pixel AUROC needs masks:
     the gate at export checks it)."""
-    from zsad.export.openvino_export import GATED, GateThresholds, gate_metrics
-
     tol = CHAIN_TOL[precision]
     out = {"score_max_rel": compare("chain", "images", "score", ref_score, score, tol).max_rel,
            "map_max_rel": compare("chain", "images", "anomaly_map", ref_map, amap, tol).max_rel,
@@ -305,3 +303,50 @@ def chain_parity(ref_score, ref_map, score, amap, precision: str) -> dict:
     else:
         out["ok"] = bool(within and out["rank_agreement"] == 1.0)
     return out
+
+# -- the precision gate's comparison (bf16 / int8 / int8-bf16 against fp32; zsad.export.openvino_export runs it) -----
+GATED = ("bf16", "int8", "int8-bf16")  # precisions judged by the precision gate, not by the fp32 parity gate
+
+
+@dataclass
+class GateThresholds:
+    map_corr: float = 0.99  # Pearson correlation of all anomaly-map pixels, >=
+    # image scores: no pair whose fp32 scores lie more than score_tie * max|score| apart may be ranked the other
+    # way. Closer pairs are near-ties of the ranking (a trained model's scores cluster: 16 images within 0.1, some
+    # 1e-4 apart, where bf16 moves a score by ~2e-3); Spearman counted every such swap and refused trained models
+    score_tie: float = 0.01
+    pixel_auroc_points: float = 0.5  # |pixel AUROC - fp32 pixel AUROC| * 100, <=
+
+
+def gate_metrics(ref_score, ref_map, score, amap, masks, score_tie: float = GateThresholds.score_tie) -> dict:
+    """Map correlation, image-score ranking (pairs swapped beyond ``score_tie``; Spearman for information) and pixel
+    AUROC (zsad.metrics) of a low-precision chain vs fp32."""
+    from scipy.stats import spearmanr
+
+    from zsad.metrics import auroc
+
+    ref_map, amap = np.asarray(ref_map, np.float64), np.asarray(amap, np.float64)
+    if not np.isfinite(amap).all() or not np.isfinite(score).all():
+        return {"map_corr": float("nan"), "score_spearman": float("nan"), "score_swaps": float("nan"),
+                "pixel_auroc_fp32": float("nan"), "pixel_auroc": float("nan"), "pixel_auroc_diff_points": float("nan")}
+    corr = float(np.corrcoef(ref_map.ravel(), amap.ravel())[0, 1])
+    rho = float(spearmanr(np.asarray(ref_score, np.float64), np.asarray(score, np.float64)).statistic)
+    swaps = discordant_pairs(ref_score, score, score_tie)
+    labels = np.asarray(masks).ravel() > 0.5
+    a_ref, a_got = auroc(labels, ref_map.ravel()), auroc(labels, amap.ravel())
+    return {"map_corr": corr, "score_spearman": rho, "score_swaps": swaps, "score_tie": score_tie,
+            "pixel_auroc_fp32": a_ref, "pixel_auroc": a_got, "pixel_auroc_diff_points": abs(a_got - a_ref) * 100.0}
+
+
+def gate_failures(metrics: dict, th: GateThresholds) -> list[str]:
+    """The gate's failed conditions, as text (empty: passed). NaN fails every comparison."""
+    fails = []
+    if not metrics["map_corr"] >= th.map_corr:
+        fails.append(f"anomaly-map correlation {metrics['map_corr']:.5f} < {th.map_corr}")
+    if metrics["score_swaps"] != 0:  # NaN (non-finite outputs) fails too
+        fails.append(f"{metrics['score_swaps']} image pairs more than {metrics['score_tie']:g} x the score scale "
+                     f"apart ranked the other way (Spearman {metrics['score_spearman']:.5f})")
+    if not metrics["pixel_auroc_diff_points"] <= th.pixel_auroc_points:
+        fails.append(f"pixel AUROC {100 * metrics['pixel_auroc']:.2f} vs fp32 {100 * metrics['pixel_auroc_fp32']:.2f}"
+                     f" ({metrics['pixel_auroc_diff_points']:.2f} points > {th.pixel_auroc_points})")
+    return fails

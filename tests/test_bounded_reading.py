@@ -43,8 +43,8 @@ from test_import import (
 from torch import nn
 
 from zsad import ZsadError
+from zsad import load as zsad_load
 from zsad.backbone import load_clip
-from zsad.checkpoint import read_sidecar
 from zsad.importers import read_torch_file
 from zsad.importers.shapes import clip_state_shapes, trainable_shapes
 
@@ -335,7 +335,7 @@ def test_on_the_fly_import_refuses_a_bomb_given_as_checkpoint(tmp_path, referenc
     r = run("zsad.evaluate_cli:main", "--checkpoint", args[-1], "--data", tmp_path)
     assert_refused(r, reference, "is compressed (zip method 8)")
     with pytest.raises(ZsadError, match="is compressed") as err:  # and in-process, for the library path
-        read_sidecar(args[-1])
+        zsad_load.sidecar(args[-1])
     assert "\n" not in str(err.value)
 
 

@@ -30,7 +30,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from zsad import ZsadError
-from zsad.checkpoint import checkpoint_paths, load_checkpoint, read_sidecar
+from zsad import load as zsad_load
+from zsad.checkpoint import checkpoint_paths, load_checkpoint
 from zsad.importers import import_checkpoint, read_torch_file
 from zsad.methods import run_stages
 
@@ -631,7 +632,7 @@ def test_afclip_paper_files_import_and_run(tmp_path, capsys):
     assert_table_is_the_model(method)
     assert meta["imported"]["notes"]["adaptor_class"] == "clip.adaptor.Adaptor"
     # either released file where a checkpoint is taken: imported on the fly with its partner, said on stderr
-    on_the_fly = read_sidecar(prompt)
+    on_the_fly = zsad_load.sidecar(prompt)
     assert on_the_fly["method"] == "afclip" and on_the_fly["imported"]["files"][1]["path"] == str(adaptor.resolve())
     assert "released afclip checkpoint" in capsys.readouterr().err
     with torch.no_grad():
@@ -726,7 +727,7 @@ def test_cli_and_on_the_fly_import(tmp_path, capsys):
     # a released file where a checkpoint is taken: imported on the fly (paper profile: ViT-L, so a tiny file fails
     # on its shapes; the tiny checkpoint above is the same weights); check the detection and the message
     with pytest.raises(ZsadError, match="ctx_pos"):
-        load_checkpoint(tmp_path / "epoch_15.pth")
+        zsad_load.load(tmp_path / "epoch_15.pth")
     assert "released anomalyclip checkpoint" in capsys.readouterr().err
 
 
@@ -753,16 +754,16 @@ def test_clip_weights_go_into_the_on_the_fly_import(tmp_path, capsys):
     anomalyclip_file(tmp_path / "epoch_15.pth", 768)
     torch.save(aliased_clip_state("ViT-L-14-336", 1), tmp_path / "ViT-L-14-336.pt")
     assert (tmp_path / "ViT-L-14-336.pt").stat().st_size < 100 << 20
-    meta = read_sidecar(tmp_path / "epoch_15.pth", clip_weights=tmp_path / "ViT-L-14-336.pt")
+    meta = zsad_load.sidecar(tmp_path / "epoch_15.pth", clip_weights=tmp_path / "ViT-L-14-336.pt")
     clip = str((tmp_path / "ViT-L-14-336.pt").resolve())
     assert meta["config"]["backbone"]["weights"] == clip and meta["config"]["backbone"]["pretrained"] is None
     assert meta["imported"]["backbone"]["clip_weights"] == clip and meta["clip_weights"] == clip
     assert f"with the CLIP weights {clip}" in capsys.readouterr().err
-    plain = read_sidecar(tmp_path / "epoch_15.pth")  # no --clip-weights: the profile's CLIP, a separate import
+    plain = zsad_load.sidecar(tmp_path / "epoch_15.pth")  # no --clip-weights: the profile's CLIP, a separate import
     assert plain["imported"]["backbone"]["clip_weights"] == "open_clip:openai"
     torch.save(aliased_clip_state("zsad-tiny", 2), tmp_path / "tiny-clip.pt")
     with pytest.raises(ZsadError, match=r"tiny-clip\.pt does not fit ViT-L-14-336: shape mismatch") as err:
-        read_sidecar(tmp_path / "epoch_15.pth", clip_weights=tmp_path / "tiny-clip.pt")
+        zsad_load.sidecar(tmp_path / "epoch_15.pth", clip_weights=tmp_path / "tiny-clip.pt")
     assert "\n" not in str(err.value)
 
 
@@ -772,13 +773,14 @@ def test_sowa_released_file_with_clip_weights_runs_on_them_not_on_its_own_clip(t
     own, user = aliased_clip_state("ViT-L-14-336", 3), aliased_clip_state("ViT-L-14-336", 4)
     sowa_file(tmp_path / "mvtec.ckpt", 1024, 768, [6, 12, 18, 24], clip_state=own)
     torch.save(user, tmp_path / "user-clip.pt")
-    method, meta = load_checkpoint(tmp_path / "mvtec.ckpt", clip_weights=tmp_path / "user-clip.pt")
+    loaded = zsad_load.load(tmp_path / "mvtec.ckpt", clip_weights=tmp_path / "user-clip.pt")
+    method, meta = loaded.method, loaded.sidecar
     imported = Path(meta["imported"]["files"][0]["path"])
     assert imported == (tmp_path / "mvtec.ckpt").resolve()
     assert meta["config"]["taps"] == [6, 12, 18, 24]  # found from the file's own CLIP blocks
     assert meta["imported"]["backbone"]["clip_weights"] == str((tmp_path / "user-clip.pt").resolve())
     assert "clip_source" not in meta["imported"]["backbone"]
-    _, sidecar = checkpoint_paths(tmp_path / "mvtec.ckpt", tmp_path / "user-clip.pt")  # the cached import
+    _, sidecar = checkpoint_paths(zsad_load.resolve(tmp_path / "mvtec.ckpt", tmp_path / "user-clip.pt"))  # cached
     assert sidecar.parent.name.startswith("zsad-import-") and sidecar.is_file()
     assert not (sidecar.parent / "clip_weights.safetensors").exists()  # its own CLIP was not extracted
     clip = method.backbone.clip

@@ -86,6 +86,7 @@ def main(model, profile, data, split, classes, clip_weights, epochs, batch_size,
 def run(model, profile, data, split, classes, clip_weights, epochs, batch_size, lr, image_size, seed, out, resume,
         device, workers, progress):
     import zsad.methods as M
+    from zsad.checkpoint import clip_override
     from zsad.configs import build_config, deep_merge
     from zsad.data import AnomalyDataset
     from zsad.train.loop import init_distributed, load_train_state, train
@@ -102,8 +103,7 @@ def run(model, profile, data, split, classes, clip_weights, epochs, batch_size, 
                                              ("seed", seed)) if v is not None}}
     if image_size:
         overrides["backbone"] = {"image_size": image_size}
-    if clip_weights:
-        overrides.setdefault("backbone", {}).update(weights=str(clip_weights), pretrained=None)
+    overrides = deep_merge(overrides, clip_override(clip_weights))
     if resume:
         # continue with the run's own settings and data; only the epoch count may grow (and the CLIP file move)
         changed = [n for n, v in (("--batch-size", batch_size), ("--lr", lr), ("--image-size", image_size),

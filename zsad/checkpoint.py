@@ -6,15 +6,13 @@ is rebuilt from the config (pretrained tag, weights file, or seeded random init 
 ``load_checkpoint(..., clip_weights=FILE)`` points it at a local file on an offline machine.
 Each file is written atomically (temp file + rename), and the sidecar records the SHA-256 of the weights file
 it belongs with: a pair left mismatched by an interrupted save is refused on load instead of mislabelled. (Training
-commits its resumable state, weights included, in one file first: see ``zsad.train.loop``.)
+commits its resumable state, weights included, in one file first: see ``zsad.train.loop``.) This module reads and
+writes zsad checkpoints only; ``zsad.load`` is the loader every command uses (released files, untrained methods).
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import platform
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -22,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from zsad import ZsadError, __version__
+from zsad.files import atomic_write, atomic_write_text, sha256_file  # noqa: F401 (part of this module's API)
 
 FORMAT = "zsad-checkpoint/1"
 WEIGHTS_NAME = "checkpoint.safetensors"
@@ -34,24 +33,6 @@ def versions() -> dict[str, str]:
     open_clip = import_open_clip()
     return {"zsad": __version__, "torch": torch.__version__, "open_clip": open_clip.__version__,
             "python": platform.python_version()}
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename over ``path`` (same directory, so the rename is atomic)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda p: p.write_text(text))
 
 
 def trainable_state(method) -> dict[str, torch.Tensor]:
@@ -81,15 +62,6 @@ def config_sidecar(name: str, profile: str, config, state: dict[str, torch.Tenso
     }
 
 
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_checkpoint(directory: Path, state: dict[str, torch.Tensor], sidecar: dict) -> Path:
     """Write ``state`` (safetensors) and ``sidecar`` (JSON, plus the weights file's SHA-256) into ``directory``."""
     directory = Path(directory)
@@ -105,13 +77,16 @@ def save_checkpoint(directory: Path, method, **meta) -> Path:
     return write_checkpoint(directory, state, checkpoint_sidecar(method, state, **meta))
 
 
-def checkpoint_paths(path: str | Path, clip_weights: str | Path | None = None) -> tuple[Path, Path]:
-    """Accept the directory, the .safetensors or the .json of a checkpoint; return (weights, sidecar). An authors'
-    released file is imported on the fly (cached per process), with ``clip_weights`` as zsad-import takes them."""
+def clip_override(clip_weights: str | Path | None) -> dict:
+    """Config overrides that point the backbone at a local CLIP weights file instead of the profile's pretrained
+    tag (none for None): the one way every command applies ``--clip-weights``."""
+    return {"backbone": {"weights": str(clip_weights), "pretrained": None}} if clip_weights else {}
+
+
+def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
+    """Accept the directory, the .safetensors or the .json of a zsad checkpoint; return (weights, sidecar).
+    (An authors' released file is a source for ``zsad.load``, which imports it into a checkpoint first.)"""
     p = Path(path)
-    if p.is_file() and p.suffix not in (".safetensors", ".json"):  # an authors' released file: import it (cached)
-        from zsad.importers import import_released
-        p = import_released(p, clip_weights)
     if p.is_dir():
         weights, sidecar = p / WEIGHTS_NAME, p / SIDECAR_NAME
     elif p.suffix in (".safetensors", ".json"):
@@ -125,8 +100,9 @@ def checkpoint_paths(path: str | Path, clip_weights: str | Path | None = None) -
     return weights, sidecar
 
 
-def read_sidecar(path: str | Path, clip_weights: str | Path | None = None) -> dict:
-    _, sidecar = checkpoint_paths(path, clip_weights)
+def read_sidecar(path: str | Path) -> dict:
+    """The checkpoint.json of a zsad checkpoint (its directory, weights or sidecar path), checked."""
+    _, sidecar = checkpoint_paths(path)
     try:
         meta = json.loads(sidecar.read_text())
     except (OSError, ValueError) as err:  # ValueError: bad JSON or bytes that are not UTF-8
@@ -140,29 +116,25 @@ def read_sidecar(path: str | Path, clip_weights: str | Path | None = None) -> di
     return meta
 
 
-def load_checkpoint(path: str | Path, clip_weights: str | Path | None = None, device: str | torch.device = "cpu",
-                    overrides: dict | None = None):
-    """Rebuild the method a checkpoint was trained as and load its trainable parameters. Returns (method, sidecar).
+def build_from_sidecar(weights: Path, meta: dict, overrides: dict | None = None, where: str = ""):
+    """The method ``meta`` (a checked sidecar) describes, with the trainable parameters of ``weights`` loaded.
 
     ``overrides`` deep-merge into the stored config (e.g. ``{"backbone": {"image_size": 336}}`` to export at
-    another resolution); the trainable parameters must still fit.
+    another resolution, or a local CLIP file: ``zsad.load.clip_override``); the trainable parameters must still fit.
     """
     import zsad.methods as M
     from zsad.configs import build_config, deep_merge
 
-    weights, _ = checkpoint_paths(path, clip_weights)
-    meta = read_sidecar(path, clip_weights)
+    where = where or str(weights.parent)
     name = meta["method"]
     if name not in M.METHODS:
-        raise ZsadError(f"checkpoint {path} is for method '{name}', which this zsad does not know")
-    config = deep_merge(meta["config"], overrides or {})
-    if clip_weights:
-        config = deep_merge(config, {"backbone": {"weights": str(clip_weights), "pretrained": None}})
+        raise ZsadError(f"checkpoint {where} is for method '{name}', which this zsad does not know")
     try:
-        cfg = build_config(M.METHODS[name].config_class, config, where=f"checkpoint {path}")
+        cfg = build_config(M.METHODS[name].config_class, deep_merge(meta["config"], overrides or {}),
+                           where=f"checkpoint {where}")
         method = M.build(name, cfg, meta["profile"])
     except (TypeError, ValueError, KeyError, AttributeError) as err:  # a hand-edited or garbled config
-        raise ZsadError(f"checkpoint {path}: its config does not build a {name} ({type(err).__name__}: "
+        raise ZsadError(f"checkpoint {where}: its config does not build a {name} ({type(err).__name__}: "
                         f"{str(err)[:200]})") from err
     if "weights_sha256" in meta and sha256_file(weights) != meta["weights_sha256"]:
         raise ZsadError(f"{weights} is not the weights file {SIDECAR_NAME} was written with (an interrupted or "
@@ -172,4 +144,18 @@ def load_checkpoint(path: str | Path, clip_weights: str | Path | None = None, de
     except Exception as err:  # noqa: BLE001 -- safetensors raises its own error types for damaged files
         raise ZsadError(f"could not read {weights}: {str(err)[:200]}") from err
     method.load_trainable_state_dict(state)
+    return method
+
+
+def load_checkpoint(path: str | Path, clip_weights: str | Path | None = None, device: str | torch.device = "cpu",
+                    overrides: dict | None = None):
+    """Rebuild the method a zsad checkpoint was trained as and load its trainable parameters: (method, sidecar).
+
+    ``overrides`` as :func:`build_from_sidecar`; ``clip_weights`` a local CLIP file in place of the config's. For any
+    source (an authors' released file too) and for untrained methods, use ``zsad.load.load``."""
+    from zsad.configs import deep_merge
+
+    weights, _ = checkpoint_paths(path)
+    meta = read_sidecar(path)
+    method = build_from_sidecar(weights, meta, deep_merge(overrides or {}, clip_override(clip_weights)), str(path))
     return method.to(device).eval(), meta

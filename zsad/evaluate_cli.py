@@ -146,12 +146,13 @@ def check_mask_sizes(samples, resize_masks: bool) -> None:
 def _load_method(checkpoint, clip_weights, device: str, shots: int, support, protocol: str, aupro_mode):
     """The checkpoint's method, its metadata and the AUPRO mode (None = the protocol's default); checks the
     few-shot options against the method."""
-    from zsad.checkpoint import load_checkpoint
+    from zsad.load import load
 
     if bool(shots) != bool(support):
         raise ZsadError("few-shot evaluation needs both --shots K (>= 1) and --support DIR")
     protocols.check_protocol(protocol)
-    method, meta = load_checkpoint(checkpoint, clip_weights=clip_weights, device=device)
+    loaded = load(checkpoint, clip_weights=clip_weights, device=device)
+    method, meta = loaded.method, loaded.sidecar
     if aupro_mode is None:
         aupro_mode = protocols.paper_aupro_mode(meta["method"]) if protocol == "paper" else "anomalyclip"
     if shots and not method.few_shot:

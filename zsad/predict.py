@@ -69,10 +69,11 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, device: str = "cpu", clip_weights: str | Path | None = None,
                         batch_size: int = 8) -> Predictor:
-        """Rebuild the method of a checkpoint folder (what train/run.py or zsad-import wrote) for inference."""
-        from zsad.checkpoint import load_checkpoint
+        """Rebuild the method of a checkpoint (what train/run.py or zsad-import wrote, or a released file) for
+        inference."""
+        from zsad.load import load
 
-        return cls(load_checkpoint(checkpoint, clip_weights=clip_weights)[0], device, batch_size)
+        return cls(load(checkpoint, clip_weights=clip_weights).method, device, batch_size)
 
     def predict(self, images: Sequence, class_names: str | Sequence[str] | None = None) -> list[Prediction]:
         """Score ``images`` (file paths, encoded bytes, or uint8 [H,W,3] arrays of any sizes, mixed freely).

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from zsad import ZsadError
-from zsad.checkpoint import sha256_file
+from zsad.files import sha256_file
 from zsad.importers.afclip import AfClipImporter
 from zsad.importers.anomalyclip import AnomalyClipImporter
 from zsad.importers.base import Importer, Mapping

@@ -128,7 +128,7 @@ def read_clip_state(path: str | Path, expected: dict[str, tuple[int, ...]]) -> d
 def write_clip_safetensors(tensors: dict[str, object], expected: dict[str, tuple[int, ...]], path: Path,
                            where: str) -> None:
     """Check ``tensors`` against ``expected``, then write them (floats as float32) to ``path`` one at a time."""
-    from zsad.checkpoint import atomic_write
+    from zsad.files import atomic_write
 
     check_clip_shapes(tensors, expected, where)
     keys = sorted(tensors)
