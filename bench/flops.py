@@ -12,6 +12,7 @@ scores inside a fused SDPA op; similarity matrices an eager path writes on the w
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import torch
@@ -90,7 +91,7 @@ class StageCount:
     io_bytes: int  # its declared integer inputs and outputs (e.g. knn_index, int64)
     score_elems: int  # unfused path: element reads + writes of score intermediates (see SDPA_SCORE_PASSES)
     score_bytes: int  # the same for integer / bool score intermediates (a mask made from a similarity)
-    scores: list = field(default_factory=list)  # [{"op", "shape", "passes"}]: where score_elems comes from
+    scores: list = field(default_factory=list)  # [{"op", "shape", "passes", "calls"}]: where score_elems comes from
 
 
 @dataclass
@@ -239,5 +240,8 @@ def stage_count(stage, batch: int = 1) -> StageCount:
             io_bytes += n * torch.empty((), dtype=dt).element_size()
     w_elems, w_bytes = recorder.weight_counts()
     s_elems, s_bytes, details = recorder.score_counts()
+    calls: dict[str, dict] = {}  # the same intermediate made by many calls (one per attention layer): one entry
+    for d in details:
+        calls.setdefault(json.dumps(d, sort_keys=True), {**d, "calls": 0})["calls"] += 1
     return StageCount(stage.name, batch, int(counter.get_total_flops()), w_elems, w_bytes, io_elems, io_bytes,
-                      s_elems, s_bytes, details)
+                      s_elems, s_bytes, list(calls.values()))

@@ -322,7 +322,11 @@ def write_forecast(out_dir: Path, payload: dict, command: str, env: dict) -> dic
         if not any(p.exists() for p in paths.values()):
             break
     payload = {**payload, "command": command, "environment": env}
-    paths["json"].write_text(json.dumps(payload, indent=1, default=str))
+    # one row per line: the stage table has a row per (model, GPU, precision, batch, stage)
+    paths["json"].write_text("{\n" + ",\n".join(
+        f"{json.dumps(k)}: " + ("[\n" + ",\n".join(json.dumps(_sig(r), default=str) for r in v) + "\n]"
+                                if isinstance(v, list) and v and isinstance(v[0], dict) else json.dumps(v, default=str))
+        for k, v in payload.items()) + "\n}\n")
     paths["md"].write_text(forecast_markdown(payload))
     fig = forecast_figure(payload)
     if fig is None:
@@ -333,6 +337,11 @@ def write_forecast(out_dir: Path, payload: dict, command: str, env: dict) -> dic
         fig.savefig(paths["png"], dpi=110)
         plt.close(fig)
     return paths
+
+
+def _sig(row: dict) -> dict:
+    """A row's floats at 6 significant digits (the JSON stays readable; the inputs are not that exact)."""
+    return {k: float(f"{v:.6g}") if isinstance(v, float) else v for k, v in row.items()}
 
 
 def _ms(v) -> str:
@@ -463,24 +472,29 @@ def _forecast_paper_md(payload: dict) -> list[str]:
     from zsad.bench.forecast import GPUS
 
     gpus = payload["gpus"]
+    own: dict[str, list[str]] = {}
+    for c in payload.get("paper_chains", []):
+        if c["precision"] == "fp32":
+            own.setdefault(c["model"], []).append(f"{c['gpu']} ({GPUS[c['gpu']].name}): {_ms(c['bound_ms'])}")
     lines = ["## The papers' figures", "",
              "As printed (mostly batch-1 fp32 PyTorch on the authors' GPU, often not stated), beside our chain's fp32 "
-             "batch-1 lower bound: on the paper's own GPU where the peak table has it, and on the GPUs above. A "
-             "paper figure is a measurement of the authors' code; the bound is what no implementation of our chain "
-             "can beat on that GPU.", "",
-             "| model | " + " | ".join(f"{g} fp32 b1 bound ms" for g in gpus) + " |", "|---|" + "---|" * len(gpus)]
+             "batch-1 lower bound on the GPUs above and on the paper's own GPU where the peak table has it. A paper "
+             "figure is a measurement of the authors' code; the bound is what no implementation of our paper-profile "
+             "chain can beat on that GPU. Bracketed paper rows are variants: compare the one with our profile's "
+             "setting (the method's spec in zsad/methods says which).", "",
+             "| model | " + " | ".join(f"{g} fp32 b1 bound ms" for g in gpus) + " | on the paper's GPU, fp32 b1 ms |",
+             "|---|" + "---|" * (len(gpus) + 1)]
     for model in payload["methods"]:
         b1 = {c["gpu"]: c for c in payload["chains"] if c["model"] == model and c["batch"] == 1
               and c["precision"] == "fp32"}
-        lines.append(f"| {model} | " + " | ".join(_ms(b1[g]["bound_ms"]) if g in b1 else "-" for g in gpus) + " |")
-    lines += ["", "| paper | method | component | quantity | value | hardware | our bound on that GPU (fp32 b1) "
-              "| note |", "|---|---|---|---|---|---|---|---|"]
-    own = {(c["model"], c["gpu"]): c for c in payload.get("paper_chains", []) if c["precision"] == "fp32"}
+        lines.append(f"| {model} | " + " | ".join(_ms(b1[g]["bound_ms"]) if g in b1 else "-" for g in gpus)
+                     + f" | {'; '.join(own.get(model, [])) or '-'} |")
+    lines += ["", "| paper | method | component | quantity | value | image size | hardware | note |",
+              "|---|---|---|---|---|---|---|---|"]
     for p in payload["paper"]:
-        c = own.get((p["model"], p["gpu"])) if p["gpu"] and not p.get("component") else None
-        bound = f"{_ms(c['bound_ms'])} ms ({GPUS[p['gpu']].name})" if c else "-"
         lines.append(f"| {p['paper']} | {p['method']} | {p.get('component') or '-'} | {p['quantity']} | {p['value']} "
-                     f"| {p.get('hardware') or 'not stated'} | {bound} | {(p.get('note') or '')[:80]} |")
+                     f"| {p.get('image_size') or '-'} | {p.get('hardware') or 'not stated'} "
+                     f"| {(p.get('note') or '')[:90]} |")
     return lines + [""]
 
 

@@ -58,10 +58,10 @@ def test_one_gemm_at_fp16_on_an_h100_by_hand(m, n, k):
         assert r["limit"] == "memory" and r["bound_ms"] == pytest.approx(0.010022, abs=1e-6)
 
 
-def test_chain_and_ceiling_of_one_gemm_by_hand():
+@pytest.mark.parametrize("m,n,k", [(64, 512, 256), (64, 8, 8)])  # per image: compute-bound, memory-bound
+def test_chain_and_ceiling_of_one_gemm_by_hand(m, n, k):
     """Batch 2 of the GEMM stage on an A100 at fp32: W read once, x and y per image; the ceiling is per image,
     max(2MNK / peak, 4(MK + MN) / bandwidth), with W amortised away."""
-    m, n, k = 64, 512, 256
     st = _gemm_stage(m, n, k)
     counts = {b: [stage_count(st, b)] for b in (1, 2)}
     rows = stage_rows("toy", counts, ["a100"], [2])
@@ -210,9 +210,9 @@ def test_forecast_files_and_measured_over_forecast(tmp_path):
     for c in first["chains"]:  # the chain is its stages, summed
         parts = [s["bound_ms"] for s in first["stages"]
                  if (s["gpu"], s["precision"], s["batch"]) == (c["gpu"], c["precision"], c["batch"])]
-        assert len(parts) == 4 and c["bound_ms"] == pytest.approx(sum(parts))
+        assert len(parts) == 4 and c["bound_ms"] == pytest.approx(sum(parts), rel=1e-5)  # JSON: 6 digits
         ceil = next(x for x in first["ceilings"] if (x["gpu"], x["precision"]) == (c["gpu"], c["precision"]))
-        assert c["images_per_s"] <= ceil["images_per_s"] * (1 + 1e-9)
+        assert c["images_per_s"] <= ceil["images_per_s"] * (1 + 1e-5)
     result = tmp_path / "gpu-run.json"
     result.write_text(json.dumps(_crafted_gpu_result(first)))
     r = CliRunner().invoke(bench_cli, args[:-4] + ["--batch", "1", "--out", str(out), "--measured", str(result)])
@@ -221,11 +221,11 @@ def test_forecast_files_and_measured_over_forecast(tmp_path):
     got = {(m["backend"], m["stage"]): m for m in second["measured"]}
     assert set(got) == {("ort", "encoder"), ("ort", "graph"), ("ort", "chain (p50)"),
                         ("openvino-int8-bf16", "chain (p50)")}
-    assert got[("ort", "encoder")]["ratio"] == pytest.approx(2) and not got[("ort", "encoder")]["below_bound"]
-    assert got[("ort", "graph")]["ratio"] == pytest.approx(0.5) and got[("ort", "graph")]["below_bound"]
-    assert got[("ort", "chain (p50)")]["ratio"] == pytest.approx(3)
+    assert got[("ort", "encoder")]["ratio"] == pytest.approx(2, rel=1e-5) and not got[("ort", "encoder")]["below_bound"]
+    assert got[("ort", "graph")]["ratio"] == pytest.approx(0.5, rel=1e-5) and got[("ort", "graph")]["below_bound"]
+    assert got[("ort", "chain (p50)")]["ratio"] == pytest.approx(3, rel=1e-5)
     assert got[("openvino-int8-bf16", "chain (p50)")]["forecast_precision"] == "int8"
-    assert got[("openvino-int8-bf16", "chain (p50)")]["ratio"] == pytest.approx(4)
+    assert got[("openvino-int8-bf16", "chain (p50)")]["ratio"] == pytest.approx(4, rel=1e-5)
     assert 2 in second["batches"] or any(s["batch"] == 2 for s in second["stages"])  # the run's batch was added
     md = next(out.glob("*-forecast-tiny-bagclip-2.md")).read_text()
     assert "FORECAST, NOT MEASURED" in md and "| 0.50 **below the bound** |" in md and "| 2.00 |" in md
