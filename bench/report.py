@@ -321,7 +321,8 @@ def write_forecast(out_dir: Path, payload: dict, command: str, env: dict) -> dic
         paths = {ext: out_dir / f"{stem if n == 1 else f'{stem}-{n}'}.{ext}" for ext in ("json", "md", "png")}
         if not any(p.exists() for p in paths.values()):
             break
-    payload = {**payload, "command": command, "environment": env}
+    head = {"schema": payload["schema"], "label": payload["label"], "command": command, "environment": env}
+    payload = {**head, **payload}  # the command first, as in the .md
     # one row per line: the stage table has a row per (model, GPU, precision, batch, stage)
     paths["json"].write_text("{\n" + ",\n".join(
         f"{json.dumps(k)}: " + ("[\n" + ",\n".join(json.dumps(_sig(r), default=str) for r in v) + "\n]"
@@ -517,10 +518,15 @@ def _forecast_measured_md(payload: dict) -> list[str]:
     return lines + [""]
 
 
+_STAGE_MARKERS = {"encoder": "o", "graph": "D", "head": "s", "prompt_head": "v", "text_encoder": "^",
+                  "postprocess": "P"}
+
+
 def forecast_figure(payload: dict):
     """Roofline per GPU: attainable TFLOP/s against arithmetic intensity (FLOP/byte), one roof per precision, each
-    stage a point on its fp16 roof (fused bytes: filled; unfused: x) at batch 1 (circle) and the largest batch
-    (square), measured stages (FLOPs / measured time) as stars. None without matplotlib."""
+    stage a point on its fp16 roof (colour: method, marker: stage; hollow: batch 1, filled: the largest batch; x: the
+    same stage with its score intermediates written out), measured stages (FLOPs / measured time) as stars. None
+    without matplotlib."""
     try:
         import matplotlib
 
@@ -551,16 +557,14 @@ def forecast_figure(payload: dict):
         for r in payload["stages"]:
             if r["gpu"] != g or r["precision"] != "fp16" or r["batch"] not in (1, big) or not r["flops"]:
                 continue
-            marker = "o" if r["batch"] == 1 else "s"
-            for ai, fill in ((r["intensity_fused"], True), (r["intensity_unfused"], False)):
-                if fill or r["bytes_unfused"] > r["bytes_fused"]:
-                    y = min(gpu.peak_tflops["fp16"], ai * bw / 1e12)
-                    ax.scatter([ai], [y], marker=marker if fill else "x", s=22, color=colors[r["model"]],
-                               alpha=0.85, zorder=3)
-            if r["batch"] == big:
-                ax.annotate(f"{r['model']}.{r['stage']}", (r["intensity_fused"],
-                            min(gpu.peak_tflops["fp16"], r["intensity_fused"] * bw / 1e12)), fontsize=5,
-                            xytext=(3, -7), textcoords="offset points", color=colors[r["model"]])
+            color, marker = colors[r["model"]], _STAGE_MARKERS.get(r["stage"], "h")
+            ai = r["intensity_fused"]
+            ax.scatter([ai], [min(gpu.peak_tflops["fp16"], ai * bw / 1e12)], marker=marker, s=30, zorder=3,
+                       facecolors=color if r["batch"] == big else "none", edgecolors=color, alpha=0.85)
+            if r["bytes_unfused"] > r["bytes_fused"]:
+                ai = r["intensity_unfused"]
+                ax.scatter([ai], [min(gpu.peak_tflops["fp16"], ai * bw / 1e12)], marker="x", s=22, color=color,
+                           alpha=0.85, zorder=3)
         for m in payload.get("measured") or []:
             if m["gpu"] != g or not m["flops"] or m["stage"] == "chain (p50)":
                 continue
@@ -579,12 +583,16 @@ def forecast_figure(payload: dict):
     for ax in list(axes.flat)[len(gpus):]:
         ax.axis("off")
     handles = [plt.Line2D([], [], marker="o", linestyle="", color=colors[m], label=m) for m in models]
-    handles += [plt.Line2D([], [], marker="o", linestyle="", color="black", label="batch 1, fused bytes")]
+    stages = dict.fromkeys(r["stage"] for r in payload["stages"])
+    handles += [plt.Line2D([], [], marker=_STAGE_MARKERS.get(st, "h"), linestyle="", color="black", label=st)
+                for st in stages]
+    handles += [plt.Line2D([], [], marker="o", linestyle="", markerfacecolor="none", color="black",
+                           label="batch 1 (fused bytes)")]
     if big > 1:
-        handles.append(plt.Line2D([], [], marker="s", linestyle="", color="black", label=f"batch {big}, fused bytes"))
+        handles.append(plt.Line2D([], [], marker="o", linestyle="", color="black", label=f"batch {big} (fused bytes)"))
     handles += [plt.Line2D([], [], marker="x", linestyle="", color="black", label="unfused (score intermediates)"),
                 plt.Line2D([], [], marker="*", linestyle="", color="black", label="measured (FLOPs / measured ms)")]
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 5), fontsize=7)
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), fontsize=7)
     fig.suptitle(f"zsad-bench roofline, {payload['profile']} profile, stages at fp16: {LABEL.upper()}", fontsize=10)
     fig.tight_layout(rect=(0, 0.05, 1, 0.97))
     return fig

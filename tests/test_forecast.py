@@ -264,3 +264,24 @@ def test_paper_bagclip_encoder_reads_the_vit_l_visual_tower_once():
     calls = layers + (layers - m.config.dual_start + 1)
     assert c.score_elems == calls * 16 * (g * g + 1) ** 2 * 4
     assert (c.io_elems, c.io_bytes) == (3 * 518 * 518 + embed + 4 * g * g * d, 0)
+
+
+def test_committed_paper_forecast_is_labelled_and_uses_the_current_tables():
+    """bench/results holds one paper-profile forecast: every row says it is a forecast, and its peaks, byte sizes and
+    goals are the ones the code has now (rerun the command in its header after changing them)."""
+    from pathlib import Path
+
+    from zsad.bench.forecast import ACT_BYTES, LABEL, WEIGHT_BYTES
+
+    found = sorted((Path(__file__).resolve().parents[1] / "bench" / "results").glob("*-forecast-paper-all.json"))
+    assert found, "no committed paper forecast in bench/results"
+    data = json.loads(found[-1].read_text())
+    assert data["label"] == LABEL and data["command"].startswith("zsad-bench --forecast ")
+    assert all(r["label"] == LABEL for key in ("stages", "chains", "ceilings", "goals") for r in data[key])
+    assert data["measured"] == []  # no GPU run has landed: nothing measured is in it
+    assert {k: (v["bandwidth_gbs"], v["peak_tflops"]) for k, v in data["peaks"].items()} == {
+        k: (g.bandwidth_gbs, g.peak_tflops) for k, g in GPUS.items()}
+    assert data["byte_model"]["weight_bytes"] == WEIGHT_BYTES and data["byte_model"]["activation_bytes"] == ACT_BYTES
+    targets = {g["goal"]: g["target"] for g in data["goals"]}
+    assert targets["bagclip batch-1 p50 ms"] == f"<= {GOAL_BAG_B1_MS:g}"
+    assert targets["bagclip images/s"] == f">= {GOAL_BAG_IMG_S:g}"
