@@ -319,7 +319,7 @@ def write_forecast(out_dir: Path, payload: dict, command: str, env: dict) -> dic
     stem = f"{env['date'][:10]}-forecast-{_slug(payload['profile'])}-{name}"
     for n in itertools.count(1):
         paths = {ext: out_dir / f"{stem if n == 1 else f'{stem}-{n}'}.{ext}" for ext in ("json", "md", "png")}
-        if not any(p.exists() for p in paths.values()):
+        if all(not p.exists() for p in paths.values()):  # an earlier forecast's files are kept
             break
     head = {"schema": payload["schema"], "label": payload["label"], "command": command, "environment": env}
     payload = {**head, **payload}  # the command first, as in the .md
