@@ -490,7 +490,7 @@ def test_evaluation_passes_each_samples_class_name(small, tmp_path, monkeypatch)
     monkeypatch.setattr(type(small), "stage_inputs", recording)
     samples = load_samples(tmp_path, "test")
     result = evaluate(small, samples, batch_size=2, progress=False)
-    # the zsad protocol's words for the folders (zsad.protocols.class_words): "_" -> " ", the released renaming
+    # the zsad protocol's words for the folders (bayespfl_protocol.class_words): "_" -> " ", the released renaming
     assert seen == [["01", "01"], ["bracket black", "bracket black"], ["printed circuit board"] * 2]
     assert set(result["per_class"]) == {"01", "bracket_black", "pcb1"}
     # the paper protocol's: BTAD's released folder renaming (01 -> metal1), underscores kept elsewhere

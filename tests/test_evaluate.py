@@ -155,7 +155,7 @@ def test_eval_protocol_paper_bayespfl(tmp_path_factory, setup):
     # independent re-computation: the released script's mix, written out here, from the per-image terms
     batch = _class_batch(base / "mpdd", "bracket_black")
     with torch.no_grad():
-        # the released words for MPDD's folder: no renaming in the release, underscores kept (protocols.class_words)
+        # the released words for MPDD's folder: no renaming in the release, underscores kept (bayespfl_protocol)
         _, amap, terms = forward_with_terms(method, batch["image"], class_names=["bracket_black"] * len(batch["image"]))
     labels = batch["label"].numpy()
     top = terms["topk2000"]  # bracket_black is not in the top-20 list: k = 2000
@@ -237,7 +237,7 @@ def test_eval_protocol_paper_afclip_uses_its_aupro(setup, tmp_path):
     paper, explicit, mvtec = out.values()
     assert paper["aupro_mode"] == "afclip" and explicit["protocol"] == "zsad" and mvtec["aupro_mode"] == "mvtec"
     # AF-CLIP's scores are per image: the paper protocol changes the AUPRO definition and the ground-truth masks
-    # (bicubic on 8 bits, zsad.protocols.afclip_mask, checked against the released path in tests/test_protocols.py)
+    # (bicubic on 8 bits, zsad.methods.afclip.afclip_mask, checked against the released path in test_protocols.py)
     p, e = paper["per_class"]["bracket_black"], explicit["per_class"]["bracket_black"]
     image_keys = [k for k in e if k.startswith("image_")]
     assert image_keys and all(p[k] == e[k] for k in image_keys)

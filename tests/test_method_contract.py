@@ -281,7 +281,9 @@ def test_paper_names_are_the_reference_tables_names():
     named = {r["method"] for r in tables()["results"]}
     for n in M.available():
         cls = M.METHODS[n]
-        assert cls.paper_name and paper_method_name(n) == cls.paper_name and cls.paper_name in named
+        if not cls.paper_name:  # a method in none of the papers' tables (allowed: paper_name "")
+            continue
+        assert paper_method_name(n) == cls.paper_name and cls.paper_name in named
         assert any(paper_metrics(n, ds) for ds in known_datasets()), n  # published zero-shot numbers somewhere
         if cls.paper_few_shot_name:
             assert paper_method_name(n, "few-shot-4") == cls.paper_few_shot_name in named
@@ -295,9 +297,10 @@ def test_paper_facts_come_from_the_method(monkeypatch):
     from zsad.protocols import paper_aupro_mode
     from zsad.reference import paper_method_name
 
-    monkeypatch.setitem(M.METHODS, "probe_variant", _define(paper_aupro_mode="mvtec", paper_name="SOWA"))
+    variant = _define(paper_aupro_mode="mvtec", paper_name="SOWA")
+    monkeypatch.setitem(M.METHODS, "probe_variant", variant)
     monkeypatch.setitem(M.METHODS, ProbeMethod.name, ProbeMethod)
-    assert paper_method_name("probe_variant") == "SOWA" and paper_aupro_mode("probe_variant") == "mvtec"
+    assert paper_method_name("probe_variant") == "SOWA" and paper_aupro_mode(variant) == "mvtec"
     assert paper_method_name(ProbeMethod.name) == ProbeMethod.name
 
 
@@ -313,3 +316,39 @@ def test_bound_stage_bakes_its_constants_and_checks_its_function():
         BoundStage(m, "hed")
     with pytest.raises(TypeError, match=r"head has no parameter \['txt'\]"):
         BoundStage(m, "head", txt=text)
+
+
+def test_probe_methods_paper_protocol_is_its_own(tmp_path, probe, synthetic):
+    """A sixth method's released-test-script rules live in its own class (``paper_protocol``): under
+    ``--protocol paper`` evaluation takes its image scores (here: minus the map maximum, so the image AUROC becomes
+    that of -max(map), checked with sklearn) and its description lines; under ``zsad`` nothing changes."""
+    from sklearn.metrics import roc_auc_score
+
+    from zsad.data import load_samples
+    from zsad.evaluate import evaluate
+    from zsad.protocols import PaperProtocol, describe
+
+    class ProbeProtocol(PaperProtocol):
+        def image_scores(self, cls, terms, dataset, shots):
+            return -terms["map_max"]
+
+        def describe(self, dataset, shots):
+            return ["image score = -max(map) (the probe's release)"]
+
+    method = M.create(ProbeMethod.name, probe).eval()
+    method.paper_protocol = ProbeProtocol()
+    samples = load_samples(synthetic, "test", classes=["gravel"])[:8]
+    zsad = evaluate(method, samples, progress=False, heatmaps_per_class=0)
+    paper = evaluate(method, samples, progress=False, heatmaps_per_class=0, protocol="paper")
+    with torch.no_grad():
+        from zsad.data import AnomalyDataset
+
+        ds = AnomalyDataset(samples, method.image_size)
+        x = torch.stack([ds[i]["image"] for i in range(len(ds))])
+        out = method(x)
+    labels = [s.label for s in samples]
+    want_paper = roc_auc_score(labels, -out.anomaly_map.flatten(1).amax(1).numpy())
+    want_zsad = roc_auc_score(labels, out.score.numpy())
+    assert paper["per_class"]["gravel"]["image_auroc"] == pytest.approx(want_paper, abs=1e-9)
+    assert zsad["per_class"]["gravel"]["image_auroc"] == pytest.approx(want_zsad, abs=1e-9)
+    assert describe(method)[1:] == ["image score = -max(map) (the probe's release)"]

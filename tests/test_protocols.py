@@ -9,6 +9,9 @@ from sklearn.metrics import roc_auc_score
 from zsad import ZsadError
 from zsad import methods as M
 from zsad import protocols as P
+from zsad.methods import afclip as AF
+from zsad.methods import bayespfl_protocol as BP
+from zsad.methods import sowa as SO
 
 
 def test_minmax_hand_case_and_degenerate_class():
@@ -24,28 +27,28 @@ def test_minmax_hand_case_and_degenerate_class():
 
 def test_bayespfl_topk_follows_the_released_class_list():
     for cls in ("capsules", "macaroni1", "macaroni2", "pipe_fryum", "screw", "cashew", "chewinggum"):
-        assert P.bayespfl_topk(cls) == 20
+        assert BP.bayespfl_topk(cls) == 20
     for cls in ("bottle", "pcb1", "metal_nut", "01"):
-        assert P.bayespfl_topk(cls) == 2000
+        assert BP.bayespfl_topk(cls) == 2000
 
 
 def test_bayespfl_image_scores_hand_case():
     s_text = [0.2, 0.6, 1.0]  # -> 0, .5, 1
     s_img = [3.0, 1.0, 2.0]  # -> 1, 0, .5
-    out = P.bayespfl_image_scores(s_text, s_img)
+    out = BP.bayespfl_image_scores(s_text, s_img)
     np.testing.assert_allclose(out, [0.5, 0.25, 0.75], atol=1e-7)
     # classification-only data sets: min-max(s_text) alone, s_img ignored
-    np.testing.assert_allclose(P.bayespfl_image_scores(s_text, None, classification_only=True), [0, 0.5, 1],
+    np.testing.assert_allclose(BP.bayespfl_image_scores(s_text, None, classification_only=True), [0, 0.5, 1],
                                atol=1e-7)
     # the normalisation changes the ranking a plain 0.5/0.5 mix gives: labels 1 0 1 -> AUROC 1 vs 0.5
     labels = [1, 0, 1]
     s_text2, s_img2 = [0.50, 0.40, 0.41], [0.0, 10.0, 30.0]
     plain = 0.5 * np.array(s_text2) + 0.5 * np.array(s_img2)  # 0.25, 5.2, 15.2
-    paper = P.bayespfl_image_scores(s_text2, s_img2)  # .5*(1, 0, .1) + .5*(0, 1/3, 1) = .5, .1667, .55
+    paper = BP.bayespfl_image_scores(s_text2, s_img2)  # .5*(1, 0, .1) + .5*(0, 1/3, 1) = .5, .1667, .55
     assert roc_auc_score(labels, plain) == 0.5
     assert roc_auc_score(labels, paper) == 1.0
     with pytest.raises(ZsadError, match="length"):
-        P.bayespfl_image_scores([0.1, 0.2], [0.3])
+        BP.bayespfl_image_scores([0.1, 0.2], [0.3])
 
 
 def test_classification_only_datasets():
@@ -58,30 +61,30 @@ def test_classification_only_datasets():
 def test_sowa_kshot_image_scores_hand_case():
     p = [0.1, 0.5, 0.9]
     map_max = [2.0, 4.0, 3.0]  # -> 0, 1, .5
-    np.testing.assert_allclose(P.sowa_kshot_image_scores(p, map_max), [0.05, 0.75, 0.7], atol=1e-12)
+    np.testing.assert_allclose(SO.sowa_kshot_image_scores(p, map_max), [0.05, 0.75, 0.7], atol=1e-12)
 
 
 def test_paper_image_scores_dispatch():
     terms = {"s_text": np.array([0.2, 0.6, 1.0]), "topk20": np.array([3.0, 1.0, 2.0]),
              "topk2000": np.array([1.0, 2.0, 3.0]), "image_prob": np.array([0.1, 0.5, 0.9]),
              "map_max": np.array([2.0, 4.0, 3.0])}
-    np.testing.assert_allclose(P.paper_image_scores("bayespfl", "screw", terms), [0.5, 0.25, 0.75], atol=1e-7)
-    np.testing.assert_allclose(P.paper_image_scores("bayespfl", "bottle", terms), [0.0, 0.5, 1.0], atol=1e-7)
-    np.testing.assert_allclose(P.paper_image_scores("bayespfl", "bottle", terms, dataset="Br35H"), [0, 0.5, 1],
-                               atol=1e-7)
-    np.testing.assert_allclose(P.paper_image_scores("sowa", "bottle", terms, shots=4), [0.05, 0.75, 0.7])
-    assert P.paper_image_scores("sowa", "bottle", terms, shots=0) is None  # zero-shot: p alone, as zsad
+    bayes = M.METHODS["bayespfl"]
+    np.testing.assert_allclose(P.paper_image_scores(bayes, "screw", terms), [0.5, 0.25, 0.75], atol=1e-7)
+    np.testing.assert_allclose(P.paper_image_scores(bayes, "bottle", terms), [0.0, 0.5, 1.0], atol=1e-7)
+    np.testing.assert_allclose(P.paper_image_scores(bayes, "bottle", terms, dataset="Br35H"), [0, 0.5, 1], atol=1e-7)
+    np.testing.assert_allclose(P.paper_image_scores(M.METHODS["sowa"], "bottle", terms, shots=4), [0.05, 0.75, 0.7])
+    assert P.paper_image_scores(M.METHODS["sowa"], "bottle", terms, shots=0) is None  # zero-shot: p alone, as zsad
     for name in set(M.available()) - {"bayespfl", "sowa"}:  # every other method: its released scores are per image
-        assert P.paper_image_scores(name, "bottle", terms, shots=4) is None
-    assert P.paper_aupro_mode("sowa") == "sowa" and P.paper_aupro_mode("bayespfl") == "anomalyclip"
-    assert P.paper_aupro_mode("afclip") == "afclip" and P.paper_aupro_mode("bagclip") == "anomalyclip"
+        assert P.paper_image_scores(M.METHODS[name], "bottle", terms, shots=4) is None
+    modes = {name: P.paper_aupro_mode(M.METHODS[name]) for name in ("sowa", "bayespfl", "afclip", "bagclip")}
+    assert modes == {"sowa": "sowa", "bayespfl": "anomalyclip", "afclip": "afclip", "bagclip": "anomalyclip"}
 
 
 def test_draw_seeds_and_mean_std():
-    assert P.paper_draw_seeds("sowa") == (42, 2020, 2023, 2024, 2025)
-    assert len(P.paper_draw_seeds("afclip")) == 5
+    assert P.paper_draw_seeds(M.METHODS["sowa"]) == (42, 2020, 2023, 2024, 2025)
+    assert len(P.paper_draw_seeds(M.METHODS["afclip"])) == 5
     with pytest.raises(ZsadError, match="few-shot"):
-        P.paper_draw_seeds("bayespfl")
+        P.paper_draw_seeds(M.METHODS["bayespfl"])
     out = P.mean_std([{"image_auroc": 0.9, "pixel_aupro": float("nan")},
                       {"image_auroc": 0.7, "pixel_aupro": 0.5}])
     assert out["image_auroc"][0] == pytest.approx(0.8) and out["image_auroc"][1] == pytest.approx(0.1)
@@ -89,7 +92,7 @@ def test_draw_seeds_and_mean_std():
     assert all(math.isnan(v) for v in P.mean_std([{"x": float("nan")}])["x"])
     with pytest.raises(ZsadError):
         P.mean_std([])
-    assert any("seeds [42, 2020" in line for line in P.describe("sowa", "MVTec AD", shots=4))
+    assert any("seeds [42, 2020" in line for line in P.describe(M.METHODS["sowa"], "MVTec AD", shots=4))
 
 
 def test_check_protocol():
@@ -168,23 +171,23 @@ def test_paper_class_words_are_the_released_prompts(dataset):
     for spelling in (dataset, dataset.lower().replace(" ", "").replace("-", "")):
         for folder in RELEASE_SOURCE_FOLDERS[dataset]:
             released = _release_prompt(_release_converter(dataset, folder))
-            assert "X " + P.class_words(folder, "paper", spelling) == released, (spelling, folder)
+            assert "X " + BP.class_words(folder, "paper", spelling) == released, (spelling, folder)
     # the converted layout itself (folders named as meta_*.json) gives the same words
     for name in RELEASE_META_CLASSES.get(dataset, []):
-        assert "X " + P.class_words(name, "paper", dataset) == _release_prompt(name)
+        assert "X " + BP.class_words(name, "paper", dataset) == _release_prompt(name)
 
 
 def test_paper_class_words_elsewhere_keep_underscores():
     # data sets the release has no converter for (MPDD), or no data-set name: the prompt table, lower case, as is
     for dataset in ("MPDD", None, "my parts"):
         for folder in ("bracket_black", "Metal_Plate", "tubes", "pcb3", "pipe_fryum"):
-            assert "X " + P.class_words(folder, "paper", dataset) == _release_prompt(folder)
-    assert P.class_words("bracket_black", "paper", "MPDD") == "bracket_black"
-    assert P.class_words("Woven_127", "paper", None) == "woven_127"  # not renamed without the data set's name
-    assert P.class_words("Woven_127", "paper", "dtd") == "woven1"
+            assert "X " + BP.class_words(folder, "paper", dataset) == _release_prompt(folder)
+    assert BP.class_words("bracket_black", "paper", "MPDD") == "bracket_black"
+    assert BP.class_words("Woven_127", "paper", None) == "woven_127"  # not renamed without the data set's name
+    assert BP.class_words("Woven_127", "paper", "dtd") == "woven1"
     # one-class data sets: the release's single class, whatever the folder is called here
-    assert P.class_words("head_ct", "paper", "HeadCT") == "head ct"
-    assert P.class_words("good_and_bad", "paper", "KSDD2") == "metal"
+    assert BP.class_words("head_ct", "paper", "HeadCT") == "head ct"
+    assert BP.class_words("good_and_bad", "paper", "KSDD2") == "metal"
 
 
 def test_zsad_class_words_rule():
@@ -193,21 +196,21 @@ def test_zsad_class_words_rule():
              "chewinggum": "chewing gum", "macaroni2": "macaroni", "pipe_fryum": "pipe fryum", "bottle": "bottle",
              "  Bracket__Black ": "bracket black", "Woven_127": "woven 127", "01": "01"}
     for folder, words in cases.items():
-        assert P.class_words(folder) == words == P.class_words(folder, "zsad", "BTAD")  # no data-set renaming
+        assert BP.class_words(folder) == words == BP.class_words(folder, "zsad", "BTAD")  # no data-set renaming
     # on MVTec AD and VisA, zsad's words are the released ones
     for dataset in ("MVTec AD", "VisA"):
         for folder in RELEASE_SOURCE_FOLDERS[dataset]:
-            assert "X " + P.class_words(folder) == _release_prompt(folder)
+            assert "X " + BP.class_words(folder) == _release_prompt(folder)
 
 
 def test_class_words_errors_and_protocol_note():
     for bad in ("", "   ", None, 3):
         with pytest.raises(ZsadError, match="non-empty string"):
-            P.class_words(bad)
+            BP.class_words(bad)
     with pytest.raises(ZsadError, match="unknown protocol"):
-        P.class_words("bottle", "papers")
-    assert any("BTAD's converter" in line for line in P.describe("bayespfl", "BTAD"))
-    assert any("underscores kept" in line for line in P.describe("bayespfl", "MPDD"))
+        BP.class_words("bottle", "papers")
+    assert any("BTAD's converter" in line for line in P.describe(M.METHODS["bayespfl"], "BTAD"))
+    assert any("underscores kept" in line for line in P.describe(M.METHODS["bayespfl"], "MPDD"))
 
 
 # == AF-CLIP's ground-truth masks ======================================================================================
@@ -261,7 +264,7 @@ def test_afclip_mask_is_the_released_test_path(shape, size):
     from zsad.data.transforms import preprocess_mask
 
     mask = _defect_mask(*shape)
-    got = P.afclip_mask(mask, size)
+    got = AF.afclip_mask(mask, size)
     assert got.dtype == np.float32 and got.shape == (size, size)
     np.testing.assert_array_equal(got, _afclip_release_mask(mask, size))
     # the kernel from its definition: PIL's horizontal pass, stored in 8 bits (rounded, clipped to 0..255), then the
@@ -274,20 +277,20 @@ def test_afclip_mask_is_the_released_test_path(shape, size):
     # zsad's own masks (bilinear floats) differ on these masks: a flipped filter would be caught
     if size > 16:
         assert (preprocess_mask(mask, size) != got).sum() > 50
-    assert P.afclip_mask(np.where(mask, 7, 0), size).tolist() == got.tolist()  # any nonzero value is a defect
+    assert AF.afclip_mask(np.where(mask, 7, 0), size).tolist() == got.tolist()  # any nonzero value is a defect
     with pytest.raises(ZsadError, match="2-D mask"):
-        P.afclip_mask(np.zeros((4, 4, 3)), size)
+        AF.afclip_mask(np.zeros((4, 4, 3)), size)
 
 
 def test_mask_transform_dispatch():
     from zsad.data.transforms import preprocess_mask
 
-    assert P.mask_transform("afclip", "paper") is P.afclip_mask
+    assert P.mask_transform(M.METHODS["afclip"], "paper") is AF.afclip_mask
     for method, protocol in (("afclip", "zsad"), ("anomalyclip", "paper"), ("bayespfl", "paper"), ("sowa", "paper")):
-        assert P.mask_transform(method, protocol) is preprocess_mask
+        assert P.mask_transform(M.METHODS[method], protocol) is preprocess_mask
     with pytest.raises(ZsadError, match="unknown protocol"):
-        P.mask_transform("afclip", "Paper")
-    assert any("bicubic" in line for line in P.describe("afclip"))
+        P.mask_transform(M.METHODS["afclip"], "Paper")
+    assert any("bicubic" in line for line in P.describe(M.METHODS["afclip"]))
 
 
 def test_evaluate_scores_afclip_against_its_released_masks(tmp_path, monkeypatch):

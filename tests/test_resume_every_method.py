@@ -13,7 +13,7 @@ import zsad.methods as M
 from zsad.data import AnomalyDataset, load_samples
 from zsad.train.loop import train
 
-RANDOM = {  # config overrides that make each method draw random numbers while it trains
+RANDOM = {  # config overrides that make a method draw random numbers while it trains (others: their profile as is)
     "anomalyclip": {},
     "bagclip": {},
     "afclip": {"adaptor": {"dropout": 0.2}},
@@ -47,10 +47,6 @@ class _KillAtEpoch(torch.utils.data.Dataset):
             self.base.set_epoch(epoch)
 
 
-def test_every_method_is_covered():
-    assert set(M.available()) == set(RANDOM)
-
-
 @pytest.fixture(scope="module")
 def samples(synthetic):
     s = load_samples(synthetic, "test", classes=["brick"])
@@ -59,10 +55,10 @@ def samples(synthetic):
     return good + bad
 
 
-@pytest.mark.parametrize("name", sorted(RANDOM))
+@pytest.mark.parametrize("name", M.available())
 def test_resume_is_bit_identical(tmp_path, samples, name):
     def method():
-        return M.create(name, "tiny", train={"epochs": 3, "batch_size": 2}, **RANDOM[name])
+        return M.create(name, "tiny", train={"epochs": 3, "batch_size": 2}, **RANDOM.get(name, {}))
 
     def dataset(m):
         return m.training_dataset(AnomalyDataset(samples, m.config.backbone.image_size), INFO)

@@ -30,8 +30,8 @@ def predict(method, dataset, batch_size: int, device: str, desc: str, progress: 
             protocol: str = "zsad", dataset_name: str | None = None):
     """Run the method over a dataset; returns scores [n], maps [n,S,S] float32, masks [n,S,S] bool, labels [n]
     and, with ``with_terms``, the per-image terms of :func:`zsad.protocols.forward_with_terms` (else None).
-    A class-aware method gets each sample's class folder as the ``protocol``'s words
-    (:func:`zsad.protocols.class_words`, ``dataset_name`` selects the paper protocol's renaming)."""
+    A class-aware method gets each sample's class folder as the ``protocol``'s words (its
+    ``paper_protocol.class_words``, ``dataset_name`` selects the paper protocol's renaming)."""
     import torch
     from torch.utils.data import DataLoader
     from tqdm import tqdm
@@ -45,7 +45,7 @@ def predict(method, dataset, batch_size: int, device: str, desc: str, progress: 
         for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
             kwargs = {}
             if takes_class_names:
-                kwargs["class_names"] = [class_words(c, protocol, dataset_name) for c in batch["cls"]]
+                kwargs["class_names"] = [class_words(method, c, protocol, dataset_name) for c in batch["cls"]]
             if with_terms:
                 score, amap, batch_terms = forward_with_terms(method, batch["image"].to(device), **kwargs)
                 for k, v in batch_terms.items():
@@ -129,19 +129,19 @@ def evaluate(method, samples, *, batch_size: int = 8, device: str = "cpu", aupro
 
     ``support`` (few-shot): class -> paths of K normal images; the method's memory is built from them before
     that class is scored and dropped after it. ``protocol="paper"`` replaces the image scores by those of the
-    method's released test script (:func:`zsad.protocols.paper_image_scores`; ``dataset_name`` selects
-    Bayes-PFL's classification-only data sets, which then get image metrics only, and its class words) and, for
-    AF-CLIP, its ground-truth masks (:func:`zsad.protocols.afclip_mask`).
+    method's released test script (its ``paper_protocol`` hooks, zsad.protocols: ``dataset_name`` selects e.g.
+    Bayes-PFL's classification-only data sets, which then get image metrics only, and its class words) and its
+    ground-truth masks where the release makes them otherwise (AF-CLIP).
     """
     from zsad.data import AnomalyDataset
     from zsad.metrics import class_metrics, summarize
-    from zsad.protocols import check_protocol, is_classification_only, mask_transform, paper_image_scores
+    from zsad.protocols import check_protocol, mask_transform, paper_image_scores, paper_protocol
     from zsad.visualize import save_panel
 
     check_protocol(protocol)
     paper = protocol == "paper"
     shots = len(next(iter(support.values()))) if support else 0
-    pixel = not (paper and method.name == "bayespfl" and is_classification_only(dataset_name))
+    pixel = not paper or paper_protocol(method).pixel_metrics(dataset_name)
 
     by_class = defaultdict(list)
     for s in samples:
@@ -151,7 +151,7 @@ def evaluate(method, samples, *, batch_size: int = 8, device: str = "cpu", aupro
     for cls in sorted(by_class):
         cls_samples = by_class[cls]
         ds = AnomalyDataset(cls_samples, size, resize_masks=resize_masks,
-                            mask_transform=mask_transform(method.name, protocol))
+                            mask_transform=mask_transform(method, protocol))
         if support is not None:
             method.fit_memory(_load_support(support[cls], size, device))
         try:
@@ -162,7 +162,7 @@ def evaluate(method, samples, *, batch_size: int = 8, device: str = "cpu", aupro
             if support is not None:
                 method.clear_memory()
         if paper:
-            paper_scores = paper_image_scores(method.name, cls, terms, dataset=dataset_name, shots=shots)
+            paper_scores = paper_image_scores(method, cls, terms, dataset=dataset_name, shots=shots)
             scores = scores if paper_scores is None else paper_scores
         per_class[cls] = class_metrics(labels, scores, masks, maps, aupro_mode=aupro_mode, pixel=pixel)
         counts[cls] = {"images": int(len(labels)), "anomalous": int(labels.sum())}

@@ -154,7 +154,7 @@ def _load_method(checkpoint, clip_weights, device: str, shots: int, support, pro
     loaded = load(checkpoint, clip_weights=clip_weights, device=device)
     method, meta = loaded.method, loaded.sidecar
     if aupro_mode is None:
-        aupro_mode = protocols.paper_aupro_mode(meta["method"]) if protocol == "paper" else "anomalyclip"
+        aupro_mode = protocols.paper_aupro_mode(method) if protocol == "paper" else "anomalyclip"
     if shots and not method.few_shot:
         from zsad.methods import METHODS
 
@@ -223,7 +223,7 @@ def run(checkpoint, data, split="test", classes=None, dataset_name=None, clip_we
     root, name, samples = _load_data(data, split, classes, dataset_name, progress, resize_masks)
     class_names = sorted({s.cls for s in samples})
     # few-shot under the paper protocol: one evaluation per draw of the papers' draw seeds
-    draw_seeds = protocols.paper_draw_seeds(meta["method"]) if shots and protocol == "paper" else (support_seed,)
+    draw_seeds = protocols.paper_draw_seeds(method) if shots and protocol == "paper" else (support_seed,)
     support_maps = [support_images(support, class_names, shots, seed) for seed in draw_seeds] if shots else []
     setting = f"few-shot-{shots}" if shots else "zero-shot"
     out_dir = _out_dir(out, checkpoint, name, root, shots)
@@ -246,7 +246,7 @@ def run(checkpoint, data, split="test", classes=None, dataset_name=None, clip_we
         "clip_weights": method.backbone.info.weights, "dataset": name, "data_path": str(root), "split": split,
         "image_size": method.image_size, "aupro_mode": aupro_mode, "seconds": round(seconds, 2),
         "setting": setting, "protocol": protocol,
-        "protocol_notes": protocols.describe(meta["method"], name, shots) if protocol == "paper" else [],
+        "protocol_notes": protocols.describe(method, name, shots) if protocol == "paper" else [],
         "few_shot": ({"shots": shots, "support": str(support), "seeds": list(draw_seeds),
                       "images": [{c: [str(p) for p in v] for c, v in m.items()} for m in support_maps]}
                      if shots else None),

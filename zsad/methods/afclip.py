@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -40,6 +41,7 @@ from zsad.modules.losses import binary_focal_loss, patch_alignment_loss
 from zsad.modules.memory_bank import MemoryBank
 from zsad.modules.prompts import PLACEMENTS, ObjectAgnosticPrompts, StaticTextCache
 from zsad.postprocess import Postprocess
+from zsad.protocols import PaperProtocol
 
 
 @dataclass
@@ -111,11 +113,46 @@ class AfClipConfig:
             raise ZsadError("taps must list at least one block")
 
 
+# -- its released test script (zsad.protocols) ----------------------------------------------------------------------
+# AF-CLIP (Faustinaqq/AF-CLIP, util/utils.py ``compute_pro``): AUPRO with the kept FPRs divided by their maximum
+# instead of min-max rescaled (``paper_aupro_mode`` "afclip"). Its scores are per image, as zsad's; AF-CLIP+ few-shot
+# tables are the mean and std over five random draws of the shots (no seeds given: zsad draws with seeds 0..4).
+# Ground-truth masks as its test path makes them (afclip_mask): the 8-bit mask resized to S x S with PIL bicubic
+# (main.py:103-106, Resize + ToTensor), then > 0.5 (util/utils.py:241-243); zsad's own masks are resized bilinearly
+# as floats (zsad.data.preprocess_mask).
+AFCLIP_DRAWS = 5
+
+
+def afclip_mask(mask, size: int) -> np.ndarray:
+    """A defect mask [H, W] (nonzero = defect) as AF-CLIP's test path makes it: stored as 0 / 255 in 8 bits, resized
+    to ``size`` x ``size`` with PIL bicubic (8-bit result), / 255, > 0.5. float32 [size, size] in {0, 1}."""
+    from PIL import Image
+
+    arr = np.asarray(mask)
+    if arr.ndim != 2 or arr.size == 0:
+        raise ZsadError(f"afclip_mask expects a non-empty 2-D mask, got shape {arr.shape}")
+    img = Image.fromarray(np.where(arr != 0, 255, 0).astype(np.uint8))
+    if img.size != (size, size):
+        img = img.resize((int(size), int(size)), Image.Resampling.BICUBIC)
+    return (np.asarray(img, dtype=np.float32) / np.float32(255.0) > 0.5).astype(np.float32)
+
+
+class AfClipProtocol(PaperProtocol):
+    draw_seeds = tuple(range(AFCLIP_DRAWS))
+
+    def mask_transform(self):
+        return afclip_mask
+
+    def describe(self, dataset: str | None, shots: int) -> list[str]:
+        return ["ground-truth masks: 8-bit, PIL bicubic to the model size, / 255 > 0.5"]
+
+
 class AfClip(StaticTextCache, Method):
     name = "afclip"
     paper_name = "AF-CLIP"
     paper_few_shot_name = "AF-CLIP+"
     paper_aupro_mode = "afclip"  # util/utils.py compute_pro: kept FPRs divided by their maximum
+    paper_protocol = AfClipProtocol()
     config_class = AfClipConfig
     few_shot = True
 

@@ -39,7 +39,8 @@ Export plan (``stages()``; the text encoder is its own stage because the prompts
 "[SOT] words [EOT] 0...", cut to Lc; :meth:`BayesPfl.encode_class_names` makes them outside the graph (the served
 text model does the same), and ``forward(images, class_names)`` takes the words (default ``default_class_name``) as
 given: CLIP's tokeniser only lower-cases them and collapses whitespace. Data-set folder names become words before
-that, by zsad.protocols.class_words (zsad-eval under its protocol, training under ``zsad``'s rule).
+that, by zsad.methods.bayespfl_protocol.class_words (zsad-eval under its protocol, training under ``zsad``'s
+rule).
 
 Deviations from the released code (each a knob where it matters): the second, CE-only training stage on fuse +
 mappings is ``second_stage`` (on in the paper profile) with early stopping only on user-named held-out classes of
@@ -70,13 +71,13 @@ from zsad.methods.base import (
     TrainConfig,
     TrainingStage,
 )
+from zsad.methods.bayespfl_protocol import BayesPflProtocol, class_words
 from zsad.modules.augment import AugmentConfig, BatchAugment
 from zsad.modules.flows import ConditionalPlanarFlow, StatePlanarFlows
 from zsad.modules.losses import dice_loss, focal_loss
 from zsad.modules.prompt_bank import PromptBank, assemble_sequences
 from zsad.modules.rca import ResidualCrossModalAttention
 from zsad.postprocess import gaussian_blur, upsample
-from zsad.protocols import class_words
 
 NOISE_MODES = ("fixed", "random")
 
@@ -95,7 +96,8 @@ def class_name_tokens(names: Sequence[str], arch: str, length: int) -> torch.Ten
     """Class words, as given -> int64 CLIP token ids [n, length] ("[SOT] words [EOT] 0...").
 
     The one implementation of the class-name input: the eager path calls it, the served ensemble's text model
-    repeats it (triton_models/text_input). No renaming here: zsad.protocols.class_words turns folder names into words.
+    repeats it (triton_models/text_input). No renaming here: bayespfl_protocol.class_words turns folder names into
+    words.
     """
     for name in names:
         if not isinstance(name, str) or not name.strip():
@@ -280,6 +282,7 @@ class BayesPfl(Method):
     name = "bayespfl"
     paper_name = "Bayes-PFL"
     config_class = BayesPflConfig
+    paper_protocol = BayesPflProtocol()  # its released test script (zsad/methods/bayespfl_protocol.py)
     # buffers: the fixed noise samples (sampling.noise_seed)
     noise_context: torch.Tensor
     noise_normal: torch.Tensor

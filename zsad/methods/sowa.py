@@ -33,6 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import cast
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -45,6 +46,7 @@ from zsad.modules.memory_bank import MemoryBank
 from zsad.modules.prompts import ObjectAgnosticPrompts, StaticTextCache
 from zsad.modules.window_attention import FrozenWindowAdapter
 from zsad.postprocess import gaussian_blur, upsample
+from zsad.protocols import PaperProtocol, minmax, same_length
 
 IMAGE_LOSSES = ("double_softmax", "ce")
 
@@ -110,10 +112,37 @@ class SowaConfig:
             raise ZsadError("taps must list at least one block")
 
 
+# -- its released test script (zsad.protocols) ----------------------------------------------------------------------
+# SOWA (huzongxiang/sowa, src/models/anomaly_clip_module.py ``on_test_epoch_end``): in K-shot mode the image score is
+# 0.5 (p + min-max over the class of max(final map)), p the text probability; zero-shot it is p alone (as zsad).
+# AUPRO: the mean of per-image FPRs (``paper_aupro_mode`` "sowa", src/utils/metrics.py ``cal_pro_score``). zsad's
+# K-shot tables are the mean and std over draws seeded SOWA_EVAL_SEEDS, the seeds scripts/infer_data.sh passes; the
+# released src/eval.py never applies them (no seed_everything), so its own draws are unseeded: one per K on MVTec AD
+# / VisA (infer_auto.sh), ten elsewhere (docs/methods/sowa.md).
+SOWA_EVAL_SEEDS = (42, 2020, 2023, 2024, 2025)
+
+
+def sowa_kshot_image_scores(image_prob, map_max) -> np.ndarray:
+    """SOWA's K-shot image scores of one class: 0.5 (p + minmax(max of each final map)) (no eps, as released)."""
+    same_length(image_prob, map_max)
+    return 0.5 * (np.asarray(image_prob, dtype=np.float64) + minmax(map_max))
+
+
+class SowaProtocol(PaperProtocol):
+    draw_seeds = SOWA_EVAL_SEEDS
+
+    def image_scores(self, cls: str, terms: dict, dataset: str | None, shots: int) -> np.ndarray | None:
+        return sowa_kshot_image_scores(terms["image_prob"], terms["map_max"]) if shots else None
+
+    def describe(self, dataset: str | None, shots: int) -> list[str]:
+        return ["image score = 0.5 (text probability + min-max(max of the final map) over the class)"] if shots else []
+
+
 class Sowa(StaticTextCache, Method):
     name = "sowa"
     paper_name = "SOWA"
     paper_aupro_mode = "sowa"  # src/utils/metrics.py cal_pro_score: the mean of per-image FPRs
+    paper_protocol = SowaProtocol()
     config_class = SowaConfig
     few_shot = True
     score_offset: torch.Tensor  # buffer (k-shot score offset)
