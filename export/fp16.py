@@ -4,6 +4,22 @@ CLIP's residual stream has large outlier channels: LayerNorm's mean/variance (an
 similarities) overflow or lose all precision in fp16, so those ops stay fp32 with casts around them
 (clip-as-service found the same overflow in TensorRT). Inputs and outputs stay fp32, so the Triton configs and
 clients do not change. TensorRT does not use this file: its fp16 is a builder flag on the fp32 ONNX.
+
+onnxconverter-common's ``convert_float_to_float16`` (1.16) gets three things wrong on our stages, each made right here
+(tests/test_half_precision.py loads every converted stage in ONNX Runtime, which refused or mis-typed all three):
+
+- a blocked (fp32) node that writes a graph output turns that output into fp16 (``keep_io_types`` is ignored), and
+  one that reads a graph output gets no cast in front of it: every graph output is first routed through an Identity,
+  so no blocked node touches a graph output's name;
+- a ``Cast(to=FLOAT)`` keeps ``to=FLOAT`` while its output is re-declared fp16 (ORT: type error at load): those
+  casts are blocked, i.e. stay fp32 with a cast to fp16 after them where an fp16 op reads them;
+- integer ids cast to float for an ArgMax (Bayes-PFL's end token: CLIP ids up to 49407) are not exact in fp16
+  (spacing 32 above 32768: the start token 49406 and the end token 49407 both round to 49408): ArgMax and ArgMin stay
+  fp32, so the ids reach them exactly.
+
+A stage that selects (a TopK: BAG-CLIP's kNN neighbours, Bayes-PFL's top-k image score) is not converted at all:
+the selection is a discontinuous step over fp32 similarities rounded at 2^-14 (zsad.selection), which fp16's 2^-11
+spacing near 1 cannot hold, and everything around it is cheap.
 """
 from __future__ import annotations
 
@@ -11,11 +27,38 @@ from pathlib import Path
 
 from zsad import ZsadError
 
-KEEP_FP32 = ["LayerNormalization", "ReduceMean", "ReduceL2", "ReduceSumSquare", "Pow", "Sqrt", "ReduceSum"]
+KEEP_FP32 = ["LayerNormalization", "ReduceMean", "ReduceL2", "ReduceSumSquare", "Pow", "Sqrt", "ReduceSum",
+             "ArgMax", "ArgMin"]
+SELECTING_OPS = ("TopK",)
+
+
+def _route_outputs_through_identity(model) -> None:
+    """Graph output X is renamed X__value where it is made and read; an Identity writes X from it."""
+    from onnx import helper
+
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    renamed = {name: f"{name}__value" for name in outputs}
+    for node in graph.node:
+        node.input[:] = [renamed.get(n, n) for n in node.input]
+        node.output[:] = [renamed.get(n, n) for n in node.output]
+    graph.node.extend(helper.make_node("Identity", [renamed[o.name]], [o.name], name=f"{o.name}__identity")
+                      for o in graph.output)
+
+
+def _io_types(model) -> dict[str, int]:
+    return {v.name: v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.output]}
+
+
+def selects(model) -> bool:
+    """Whether the ONNX graph holds a selection (a TopK), which keeps the stage in fp32."""
+    return any(n.op_type in SELECTING_OPS for n in model.graph.node)
 
 
 def convert_to_fp16(path: Path) -> Path:
-    """Rewrite the ONNX file at ``path`` in fp16 (weights and compute) except ``KEEP_FP32`` ops; I/O stays fp32."""
+    """Rewrite the ONNX file at ``path`` in fp16 (weights and compute) except ``KEEP_FP32`` ops; I/O stays fp32.
+
+    A stage with a selection (``selects``) is left in fp32 (module docstring)."""
     import onnx
 
     try:
@@ -23,8 +66,18 @@ def convert_to_fp16(path: Path) -> Path:
     except ImportError as err:
         raise ZsadError("--fp16 for ONNX Runtime needs onnxconverter-common: pip install 'zsad[onnx]'") from err
     model = onnx.load(str(path))
+    if selects(model):
+        return path
+    io_types = _io_types(model)
+    _route_outputs_through_identity(model)
+    float_casts = [n.name for n in model.graph.node if n.op_type == "Cast"
+                   and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT for a in n.attribute)]
     model = float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=KEEP_FP32,
-                                             disable_shape_infer=False)
-    onnx.checker.check_model(model)
+                                             node_block_list=float_casts, disable_shape_infer=False)
+    changed = {n: (t, _io_types(model).get(n)) for n, t in io_types.items() if _io_types(model).get(n) != t}
+    if changed:
+        raise ZsadError(f"fp16 conversion of {path} changed input/output types (ONNX element types, was -> now): "
+                        f"{changed}")
+    onnx.checker.check_model(model, full_check=True)  # strict type inference: a mis-typed node fails here
     onnx.save(model, str(path))
     return path

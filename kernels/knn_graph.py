@@ -38,6 +38,7 @@ could not be measured here (no GPU); ``perf_sweep`` times the dense GEMM so a GP
 """
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 
 import torch
@@ -80,9 +81,13 @@ def _check_symmetrize(symmetrize: str) -> None:
 
 
 def cosine_similarity_matrix(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """S = X̂ X̂ᵀ [B,N,N] in fp32 (fp64 stays fp64, for reference checks)."""
-    xn = F.normalize(_at_least_fp32(x), dim=-1, eps=eps)
-    return xn @ xn.transpose(-1, -2)
+    """S = X̂ X̂ᵀ [B,N,N] in fp32 (fp64 stays fp64, for reference checks), with autocast on or off."""
+    # autocast would run this Gram in bf16 / fp16 (spacing 2^-8 / 2^-11 near 1) although its inputs are fp32, and the
+    # selection compares S at 2^-14: it stays off here (a no-op context where autocast is off: export traces none)
+    kind = x.device.type
+    with torch.autocast(kind, enabled=False) if torch.is_autocast_enabled(kind) else contextlib.nullcontext():
+        xn = F.normalize(_at_least_fp32(x), dim=-1, eps=eps)
+        return xn @ xn.transpose(-1, -2)
 
 
 def quantize_similarity(sim: torch.Tensor, resolution_bits: int = 0) -> torch.Tensor:

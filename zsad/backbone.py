@@ -206,6 +206,11 @@ class ClipBackbone(nn.Module):
         if images.dim() != 4 or images.shape[1] != 3 or images.shape[-2:] != (s, s):
             raise ZsadError(f"expected images of shape [B,3,{s},{s}], got {tuple(images.shape)}")
         x = v.conv1(images)
+        if torch.is_autocast_enabled(x.device.type):
+            # the residual stream stays fp32 under autocast (the blocks compute in half, their sums do not): CPU
+            # autocast keeps LayerNorm in its input's dtype, so a half conv1 output would make every residual add half,
+            # where an outlier channel of 300 rounds to bf16's steps of 2 (CUDA autocast's fp32 LayerNorm gives fp32)
+            x = x.float()
         x = x.flatten(2).transpose(1, 2)
         cls = v.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)

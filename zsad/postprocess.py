@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zsad.modules.precision import as_fp32, fp32_region
+
 
 def gaussian_radius(sigma: float, truncate: float = 4.0) -> int:
     return int(truncate * float(sigma) + 0.5)
@@ -41,16 +43,20 @@ def gaussian_blur(x: torch.Tensor, sigma: float, truncate: float = 4.0) -> torch
     """Blur the last two axes of ``x`` [..., H, W] (sigma in pixels; sigma <= 0 returns x)."""
     if sigma <= 0:
         return x
-    # weights and indices are made on x's device: a host-to-device copy here would break CUDA-graph capture
-    kernel = gaussian_kernel1d(sigma, truncate, device=x.device).to(x.dtype)
-    r = (kernel.numel() - 1) // 2
-    lead, (h, w) = x.shape[:-2], x.shape[-2:]
-    y = x.reshape(-1, 1, h, w)
-    y = y.index_select(2, symmetric_index(h, r, device=x.device))
-    y = F.conv2d(y, kernel.view(1, 1, -1, 1))
-    y = y.index_select(3, symmetric_index(w, r, device=x.device))
-    y = F.conv2d(y, kernel.view(1, 1, 1, -1))
-    return y.reshape(*lead, h, w)
+    # fp32 under autocast (fp16 / bf16 inputs come out fp32): the half-precision weights no longer sum to 1 and the
+    # maps' values (0..4 for four summed probabilities) would be rounded to bf16's 2^-6 steps
+    with fp32_region(x):
+        x = as_fp32(x)
+        # weights and indices are made on x's device: a host-to-device copy here would break CUDA-graph capture
+        kernel = gaussian_kernel1d(sigma, truncate, device=x.device).to(x.dtype)
+        r = (kernel.numel() - 1) // 2
+        lead, (h, w) = x.shape[:-2], x.shape[-2:]
+        y = x.reshape(-1, 1, h, w)
+        y = y.index_select(2, symmetric_index(h, r, device=x.device))
+        y = F.conv2d(y, kernel.view(1, 1, -1, 1))
+        y = y.index_select(3, symmetric_index(w, r, device=x.device))
+        y = F.conv2d(y, kernel.view(1, 1, 1, -1))
+        return y.reshape(*lead, h, w)
 
 
 def upsample(patch_map: torch.Tensor, size: int, align_corners: bool = False) -> torch.Tensor:

@@ -39,6 +39,7 @@ from zsad.modules.adaptor import AttentionAdaptor
 from zsad.modules.aggregation import BORDERS, MultiScaleAggregation
 from zsad.modules.losses import binary_focal_loss, patch_alignment_loss
 from zsad.modules.memory_bank import MemoryBank
+from zsad.modules.precision import as_fp32, fp32_region
 from zsad.modules.prompts import PLACEMENTS, ObjectAgnosticPrompts, StaticTextCache
 from zsad.postprocess import Postprocess
 from zsad.protocols import PaperProtocol
@@ -216,8 +217,11 @@ class AfClip(StaticTextCache, Method):
 
     def probabilities(self, z: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """ẑ [B, S, T, E], text [2, E] -> anomaly probability per token [B, T] (logits summed over the S sets)."""
-        logits = (z @ text.t()).sum(dim=1) / self.config.temperature  # [B, T, 2]
-        return logits.softmax(dim=-1)[..., 1]
+        # fp32 under autocast: 12 cosines summed, then x 1/0.07, make logits of 30..60, where bf16's step is 0.25 and
+        # fp16's 2^-5, and the 2-way softmax reads the two logits' difference
+        with fp32_region(z):
+            logits = (as_fp32(z) @ as_fp32(text).t()).sum(dim=1) / self.config.temperature  # [B, T, 2]
+            return logits.softmax(dim=-1)[..., 1]
 
     def head(self, tokens: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (p_CLS [B], P̃ [B, g, g])."""

@@ -29,6 +29,7 @@ from zsad.methods.base import (
     TrainConfig,
 )
 from zsad.modules.losses import layered_focal_dice
+from zsad.modules.precision import as_fp32, fp32_region
 from zsad.modules.prompts import ObjectAgnosticPrompts, StaticTextCache
 from zsad.postprocess import Postprocess, upsample
 
@@ -84,11 +85,15 @@ class AnomalyClip(StaticTextCache, Method):
         """Z [B,L,N,E], text [2,E] -> per-tap (normal, abnormal) probabilities [B,L,2,g,g]."""
         b, n_taps, n, _ = z.shape
         g = self.backbone.info.grid
-        logits = F.normalize(z, dim=-1) @ text.t() / self.config.temperature
-        return logits.softmax(dim=-1).permute(0, 1, 3, 2).reshape(b, n_taps, 2, g, g)
+        # fp32 under autocast: a half-precision cosine is rounded before 1/T (14.3) scales it, and the 2-way softmax
+        # reads the two logits' difference (bf16: steps of 2^-6 at logits of 2..4)
+        with fp32_region(z):
+            logits = F.normalize(as_fp32(z), dim=-1) @ as_fp32(text).t() / self.config.temperature
+            return logits.softmax(dim=-1).permute(0, 1, 3, 2).reshape(b, n_taps, 2, g, g)
 
     def image_logits(self, global_embedding: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        return F.normalize(global_embedding, dim=-1) @ text.t() / self.config.temperature
+        with fp32_region(global_embedding):  # fp32 under autocast, as layer_probs
+            return F.normalize(as_fp32(global_embedding), dim=-1) @ as_fp32(text).t() / self.config.temperature
 
     def head(self, global_embedding: torch.Tensor, taps: torch.Tensor, text: torch.Tensor):
         """-> (image probability [B], patch-grid anomaly map [B,g,g] = sum over taps of p_abnormal)."""

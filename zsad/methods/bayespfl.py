@@ -75,6 +75,7 @@ from zsad.methods.bayespfl_protocol import BayesPflProtocol, class_words
 from zsad.modules.augment import AugmentConfig, BatchAugment
 from zsad.modules.flows import ConditionalPlanarFlow, StatePlanarFlows
 from zsad.modules.losses import dice_loss, focal_loss
+from zsad.modules.precision import as_fp32, fp32_region
 from zsad.modules.prompt_bank import PromptBank, assemble_sequences
 from zsad.modules.rca import ResidualCrossModalAttention
 from zsad.postprocess import gaussian_blur, upsample
@@ -394,14 +395,18 @@ class BayesPfl(Method):
         ``fused=False``: . normalize(x) (the released stage 1 when a second stage follows)."""
         pfl = self.pfl
         image = pfl.image_mapping(global_embedding + pfl.fuse(taps)) if fused else global_embedding
-        g = F.normalize(image, dim=-1)
-        q = F.normalize(pfl.class_mapping(text), dim=-1)
-        return torch.exp(pfl.tau_image) * (q @ g.unsqueeze(-1)).squeeze(-1)
+        mapped = pfl.class_mapping(text)
+        # fp32 under autocast: cosines x exp(tau) (14.3 at init), then the sigmoid of the abnormal - normal difference
+        with fp32_region(image):
+            g = F.normalize(as_fp32(image), dim=-1)
+            q = F.normalize(as_fp32(mapped), dim=-1)
+            return torch.exp(pfl.tau_image) * (q @ g.unsqueeze(-1)).squeeze(-1)
 
     def pixel_logits(self, taps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """RCA + alignment: [N,L,T,g,g] logits exp(tau_pix) * F^s . Z~_l."""
         patches, refined = self.pfl.rca(taps, text)
-        logits = torch.exp(self.pfl.tau_pixel) * (patches @ refined.transpose(-1, -2))  # [N,L,Np,T]
+        with fp32_region(patches):  # fp32 under autocast, as image_logits
+            logits = torch.exp(self.pfl.tau_pixel) * (as_fp32(patches) @ as_fp32(refined).transpose(-1, -2))
         b, n_taps, _, t = logits.shape
         g = self.backbone.info.grid
         return logits.transpose(-1, -2).reshape(b, n_taps, t, g, g)

@@ -43,6 +43,7 @@ from zsad.backbone import arch_config
 from zsad.methods.base import BackboneConfig, BoundStage, EncoderStage, Method, PromptConfig, Stage, TrainConfig
 from zsad.modules.losses import layered_focal_dice
 from zsad.modules.memory_bank import MemoryBank
+from zsad.modules.precision import as_fp32, fp32_region
 from zsad.modules.prompts import ObjectAgnosticPrompts, StaticTextCache
 from zsad.modules.window_attention import FrozenWindowAdapter
 from zsad.postprocess import gaussian_blur, upsample
@@ -208,11 +209,15 @@ class Sowa(StaticTextCache, Method):
     def layer_logits(self, features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """F* [B, L, N, E], text [2, E] -> per-layer (abnormal - normal) logit [B, L, g, g]."""
         g = self.backbone.info.grid
-        cos = F.normalize(features, dim=-1) @ text.t() / self.config.patch_temperature  # [B, L, N, 2]
-        return (cos[..., 1] - cos[..., 0]).unflatten(-1, (g, g))
+        # fp32 under autocast: the logit is the difference of two nearly equal cosines, which a half-precision matmul
+        # output would round first (bf16: steps of 2^-10 at cosines of 0.125..0.25)
+        with fp32_region(features):
+            cos = F.normalize(as_fp32(features), dim=-1) @ as_fp32(text).t() / self.config.patch_temperature
+            return (cos[..., 1] - cos[..., 0]).unflatten(-1, (g, g))  # cos [B, L, N, 2]
 
     def image_logits(self, global_embedding: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        return F.normalize(global_embedding, dim=-1) @ text.t() / self.config.temperature
+        with fp32_region(global_embedding):  # fp32 under autocast: cosines x 1/0.07 (layer_logits)
+            return F.normalize(as_fp32(global_embedding), dim=-1) @ as_fp32(text).t() / self.config.temperature
 
     def head(self, global_embedding: torch.Tensor, taps: torch.Tensor, text: torch.Tensor,
              scales: torch.Tensor | None = None, biases: torch.Tensor | None = None):

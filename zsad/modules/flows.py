@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from zsad import ZsadError
+from zsad.modules.precision import as_fp32, fp32_region
 
 
 def planar_flow(z: torch.Tensor, u: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
@@ -58,6 +59,13 @@ def flow_kl(noise: torch.Tensor, log_var: torch.Tensor, z_k: torch.Tensor, log_d
     log_q0 = -0.5 * (log_var + noise * noise).sum(-1)
     log_prior = -0.5 * (z_k * z_k).sum(-1)
     return log_q0 - log_prior - log_det
+
+
+def gaussian_std(log_var: torch.Tensor) -> torch.Tensor:
+    """exp(log_var / 2), in fp32 under autocast: in fp16 (CPU autocast, an fp16 ONNX) it overflows to inf from
+    log_var > 22.2 (exp(11.09) = 65504), and inf noise scales make every prompt NaN."""
+    with fp32_region(log_var):
+        return torch.exp(0.5 * as_fp32(log_var))
 
 
 def _init_linear(module: nn.Module) -> None:
@@ -117,7 +125,7 @@ class ConditionalPlanarFlow(nn.Module):
         n, k, width = cond.shape[0], self.length, self.width
         mu, log_var = self.encoder(cond)  # [N,W]
         mu, log_var = mu.unsqueeze(1), log_var.unsqueeze(1)
-        z0 = mu + noise * torch.exp(0.5 * log_var)
+        z0 = mu + noise * gaussian_std(log_var)
         u = self.u(cond).reshape(n, 1, k, width)
         w = self.w(cond).reshape(n, 1, k, width)
         b = self.b(cond).reshape(n, 1, k)
@@ -154,7 +162,7 @@ class StatePlanarFlows(nn.Module):
         if noise.dim() != 2 or noise.shape[-1] != self.width:
             raise ZsadError(f"state-flow noise must be [R,{self.width}], got {tuple(noise.shape)}")
         mu, log_var = self.encoder(flow.xi)  # [1,W]
-        z0 = mu + noise * torch.exp(0.5 * log_var)
+        z0 = mu + noise * gaussian_std(log_var)
         z, log_det = planar_flow(z0, flow.u, flow.w, flow.b, self.eps)
         return z, flow_kl(noise, log_var, z, log_det)
 

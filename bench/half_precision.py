@@ -1,0 +1,246 @@
+"""fp16 / bf16 on the CPU: every method's stage chain under ``torch.autocast("cpu", dtype)`` against fp32.
+
+The comparison is the GPU tests' (tests/test_chain_gpu.py): the same images through the chain in fp32 and under
+autocast, score and anomaly map compared by their max relative error (max |half - fp32| / max |fp32|), with ``TOL``
+per dtype. What a CPU run adds:
+
+- **selections**: BAG-CLIP's kNN neighbours are a discontinuous step (zsad.selection); a half-precision chain picks
+  other neighbours wherever its features move a near-tie. The rows report how many selections differ and the map
+  error with the fp32 selection adopted after the graph stage (``map_rel_on_fp32_selection``: the continuous error
+  alone), besides the plain end-to-end error. No tolerance is loosened for it.
+- **per stage**: each stage run alone under autocast on the fp32 chain's inputs (where precision is lost);
+- **precision of the ops**: every aten op of the half chain is recorded with the dtype it computed in
+  (``PrecisionLog``): which ran in half, which in fp32 (autocast's CPU fp32 list, or kept in fp32 on purpose).
+
+``python -m zsad.bench.half_precision --profile paper --methods bagclip --out DIR`` writes DIR/<method>.json; run one
+method per process at the paper profile (a ViT-L at 518 px in three precisions holds ~10 GB). ``--shallow`` builds
+the paper widths with a 2-block ViT (``shallow_config``), the configuration tests/test_half_precision.py runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+# the GPU tests' tolerances (tests/test_chain_gpu.py TOL): max relative error of score and map against fp32
+TOL = {torch.float16: 5e-2, torch.bfloat16: 1e-1}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+HALF = (torch.float16, torch.bfloat16)
+# ops whose cost is the model's FLOPs: where one of these runs in fp32 under autocast, it is a fallback worth naming
+COMPUTE_OPS = ("addmm", "mm", "bmm", "baddbmm", "matmul", "linear", "convolution", "mkldnn_convolution",
+               "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_attention_math", "einsum")
+
+
+def rel(ref: np.ndarray, got: np.ndarray) -> float:
+    """max |got - ref| / max |ref| (tests/test_chain_gpu.py's ``_rel``); inf where ``got`` is not finite."""
+    got = np.asarray(got, np.float64)
+    if not np.isfinite(got).all():
+        return float("inf")
+    return float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-12))
+
+
+def shallow_config(layers: int = 2, image_size: int = 518, text_layers: int = 2) -> dict:
+    """An open_clip model config at ViT-L-14-336's widths (vision 1024 / 16 heads, patch 14, text 768 / 12 heads,
+    embedding 768) with ``layers`` vision blocks: the paper's per-block shapes at a CPU test's cost."""
+    return {"embed_dim": 768,
+            "vision_cfg": {"image_size": image_size, "layers": layers, "width": 1024, "head_width": 64,
+                           "patch_size": 14},
+            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 768, "heads": 12,
+                         "layers": text_layers}}
+
+
+def shallow_overrides(name: str, arch_path: str, image_size: int, layers: int = 2) -> dict:
+    """Profile overrides that run method ``name`` on the shallow config at ``arch_path``: every block a tap, the dual
+    stream from block 2, one deep text prompt layer (the text tower has two blocks)."""
+    taps = list(range(1, layers + 1))
+    ov: dict = {"backbone": {"arch": arch_path, "pretrained": None, "image_size": image_size}, "taps": taps}
+    if name in ("anomalyclip", "bagclip"):
+        ov.update(dual_start=min(2, layers), prompt={"deep_depth": 1})
+    if name == "sowa":
+        ov.update(prompt={"deep_depth": 1})
+    return ov
+
+
+class PrecisionLog(TorchDispatchMode):
+    """Counts every aten op by the floating dtypes it received: "fp32", "fp16", "bf16" or "mixed"."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        dts = {t.dtype for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.is_floating_point()}
+        if dts:
+            names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+            kind = "mixed" if len(dts) > 1 else names.get(next(iter(dts)), "other")
+            self.counts[(func.overloadpacket.__name__, kind)] += 1
+        return func(*args, **kwargs)
+
+    def summary(self) -> dict:
+        """{"half": {op: n}, "fp32": {op: n}, "mixed": {op: n}, "fp32_compute": [compute ops that ran in fp32]}."""
+        out: dict = {"half": {}, "fp32": {}, "mixed": {}}
+        for (op, kind), n in sorted(self.counts.items()):
+            out["half" if kind in ("fp16", "bf16") else kind if kind in out else "fp32"][op] = n
+        out["fp32_compute"] = sorted(op for op in out["fp32"] if op in COMPUTE_OPS)
+        return out
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().float().cpu().numpy() if t.is_floating_point() else t.detach().cpu().numpy()
+
+
+def run_chain(stages, feed: dict, dtype: torch.dtype | None = None, adopt: dict | None = None,
+              log: PrecisionLog | None = None) -> dict:
+    """The chain's tensors (as ``run_stages``), each stage under autocast ``dtype`` (None: fp32). ``adopt``: tensors
+    that replace a stage's own outputs of the same name (an fp32 selection), so everything after it runs on them."""
+    from zsad.methods import run_stages
+
+    env = dict(feed)
+    for st in stages:
+        with torch.inference_mode(), torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            if log is not None:
+                with log:
+                    out = run_stages([st], **{n: env[n] for n in st.inputs})
+            else:
+                out = run_stages([st], **{n: env[n] for n in st.inputs})
+        env.update({n: out[n] for n in st.outputs})
+        for name in st.outputs:
+            if adopt and name in adopt:
+                env[name] = adopt[name]
+    return env
+
+
+def selection_rows(stages, ref: dict, got: dict) -> dict:
+    """Per selection tensor: how many rows (a patch's neighbour set) differ from fp32's, and the largest score gap
+    the half chain's choice crossed, on fp32's own scores (zsad.selection.TopKSelection.check with eps = 0)."""
+    out = {}
+    for st in stages:
+        for name, spec in st.selections.items():
+            scores = spec.raw_scores(_numpy(ref[spec.source]))
+            check = spec.check(scores, _numpy(ref[name]), _numpy(got[name]), 0.0)
+            out[name] = {"rows": check.rows, "differing": check.differing, "max_gap": check.max_gap}
+    return out
+
+
+def compare_method(method, images: torch.Tensor, dtypes=("fp16", "bf16"), per_stage: bool = True,
+                   ops: bool = True) -> list[dict]:
+    """One row per precision: score / map errors against fp32 (end to end, and on the fp32 selections), finiteness,
+    selections, per-stage errors, the ops' precision and the times."""
+    from zsad.bench.backends import stage_feed
+
+    method.eval()
+    stages = method.stages()  # outside autocast: static text and folded constants are made in fp32, as in serving
+    feed = stage_feed(method, images)
+    t0 = time.perf_counter()
+    ref = run_chain(stages, feed)
+    t_fp32 = time.perf_counter() - t0
+    selections = {n: ref[n] for st in stages for n in st.selections}
+    rows = []
+    for key in dtypes:
+        dtype = DTYPES[key]
+        t0 = time.perf_counter()
+        got = run_chain(stages, feed, dtype)
+        seconds = time.perf_counter() - t0
+        row = {"precision": key, "tol": TOL[dtype], "fp32_s": round(t_fp32, 2), "half_s": round(seconds, 2)}
+        score, amap = _numpy(got["score"]), _numpy(got["anomaly_map"])
+        row["finite"] = bool(np.isfinite(score).all() and np.isfinite(amap).all())
+        row["score_rel"] = rel(_numpy(ref["score"]), score)
+        row["map_rel"] = rel(_numpy(ref["anomaly_map"]), amap)
+        if selections:
+            row["selections"] = selection_rows(stages, ref, got)
+            fixed = run_chain(stages, feed, dtype, adopt=selections)
+            row["score_rel_on_fp32_selection"] = rel(_numpy(ref["score"]), _numpy(fixed["score"]))
+            row["map_rel_on_fp32_selection"] = rel(_numpy(ref["anomaly_map"]), _numpy(fixed["anomaly_map"]))
+        if per_stage:
+            row["stages"] = stage_errors(stages, ref, dtype)
+        if ops:
+            # a separate run on one image: under a dispatch mode torch takes its composite paths (SDPA's math
+            # attention in place of the fused CPU kernel), so neither the numbers nor the time of this run are used
+            log = PrecisionLog()
+            run_chain(stages, {k: v[:1] for k, v in feed.items()}, dtype, log=log)
+            row["ops"] = log.summary()
+        rows.append(row)
+    return rows
+
+
+def stage_errors(stages, ref: dict, dtype: torch.dtype) -> dict:
+    """Each stage alone under autocast on the fp32 chain's inputs: max relative error per float output."""
+    out = {}
+    for st in stages:
+        got = run_chain([st], {n: ref[n] for n in st.inputs}, dtype)
+        out[st.name] = {n: rel(_numpy(ref[n]), _numpy(got[n])) for n in st.outputs
+                        if ref[n].is_floating_point()}
+    return out
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cpu_flags(wanted=("avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16", "amx_tile", "avx512_vnni")):
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return [f for f in wanted if f in flags]
+
+
+def main(argv=None) -> None:
+    import zsad.methods as M
+    from zsad.export.parity import synthetic_images
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--profile", default="paper")
+    p.add_argument("--methods", default=",".join(M.available()))
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--shallow", type=int, default=0, help="vision blocks of a paper-width shallow ViT (0: the profile)")
+    p.add_argument("--no-per-stage", action="store_true")
+    p.add_argument("--no-ops", action="store_true", help="skip the (slow) run that records each op's precision")
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in args.methods.split(","):
+        t0 = time.perf_counter()
+        if args.shallow:
+            size = 336 if name == "sowa" else 518
+            arch = out / f"vit-1024-{args.shallow}block-{size}.json"
+            arch.write_text(json.dumps(shallow_config(args.shallow, size)))
+            method = M.create(name, args.profile, **shallow_overrides(name, str(arch), size, args.shallow))
+        else:
+            method = M.create(name, args.profile, backbone={"pretrained": None})
+        build_s = time.perf_counter() - t0
+        images = torch.from_numpy(synthetic_images(method.image_size, n=args.batch))
+        rows = compare_method(method, images, per_stage=not args.no_per_stage, ops=not args.no_ops)
+        record = {"method": name, "profile": args.profile, "shallow_blocks": args.shallow, "batch": args.batch,
+                  "image_size": method.image_size, "arch": method.backbone.info.arch, "build_s": round(build_s, 1),
+                  "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2),
+                  "cpu": cpu_name(), "cpu_flags": cpu_flags(), "threads": torch.get_num_threads(),
+                  "torch": torch.__version__, "rows": rows}
+        (out / f"{name}.json").write_text(json.dumps(record, indent=1, default=float))
+        for r in rows:
+            print(f"{name:12s} {r['precision']}: score {r['score_rel']:.3g} map {r['map_rel']:.3g} "
+                  f"(tol {r['tol']}) finite {r['finite']} fp32 {r['fp32_s']}s half {r['half_s']}s "
+                  f"fp32 compute ops {r.get('ops', {}).get('fp32_compute')}")
+
+
+if __name__ == "__main__":
+    main()

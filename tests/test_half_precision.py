@@ -1,0 +1,222 @@
+"""fp16 / bf16 on the CPU (issue 26 item 2), before a GPU sees them.
+
+1. Targeted inputs, one per op kept in fp32 under autocast (zsad.modules.precision), each against a float64 (or
+   constructed) reference: the kNN similarity and its 2^-14 rounding, the temperature-scaled cosines of every head,
+   the Gaussian smoothing. Each fails without its fix (tools/mutants.toml, area "half-precision").
+2. Every method's stage chain under ``torch.autocast("cpu", fp16 / bf16)`` against fp32 at the paper's widths
+   (ViT-L-14-336: 1024 / 16 heads, patch 14, 518 px; SOWA 336 px) with two vision blocks, by the GPU tests' comparison
+   (tests/test_chain_gpu.py: TOL per dtype, max relative error). The full paper profile runs in
+   ``python -m zsad.bench.half_precision`` (results under bench/results/).
+3. The fp16 ONNX (``zsad-export --fp16``, zsad.export.fp16) on ONNX Runtime's CPU provider: every converted stage loads,
+   keeps its fp32 inputs / outputs and passes the export's fp16 parity gate (parity.FP16_TOL) against the torch chain.
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import zsad.methods as M
+
+HALF = [torch.float16, torch.bfloat16]
+HALF_IDS = ["fp16", "bf16"]
+
+
+def _autocast(dtype):
+    return torch.autocast("cpu", dtype=dtype)
+
+
+def _rotation(d, seed):
+    q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((d, d)))
+    return q
+
+
+def _two_cosines(n, d, c, deltas, seed=0):
+    """Unit rows z_i (n of them, width d) and unit text rows t_0, t_1 with cos(z_i, t_0) = c and cos(z_i, t_1) =
+    c + deltas[i] exactly (float64), the whole space rotated at random so every product involves all d columns."""
+    z = np.zeros((n, d))
+    t = np.zeros((2, d))
+    t[0, 0] = t[1, 1] = 1.0
+    for i, delta in enumerate(deltas):
+        z[i, 0], z[i, 1] = c, c + delta
+        z[i, 2 + i % (d - 2)] = math.sqrt(1.0 - c * c - (c + delta) ** 2)
+    q = _rotation(d, seed)
+    return z @ q, t @ q
+
+
+# -- 1. targeted inputs --------------------------------------------------------------------------------------------
+def _spaced_neighbours(groups=4, cands=16, d=128, seed=0):
+    """Anchor g and its candidates j = 0..cands-1 (indices after it) at cosine 0.5 + j 2^-13 exactly: on the 2^-14
+    grid (so the fp32 selection keeps them apart), but inside one bf16 step (2^-8) and four per fp16 step (2^-11)
+    near 0.5, where rounding ties them and the lowest index wins. Each anchor's true 8 neighbours are its last 8."""
+    n = groups * (cands + 1)
+    x = np.zeros((n, d))
+    for g in range(groups):
+        a = g * (cands + 1)
+        x[a, a] = 1.0
+        for j in range(cands):
+            b = 0.5 + j * 2.0 ** -13
+            x[a + 1 + j, a] = b
+            x[a + 1 + j, a + 1 + j] = math.sqrt(1 - b * b)
+    anchors = [g * (cands + 1) for g in range(groups)]
+    expected = [set(range(a + 1 + cands - 8, a + 1 + cands)) for a in anchors]
+    return torch.from_numpy((x @ _rotation(d, seed))[None].astype(np.float32)), anchors, expected
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=HALF_IDS)
+def test_knn_similarity_and_selection_stay_fp32_under_autocast(dtype):
+    """Without autocast off in cosine_similarity_matrix, the Gram runs in half precision although its inputs are fp32:
+    bf16 ties all 16 candidates (the 8 lowest indices win: none right), fp16 swaps some."""
+    from zsad.modules.graph import cosine_similarity_matrix, knn_select
+
+    x, anchors, expected = _spaced_neighbours()
+    ref = torch.from_numpy(np.asarray(x, np.float64)).squeeze(0)
+    ref = ref / ref.norm(dim=-1, keepdim=True)
+    with _autocast(dtype):
+        sim = cosine_similarity_matrix(x)
+        index = knn_select(x, 8, resolution_bits=14)
+    assert sim.dtype == torch.float32
+    assert (sim[0].double() - ref @ ref.T).abs().max() < 1e-6
+    assert [set(index[0, a].tolist()) for a in anchors] == expected
+
+
+def test_afclip_summed_cosines_at_temperature_stay_fp32(tiny_method):
+    """p = softmax(sum over the 12 sets of cos / 0.07): logits near 12 x 0.3 / 0.07 = 51, where bf16 steps by 0.25 and
+    fp16 by 2^-5; the probability is sigmoid(12 delta / 0.07), delta = the cosine gap (float64 reference)."""
+    m = tiny_method("afclip")
+    e, sets, n = m.backbone.info.embed_dim, m.n_sets, 24
+    deltas = np.linspace(-2e-3, 2e-3, n)
+    z, t = _two_cosines(n, e, 0.3, deltas)
+    z = torch.from_numpy(z).float()[None, None].expand(1, sets, n, e)  # the same tokens in every set
+    ref = 1.0 / (1.0 + np.exp(-sets * deltas / m.config.temperature))
+    for dtype in HALF:
+        with _autocast(dtype):
+            p = m.probabilities(z, torch.from_numpy(t).float())
+        assert p.dtype == torch.float32 and np.abs(p[0].double().numpy() - ref).max() < 1e-4, dtype
+
+
+@pytest.mark.parametrize("name", ["anomalyclip", "bagclip"])
+def test_anomalyclip_cosines_at_temperature_stay_fp32(tiny_method, name):
+    """layer_probs and image_logits: cos / 0.07 (logits near 3.6, bf16 steps 2^-6, fp16 2^-9) against float64."""
+    m = tiny_method(name)
+    e, g = m.backbone.info.embed_dim, m.backbone.info.grid
+    n = g * g
+    deltas = np.linspace(-3e-3, 3e-3, n)
+    z, t = _two_cosines(n, e, 0.25, deltas)
+    text = torch.from_numpy(t).float()
+    zt = torch.from_numpy(z).float()
+    ref_p = 1.0 / (1.0 + np.exp(-deltas / m.config.temperature))
+    ref_logits = np.stack([np.full(n, 0.25), 0.25 + deltas], axis=-1) / m.config.temperature
+    for dtype in HALF:
+        with _autocast(dtype):
+            probs = m.layer_probs(zt[None, None], text)  # [1, 1, 2, g, g]
+            logits = m.image_logits(zt, text)
+        assert np.abs(probs[0, 0, 1].flatten().double().numpy() - ref_p).max() < 1e-5, dtype
+        assert logits.dtype == torch.float32 and np.abs(logits.double().numpy() - ref_logits).max() < 1e-4, dtype
+
+
+def test_sowa_cosine_difference_stays_fp32(tiny_method):
+    """SOWA's patch logit is cos_abnormal - cos_normal (no temperature): two cosines near 0.2 a few 1e-3 apart, which
+    a half-precision matmul output rounds before the subtraction (bf16: 2^-10 steps, fp16: 2^-13)."""
+    m = tiny_method("sowa")
+    e, g = m.backbone.info.embed_dim, m.backbone.info.grid
+    n = g * g
+    deltas = np.linspace(-3e-3, 3e-3, n)
+    z, t = _two_cosines(n, e, 0.2, deltas)
+    text, zt = torch.from_numpy(t).float(), torch.from_numpy(z).float()
+    ref_logits = np.stack([np.full(n, 0.2), 0.2 + deltas], axis=-1) / m.config.temperature
+    for dtype in HALF:
+        with _autocast(dtype):
+            diff = m.layer_logits(zt[None, None], text)  # [1, 1, g, g]
+            logits = m.image_logits(zt, text)
+        assert np.abs(diff.flatten().double().numpy() - deltas).max() < 1e-6, dtype
+        assert logits.dtype == torch.float32 and np.abs(logits.double().numpy() - ref_logits).max() < 1e-4, dtype
+
+
+class _FixedRca(nn.Module):
+    """Stands in for Bayes-PFL's RCA: returns the given (patches, refined text), whatever it is fed."""
+
+    def __init__(self, patches, refined):
+        super().__init__()
+        self.patches, self.refined = patches, refined
+
+    def forward(self, taps, text):
+        return self.patches, self.refined
+
+
+def test_bayespfl_cosines_at_temperature_stay_fp32():
+    """Image and pixel logits exp(tau) cos (tau = ln(1/0.07) at init): logits near 4.3 against float64."""
+    m = M.create("bayespfl", "tiny").eval()
+    e, g = m.backbone.info.embed_dim, m.backbone.info.grid
+    n = g * g
+    deltas = np.linspace(-3e-3, 3e-3, n)
+    z, t = _two_cosines(n, e, 0.3, deltas)
+    zt, text = torch.from_numpy(z).float(), torch.from_numpy(t).float()
+    scale = math.exp(float(m.pfl.tau_pixel.detach()))
+    m.pfl.class_mapping = nn.Identity()
+    m.pfl.rca = _FixedRca(zt[None, None], text[None, None])  # patches [1,1,N,E], refined text [1,1,2,E]
+    ref = np.stack([np.full(n, 0.3), 0.3 + deltas], axis=-1) * scale  # [N, 2]
+    taps = torch.zeros(1, 1, n, m.backbone.info.width)
+    for dtype in HALF:
+        with torch.no_grad(), _autocast(dtype):
+            pixel = m.pixel_logits(taps, text[None])  # [1, 1, 2, g, g]
+            image = m.image_logits(zt, taps, text[None].expand(n, 2, e), fused=False)  # [N, 2]
+        got = pixel[0, 0].flatten(1).T.double().numpy()
+        assert np.abs(got - ref).max() < 1e-4, dtype
+        assert image.dtype == torch.float32 and np.abs(image.double().numpy() - ref).max() < 1e-4, dtype
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=HALF_IDS)
+def test_gaussian_smoothing_stays_fp32(dtype):
+    """A map of values near 2 (four summed probabilities) blurred under autocast equals scipy's float64 filter: in
+    half precision the values round to 2^-6 (bf16) / 2^-9 (fp16) steps and the weights no longer sum to 1."""
+    from scipy.ndimage import gaussian_filter
+
+    from zsad.postprocess import gaussian_blur
+
+    x = 2.0 + 0.01 * torch.rand(2, 48, 48, generator=torch.Generator().manual_seed(0))
+    ref = np.stack([gaussian_filter(m, 4.0, mode="reflect", truncate=4.0) for m in x.numpy().astype(np.float64)])
+    with _autocast(dtype):
+        y = gaussian_blur(x, 4.0)
+    assert y.dtype == torch.float32 and np.abs(y.double().numpy() - ref).max() < 1e-5
+
+
+def test_residual_stream_stays_fp32_under_autocast():
+    """An outlier channel of 300 in the residual stream (ln_pre's bias; CLIP's residual carries outlier channels): with
+    the stream in half precision every residual add rounds it (bf16 steps of 2 at 256..512: errors of 1.4 measured,
+    fp16 0.2); kept in fp32, only the blocks' own half-precision outputs differ from the fp32 run."""
+    m = M.create("anomalyclip", "tiny").eval()
+    bb = m.backbone
+    with torch.no_grad():
+        bb.visual.ln_pre.bias[5] = 300.0
+    x = torch.randn(1, 3, bb.info.image_size, bb.info.image_size, generator=torch.Generator().manual_seed(0))
+    taps = list(range(1, bb.info.layers + 1))
+    with torch.inference_mode():
+        _, ref = bb.forward_taps(x, taps, mode="dual", start=2)
+        assert ref[..., 5].abs().min() > 290  # the outlier is in the tapped residual stream
+        for dtype in HALF:
+            with _autocast(dtype):
+                _, got = bb.forward_taps(x, taps, mode="dual", start=2)
+            assert got.dtype == torch.float32 and (got - ref).abs().max() < 0.05, dtype
+
+
+def test_flow_noise_scale_does_not_overflow_fp16():
+    """q0's std = exp(log_var / 2): at log_var = 24 (std 1.6e5) fp16 overflows to inf (65504 is its largest value)."""
+    from zsad.modules.flows import ConditionalPlanarFlow
+
+    flow = ConditionalPlanarFlow(cond_dim=8, width=16, length=2, hidden=8).eval()
+    last = flow.encoder.log_var[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.fill_(48.0)  # log_var = 0.5 * 48 = 24
+    cond = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(1, 4, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        mu = flow.encoder.mu(cond).double()
+        z0_ref = mu.unsqueeze(1) + noise.double() * math.exp(12.0)
+        with _autocast(torch.float16):
+            z, kl = flow(cond, noise)
+    assert torch.isfinite(z).all() and torch.isfinite(kl).all()
+    # the planar steps move z0 by |u| <= a few units: z stays within 1e-3 relative of mu + noise * std
+    assert ((z.double() - z0_ref).abs().max() / z0_ref.abs().max()) < 1e-3
