@@ -239,11 +239,18 @@ def capture_hazards(method, images: torch.Tensor) -> list[str]:
 def _stage_chain_runner(method, runs, backend: str, precision: str, note: str, profilers=None) -> BackendRunner:
     """A BackendRunner over per-stage callables ``runs`` [(stage, feed dict -> output dict)], with per-stage timing;
     ``profilers`` {stage name: feed dict -> {kind: ms}} give the op profile of those stages."""
+    from zsad.methods.base import walk_stages
+
+    stages = [st for st, _ in runs]
+    by_name = {st.name: run for st, run in runs}
+
+    def walk(x, on_stage=None):
+        feed = {k: v.cpu().numpy() for k, v in stage_feed(method, x.cpu()).items()}
+        return walk_stages(stages, feed, lambda st, inputs: by_name[st.name](inputs), on_stage=on_stage)
+
     def predict(x):
-        env = {k: v.cpu().numpy() for k, v in stage_feed(method, x.cpu()).items()}
-        for st, run in runs:
-            env.update(run({n: env[n] for n in st.inputs}))
-        return {n: env[n] for n in chain_outputs([st for st, _ in runs])}
+        env = walk(x)
+        return {n: env[n] for n in chain_outputs(stages)}
 
     def make_step(x):
         xc = x.cpu()
@@ -251,12 +258,8 @@ def _stage_chain_runner(method, runs, backend: str, precision: str, note: str, p
 
     def stage_feeds(x):
         """[(stage, run, its real inputs)]: the chain run once, each stage's inputs kept."""
-        env = {k: v.cpu().numpy() for k, v in stage_feed(method, x.cpu()).items()}
-        out = []
-        for st, run in runs:
-            feed = {n: env[n] for n in st.inputs}
-            out.append((st, run, feed))
-            env.update(run(feed))
+        out: list[tuple] = []
+        walk(x, on_stage=lambda st, inputs, _: out.append((st, by_name[st.name], inputs)))
         return out
 
     def stage_steps(x):

@@ -216,10 +216,10 @@ def save(ov_model, folder: Path, precision: str, quantized: bool) -> list[Path]:
 
 # -- the precision gate (its metrics and thresholds live with the other comparisons, zsad.export.parity) -------------
 def run_chain(stages, runners: dict, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    env = dict(feed)
-    for st in stages:
-        env.update(runners[st.name]({n: env[n] for n in st.inputs}))
-    return env
+    """The chain through ``runners`` (stage name -> feed dict -> output dict), every tensor returned."""
+    from zsad.methods.base import walk_stages
+
+    return walk_stages(stages, feed, lambda st, inputs: runners[st.name](inputs))
 
 
 def precision_gate(method, stages, runners: dict, precision: str, n_images: int = GATE_IMAGES,
@@ -266,13 +266,11 @@ def _chain_feed(method, images: np.ndarray) -> dict[str, np.ndarray]:
 def stage_calibration_feeds(method, stages, stage, images: np.ndarray) -> list[dict[str, np.ndarray]]:
     """One feed per calibration image for ``stage``: its inputs, running only the stages before it that produce
     them (the encoder, every method's first stage, takes the images themselves: nothing runs)."""
-    env = {k: torch.from_numpy(v) for k, v in _chain_feed(method, images).items()}
-    for st in stages:
-        if st is stage or all(n in env for n in stage.inputs):
-            break
-        with torch.inference_mode():
-            out = st.module(*[env[n] for n in st.inputs])
-        env.update(zip(st.outputs, out if isinstance(out, tuple) else (out,), strict=True))
+    from zsad.methods.base import walk_stages
+
+    feed = {k: torch.from_numpy(v) for k, v in _chain_feed(method, images).items()}
+    with torch.inference_mode():
+        env = walk_stages(stages, feed, stop=lambda st, env: st is stage or all(n in env for n in stage.inputs))
     return [{n: env[n][i:i + 1].numpy() for n in stage.inputs} for i in range(len(images))]
 
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from zsad import ZsadError
+from zsad.methods.base import walk_stages
 from zsad.selection import TopKSelection
 
 FP32_TOL = 1e-4
@@ -153,6 +154,11 @@ def _same_selection(a, b) -> bool:
     return a.shape == b.shape and bool((np.sort(a, axis=-1) == np.sort(b, axis=-1)).all())
 
 
+def _torch_stage(st, inputs: dict) -> dict:
+    """A stage by its torch module on numpy inputs (numpy out): the reference every runtime is compared with."""
+    return torch_runner(st.module, list(st.inputs), list(st.outputs))(inputs)
+
+
 def reference_on_selections(stages, feed: dict, got: dict, tol: float,
                             env: dict | None = None) -> tuple[dict, list[ParityRow]]:
     """The torch chain on ``feed`` (numpy, batch-major), taking every selection tensor ``got`` holds (another
@@ -161,25 +167,23 @@ def reference_on_selections(stages, feed: dict, got: dict, tol: float,
     ``env``: the torch chain's own outputs on ``feed`` where already computed (reused up to the first selection
     that differs). Returns (reference tensors by name, the selection rows); a row that fails is returned, not
     raised: the caller decides (the gate raises, zsad-bench reports)."""
-    adopted: dict = dict(feed)
     rows: list[ParityRow] = []
     diverged = env is None
-    for st in stages:
-        if diverged:
-            out = torch_runner(st.module, list(st.inputs), list(st.outputs))({n: adopted[n] for n in st.inputs})
-        else:
-            assert env is not None
-            out = {n: env[n] for n in st.outputs}
+
+    def run(st, inputs: dict) -> dict:
+        nonlocal diverged
+        out = _torch_stage(st, inputs) if diverged else {n: env[n] for n in st.outputs}  # type: ignore[index]
         for name, spec in st.selections.items():
             if name not in got:
                 continue
-            source = out[spec.source] if spec.source in out else adopted[spec.source]
+            source = out[spec.source] if spec.source in out else inputs[spec.source]
             rows.append(compare_selection(st.name, "chain", name, spec, source, out[name], got[name], tol))
             if not _same_selection(out[name], got[name]):
-                out[name] = np.asarray(got[name]).astype(out[name].dtype)
+                out = {**out, name: np.asarray(got[name]).astype(out[name].dtype)}
                 diverged = True
-        adopted.update(out)
-    return adopted, rows
+        return out
+
+    return walk_stages(stages, feed, run), rows
 
 
 def check_stages(stages, runners: dict[str, Runner], feed: dict[str, np.ndarray], tol: float,
@@ -188,8 +192,9 @@ def check_stages(stages, runners: dict[str, Runner], feed: dict[str, np.ndarray]
 
     Raises ParityError at the first failing tensor; returns all rows when everything passes.
     ``feed``: the chain's inputs, batch-major (the images, and e.g. Bayes-PFL's class-name tokens).
-    Selections are compared by their tie rule, and the end-to-end reference is the torch chain on the exported
-    chain's selections (:func:`reference_on_selections`), at the same tolerance as every stage.
+    Each stage meets the inputs the torch chain gives it; selections are compared by their tie rule, and the end-to-end
+    reference is the torch chain on the exported chain's selections (:func:`reference_on_selections`), at the same
+    tolerance as every stage.
     """
     rows: list[ParityRow] = []
 
@@ -200,22 +205,28 @@ def check_stages(stages, runners: dict[str, Runner], feed: dict[str, np.ndarray]
 
     batches = sorted({1, len(next(iter(feed.values())))})
     for b in batches:
-        # env: the torch chain on real images (every stage's realistic inputs); chain: the exported chain alone
         inputs_b = {k: v[:b] for k, v in feed.items()}
-        env, chain = dict(inputs_b), dict(inputs_b)
+        env = walk_stages(stages, inputs_b, _torch_stage)  # the torch chain: every stage's realistic inputs
+        done: dict[str, tuple[dict, dict]] = {}  # stage -> (inputs, exported outputs) already run on them
         for st in stages:
-            ref_fn = torch_runner(st.module, list(st.inputs), list(st.outputs))
             if st.random_inputs_meaningful():  # random token ids are not meaningful; random indices are
                 rand = _random_feed(st, b, seed + b)
-                for row in compare_outputs(st, f"random b={b}", rand, ref_fn(rand), runners[st.name](rand), tol):
+                for row in compare_outputs(st, f"random b={b}", rand, _torch_stage(st, rand), runners[st.name](rand),
+                                           tol):
                     record(row)
             inputs = {n: env[n] for n in st.inputs}
-            ref, got = ref_fn(inputs), runners[st.name](inputs)
-            for row in compare_outputs(st, f"images b={b}", inputs, ref, got, tol):
+            got = runners[st.name](inputs)
+            done[st.name] = (inputs, got)
+            for row in compare_outputs(st, f"images b={b}", inputs, {n: env[n] for n in st.outputs}, got, tol):
                 record(row)
-            same_inputs = all(chain[n] is env[n] for n in st.inputs)
-            chain.update(got if same_inputs else runners[st.name]({n: chain[n] for n in st.inputs}))
-            env.update(ref)
+
+        def exported(st, inputs: dict, done=done) -> dict:
+            seen = done.get(st.name)
+            if seen is not None and all(inputs[n] is seen[0][n] for n in st.inputs):
+                return seen[1]  # the same arrays (the chain's first stages): no second run
+            return runners[st.name](inputs)
+
+        chain = walk_stages(stages, inputs_b, exported)  # the exported chain alone
         reference, selection_rows = reference_on_selections(stages, inputs_b, chain, tol, env)
         for row in selection_rows:
             row.stage, row.case = "end-to-end", f"images b={b}"

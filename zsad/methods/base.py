@@ -11,8 +11,9 @@ import functools
 import importlib
 import inspect
 from abc import ABCMeta, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -100,19 +101,45 @@ class TextInput:
         return getattr(importlib.import_module(module), attr)(list(texts), **self.kwargs)
 
 
-def run_stages(stages: Sequence[Stage], **tensors: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Run a stage chain by tensor name; returns every tensor produced (inputs included)."""
-    env = dict(tensors)
+StageRun = Callable[[Stage, dict[str, Any]], dict[str, Any]]  # (stage, its inputs by name) -> its outputs by name
+
+
+def torch_stage(st: Stage, inputs: dict[str, Any]) -> dict[str, Any]:
+    """A stage computed by its own module (the eager path)."""
+    out = st.module(*[inputs[n] for n in st.inputs])
+    out = out if isinstance(out, tuple) else (out,)
+    if len(out) != len(st.outputs):
+        raise ZsadError(f"stage '{st.name}' returned {len(out)} tensors, declared {list(st.outputs)}")
+    return dict(zip(st.outputs, out, strict=True))
+
+
+def walk_stages(stages: Sequence[Stage], feed: dict[str, Any], run: StageRun = torch_stage, *,
+                on_stage: Callable[[Stage, dict, dict], None] | None = None,
+                stop: Callable[[Stage, dict], bool] | None = None) -> dict[str, Any]:
+    """The one walk of a stage chain: each stage gets its inputs by name from ``feed`` and the earlier stages'
+    outputs, and adds its own; returns every tensor (the feed included).
+
+    ``run`` computes one stage: its module (eager), or an exported model (ONNX Runtime, OpenVINO, a served model).
+    ``on_stage(stage, inputs, outputs)`` sees every step (per-stage timing, op profiles, calibration feeds);
+    ``stop(stage, env)`` ends the walk before ``stage`` when true (e.g. once a later stage's inputs exist)."""
+    env = dict(feed)
     for st in stages:
+        if stop is not None and stop(st, env):
+            break
         missing = [n for n in st.inputs if n not in env]
         if missing:
             raise ZsadError(f"stage '{st.name}' needs {missing}, which no earlier stage produces")
-        out = st.module(*[env[n] for n in st.inputs])
-        out = out if isinstance(out, tuple) else (out,)
-        if len(out) != len(st.outputs):
-            raise ZsadError(f"stage '{st.name}' returned {len(out)} tensors, declared {list(st.outputs)}")
-        env.update(zip(st.outputs, out, strict=True))
+        inputs = {n: env[n] for n in st.inputs}
+        out = run(st, inputs)
+        if on_stage is not None:
+            on_stage(st, inputs, out)
+        env.update(out)
     return env
+
+
+def run_stages(stages: Sequence[Stage], **tensors: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Run a stage chain eagerly by tensor name; returns every tensor produced (inputs included)."""
+    return walk_stages(stages, tensors)
 
 
 class BoundStage(nn.Module):
