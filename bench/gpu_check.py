@@ -15,6 +15,13 @@ Steps (in this order; the most important figures first, a total time budget caps
   are never touched), then zsad itself (``pip install --no-index --no-deps --no-build-isolation -e .``) unless it
   already imports from this tree;
 - ``env`` (issue step e): GPU name, driver, clocks (nvidia-smi), torch / CUDA / cuDNN / triton / ORT versions;
+- ``aot``: every Triton kernel configuration the dispatchers and perf sweeps launch at the papers' shapes, compiled
+  ahead of time for sm_80, sm_89 and sm_90a on the CPU (``python -m zsad.kernels.aot``, kernels/aot.py): fails on a
+  compile error, any register spill, or shared memory per block above the target's limit, and writes OUT/aot/ (the
+  table: registers, spills, shared memory, theoretical occupancy per kernel, config and target). On CUDA it is
+  skipped when the newest bench/results/*-kernels-aot.json was built from exactly the kernel sources and
+  configurations of this tree and passed (what CI proved: its fingerprint is checked, which takes seconds), so the
+  GPU's minutes go to timing; otherwise it builds here too;
 - ``tests`` (a): ``pytest -m gpu`` on CUDA (kernels compiled at the paper's sizes, fp16/bf16 chain parity of every
   method, CUDA-graph chain == eager); on CPU the same files, where only the interpreter kernel tests run;
 - ``kernels`` (b): every kernel's perf sweep (kernel vs torch reference vs SDPA / cuBLAS); on CPU the kernels run
@@ -42,7 +49,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 HEADLINE = ("bagclip", "bayespfl")
+RESULTS = ROOT / "bench" / "results"  # committed results: the ahead-of-time kernel table the aot step checks
 SKIP_RC = 3  # a step exits with this when it cannot run here; its reason is in OUT/<step>.skip
+# the ahead-of-time kernel builds on a CPU: ~6 CPU-minutes for the full set (bench/results/*-kernels-aot.md), so
+# ~3 minutes on 2 idle cores (CI), more on a shared box; the CPU run's default budget grows by this cap
+AOT_CPU_CAP_S = 600
 
 # What the GPU image lacks (ENVIRONMENT.md). Split so each part fits one 64 MiB transfer with the working tree:
 # core (4.0 MiB) for steps a-c and e; client (14.2 MiB) and server (nvidia-pytriton, 52.8 MiB) for the served step.
@@ -82,12 +93,14 @@ class Step:
 
 def plan(device: str) -> list[Step]:
     cuda = device == "cuda"
-    caps = ({"install": 60, "env": 20, "tests": 150, "kernels": 90, "bench-bagclip": 90, "bench-bayespfl": 70,
-             "bench-others": 110, "served": 75, "bench-compile": 150} if cuda else
-            {"install": 60, "env": 20, "tests": 60, "kernels": 40, "bench-bagclip": 40, "bench-bayespfl": 40,
-             "bench-others": 60, "served": 120, "bench-compile": 10})
+    caps = ({"install": 60, "env": 20, "aot": 120, "tests": 150, "kernels": 90, "bench-bagclip": 90,
+             "bench-bayespfl": 70, "bench-others": 110, "served": 75, "bench-compile": 150} if cuda else
+            {"install": 60, "env": 20, "aot": AOT_CPU_CAP_S, "tests": 60, "kernels": 40, "bench-bagclip": 40,
+             "bench-bayespfl": 40, "bench-others": 60, "served": 120, "bench-compile": 10})
     what = {"install": "wheelhouse + zsad (no network, torch/numpy/triton untouched)",
             "env": "(e) GPU, driver, clocks, versions",
+            "aot": ("kernels built ahead of time for sm_80/89/90a (skipped when CI proved this tree)" if cuda else
+                    "every kernel configuration built ahead of time for sm_80/89/90a: no spill, shared memory fits"),
             "tests": "(a) pytest -m gpu" if cuda else "(a) kernel tests in the Triton interpreter; gpu tests skip",
             "kernels": "(b) kernel perf sweep" if cuda else "(b) kernels in the interpreter, small sizes",
             "bench-bagclip": "(c) zsad-bench BAG-CLIP", "bench-bayespfl": "(c) zsad-bench Bayes-PFL",
@@ -254,6 +267,29 @@ def _nvidia_smi() -> list[dict] | None:
     return [dict(zip(fields, (v.strip() for v in line.split(",")), strict=True)) for line in rows]
 
 
+def step_aot(out: Path, device: str, targets: tuple[int, ...] | None = None, jobs: int | None = None) -> None:
+    """Compile every kernel configuration for sm_80 / sm_89 / sm_90a (kernels/aot.py) into OUT/aot; on CUDA, skip
+    when the committed table in bench/results proves this tree's kernels already."""
+    from zsad.kernels import aot
+
+    targets = targets or tuple(aot.TARGETS)
+    if device == "cuda":
+        proved, why = aot.proved(RESULTS, targets)
+        if proved:
+            raise StepSkip(f"proved by CI: {why}")
+        print(f"not proved by CI ({why}): building here", flush=True)
+    rows, meta = aot.run(out / "aot", targets, jobs or os.cpu_count() or 1, command="gpu_check.py --step aot",
+                         progress=lambda line: print(line, flush=True))
+    s = meta["summary"]
+    for r in rows:
+        if r["status"] != "ok":
+            print(f"FAIL {r['kernel']} [{r['config']}] {r['target']}: {r['problems']}")
+    print(f"{s['launches']} launches, {s['rows']} builds in {meta['wall_s']} s: {s['failed']} failed")
+    if s["failed"]:
+        raise SystemExit(f"{s['failed']} kernel build(s) fail the ahead-of-time checks (spill, shared memory or "
+                         "compile error): see aot/*-kernels-aot.md")
+
+
 def step_tests(out: Path, device: str) -> None:
     args = ["-m", "gpu"] if device == "cuda" else [
         "tests/test_kernels.py", "tests/test_kernels_gpu.py", "tests/test_chain_gpu.py"]
@@ -414,6 +450,8 @@ def run_in_process(name: str, out: Path, device: str, wheels: str | None) -> int
             step_install(out, device, wheels)
         elif name == "env":
             step_env(out, device)
+        elif name == "aot":
+            step_aot(out, device)
         elif name == "tests":
             step_tests(out, device)
         elif name == "kernels":
@@ -487,6 +525,20 @@ def goals(bench_rows: list[dict], kernel_rows: list[dict], device: str) -> list[
     return out
 
 
+def aot_lines(out: Path) -> list[str]:
+    """Summary lines of the ahead-of-time builds in OUT/aot (none when the step did not build)."""
+    found = sorted((out / "aot").glob("*-kernels-aot.json")) if (out / "aot").is_dir() else []
+    if not found:
+        return []
+    meta = json.loads(found[-1].read_text())["meta"]
+    s, v = meta["summary"], meta["versions"]
+    return ["", "## Kernels built ahead of time (compile-time facts, no GPU)", "",
+            f"{s['launches']} distinct launches on {', '.join(s['targets'])}: {s['rows']} builds in {meta['wall_s']} s "
+            f"(triton {v['triton']}): **{s['failed']} failed** ({s['compile_errors']} compile errors, {s['spilling']} "
+            f"spilling); most registers {s['max_registers']}, most shared memory per block "
+            f"{s['max_smem_per_block']} B. Table: aot/{found[-1].with_suffix('.md').name}."]
+
+
 def _paper_rows() -> list[dict]:
     sys.path.insert(0, str(ROOT))  # zsad.reference is plain data + json (no torch): importable before install
     from zsad.reference import efficiency_rows
@@ -536,6 +588,7 @@ def write_summary(out: Path, steps: list[Step], meta: dict) -> None:
             lines.append(f"| {r['model']} | {r['backend']} | {r['precision']} | {r['p50_ms']:.3f} | "
                          f"{r.get('speedup_vs_torch_fp32_b1', float('nan')):.2f} | "
                          f"{'ok' if r.get('parity_ok', True) else 'FAIL'} ({r.get('parity_map_max_rel', 0):.1e}) |")
+    lines += aot_lines(out)
     if kernel_rows:
         lines += ["", "## Kernels", "", kernel_table(kernel_rows)]
     lines += ["", "## The papers' rows (batch 1, fp32 PyTorch, the authors' GPUs)", "",
@@ -575,7 +628,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--wheels", default=None, help="local wheel folder to install missing packages from")
     p.add_argument("--steps", default=None, help="comma-separated subset of steps (install always runs)")
-    p.add_argument("--budget-s", type=float, default=None, help="total time budget [470 on cuda, 290 on cpu]")
+    p.add_argument("--budget-s", type=float, default=None, help="total time budget [470 on cuda, 890 on cpu]")
     p.add_argument("--wheelhouse", type=Path, default=None, help="build the wheelhouse here and exit")
     p.add_argument("--python-version", default="3.12", help="--wheelhouse: the target CPython")
     p.add_argument("--step", default=None, help=argparse.SUPPRESS)  # internal: run one step in this process
@@ -586,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--out is required")
     if a.step:
         return run_in_process(a.step, a.out, a.device, a.wheels)
-    budget = a.budget_s or (470.0 if a.device == "cuda" else 290.0)
+    budget = a.budget_s or (470.0 if a.device == "cuda" else 290.0 + AOT_CPU_CAP_S)
     steps = [s for s in (a.steps or "").split(",") if s] or None
     return orchestrate(a.out, a.device, a.wheels, steps, budget)
 

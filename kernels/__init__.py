@@ -6,6 +6,8 @@ Modules (each: ``@triton.jit`` kernel(s), torch reference, ``dispatch()``, ``per
 - ``window_attention``  SOWA's window V-V cosine attention (12 x 12 windows, per-head clamped scale, position bias)
 - ``dual_attention``    the backbone's dual stream: softmax(QKᵀ)V and softmax(VVᵀ)V in one pass over K and V
 - ``trt_plugins``       TensorRT ``tensorrt.plugin`` glue for the three (written against the docs, never run)
+- ``aot``               every launch the dispatchers make at the papers' shapes, built ahead of time for sm_80 / sm_89
+                        / sm_90a on a CPU and checked for spills and shared memory (``python -m zsad.kernels.aot``)
 - ``_common``           the guarded triton import, the dispatch rule, ``for_current_mode`` (interpreted or compiled,
                         chosen at each launch from ``TRITON_INTERPRET``), the online-softmax step both attention
                         kernels call (``online_softmax_update``), perf-sweep rows

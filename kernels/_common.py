@@ -122,6 +122,17 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     return HAS_TRITON
 
 
+def capability(device: torch.device | str) -> int | None:
+    """Compute capability x 10 of a CUDA device (80 for an A100, 89 for an L4, 90 for an H100), None for anything
+    else (CPU tensors under the interpreter). Launchers choose their blocks with it where the targets differ;
+    kernels/aot.py stands in for it to build each target's choice ahead of time."""
+    dev = torch.device(device)
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability(dev)
+    return 10 * major + minor
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 

@@ -139,8 +139,23 @@ def _check(name: str, t: torch.Tensor, shape: tuple) -> None:
     check_float(name, t)
 
 
+# The launch choice (block_m, block_n, num_warps, num_stages) by input precision, the same on every target. Built
+# ahead of time for sm_80 / sm_89 / sm_90a by kernels/aot.py (bench/results/*-kernels-aot.md): in fp32 (FMA dots,
+# "ieee") 64 x 64 blocks spill on all three, both streams (20 KB of spill stores) and the V-V stream alone; 32 x 16
+# fits (166-178 registers both streams, 71-76 V-V alone). fp16 / bf16 fit with 64 x 64 on 4 warps.
+LAUNCH_CONFIGS: dict[str, tuple[int, int, int, int]] = {"fp32": (32, 16, 4, 2), "half": (64, 64, 4, 2)}
+
+
+def precision(dtype: torch.dtype) -> str:
+    """'fp32' or 'half' (fp16 / bf16): the kernel's two code paths (FMA or tensor-core dots)."""
+    return "fp32" if dtype == torch.float32 else "half"
+
+
 def _launch(q, k, v, o_qk, o_vv, scale, with_qk, block_m, block_n, num_warps, num_stages):
     b, h, n, hd = v.shape
+    cfg = LAUNCH_CONFIGS[precision(v.dtype)]
+    block_m, block_n, num_warps, num_stages = (given or chosen for given, chosen in
+                                               zip((block_m, block_n, num_warps, num_stages), cfg, strict=True))
     s = float(scale) if scale is not None else hd ** -0.5
     grid = (-(-n // block_m), b * h)
     for_current_mode(_dual_attention_kernel)[grid](
@@ -162,13 +177,14 @@ def dual_attention_triton(
     *,
     out_qk: torch.Tensor | None = None,
     out_vv: torch.Tensor | None = None,
-    block_m: int = 64,
-    block_n: int = 64,
-    num_warps: int = 4,
-    num_stages: int = 2,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Both streams in one pass over K and V. Outputs [B, heads, L, hd] (by default views of [B, L, heads, hd]
-    memory, so the head merge before out_proj is free); ``out_qk``/``out_vv`` may be given to write into."""
+    memory, so the head merge before out_proj is free); ``out_qk``/``out_vv`` may be given to write into. Launch
+    parameters left out are ``LAUNCH_CONFIGS``'s for the input's precision."""
     _check("v", v, v.shape)
     _check("q", q, v.shape)
     _check("k", k, v.shape)
@@ -187,10 +203,10 @@ def vv_attention_triton(
     scale: float | None = None,
     *,
     out: torch.Tensor | None = None,
-    block_m: int = 64,
-    block_n: int = 64,
-    num_warps: int = 4,
-    num_stages: int = 2,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """softmax(v vᵀ s) v by the same kernel with the q-k stream compiled out."""
     _check("v", v, v.shape)
@@ -208,8 +224,14 @@ PERF_CASES: list[dict[str, Any]] = [
     dict(batch=b, tokens=n, heads=16, head_dim=64, dtype=dt)
     for n in (577, 1370) for b in (1, 8) for dt in ("float16", "float32")
 ]
-# untuned launch configurations to try on a GPU: (block_m, block_n, num_warps, num_stages)
-PERF_CONFIGS = [(64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (32, 64, 4, 3)]
+# untuned launch configurations to try on a GPU, by precision: (block_m, block_n, num_warps, num_stages); the first
+# is the dispatcher's choice; each is built ahead of time for sm_80 / sm_89 / sm_90a without a spill (kernels/aot.py;
+# in fp32 the former list's 64 x 64, 64 x 32, 128 x 64 and 32 x 64 (3 stages) all spill, and so do 32 x 32 in one or
+# two stages and 32 x 16 in one: not tried)
+PERF_CONFIGS: dict[str, list[tuple[int, int, int, int]]] = {
+    "half": [LAUNCH_CONFIGS["half"], (64, 32, 4, 2), (128, 64, 8, 2), (32, 64, 4, 3)],
+    "fp32": [LAUNCH_CONFIGS["fp32"], (16, 32, 4, 2)],
+}
 
 
 def perf_sweep(device: str = "cuda", cases: list[dict] | None = None) -> list[dict]:
@@ -227,7 +249,7 @@ def perf_sweep(device: str = "cuda", cases: list[dict] | None = None) -> list[di
         qkv = torch.randn(*shape, device=device, generator=g).to(dt)
         q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # strided views, as in the backbone
         with torch.no_grad():
-            for bm, bn, nw, ns in PERF_CONFIGS:
+            for bm, bn, nw, ns in PERF_CONFIGS[precision(dt)]:
                 rows.append(timed_row("dual_attention", dict(case, config=f"{bm}x{bn}w{nw}s{ns}"), "triton",
                                       partial(dual_attention_triton, q, k, v, block_m=bm, block_n=bn, num_warps=nw,
                                               num_stages=ns), device))

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from ._common import (
     KernelArgumentError,
+    capability,
     for_current_mode,
     next_pow2,
     skipped_rows,
@@ -362,6 +363,18 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+# The top-k kernel's launch choice per target, compute capability x 10 -> (block_m, block_n, num_warps); any other
+# device (and the interpreter) takes None's. Built ahead of time for every target by kernels/aot.py (table in
+# bench/results/*-kernels-aot.md): with 4 warps the kernel spills on sm_80 (255 registers, 312-396 B of spill stores)
+# and on sm_89 at N = 576 (16 B); with 8 warps it fits there (80-96 registers). sm_90a fits with 4 (148-162).
+TOPK_CONFIGS: dict[int | None, tuple[int, int, int]] = {None: (32, 64, 8), 90: (32, 64, 4)}
+
+
+def topk_config(cc: int | None) -> tuple[int, int, int]:
+    """(block_m, block_n, num_warps) of the top-k kernel on compute capability ``cc``."""
+    return TOPK_CONFIGS.get(cc, TOPK_CONFIGS[None])
+
+
 # == launchers ===================================================================================================
 def knn_topk_triton(
     x: torch.Tensor,
@@ -372,10 +385,10 @@ def knn_topk_triton(
     out_val: torch.Tensor | None = None,
     adjacency: torch.Tensor | None = None,
     edge_weight: str = "binary",
-    block_m: int = 32,
-    block_n: int = 64,
+    block_m: int | None = None,
+    block_n: int | None = None,
     block_d: int | None = None,
-    num_warps: int = 4,
+    num_warps: int | None = None,
     resolution_bits: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused Gram + row-wise top-k: neighbour indices [B,N,k] int32 and their cosine similarities [B,N,k] fp32,
@@ -383,7 +396,8 @@ def knn_topk_triton(
 
     ``adjacency`` (a zero-filled fp32 [B,N,N] with a contiguous last dim), when given, also receives the directed
     adjacency for ``edge_weight``. Runs wherever Triton runs (CUDA, or any device under ``TRITON_INTERPRET=1``);
-    ``out_idx``/``out_val`` (contiguous [B,N,k]) may be given to write into. Block sizes must be >= 16 (``tl.dot``).
+    ``out_idx``/``out_val`` (contiguous [B,N,k]) may be given to write into. Block sizes must be >= 16 (``tl.dot``);
+    left out, they are the device's choice (``topk_config``), and ``block_d`` min(64, D rounded up to a power of 2).
     """
     if x.dim() != 3:
         raise KernelArgumentError(f"expected features [B,N,D], got shape {tuple(x.shape)}")
@@ -402,6 +416,8 @@ def knn_topk_triton(
     if adjacency is not None:
         _check_square(adjacency, b, n, "adjacency")
     adj = adjacency if adjacency is not None else out_val  # a placeholder pointer when not written
+    cfg_m, cfg_n, cfg_warps = topk_config(capability(x.device))
+    block_m, block_n, num_warps = block_m or cfg_m, block_n or cfg_n, num_warps or cfg_warps
     block_d = block_d or min(64, max(16, next_pow2(d)))
     grid = (_cdiv(n, block_m), b)
     for_current_mode(_knn_topk_kernel)[grid](
@@ -466,11 +482,12 @@ def knn_graph_triton(
     symmetrize: str = "max",
     *,
     out: torch.Tensor | None = None,
-    topk_blocks: tuple[int, int, int | None] = (32, 64, None),
+    topk_blocks: tuple[int | None, int | None, int | None] = (None, None, None),
     norm_blocks: tuple[int, int] = (64, 64),
     resolution_bits: int = 0,
 ) -> torch.Tensor:
-    """Â [B,N,N] fp32 by the Triton kernels (same argument checks, in the same order, as the reference)."""
+    """Â [B,N,N] fp32 by the Triton kernels (same argument checks, in the same order, as the reference).
+    ``topk_blocks`` (block_m, block_n, block_d) of the top-k kernel: None entries are the device's choice."""
     _check_edge_weight(edge_weight)
     if x.dim() != 3:
         raise KernelArgumentError(f"expected features [B,N,D], got shape {tuple(x.shape)}")

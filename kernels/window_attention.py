@@ -201,6 +201,19 @@ def _window_vv_kernel(
              out.to(OUT.dtype.element_ty), mask=q_ok[:, None] & d_ok[None, :])
 
 
+# The launch choice (block_m, block_n, num_warps, num_stages) by input precision, the same on every target. Built
+# ahead of time for sm_80 / sm_89 / sm_90a by kernels/aot.py (bench/results/*-kernels-aot.md): in fp32 (its dots on
+# the FMA units, "ieee") 64 x 64 blocks spill on all three (4 or 8 warps, 2 or 3 stages; 32 registers and a 6.5 KB
+# stack frame on sm_90a), and so does every 2-stage pipeline tried; 32 x 32 blocks in one stage fit (109-209
+# registers). fp16 / bf16 fit with 64 x 64 on 8 warps.
+LAUNCH_CONFIGS: dict[str, tuple[int, int, int, int]] = {"fp32": (32, 32, 4, 1), "half": (64, 64, 8, 2)}
+
+
+def precision(dtype: torch.dtype) -> str:
+    """'fp32' or 'half' (fp16 / bf16): the kernel's two code paths (FMA or tensor-core dots)."""
+    return "fp32" if dtype == torch.float32 else "half"
+
+
 def window_vv_attention_triton(
     v: torch.Tensor,
     n_heads: int,
@@ -211,15 +224,19 @@ def window_vv_attention_triton(
     eps: float = 1e-12,
     *,
     out: torch.Tensor | None = None,
-    block_m: int = 64,
-    block_n: int = 64,
-    num_warps: int = 8,
-    num_stages: int = 2,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """The Triton kernel (same contract as the reference, without dropout). ``out`` [B, H*W, C] (last dim
-    contiguous) may be given to write into. Computes in fp32; fp16/bf16 inputs use half-precision ``tl.dot``."""
+    contiguous) may be given to write into. Computes in fp32; fp16/bf16 inputs use half-precision ``tl.dot``.
+    Launch parameters left out are ``LAUNCH_CONFIGS``'s for the input's precision."""
     gh, gw = _check_args(v, n_heads, scale, bias, window, grid)
     check_float("v", v)
+    cfg = LAUNCH_CONFIGS[precision(v.dtype)]
+    block_m, block_n, num_warps, num_stages = (given or chosen for given, chosen in
+                                               zip((block_m, block_n, num_warps, num_stages), cfg, strict=True))
     b, n_tok, c = v.shape
     hd = c // n_heads
     if v.stride(-1) != 1:
@@ -253,8 +270,13 @@ PERF_CASES: list[dict[str, Any]] = [
     dict(batch=8, grid=24, channels=1024, heads=8, window=12, dtype="float32"),
     dict(batch=8, grid=24, channels=1024, heads=8, window=12, dtype="float16"),
 ]
-# untuned launch configurations to try on a GPU: (block_m, block_n, num_warps, num_stages)
-PERF_CONFIGS = [(64, 64, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 3)]
+# untuned launch configurations to try on a GPU, by precision: (block_m, block_n, num_warps, num_stages); the first
+# is the dispatcher's choice; each is built ahead of time for sm_80 / sm_89 / sm_90a without a spill (kernels/aot.py;
+# (64, 64, 4, 2) and (64, 32, 4, 3) in fp16 spill on sm_80 and sm_89 and are not tried)
+PERF_CONFIGS: dict[str, list[tuple[int, int, int, int]]] = {
+    "half": [LAUNCH_CONFIGS["half"], (32, 64, 4, 2), (64, 32, 8, 2), (32, 32, 4, 2)],
+    "fp32": [LAUNCH_CONFIGS["fp32"], (16, 16, 4, 1), (32, 16, 4, 1), (16, 32, 4, 1)],
+}
 
 
 def _sdpa_folded(v, n_heads, scale, bias, window, grid, eps=1e-12):
@@ -285,7 +307,7 @@ def perf_sweep(device: str = "cuda", cases: list[dict] | None = None) -> list[di
         bias = 16 * torch.sigmoid(torch.randn(h, w * w, w * w, device=device, generator=g))
         grid = (case["grid"], case["grid"])
         with torch.no_grad():
-            for bm, bn, nw, ns in PERF_CONFIGS:
+            for bm, bn, nw, ns in PERF_CONFIGS[precision(dt)]:
                 rows.append(timed_row("window_vv_attention", dict(case, config=f"{bm}x{bn}w{nw}s{ns}"), "triton",
                                       partial(window_vv_attention_triton, v, h, scale, bias, w, block_m=bm,
                                               block_n=bn, num_warps=nw, num_stages=ns), device))

@@ -2,6 +2,7 @@
 judged from hand-made rows, and the kernels' rebuild when TRITON_INTERPRET changes. The whole CPU run
 (`make gpu-check DEVICE=cpu`) is CI's job, not this file's (minutes)."""
 import json
+from functools import partial
 
 import pytest
 
@@ -94,3 +95,47 @@ def test_kernels_rebuild_when_triton_interpret_changes(monkeypatch):
     got = KG.knn_graph_triton(x, 3, topk_blocks=(16, 16, 16), norm_blocks=(16, 16))
     assert type(for_current_mode(KG._knn_topk_kernel)).__name__ == "InterpretedFunction"
     torch.testing.assert_close(got.double(), KG.knn_graph_reference(x.double(), 3), rtol=1e-5, atol=1e-6)
+
+
+def test_aot_step_skips_on_the_gpu_only_what_ci_proved(tmp_path, monkeypatch):
+    """On CUDA the aot step skips when the newest committed table has this tree's fingerprint and passed; a stale or
+    failing table, or the CPU, builds (stubbed here: tests/test_kernels_aot.py builds for real); a failing build
+    fails the step."""
+    pytest.importorskip("triton")
+    from zsad.kernels import aot
+
+    results = tmp_path / "results"
+    results.mkdir()
+    monkeypatch.setattr(G, "RESULTS", results)
+    monkeypatch.setattr(aot, "collect", lambda sites, targets=(): [])  # the fingerprint is stubbed below
+    monkeypatch.setattr(aot, "fingerprint", lambda launches: "now")
+    built = []
+
+    def fake_run(out_dir, targets, jobs, failed=0, **kw):
+        built.append(out_dir)
+        meta = {"wall_s": 1.0, "summary": {"launches": 1, "rows": 3, "failed": failed}}
+        return [], meta
+
+    monkeypatch.setattr(aot, "run", fake_run)
+
+    def table(name, fingerprint, failed):
+        meta = {"fingerprint": fingerprint, "versions": {"triton": "3.9.0"},
+                "summary": {"launches": 5, "targets": ["sm_80", "sm_89", "sm_90a"], "failed": failed}}
+        (results / name).write_text(json.dumps({"meta": meta, "rows": []}))
+
+    G.step_aot(tmp_path / "out", "cuda")  # no table at all: builds
+    table("2026-12-01-kernels-aot.json", "now", 0)
+    table("2026-11-01-kernels-aot.json", "old", 0)  # an older table does not count
+    with pytest.raises(G.StepSkip, match="proved by CI: 2026-12-01-kernels-aot.json: 5 launches"):
+        G.step_aot(tmp_path / "out", "cuda")
+    assert len(built) == 1
+    G.step_aot(tmp_path / "out", "cpu")  # CI itself always builds
+    assert len(built) == 2
+    table("2026-12-02-kernels-aot.json", "other sources", 0)  # the newest table is stale: build on the GPU too
+    G.step_aot(tmp_path / "out", "cuda")
+    table("2026-12-03-kernels-aot.json", "now", 2)  # current but failing: not proved
+    G.step_aot(tmp_path / "out", "cuda")
+    assert len(built) == 4
+    monkeypatch.setattr(aot, "run", partial(fake_run, failed=2))
+    with pytest.raises(SystemExit, match="2 kernel build"):
+        G.step_aot(tmp_path / "out", "cpu")
