@@ -49,11 +49,11 @@ class BackendRunner:
 
 
 def stage_feed(method, images):
-    """The stage chain's inputs for a benchmark batch: the images, plus the synthetic images' class names for
-    methods that take text per image (Bayes-PFL), so every backend sees what the torch reference saw."""
-    from zsad.export.parity import synthetic_class_names
+    """The stage chain's inputs for a benchmark batch (zsad.data.feeds.synthetic_feed), so every backend sees what
+    the torch reference saw."""
+    from zsad.data.feeds import synthetic_feed
 
-    return method.stage_inputs(images, synthetic_class_names(images.shape[0]) if method.text_inputs() else None)
+    return synthetic_feed(method, images)
 
 
 def chain_outputs(stages) -> list[str]:

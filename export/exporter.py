@@ -301,9 +301,13 @@ def _gate_inputs(method, max_batch: int, parity_images: int, log):
     n_images = max(1, min(parity_images, max_batch))
     if n_images == 1:
         log("note: parity gate at batch 1 only (--parity-images 1 or --max-batch 1)")
-    images = parity.synthetic_images(method.image_size, n=n_images)
-    names = parity.synthetic_class_names(n_images)
-    return images, {ti.tensor: ti.encode(names).numpy() for ti in method.text_inputs()}
+    import torch
+
+    from zsad.data.feeds import synthetic_feed, synthetic_images
+
+    images = synthetic_images(method.image_size, n=n_images)
+    feed = synthetic_feed(method, torch.from_numpy(images))
+    return images, {k: v.numpy() for k, v in feed.items() if k != "images"}
 
 
 def _export_and_gate(method, trained: bool, opts: ExportOptions, repo_opts: RepoOptions, scratch: Path, log):

@@ -256,11 +256,10 @@ def precision_gate(method, stages, runners: dict, precision: str, n_images: int 
 
 
 def _chain_feed(method, images: np.ndarray) -> dict[str, np.ndarray]:
-    """The chain's inputs for numpy images (plus class-name tokens for methods that take text per image)."""
-    from zsad.export.parity import synthetic_class_names
+    """The chain's inputs for numpy images (plus class-name tokens for methods that take text per image), numpy."""
+    from zsad.data.feeds import synthetic_feed
 
-    names = synthetic_class_names(len(images)) if method.text_inputs() else None
-    return {k: v.numpy() for k, v in method.stage_inputs(torch.from_numpy(images), names).items()}
+    return {k: v.numpy() for k, v in synthetic_feed(method, torch.from_numpy(images)).items()}
 
 
 def stage_calibration_feeds(method, stages, stage, images: np.ndarray) -> list[dict[str, np.ndarray]]:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from zsad import ZsadError
+from zsad.data.feeds import synthetic_class_names, synthetic_images  # noqa: F401 (re-exported)
 from zsad.methods.base import walk_stages
 from zsad.selection import TopKSelection
 
@@ -97,26 +98,6 @@ def ort_runner(path: Path, providers: Sequence[str] = ("CPUExecutionProvider",))
         return dict(zip(names, sess.run(None, {k: v for k, v in feed.items() if k in wanted}), strict=True))
 
     return run
-
-
-def synthetic_images(image_size: int, n: int = 4, seed: int = 0) -> np.ndarray:
-    """n preprocessed synthetic-defect images [n,3,S,S] (held-out classes, defects and good ones mixed)."""
-    from zsad.data import preprocess
-    from zsad.data.synthetic import SYNTHETIC_TEST_CLASSES, render_sample
-
-    out = []
-    for i in range(n):
-        cls = SYNTHETIC_TEST_CLASSES[i % len(SYNTHETIC_TEST_CLASSES)]
-        part = "test_good" if i % 3 == 2 else "test_defect"
-        out.append(preprocess(render_sample(cls, part, i, seed=seed).image, image_size))
-    return np.stack(out)
-
-
-def synthetic_class_names(n: int) -> list[str]:
-    """The class name of each image ``synthetic_images`` renders (for methods that take one per image)."""
-    from zsad.data.synthetic import SYNTHETIC_TEST_CLASSES
-
-    return [SYNTHETIC_TEST_CLASSES[i % len(SYNTHETIC_TEST_CLASSES)] for i in range(n)]
 
 
 def _random_feed(stage, batch: int, seed: int) -> dict[str, np.ndarray]:
