@@ -15,8 +15,8 @@ from sklearn.metrics import roc_auc_score
 import zsad.methods as M
 from zsad import ZsadError
 from zsad.backbone import arch_config
+from zsad.calibration import ClassScoreCalibration
 from zsad.methods.bayespfl import BayesPflModules, PairMapPostprocess
-from zsad.modules.calibration import ClassScoreCalibration
 from zsad.modules.losses import dice_loss, focal_loss
 from zsad.modules.rca import ResidualCrossModalAttention
 
@@ -472,9 +472,9 @@ def test_mosaic_of_four_anomalous_images_on_mvtec_only(tmp_path):
 
 
 def test_evaluation_passes_each_samples_class_name(small, tmp_path, monkeypatch):
+    from zsad.calibration import fit_calibration
     from zsad.data import load_samples
     from zsad.evaluate import evaluate
-    from zsad.modules.calibration import fit_calibration
     from zsad.reference import paper_metrics
 
     rng = np.random.default_rng(0)

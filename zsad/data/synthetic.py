@@ -55,7 +55,6 @@ __all__ = [
 GENERATOR_VERSION = 1  # bump when the pictures change, so old manifests no longer short-circuit
 
 TEXTURE_CLASSES = ("brick", "grass", "gravel", "tissue")
-OBJECT_CLASSES = ("washer", "plate", "nut", "capsule")
 SYNTHETIC_TRAIN_CLASSES = ("brick", "grass", "washer", "plate")
 SYNTHETIC_TEST_CLASSES = ("gravel", "tissue", "nut", "capsule")
 SYNTHETIC_CLASSES = SYNTHETIC_TRAIN_CLASSES + SYNTHETIC_TEST_CLASSES

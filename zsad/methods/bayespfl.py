@@ -17,7 +17,7 @@ profile (518 px, N = 1369 patches, D = 1024, E = W = 768, L = 4 taps, B = 3 bank
 5. image branch: g = normalize(image_mapping(x_cls + fuse(F))), fuse = attention pooling over the concatenated taps;
    s_text = mean over pairs of sigmoid(l_a - l_n) with l = exp(tau_img) normalize(class_mapping(Z)) . g;
 6. image score = 0.5 s_text + 0.5 mean(top-k of the unsmoothed map), k = 2000: the deployable per-image form,
-   WITHOUT the released code's per-category min-max over the test set (spec B8.6). ``zsad.modules.calibration``
+   WITHOUT the released code's per-category min-max over the test set (spec B8.6). ``zsad.calibration``
    fits optional per-class constants on normal images.
 
 Monte-Carlo noise: deterministic by default. Three noise banks (context, normal, abnormal, each [R,W]) are drawn once

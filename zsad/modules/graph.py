@@ -75,11 +75,6 @@ def knn_graph(x: torch.Tensor, k: int, edge_weight: str = "binary", symmetrize: 
     return _kg.dispatch(x, k, edge_weight, symmetrize, resolution_bits)
 
 
-def graph_construction_flops(n: int, d: int) -> int:
-    """FLOPs of the dense similarity that dominates graph construction: 2 N^2 D (one N x N Gram at width D)."""
-    return 2 * n * n * d
-
-
 class GCNLayer(nn.Module):
     """H = LayerNorm(F + GELU(Â F W + b))."""
 
