@@ -605,7 +605,7 @@ def versions(targets: Sequence[int]) -> dict:
     out = {"triton": triton.__version__, "torch": torch.__version__, "python": sys.version.split()[0]}
     for cc in targets:
         tool = get_ptxas(cc)
-        out[f"ptxas_sm_{cc}"] = f"{Path(tool.path).name} {tool.version}"
+        out[f"ptxas_{TARGETS[cc].name}"] = f"{Path(tool.path).name} {tool.version}"
     return out
 
 
@@ -640,8 +640,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
              "from ptxas -v, shared memory from Triton's metadata + ptxas; occupancy is theoretical).", "",
              f"- triton {v['triton']}, torch {v['torch']}, Python {v['python']}; "
              + "; ".join(f"{k.replace('ptxas_', '')}: {val}" for k, val in v.items() if k.startswith("ptxas_")),
-             f"- {s['launches']} distinct launches x {len(s['targets'])} targets = {s['rows']} builds from "
-             f"{meta['sites']} call sites; **{s['failed']} failed** ({s['compile_errors']} compile errors, "
+             f"- {s['launches']} distinct launches from {meta['sites']} call sites, {s['rows']} builds for "
+             f"{', '.join(s['targets'])} (each launch for the targets whose launcher chooses it); "
+             f"**{s['failed']} failed** ({s['compile_errors']} compile errors, "
              f"{s['spilling']} spilling); most registers {s['max_registers']}, most shared memory per block "
              f"{s['max_smem_per_block']} B; built in {meta['wall_s']} s wall, {meta['build_cpu_s']} CPU-s, with "
              f"{meta['jobs']} process(es)",
@@ -738,9 +739,9 @@ def proved(results_dir: Path, targets: Sequence[int] = tuple(TARGETS)) -> tuple[
     s = meta["summary"]
     if s["failed"]:
         return False, f"{path.name} records {s['failed']} failing configuration(s)"
-    return True, (f"{path.name}: {s['launches']} launches x {', '.join(s['targets'])} built ahead of time with triton "
-                  f"{meta['versions']['triton']}, no compile error, no spill, shared memory within limits; kernel "
-                  "sources and configurations unchanged since")
+    return True, (f"{path.name}: {s['launches']} launches for {', '.join(s['targets'])} built ahead of time with "
+                  f"triton {meta['versions']['triton']}, no compile error, no spill, shared memory within limits; "
+                  "kernel sources and configurations unchanged since")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -767,7 +768,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         if r["status"] != "ok":
             print(f"FAIL {r['kernel']} [{r['config']}] {r['target']}: {r['problems']}")
-    print(f"{s['launches']} launches x {len(s['targets'])} targets = {s['rows']} builds in {meta['wall_s']} s: "
+    print(f"{s['launches']} launches, {s['rows']} builds for {', '.join(s['targets'])} in {meta['wall_s']} s: "
           f"{s['failed']} failed; tables in {a.out}")
     return 1 if s["failed"] else 0
 

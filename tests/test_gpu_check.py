@@ -126,7 +126,7 @@ def test_aot_step_skips_on_the_gpu_only_what_ci_proved(tmp_path, monkeypatch):
     G.step_aot(tmp_path / "out", "cuda")  # no table at all: builds
     table("2026-12-01-kernels-aot.json", "now", 0)
     table("2026-11-01-kernels-aot.json", "old", 0)  # an older table does not count
-    with pytest.raises(G.StepSkip, match="proved by CI: 2026-12-01-kernels-aot.json: 5 launches"):
+    with pytest.raises(G.StepSkip, match="proved by CI: 2026-12-01-kernels-aot.json: 5 launches for sm_80"):
         G.step_aot(tmp_path / "out", "cuda")
     assert len(built) == 1
     G.step_aot(tmp_path / "out", "cpu")  # CI itself always builds

@@ -6,9 +6,11 @@
   Triton produced and reads the cubin Triton built with cuobjdump, and both agree with the row;
 - the recorder sees every @triton.jit kernel of the kernel modules, with the block sizes the launchers choose;
 - the papers' shapes in aot.py agree with the paper profile;
-- the step bites: a configuration that spills and one whose shared memory is over the limit fail it (rows, CLI exit
-  status, gpu-check's step), and a representative subset of the real configurations compiles clean (the full set
-  is the gpu-check step's job: ~4 CPU-minutes on 2 cores, see bench/results/*-kernels-aot.md);
+- the step bites: a configuration that spills, one whose shared memory is over the limit and one that does not
+  compile fail it (rows, CLI exit status, gpu-check's step; ~20 s), and a representative subset of the real
+  configurations (each kernel at its paper setting, attention in fp16 and fp32: 21 builds, ~40 s on 2 cores)
+  compiles clean; the full set (225 builds, ~340 CPU-s) is the gpu-check step's job, see
+  bench/results/*-kernels-aot.md;
 - the committed table in bench/results is current (its fingerprint is what would be built now) and all green.
 """
 import csv
@@ -207,9 +209,9 @@ def test_paper_shapes_match_the_profile():
 
 
 # == real builds =================================================================================================
-def _sowa_fp32(**blocks):
-    v = torch.zeros(1, 576, 1024)  # fp32
-    return aot.Site("window_attention.window_vv_attention_triton", f"fp32 {blocks}",
+def _sowa(dtype, **blocks):
+    v = torch.zeros(1, 576, 1024, dtype=dtype)
+    return aot.Site("window_attention.window_vv_attention_triton", f"{dtype} {blocks}",
                     partial(WA.window_vv_attention_triton, v, 8, torch.ones(8), torch.zeros(8, 144, 144), 12, 24,
                             **blocks))
 
@@ -220,23 +222,24 @@ def _knn(**blocks):
 
 
 def test_the_step_fails_a_spilling_and_an_oversized_configuration(tmp_path, monkeypatch, capsys):
-    """Deliberately invalid configurations: SOWA's window attention in fp32 with the launcher's former choice
-    (64 x 64 blocks, 8 warps, 2 stages) spills; the kNN top-k kernel with 256 x 256 x 64 blocks in 3 stages asks for
-    more shared memory than sm_89 has per block; a block of 48 rows is no power of two (tl.arange) and does not
-    compile. The rows fail with the reason, the CLI exits 1, and so does gpu-check's aot step."""
-    bad = [_sowa_fp32(block_m=64, block_n=64, num_warps=8, num_stages=2), _knn(block_m=256, block_n=256, block_d=64),
-           _knn(block_m=48)]
-    rows, meta = aot.run(tmp_path, targets=(89,), sites=bad)
+    """Deliberately invalid configurations, on sm_89: SOWA's window attention in fp32 with the launcher's former
+    choice (64 x 64 blocks, 8 warps, 2 stages) spills; in fp16 with 64 x 128 blocks in 3 stages it asks for 176 KB of
+    shared memory per block (99 KB allowed) without a spill; a kNN block of 48 rows is no power of two (tl.arange)
+    and does not compile. The rows fail with the reason, the CLI exits 1, and so does gpu-check's aot step."""
+    bad = [_sowa(torch.float32, block_m=64, block_n=64, num_warps=8, num_stages=2),
+           _sowa(torch.float16, block_m=64, block_n=128, num_warps=8, num_stages=3), _knn(block_m=48)]
+    rows, meta = aot.run(tmp_path, targets=(89,), sites=bad, jobs=2)
     assert [r["status"] for r in rows] == ["fail", "fail", "fail"]
     assert "register spills" in rows[0]["problems"] and rows[0]["spill_stores"] > 0
-    assert "shared memory" in rows[1]["problems"] and rows[1]["smem_per_block"] > 101376
+    assert rows[1]["problems"] == f"shared memory {rows[1]['smem_per_block']} B per block > sm_89's maximum 101376 B"
+    assert rows[1]["spill_stores"] == 0 and rows[1]["smem_per_block"] > 101376
     assert rows[1]["blocks_per_sm"] == 0 and rows[1]["limiter"] == "shared memory"
     assert rows[2]["problems"].startswith("compile error: ") and rows[2]["error"]
     assert meta["summary"]["failed"] == 3 and meta["summary"]["compile_errors"] == 1
     md = next(tmp_path.glob("*-kernels-aot.md")).read_text()
     assert md.count("**fail**") == 3 and "**3 failed**" in md
 
-    monkeypatch.setattr(aot, "call_sites", lambda: bad[1:])
+    monkeypatch.setattr(aot, "call_sites", lambda: bad[2:])  # the cheapest to build
     assert aot.main(["--out", str(tmp_path / "cli"), "--targets", "89", "--jobs", "1"]) == 1
     assert "FAIL knn_graph._knn_topk_kernel" in capsys.readouterr().out
 
