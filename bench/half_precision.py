@@ -9,8 +9,8 @@ per dtype. What a CPU run adds:
   error with the fp32 selection adopted after the graph stage (``map_rel_on_fp32_selection``: the continuous error
   alone), besides the plain end-to-end error. No tolerance is loosened for it.
 - **per stage**: each stage run alone under autocast on the fp32 chain's inputs (where precision is lost);
-- **precision of the ops**: every aten op of the half chain is recorded with the dtype it computed in
-  (``PrecisionLog``): which ran in half, which in fp32 (autocast's CPU fp32 list, or kept in fp32 on purpose).
+- **precision of the ops**: every aten kernel of a half-precision run, by the dtype it received (``PrecisionLog``, from
+  the profiler): which ran in half, which in fp32 (what CPU autocast does not lower, and what we keep in fp32).
 
 ``python -m zsad.bench.half_precision --profile paper --methods bagclip --out DIR`` writes DIR/<method>.json; run one
 method per process at the paper profile (a ViT-L at 518 px in three precisions holds ~10 GB). ``--shallow`` builds
@@ -28,16 +28,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 # the GPU tests' tolerances (tests/test_chain_gpu.py TOL): max relative error of score and map against fp32
 TOL = {torch.float16: 5e-2, torch.bfloat16: 1e-1}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 HALF = (torch.float16, torch.bfloat16)
 # ops whose cost is the model's FLOPs: where one of these runs in fp32 under autocast, it is a fallback worth naming
-COMPUTE_OPS = ("addmm", "mm", "bmm", "baddbmm", "matmul", "linear", "convolution", "mkldnn_convolution",
-               "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_attention_math", "einsum")
+COMPUTE_OPS = ("addmm", "mm", "bmm", "baddbmm", "mkldnn_convolution", "_scaled_dot_product_flash_attention_for_cpu",
+               "_scaled_dot_product_attention_math")
 
 
 def rel(ref: np.ndarray, got: np.ndarray) -> float:
@@ -70,29 +68,49 @@ def shallow_overrides(name: str, arch_path: str, image_size: int, layers: int = 
     return ov
 
 
-class PrecisionLog(TorchDispatchMode):
-    """Counts every aten op by the floating dtypes it received: "fp32", "fp16", "bf16" or "mixed"."""
+class PrecisionLog:
+    """The aten kernels a run executes, counted by the dtype of their floating inputs ("fp32", "fp16", "bf16", or
+    "mixed" for half inputs with fp32 weights, e.g. CPU autocast's LayerNorm), read off ``torch.profiler`` events
+    (``record_shapes``): the run itself is unchanged. An op that autocast re-dispatches appears twice, its inputs before
+    and after the cast; only the innermost event of a name counts (what the kernel received)."""
+
+    DTYPES = {"float": "fp32", "c10::Half": "fp16", "c10::BFloat16": "bf16", "double": "fp64"}
 
     def __init__(self) -> None:
-        super().__init__()
         self.counts: Counter = Counter()
+        self._prof = None
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        dts = {t.dtype for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.is_floating_point()}
-        if dts:
-            names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-            kind = "mixed" if len(dts) > 1 else names.get(next(iter(dts)), "other")
-            self.counts[(func.overloadpacket.__name__, kind)] += 1
-        return func(*args, **kwargs)
+    def __enter__(self):
+        self._prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True)
+        self._prof.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        prof, self._prof = self._prof, None
+        prof.__exit__(*exc)
+        for e in prof.events():
+            if any(c.name == e.name for c in _descendants(e)):
+                continue  # the autocast wrapper of the same op: its child got the cast inputs
+            kinds = {self.DTYPES[d] for d in e.input_dtypes or () if d in self.DTYPES}
+            if kinds:
+                kind = next(iter(kinds)) if len(kinds) == 1 else "mixed" if kinds & {"fp16", "bf16"} else "fp32"
+                self.counts[(e.name.removeprefix("aten::"), kind)] += 1
+        return False
 
     def summary(self) -> dict:
-        """{"half": {op: n}, "fp32": {op: n}, "mixed": {op: n}, "fp32_compute": [compute ops that ran in fp32]}."""
+        """{"half": {op: n}, "fp32": {op: n}, "mixed": {op: n}, "fp32_compute": [compute kernels that ran in fp32]}."""
         out: dict = {"half": {}, "fp32": {}, "mixed": {}}
         for (op, kind), n in sorted(self.counts.items()):
-            out["half" if kind in ("fp16", "bf16") else kind if kind in out else "fp32"][op] = n
+            key = "half" if kind in ("fp16", "bf16") else "mixed" if kind == "mixed" else "fp32"
+            out[key][op] = out[key].get(op, 0) + n
         out["fp32_compute"] = sorted(op for op in out["fp32"] if op in COMPUTE_OPS)
         return out
+
+
+def _descendants(event):
+    for child in event.cpu_children:
+        yield child
+        yield from _descendants(child)
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
@@ -164,8 +182,7 @@ def compare_method(method, images: torch.Tensor, dtypes=("fp16", "bf16"), per_st
         if per_stage:
             row["stages"] = stage_errors(stages, ref, dtype)
         if ops:
-            # a separate run on one image: under a dispatch mode torch takes its composite paths (SDPA's math
-            # attention in place of the fused CPU kernel), so neither the numbers nor the time of this run are used
+            # a separate run on one image under the profiler (its time is not the chain's)
             log = PrecisionLog()
             run_chain(stages, {k: v[:1] for k, v in feed.items()}, dtype, log=log)
             row["ops"] = log.summary()
@@ -200,6 +217,26 @@ def cpu_flags(wanted=("avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_
         return []
     flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
     return [f for f in wanted if f in flags]
+
+
+def table(records: list[dict]) -> str:
+    """A markdown table of ``compare_method`` records (one row per method x precision)."""
+    lines = ["| method | precision | tol | score rel | map rel | finite | selections differing (max gap) | "
+             "score / map rel on fp32 selection | worst stage output alone | fp32 s | half s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for rec in records:
+        for r in rec["rows"]:
+            sel = r.get("selections", {}).get("knn_index")
+            sel_s = f"{sel['differing']} / {sel['rows']} ({sel['max_gap']:.2g})" if sel else "-"
+            fixed = (f"{r['score_rel_on_fp32_selection']:.2g} / {r['map_rel_on_fp32_selection']:.2g}"
+                     if "map_rel_on_fp32_selection" in r else "-")
+            worst = max(((err, f"{st}.{name}") for st, outs in r.get("stages", {}).items()
+                         for name, err in outs.items()), default=None)
+            worst_s = f"{worst[1]} {worst[0]:.2g}" if worst else "-"
+            lines.append(f"| {rec['method']} | {r['precision']} | {r['tol']} | {r['score_rel']:.2g} | "
+                         f"{r['map_rel']:.2g} | {r['finite']} | {sel_s} | {fixed} | {worst_s} | {r['fp32_s']} | "
+                         f"{r['half_s']} |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> None:

@@ -176,9 +176,11 @@ def _check_backend_available(backend: str, fp16: bool, device: str, precision: s
 
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise ZsadError("--fp16 with ONNX Runtime needs its CUDA provider (onnxruntime-gpu) here to run the "
-                                "parity gate; CPU ONNX Runtime has no fp16 kernels for these graphs (it crashes or "
-                                "falls back slowly). Export fp32 for CPU serving, or use --backend tensorrt / "
-                                "python-torch on a GPU machine.")
+                                "parity gate on the kernels that will serve it. The CPU provider computes these fp16 "
+                                "graphs in fp32 (casts around every arithmetic node: no fp16 speed) and crashes in its "
+                                "NchwcTransformer on the converted encoder unless that is disabled (zsad.export.fp16."
+                                "cpu_session). Export fp32 for CPU serving, or use --backend tensorrt / python-torch "
+                                "on a GPU machine.")
         if backend == "python-torch" and device != "gpu":
             raise ZsadError("--fp16 with python-torch needs CUDA: there is no fast fp16 on the CPU. Export fp32 "
                             "for CPU serving (--device cpu), or export on the GPU server with --device gpu.")

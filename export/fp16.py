@@ -81,3 +81,81 @@ def convert_to_fp16(path: Path) -> Path:
     onnx.checker.check_model(model, full_check=True)  # strict type inference: a mis-typed node fails here
     onnx.save(model, str(path))
     return path
+
+
+# -- ONNX Runtime's CPU provider on the converted graphs (measured with onnxruntime 1.32.0) ---------------------------
+# It runs them, with two provisos (tests/test_half_precision.py checks every method's converted chain this way):
+# - at ORT_ENABLE_ALL, creating the session of a converted CLIP encoder dies with SIGSEGV inside the level-3 layout
+#   pass NchwcTransformer (the verbose log's last line: "Applying graph transformer NchwcTransformer"); with that one
+#   transformer disabled (or at ORT_ENABLE_EXTENDED) every converted stage loads and runs;
+# - its CPU kernels in fp16 are data movement only (Reshape, Transpose, Gather, Slice, Concat, Expand, Clip, Max,
+#   ScatterElements, Cast, Shape): every arithmetic node (MatMul, Gemm, Conv, Add, Mul, Sub, Div, Sigmoid, Erf, Tanh,
+#   Exp, Greater, Where, Einsum, Resize, Reciprocal) gets casts to fp32 and back inserted around it, and Softmax /
+#   Softplus are expanded into their fp32 function bodies (``cpu_precision`` lists them per graph). So the CPU check
+#   computes in fp32 between fp16 tensors: it finds what fp16 storage does (overflow past 65504, rounding of every
+#   stored tensor, the conversion's own mistakes), not fp16 arithmetic inside a kernel. Its cast insertion also drops a
+#   lossy fp32 -> fp16 -> fp32 pair around a node without an fp16 kernel (an fp16 ArgMax then sees unrounded values):
+#   onnx.reference.ReferenceEvaluator runs every node in its declared dtype, where that matters.
+CPU_DISABLED_OPTIMIZERS = ("NchwcTransformer",)
+
+
+def cpu_session(path: Path):
+    """An ONNX Runtime CPU session for a converted graph (``CPU_DISABLED_OPTIMIZERS`` off)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=list(CPU_DISABLED_OPTIMIZERS))
+
+
+def cpu_runner(path: Path):
+    """``parity.ort_runner`` for a converted graph on the CPU provider: numpy feed -> numpy outputs by name."""
+    sess = cpu_session(path)
+    names = [o.name for o in sess.get_outputs()]
+    wanted = {i.name for i in sess.get_inputs()}
+
+    def run(feed: dict) -> dict:
+        return dict(zip(names, sess.run(None, {k: v for k, v in feed.items() if k in wanted}), strict=True))
+
+    return run
+
+
+def cpu_precision(path: Path, scratch: Path) -> dict[str, dict[str, int]]:
+    """Which of a converted graph's fp16 nodes ONNX Runtime's CPU provider runs in fp16 and which in fp32 (casts
+    inserted around them), by op type; "replaced": fp16 nodes it removed (casts made redundant by its own) or replaced
+    by their fp32 function bodies (Softmax, Softplus).
+
+    Reads the graph ORT itself writes after partitioning (``optimized_model_filepath`` at ORT_DISABLE_ALL, so only its
+    mandatory cast insertion has run) to ``scratch``."""
+    import onnx
+    import onnxruntime as ort
+
+    f16, f32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
+
+    def types(model) -> dict:
+        model = onnx.shape_inference.infer_shapes(model)
+        t = {v.name: v.type.tensor_type.elem_type
+             for v in [*model.graph.value_info, *model.graph.input, *model.graph.output]}
+        t.update({i.name: i.data_type for i in model.graph.initializer})
+        return t
+
+    def computes_in(node, t: dict):
+        floats = [t[i] for i in node.input if t.get(i) in (f16, f32)]
+        return floats[0] if floats else None
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.optimized_model_filepath = str(scratch / "ort_cpu_partitioned.onnx")
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    ran, converted = onnx.load(opts.optimized_model_filepath), onnx.load(str(path))
+    t_ran, t_conv = types(ran), types(converted)
+    by_name = {n.name: n for n in ran.graph.node}
+    out: dict[str, dict[str, int]] = {"fp16": {}, "fp32": {}, "replaced": {}}
+    for node in converted.graph.node:
+        if computes_in(node, t_conv) != f16:
+            continue
+        kind = ("replaced" if node.name not in by_name else
+                "fp16" if computes_in(by_name[node.name], t_ran) == f16 else "fp32")
+        out[kind][node.op_type] = out[kind].get(node.op_type, 0) + 1
+    return out
