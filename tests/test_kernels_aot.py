@@ -189,6 +189,27 @@ def test_recording_launches_nothing_and_restores_the_modules():
     torch.testing.assert_close(KG.dispatch_select(x, 3), KG.knn_select(x, 3))
 
 
+def test_changed_default_choices_match_the_references_in_the_interpreter(monkeypatch):
+    """The fp32 choices that replaced the spilling ones (window 32 x 32, one stage; dual 32 x 16) give the float64
+    references' results (Triton's interpreter, small shapes with masked tails: 64-token windows, 40 tokens)."""
+    import math
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(1, 16 * 16, 32, generator=g)
+    scale = WA.logit_scale(torch.full((2,), math.log(10.0)))
+    bias = 16 * torch.sigmoid(torch.randn(2, 64, 64, generator=g))
+    assert WA.LAUNCH_CONFIGS["fp32"][:2] == (32, 32)
+    torch.testing.assert_close(WA.window_vv_attention_triton(v, 2, scale, bias, 8, 16).double(),
+                               WA.window_vv_attention_reference(v.double(), 2, scale.double(), bias.double(), 8, 16),
+                               rtol=1e-5, atol=2e-5)
+    q, k, vv = torch.randn(3, 1, 2, 40, 16, generator=g).unbind(0)
+    assert DA.LAUNCH_CONFIGS["fp32"][:2] == (32, 16)
+    for got, ref in zip(DA.dual_attention_triton(q, k, vv), DA.dual_attention_reference(q.double(), k.double(),
+                                                                                      vv.double()), strict=True):
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+
+
 def test_paper_shapes_match_the_profile():
     import open_clip
 
