@@ -4,10 +4,11 @@
 
 **What is built.** Every launch the dispatchers (and the perf sweeps that ``make gpu-check`` runs on a GPU) make at
 the papers' shapes. The launch parameters are not listed here: each call site in :func:`call_sites` is *run* on
-the CPU with tensors of the paper's shape while the kernel modules' launch hook (``for_current_mode``) and dispatch
-rule (``use_triton``) are swapped for a recorder (:func:`record`). The launcher then computes its grid, block sizes,
-warps, stages, ``BLOCK_D``/``KP``/``DOT_PREC`` constexprs and strides exactly as it would for CUDA tensors, and the
-recorder keeps the call instead of launching it. What this module does list is the call sites and the papers'
+the CPU with tensors of the paper's shape, once per target, while the kernel modules' launch hook
+(``for_current_mode``), dispatch rule (``use_triton``) and device query (``capability``) are swapped for a recorder
+(:func:`record`). The launcher then computes its grid, block sizes, warps, stages, ``BLOCK_D``/``KP``/``DOT_PREC``
+constexprs and strides exactly as it would for CUDA tensors on that target, and the recorder keeps the call instead
+of launching it. What this module does list is the call sites and the papers'
 shapes (ViT-L/14, 518 px -> 1369 patches / 1370 tokens, 336 px -> 576 / 577; BAG-CLIP's k; SOWA's 12 x 12 windows,
 8 heads; fp32 / fp16 / bf16; tests/test_kernels_aot.py checks them against the paper profile). Identical launches
 (same kernel, argument specialisation, constexprs and options) are built once and list every call site that makes
@@ -16,9 +17,10 @@ them.
 **How.** Triton's own argument specialisation (16-byte pointer alignment, integers divisible by 16) and its compiler
 build each distinct launch for each target: ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``,
 TTIR -> TTGIR -> LLVM -> PTX -> cubin by the ``ptxas`` the triton wheel ships (Triton picks its newer
-``ptxas-blackwell`` for sm_90a). ptxas's ``-v`` log (the one Triton's own cubin step writes) gives registers per
-thread, spill stores / loads, stack frame and static shared memory; Triton's metadata gives the dynamic shared
-memory it launches with and the warps per block. No GPU is touched: these are compile-time facts only.
+``ptxas-blackwell`` for sm_90a), in worker processes (:func:`compile_all`). ptxas's ``-v`` log (the one Triton's own
+cubin step writes) gives registers per thread, spill stores / loads, stack frame and static shared memory; Triton's
+metadata gives the dynamic shared memory it launches with and the warps per block. No GPU is touched: these are
+compile-time facts only.
 
 **Checks** (a configuration fails on any): a compile error; any register spill (spill stores or loads > 0 bytes);
 shared memory per block (static + dynamic) above the target's opt-in maximum per block, which is what Triton
