@@ -237,7 +237,7 @@ def goal_rows(chains: list[dict], ceilings: list[dict]) -> list[dict]:
     precision. A lower bound above a latency goal (or a ceiling below a throughput goal) rules the goal out at that
     precision on that GPU; otherwise ``roofline_fraction_needed`` says how close to the roofline an implementation
     must run to meet it."""
-    from zsad.bench.gpu_check import GOAL_BAG_B1_MS, GOAL_BAG_IMG_S, GOAL_BAYES_B1_MS
+    from zsad.reference import GOAL_BAG_B1_MS, GOAL_BAG_IMG_S, GOAL_BAYES_B1_MS
 
     out = []
     for model, target in (("bagclip", GOAL_BAG_B1_MS), ("bayespfl", GOAL_BAYES_B1_MS)):

@@ -23,8 +23,8 @@ from zsad.bench.forecast import (
     stage_bytes,
     stage_rows,
 )
-from zsad.bench.gpu_check import GOAL_BAG_B1_MS, GOAL_BAG_IMG_S
 from zsad.methods.base import Stage
+from zsad.reference import GOAL_BAG_B1_MS, GOAL_BAG_IMG_S
 
 
 class _Gemm(nn.Module):

@@ -16,6 +16,14 @@ from pathlib import Path
 TABLES_PATH = Path(__file__).parent / "paper_tables.json"
 _METRIC_ALIASES = {"pro": "aupro"}  # the papers label the same column PRO or AUPRO
 
+# The project's GPU goals (H100 / H200, paper profile): judged by make gpu-check on measurements, and by
+# zsad-bench --forecast against the roofline. Plain data here so both read them without importing each other.
+GOAL_BAG_B1_MS = 4.0
+GOAL_BAG_IMG_S = 550.0
+GOAL_BAG_SPEEDUP = 25.0
+GOAL_BAYES_B1_MS = 10.0
+GOAL_KERNEL_SPEEDUP = 2.0
+
 
 @dataclass(frozen=True)
 class PaperValue:
