@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import random_images
 from scipy.ndimage import gaussian_filter
 
 import zsad.methods as M
@@ -18,10 +19,6 @@ from zsad.data.synthetic import SYNTHETIC_TEST_CLASSES, SYNTHETIC_TRAIN_CLASSES
 from zsad.evaluate import evaluate
 from zsad.methods.afclip import AfClip
 from zsad.train.loop import train
-
-
-def _images(b=2, seed=0):
-    return torch.randn(b, 3, 224, 224, generator=torch.Generator().manual_seed(seed))
 
 
 # -- profiles and budget ----------------------------------------------------------------------------------------
@@ -91,7 +88,7 @@ def test_stages_in_sequence_equal_forward(tiny_method):
     assert stages[0].outputs == {"tokens": ("B", 4, 197, 128)}
     assert isinstance(stages[1].module.text, torch.Tensor) and stages[1].module.text.shape == (2, 128)
     assert "text" in dict(stages[1].module.named_buffers())  # baked: the export holds it as a constant
-    x = _images(3)
+    x = random_images(3)
     with torch.no_grad():
         out = m(x)
         env = _run_by_hand(stages, x)
@@ -161,7 +158,7 @@ def _reference(m, x, support=None):
 
 def test_forward_against_independent_reference(tiny_method):
     m = tiny_method("afclip")
-    x = _images(2, seed=3)
+    x = random_images(2, seed=3)
     with torch.no_grad():
         out = m(x)
         score, amap = _reference(m, x)
@@ -171,7 +168,7 @@ def test_forward_against_independent_reference(tiny_method):
 
 def test_few_shot_stages_and_values_against_reference():
     m = M.create("afclip", "tiny")
-    support, x = _images(2, seed=10), _images(3, seed=11)
+    support, x = random_images(2, seed=10), random_images(3, seed=11)
     m.fit_memory(support)
     assert m.memory.bank.shape == (12, 2 * 196, 128)
     stages = m.stages()
@@ -200,7 +197,7 @@ def test_loss_terms_and_gradients():
     m = M.create("afclip", "tiny").train()
     mask = torch.zeros(2, 224, 224)
     mask[1, 40:120, 60:150] = 1
-    batch = {"image": _images(2), "label": torch.tensor([0, 1]), "mask": mask}
+    batch = {"image": random_images(2), "label": torch.tensor([0, 1]), "mask": mask}
     losses = m.loss(batch)
     assert set(losses) == {"total", "cls_focal", "seg_focal", "seg_l1", "pal"}
     parts = losses["cls_focal"] + losses["seg_focal"] + losses["seg_l1"] + losses["pal"]

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import random_images
 from scipy.ndimage import gaussian_filter
 from sklearn.metrics import roc_auc_score
 
@@ -19,10 +20,6 @@ from zsad.calibration import ClassScoreCalibration
 from zsad.methods.bayespfl import BayesPflModules, PairMapPostprocess
 from zsad.modules.losses import dice_loss, focal_loss
 from zsad.modules.rca import ResidualCrossModalAttention
-
-
-def _images(b=2, seed=0):
-    return torch.randn(b, 3, 224, 224, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +112,7 @@ def test_class_names_become_fixed_length_token_ids(tiny_method):
     with pytest.raises(ZsadError, match="non-empty string"):
         m.encode_class_names([" "])
     with pytest.raises(ZsadError, match="got 1 class names for 2 images"):
-        m(_images(2), class_names=["bottle"])
+        m(random_images(2), class_names=["bottle"])
 
 
 # -- text -----------------------------------------------------------------------------------------------------------
@@ -123,7 +120,7 @@ def test_cut_text_batch_equals_uncut_per_sequence_text(small):
     """The 2BR sequences per image run as one batch cut after the end token: same features as 77-token singles."""
     m = small
     bb = m.backbone
-    x, names = _images(2, seed=1), ["bottle", "printed circuit board"]
+    x, names = random_images(2, seed=1), ["bottle", "printed circuit board"]
     inputs = m.stage_inputs(x, names)
     stages = {s.name: s for s in m.stages()}
     with torch.no_grad():
@@ -175,7 +172,7 @@ def test_stages_declare_what_they_produce(tiny_method):
     m = tiny_method("bayespfl")
     stages = m.stages()
     assert [s.name for s in stages] == ["encoder", "prompt_head", "text_encoder", "head", "postprocess"]
-    x, names = _images(3), ["bottle", "screw", "metal_nut"]
+    x, names = random_images(3), ["bottle", "screw", "metal_nut"]
     env = m.stage_inputs(x, names)
     with torch.no_grad():
         out = m(x, names)
@@ -200,7 +197,7 @@ def test_stages_declare_what_they_produce(tiny_method):
 def test_batch_equals_single_images_and_noise_is_fixed(tiny_method):
     """Spec golden test 5: the vectorised batch equals batch-1 runs with the same noise; reruns are identical."""
     m = tiny_method("bayespfl")  # R = 10, as served
-    x, names = _images(2, seed=2), ["bottle", "pcb2"]
+    x, names = random_images(2, seed=2), ["bottle", "pcb2"]
     with torch.no_grad():
         batch = m(x, names)
         again = m(x, names)
@@ -218,7 +215,7 @@ def test_batch_equals_single_images_and_noise_is_fixed(tiny_method):
 
 def test_random_noise_mode_resamples():
     m = M.create("bayespfl", "tiny", sampling={"noise": "random", "samples": 2})
-    x = _images(1, seed=3)
+    x = random_images(1, seed=3)
     with torch.no_grad():
         a, b = m(x, "bottle"), m(x, "bottle")
     assert (a.anomaly_map - b.anomaly_map).abs().max() > 1e-6
@@ -295,7 +292,7 @@ def _reference_forward(m, x, names):
 
 def test_forward_against_an_independent_reference(small):
     m = small
-    x, names = _images(2, seed=4), ["bottle", "metal_nut"]
+    x, names = random_images(2, seed=4), ["bottle", "metal_nut"]
     with torch.no_grad():
         out = m(x, names)
         score, amap = _reference_forward(m, x, names)
@@ -341,7 +338,7 @@ def test_training_prompts_get_the_zsad_class_words(monkeypatch):
         return original(self, names)
 
     monkeypatch.setattr(type(m), "encode_class_names", recording)
-    batch = {"image": _images(2, seed=6), "mask": torch.zeros(2, 224, 224), "label": torch.tensor([0, 0]),
+    batch = {"image": random_images(2, seed=6), "mask": torch.zeros(2, 224, 224), "label": torch.tensor([0, 0]),
              "cls": ["metal_nut", "pcb2"]}
     m.loss(batch)
     assert seen == [["metal nut", "printed circuit board"]]
@@ -349,7 +346,7 @@ def test_training_prompts_get_the_zsad_class_words(monkeypatch):
 
 def test_loss_trains_only_the_trainable_parts(tiny_method):
     m = M.create("bayespfl", "tiny", augment={"enabled": True}).train()
-    batch = {"image": _images(2, seed=5), "mask": torch.zeros(2, 224, 224), "label": torch.tensor([0, 1]),
+    batch = {"image": random_images(2, seed=5), "mask": torch.zeros(2, 224, 224), "label": torch.tensor([0, 1]),
              "cls": ["bottle", "metal_nut"]}
     batch["mask"][1, 40:80, 60:100] = 1
     torch.manual_seed(0)
@@ -398,7 +395,7 @@ def test_checkpoint_round_trip(tmp_path):
         m.pfl.state_flows.normal.xi.add_(0.5)
     save_checkpoint(tmp_path, m, epochs=0)
     loaded, meta = load_checkpoint(tmp_path)
-    x = _images(1, seed=6)
+    x = random_images(1, seed=6)
     with torch.no_grad():
         a, b = m(x, "bottle"), loaded(x, "bottle")
     assert meta["method"] == "bayespfl" and torch.equal(a.score, b.score) and torch.equal(a.anomaly_map, b.anomaly_map)

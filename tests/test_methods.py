@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import random_images
 from scipy.ndimage import gaussian_filter
 
 import zsad.methods as M
@@ -15,10 +16,6 @@ from zsad.modules.losses import dice_loss, focal_loss
 
 # AnomalyCLIP and the registered methods built on it (BAG-CLIP): the tests below check their shared structure
 ANOMALYCLIP_FAMILY = [n for n in M.available() if issubclass(M.METHODS[n], AnomalyClip)]
-
-
-def _images(b=2, seed=0):
-    return torch.randn(b, 3, 224, 224, generator=torch.Generator().manual_seed(seed))
 
 
 # -- registry / configs -----------------------------------------------------------------------------------------
@@ -94,7 +91,7 @@ def test_stages_in_sequence_equal_forward(tiny_method, name):
     stages = m.stages()
     # BAG-CLIP's kNN selection is a stage output of its own (zsad.selection), between SAFR and the GCN
     assert [s.name for s in stages] == ["encoder", *(["graph"] if name == "bagclip" else []), "head", "postprocess"]
-    x = _images(3)
+    x = random_images(3)
     with torch.no_grad():
         out = m(x)
         env = {"images": x}
@@ -111,13 +108,13 @@ def test_stages_in_sequence_equal_forward(tiny_method, name):
 def test_run_stages_reports_a_broken_chain(tiny_method):
     stages = tiny_method("anomalyclip").stages()
     with pytest.raises(ZsadError, match=r"stage 'postprocess' needs \['image_prob', 'patch_map'\]"):
-        run_stages([stages[0], stages[2]], images=_images(1))
+        run_stages([stages[0], stages[2]], images=random_images(1))
 
 
 def test_anomalyclip_forward_against_independent_reference(tiny_method):
     """Recompute AnomalyCLIP's map and score from the backbone with plain torch/scipy (the paper's recipe)."""
     m = tiny_method("anomalyclip")
-    x = _images(2, seed=5)
+    x = random_images(2, seed=5)
     with torch.no_grad():
         out = m(x)
         t = m.text_embeddings()
@@ -138,7 +135,7 @@ def test_anomalyclip_forward_against_independent_reference(tiny_method):
 
 def test_bagclip_head_uses_the_graph(tiny_method):
     m = tiny_method("bagclip")
-    x = _images(2, seed=7)
+    x = random_images(2, seed=7)
     with torch.no_grad():
         base = m(x).anomaly_map
         gamma = m.jff_gamma.item()
@@ -162,7 +159,7 @@ def _bagclip_map(m, z):
 def test_bagclip_sag_and_safr_off(monkeypatch):
     import zsad.methods.bagclip as bag_module
 
-    x = _images(2, seed=3)
+    x = random_images(2, seed=3)
     both_off = M.create("bagclip", "tiny", graph={"sag": False, "safr": False}).eval()
     assert both_off.gcn is None and both_off.safr is None
     assert not any(k.startswith(("gcn.", "safr.")) for k in both_off.trainable_state_dict())
@@ -202,7 +199,7 @@ def test_bagclip_jff_concat_variant():
     w = m.jff_linear.weight
     assert w.shape == (d, 2 * d) and not hasattr(m, "jff_gamma")
     torch.testing.assert_close(w, torch.cat([torch.eye(d), 0.1 * torch.eye(d)], dim=1))  # starts as the add variant
-    x = _images(2, seed=4)
+    x = random_images(2, seed=4)
     with torch.no_grad():
         m.jff_linear.weight.add_(0.01 * torch.randn(d, 2 * d, generator=torch.Generator().manual_seed(0)))
         m.jff_linear.bias.normal_(0, 0.01)
@@ -214,7 +211,7 @@ def test_bagclip_jff_concat_variant():
         env = run_stages(m.stages(), images=x)  # the export plan carries the variant
         assert torch.equal(env["anomaly_map"], m(x).anomaly_map)
     m.train()
-    batch = {"image": _images(2), "label": torch.tensor([0, 1]),
+    batch = {"image": random_images(2), "label": torch.tensor([0, 1]),
              "mask": (torch.rand(2, 224, 224, generator=torch.Generator().manual_seed(0)) > 0.9).float()}
     m.loss(batch)["total"].backward()
     assert m.jff_linear.weight.grad.abs().sum() > 0
@@ -237,7 +234,7 @@ def test_focal_and_dice_against_formulas():
 @pytest.mark.parametrize("name", ANOMALYCLIP_FAMILY)
 def test_loss_trains_only_the_trainable_parts(name):
     m = M.create(name, "tiny").train()
-    batch = {"image": _images(2), "label": torch.tensor([0, 1]),
+    batch = {"image": random_images(2), "label": torch.tensor([0, 1]),
              "mask": (torch.rand(2, 224, 224, generator=torch.Generator().manual_seed(0)) > 0.9).float()}
     losses = m.loss(batch)
     assert set(losses) >= {"total", "image_ce", "focal", "dice"}

@@ -1,11 +1,11 @@
 """zsad.Predictor and zsad-predict: local inference with exactly the served ensemble's pre- and post-processing."""
 import csv
-import io
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import png_bytes
 from PIL import Image
 
 import zsad
@@ -29,12 +29,6 @@ def _by_hand(arr: np.ndarray, size: int) -> np.ndarray:
 
 def _map_back(m: np.ndarray, h: int, w: int) -> np.ndarray:
     return np.asarray(Image.fromarray(m.astype(np.float32), mode="F").resize((w, h), Image.BILINEAR))
-
-
-def _png(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, "PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -66,12 +60,12 @@ def test_predict_equals_eager_model_with_hand_preprocessing(method, images):
 
 
 def test_paths_bytes_and_arrays_agree_and_grayscale_becomes_rgb(method, images, tmp_path):
-    (tmp_path / "a.png").write_bytes(_png(images[0]))
+    (tmp_path / "a.png").write_bytes(png_bytes(images[0]))
     gray = images[1][..., 0]
     Image.fromarray(gray).save(tmp_path / "g.png")
     pred = Predictor(method)
     from_path, from_bytes, from_array, from_gray = pred.predict(
-        [tmp_path / "a.png", _png(images[0]), images[0], str(tmp_path / "g.png")])
+        [tmp_path / "a.png", png_bytes(images[0]), images[0], str(tmp_path / "g.png")])
     assert from_path.score == from_bytes.score == from_array.score
     np.testing.assert_array_equal(from_path.anomaly_map, from_array.anomaly_map)
     assert from_path.source == str(tmp_path / "a.png")
@@ -118,7 +112,7 @@ def test_cli_writes_scores_and_heatmaps(method, images, tmp_path):
     folder = tmp_path / "imgs"
     (folder / "sub").mkdir(parents=True)
     for i, a in enumerate(images):
-        (folder / ("sub" if i == 2 else "") / f"img{i}.png").write_bytes(_png(a))
+        (folder / ("sub" if i == 2 else "") / f"img{i}.png").write_bytes(png_bytes(a))
     (folder / "broken.png").write_bytes(b"\x89PNG not really")
     out = tmp_path / "out"
     res = CliRunner().invoke(main, [str(folder), "--checkpoint", str(ckpt), "--out", str(out), "--batch-size", "2",
@@ -147,7 +141,7 @@ def test_cli_user_errors_are_one_line(method, images, tmp_path, args, match):
     if torch.cuda.is_available() and "cuda:7" in args:
         pytest.skip("this machine has CUDA")
     ckpt = save_checkpoint(tmp_path / "ckpt", method)
-    (tmp_path / "a.png").write_bytes(_png(images[0]))
+    (tmp_path / "a.png").write_bytes(png_bytes(images[0]))
     args = [str(ckpt) if a == "CKPT" else a for a in args]
     res = CliRunner().invoke(main, [str(tmp_path / "a.png"), *args, "--out", str(tmp_path / "out")])
     assert res.exit_code == 2
@@ -178,9 +172,9 @@ def test_predict_equals_the_served_answer(method, images, tmp_path):
     ckpt = save_checkpoint(tmp_path / "ckpt", method)
     export_model(ExportOptions(checkpoint=str(ckpt), backend="python-ort", out=tmp_path / "repo", max_batch=4,
                                parity_images=2, resize_to_input=True, max_pixels=1_000_000), log=lambda *a: None)
-    local = Predictor.from_checkpoint(ckpt).predict([_png(a) for a in images])
+    local = Predictor.from_checkpoint(ckpt).predict([png_bytes(a) for a in images])
     with TritonServer(tmp_path / "repo") as srv:
-        served = AnomalyClient(srv.http_url, "anomalyclip").infer([_png(a) for a in images])
+        served = AnomalyClient(srv.http_url, "anomalyclip").infer([png_bytes(a) for a in images])
     for lp, sp in zip(local, served, strict=True):
         assert lp.score == pytest.approx(sp.score, rel=1e-4, abs=1e-6)  # ONNX Runtime vs torch: float rounding
         assert lp.anomaly_map.shape == sp.anomaly_map.shape

@@ -1,7 +1,6 @@
 """A real tritonserver (the CPU one bundled with nvidia-pytriton) serving python-ort exports of tiny AnomalyCLIP and
 BAG-CLIP, queried over HTTP and gRPC: robust to bad input, under load, and leak-free. Served == eager for every
 registered method is tests/test_serve_methods.py."""
-import io
 import os
 import signal
 import socket
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import png_bytes
 from PIL import Image
 
 import zsad.methods as M
@@ -28,12 +28,6 @@ pytestmark = pytest.mark.server
 
 SERVED = ["anomalyclip", "bagclip"]  # the models the tests below query by name
 MAX_BATCH = 8
-
-
-def _png(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, "PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -68,18 +62,19 @@ def _eager(name, arrays):
 def test_raw_ensemble_equals_the_bytes_ensemble(server, images, name):
     """Served == eager for every method is tests/test_serve_methods.py; here the two ensembles agree closely."""
     client = AnomalyClient(server.http_url, name)
-    served = client.infer([_png(a) for a in images])
+    served = client.infer([png_bytes(a) for a in images])
     raw = client.infer([images[0]])  # the uint8 HWC ensemble gives the same answer
     assert raw[0].score == pytest.approx(served[0].score, rel=1e-6)
 
 
 BAD_INPUTS = {
     "corrupt bytes": (lambda imgs: [os.urandom(2000)], "cannot decode"),
-    "truncated png": (lambda imgs: [_png(imgs[0])[:500]], "cannot decode"),
+    "truncated png": (lambda imgs: [png_bytes(imgs[0])[:500]], "cannot decode"),
     "not an image": (lambda imgs: [b"a text file, not an image\n" * 20], "cannot decode"),
-    "oversized image": (lambda imgs: [_png(np.zeros((1001, 1000, 3), np.uint8))], "at most 1,000,000 pixels"),
-    "too many pixels together": (lambda imgs: [_png(np.zeros((600, 1000, 3), np.uint8))] * 2, "image 1 .* at most"),
-    "batch over max": (lambda imgs: [_png(imgs[0])] * (MAX_BATCH + 1), "batch"),
+    "oversized image": (lambda imgs: [png_bytes(np.zeros((1001, 1000, 3), np.uint8))], "at most 1,000,000 pixels"),
+    "too many pixels together": (lambda imgs: [png_bytes(np.zeros((600, 1000, 3), np.uint8))] * 2,
+                                 "image 1 .* at most"),
+    "batch over max": (lambda imgs: [png_bytes(imgs[0])] * (MAX_BATCH + 1), "batch"),
 }
 
 
@@ -90,7 +85,7 @@ def test_bad_input_gets_a_clear_error_and_the_server_stays_up(server, images, ca
     with pytest.raises(ZsadError, match=expect):
         client.infer(make(images))
     assert server.process.poll() is None and server.ready()
-    good = client.infer([_png(images[1])])[0]
+    good = client.infer([png_bytes(images[1])])[0]
     assert good.score == pytest.approx(float(_eager("anomalyclip", [images[1]])[0][0]), rel=1e-4)
 
 
@@ -183,7 +178,7 @@ def test_client_takes_the_raw_ensemble_by_name(server, images, protocol):
     np.testing.assert_allclose(got[0].anomaly_map, resize_map(amap[0], h, w), rtol=1e-4,
                                atol=1e-4 * np.abs(amap).max())
     with pytest.raises(ZsadError, match="arrays only"):  # encoded files belong to the ensemble without _raw
-        direct.infer([_png(images[0])])
+        direct.infer([png_bytes(images[0])])
 
 
 def test_free_ports_are_distinct_and_avoid_taken_ones():

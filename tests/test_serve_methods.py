@@ -2,7 +2,6 @@
 (python-ort backend, maps restored to the input size) into ONE repository and served by ONE real tritonserver:
 served equals eager over HTTP and gRPC for each, and Bayes-PFL's class name travels with each request through its
 own text model to its own text-encoder stage."""
-import io
 import json
 
 import numpy as np
@@ -10,6 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from google.protobuf import text_format
+from helpers import png_bytes
 from PIL import Image
 from tritonclient.grpc import model_config_pb2
 
@@ -27,12 +27,6 @@ pytestmark = pytest.mark.server
 
 METHODS = M.available()
 NAMES = ["bottle", "metal_nut", "screw"]  # one class name per test image (Bayes-PFL)
-
-
-def _png(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, "PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +93,7 @@ def test_served_equals_eager(served, images, name, protocol):
     client = AnomalyClient(f"{protocol}://{url}", name)
     # one request, three sizes (and the selections, BAG-CLIP's knn_index, which the ensemble also returns)
     selections = [n for st in M.create(name, "tiny").stages() for n in st.selections]
-    preds = client.infer([_png(a) for a in images], class_names=NAMES, outputs=selections)
+    preds = client.infer([png_bytes(a) for a in images], class_names=NAMES, outputs=selections)
     served_sel = {n: np.stack([p.extra[n] for p in preds]) for n in selections}
     # the class names are ignored by methods without text inputs
     score, amap = _eager(name, images, NAMES, served_sel)
@@ -117,7 +111,7 @@ def test_served_equals_eager(served, images, name, protocol):
 def test_bayespfl_class_name_is_part_of_the_request(served, images):
     srv, _ = served
     client = AnomalyClient(srv.http_url, "bayespfl")
-    png = _png(images[0])
+    png = png_bytes(images[0])
     a = client.infer([png], class_names="bottle")[0]
     b = client.infer([png], class_names="wood")[0]
     ref_a, ref_b = _eager("bayespfl", images[:1], "bottle")[0], _eager("bayespfl", images[:1], "wood")[0]

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import random_images
 from scipy.ndimage import gaussian_filter
 
 import zsad.methods as M
@@ -19,10 +20,6 @@ from zsad.data.synthetic import SYNTHETIC_TEST_CLASSES, SYNTHETIC_TRAIN_CLASSES
 from zsad.evaluate import evaluate
 from zsad.methods.sowa import Sowa
 from zsad.train.loop import train
-
-
-def _images(b=2, seed=0):
-    return torch.randn(b, 3, 224, 224, generator=torch.Generator().manual_seed(seed))
 
 
 # -- profiles and budget ----------------------------------------------------------------------------------------
@@ -89,7 +86,7 @@ def test_stages_equal_forward_and_folding_equals_the_mlp():
     assert stages[1].outputs == {"image_prob": ("B",), "layer_logits": ("B", 4, 14, 14)}
     head = stages[1].module
     assert head.biases.shape == (4, 8, 49, 49) and head.scales.shape == (4, 8) and head.text.shape == (2, 128)
-    x = _images(3, seed=2)
+    x = random_images(3, seed=2)
     with torch.no_grad():
         out = m(x)
         env = _run_by_hand(stages, x)
@@ -169,7 +166,7 @@ def _reference(m, x, support=None, offset=0.0):
 def test_forward_against_independent_reference():
     m = M.create("sowa", "tiny")
     _perturb(m)
-    x = _images(2, seed=4)
+    x = random_images(2, seed=4)
     with torch.no_grad():
         out = m(x)
         score, amap = _reference(m, x)
@@ -179,7 +176,7 @@ def test_forward_against_independent_reference():
 
 def test_k_shot_stages_values_and_calibration():
     m = M.create("sowa", "tiny")
-    support, x = _images(2, seed=20), _images(2, seed=21)
+    support, x = random_images(2, seed=20), random_images(2, seed=21)
     m.fit_memory(support)
     assert m.memory.bank.shape == (4, 2 * 196, 128)
     stages = m.stages()
@@ -303,7 +300,7 @@ def test_loss_terms_and_gradients():
     m = M.create("sowa", "tiny").train()
     mask = torch.zeros(2, 224, 224)
     mask[1, 30:90, 100:180] = 1
-    batch = {"image": _images(2), "label": torch.tensor([0, 1]), "mask": mask}
+    batch = {"image": random_images(2), "label": torch.tensor([0, 1]), "mask": mask}
     losses = m.loss(batch)
     assert set(losses) == {"total", "image_ce", "focal", "dice"}
     torch.testing.assert_close(losses["total"].detach(), losses["image_ce"] + losses["focal"] + losses["dice"])
@@ -376,7 +373,7 @@ def test_train_cli_and_checkpoint_round_trip(tmp_path):
     assert meta["method"] == "sowa" and meta["trainable_parameters"] == sum(
         Sowa.trainable_budget(M.resolve_config("sowa", "tiny")).values())
     loaded, _ = load_checkpoint(out)
-    x = _images(1, seed=9)
+    x = random_images(1, seed=9)
     with torch.no_grad():
         a = loaded(x)
         trained = M.create("sowa", "tiny")
