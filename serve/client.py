@@ -11,21 +11,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from zsad import ZsadError, per_image_names
-
-
-@dataclass
-class Prediction:
-    score: float
-    anomaly_map: np.ndarray  # [S,S] at the model resolution, or the input size when the export resized back
-    source: str = ""
-    # further outputs asked for by name (``infer(..., outputs=[...])``), this image's slice of each
-    extra: dict[str, np.ndarray] = field(default_factory=dict)
+from zsad.predict import Prediction
 
 
 class AnomalyClient:

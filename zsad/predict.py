@@ -13,7 +13,7 @@ around it is :mod:`zsad.predict_cli`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +25,13 @@ from zsad.data.transforms import resize_map
 
 @dataclass
 class Prediction:
+    """One image's answer, local (``Predictor``) or served (``zsad.serve.client.AnomalyClient``)."""
     score: float
-    anomaly_map: np.ndarray  # float32 [H, W]: the input image's own size
+    # float32 [H, W]: the input image's own size (served: the model resolution unless the export resizes back)
+    anomaly_map: np.ndarray
     source: str = ""
+    # served only: further outputs asked for by name (``infer(..., outputs=[...])``), this image's slice of each
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def _load(image, label: str) -> np.ndarray:
