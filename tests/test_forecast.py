@@ -23,7 +23,7 @@ from zsad.bench.forecast import (
     stage_bytes,
     stage_rows,
 )
-from zsad.methods.base import Stage
+from zsad.methods.stages import Stage
 from zsad.reference import GOAL_BAG_B1_MS, GOAL_BAG_IMG_S
 
 

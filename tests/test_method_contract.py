@@ -23,7 +23,8 @@ import zsad.methods as M
 from zsad import ZsadError
 from zsad.checkpoint import load_checkpoint, save_checkpoint
 from zsad.export.parity import synthetic_class_names, synthetic_images
-from zsad.methods.base import BackboneConfig, BoundStage, EncoderStage, Method, Stage, TrainConfig
+from zsad.methods.base import BackboneConfig, Method, TrainConfig
+from zsad.methods.stages import BoundStage, EncoderStage, Stage
 from zsad.postprocess import Postprocess
 
 

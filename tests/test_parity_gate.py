@@ -5,7 +5,7 @@ import pytest
 from torch import nn
 
 from zsad.export import parity
-from zsad.methods.base import Stage
+from zsad.methods.stages import Stage
 
 
 class _Scale(nn.Module):

@@ -18,7 +18,7 @@ from torch import nn
 
 import zsad.methods as M
 from zsad.export import parity
-from zsad.methods.base import Stage
+from zsad.methods.stages import Stage
 from zsad.selection import TopKSelection
 
 

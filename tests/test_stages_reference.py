@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
 import zsad.methods as M
-from zsad.methods.base import run_stages
+from zsad.methods.stages import run_stages
 
 
 def _adjacency_np(f, k, bits):

@@ -176,7 +176,7 @@ def forward_with_terms(method, images, class_names=None):
     map) and whatever the method's paper protocol adds (``PaperProtocol.extra_terms``: Bayes-PFL's s_text and
     top-k means). score and anomaly_map are exactly ``method(images, class_names)``'s (the same stage chain).
     """
-    from zsad.methods.base import run_stages
+    from zsad.methods.stages import run_stages
 
     env = run_stages(method.stages(), **method.stage_inputs(images, class_names))
     score, amap = env["score"], env["anomaly_map"]

@@ -12,9 +12,10 @@ from zsad.configs import build_config, deep_merge, resolve_profile
 from zsad.methods.afclip import AfClip
 from zsad.methods.anomalyclip import AnomalyClip
 from zsad.methods.bagclip import BagClip
-from zsad.methods.base import AnomalyOutput, Method, Stage, run_stages
+from zsad.methods.base import AnomalyOutput, Method
 from zsad.methods.bayespfl import BayesPfl
 from zsad.methods.sowa import Sowa
+from zsad.methods.stages import Stage, run_stages
 
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (AnomalyClip, BagClip, AfClip, Sowa, BayesPfl)}
 

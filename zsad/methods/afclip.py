@@ -34,7 +34,8 @@ import torch.nn.functional as F
 
 from zsad import ZsadError
 from zsad.backbone import arch_config
-from zsad.methods.base import BackboneConfig, BoundStage, EncoderStage, Method, Stage, TrainConfig
+from zsad.methods.base import BackboneConfig, Method, TrainConfig
+from zsad.methods.stages import BoundStage, EncoderStage, Stage
 from zsad.modules.adaptor import AttentionAdaptor
 from zsad.modules.aggregation import BORDERS, MultiScaleAggregation
 from zsad.modules.losses import binary_focal_loss, patch_alignment_loss

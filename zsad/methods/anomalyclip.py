@@ -18,16 +18,8 @@ import torch.nn.functional as F
 
 from zsad import ZsadError
 from zsad.backbone import ATTENTION_MODES
-from zsad.methods.base import (
-    BackboneConfig,
-    BoundStage,
-    EncoderStage,
-    LossConfig,
-    Method,
-    PromptConfig,
-    Stage,
-    TrainConfig,
-)
+from zsad.methods.base import BackboneConfig, LossConfig, Method, PromptConfig, TrainConfig
+from zsad.methods.stages import BoundStage, EncoderStage, Stage
 from zsad.modules.losses import layered_focal_dice
 from zsad.modules.precision import as_fp32, fp32_region
 from zsad.modules.prompts import ObjectAgnosticPrompts, StaticTextCache

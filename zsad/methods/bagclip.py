@@ -34,7 +34,7 @@ from torch import nn
 
 from zsad import ZsadError
 from zsad.methods.anomalyclip import AnomalyClip, AnomalyClipConfig
-from zsad.methods.base import BoundStage, Stage
+from zsad.methods.stages import BoundStage, Stage
 from zsad.modules.graph import EDGE_WEIGHTS, GCN, SYMMETRIZE, cosine_similarity_matrix, graph_from_index, knn_select
 from zsad.modules.recalibration import ScaleAdaptiveRecalibration
 from zsad.selection import TopKSelection

@@ -61,17 +61,9 @@ from torch import nn
 
 from zsad import ZsadError
 from zsad.backbone import tokenize
-from zsad.methods.base import (
-    BackboneConfig,
-    BoundStage,
-    EncoderStage,
-    Method,
-    Stage,
-    TextInput,
-    TrainConfig,
-    TrainingStage,
-)
+from zsad.methods.base import BackboneConfig, Method, TrainConfig, TrainingStage
 from zsad.methods.bayespfl_protocol import BayesPflProtocol, class_words
+from zsad.methods.stages import BoundStage, EncoderStage, Stage, TextInput
 from zsad.modules.augment import AugmentConfig, BatchAugment
 from zsad.modules.flows import ConditionalPlanarFlow, StatePlanarFlows
 from zsad.modules.losses import dice_loss, focal_loss

@@ -40,7 +40,8 @@ from torch import nn
 
 from zsad import ZsadError
 from zsad.backbone import arch_config
-from zsad.methods.base import BackboneConfig, BoundStage, EncoderStage, Method, PromptConfig, Stage, TrainConfig
+from zsad.methods.base import BackboneConfig, Method, PromptConfig, TrainConfig
+from zsad.methods.stages import BoundStage, EncoderStage, Stage
 from zsad.modules.losses import layered_focal_dice
 from zsad.modules.memory_bank import MemoryBank
 from zsad.modules.precision import as_fp32, fp32_region
