@@ -13,16 +13,13 @@ import importlib
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from zsad import ZsadError
 from zsad.selection import TopKSelection
-
-if TYPE_CHECKING:
-    from zsad.methods.base import Method
 
 
 @dataclass(frozen=True)
@@ -145,7 +142,7 @@ class BoundStage(nn.Module):
     exported graph), a module a sub-module (a few-shot memory bank). Read them back as ``stage.module.<name>``.
     """
 
-    def __init__(self, method: Method, function: str, **constants: torch.Tensor | nn.Module):
+    def __init__(self, method: nn.Module, function: str, **constants: torch.Tensor | nn.Module):
         super().__init__()
         fn = getattr(method, function, None)
         if not callable(fn):
@@ -182,5 +179,5 @@ class EncoderStage(BoundStage):
     """``method.encode(images)``: every method's first stage (tools that treat the encoder apart, e.g. int8
     quantisation, recognise it by this class)."""
 
-    def __init__(self, method: Method):
+    def __init__(self, method: nn.Module):  # a zsad.methods.base.Method
         super().__init__(method, "encode")
