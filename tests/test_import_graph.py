@@ -104,4 +104,4 @@ def test_the_scan_sees_circles_and_function_level_imports():
     # zsad.load imports the importers inside a function; zsad.checkpoint must not import them at all
     assert "zsad.importers" in graph["zsad.load"] and "zsad.checkpoint" in graph["zsad.load"]
     assert not any(t.startswith("zsad.importers") for t in graph["zsad.checkpoint"])
-    assert "zsad.methods.base" in graph["zsad.protocols"]  # forward_with_terms' function-level import
+    assert "zsad.methods.stages" in graph["zsad.protocols"]  # forward_with_terms' function-level import
