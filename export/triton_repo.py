@@ -20,7 +20,6 @@ own ``ModelConfig`` schema (shipped in tritonclient) so a typo never reaches a s
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import struct
 from collections.abc import Mapping, Sequence
@@ -351,37 +350,27 @@ def _standalone_text_encoder(text_input):
     return tok
 
 
-# sibling modules each python model imports: written beside its model.py (the stub puts that folder on sys.path)
-_SIBLINGS = {"preprocess": ("image_io", "transforms"), "restore": ("transforms",)}
+# the code zsad shares with its served models (triton_models/zsad_common: zsad-free), copied as is beside every
+# python model.py under this same folder name (the stub puts the version folder on sys.path)
+COMMON = "zsad_common"
 
 
-def _zsad_free_copy(module: str) -> bytes:
-    """zsad/data/<module>.py with its one zsad import (ZsadError) pointed at the guard's BadInput."""
-    import zsad.data
-
-    src = (Path(zsad.data.__file__).parent / ("io.py" if module == "image_io" else f"{module}.py")).read_text()
-    old = "from zsad import ZsadError\n"
-    if src.count(old) != 1 or re.search(r"^\s*(from|import)\s+zsad\b", src.replace(old, ""), re.M):
-        raise ZsadError(f"internal: zsad/data/{module}.py imports more of zsad than ZsadError; the served model "
-                        f"cannot carry it without zsad")
-    return src.replace(old, "from zsad_backend_guard import BadInput as ZsadError\n").encode()
+def common_files() -> dict[str, Path]:
+    """The shared package's files, by their path in a model's version folder: ``zsad_common/*.py``, unchanged."""
+    return {f"{COMMON}/{p.name}": p for p in sorted((SOURCES / COMMON).glob("*.py"))}
 
 
 def python_model_files(kind: str) -> dict[str, Path | bytes]:
-    """The files of a python model's version folder: model.py and the sibling modules it imports (the backend
-    guard always; zsad's image code for preprocess / restore; CLIP's tokeniser and vocabulary for text_input)."""
-    import zsad.serve.backend_guard as guard
-
-    files: dict[str, Path | bytes] = {"model.py": python_source(kind), "zsad_backend_guard.py": Path(guard.__file__)}
-    for module in _SIBLINGS.get(kind, ()):
-        files[f"zsad_{module}.py"] = _zsad_free_copy(module)
+    """The files of a python model's version folder: model.py and the shared package it imports (zsad_common: the
+    backend guard, image decoding, CLIP pre-processing, class-name text), plus open_clip's BPE vocabulary for
+    text_input."""
+    files: dict[str, Path | bytes] = {"model.py": python_source(kind), **common_files()}
     if kind == "text_input":
         from zsad._compat import ensure_torchvision_importable
 
         ensure_torchvision_importable()
         from open_clip.tokenizer import default_bpe
 
-        files["zsad_clip_tokenizer.py"] = SOURCES / "text_input" / "zsad_clip_tokenizer.py"
         files["bpe_simple_vocab_16e6.txt.gz"] = Path(default_bpe())
     return files
 

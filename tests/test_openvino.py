@@ -86,7 +86,7 @@ def test_int8_export_passes_gate_and_keeps_layernorm_softmax_fp32(int8_repo):
     assert gate["passed"] and gate["precision"] == "int8" and "activation outliers" in gate["caveat"]
     assert gate["map_corr"] >= 0.99 and gate["score_swaps"] == 0 and gate["pixel_auroc_diff_points"] <= 2.0
     enc = repo / "afclip_encoder" / "1"
-    assert {p.name for p in enc.iterdir()} == {"model.xml", "model.bin", "model.py", "zsad_backend_guard.py"}
+    assert {p.name for p in enc.iterdir()} == {"model.xml", "model.bin", "model.py", "zsad_common"}
     model = ov.Core().read_model(str(enc / "model.xml"))
     assert model.get_rt_info(["zsad", "precision"]).astype(str) == "int8"
     fq_consumers = {t.get_node().get_type_name() for op in model.get_ordered_ops()

@@ -315,12 +315,14 @@ def test_head_models_bound_the_neighbour_indices(tmp_path, tiny_method):
     """A client can call bagclip_head directly: knn_index values must lie in 0..N-1. stage_ort finds the bound in
     the graph (ScatterElements) and both python stage models get the declared one in their config."""
     # the served model's own module, imported with what the export copies beside it
-    import zsad.serve.backend_guard as guard
+    import zsad.triton_models.zsad_common as common
+    import zsad.triton_models.zsad_common.guard as guard
     from zsad.export.onnx_export import export_stage
     from zsad.export.triton_repo import RepoOptions, openvino_stage_config, stage_config
 
     sys.modules.setdefault("triton_python_backend_utils", types.ModuleType("triton_python_backend_utils"))
-    sys.modules.setdefault("zsad_backend_guard", guard)
+    sys.modules.setdefault("zsad_common", common)
+    sys.modules.setdefault("zsad_common.guard", guard)
     from zsad.triton_models.stage_ort.model import index_bounds
 
     head = next(st for st in tiny_method("bagclip").stages() if st.name == "head")

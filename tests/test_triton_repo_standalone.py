@@ -1,7 +1,9 @@
 """Repository written for a stock Triton container: the preprocess, class-name and restore models import no zsad,
 torch or open_clip (checked in a subprocess that refuses those imports), and compute what the eager code computes
-(open_clip's tokeniser, zsad.data.decode_image + preprocess); batcher defaults and warm-up on every model, read
+(open_clip's tokeniser, zsad.data.decode_image + preprocess); the code they share with zsad (zsad_common) imports
+only the standard library, numpy and Pillow and is copied as is; batcher defaults and warm-up on every model, read
 from the written configs."""
+import ast
 import io
 import json
 import random
@@ -18,7 +20,7 @@ from tritonclient.grpc import model_config_pb2
 from zsad import ZsadError
 from zsad._compat import ensure_torchvision_importable
 from zsad.export.exporter import ExportOptions, export_model
-from zsad.export.triton_repo import SOURCES, RepoOptions
+from zsad.export.triton_repo import COMMON, SOURCES, RepoOptions
 
 ensure_torchvision_importable()
 
@@ -82,10 +84,11 @@ def _upstream(needs: dict, name: str) -> set:
 
 
 def test_preferred_batch_size_only_when_asked(tiny_method):
-    from zsad.export.triton_repo import stage_config
+    from zsad.export import runtimes
 
     st = tiny_method("bagclip").stages()[0]
-    cfg = stage_config(RepoOptions(name="m", backend="onnxruntime", max_batch=16, preferred_batch=[16, 8]), st, "m")
+    opts = RepoOptions(name="m", backend="onnxruntime", max_batch=16, preferred_batch=[16, 8])
+    cfg = runtimes.get("onnxruntime").triton_config(opts, st, "m")
     assert cfg["dynamic_batching"]["preferred_batch_size"] == [8, 16]
     with pytest.raises(ZsadError, match="preferred batch sizes must be in 1..16"):
         RepoOptions(name="m", backend="onnxruntime", max_batch=16, preferred_batch=[32])
@@ -109,6 +112,30 @@ _BLOCKER = textwrap.dedent("""
                 raise ImportError(f"{name} is not in a stock Triton container")
     sys.meta_path.insert(0, Refuse())
     sys.modules["triton_python_backend_utils"] = types.ModuleType("triton_python_backend_utils")
+""")
+
+
+# Triton's pb_utils as far as the python models use it, for the blocked process (a request: {input name: array})
+_FAKE_PB_UTILS = textwrap.dedent("""
+    pb = sys.modules["triton_python_backend_utils"]
+    class Tensor:
+        def __init__(self, name, arr):
+            self.name, self.arr = name, arr
+        def as_numpy(self):
+            return self.arr
+    class TritonError:
+        INVALID_ARG = "INVALID_ARG"
+        def __init__(self, message, code="INTERNAL"):
+            self.message, self.code = message, code
+    class InferenceResponse:
+        def __init__(self, output_tensors=(), error=None):
+            self.outputs, self.error = {t.name: t.arr for t in output_tensors}, error
+    class Logger:
+        @staticmethod
+        def log_error(message):
+            pass
+    pb.Tensor, pb.TritonError, pb.InferenceResponse, pb.Logger = Tensor, TritonError, InferenceResponse, Logger
+    pb.get_input_tensor_by_name = lambda request, name: Tensor(name, request[name])
 """)
 
 
@@ -139,7 +166,7 @@ def test_tokenizer_equals_open_clip_without_importing_it(repo):
     ref = SimpleTokenizer()(strings).tolist()
     out = _run_standalone(repo / "bayespfl_text_class_name" / "1", f"""
         import json, os
-        from zsad_clip_tokenizer import ClipTokenizer
+        from zsad_common.text import ClipTokenizer
         folder = {str(repo / "bayespfl_text_class_name" / "1")!r}
         tok = ClipTokenizer(os.path.join(folder, "bpe_simple_vocab_16e6.txt.gz"))
         print(json.dumps([tok(s) for s in {strings!r}]))
@@ -161,20 +188,21 @@ def test_served_class_name_ids_equal_the_eager_encoder(repo, tiny_method):
     cfg = text_format.Parse((folder.parent / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
     spec = json.loads(cfg.parameters["text_input"].string_value)
     assert (spec["request_name"], spec["tensor"], spec["length"]) == (ti.request_name, ti.tensor, ti.length)
-    out = _run_standalone(folder, f"""
-        import json, os
-        from model import class_name_ids
-        from zsad_backend_guard import BadInput
-        from zsad_clip_tokenizer import ClipTokenizer
-        tok = ClipTokenizer(os.path.join({str(folder)!r}, "bpe_simple_vocab_16e6.txt.gz"))
+    out = _run_standalone(folder, _FAKE_PB_UTILS + textwrap.dedent(f"""
+        import json
+        import numpy as np
+        import model
+        from zsad_common.text import class_name_ids
+        assert model.class_name_ids is class_name_ids  # the rule zsad.methods.bayespfl applies too
+        served = model.TritonPythonModel()
+        served.initialize({{"model_name": "text", "model_config": json.dumps(
+            {{"parameters": {{"text_input": {{"string_value": {json.dumps(spec)!r}}}}}}})}})
         res = []
-        for s in {names!r}:
-            try:
-                res.append(class_name_ids(tok, s, {ti.length}))
-            except BadInput:
-                res.append("refused")
+        for r in served.execute([{{{ti.request_name!r}: np.array([[s.encode()]], dtype=object)}} for s in {names!r}]):
+            assert r.error is None or r.error.code == "INVALID_ARG", r.error.message
+            res.append(r.outputs[{ti.tensor!r}].tolist()[0] if r.error is None else "refused")
         print(json.dumps(res))
-    """)
+    """))
     assert "refused" in expected and any(e != "refused" for e in expected)  # both branches exercised
     assert out == expected
     # the client's text as given on both sides: a folder name is not renamed ("pcb1" is not "printed circuit board")
@@ -210,16 +238,14 @@ def test_preprocess_and_restore_equal_zsad_without_importing_it(repo, tmp_path):
     np.savez(tmp_path / "in.npz", *[np.frombuffer(b, np.uint8) for b in images], raw=raw, amap=amap)
     out = _run_standalone(repo / "bayespfl_preprocess" / "1", f"""
         import json, numpy as np, sys
-        from zsad_image_io import decode_image
-        from zsad_transforms import preprocess
-        from zsad_backend_guard import BadInput
-        sys.path.insert(0, {str(repo / "bayespfl_restore" / "1")!r})
-        from zsad_transforms import resize_map
+        from zsad_common.image import decode_image
+        from zsad_common.transforms import preprocess
+        from zsad_common.guard import BadInput
         d = np.load({str(tmp_path / "in.npz")!r})
         n = len([k for k in d.files if k.startswith("arr_")])
         x = np.stack([preprocess(decode_image(d[f"arr_{{i}}"].tobytes()), 224) for i in range(n)])
         xr = np.stack([preprocess(a, 224) for a in d["raw"]])
-        np.savez({str(tmp_path / "out.npz")!r}, x=x, xr=xr, m=resize_map(d["amap"], 77, 301))
+        np.savez({str(tmp_path / "out.npz")!r}, x=x, xr=xr)
         try:
             decode_image(b"not an image")
             refused = False
@@ -227,23 +253,65 @@ def test_preprocess_and_restore_equal_zsad_without_importing_it(repo, tmp_path):
             refused = True
         print(json.dumps({{"refused": refused}}))
     """)
+    _run_standalone(repo / "bayespfl_restore" / "1", f"""
+        import json, numpy as np
+        from zsad_common.transforms import resize_map
+        d = np.load({str(tmp_path / "in.npz")!r})
+        np.save({str(tmp_path / "map.npy")!r}, resize_map(d["amap"], 77, 301))
+        print(json.dumps({{}}))
+    """)
     got = np.load(tmp_path / "out.npz")
     assert out["refused"]
     np.testing.assert_array_equal(got["x"], ref)
     np.testing.assert_array_equal(got["xr"], ref_raw)
-    np.testing.assert_array_equal(got["m"], ref_map)
+    np.testing.assert_array_equal(np.load(tmp_path / "map.npy"), ref_map)
 
 
-def test_every_python_model_folder_carries_its_sibling_modules(repo):
-    for folder in repo.glob("*/1"):
-        if (folder / "model.py").is_file():
-            assert (folder / "zsad_backend_guard.py").is_file(), folder
+def test_every_python_model_folder_carries_the_shared_package_as_is(repo):
+    """zsad_common beside every python model.py: the source package's files, byte for byte, and nothing else."""
+    source = {p.name: p.read_bytes() for p in (SOURCES / COMMON).glob("*.py")}
+    assert {"__init__.py", "guard.py", "image.py", "transforms.py", "text.py"} <= set(source)
+    folders = [f for f in repo.glob("*/1") if (f / "model.py").is_file()]
+    assert {f.parent.name for f in folders} >= {"bayespfl_preprocess", "bayespfl_text_class_name", "bayespfl_restore",
+                                                "bayespfl_encoder"}
+    for folder in folders:
+        copied = {p.name: p.read_bytes() for p in (folder / COMMON).iterdir()}
+        assert copied == source, folder
     for kind in ("preprocess", "text_input", "restore"):  # the stock-container models: no zsad import at all
         text = (SOURCES / kind / "model.py").read_text()
         assert "from zsad." not in text and "import zsad" not in text and "import torch" not in text, kind
 
 
-# -- the stage models' request loop (zsad_backend_guard.run_stage_requests), with a stand-in for Triton's pb_utils --
+def test_shared_package_imports_only_stdlib_numpy_pillow(repo):
+    """zsad_common's imports, read with ast: the standard library, numpy, PIL, and its own modules by relative
+    import; then every module of a written copy imported where zsad, torch and open_clip cannot be."""
+    modules = {p.stem for p in (SOURCES / COMMON).glob("*.py")}
+    for path in sorted((SOURCES / COMMON).glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                tops = [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level:  # relative: one of its own modules
+                assert node.level == 1, (path.name, node.module)
+                names = [node.module] if node.module else [a.name for a in node.names]
+                assert set(names) <= modules, (path.name, names)
+                continue
+            elif isinstance(node, ast.ImportFrom):
+                tops = [(node.module or "").split(".")[0]]
+            else:
+                continue
+            for top in tops:
+                assert top in sys.stdlib_module_names or top in ("numpy", "PIL"), (path.name, top)
+    out = _run_standalone(repo / "bayespfl_preprocess" / "1", f"""
+        import importlib, json
+        names = sorted({sorted(modules - {"__init__"})!r})
+        for n in names:
+            importlib.import_module("zsad_common." + n)
+        print(json.dumps(sorted(m for m in sys.modules if m.startswith("zsad"))))
+    """)
+    assert out == ["zsad_common", *[f"zsad_common.{n}" for n in sorted(modules - {"__init__"})]]
+
+
+# -- the stage models' request loop (zsad_common.guard.run_stage_requests), with a stand-in for Triton's pb_utils ---
 class _FakePbUtils:
     """The parts of triton_python_backend_utils the guard uses; a request is a dict of numpy arrays."""
 
@@ -275,7 +343,7 @@ class _FakePbUtils:
 
 
 def test_stage_request_loop_batches_splits_and_isolates_bad_requests():
-    from zsad.serve.backend_guard import run_stage_requests
+    from zsad.triton_models.zsad_common.guard import run_stage_requests
 
     rng = np.random.default_rng(0)
     xs = [rng.random((n, 3)).astype(np.float32) for n in (1, 2, 1, 3)]

@@ -1,5 +1,6 @@
-"""Triton python backend: decode + resize + CLIP-normalise, with zsad's own pre-processing (the eager path's code,
-copied beside this file: the model needs numpy and Pillow only, so a stock Triton container runs it).
+"""Triton python backend: decode + resize + CLIP-normalise, with zsad's own pre-processing (the eager path's code:
+``zsad_common``, copied as is beside this file; the model needs numpy and Pillow only, so a stock Triton container
+runs it).
 
 Inputs (per batch item): ``image_bytes`` (TYPE_STRING, an encoded image) or ``image`` (TYPE_UINT8 [H,W,3]),
 chosen by the ``input_kind`` parameter. Outputs ``images`` FP32 [3,S,S] and ``original_size`` INT32 [2] (H, W).
@@ -18,11 +19,10 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 from PIL import Image
 
-# zsad's own decoder and pre-processing (zsad.data.io, zsad.data.transforms), copied beside this file at export with
-# their ZsadError import pointed at the guard's BadInput: numpy and Pillow are all this model needs
-from zsad_backend_guard import BadInput, each_request
-from zsad_image_io import decode_image
-from zsad_transforms import preprocess
+# zsad's own decoder and pre-processing (what zsad.data.io and zsad.data.transforms run), copied beside this file
+from zsad_common.guard import BadInput, each_request
+from zsad_common.image import decode_image
+from zsad_common.transforms import preprocess
 
 # what a JSON client sends when it base64-encodes a file into image_bytes (checked only on bytes Pillow refused)
 _BASE64_TEXT = re.compile(rb"[A-Za-z0-9+/=\r\n]+")

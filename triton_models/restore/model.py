@@ -5,16 +5,16 @@ the sum of the images' pixels, never the largest H x largest W times the batch. 
 image, so the concatenation is zero-padded to a multiple of the image count and shaped [B, L]: clients read the
 first H*W values of ``anomaly_map_original.reshape(-1)`` for image 0, the next for image 1, ... using
 ``original_size`` (zsad.serve.client does). ``max_pixels`` (the same per-request limit as preprocess) bounds the
-sizes a client calling this model directly may ask for. Needs numpy and Pillow only: zsad-export copies
-zsad.data.transforms (resize_map) and the backend guard beside this file.
+sizes a client calling this model directly may ask for. Needs numpy and Pillow only: ``zsad_common`` (resize_map,
+the code zsad.data.transforms runs, and the backend guard) is copied beside this file.
 """
 import json
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from zsad_backend_guard import BadInput, check_tensor, each_request
-from zsad_transforms import resize_map  # zsad.data.transforms, copied beside this file at export
+from zsad_common.guard import BadInput, check_tensor, each_request
+from zsad_common.transforms import resize_map
 
 
 def concat_maps(maps, sizes) -> np.ndarray:

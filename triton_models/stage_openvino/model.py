@@ -6,7 +6,7 @@ For CPU servers without Triton's openvino backend (e.g. the tritonserver bundled
 OpenVINO's default is bf16. Requests are checked (finite floats, integers non-negative and below the export's
 declared index bounds), the valid ones of a
 dynamic batch concatenated, run in one call and split back; if that call fails, each runs alone
-(zsad_backend_guard.run_stage_requests, copied beside this file at export).
+(zsad_common.guard.run_stage_requests, copied beside this file at export).
 """
 import json
 import os
@@ -14,7 +14,7 @@ import os
 import openvino as ov
 import triton_python_backend_utils as pb_utils
 
-from zsad_backend_guard import run_stage_requests
+from zsad_common.guard import run_stage_requests
 
 
 class TritonPythonModel:

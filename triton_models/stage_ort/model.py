@@ -5,7 +5,7 @@ reach a stage model directly, so each request is checked before it runs: Triton 
 and shapes against config.pbtxt; here float inputs must be finite and integer inputs (token ids, indices) in the
 range the graph indexes with them (read off the ONNX graph at load). Valid requests of a dynamic batch are
 concatenated along the batch axis, run in one ORT call and split back; if that call fails, each runs alone
-(zsad_backend_guard.run_stage_requests, copied beside this file at export).
+(zsad_common.guard.run_stage_requests, copied beside this file at export).
 """
 import json
 import os
@@ -13,7 +13,7 @@ import os
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
-from zsad_backend_guard import run_stage_requests
+from zsad_common.guard import run_stage_requests
 
 # ops that carry an integer tensor's values through unchanged (only its layout changes)
 _PASS_THROUGH = {"Unsqueeze", "Squeeze", "Reshape", "Expand", "Flatten", "Identity", "Concat", "Tile", "Transpose"}

@@ -1,9 +1,9 @@
 """Triton python backend: a request's class name (Bayes-PFL's text input) -> the token tensor the stages take.
 
-Needs the standard library and numpy only, so a stock Triton container runs it: CLIP's tokeniser is
-``zsad_clip_tokenizer.py`` with open_clip's vocabulary file, both copied beside this file at export. The client's
-text is taken as given, as zsad.methods.bayespfl.class_name_tokens takes it (no renaming of folder names: the
-client sends words, e.g. "metal nut"; CLIP's tokeniser lower-cases them and collapses whitespace), and becomes
+Needs the standard library and numpy only, so a stock Triton container runs it: CLIP's tokeniser and the class-name
+rule are ``zsad_common.text`` (copied as is beside this file, with open_clip's vocabulary file). The rule is the one
+zsad.methods.bayespfl.class_name_tokens applies: the client's text as given (no renaming of folder names: the
+client sends words, e.g. "metal nut"; CLIP's tokeniser lower-cases them and collapses whitespace) becomes
 ``[SOT] words [EOT] 0...`` cut to the ``text_input`` parameter's length; tests/test_triton_repo_standalone.py
 checks the ids equal the eager encoder's. An empty name, one whose tokens do not fit, one over ``MAX_TEXT_BYTES``
 (refused before it is decoded or tokenised, and never echoed) or one that is not UTF-8 gets an error response for
@@ -15,22 +15,12 @@ import os
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from zsad_backend_guard import BadInput, each_request
-from zsad_clip_tokenizer import ClipTokenizer
+from zsad_common.guard import BadInput, each_request
+from zsad_common.text import ClipTokenizer, class_name_ids
 
 MAX_TEXT_BYTES = 256
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 
-
-def class_name_ids(tokenizer: ClipTokenizer, name: str, length: int) -> list[int]:
-    """One class name, as given -> its ``length`` token ids; BadInput if it is empty or does not fit."""
-    if not name.strip():
-        raise BadInput("a class name must be a non-empty string")
-    ids = tokenizer(name)
-    eot = ids.index(tokenizer.eot)
-    if eot >= length:
-        raise BadInput(f"the class name is {eot - 1} BPE tokens; with {length} class tokens at most {length - 2} fit")
-    return ids[:length]
 
 
 class TritonPythonModel:
@@ -55,7 +45,7 @@ class TritonPythonModel:
                 text = b.decode("utf-8")
             except UnicodeDecodeError:
                 raise BadInput(f"{self.request_name} {i} is not UTF-8 text") from None
-            rows.append(class_name_ids(self.tokenizer, text, self.length))
+            rows.append(class_name_ids(text, self.tokenizer, self.length))
         tokens = np.asarray(rows, dtype=np.int64).reshape(len(rows), self.length)
         return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.tensor, tokens)])
 

@@ -6,7 +6,8 @@ in fp16 (LayerNorm kept in fp32 by torch autocast) and capture CUDA graphs per b
 "reduce-overhead"). Each request is checked first (finite floats, non-negative integers: clients can reach this
 model directly); valid requests of a dynamic batch are concatenated, run once and split back per request, and if
 that run fails, each runs alone so only a request that fails by itself gets an error
-(zsad_backend_guard.run_stage_requests, copied beside this file at export).
+(zsad_common.guard.run_stage_requests, copied beside this file at export). zsad's input errors (``ZsadError``)
+leave the run as the guard's ``BadInput``: that request's HTTP 400.
 """
 import json
 import os
@@ -14,10 +15,11 @@ import os
 import torch
 import triton_python_backend_utils as pb_utils
 
+from zsad import ZsadError
 from zsad.checkpoint import load_checkpoint
 from zsad.methods import run_stages
 
-from zsad_backend_guard import run_stage_requests
+from zsad_common.guard import BadInput, run_stage_requests
 
 
 class TritonPythonModel:
@@ -45,9 +47,12 @@ class TritonPythonModel:
 
     def _run_numpy(self, batch):
         feed = {n: torch.from_numpy(x).to(self.device) for n, x in batch.items()}
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=self.fp16):
-            # float outputs leave as fp32 (fp16 autocast inside); integer ones (selections) keep their type
-            return [(o.float() if o.is_floating_point() else o).cpu().numpy() for o in self.chain(**feed)]
+        try:
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=self.fp16):
+                # float outputs leave as fp32 (fp16 autocast inside); integer ones (selections) keep their type
+                return [(o.float() if o.is_floating_point() else o).cpu().numpy() for o in self.chain(**feed)]
+        except ZsadError as err:  # zsad's input error: the guard (zsad-free) knows it as BadInput
+            raise BadInput(str(err)) from err
 
     def execute(self, requests):
         return run_stage_requests(pb_utils, requests, self.inputs, self.outputs, self._run_numpy, self.model_name)

@@ -71,30 +71,34 @@ from zsad.modules.precision import as_fp32, fp32_region
 from zsad.modules.prompt_bank import PromptBank, assemble_sequences
 from zsad.modules.rca import ResidualCrossModalAttention
 from zsad.postprocess import gaussian_blur, upsample
+from zsad.triton_models.zsad_common.guard import BadInput
+from zsad.triton_models.zsad_common.text import class_name, class_name_ids
 
 NOISE_MODES = ("fixed", "random")
 
 
 @functools.lru_cache(maxsize=4096)
 def _class_name_ids(arch: str, length: int, words: str) -> tuple[int, ...]:
-    tokens = tokenize(arch, [words])[0]
-    eot = int(tokens.argmax())
-    if eot >= length:
-        raise ZsadError(f"class name '{words}' is {eot - 1} BPE tokens; with {length} class tokens at most "
-                        f"{length - 2} fit. Use a shorter name or raise text_length (<= 77).")
-    return tuple(int(t) for t in tokens[:length])
+    try:
+        ids = class_name_ids(words, lambda text: tokenize(arch, [text])[0].tolist(), length, f"class name '{words}'")
+    except BadInput as err:
+        raise ZsadError(f"{err}. Use a shorter name or raise text_length (<= 77).") from None
+    return tuple(ids)
 
 
 def class_name_tokens(names: Sequence[str], arch: str, length: int) -> torch.Tensor:
     """Class words, as given -> int64 CLIP token ids [n, length] ("[SOT] words [EOT] 0...").
 
-    The one implementation of the class-name input: the eager path calls it, the served ensemble's text model
-    repeats it (triton_models/text_input). No renaming here: bayespfl_protocol.class_words turns folder names into
-    words.
+    The eager path of the class-name input: the rule is ``zsad_common.text.class_name_ids`` (one implementation),
+    here applied to open_clip's tokeniser; the served ensemble's text model runs the same function on the
+    standard-library tokeniser beside it (triton_models/text_input). No renaming here: bayespfl_protocol.class_words
+    turns folder names into words.
     """
     for name in names:
-        if not isinstance(name, str) or not name.strip():
-            raise ZsadError(f"a class name must be a non-empty string, got {name!r}")
+        try:
+            class_name(name)
+        except BadInput as err:
+            raise ZsadError(f"{err}, got {name!r}") from None
     return torch.tensor([_class_name_ids(arch, length, name) for name in names], dtype=torch.int64)
 
 

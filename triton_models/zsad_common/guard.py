@@ -1,14 +1,14 @@
 """Per-request isolation for zsad's python-backend models (imported by triton_models/*/model.py inside the stub),
 and the batching around a stage model's run (:func:`run_stage_requests`).
 
-zsad-export copies this file beside every model.py as ``zsad_backend_guard.py``; it needs only numpy, so the models
-that need nothing else (preprocess, the class-name tokeniser, restore) run in a stock Triton container.
+Part of ``zsad_common`` (see its ``__init__``): needs only numpy, so the models that need nothing else (preprocess,
+the class-name tokeniser, restore) run in a stock Triton container.
 
 Triton hands a python model a list of requests (a dynamic batch). An exception raised out of ``execute`` fails all
-of them with HTTP 500, so every model answers each request on its own: an input error (``BadInput``, ``ZsadError``
-where zsad is installed) becomes that request's HTTP 400 / gRPC INVALID_ARGUMENT with a short, sanitised message;
-anything else is an internal fault: logged with its traceback, HTTP 500 for that request only. Messages never carry
-object reprs, file paths or more than ``MAX_MESSAGE`` characters of what a client sent.
+of them with HTTP 500, so every model answers each request on its own: an input error (``BadInput``; a model that
+runs zsad code turns zsad's ``ZsadError`` into it) becomes that request's HTTP 400 / gRPC INVALID_ARGUMENT with a
+short, sanitised message; anything else is an internal fault: logged with its traceback, HTTP 500 for that request
+only. Messages never carry object reprs, file paths or more than ``MAX_MESSAGE`` characters of what a client sent.
 """
 from __future__ import annotations
 
@@ -17,20 +17,14 @@ import traceback
 
 import numpy as np
 
-try:
-    from zsad import ZsadError as InputError
-except ImportError:  # copied beside a model.py (zsad-export does) into a container without zsad: numpy only
-    # mypy types InputError from the import above and cannot follow this fallback definition
-    class InputError(Exception):  # type: ignore[no-redef]
-        """A user-facing input error (zsad.ZsadError where zsad is installed)."""
-
 MAX_MESSAGE = 200
 _REPR = re.compile(r"<[^<>]{0,200}>")  # <_io.BytesIO object at 0x...>, <PIL.Image ...>
 _PATH = re.compile(r"(?:[A-Za-z]:)?(?:[/\\][\w.\-]+){2,}[/\\]?")  # /usr/lib/python3/..., C:\x\y
 
 
-class BadInput(InputError):
-    """A request's input is unusable: answered with INVALID_ARG, never logged as a server fault."""
+class BadInput(Exception):
+    """A request's input is unusable: answered with INVALID_ARG, never logged as a server fault. (zsad raises
+    ``ZsadError`` for the same mistakes: ``zsad.raising_zsad_error`` converts at its calls into this package.)"""
 
 
 def short_message(text: str) -> str:
@@ -41,7 +35,7 @@ def short_message(text: str) -> str:
 
 def error_response(pb_utils, err: BaseException, model: str):
     """The response for one failed request: 400 for input errors, 500 (logged, message generic) otherwise."""
-    if isinstance(err, InputError):
+    if isinstance(err, BadInput):
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(
             short_message(f"bad input: {err}"), pb_utils.TritonError.INVALID_ARG))
     pb_utils.Logger.log_error(f"{model}: internal error: {''.join(traceback.format_exception(err))}")

@@ -1,12 +1,16 @@
-"""CLIP's BPE tokeniser on the standard library alone: the served class-name model runs it in a stock Triton container.
+"""Class-name text: CLIP's BPE tokeniser on the standard library alone, and the class name -> token ids rule.
 
-Produces the ids of open_clip's ``SimpleTokenizer`` (clean="lower", the tokeniser of every CLIP architecture zsad
-uses) from the same vocabulary file, ``bpe_simple_vocab_16e6.txt.gz``, which zsad-export copies beside this module.
-open_clip cleans text with ftfy and splits it with the ``regex`` package; here the cleaning repeats ftfy's
-deterministic fixes (HTML entities, C1 controls, Latin ligatures, character width, curly quotes, line breaks,
-terminal escapes, control characters, NFC) and the split classifies characters with ``unicodedata``. Not repeated:
-ftfy's heuristic repair of mojibake (UTF-8 text mis-decoded as Latin-1 / Windows-125x, e.g. "cafÃ©"), so such
-already-broken text can tokenise differently. tests/test_triton_repo_standalone.py compares both on many strings.
+Part of ``zsad_common``: the served class-name model runs it in a stock Triton container, and Bayes-PFL's eager
+encoder (zsad.methods.bayespfl.class_name_tokens) applies the same :func:`class_name_ids` to open_clip's tokeniser.
+
+:class:`ClipTokenizer` produces the ids of open_clip's ``SimpleTokenizer`` (clean="lower", the tokeniser of every
+CLIP architecture zsad uses) from the same vocabulary file, ``bpe_simple_vocab_16e6.txt.gz``, which zsad-export
+copies beside the served model. open_clip cleans text with ftfy and splits it with the ``regex`` package; here the
+cleaning repeats ftfy's deterministic fixes (HTML entities, C1 controls, Latin ligatures, character width, curly
+quotes, line breaks, terminal escapes, control characters, NFC) and the split classifies characters with
+``unicodedata``. Not repeated: ftfy's heuristic repair of mojibake (UTF-8 text mis-decoded as Latin-1 /
+Windows-125x, e.g. "cafÃ©"), so such already-broken text can tokenise differently.
+tests/test_triton_repo_standalone.py compares both on many strings.
 """
 from __future__ import annotations
 
@@ -14,6 +18,9 @@ import gzip
 import html
 import re
 import unicodedata
+from collections.abc import Callable, Sequence
+
+from .guard import BadInput
 
 SOT, EOT = "<start_of_text>", "<end_of_text>"
 _CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
@@ -155,3 +162,26 @@ class ClipTokenizer:
         if len(ids) > context_length:
             ids = ids[:context_length - 1] + [self.eot]
         return ids + [0] * (context_length - len(ids))
+
+
+def class_name(name: object) -> str:
+    """``name`` if it is a non-empty string (not only whitespace); BadInput otherwise (the name is never echoed)."""
+    if not isinstance(name, str) or not name.strip():
+        raise BadInput("a class name must be a non-empty string")
+    return name
+
+
+def class_name_ids(name: object, tokenize: Callable[[str], Sequence[int]], length: int,
+                   label: str = "the class name") -> list[int]:
+    """One class name, as given -> its ``length`` token ids "[SOT] words [EOT] 0..." (Bayes-PFL's class tokens).
+
+    ``tokenize``: text -> CLIP's padded ids (:class:`ClipTokenizer`, or open_clip's tokeniser in eager code). No
+    renaming: the client's words as given (CLIP's cleaning lower-cases them and collapses whitespace). The end token
+    is the largest id, as the graph finds it (argmax); BadInput if the name is empty or its end token falls at or
+    after ``length`` (``label`` names the name in that message).
+    """
+    ids = list(tokenize(class_name(name)))
+    end = ids.index(max(ids))
+    if end >= length:
+        raise BadInput(f"{label} is {end - 1} BPE tokens; with {length} class tokens at most {length - 2} fit")
+    return ids[:length]
