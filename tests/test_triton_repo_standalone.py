@@ -311,6 +311,30 @@ def test_shared_package_imports_only_stdlib_numpy_pillow(repo):
     assert out == ["zsad_common", *[f"zsad_common.{n}" for n in sorted(modules - {"__init__"})]]
 
 
+def test_zsad_runs_the_shared_functions_and_raises_zsad_errors():
+    """zsad.data's decoder and transforms are zsad_common's functions (one implementation), raising ZsadError where
+    those raise BadInput, and pickled by reference under their zsad names as before."""
+    import pickle
+
+    from zsad.data import decode_image, preprocess
+    from zsad.data.transforms import preprocess_mask, resize_map
+    from zsad.triton_models.zsad_common import image, transforms
+    from zsad.triton_models.zsad_common.guard import BadInput
+
+    pairs = [(decode_image, image.decode_image), (preprocess, transforms.preprocess),
+             (preprocess_mask, transforms.preprocess_mask), (resize_map, transforms.resize_map)]
+    for ours, shared in pairs:
+        assert ours.__wrapped__ is shared and pickle.loads(pickle.dumps(ours)) is ours
+    for call, match in ((lambda: decode_image(b""), "empty image data"),
+                        (lambda: preprocess(np.zeros((4, 4, 3), np.uint8), 0), "size must be positive"),
+                        (lambda: resize_map(np.zeros(3, np.float32), 2, 2), "2-D map")):
+        with pytest.raises(ZsadError, match=match) as err:
+            call()
+        assert isinstance(err.value.__cause__, BadInput)
+    with pytest.raises(BadInput, match="empty image data"):
+        image.decode_image(b"")
+
+
 # -- the stage models' request loop (zsad_common.guard.run_stage_requests), with a stand-in for Triton's pb_utils ---
 class _FakePbUtils:
     """The parts of triton_python_backend_utils the guard uses; a request is a dict of numpy arrays."""

@@ -19,9 +19,10 @@ class ZsadError(Exception):
     """A user-facing error: the message says what is wrong and how to fix it (CLIs print it, no traceback)."""
 
 
-def raising_zsad_error(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+def raising_zsad_error(fn: Callable[_P, _R], module: str) -> Callable[_P, _R]:
     """``fn`` of ``zsad.triton_models.zsad_common`` (the code shared with the served models, which knows nothing of
-    zsad and raises its ``BadInput``) as zsad calls it: a ``BadInput`` becomes a ``ZsadError``, same message."""
+    zsad and raises its ``BadInput``) as zsad calls it: a ``BadInput`` becomes a ``ZsadError``, same message.
+    ``module``: the zsad module that holds the result under ``fn``'s name (pickle and help() look for it there)."""
     from zsad.triton_models.zsad_common.guard import BadInput  # numpy: imported where a wrapped function is made
 
     @functools.wraps(fn)
@@ -31,6 +32,7 @@ def raising_zsad_error(fn: Callable[_P, _R]) -> Callable[_P, _R]:
         except BadInput as err:
             raise ZsadError(str(err)) from err
 
+    wrapper.__module__ = module
     return wrapper
 
 

@@ -24,9 +24,9 @@ IMAGE_EXTENSIONS = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff")
 DECODED_FORMATS = _shared.DECODED_FORMATS
 DEFAULT_MAX_PIXELS = _shared.DEFAULT_MAX_PIXELS
 
-_decode = raising_zsad_error(_shared.decode)
-_to_rgb = raising_zsad_error(_shared.to_rgb)
-decode_image = raising_zsad_error(_shared.decode_image)
+_decode = raising_zsad_error(_shared.decode, __name__)
+_to_rgb = raising_zsad_error(_shared.to_rgb, __name__)
+decode_image = raising_zsad_error(_shared.decode_image, __name__)
 
 
 def is_image_file(path: str | Path) -> bool:

@@ -13,6 +13,6 @@ __all__ = ["CLIP_MEAN", "CLIP_STD", "preprocess", "preprocess_mask", "resize_map
 
 CLIP_MEAN = _shared.CLIP_MEAN
 CLIP_STD = _shared.CLIP_STD
-preprocess = raising_zsad_error(_shared.preprocess)
-preprocess_mask = raising_zsad_error(_shared.preprocess_mask)
-resize_map = raising_zsad_error(_shared.resize_map)
+preprocess = raising_zsad_error(_shared.preprocess, __name__)
+preprocess_mask = raising_zsad_error(_shared.preprocess_mask, __name__)
+resize_map = raising_zsad_error(_shared.resize_map, __name__)
