@@ -239,6 +239,41 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def write_report(records: list[dict], stem: Path, command: str) -> tuple[Path, Path]:
+    """STEM.json (the records) and STEM.md (command, machine, the table, and per method and precision the compute
+    kernels that ran in fp32 under autocast). Refuses to replace files it did not write this call."""
+    from datetime import date
+
+    paths = stem.with_suffix(".json"), stem.with_suffix(".md")
+    for path in paths:
+        if path.exists():
+            raise SystemExit(f"error: {path} exists; choose another --report stem (nothing was overwritten)")
+    first = records[0]
+    lines = [f"# fp16 / bf16 on the CPU against fp32 ({date.today().isoformat()})", "", "```bash", command, "```", "",
+             f"CPU: {first['cpu']} ({first['threads']} threads; flags {', '.join(first['cpu_flags']) or 'none'}); "
+             f"torch {first['torch']}; profile {first['profile']}"
+             + (f" at the paper widths with {first['shallow_blocks']} vision blocks" if first["shallow_blocks"] else "")
+             + f"; batch {first['batch']} synthetic-defect images; random weights (no accuracy meaning).", "",
+             "Errors are max |half - fp32| / max |fp32| of the score and the anomaly map (the GPU tests' comparison, "
+             "tol = their tolerance). BAG-CLIP's kNN selection is a step: rows whose neighbour set differs from fp32's "
+             "and, after adopting fp32's selection, the continuous error alone. 'worst stage output alone': each "
+             "stage run under autocast on the fp32 chain's inputs.", "", table(records), "",
+             "## Compute kernels that ran in fp32 under autocast", "",
+             "What CPU autocast does not lower, and what zsad keeps fp32 on purpose (zsad.modules.precision).", ""]
+    for rec in records:
+        for r in rec["rows"]:
+            ops = r.get("ops")
+            if ops is not None:
+                fp32 = ", ".join(f"{op} x{ops['fp32'][op]}" for op in ops["fp32_compute"]) or "none"
+                lines.append(f"- {rec['method']} {r['precision']}: {fp32}; half kernels "
+                             f"{sum(ops['half'].values())}, fp32 {sum(ops['fp32'].values())}, "
+                             f"mixed {sum(ops['mixed'].values())}")
+    lines += ["", "Peak RSS per method (GB): " + ", ".join(f"{r['method']} {r['peak_rss_gb']}" for r in records), ""]
+    paths[0].write_text(json.dumps({"command": command, "records": records}, indent=1, default=float) + "\n")
+    paths[1].write_text("\n".join(lines))
+    return paths
+
+
 def main(argv=None) -> None:
     import zsad.methods as M
     from zsad.export.parity import synthetic_images
@@ -250,12 +285,16 @@ def main(argv=None) -> None:
     p.add_argument("--shallow", type=int, default=0, help="vision blocks of a paper-width shallow ViT (0: the profile)")
     p.add_argument("--no-per-stage", action="store_true")
     p.add_argument("--no-ops", action="store_true", help="skip the (slow) run that records each op's precision")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="folder for <method>.json (kept: a method already there is skipped)")
+    p.add_argument("--report", help="also write REPORT.json / REPORT.md from every <method>.json in --out")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name in args.methods.split(","):
+        if (out / f"{name}.json").exists():
+            print(f"{name}: {out / (name + '.json')} exists, kept")
+            continue
         t0 = time.perf_counter()
         if args.shallow:
             size = 336 if name == "sowa" else 518
@@ -277,6 +316,13 @@ def main(argv=None) -> None:
             print(f"{name:12s} {r['precision']}: score {r['score_rel']:.3g} map {r['map_rel']:.3g} "
                   f"(tol {r['tol']}) finite {r['finite']} fp32 {r['fp32_s']}s half {r['half_s']}s "
                   f"fp32 compute ops {r.get('ops', {}).get('fp32_compute')}")
+    if args.report:
+        import sys
+
+        records = [json.loads((out / f"{n}.json").read_text()) for n in args.methods.split(",")]
+        for path in write_report(records, Path(args.report), "python -m zsad.bench.half_precision " + " ".join(
+                sys.argv[1:] if argv is None else argv)):
+            print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -373,3 +373,28 @@ def test_conditional_flow_samples_stay_fp32_under_autocast():
                 z, kl = flow(cond, noise)
             assert z.dtype == torch.float32 and torch.isfinite(kl).all()
             assert np.abs(z.double().numpy() - ref).max() / np.abs(ref).max() < 1e-5, dtype
+
+
+def test_report_lists_each_row_and_the_fp32_fallbacks_and_never_overwrites(tmp_path):
+    """write_report: one table row per method x precision with its numbers, the compute kernels that ran in fp32,
+    and a second write to the same stem refused with the first files intact."""
+    from zsad.bench.half_precision import write_report
+
+    ops = {"half": {"addmm": 10}, "fp32": {"bmm": 3, "add": 5}, "mixed": {"layer_norm": 2}, "fp32_compute": ["bmm"]}
+    row = {"precision": "bf16", "tol": 0.1, "score_rel": 0.0123, "map_rel": 0.0456, "finite": True, "fp32_s": 1.5,
+           "half_s": 0.7, "selections": {"knn_index": {"rows": 64, "differing": 3, "max_gap": 2.5e-4}},
+           "score_rel_on_fp32_selection": 0.001, "map_rel_on_fp32_selection": 0.002,
+           "stages": {"encoder": {"patch": 0.03}, "head": {"score": 0.01}}, "ops": ops}
+    rec = {"method": "bagclip", "profile": "paper", "shallow_blocks": 0, "batch": 2, "cpu": "Test CPU",
+           "cpu_flags": ["amx_bf16"], "threads": 2, "torch": "2.13.0", "peak_rss_gb": 9.5, "rows": [row]}
+    json_path, md_path = write_report([rec], tmp_path / "r", "python -m zsad.bench.half_precision --methods bagclip")
+    md = md_path.read_text()
+    assert ("| bagclip | bf16 | 0.1 | 0.012 | 0.046 | True | 3 / 64 (0.00025) | 0.001 / 0.002 | encoder.patch 0.03 "
+            "| 1.5 | 0.7 |") in md
+    assert "- bagclip bf16: bmm x3; half kernels 10, fp32 8, mixed 2" in md
+    assert "Test CPU (2 threads; flags amx_bf16)" in md and "bagclip 9.5" in md
+    assert json.loads(json_path.read_text())["records"][0]["rows"][0]["map_rel"] == 0.0456
+    before = md_path.read_bytes()
+    with pytest.raises(SystemExit, match="exists"):
+        write_report([rec], tmp_path / "r", "again")
+    assert md_path.read_bytes() == before
