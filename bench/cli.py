@@ -37,7 +37,14 @@ import torch
 
 from zsad import ZsadError
 from zsad.cli import cli_entry
+from zsad.export import runtimes
+from zsad.export.cli import BackendChoice
 from zsad.export.openvino_export import PRECISIONS
+
+
+def _python_model(runtime) -> bool:
+    """Served mode exports for the CPU server zsad-serve starts: python-backend models only."""
+    return runtime.runs_on() == {"backend": "python"}
 
 
 def _ints(text: str) -> list[int]:
@@ -69,7 +76,7 @@ def _ints(text: str) -> list[int]:
               "with and without dynamic batching).")
 @click.option("--concurrency", default="1,2,4,8,16,32,64", help="Served mode: in-flight requests to sweep.")
 @click.option("--served-seconds", type=float, default=10.0, help="Served mode: seconds per concurrency level.")
-@click.option("--served-backend", type=click.Choice(["python-ort", "python-torch", "python-openvino"]),
+@click.option("--served-backend", type=BackendChoice(_python_model),
               default="python-ort",
               help="Served mode without --served-url: the stage backend exported (python-torch with --device cuda: "
                    "the torch chain on the GPU, KIND_GPU instances; python-openvino: OpenVINO on the CPU, at "
@@ -149,11 +156,11 @@ def _forecast(model: str, profile: str, image_size: int | None, batch: str, gpus
 def _check_arguments(models, backends, device, checkpoint, iters, warmup, calibration_images, served_backend,
                      served_precision) -> None:
     """Reject a bad combination of options before anything is built (a one-line error each)."""
-    from zsad.bench.backends import BACKENDS
+    from zsad.bench.backends import known_backends
 
-    unknown = [b for b in backends if b not in BACKENDS]
+    unknown = [b for b in backends if b not in known_backends()]
     if unknown:
-        raise ZsadError(f"unknown backend(s) {unknown}; known: {', '.join(BACKENDS)}")
+        raise ZsadError(f"unknown backend(s) {unknown}; known: {', '.join(known_backends())}")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise ZsadError(f"--device must be cpu or cuda, got '{device}'")
     if checkpoint and len(models) != 1:
@@ -162,8 +169,10 @@ def _check_arguments(models, backends, device, checkpoint, iters, warmup, calibr
         raise ZsadError("--iters must be >= 1 and --warmup >= 0")
     if calibration_images < 1:
         raise ZsadError(f"--calibration-images must be >= 1, got {calibration_images}")
-    if served_precision != "fp32" and served_backend != "python-openvino":
-        raise ZsadError(f"--served-precision {served_precision} needs --served-backend python-openvino")
+    if served_precision not in runtimes.get(served_backend).precisions:
+        takers = " / ".join(rt.name for rt in runtimes.RUNTIMES.values()
+                            if _python_model(rt) and served_precision in rt.precisions)
+        raise ZsadError(f"--served-precision {served_precision} needs --served-backend {takers}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,24 @@ import click
 
 from zsad import ZsadError
 from zsad.cli import cli_entry
+from zsad.export import runtimes
+
+
+class BackendChoice(click.Choice):
+    """--backend: the registered runtimes (zsad.export.runtimes) that ``where`` accepts, read when the option is
+    parsed or shown, so a runtime registered after this module was imported is offered too."""
+
+    def __init__(self, where=lambda runtime: True):
+        self.where = where
+        super().__init__(())
+
+    @property  # type: ignore[override]
+    def choices(self):
+        return tuple(rt.name for rt in runtimes.RUNTIMES.values() if self.where(rt))
+
+    @choices.setter
+    def choices(self, _):
+        pass  # click.Choice's own __init__ sets them; the registry is the list
 
 
 def _batches(value: str | None) -> list[int]:
@@ -30,14 +48,8 @@ def _batches(value: str | None) -> list[int]:
 @click.option("--profile", default="paper", help="Profile for an untrained export: paper or tiny.")
 @click.option("--image-size", type=int, default=None, help="Model input size (positional embeddings are baked).")
 @click.option("--clip-weights", type=click.Path(), default=None, help="Local CLIP weights file (offline).")
-@click.option("--backend", default="onnxruntime",
-              type=click.Choice(["onnxruntime", "tensorrt", "python-ort", "python-torch", "openvino",
-                                 "python-openvino"]),
-              help="onnxruntime: Triton's ORT backend; tensorrt: fp16/fp32 plans (needs TensorRT); python-ort: ONNX "
-                   "Runtime inside the python backend (any server, incl. the CPU one zsad-serve starts); "
-                   "python-torch: the PyTorch chain in one python model (GPU servers without TensorRT); openvino: "
-                   "OpenVINO IR per stage for Triton's openvino backend (CPU); python-openvino: OpenVINO inside the "
-                   "python backend (the CPU server zsad-serve starts).")
+@click.option("--backend", default="onnxruntime", type=BackendChoice(),
+              help="; ".join(f"{rt.name}: {rt.summary}" for rt in runtimes.RUNTIMES.values()) + ".")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "int8", "int8-bf16"]), default="fp32",
               help="OpenVINO backends: fp32; bf16 (OpenVINO's inference-precision hint); int8 (NNCF post-training "
                    "quantisation of the encoder's linear layers and attention, LayerNorm / softmax / final "

@@ -30,34 +30,28 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from zsad import ZsadError, __version__
-from zsad.export import parity
-from zsad.export.onnx_export import export_metadata, export_stage, onnx_files, stamp_stage_files
+from zsad.export import parity, runtimes
+from zsad.export.onnx_export import export_metadata, stamp_stage_files
 from zsad.export.triton_repo import (
     RepoOptions,
     Sym,
     ensemble_config,
-    openvino_stage_config,
+    ensemble_step,
     preprocess_config,
     python_model_files,
     repository_readme,
     restore_config,
     restore_warmup_files,
-    stage_config,
     string_tensor_file,
     tensor_config,
     text_input_config,
     text_output_config,
     text_warmup_files,
-    torch_config,
     write_model,
 )
 
 if TYPE_CHECKING:  # openvino_export is imported where an OpenVINO backend is used
     from zsad.export.parity import GateThresholds
-
-OPENVINO_BACKENDS = ("openvino", "python-openvino")
-# the python backends that run one stage per model: their model.py source in triton_models/
-PYTHON_STAGE_SOURCES = {"python-ort": "stage_ort", "python-openvino": "stage_openvino"}
 
 
 MARKER_NAME = ".zsad-export.json"
@@ -77,7 +71,7 @@ def planned_models(name: str, stages, text_inputs, backend: str, resize_to_input
     """The model folders an export writes (``_write_repository`` checks it writes exactly these)."""
     models = [f"{name}_preprocess", f"{name}_preprocess_raw"]
     models += [f"{name}_text_{ti.request_name}" for ti in text_inputs]
-    models += [f"{name}_torch"] if backend == "python-torch" else [f"{name}_{st.name}" for st in stages]
+    models += runtimes.get(backend).model_names(name, stages)
     models += [f"{name}_restore"] if resize_to_input else []
     return models + [name, f"{name}_raw"]
 
@@ -149,46 +143,14 @@ def build_method(opts: ExportOptions):
     return loaded.method, loaded.trained
 
 
-def _check_backend_available(backend: str, fp16: bool, device: str, precision: str = "fp32") -> None:
-    """Refuse early, with the reason, what this machine cannot build or verify."""
-    if backend in OPENVINO_BACKENDS:
-        from zsad.export.openvino_export import check_precision, require_openvino
-
-        require_openvino()
-        check_precision(precision)
-        if fp16:
-            raise ZsadError(f"--fp16 is not an OpenVINO precision; give --backend {backend} --precision bf16 or int8")
-        if device == "gpu":
-            raise ZsadError(f"--backend {backend} exports for CPU servers (OpenVINO's CPU plugin): give --device cpu")
-    elif precision != "fp32":
-        raise ZsadError(f"--precision {precision} is for --backend openvino / python-openvino (use --fp16 for "
-                        f"half precision with {backend})")
-    if backend == "tensorrt":
-        try:
-            import tensorrt  # noqa: F401
-        except ImportError as err:
-            raise ZsadError("--backend tensorrt needs TensorRT (pip install 'zsad[gpu]' on a machine with NVIDIA's "
-                            "TensorRT); it is not installed here. The onnxruntime backend runs the same ONNX "
-                            "stages.") from err
-    if fp16:
-        if backend in ("onnxruntime", "python-ort"):
-            import onnxruntime as ort
-
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise ZsadError("--fp16 with ONNX Runtime needs its CUDA provider (onnxruntime-gpu) here to run the "
-                                "parity gate on the kernels that will serve it. The CPU provider computes these fp16 "
-                                "graphs in fp32 (casts around every arithmetic node: no fp16 speed) and crashes in its "
-                                "NchwcTransformer on the converted encoder unless that is disabled (zsad.export.fp16."
-                                "cpu_session). Export fp32 for CPU serving, or use --backend tensorrt / python-torch "
-                                "on a GPU machine.")
-        if backend == "python-torch" and device != "gpu":
-            raise ZsadError("--fp16 with python-torch needs CUDA: there is no fast fp16 on the CPU. Export fp32 "
-                            "for CPU serving (--device cpu), or export on the GPU server with --device gpu.")
-        if backend == "python-torch":
-            import torch
-
-            if not torch.cuda.is_available():
-                raise ZsadError("--fp16 with python-torch needs CUDA on this machine to run the parity gate")
+def check_backend(backend: str, fp16: bool, device: str, precision: str = "fp32") -> runtimes.Runtime:
+    """The backend's runtime; refused early, with the reason, where this machine cannot build or verify it."""
+    runtime = runtimes.get(backend)
+    reason = runtime.available()
+    if reason is not None:
+        raise ZsadError(reason)
+    runtime.check_options(fp16, device, precision)
+    return runtime
 
 
 @dataclass
@@ -237,7 +199,7 @@ class ExportOptions:
     @property
     def target_device(self) -> str:
         """``device``, or the backend's default when it is not given."""
-        return self.device or ("cpu" if self.backend in ("python-ort",) + OPENVINO_BACKENDS else "gpu")
+        return self.device or runtimes.get(self.backend).default_device
 
     @property
     def tolerance(self) -> float:
@@ -266,7 +228,7 @@ def export_model(opts: ExportOptions, log=print) -> ExportResult:
     """
     repo = Path(opts.out)
     check_out_and_name(repo, opts.name)
-    _check_backend_available(opts.backend, opts.fp16, opts.target_device, opts.precision)
+    check_backend(opts.backend, opts.fp16, opts.target_device, opts.precision)
     method, trained = build_method(opts)
     if opts.support is not None or opts.shots:
         _fit_support(method, opts.support, opts.shots, opts.support_class, opts.support_seed, log)  # adds a stage
@@ -320,16 +282,14 @@ def _export_and_gate(method, trained: bool, opts: ExportOptions, repo_opts: Repo
     log(f"exporting {method.name} ({method.profile}, {'trained' if trained else 'UNTRAINED'}) at {method.image_size} "
         f"px, backend {opts.backend}{' fp16' if opts.fp16 else ''}, max batch {opts.max_batch}: stages "
         + " -> ".join(s.name for s in stages))
-    runners, stage_files = _build_stage_artifacts(method, stages, repo_opts, scratch, log)
+    runtime = runtimes.get(opts.backend)
+    runners, stage_files = runtime.build_stages(method, stages, repo_opts, scratch, log)
     stamp_stage_files(stage_files, export_metadata(method, trained, opts.checkpoint, opts.fp16))  # self-describing
-    rows = parity.check_stages(stages, runners, {"images": images, **extra_feed}, opts.tolerance)
+    feed = {"images": images, **extra_feed}
+    rows = parity.check_stages(stages, runners, feed, opts.tolerance)
     log(parity.format_table(rows))
-    gate_section = None
-    if opts.backend in OPENVINO_BACKENDS:
-        stage_files, gate_section, ov_rows = _openvino_stages(method, stages, stage_files, opts, scratch, images,
-                                                              extra_feed, log)
-        rows += ov_rows
-    return stages, stage_files, rows, gate_section
+    stage_files, gate_section, second_rows = runtime.after_gate(method, stages, stage_files, opts, scratch, feed, log)
+    return stages, stage_files, rows + second_rows, gate_section
 
 
 def _write_report_and_markers(staging: Path, models: list[str], method, trained: bool, opts: ExportOptions,
@@ -340,42 +300,12 @@ def _write_report_and_markers(staging: Path, models: list[str], method, trained:
         "model": name, "method": method.name, "profile": method.profile, "trained": trained,
         "backend": opts.backend, "fp16": opts.fp16, "image_size": method.image_size, "max_batch": opts.max_batch,
         "tolerance": tol,
-        "runtime": "onnxruntime " + __import__("onnxruntime").__version__ if opts.backend != "python-torch"
-        else "torch",
+        "runtime": runtimes.get(opts.backend).gate_runtime(),
         **({"precision": opts.precision, "openvino": gate_section} if gate_section else {})})
     marker = json.dumps({"written_by": "zsad-export", "zsad": __version__, "export": name,
                          "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}, indent=2)
     for m in models:
         (staging / m / MARKER_NAME).write_text(marker + "\n")
-
-
-def _build_stage_artifacts(method, stages, opts: RepoOptions, scratch: Path, log):
-    """Per stage: the file(s) to ship and a runner for the parity gate (ORT session or the torch chain)."""
-    runners: dict[str, parity.Runner] = {}
-    files: dict[str, Path | list[Path]] = {}  # stage name -> its files; "__checkpoint__" -> the checkpoint
-    if opts.backend == "python-torch":
-        # the served code is the torch stage chain rebuilt from the shipped checkpoint: check exactly that
-        from zsad.checkpoint import load_checkpoint, save_checkpoint
-
-        ckpt = save_checkpoint(scratch / "checkpoint", method, exported=True)
-        clip = method.config.backbone.weights
-        rebuilt = load_checkpoint(ckpt, clip_weights=clip)[0]
-        for st, st2 in zip(stages, rebuilt.stages(), strict=True):
-            runners[st.name] = parity.torch_runner(st2.module, list(st2.inputs), list(st2.outputs))
-        files["__checkpoint__"] = ckpt
-        return runners, files
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if opts.fp16 else ["CPUExecutionProvider"]
-    for st in stages:
-        path = scratch / "onnx" / st.name / "model.onnx"
-        log(f"  exporting stage '{st.name}' to ONNX ...")
-        export_stage(st, path, opts.max_batch)
-        if opts.fp16:
-            from zsad.export.fp16 import convert_to_fp16
-
-            convert_to_fp16(path)
-        runners[st.name] = parity.ort_runner(path, providers)
-        files[st.name] = onnx_files(path)
-    return runners, files
 
 
 def _write_repository(repo: Path, method, stages, opts: RepoOptions, stage_files: dict, trained: bool,
@@ -392,10 +322,8 @@ def _write_repository(repo: Path, method, stages, opts: RepoOptions, stage_files
     # the text models' outputs: the preprocess models take them (unread) to run after them (see _ensemble)
     models = _write_preprocess_models(repo, opts, method.image_size, [text_output_config(ti) for ti in text_inputs])
     text_models, steps = _write_text_models(repo, opts, text_inputs)
-    if opts.backend == "python-torch":
-        chain_models, chain_steps = _write_torch_chain(repo, opts, method, chain_in, out_tensors, stage_files)
-    else:
-        chain_models, chain_steps = _write_stage_models(repo, opts, stages, stage_files, precision)
+    chain_models, chain_steps = runtimes.get(opts.backend).write_chain(repo, opts, method, stages, stage_files,
+                                                                       precision, chain_in, out_tensors)
     models += text_models + chain_models
     steps += chain_steps
     if opts.resize_to_input:
@@ -410,11 +338,6 @@ def _write_repository(repo: Path, method, stages, opts: RepoOptions, stage_files
     (repo / opts.name / "README.md").write_text(
         repository_readme(opts.name, ens_cfgs, opts.backend, trained, method.image_size))
     return models + ensembles, ensembles
-
-
-def _step(model: str, inputs, outputs) -> tuple[str, dict, dict]:
-    """An ensemble step whose model's tensors keep their names in the ensemble."""
-    return model, {n: n for n in inputs}, {n: n for n in outputs}
 
 
 def _request_tensors(method, stages) -> dict[str, tuple]:
@@ -452,47 +375,7 @@ def _write_text_models(repo: Path, opts: RepoOptions, text_inputs) -> tuple[list
         write_model(repo, text_input_config(opts, tname, ti), files=python_model_files("text_input"),
                     extra=text_warmup_files(ti))
         models.append(tname)
-        steps.append(_step(tname, [ti.request_name], [ti.tensor]))
-    return models, steps
-
-
-def _write_torch_chain(repo: Path, opts: RepoOptions, method, chain_in: dict, out_tensors: list[dict],
-                       stage_files: dict) -> tuple[list[str], list[tuple]]:
-    """python-torch: NAME_torch, the whole stage chain rebuilt from the shipped checkpoint (and CLIP weights)."""
-    mname = f"{opts.name}_torch"
-    inputs = [tensor_config(n, shp, dt) for n, (shp, dt) in chain_in.items()]
-    cfg = torch_config(opts, mname, inputs, out_tensors)
-    files = {**python_model_files("torch_chain"), "checkpoint": stage_files["__checkpoint__"]}
-    clip = method.config.backbone.weights
-    if clip:
-        files[f"clip_weights{Path(clip).suffix}"] = Path(clip)
-        cfg["parameters"].append({"key": "clip_weights", "value": {"string_value": f"clip_weights{Path(clip).suffix}"}})
-    write_model(repo, cfg, files=files)
-    return [mname], [_step(mname, chain_in, [t["name"] for t in out_tensors])]
-
-
-def _write_stage_models(repo: Path, opts: RepoOptions, stages, stage_files: dict,
-                        precision: str) -> tuple[list[str], list[tuple]]:
-    """One NAME_<stage> per stage, in the backend's form (ONNX, TensorRT plan, OpenVINO IR, or a python model)."""
-    models, steps = [], []
-    for st in stages:
-        mname = f"{opts.name}_{st.name}"
-        files: dict[str, Path | bytes]
-        if opts.backend == "tensorrt":
-            from zsad.export.trt_engine import build_engine
-
-            files = {"model.plan": build_engine(stage_files[st.name][0], st, opts)}
-        else:
-            files = {p.name: p for p in stage_files[st.name]}  # model.onnx (+ its data), or model.xml + model.bin
-            if opts.backend in PYTHON_STAGE_SOURCES:
-                files.update(python_model_files(PYTHON_STAGE_SOURCES[opts.backend]))
-        if opts.backend in OPENVINO_BACKENDS:
-            cfg = openvino_stage_config(opts, st, mname, precision)
-        else:
-            cfg = stage_config(opts, st, mname)
-        write_model(repo, cfg, files=files)
-        models.append(mname)
-        steps.append(_step(mname, st.inputs, st.outputs))
+        steps.append(ensemble_step(tname, [ti.request_name], [ti.tensor]))
     return models, steps
 
 
@@ -525,30 +408,6 @@ def _ensemble(opts: RepoOptions, raw: bool, text_inputs, steps: list[tuple], out
                     {"name": "original_size", "data_type": Sym("TYPE_INT32"), "dims": [2]}]
     ens_steps = [(f"{opts.name}_preprocess{suffix}", pre_in, pre_out), *steps, *restore]
     return ensemble_config(opts, opts.name + suffix, inputs, outputs, ens_steps)
-
-
-def _openvino_stages(method, stages, onnx_files, opts: ExportOptions, scratch, images, extra_feed, log):
-    """The gated ONNX stages -> OpenVINO IR; fp32 IR passes the parity gate, bf16 / int8 the precision gate.
-    Returns ({stage: IR files}, the report section, the fp32 IR's parity rows)."""
-    from zsad.export.openvino_export import build_openvino_stages, precision_gate
-
-    precision = opts.precision
-    runners, files, info = build_openvino_stages(method, stages, onnx_files, precision, scratch, opts.calibration,
-                                                 opts.calibration_images, log)
-    rows = []
-    if precision == "fp32":
-        rows = parity.check_stages(stages, runners, {"images": images, **extra_feed}, opts.tolerance)
-        for r in rows:
-            r.case = f"openvino {r.case}"
-        log(parity.format_table(rows))
-        return files, {**info, "gate": "fp32 parity gate (the rows marked 'openvino')"}, rows
-    section = precision_gate(method, stages, runners, precision, opts.gate_images, opts.gate_thresholds,
-                             [q["stage"] for q in info["quantized_stages"]])
-    log(f"{precision} precision gate passed: map correlation {section['map_corr']:.5f}, image scores ranked as fp32 "
-        f"beyond near-ties ({section['score_tie']:g} of the scale; Spearman {section['score_spearman']:.5f}), pixel "
-        f"AUROC {100 * section['pixel_auroc']:.2f} vs fp32 "
-        f"{100 * section['pixel_auroc_fp32']:.2f}\nnote: {section['caveat']}")
-    return files, {**info, "gate": section}, rows
 
 
 def _fit_support(method, support, shots: int, support_class: str | None, seed: int, log) -> None:

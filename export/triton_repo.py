@@ -30,10 +30,8 @@ import torch
 
 import zsad.triton_models as _triton_models
 from zsad import ZsadError
-from zsad.export.openvino_export import OV_HINT
 
 SOURCES = Path(_triton_models.__file__).resolve().parent  # shipped in the wheel as package data
-BACKENDS = ("onnxruntime", "tensorrt", "python-ort", "python-torch", "openvino", "python-openvino")
 _DTYPES = {torch.float32: "TYPE_FP32", torch.float16: "TYPE_FP16", torch.int64: "TYPE_INT64",
            torch.int32: "TYPE_INT32", torch.uint8: "TYPE_UINT8", torch.bool: "TYPE_BOOL"}
 
@@ -94,7 +92,7 @@ def tensor_config(name: str, shape: tuple, dtype: torch.dtype) -> dict:
 @dataclass
 class RepoOptions:
     name: str
-    backend: str
+    backend: str  # a name in zsad.export.runtimes (the exporter checks it)
     max_batch: int = 32
     instance_kind: str = "KIND_GPU"  # KIND_GPU | KIND_CPU
     instances: int = 1
@@ -110,8 +108,6 @@ class RepoOptions:
     max_pixels: int = 50_000_000
 
     def __post_init__(self):
-        if self.backend not in BACKENDS:
-            raise ZsadError(f"backend must be one of {BACKENDS}, got '{self.backend}'")
         if not 1 <= self.max_batch <= 4096:
             raise ZsadError(f"max batch must be in 1..4096, got {self.max_batch}")
         bad = [b for b in self.preferred_batch if not 1 <= b <= self.max_batch]
@@ -146,55 +142,33 @@ def _parameters(params: dict) -> dict:
     return {"parameters": [{"key": k, "value": {"string_value": str(v)}} for k, v in params.items()]}
 
 
-def _index_bounds(stage) -> dict:
+def index_bounds_parameters(stage) -> dict:
     """The stage's declared index inputs (``Stage.index_bounds``, e.g. BAG-CLIP's knn_index < N) for the python
     stage models' request checks: a client can call a stage model directly, and an out-of-range index in a scatter
     is undefined behaviour in some runtimes."""
     return {"index_bounds": json.dumps(stage.index_bounds)} if stage.index_bounds else {}
 
 
-def stage_config(opts: RepoOptions, stage, model_name: str) -> dict:
-    inputs = [tensor_config(n, s, stage.dtype(n)) for n, s in stage.inputs.items()]
-    outputs = [tensor_config(n, s, stage.dtype(n)) for n, s in stage.outputs.items()]
+def model_config(opts: RepoOptions, model_name: str, runs_on: dict, inputs: list[dict], outputs: list[dict],
+                 parameters: dict | None = None, kind: str | None = None) -> dict:
+    """A chain model's config (a stage, or a whole chain). Its runtime (zsad.export.runtimes) gives what runs it
+    (``runs_on``: {"platform": ...} or {"backend": ...}), its ``parameters`` and, where fixed, its instance ``kind``."""
     cfg = _common(opts, model_name)
-    if opts.backend == "onnxruntime":
-        cfg["platform"] = "onnxruntime_onnx"
-    elif opts.backend == "tensorrt":
-        cfg["platform"] = "tensorrt_plan"
-    else:
-        cfg["backend"] = "python"
+    cfg.update(runs_on)
     cfg.update({"input": inputs, "output": outputs})
-    cfg.update(_scheduling(opts))
-    if opts.backend == "python-ort":
-        cfg.update(_parameters({"onnx_file": "model.onnx",
-                                "providers": "CUDAExecutionProvider,CPUExecutionProvider"
-                                if opts.instance_kind == "KIND_GPU" else "CPUExecutionProvider",
-                                **_index_bounds(stage)}))
+    cfg.update(_scheduling(opts, kind))
+    if parameters:
+        cfg.update(_parameters(parameters))
     cfg.update(_warmup(inputs))
     return cfg
 
 
-def openvino_stage_config(opts: RepoOptions, stage, model_name: str, precision: str) -> dict:
-    """A stage as OpenVINO IR (model.xml + model.bin in the version folder): Triton's openvino backend
-    (``openvino``; bf16 through its HINT_BF16 parameter) or OpenVINO inside the python backend
-    (``python-openvino``; the inference precision passed explicitly, see triton_models/stage_openvino)."""
+def stage_config(opts: RepoOptions, stage, model_name: str, runs_on: dict, parameters: dict | None = None,
+                 kind: str | None = None) -> dict:
+    """A stage model's config (see :func:`model_config`), its tensors the stage's."""
     inputs = [tensor_config(n, s, stage.dtype(n)) for n, s in stage.inputs.items()]
     outputs = [tensor_config(n, s, stage.dtype(n)) for n, s in stage.outputs.items()]
-    cfg = _common(opts, model_name)
-    cfg["backend"] = "openvino" if opts.backend == "openvino" else "python"
-    cfg.update({"input": inputs, "output": outputs})
-    cfg.update(_scheduling(opts, "KIND_CPU"))
-    hint = OV_HINT[precision]
-    if opts.backend == "openvino":
-        params = {"PERFORMANCE_HINT": "LATENCY", "zsad_precision": precision}
-        if hint == "bf16":
-            params["HINT_BF16"] = "YES"
-    else:
-        params = {"model_file": "model.xml", "inference_precision": hint, "zsad_precision": precision,
-                  **_index_bounds(stage)}
-    cfg.update(_parameters(params))
-    cfg.update(_warmup(inputs))
-    return cfg
+    return model_config(opts, model_name, runs_on, inputs, outputs, parameters, kind)
 
 
 def preprocess_config(opts: RepoOptions, model_name: str, raw: bool, image_size: int, mean, std,
@@ -277,18 +251,6 @@ def text_warmup_files(text_input) -> dict[str, bytes]:
     return {"warmup/text.bin": string_tensor_file([text_input.default.encode("utf-8")])}
 
 
-def torch_config(opts: RepoOptions, model_name: str, chain_inputs: list[dict], chain_outputs: list[dict]) -> dict:
-    cfg = _common(opts, model_name)
-    cfg["backend"] = "python"
-    cfg["input"], cfg["output"] = chain_inputs, chain_outputs
-    cfg.update(_scheduling(opts))
-    cfg.update(_parameters({"checkpoint": "checkpoint", "fp16": opts.fp16,
-                            "device": "cuda" if opts.instance_kind == "KIND_GPU" else "cpu",
-                            "cuda_graphs": opts.instance_kind == "KIND_GPU"}))
-    cfg.update(_warmup(chain_inputs))
-    return cfg
-
-
 def ensemble_config(opts: RepoOptions, name: str, inputs: list[dict], outputs: list[dict],
                     steps: list[tuple[str, dict, dict]]) -> dict:
     """steps: (model name, {model input: ensemble tensor}, {model output: ensemble tensor})."""
@@ -303,6 +265,11 @@ def ensemble_config(opts: RepoOptions, name: str, inputs: list[dict], outputs: l
          "output_map": [{"key": k, "value": v} for k, v in omap.items()]}
         for model, imap, omap in steps]}
     return cfg
+
+
+def ensemble_step(model: str, inputs, outputs) -> tuple[str, dict, dict]:
+    """An ensemble step whose model's tensors keep their names in the ensemble."""
+    return model, {n: n for n in inputs}, {n: n for n in outputs}
 
 
 def write_model(repo: Path, cfg: dict, files: Mapping[str, Path | bytes] | None = None,

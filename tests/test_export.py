@@ -11,19 +11,17 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from zsad import ZsadError
-from zsad.export import exporter, parity
+from zsad.export import exporter, parity, runtimes
 from zsad.export.cli import main as export_cli
 from zsad.export.onnx_export import export_stage
+from zsad.export.runtimes.python_torch import torch_config
 from zsad.export.triton_repo import (
-    BACKENDS,
     RepoOptions,
     ensemble_config,
     preprocess_config,
     restore_config,
-    stage_config,
     tensor_config,
     to_pbtxt,
-    torch_config,
     validate_config,
 )
 
@@ -32,11 +30,12 @@ def _parse(cfg: dict):
     return text_format.Parse(to_pbtxt(cfg), model_config_pb2.ModelConfig())
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", runtimes.names())
 def test_every_generated_config_parses_as_triton_modelconfig(backend, tiny_method):
     stages = tiny_method("bagclip").stages()
-    kind = "KIND_CPU" if backend == "python-ort" else "KIND_GPU"
+    kind = "KIND_CPU" if backend in ("python-ort", "openvino", "python-openvino") else "KIND_GPU"
     opts = RepoOptions(name="bag", backend=backend, max_batch=16, instance_kind=kind, fp16=backend == "tensorrt")
+    stage_config = runtimes.get(backend).triton_config
     for st in stages:
         m = _parse(stage_config(opts, st, f"bag_{st.name}"))
         assert m.max_batch_size == 16 and m.name == f"bag_{st.name}"
@@ -50,6 +49,8 @@ def test_every_generated_config_parses_as_triton_modelconfig(backend, tiny_metho
             assert m.platform == "onnxruntime_onnx"
         elif backend == "tensorrt":
             assert m.platform == "tensorrt_plan"
+        elif backend == "openvino":
+            assert m.backend == "openvino"
         else:
             assert m.backend == "python"
     by_name = {st.name: st for st in stages}

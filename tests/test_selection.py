@@ -317,8 +317,9 @@ def test_head_models_bound_the_neighbour_indices(tmp_path, tiny_method):
     # the served model's own module, imported with what the export copies beside it
     import zsad.triton_models.zsad_common as common
     import zsad.triton_models.zsad_common.guard as guard
+    from zsad.export import runtimes
     from zsad.export.onnx_export import export_stage
-    from zsad.export.triton_repo import RepoOptions, openvino_stage_config, stage_config
+    from zsad.export.triton_repo import RepoOptions
 
     sys.modules.setdefault("triton_python_backend_utils", types.ModuleType("triton_python_backend_utils"))
     sys.modules.setdefault("zsad_common", common)
@@ -329,8 +330,8 @@ def test_head_models_bound_the_neighbour_indices(tmp_path, tiny_method):
     assert head.index_bounds == {"knn_index": 196}
     path = export_stage(head, tmp_path / "head.onnx", max_batch=2)
     assert index_bounds(str(path), ["knn_index"]) == {"knn_index": 196}
-    for backend, make in (("python-ort", lambda o: stage_config(o, head, "bag_head")),
-                          ("python-openvino", lambda o: openvino_stage_config(o, head, "bag_head", "fp32"))):
-        cfg = make(RepoOptions(name="bag", backend=backend, max_batch=2, instance_kind="KIND_CPU"))
+    for backend in ("python-ort", "python-openvino"):
+        opts = RepoOptions(name="bag", backend=backend, max_batch=2, instance_kind="KIND_CPU")
+        cfg = runtimes.get(backend).triton_config(opts, head, "bag_head", "fp32")
         params = {p["key"]: p["value"]["string_value"] for p in cfg["parameters"]}
         assert json.loads(params["index_bounds"]) == {"knn_index": 196}, backend
