@@ -399,3 +399,30 @@ def test_stage_request_loop_batches_splits_and_isolates_bad_requests():
     assert calls == [3, 1, 2]
     np.testing.assert_array_equal(got[0].outputs["y"], xs[0] * 2)
     assert got[1].error.code == "INTERNAL" and "RuntimeError" in got[1].error.message
+
+
+def test_torch_chain_answers_a_zsad_error_as_that_requests_bad_input(monkeypatch):
+    """python-torch runs zsad code inside the zsad-free guard: a ZsadError out of the chain becomes BadInput, so it
+    is that request's INVALID_ARG (HTTP 400) and the other requests of the batch are answered."""
+    import zsad.triton_models.zsad_common as common
+    import zsad.triton_models.zsad_common.guard as guard
+
+    # the served model's own module, imported with what the export copies beside it
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _FakePbUtils)
+    monkeypatch.setitem(sys.modules, "zsad_common", common)
+    monkeypatch.setitem(sys.modules, "zsad_common.guard", guard)
+    monkeypatch.delitem(sys.modules, "zsad.triton_models.torch_chain.model", raising=False)
+    from zsad.triton_models.torch_chain import model
+
+    def chain(x):
+        if (x < 0).any():
+            raise ZsadError("x must be >= 0")
+        return [x * 2]
+
+    served = model.TritonPythonModel()
+    served.device, served.fp16, served.chain, served.model_name = "cpu", False, chain, "m_torch"
+    served.inputs, served.outputs = ["x"], ["y"]
+    ok, bad = np.ones((1, 2), np.float32), -np.ones((1, 2), np.float32)
+    got = served.execute([{"x": ok}, {"x": bad}])
+    np.testing.assert_array_equal(got[0].outputs["y"], ok * 2)
+    assert got[1].error.code == "INVALID_ARG" and "x must be >= 0" in got[1].error.message
