@@ -105,3 +105,14 @@ def test_the_scan_sees_circles_and_function_level_imports():
     assert "zsad.importers" in graph["zsad.load"] and "zsad.checkpoint" in graph["zsad.load"]
     assert not any(t.startswith("zsad.importers") for t in graph["zsad.checkpoint"])
     assert "zsad.methods.stages" in graph["zsad.protocols"]  # forward_with_terms' function-level import
+
+
+def test_export_imports_no_serve_and_the_served_package_no_zsad():
+    """zsad-export writes repositories without the serving code (issue 22 item 4), and the package copied beside
+    every served model (triton_models/zsad_common) imports only its own modules of zsad's namespace."""
+    graph = import_graph()
+    assert not [(m, t) for m, ts in graph.items() if m.startswith("zsad.export") for t in ts
+                if t.startswith("zsad.serve")]
+    common = "zsad.triton_models.zsad_common"
+    assert {m for m in graph if m.startswith(common + ".")} >= {f"{common}.{n}" for n in ("guard", "image", "text")}
+    assert not [(m, t) for m, ts in graph.items() if m.startswith(common) for t in ts if not t.startswith(common)]
