@@ -121,21 +121,17 @@ def run_chain(stages, feed: dict, dtype: torch.dtype | None = None, adopt: dict 
               log: PrecisionLog | None = None) -> dict:
     """The chain's tensors (as ``run_stages``), each stage under autocast ``dtype`` (None: fp32). ``adopt``: tensors
     that replace a stage's own outputs of the same name (an fp32 selection), so everything after it runs on them."""
-    from zsad.methods import run_stages
+    import contextlib
 
-    env = dict(feed)
-    for st in stages:
-        with torch.inference_mode(), torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
-            if log is not None:
-                with log:
-                    out = run_stages([st], **{n: env[n] for n in st.inputs})
-            else:
-                out = run_stages([st], **{n: env[n] for n in st.inputs})
-        env.update({n: out[n] for n in st.outputs})
-        for name in st.outputs:
-            if adopt and name in adopt:
-                env[name] = adopt[name]
-    return env
+    from zsad.methods.stages import torch_stage, walk_stages
+
+    def run(st, inputs: dict) -> dict:
+        autocast = torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None)
+        with torch.inference_mode(), autocast, log if log is not None else contextlib.nullcontext():
+            out = torch_stage(st, inputs)
+        return {n: (adopt or {}).get(n, t) for n, t in out.items()}
+
+    return walk_stages(stages, feed, run)
 
 
 def selection_rows(stages, ref: dict, got: dict) -> dict:
