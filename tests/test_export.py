@@ -14,6 +14,7 @@ from zsad import ZsadError
 from zsad.export import exporter, parity, runtimes
 from zsad.export.cli import main as export_cli
 from zsad.export.onnx_export import export_stage
+from zsad.export.runtimes import onnx_runtime
 from zsad.export.runtimes.python_torch import torch_config
 from zsad.export.triton_repo import (
     RepoOptions,
@@ -178,7 +179,7 @@ def test_failing_stage_is_not_written_and_named(tmp_path, monkeypatch):
         finally:
             stage.module.text.copy_(text)
 
-    monkeypatch.setattr(exporter, "export_stage", sabotaged)
+    monkeypatch.setattr(onnx_runtime, "export_stage", sabotaged)  # the ONNX backends' stage export
     res = CliRunner().invoke(export_cli, ["--model", "anomalyclip", "--profile", "tiny", "--backend", "python-ort",
                                           "--out", str(tmp_path / "repo"), "--max-batch", "4", "--parity-images", "2"])
     assert res.exit_code == 2
@@ -325,7 +326,7 @@ def test_export_never_touches_folders_it_did_not_write(tmp_path, monkeypatch):
     def no_export_work(*a, **k):
         raise AssertionError("export work started before the output was checked")
 
-    monkeypatch.setattr(exporter, "export_stage", no_export_work)
+    monkeypatch.setattr(onnx_runtime, "export_stage", no_export_work)
     res = CliRunner().invoke(export_cli, args + ["--out", str(repo)])
     assert res.exit_code == 2 and isinstance(res.exception, SystemExit), res.output
     assert res.stderr.count("\n") == 1 and "anomalyclip_head" in res.stderr and "--force" in res.stderr

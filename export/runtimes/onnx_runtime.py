@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 from zsad import ZsadError
+from zsad.export.onnx_export import export_stage, onnx_files
+from zsad.export.parity import ort_runner
 from zsad.export.runtimes.base import Runtime, register
 from zsad.export.runtimes.runners import Skip, stage_chain_runner
 
@@ -33,9 +35,6 @@ class OnnxStages(Runtime):
                             "on a GPU machine.")
 
     def build_stages(self, method, stages, opts, scratch, log):
-        from zsad.export.onnx_export import export_stage, onnx_files
-        from zsad.export.parity import ort_runner
-
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if opts.fp16 else ["CPUExecutionProvider"]
         runners, files = {}, {}
         for st in stages:
@@ -71,8 +70,6 @@ class OnnxRuntime(OnnxStages):
 def _fp32_runner(method, device: str, scratch, max_batch: int):
     import onnxruntime as ort
 
-    from zsad.export.parity import ort_runner
-
     providers = ["CPUExecutionProvider"]
     if device.startswith("cuda"):
         if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -90,7 +87,6 @@ def _int8_runner(method, scratch, max_batch: int):
     set's training classes; CLIP's final projection (found by value) stays fp32, as in the OpenVINO int8 path."""
     import onnxruntime as ort
 
-    from zsad.export.parity import ort_runner
     from zsad.methods.base import EncoderStage
 
     stages = method.stages()
