@@ -72,7 +72,9 @@ def _batches(value: str | None) -> list[int]:
 @click.option("--queue-delay-us", type=int, default=200, help="Dynamic batcher's max queue delay (microseconds): how "
               "long a request may wait for others to batch with.")
 @click.option("--device", type=click.Choice(["cpu", "gpu"]), default=None,
-              help="Instance kind in the configs [default: cpu for python-ort, gpu otherwise].")
+              help="Instance kind in the configs [default: cpu for "
+                   + ", ".join(rt.name for rt in runtimes.RUNTIMES.values() if rt.default_device == "cpu")
+                   + "; gpu otherwise].")
 @click.option("--instances", type=int, default=1, help="Model instances per stage.")
 @click.option("--resize-to-input", is_flag=True, help="Add an anomaly_map_original output at the input image size.")
 @click.option("--out", type=click.Path(), default="model_repository", help="Triton model repository (created). "

@@ -14,7 +14,8 @@ no model folder can land outside ``--out``.
 
 Options: :class:`ExportOptions`, one field per ``zsad-export`` option (export/cli.py). Steps: ``_export_and_gate``
 (ONNX / plans / IR per stage + the gates) -> ``_write_repository`` (one writer per kind of model) ->
-``_write_report_and_markers`` -> ``_install``.
+``_write_report_and_markers`` -> ``_install``. What differs per backend is asked of its runtime
+(zsad.export.runtimes: its files, the runners the gate checks them with, its chain models); nothing here names one.
 """
 from __future__ import annotations
 
@@ -170,7 +171,7 @@ class ExportOptions:
     force: bool = False
     # serving config, written into every config.pbtxt
     backend: str = "onnxruntime"
-    device: str | None = None  # cpu | gpu; default cpu for python-ort and the OpenVINO backends, gpu otherwise
+    device: str | None = None  # cpu | gpu; default: the runtime's (Runtime.default_device)
     max_batch: int = 32
     preferred_batch: list[int] | None = None
     queue_delay_us: int = 200
