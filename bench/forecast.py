@@ -233,10 +233,10 @@ def ceiling_rows(model: str, counts: dict[int, list], gpus: list[str]) -> list[d
 
 # == goals and the papers' figures ===============================================================================
 def goal_rows(chains: list[dict], ceilings: list[dict]) -> list[dict]:
-    """The GPU goals of bench/gpu_check.py (BAG-CLIP / Bayes-PFL, paper profile) against the forecast, per GPU and
-    precision. A lower bound above a latency goal (or a ceiling below a throughput goal) rules the goal out at that
-    precision on that GPU; otherwise ``roofline_fraction_needed`` says how close to the roofline an implementation
-    must run to meet it."""
+    """The GPU goals (``zsad.reference.GOAL_*``, judged on measurements by bench/gpu_check.py; BAG-CLIP / Bayes-PFL,
+    paper profile) against the forecast, per GPU and precision. A lower bound above a latency goal (or a ceiling
+    below a throughput goal) rules the goal out at that precision on that GPU; otherwise
+    ``roofline_fraction_needed`` says how close to the roofline an implementation must run to meet it."""
     from zsad.reference import GOAL_BAG_B1_MS, GOAL_BAG_IMG_S, GOAL_BAYES_B1_MS
 
     out = []
