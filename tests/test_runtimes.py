@@ -27,7 +27,7 @@ def test_every_runtime_says_whether_it_runs_here():
         runtimes.get("no-such-backend")
 
 
-def test_a_runtime_cannot_take_another_runtimes_bench_backend():
+def test_a_runtime_cannot_take_another_runtimes_name_or_bench_backend():
     with pytest.raises(ZsadError, match="claims zsad-bench backends"):
         @runtimes.register
         class Thief(OnnxStages):
@@ -35,6 +35,12 @@ def test_a_runtime_cannot_take_another_runtimes_bench_backend():
             summary = "takes ort"
             bench_variants = ("ort",)
     assert "thief" not in runtimes.RUNTIMES
+    with pytest.raises(ZsadError, match="two runtimes are named onnxruntime"):
+        @runtimes.register
+        class Twin(OnnxStages):
+            name = "onnxruntime"
+            summary = "a second onnxruntime"
+    assert type(runtimes.get("onnxruntime")).__name__ == "OnnxRuntime"
 
 
 class _Fake(OnnxStages):

@@ -107,8 +107,9 @@ class Runtime:
 
 def register(cls: type[Runtime]) -> type[Runtime]:
     """Class decorator: add one instance of ``cls`` to :data:`RUNTIMES` (names and bench variants are unique)."""
-    taken = {v for rt in RUNTIMES.values() if rt.name != cls.name for v in rt.bench_variants}
-    clash = taken & set(cls.bench_variants)
+    if cls.name in RUNTIMES:
+        raise ZsadError(f"internal: two runtimes are named {cls.name}")
+    clash = {v for rt in RUNTIMES.values() for v in rt.bench_variants} & set(cls.bench_variants)
     if clash:
         raise ZsadError(f"internal: runtime {cls.name} claims zsad-bench backends {sorted(clash)} of another runtime")
     RUNTIMES[cls.name] = cls()
