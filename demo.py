@@ -76,8 +76,8 @@ def run(out: Path, model: str, epochs: int | None, progress: bool) -> dict:
 
     click.echo("\n[6/6] a short benchmark of the trained model (zsad-bench, torch fp32 vs ONNX Runtime, CPU)")
     t = time.perf_counter()
+    from zsad.bench.model_bench import bench_model
     from zsad.bench.report import summary_table
-    from zsad.bench.run import bench_model
 
     _, _, bench_rows = bench_model(model, "tiny", None, [1, 4], ["torch-fp32", "ort"], "cpu", iters=5, warmup=1,
                                    checkpoint=str(ckpt), served_url=None, concurrency=[1], served_seconds=0,

@@ -23,7 +23,7 @@ peaks; lower-bound latency, throughput ceilings, the GPU goals and the papers' f
 *forecast, not measured*, to <date>-forecast-<profile>-<models>.json / .md / .png; ``--measured RESULT.json`` (a
 zsad-bench GPU run) adds measured / forecast per stage.
 
-This module is the command only: the run is ``zsad.bench.run``, the backends ``zsad.bench.backends``, the result
+This module is the command only: the run is ``zsad.bench.model_bench``, the backends ``zsad.bench.backends``, the result
 files ``zsad.bench.report``.
 """
 from __future__ import annotations
@@ -100,9 +100,9 @@ def main(model, profile, image_size, batch, backend, device, iters, warmup, chec
          served_seconds, served_backend, served_precision, calibration_images, out, no_progress, replot,
          forecast_gpus, measured):
     """Benchmark latency / FPS / VRAM of zsad methods across backends, beside the papers' tables."""
+    from zsad.bench.model_bench import bench_model
     from zsad.bench.report import environment, paper_rows, paper_setting, summary_table, write_results
     from zsad.bench.report import replot as replot_png
-    from zsad.bench.run import bench_model
 
     if forecast_gpus is not None or measured:
         _forecast(model, profile, image_size, batch, forecast_gpus, measured, out)

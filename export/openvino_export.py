@@ -217,7 +217,7 @@ def save(ov_model, folder: Path, precision: str, quantized: bool) -> list[Path]:
 # -- the precision gate (its metrics and thresholds live with the other comparisons, zsad.export.parity) -------------
 def run_chain(stages, runners: dict, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The chain through ``runners`` (stage name -> feed dict -> output dict), every tensor returned."""
-    from zsad.methods.base import walk_stages
+    from zsad.methods.stages import walk_stages
 
     return walk_stages(stages, feed, lambda st, inputs: runners[st.name](inputs))
 
@@ -265,7 +265,7 @@ def _chain_feed(method, images: np.ndarray) -> dict[str, np.ndarray]:
 def stage_calibration_feeds(method, stages, stage, images: np.ndarray) -> list[dict[str, np.ndarray]]:
     """One feed per calibration image for ``stage``: its inputs, running only the stages before it that produce
     them (the encoder, every method's first stage, takes the images themselves: nothing runs)."""
-    from zsad.methods.base import walk_stages
+    from zsad.methods.stages import walk_stages
 
     feed = {k: torch.from_numpy(v) for k, v in _chain_feed(method, images).items()}
     with torch.inference_mode():
@@ -278,7 +278,7 @@ def build_openvino_stages(method, stages, onnx_files: dict, precision: str, scra
     """Convert each stage's ONNX to OpenVINO (int8: quantise the encoder). Returns (runners, {stage: files},
     info): the runners compile the models exactly as they are saved, with the precision's hint. ``calibration``:
     a folder of images, None (the synthetic training classes) or preprocessed images [N,3,S,S] already made."""
-    from zsad.methods.base import EncoderStage
+    from zsad.methods.stages import EncoderStage
 
     check_precision(precision)
     runners, files, info = {}, {}, {"precision": precision, "inference_precision_hint": OV_HINT[precision],

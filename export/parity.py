@@ -26,7 +26,7 @@ import torch
 
 from zsad import ZsadError
 from zsad.data.feeds import synthetic_class_names, synthetic_images  # noqa: F401 (re-exported)
-from zsad.methods.base import walk_stages
+from zsad.methods.stages import walk_stages
 from zsad.selection import TopKSelection
 
 FP32_TOL = 1e-4

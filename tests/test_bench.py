@@ -142,7 +142,7 @@ def test_cpu_backends_share_one_onnx_export(monkeypatch):
     """ort, ort-int8 and openvino-fp32 in one run export each stage to ONNX once (the shared Scratch), and each
     backend still matches torch fp32."""
     pytest.importorskip("openvino")
-    from zsad.bench.run import bench_model
+    from zsad.bench.model_bench import bench_model
 
     exported = []
     export = torch.onnx.export
@@ -287,7 +287,7 @@ def test_bench_parity_takes_near_tie_selections_and_refuses_others(trained_run):
     """zsad-bench's parity columns on a trained BAG-CLIP: a backend whose kNN selection breaks a near-tie the
     other way (its outputs computed on that selection) passes, with the differing selection counted; one that
     swaps in a far neighbour fails, however close its map happens to be."""
-    from zsad.bench.run import build_method, reference_outputs
+    from zsad.bench.model_bench import build_method, reference_outputs
     from zsad.methods import run_stages
 
     method, _ = build_method("bagclip", "tiny", None, str(trained_run("bagclip")))

@@ -186,7 +186,7 @@ def test_served_python_openvino_equals_eager_within_the_gate(int8_repo):
 
 
 def test_bench_cpu_backends_give_rows_with_parity_and_stage_times(tmp_path):
-    from zsad.bench.run import bench_model
+    from zsad.bench.model_bench import bench_model
 
     _, _, rows = bench_model("afclip", "tiny", None, [1], ["torch-fp32", "openvino-fp32", "openvino-int8", "ort-int8"]
                              + (["openvino-int8-bf16"] if HAS_BF16 else []),

@@ -87,7 +87,7 @@ def _int8_runner(method, scratch, max_batch: int):
     set's training classes; CLIP's final projection (found by value) stays fp32, as in the OpenVINO int8 path."""
     import onnxruntime as ort
 
-    from zsad.methods.base import EncoderStage
+    from zsad.methods.stages import EncoderStage
 
     stages = method.stages()
     files = scratch.onnx(method, max_batch)

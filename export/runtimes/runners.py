@@ -56,7 +56,7 @@ def as_numpy(out: dict) -> dict[str, np.ndarray]:
 def stage_chain_runner(method, runs, backend: str, precision: str, note: str, profilers=None) -> BackendRunner:
     """A BackendRunner over per-stage callables ``runs`` [(stage, feed dict -> output dict)], with per-stage timing;
     ``profilers`` {stage name: feed dict -> {kind: ms}} give the op profile of those stages."""
-    from zsad.methods.base import walk_stages
+    from zsad.methods.stages import walk_stages
 
     stages = [st for st, _ in runs]
     by_name = {st.name: run for st, run in runs}

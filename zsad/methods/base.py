@@ -15,12 +15,7 @@ from torch import nn
 
 from zsad import ZsadError, per_image_names
 from zsad.backbone import ClipBackbone, load_clip
-
-# the chain lives in zsad.methods.stages; BoundStage, EncoderStage, walk_stages re-exported while callers move over
-from zsad.methods.stages import BoundStage as BoundStage
-from zsad.methods.stages import EncoderStage as EncoderStage
 from zsad.methods.stages import Stage, TextInput, run_stages
-from zsad.methods.stages import walk_stages as walk_stages
 from zsad.metrics import AUPRO_MODES
 
 
