@@ -13,6 +13,7 @@ folder of images (the same K images for every class).
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -124,7 +125,7 @@ def _load_support(paths, size: int, device: str):
 def evaluate(method, samples, *, batch_size: int = 8, device: str = "cpu", aupro_mode: str = "anomalyclip",
              heatmap_dir: Path | None = None, heatmaps_per_class: int = 4, progress: bool = True,
              support: dict[str, list] | None = None, resize_masks: bool = False, protocol: str = "zsad",
-             dataset_name: str | None = None) -> dict:
+             dataset_name: str | None = None, on_class: Callable[..., None] | None = None) -> dict:
     """Per-class metrics (fractions in [0,1]) + their mean; saves heatmap panels when ``heatmap_dir`` is given.
 
     ``support`` (few-shot): class -> paths of K normal images; the method's memory is built from them before
@@ -132,6 +133,10 @@ def evaluate(method, samples, *, batch_size: int = 8, device: str = "cpu", aupro
     method's released test script (its ``paper_protocol`` hooks, zsad.protocols: ``dataset_name`` selects e.g.
     Bayes-PFL's classification-only data sets, which then get image metrics only, and its class words) and its
     ground-truth masks where the release makes them otherwise (AF-CLIP).
+
+    ``on_class`` (zsad-eval's report, :class:`zsad.report_html.ReportCollector`) is called once per class, after its
+    metrics, with ``(cls, samples, labels, scores, masks, maps, pixel)``: the very arrays the metrics were computed
+    from (``pixel``: whether pixel metrics were). It changes nothing in what is returned.
     """
     from zsad.data import AnomalyDataset
     from zsad.metrics import class_metrics, summarize
@@ -166,6 +171,8 @@ def evaluate(method, samples, *, batch_size: int = 8, device: str = "cpu", aupro
             scores = scores if paper_scores is None else paper_scores
         per_class[cls] = class_metrics(labels, scores, masks, maps, aupro_mode=aupro_mode, pixel=pixel)
         counts[cls] = {"images": int(len(labels)), "anomalous": int(labels.sum())}
+        if on_class is not None:
+            on_class(cls, cls_samples, labels, scores, masks, maps, pixel)
         if heatmap_dir is not None and heatmaps_per_class > 0:
             vmin, vmax = float(maps.min()), float(maps.max())  # one colour scale per class
             for i in _heatmap_sample(cls_samples, heatmaps_per_class):

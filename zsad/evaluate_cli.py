@@ -7,7 +7,11 @@
 Writes OUT/metrics.json (everything, including per-class values and which classes a metric skipped),
 OUT/metrics.csv (one row per class + the mean) and OUT/heatmaps/<class>/*.png (input | overlay with the GT
 outline) for a sample of images, and prints a table with the published numbers beside ours when the data set
-appears in the papers' tables. The metrics themselves are computed by the library, :mod:`zsad.evaluate`.
+appears in the papers' tables. With ``--report`` (the default; ``--no-report`` skips it) it also writes
+OUT/report.html (zsad/report_html.py): the table (sortable), the ROC / PR curves per class, a threshold control that
+recomputes the image-level confusion counts, precision, recall and F1 and gives the ``zsad-infer --threshold`` line,
+and a score-sorted gallery of every test image (thumbnails under OUT/report_files/) with its overlay and GT outline.
+The metrics themselves are computed by the library, :mod:`zsad.evaluate`.
 A mask whose size differs from its image's is refused (the defect would be scored at the wrong pixels) unless
 ``--resize-masks`` is given: then it is first resized to its image with nearest neighbour, with a warning.
 
@@ -116,14 +120,20 @@ def write_csv(path: Path, result: dict) -> None:
 @click.option("--resize-masks", is_flag=True, help="Resize masks whose size differs from their image's to the "
               "image (nearest neighbour, with a warning) instead of refusing them.")
 @click.option("--device", default="auto", help="cpu, cuda or auto.")
+@click.option("--report/--no-report", "html_report", default=True,
+              help="Write OUT/report.html, a page that opens offline in a browser: the per-class table (sortable) "
+                   "beside the papers' numbers, ROC / PR curves per class, a score-sorted gallery of every test image "
+                   "(overlay + GT outline; thumbnails in OUT/report_files/) with filters, and a threshold control "
+                   "that recomputes TP/FP/TN/FN, precision, recall and F1 and shows the zsad-infer --threshold line. "
+                   "--no-report writes only metrics.json, metrics.csv and the heatmaps.")
 @click.option("--no-progress", is_flag=True)
 @cli_entry
 def main(checkpoint, data, split, classes, dataset_name, clip_weights, out, protocol, aupro_mode, batch_size, heatmaps,
-         shots, support, support_seed, resize_masks, device, no_progress):
-    """Evaluate a checkpoint: image/pixel AUROC, AP, F1-max and AUPRO per class, JSON/CSV/PNG outputs."""
+         shots, support, support_seed, resize_masks, device, html_report, no_progress):
+    """Evaluate a checkpoint: image/pixel AUROC, AP, F1-max and AUPRO per class, JSON/CSV/PNG/HTML outputs."""
     run(checkpoint, data, split, classes, dataset_name, clip_weights, out, aupro_mode, batch_size, heatmaps,
         device, not no_progress, shots=shots, support=support, support_seed=support_seed, resize_masks=resize_masks,
-        protocol=protocol)
+        protocol=protocol, html_report=html_report)
 
 
 def check_mask_sizes(samples, resize_masks: bool) -> None:
@@ -214,8 +224,9 @@ def _print_summary(report: dict, result: dict, paper: dict, paper_label, out_dir
 
 def run(checkpoint, data, split="test", classes=None, dataset_name=None, clip_weights=None, out=None,
         aupro_mode=None, batch_size=8, heatmaps=4, device="auto", progress=True, shots=0, support=None,
-        support_seed=0, resize_masks=False, protocol="zsad") -> dict:
-    """zsad-eval; ``aupro_mode`` None = "anomalyclip", or the paper's mode under ``protocol="paper"``."""
+        support_seed=0, resize_masks=False, protocol="zsad", html_report=True) -> dict:
+    """zsad-eval; ``aupro_mode`` None = "anomalyclip", or the paper's mode under ``protocol="paper"``;
+    ``html_report``: also write OUT/report.html (:mod:`zsad.report_html`)."""
     import torch
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
@@ -231,11 +242,16 @@ def run(checkpoint, data, split="test", classes=None, dataset_name=None, clip_we
                f"{name or root} [{len(samples)} images, {len(class_names)} classes], "
                f"image size {method.image_size}, protocol {protocol}, AUPRO mode {aupro_mode}, device {device}"
                + (f", {shots}-shot (support: {support}, draw seeds {list(draw_seeds)})" if shots else ""))
+    collector = None
+    if html_report:
+        from zsad.report_html import ReportCollector
+
+        collector = ReportCollector(out_dir, method.image_size, progress=progress)
     t0 = time.perf_counter()
     draws = [evaluate(method, samples, batch_size=batch_size, device=device, aupro_mode=aupro_mode,
                       heatmap_dir=out_dir / "heatmaps", heatmaps_per_class=heatmaps if i == 0 else 0,
                       progress=progress, support=support_map, resize_masks=resize_masks, protocol=protocol,
-                      dataset_name=name)
+                      dataset_name=name, on_class=collector if i == 0 else None)
              for i, support_map in enumerate(support_maps or [None])]
     seconds = time.perf_counter() - t0
     result = draws[0] if len(draws) == 1 else average_draws(draws)
@@ -262,7 +278,27 @@ def run(checkpoint, data, split="test", classes=None, dataset_name=None, clip_we
     (out_dir / "metrics.json").write_text(json.dumps(report, indent=2, default=float))
     write_csv(out_dir / "metrics.csv", result)
     _print_summary(report, result, paper, paper_label, out_dir, seconds, random_clip)
+    if collector is not None:
+        _write_report(collector, report, meta, method, checkpoint, protocol, len(draws))
     return report
+
+
+def _write_report(collector, report: dict, meta: dict, method, checkpoint, protocol: str, n_draws: int) -> None:
+    """OUT/report.html from what the collector kept (the first draw's images, under few-shot draws)."""
+    from zsad.report_html import model_status
+
+    status = model_status(report["clip_weights"], meta.get("epochs"))
+    class_opt = " --class-name '{CLASS}'" if method.text_inputs() else ""
+    infer: dict[str, str | None] = {"command": f"zsad-infer --model {meta['method']} --threshold {{T}}{class_opt} IMAGES...",
+             "note": f"(zsad-predict --checkpoint {checkpoint} --threshold ... scores the same way, locally.)"}
+    if protocol == "paper":
+        infer = {"command": None, "note": "No zsad-infer line: under --protocol paper the image scores follow the "
+                 "paper's test script (e.g. normalised over the test images of a class), which a served model, "
+                 "scoring each image alone, does not reproduce. Evaluate with --protocol zsad to choose a threshold."}
+    if n_draws > 1:
+        infer["note"] = (infer["note"] or "") + f" The gallery and curves show the first of {n_draws} draws."
+    path = collector.write(report, status, infer)
+    click.echo(f"wrote {path} (open it in a browser; thumbnails under {path.parent / 'report_files'})")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,551 @@
+"""report.html of zsad-eval: one self-contained page to read an evaluation and choose a threshold.
+
+The page holds the per-class table (ours beside the papers' numbers, sortable), the image-level ROC and PR curves
+of every class (and the pixel-level ones where the class has masks) as inline SVG, a threshold control that
+recomputes the image-level confusion counts, precision, recall and F1 in the page (and names the F1-max threshold),
+and a score-sorted gallery per class with filters. No network: the data is one JSON blob in the page, the script is
+inline, the thumbnails (overlay + ground-truth outline, small JPEGs) are files in ``report_files/`` beside it,
+referenced relatively and loaded lazily, one page of the gallery at a time.
+
+Every curve point is computed here, in Python, from the labels and scores (and maps and masks) that
+:func:`zsad.evaluate.evaluate` gave the metrics (its ``on_class`` hook): image level exactly as
+``sklearn.metrics.roc_curve(..., drop_intermediate=False)`` / ``precision_recall_curve`` (scikit-learn is not a
+dependency; tests/test_eval_report.py checks the equality), pixel level at up to :data:`PIXEL_THRESHOLDS`
+thresholds, each point a vertex of the exact pixel curve. The prediction rule is zsad-infer's: anomalous (NG) when
+``score >= threshold``.
+"""
+from __future__ import annotations
+
+import html
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+THUMB = 128  # thumbnail side in pixels
+PIXEL_THRESHOLDS = 256  # thresholds of the pixel-level curves (evenly spaced between the class's min and max)
+FILES_DIR = "report_files"
+
+
+# ------------------------------------------------------------------------------------------- the numbers
+def _descending(labels, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Distinct scores, descending, with the true and false positives of ``score >= t`` at each."""
+    y = np.asarray(labels).astype(bool)
+    s = np.asarray(scores, dtype=np.float64)
+    order = np.argsort(-s, kind="stable")
+    s, y = s[order], y[order]
+    last = np.r_[np.flatnonzero(s[1:] != s[:-1]), s.size - 1]  # last index of each run of equal scores
+    tps = np.cumsum(y)[last]
+    fps = (last + 1) - tps
+    return s[last], tps, fps
+
+
+def roc_points(labels, scores) -> dict:
+    """The image-level ROC curve: ``sklearn.metrics.roc_curve(labels, scores, drop_intermediate=False)``
+    (first point (0, 0) at threshold +inf, then one point per distinct score, descending)."""
+    t, tps, fps = _descending(labels, scores)
+    n_pos, n_neg = int(tps[-1]), int(fps[-1])
+    return {"fpr": np.r_[0.0, fps / n_neg if n_neg else np.full(fps.size, np.nan)],
+            "tpr": np.r_[0.0, tps / n_pos if n_pos else np.full(tps.size, np.nan)],
+            "thresholds": np.r_[np.inf, t]}
+
+
+def pr_points(labels, scores) -> dict:
+    """The image-level precision-recall curve: one point per distinct score (descending), as
+    ``sklearn.metrics.precision_recall_curve`` gives them (without its closing (recall 0, precision 1) point)."""
+    t, tps, fps = _descending(labels, scores)
+    n_pos = int(tps[-1])
+    return {"recall": tps / n_pos if n_pos else np.full(tps.size, np.nan), "precision": tps / (tps + fps),
+            "thresholds": t}
+
+
+def confusion_at(labels, scores, threshold: float) -> dict:
+    """Image-level counts at ``threshold`` (anomalous when ``score >= threshold``)."""
+    y = np.asarray(labels).astype(bool)
+    pred = np.asarray(scores, dtype=np.float64) >= threshold
+    return {"tp": int(np.sum(pred & y)), "fp": int(np.sum(pred & ~y)), "tn": int(np.sum(~pred & ~y)),
+            "fn": int(np.sum(~pred & y))}
+
+
+def f1_max_threshold(labels, scores) -> tuple[float, float] | None:
+    """(threshold, F1) of the highest F1 over every distinct score (``score >= t``); on a tie the highest such
+    threshold (fewest NG). None without anomalous images."""
+    t, tps, fps = _descending(labels, scores)
+    n_pos = int(tps[-1])
+    if n_pos == 0:
+        return None
+    f1 = 2.0 * tps / (tps + fps + n_pos)
+    best = int(np.argmax(f1))  # the first maximum: scores descend, so the highest threshold
+    return float(t[best]), float(f1[best])
+
+
+def pixel_curves(masks, maps, n_thresholds: int = PIXEL_THRESHOLDS) -> dict | None:
+    """Pixel-level ROC and PR points at ``n_thresholds`` thresholds evenly spaced over [min, max] of the maps
+    (pixel anomalous when ``map >= t``), plus (0, 0) above the maximum: each a vertex of the exact curve.
+    None when the class has no anomalous or no normal pixel."""
+    y = np.asarray(masks).astype(bool).reshape(-1)
+    m = np.asarray(maps).reshape(-1)
+    n_pos = int(y.sum())
+    n_neg = y.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    lo, hi = float(m.min()), float(m.max())
+    edges = np.unique(np.linspace(lo, hi, n_thresholds)) if hi > lo else np.array([lo])
+    bins = np.r_[edges, np.inf]
+
+    def at_or_above(values: np.ndarray) -> np.ndarray:  # number of values >= each edge
+        hist, _ = np.histogram(values, bins=bins)
+        return np.cumsum(hist[::-1])[::-1]
+
+    tps = at_or_above(m[y])
+    fps = at_or_above(m[~y])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = tps / (tps + fps)
+    keep = (tps + fps) > 0
+    return {"thresholds": edges, "fpr": np.r_[fps / n_neg, 0.0][::-1], "tpr": np.r_[tps / n_pos, 0.0][::-1],
+            "recall": (tps / n_pos)[keep][::-1], "precision": precision[keep][::-1]}
+
+
+def model_status(clip_weights: str | None, epochs) -> dict:
+    """Whether the numbers can speak of accuracy: not with random CLIP weights nor with untrained prompts/heads."""
+    reasons = []
+    if clip_weights == "random":
+        reasons.append("the CLIP backbone has random weights")
+    if epochs == 0:
+        reasons.append("the checkpoint was trained for 0 epochs (random prompts / heads)")
+    known = clip_weights is not None and epochs is not None
+    return {"trained": not reasons and known, "untrained": bool(reasons), "reasons": reasons,
+            "clip_weights": clip_weights, "epochs": epochs}
+
+
+# ------------------------------------------------------------------------------------------- collection
+class ReportCollector:
+    """The ``on_class`` hook of :func:`zsad.evaluate.evaluate`: per class, the curve points, the F1-max threshold,
+    one thumbnail per image and the per-image scores and labels (nothing else is kept: the maps are dropped)."""
+
+    def __init__(self, out_dir: Path, image_size: int, thumb: int = THUMB, progress: bool = True):
+        self.out_dir = Path(out_dir)
+        self.image_size = image_size
+        self.thumb = thumb
+        self.progress = progress
+        self.classes: dict[str, dict] = {}
+
+    def __call__(self, cls: str, samples, labels, scores, masks, maps, pixel: bool) -> None:
+        labels = np.asarray(labels).astype(np.int64)
+        scores = np.asarray(scores, dtype=np.float64)
+        entry: dict = {"roc": roc_points(labels, scores), "pr": pr_points(labels, scores),
+                       "f1max": f1_max_threshold(labels, scores)}
+        has_masks = any(getattr(s, "mask", None) for s in samples)
+        entry["pixel"] = pixel_curves(masks, maps) if pixel and has_masks else None
+        entry["pixel_note"] = (None if entry["pixel"] is not None else
+                               "no pixel metrics under this protocol" if not pixel else
+                               "no ground-truth masks" if not has_masks else "no anomalous (or no normal) pixel")
+        folder = self.out_dir / FILES_DIR / f"{len(self.classes):03d}"
+        entry["images"] = self._thumbnails(folder, cls, samples, labels, scores, masks if has_masks else None, maps)
+        self.classes[cls] = entry
+
+    def _thumbnails(self, folder: Path, cls, samples, labels, scores, masks, maps) -> list[dict]:
+        from PIL import Image
+        from tqdm import tqdm
+
+        from zsad.data import read_image
+        from zsad.visualize import overlay
+
+        folder.mkdir(parents=True, exist_ok=True)
+        vmin, vmax = float(maps.min()), float(maps.max())  # one colour scale per class, as the heatmap panels
+        size = (self.thumb, self.thumb)
+        rel = folder.relative_to(self.out_dir).as_posix()
+        items = []
+        for i, s in enumerate(tqdm(samples, desc=f"report {cls}", disable=not self.progress, leave=False,
+                                   dynamic_ncols=True)):
+            img = np.asarray(read_image(str(s.image)).resize(size, Image.Resampling.BICUBIC))
+            amap = np.asarray(Image.fromarray(np.asarray(maps[i], np.float32), mode="F").resize(
+                size, Image.Resampling.BILINEAR))
+            mask = None
+            if masks is not None and masks[i].any():
+                mask = np.asarray(Image.fromarray(masks[i].astype(np.uint8) * 255).resize(
+                    size, Image.Resampling.NEAREST)) > 127
+            name = f"{i:05d}.jpg"
+            overlay(img, amap, vmin, vmax, mask).save(folder / name, quality=85)
+            items.append({"src": f"{rel}/{name}", "name": Path(s.image).name, "defect": s.defect,
+                          "score": float(scores[i]), "label": int(labels[i])})
+        return items
+
+    # ------------------------------------------------------------------------------------- the page
+    def write(self, report: dict, status: dict, infer_hint: dict) -> Path:
+        """Write OUT/report.html from the metrics.json content ``report`` and what was collected."""
+        data: dict = {"meta": {k: report.get(k) for k in ("method", "profile", "dataset", "protocol", "aupro_mode",
+                                                     "split", "image_size", "checkpoint", "device")},
+                "status": status, "infer": infer_hint,
+                "paper": {k: v.get("value") for k, v in (report.get("paper") or {}).items()},
+                "classes": [_class_data(cls, e) for cls, e in self.classes.items()]}
+        pooled = _pooled(self.classes)
+        if pooled is not None:
+            data["classes"] = [*data["classes"], pooled]
+        path = self.out_dir / "report.html"
+        path.write_text(_page(report, status, data))
+        return path
+
+
+def _clean(x):
+    """JSON-safe: numpy to lists, NaN / inf to None (JSON has neither)."""
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _clean(x.tolist())
+    if isinstance(x, (float, np.floating)):
+        v = float(x)
+        return v if math.isfinite(v) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def _class_data(cls: str, e: dict) -> dict:
+    f1 = e["f1max"]
+    return {"name": cls, "images": e["images"], "f1max": None if f1 is None else {"threshold": f1[0], "f1": f1[1]},
+            "roc": {"fpr": e["roc"]["fpr"], "tpr": e["roc"]["tpr"]},
+            "pr": {"recall": e["pr"]["recall"], "precision": e["pr"]["precision"]},
+            "pixel": None if e["pixel"] is None else {k: e["pixel"][k] for k in ("fpr", "tpr", "recall", "precision")},
+            "pixel_note": e["pixel_note"]}
+
+
+def _pooled(classes: dict) -> dict | None:
+    """All classes' images together (one threshold for the whole line), when there is more than one class."""
+    if len(classes) < 2:
+        return None
+    items = [dict(it, cls=c) for c, e in classes.items() for it in e["images"]]
+    labels = np.array([it["label"] for it in items])
+    scores = np.array([it["score"] for it in items])
+    entry = {"roc": roc_points(labels, scores), "pr": pr_points(labels, scores),
+             "f1max": f1_max_threshold(labels, scores), "pixel": None,
+             "pixel_note": "pixel curves are per class", "images": items}
+    return _class_data("(all classes)", entry)
+
+
+_COLUMNS = [("image_auroc", "I-AUROC"), ("image_ap", "I-AP"), ("image_f1max", "I-F1max"), ("pixel_auroc", "P-AUROC"),
+            ("pixel_ap", "P-AP"), ("pixel_f1max", "P-F1max"), ("pixel_aupro", "P-AUPRO")]
+
+
+def _pct(v) -> tuple[str, str]:
+    """(shown text, sort value) of a metric fraction."""
+    if v is None or v != v:
+        return "n/a", ""
+    return f"{100 * v:.1f}", repr(float(v))
+
+
+def _table(report: dict) -> str:
+    esc = html.escape
+    head = "".join(f'<th data-col="{i + 3}">{esc(h)}</th>' for i, (_, h) in enumerate(_COLUMNS))
+    rows = []
+    for cls, m in report["per_class"].items():
+        c = report["counts"][cls]
+        cells = "".join(f'<td data-v="{_pct(m.get(k))[1]}">{_pct(m.get(k))[0]}</td>' for k, _ in _COLUMNS)
+        rows.append(f'<tr><td data-v="{esc(cls)}">{esc(cls)}</td><td data-v="{c["images"]}">{c["images"]}</td>'
+                    f'<td data-v="{c["anomalous"]}">{c["anomalous"]}</td>{cells}</tr>')
+    n_img = sum(c["images"] for c in report["counts"].values())
+    n_bad = sum(c["anomalous"] for c in report["counts"].values())
+    foot = (f'<tr class="mean"><td>mean (ours)</td><td>{n_img}</td><td>{n_bad}</td>'
+            + "".join(f"<td>{_pct(report['mean'].get(k))[0]}</td>" for k, _ in _COLUMNS) + "</tr>")
+    paper = report.get("paper") or {}
+    if paper:
+        first = next(iter(paper.values()))
+        foot += ('<tr class="paper"><td>paper</td><td></td><td></td>'
+                 + "".join(f"<td>{paper[k]['value']:.1f}</td>" if k in paper else "<td>-</td>" for k, _ in _COLUMNS)
+                 + "</tr>")
+        foot += (f'<tr class="note"><td colspan="{3 + len(_COLUMNS)}">paper numbers: {esc(str(first["paper"]))} '
+                 f'paper, {esc(str(first["table"]))} (a mean over the data set; the papers print no per-class '
+                 f"rows here)</td></tr>")
+    return (f'<table id="metrics"><thead><tr><th data-col="0">class</th><th data-col="1">images</th>'
+            f'<th data-col="2">anomalous</th>{head}</tr></thead><tbody>{"".join(rows)}</tbody>'
+            f"<tfoot>{foot}</tfoot></table>")
+
+
+def _status_html(status: dict) -> str:
+    esc = html.escape
+    if status["untrained"]:
+        return ('<div id="status" class="untrained"><b>Model status: UNTRAINED</b> ('
+                + esc("; ".join(status["reasons"])) + "). The numbers and curves below show that the pipeline "
+                "runs; they say nothing about how well the method detects anomalies.</div>")
+    if status["trained"]:
+        return (f'<div id="status" class="trained"><b>Model status: trained</b> ({status["epochs"]} epochs, CLIP '
+                f'weights: {esc(str(status["clip_weights"]))}).</div>')
+    return ('<div id="status" class="unknown"><b>Model status: not recorded</b> (CLIP weights: '
+            f'{esc(str(status["clip_weights"]))}, epochs: {esc(str(status["epochs"]))}).</div>')
+
+
+def _page(report: dict, status: dict, data: dict) -> str:
+    esc = html.escape
+    blob = json.dumps(_clean(data), separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
+    title = f"zsad-eval: {report.get('method')} on {report.get('dataset') or report.get('data_path')}"
+    sub = (f"{esc(str(report.get('method')))} ({esc(str(report.get('profile')))}) on "
+           f"{esc(str(report.get('dataset') or report.get('data_path')))}, split {esc(str(report.get('split')))}, "
+           f"protocol {esc(str(report.get('protocol')))}, AUPRO mode {esc(str(report.get('aupro_mode')))}, image size "
+           f"{esc(str(report.get('image_size')))}")
+    caption = ("Per-class metrics (%; click a header to sort)" if not status["untrained"] else
+               "Per-class metrics (%; click a header to sort) &mdash; untrained model: not a measure of accuracy")
+    return (_TEMPLATE.replace("{{TITLE}}", esc(title)).replace("{{SUB}}", sub)
+            .replace("{{STATUS}}", _status_html(status)).replace("{{CAPTION}}", caption)
+            .replace("{{TABLE}}", _table(report)).replace("{{DATA}}", blob).replace("{{SCRIPT}}", _SCRIPT))
+
+
+_TEMPLATE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{{TITLE}}</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="icon" href="data:,">
+<style>
+body{font:14px/1.4 system-ui,sans-serif;margin:1em 2em;color:#222}
+h1{font-size:1.3em;margin:.2em 0}h2{font-size:1.1em;margin:1.2em 0 .4em}
+#status{padding:.5em .8em;margin:.6em 0;border-radius:4px}
+.untrained{background:#fde2e1;border:1px solid #c0392b}.trained{background:#e3f4e1;border:1px solid #2e7d32}
+.unknown{background:#fff4d6;border:1px solid #b7950b}
+table{border-collapse:collapse}td,th{padding:2px 8px;text-align:right;border-bottom:1px solid #ddd}
+td:first-child,th:first-child{text-align:left}th{cursor:pointer;background:#f3f3f3;user-select:none}
+th.asc:after{content:" \\25B2"}th.desc:after{content:" \\25BC"}tfoot td{font-weight:600}
+tr.note td{font-weight:400;color:#666}
+.curves{display:flex;flex-wrap:wrap;gap:12px}.curve{width:230px}.curve svg{width:230px;height:230px;background:#fafafa}
+.curve .lbl{font-size:12px;color:#444}.note{color:#666;font-size:12px}
+#counts td{text-align:right}.cmd{font-family:monospace;background:#f3f3f3;padding:4px 6px;display:inline-block}
+#gallery{display:flex;flex-wrap:wrap;gap:6px;margin-top:.5em}
+.card{width:132px;font-size:11px;border:2px solid #ccc;padding:1px}.card img{width:128px;height:128px;display:block}
+.card.anom{border-color:#c0392b}.card.fp{outline:3px solid #e67e22}.card.fn{outline:3px solid #8e44ad}
+.card .n{overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
+</style></head><body>
+<h1>{{TITLE}}</h1><div>{{SUB}}</div>
+{{STATUS}}
+<h2>{{CAPTION}}</h2>
+{{TABLE}}
+<h2>Class <select id="cls"></select></h2>
+<h3>Curves</h3>
+<div class="curves" id="curves"></div>
+<p class="note" id="curve-notes"></p>
+<h3>Threshold (image level: anomalous when score &ge; threshold)</h3>
+<div><input type="range" id="thr-range" step="any" style="width:320px">
+<input type="number" id="thr" step="any" style="width:12em">
+<button id="use-f1">use F1-max</button></div>
+<p>F1-max threshold: <b id="f1max-t"></b> (F1 <span id="f1max-f1"></span>, computed in Python);
+the page computes <span id="f1max-page"></span> <span id="f1max-agree"></span></p>
+<table id="counts"><tr><th>TP</th><th>FP</th><th>TN</th><th>FN</th><th>precision</th><th>recall</th><th>F1</th></tr>
+<tr><td id="tp"></td><td id="fp"></td><td id="tn"></td><td id="fn"></td><td id="precision"></td><td id="recall"></td>
+<td id="f1"></td></tr></table>
+<p id="infer-line"></p>
+<h3>Gallery (sorted by score, highest first)</h3>
+<div>show <select id="filter"><option value="all">all</option><option value="normal">normal</option>
+<option value="anomalous">anomalous</option><option value="fp">false positives</option>
+<option value="fn">false negatives</option></select>
+<button id="prev">&lt; previous</button> <span id="page-info"></span> <button id="next">next &gt;</button></div>
+<div id="gallery"></div>
+<script type="application/json" id="data">{{DATA}}</script>
+<script>{{SCRIPT}}</script>
+</body></html>
+"""
+
+_SCRIPT = r"""
+"use strict";
+const D = JSON.parse(document.getElementById("data").textContent);
+const PAGE = 48, SVG = "http://www.w3.org/2000/svg";
+const $ = (id) => document.getElementById(id);
+let cur = null, page = 0, thr = 0;
+
+function sortTable(th) {
+  const table = $("metrics"), col = +th.dataset.col, body = table.tBodies[0];
+  const asc = !th.classList.contains("asc");
+  table.querySelectorAll("th").forEach((h) => h.classList.remove("asc", "desc"));
+  th.classList.add(asc ? "asc" : "desc");
+  const key = (r) => r.cells[col].dataset.v;
+  const rows = Array.from(body.rows);
+  rows.sort((a, b) => {
+    const x = key(a), y = key(b);
+    if (x === "" || y === "") return (x === "") - (y === "");  // n/a last either way
+    const nx = Number(x), ny = Number(y);
+    const c = (isNaN(nx) || isNaN(ny)) ? x.localeCompare(y) : nx - ny;
+    return asc ? c : -c;
+  });
+  rows.forEach((r) => body.appendChild(r));
+}
+
+function curve(id, title, xs, ys, xl, yl, diag) {
+  const box = document.createElement("div");
+  box.className = "curve";
+  const svg = document.createElementNS(SVG, "svg");
+  svg.setAttribute("viewBox", "-0.12 -0.04 1.16 1.16");
+  svg.id = id;
+  const g = document.createElementNS(SVG, "g");
+  g.setAttribute("transform", "translate(0,1) scale(1,-1)");  // data coordinates: y up
+  const frame = document.createElementNS(SVG, "rect");
+  for (const [k, v] of [["x", 0], ["y", 0], ["width", 1], ["height", 1], ["fill", "none"], ["stroke", "#999"]])
+    frame.setAttribute(k, v);
+  frame.setAttribute("vector-effect", "non-scaling-stroke");
+  g.appendChild(frame);
+  if (diag) {
+    const d = document.createElementNS(SVG, "line");
+    for (const [k, v] of [["x1", 0], ["y1", 0], ["x2", 1], ["y2", 1], ["stroke", "#ccc"]]) d.setAttribute(k, v);
+    d.setAttribute("vector-effect", "non-scaling-stroke");
+    g.appendChild(d);
+  }
+  const pts = [];
+  for (let i = 0; i < xs.length; i++)
+    if (xs[i] !== null && ys[i] !== null) pts.push(xs[i].toFixed(6) + "," + ys[i].toFixed(6));
+  const pl = document.createElementNS(SVG, "polyline");
+  pl.setAttribute("points", pts.join(" "));
+  pl.setAttribute("fill", "none");
+  pl.setAttribute("stroke", "#c0392b");
+  pl.setAttribute("stroke-width", "2");
+  pl.setAttribute("vector-effect", "non-scaling-stroke");
+  pl.setAttribute("class", "pts");
+  g.appendChild(pl);
+  svg.appendChild(g);
+  for (const [x, y, t, a] of [[0.5, 1.1, xl, "middle"], [-0.02, 0.02, yl, "end"], [0, 1.06, "0", "middle"],
+                              [1, 1.06, "1", "middle"], [-0.02, 1, "0", "end"], [-0.02, 0.05, "1", "end"]]) {
+    if (t === yl) continue;
+    const tx = document.createElementNS(SVG, "text");
+    tx.setAttribute("x", x); tx.setAttribute("y", y); tx.setAttribute("font-size", "0.05");
+    tx.setAttribute("text-anchor", a); tx.textContent = t;
+    svg.appendChild(tx);
+  }
+  const lbl = document.createElement("div");
+  lbl.className = "lbl";
+  lbl.textContent = title + " (x: " + xl + ", y: " + yl + ")";
+  box.appendChild(lbl);
+  box.appendChild(svg);
+  return box;
+}
+
+function drawCurves(c) {
+  const box = $("curves");
+  box.textContent = "";
+  box.appendChild(curve("image-roc", "image ROC", c.roc.fpr, c.roc.tpr, "FPR", "TPR", true));
+  box.appendChild(curve("image-pr", "image PR", c.pr.recall, c.pr.precision, "recall", "precision", false));
+  const notes = [];
+  if (c.pixel) {
+    box.appendChild(curve("pixel-roc", "pixel ROC", c.pixel.fpr, c.pixel.tpr, "FPR", "TPR", true));
+    box.appendChild(curve("pixel-pr", "pixel PR", c.pixel.recall, c.pixel.precision, "recall", "precision", false));
+  } else {
+    notes.push("Pixel curves not drawn: " + c.pixel_note + ".");
+  }
+  notes.push("PRO curve not drawn: zsad.metrics computes AUPRO (in the table) without keeping its curve.");
+  $("curve-notes").textContent = notes.join(" ");
+}
+
+// Image-level counts at t: anomalous when score >= t (zsad-infer's NG rule).
+function counts(c, t) {
+  const k = {tp: 0, fp: 0, tn: 0, fn: 0};
+  for (const it of c.images) {
+    const ng = it.score >= t;
+    if (ng) { if (it.label) k.tp++; else k.fp++; } else { if (it.label) k.fn++; else k.tn++; }
+  }
+  return k;
+}
+
+// The page's own F1-max: every distinct score, descending; a tie keeps the higher threshold.
+function pageF1max(c) {
+  const s = c.images.map((it) => [it.score, it.label]).sort((a, b) => b[0] - a[0]);
+  const pos = s.reduce((n, x) => n + x[1], 0);
+  if (!pos) return null;
+  let tp = 0, fp = 0, best = null;
+  for (let i = 0; i < s.length; i++) {
+    if (s[i][1]) tp++; else fp++;
+    if (i + 1 < s.length && s[i + 1][0] === s[i][0]) continue;
+    const f = 2 * tp / (tp + fp + pos);
+    if (best === null || f > best.f1) best = {threshold: s[i][0], f1: f};
+  }
+  return best;
+}
+
+const fmt = (x) => (x === null || isNaN(x)) ? "n/a" : x.toFixed(4);
+
+function setThreshold(t, from) {
+  if (!isFinite(t)) return;
+  thr = t;
+  if (from !== "range") $("thr-range").value = t;
+  if (from !== "number") $("thr").value = t;
+  const k = counts(cur, t);
+  for (const n of ["tp", "fp", "tn", "fn"]) $(n).textContent = k[n];
+  const p = (k.tp + k.fp) ? k.tp / (k.tp + k.fp) : null;
+  const r = (k.tp + k.fn) ? k.tp / (k.tp + k.fn) : null;
+  const f = (2 * k.tp + k.fp + k.fn) ? 2 * k.tp / (2 * k.tp + k.fp + k.fn) : null;
+  $("precision").textContent = fmt(p);
+  $("recall").textContent = fmt(r);
+  $("f1").textContent = fmt(f);
+  const line = $("infer-line");
+  if (!D.infer.command) {
+    line.textContent = D.infer.note || "";
+  } else {
+    line.textContent = "";
+    const c = document.createElement("span");
+    c.className = "cmd";
+    c.id = "infer-cmd";
+    c.textContent = D.infer.command.replace("{T}", String(t)).replace("{CLASS}", cur.name);
+    line.append("Copy: ", c);
+    if (D.infer.note) line.append(" " + D.infer.note);
+  }
+  page = 0;
+  drawGallery();
+}
+
+function keep(it, f) {
+  const ng = it.score >= thr;
+  return f === "all" || (f === "normal" && !it.label) || (f === "anomalous" && it.label) ||
+    (f === "fp" && ng && !it.label) || (f === "fn" && !ng && it.label);
+}
+
+function drawGallery() {
+  const f = $("filter").value;
+  const items = cur.images.filter((it) => keep(it, f)).sort((a, b) => b.score - a.score);
+  const pages = Math.max(1, Math.ceil(items.length / PAGE));
+  page = Math.min(Math.max(page, 0), pages - 1);
+  $("page-info").textContent = "page " + (page + 1) + " / " + pages + " (" + items.length + " images)";
+  const g = $("gallery");
+  g.textContent = "";
+  for (const it of items.slice(page * PAGE, (page + 1) * PAGE)) {
+    const ng = it.score >= thr;
+    const card = document.createElement("div");
+    card.className = "card" + (it.label ? " anom" : "") + (ng && !it.label ? " fp" : "") +
+      (!ng && it.label ? " fn" : "");
+    const img = document.createElement("img");
+    img.loading = "lazy";
+    img.src = it.src;
+    img.alt = it.name;
+    img.title = (it.cls ? it.cls + "/" : "") + it.defect + "/" + it.name;
+    const cap = document.createElement("div");
+    cap.className = "n";
+    cap.textContent = it.score.toPrecision(5) + " " + (it.label ? "anomalous" : "normal") + " " + it.defect;
+    card.append(img, cap);
+    g.appendChild(card);
+  }
+}
+
+function selectClass(i) {
+  cur = D.classes[i];
+  drawCurves(cur);
+  const sc = cur.images.map((it) => it.score);
+  const lo = Math.min(...sc), hi = Math.max(...sc);
+  $("thr-range").min = lo; $("thr-range").max = hi;
+  const py = cur.f1max, mine = pageF1max(cur);
+  $("f1max-t").textContent = py ? String(py.threshold) : "n/a (no anomalous image)";
+  $("f1max-f1").textContent = py ? py.f1.toFixed(4) : "n/a";
+  $("f1max-page").textContent = mine ? String(mine.threshold) : "n/a";
+  const agree = (!py && !mine) || (py && mine && py.threshold === mine.threshold && py.f1 === mine.f1);
+  $("f1max-agree").textContent = agree ? "(agrees)" : "(DISAGREES)";
+  if (!agree) console.error("F1-max: the page and Python disagree");
+  setThreshold(py ? py.threshold : (lo + hi) / 2);
+}
+
+$("metrics").querySelectorAll("thead th").forEach((th) => th.addEventListener("click", () => sortTable(th)));
+D.classes.forEach((c, i) => {
+  const o = document.createElement("option");
+  o.value = i; o.textContent = c.name + " (" + c.images.length + ")";
+  $("cls").appendChild(o);
+});
+$("cls").addEventListener("change", (e) => selectClass(+e.target.value));
+$("thr-range").addEventListener("input", (e) => setThreshold(+e.target.value, "range"));
+$("thr").addEventListener("change", (e) => setThreshold(+e.target.value, "number"));
+$("use-f1").addEventListener("click", () => cur.f1max && setThreshold(cur.f1max.threshold));
+$("filter").addEventListener("change", () => { page = 0; drawGallery(); });
+$("prev").addEventListener("click", () => { page--; drawGallery(); });
+$("next").addEventListener("click", () => { page++; drawGallery(); });
+if (D.classes.length) selectClass(0);
+"""
