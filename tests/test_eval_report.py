@@ -63,12 +63,15 @@ def test_curves_f1max_counts_equal_sklearn(seed):
     assert R.f1_max_threshold(np.zeros(5), np.arange(5.0)) is None
 
 
-def test_pixel_curve_points_are_sklearn_vertices():
+@pytest.mark.parametrize("quantised", [False, True])
+def test_pixel_curve_points_are_sklearn_vertices(quantised):
     rng = np.random.default_rng(3)
     masks = np.zeros((4, 16, 16), bool)
     masks[1, 3:8, 4:9] = masks[2, 10:14, 0:5] = True
     maps = (rng.random((4, 16, 16)) + 0.8 * masks).astype(np.float32)
-    c = R.pixel_curves(masks, maps, n_thresholds=40)
+    if quantised:  # many ties, and data values on the thresholds
+        maps = (np.round(maps * 5) / 5).astype(np.float32)
+    c = R.pixel_curves(masks, maps, n_thresholds=9 if quantised else 40)
     fpr, tpr, _ = roc_curve(masks.ravel(), maps.ravel(), drop_intermediate=False)
     vertices = set(zip(np.round(fpr, 9), np.round(tpr, 9), strict=True))
     assert all((round(f, 9), round(t, 9)) in vertices for f, t in zip(c["fpr"], c["tpr"], strict=True))
@@ -147,11 +150,16 @@ def _driver():
         from selenium.webdriver.chrome.service import Service
     except ImportError as err:
         pytest.skip(f"selenium is not installed ({err}); pip install -e '.[dev]'")
-    binary = next((b for b in ("/usr/bin/chromium", shutil.which("chromium") or "") if b and os.path.exists(b)), None)
-    driver = next((d for d in ("/usr/bin/chromedriver", shutil.which("chromedriver") or "")
-                   if d and os.path.exists(d)), None)
+    # ZSAD_CHROMIUM / ZSAD_CHROMEDRIVER name other binaries (given, they are the only ones tried)
+    binaries = [os.environ["ZSAD_CHROMIUM"]] if "ZSAD_CHROMIUM" in os.environ else [
+        "/usr/bin/chromium", shutil.which("chromium") or ""]
+    drivers = [os.environ["ZSAD_CHROMEDRIVER"]] if "ZSAD_CHROMEDRIVER" in os.environ else [
+        "/usr/bin/chromedriver", shutil.which("chromedriver") or ""]
+    binary = next((b for b in binaries if b and os.path.exists(b)), None)
+    driver = next((d for d in drivers if d and os.path.exists(d)), None)
     if binary is None or driver is None:
-        pytest.skip("no chromium / chromedriver on this machine (apt-get install chromium chromium-driver)")
+        pytest.skip(f"no {'chromium' if binary is None else 'chromedriver'} on this machine (looked for "
+                    f"{binaries if binary is None else drivers}; apt-get install chromium chromium-driver)")
     opts = webdriver.ChromeOptions()
     opts.binary_location = binary
     for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",

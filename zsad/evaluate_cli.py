@@ -289,8 +289,9 @@ def _write_report(collector, report: dict, meta: dict, method, checkpoint, proto
 
     status = model_status(report["clip_weights"], meta.get("epochs"))
     class_opt = " --class-name '{CLASS}'" if method.text_inputs() else ""
-    infer: dict[str, str | None] = {"command": f"zsad-infer --model {meta['method']} --threshold {{T}}{class_opt} IMAGES...",
-             "note": f"(zsad-predict --checkpoint {checkpoint} --threshold ... scores the same way, locally.)"}
+    infer: dict[str, str | None] = {
+        "command": f"zsad-infer --model {meta['method']} --threshold {{T}}{class_opt} IMAGES...",
+        "note": f"(zsad-predict --checkpoint {checkpoint} --threshold ... scores the same way, locally.)"}
     if protocol == "paper":
         infer = {"command": None, "note": "No zsad-infer line: under --protocol paper the image scores follow the "
                  "paper's test script (e.g. normalised over the test images of a class), which a served model, "

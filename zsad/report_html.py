@@ -81,7 +81,7 @@ def f1_max_threshold(labels, scores) -> tuple[float, float] | None:
 
 
 def pixel_curves(masks, maps, n_thresholds: int = PIXEL_THRESHOLDS) -> dict | None:
-    """Pixel-level ROC and PR points at ``n_thresholds`` thresholds evenly spaced over [min, max] of the maps
+    """Pixel-level ROC and PR points at ``n_thresholds`` thresholds evenly spaced over [min, max) of the maps
     (pixel anomalous when ``map >= t``), plus (0, 0) above the maximum: each a vertex of the exact curve.
     None when the class has no anomalous or no normal pixel."""
     y = np.asarray(masks).astype(bool).reshape(-1)
@@ -90,12 +90,14 @@ def pixel_curves(masks, maps, n_thresholds: int = PIXEL_THRESHOLDS) -> dict | No
     n_neg = y.size - n_pos
     if n_pos == 0 or n_neg == 0:
         return None
-    lo, hi = float(m.min()), float(m.max())
-    edges = np.unique(np.linspace(lo, hi, n_thresholds)) if hi > lo else np.array([lo])
-    bins = np.r_[edges, np.inf]
+    lo, hi = np.float64(m.min()), np.float64(m.max())
+    n_bins = max(int(n_thresholds), 2) if hi > lo else 1
+    # numpy's uniform-bin histogram (no sort) bins [e_j, e_j+1) exactly against its own float64 edges (the last bin
+    # closed): the number of values >= e_j is the sum of bins j.. for every edge but the last (the maximum).
+    edges = np.linspace(lo, hi, n_bins + 1)[:-1] if hi > lo else np.array([lo])
 
     def at_or_above(values: np.ndarray) -> np.ndarray:  # number of values >= each edge
-        hist, _ = np.histogram(values, bins=bins)
+        hist, _ = np.histogram(values, bins=n_bins, range=(lo, hi if hi > lo else lo + 1.0))
         return np.cumsum(hist[::-1])[::-1]
 
     tps = at_or_above(m[y])
@@ -521,8 +523,8 @@ function drawGallery() {
 function selectClass(i) {
   cur = D.classes[i];
   drawCurves(cur);
-  const sc = cur.images.map((it) => it.score);
-  const lo = Math.min(...sc), hi = Math.max(...sc);
+  let lo = Infinity, hi = -Infinity;  // a loop: Math.min(...scores) overflows the stack on large runs
+  for (const it of cur.images) { lo = Math.min(lo, it.score); hi = Math.max(hi, it.score); }
   $("thr-range").min = lo; $("thr-range").max = hi;
   const py = cur.f1max, mine = pageF1max(cur);
   $("f1max-t").textContent = py ? String(py.threshold) : "n/a (no anomalous image)";
