@@ -90,18 +90,18 @@ def pixel_curves(masks, maps, n_thresholds: int = PIXEL_THRESHOLDS) -> dict | No
     n_neg = y.size - n_pos
     if n_pos == 0 or n_neg == 0:
         return None
-    lo, hi = np.float64(m.min()), np.float64(m.max())
+    lo, hi = float(m.min()), float(m.max())
     n_bins = max(int(n_thresholds), 2) if hi > lo else 1
-    # numpy's uniform-bin histogram (no sort) bins [e_j, e_j+1) exactly against its own float64 edges (the last bin
-    # closed): the number of values >= e_j is the sum of bins j.. for every edge but the last (the maximum).
-    edges = np.linspace(lo, hi, n_bins + 1)[:-1] if hi > lo else np.array([lo])
+    # numpy's uniform-bin histogram (no sort) bins [e_j, e_j+1) exactly against its own edges (the last bin closed;
+    # the same edges for both calls): the number of values >= e_j is the sum of bins j.., for every edge but the
+    # last (the maximum, left out).
 
-    def at_or_above(values: np.ndarray) -> np.ndarray:  # number of values >= each edge
-        hist, _ = np.histogram(values, bins=n_bins, range=(lo, hi if hi > lo else lo + 1.0))
-        return np.cumsum(hist[::-1])[::-1]
+    def at_or_above(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # values >= each edge, the edges
+        hist, bin_edges = np.histogram(values, bins=n_bins, range=(lo, hi if hi > lo else lo + 1.0))
+        return np.cumsum(hist[::-1])[::-1], bin_edges[:-1]
 
-    tps = at_or_above(m[y])
-    fps = at_or_above(m[~y])
+    tps, edges = at_or_above(m[y])
+    fps, _ = at_or_above(m[~y])
     with np.errstate(invalid="ignore", divide="ignore"):
         precision = tps / (tps + fps)
     keep = (tps + fps) > 0
