@@ -162,7 +162,7 @@ class ReportCollector:
         for i, s in enumerate(tqdm(samples, desc=f"report {cls}", disable=not self.progress, leave=False,
                                    dynamic_ncols=True)):
             img = np.asarray(read_image(str(s.image)).resize(size, Image.Resampling.BICUBIC))
-            amap = np.asarray(Image.fromarray(np.asarray(maps[i], np.float32), mode="F").resize(
+            amap = np.asarray(Image.fromarray(np.asarray(maps[i], np.float32)).resize(
                 size, Image.Resampling.BILINEAR))
             mask = None
             if masks is not None and masks[i].any():
@@ -480,7 +480,8 @@ function setThreshold(t, from) {
     const c = document.createElement("span");
     c.className = "cmd";
     c.id = "infer-cmd";
-    c.textContent = D.infer.command.replace("{T}", String(t)).replace("{CLASS}", cur.name);
+    const cls = cur.images.length && cur.images[0].cls ? "CLASS" : cur.name;  // the pooled view: no one class
+    c.textContent = D.infer.command.replace("{T}", String(t)).replace("{CLASS}", cls);
     line.append("Copy: ", c);
     if (D.infer.note) line.append(" " + D.infer.note);
   }
