@@ -5,6 +5,7 @@ control gives scikit-learn's confusion counts, the F1-max threshold and the curv
 The browser part needs the Debian ``chromium`` and ``chromium-driver`` packages and Selenium (the dev extra); where
 they are missing it skips with the reason."""
 import json
+import math
 import os
 import re
 import shutil
@@ -82,6 +83,24 @@ def test_pixel_curve_points_are_sklearn_vertices(quantised):
     assert R.pixel_curves(np.zeros((1, 4, 4), bool), maps[:1, :4, :4]) is None
 
 
+@pytest.mark.parametrize("mode", ["anomalyclip", "sowa", "afclip", "mvtec"])
+def test_pro_curve_is_the_curve_aupro_integrates(mode):
+    from zsad.metrics import aupro, pro_curve
+
+    rng = np.random.default_rng(4)
+    masks = np.zeros((3, 24, 24), bool)
+    masks[0, 2:9, 3:7] = masks[2, 12:20, 10:13] = masks[2, 1:4, 1:4] = True
+    maps = (rng.random((3, 24, 24)) + 0.6 * masks).astype(np.float32)
+    curve = pro_curve(masks, maps, mode)
+    if mode == "mvtec":
+        assert curve is None
+        return
+    f, p = curve
+    assert np.all(np.diff(f) >= 0) and f[0] >= 0 and f[-1] == pytest.approx(1.0)
+    assert float(np.sum(np.diff(f) * (p[1:] + p[:-1]) / 2)) == aupro(masks, maps, mode)
+    assert pro_curve(np.zeros_like(masks), maps, mode) is None and math.isnan(aupro(np.zeros_like(masks), maps, mode))
+
+
 def test_model_status_never_claims_accuracy_untrained():
     assert R.model_status("random", 3)["untrained"] and not R.model_status("random", 3)["trained"]
     assert R.model_status("openai", 0)["untrained"]
@@ -139,6 +158,10 @@ def test_report_data_is_the_metrics(evaluated):
                                                               abs=1e-12)
         assert c["f1max"]["f1"] == pytest.approx(metrics["per_class"][c["name"]]["image_f1max"], abs=1e-12)
         assert c["pixel"] is not None
+        # the PRO curve drawn is the one the AUPRO integrated: its trapezoidal area is the metric
+        f, p = np.array(c["pro"]["fpr"]), np.array(c["pro"]["pro"])
+        assert float(np.sum(np.diff(f) * (p[1:] + p[:-1]) / 2)) == pytest.approx(
+            metrics["per_class"][c["name"]]["pixel_aupro"], abs=1e-12)
         assert all((out / it["src"]).is_file() for it in c["images"])
 
 
@@ -252,6 +275,8 @@ def test_report_in_headless_chromium(evaluated):
             assert {(round(r, 5), round(p, 5)) for r, p in zip(recall[:-1], precision[:-1], strict=True)} <= got
             if c["pixel"] is not None:
                 assert len(_points(driver, "pixel-roc")) == len(c["pixel"]["fpr"])
+                np.testing.assert_allclose(_points(driver, "pixel-pro"), np.c_[c["pro"]["fpr"], c["pro"]["pro"]],
+                                           atol=1e-6)
 
         severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
         assert not severe, severe

@@ -246,7 +246,7 @@ def run(checkpoint, data, split="test", classes=None, dataset_name=None, clip_we
     if html_report:
         from zsad.report_html import ReportCollector
 
-        collector = ReportCollector(out_dir, method.image_size, progress=progress)
+        collector = ReportCollector(out_dir, method.image_size, progress=progress, aupro_mode=aupro_mode)
     t0 = time.perf_counter()
     draws = [evaluate(method, samples, batch_size=batch_size, device=device, aupro_mode=aupro_mode,
                       heatmap_dir=out_dir / "heatmaps", heatmaps_per_class=heatmaps if i == 0 else 0,

@@ -73,6 +73,7 @@ __all__ = [
     "average_precision",
     "f1_max",
     "aupro",
+    "pro_curve",
     "class_metrics",
     "summarize",
 ]
@@ -333,17 +334,28 @@ def _mean_image_fpr(y: np.ndarray, m: np.ndarray, thresholds: np.ndarray) -> np.
 
 
 def _aupro_thresholds(d: _PixelData, fpr_limit: float, steps: int, mode: str) -> float:
+    curve = _pro_curve_thresholds(d, fpr_limit, steps, mode)
+    if curve is None:
+        return _NAN
+    f, p = curve
+    return float(np.sum(np.diff(f) * (p[1:] + p[:-1]) / 2.0))
+
+
+def _pro_curve_thresholds(d: _PixelData, fpr_limit: float, steps: int,
+                          mode: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """The (rescaled FPR, PRO) points, ascending FPR, whose trapezoidal area is the AUPRO of a 200-threshold mode;
+    None where that AUPRO is NaN."""
     fpr_kind, rescale = _THRESHOLD_MODES[mode]
     n_neg = d.neg.size
     if d.n_comp == 0 or n_neg == 0:
-        return _NAN
+        return None
     delta = (d.max - d.min) / steps
     thresholds = _floor_thresholds(d.min + np.arange(steps, dtype=np.float64) * delta, d.neg.dtype)
     if fpr_kind == "per_image":  # "sowa": FPR(t_j) = mean over images of #(normal > t_j) / #normal of that image
         assert d.images is not None, "built without keep_images"
         fpr = _mean_image_fpr(*d.images, thresholds)
         if fpr is None:  # no image has a normal pixel
-            return _NAN
+            return None
     else:  # FPR(t_j) = #(normal > t_j) / #normal, read off the sorted normal pixels of the class.
         fpr = (n_neg - d.neg.count(thresholds, side="right")) / n_neg
     # bin of an anomalous pixel = number of thresholds strictly below it, so it is predicted anomalous at
@@ -353,14 +365,14 @@ def _aupro_thresholds(d: _PixelData, fpr_limit: float, steps: int, mode: str) ->
     pro = np.cumsum(hist[::-1])[::-1][1:]  # pro[j] = sum of weights with bin > j
     keep = fpr < fpr_limit
     if keep.sum() < 2:
-        return _NAN
+        return None
     # Thresholds ascend, so FPR descends: reverse to integrate over ascending FPR.
     f, p = fpr[keep][::-1], pro[keep][::-1]
     lo, hi = (f.min() if rescale == "minmax" else 0.0), f.max()
     if hi == lo:
-        return _NAN
+        return None
     f = (f - lo) / (hi - lo)
-    return float(np.sum(np.diff(f) * (p[1:] + p[:-1]) / 2.0))
+    return f, p
 
 
 def _trapezoid_upto(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
@@ -429,6 +441,18 @@ def aupro(masks, maps, mode: str = "anomalyclip", fpr_limit: float = 0.3, steps:
     _check_aupro_args(mode, fpr_limit, steps)
     d = _PixelData(masks, maps, need_components=True, keep_images=mode == "sowa")
     return _aupro_from(d, mode, fpr_limit, steps)
+
+
+def pro_curve(masks, maps, mode: str = "anomalyclip", fpr_limit: float = 0.3,
+              steps: int = 200) -> tuple[np.ndarray, np.ndarray] | None:
+    """The curve :func:`aupro` integrates in a 200-threshold mode ("anomalyclip", "sowa", "afclip"): (FPR rescaled
+    as that mode does, PRO), ascending FPR; its trapezoidal area is the AUPRO. None where the AUPRO is NaN, and for
+    "mvtec" (an exact curve over every distinct score, not kept)."""
+    _check_aupro_args(mode, fpr_limit, steps)
+    if mode == "mvtec":
+        return None
+    d = _PixelData(masks, maps, need_components=True, keep_images=mode == "sowa")
+    return _pro_curve_thresholds(d, fpr_limit, int(steps), mode)
 
 
 def pixel_metrics(masks, maps, aupro_mode: str = "anomalyclip") -> dict[str, float]:

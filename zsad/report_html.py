@@ -1,18 +1,19 @@
 """report.html of zsad-eval: one self-contained page to read an evaluation and choose a threshold.
 
 The page holds the per-class table (ours beside the papers' numbers, sortable), the image-level ROC and PR curves
-of every class (and the pixel-level ones where the class has masks) as inline SVG, a threshold control that
-recomputes the image-level confusion counts, precision, recall and F1 in the page (and names the F1-max threshold),
-and a score-sorted gallery per class with filters. No network: the data is one JSON blob in the page, the script is
-inline, the thumbnails (overlay + ground-truth outline, small JPEGs) are files in ``report_files/`` beside it,
-referenced relatively and loaded lazily, one page of the gallery at a time.
+of every class (and the pixel-level ROC, PR and PRO ones where the class has masks) as inline SVG, a threshold
+control that recomputes the image-level confusion counts, precision, recall and F1 in the page (and names the F1-max
+threshold), and a score-sorted gallery per class with filters. No network: the data is one JSON blob in the page,
+the script is inline, the thumbnails (overlay + ground-truth outline, small JPEGs) are files in ``report_files/``
+beside it, referenced relatively and loaded lazily, one page of the gallery at a time.
 
 Every curve point is computed here, in Python, from the labels and scores (and maps and masks) that
 :func:`zsad.evaluate.evaluate` gave the metrics (its ``on_class`` hook): image level exactly as
 ``sklearn.metrics.roc_curve(..., drop_intermediate=False)`` / ``precision_recall_curve`` (scikit-learn is not a
 dependency; tests/test_eval_report.py checks the equality), pixel level at up to :data:`PIXEL_THRESHOLDS`
-thresholds, each point a vertex of the exact pixel curve. The prediction rule is zsad-infer's: anomalous (NG) when
-``score >= threshold``.
+thresholds, each point a vertex of the exact pixel curve; the PRO curve is the one the AUPRO integrates
+(:func:`zsad.metrics.pro_curve`, the 200-threshold modes; "mvtec" keeps none). The prediction rule is
+zsad-infer's: anomalous (NG) when ``score >= threshold``.
 """
 from __future__ import annotations
 
@@ -126,8 +127,10 @@ class ReportCollector:
     """The ``on_class`` hook of :func:`zsad.evaluate.evaluate`: per class, the curve points, the F1-max threshold,
     one thumbnail per image and the per-image scores and labels (nothing else is kept: the maps are dropped)."""
 
-    def __init__(self, out_dir: Path, image_size: int, thumb: int = THUMB, progress: bool = True):
+    def __init__(self, out_dir: Path, image_size: int, thumb: int = THUMB, progress: bool = True,
+                 aupro_mode: str = "anomalyclip"):
         self.out_dir = Path(out_dir)
+        self.aupro_mode = aupro_mode
         self.image_size = image_size
         self.thumb = thumb
         self.progress = progress
@@ -140,6 +143,16 @@ class ReportCollector:
                        "f1max": f1_max_threshold(labels, scores)}
         has_masks = any(getattr(s, "mask", None) for s in samples)
         entry["pixel"] = pixel_curves(masks, maps) if pixel and has_masks else None
+        entry["pro"] = None
+        if entry["pixel"] is not None:
+            from zsad.metrics import pro_curve
+
+            curve = pro_curve(masks, maps, self.aupro_mode)
+            entry["pro"] = None if curve is None else {"fpr": curve[0], "pro": curve[1]}
+        entry["pro_note"] = (None if entry["pro"] is not None else
+                             f"the {self.aupro_mode} AUPRO keeps no curve (an exact curve over every score)"
+                             if self.aupro_mode == "mvtec" and entry["pixel"] is not None else
+                             "AUPRO undefined for this class" if entry["pixel"] is not None else entry["pixel_note"])
         entry["pixel_note"] = (None if entry["pixel"] is not None else
                                "no pixel metrics under this protocol" if not pixel else
                                "no ground-truth masks" if not has_masks else "no anomalous (or no normal) pixel")
@@ -212,7 +225,7 @@ def _class_data(cls: str, e: dict) -> dict:
             "roc": {"fpr": e["roc"]["fpr"], "tpr": e["roc"]["tpr"]},
             "pr": {"recall": e["pr"]["recall"], "precision": e["pr"]["precision"]},
             "pixel": None if e["pixel"] is None else {k: e["pixel"][k] for k in ("fpr", "tpr", "recall", "precision")},
-            "pixel_note": e["pixel_note"]}
+            "pixel_note": e["pixel_note"], "pro": e.get("pro"), "pro_note": e.get("pro_note")}
 
 
 def _pooled(classes: dict) -> dict | None:
@@ -224,7 +237,7 @@ def _pooled(classes: dict) -> dict | None:
     scores = np.array([it["score"] for it in items])
     entry = {"roc": roc_points(labels, scores), "pr": pr_points(labels, scores),
              "f1max": f1_max_threshold(labels, scores), "pixel": None,
-             "pixel_note": "pixel curves are per class", "images": items}
+             "pixel_note": "pixel curves are per class", "pro_note": "PRO curves are per class", "images": items}
     return _class_data("(all classes)", entry)
 
 
@@ -428,7 +441,12 @@ function drawCurves(c) {
   } else {
     notes.push("Pixel curves not drawn: " + c.pixel_note + ".");
   }
-  notes.push("PRO curve not drawn: zsad.metrics computes AUPRO (in the table) without keeping its curve.");
+  if (c.pro) {
+    box.appendChild(curve("pixel-pro", "pixel PRO, " + D.meta.aupro_mode + " AUPRO's (FPR < 0.3, rescaled)",
+                          c.pro.fpr, c.pro.pro, "FPR", "PRO", false));
+  } else {
+    notes.push("PRO curve not drawn: " + (c.pro_note || "no PRO curve") + ".");
+  }
   $("curve-notes").textContent = notes.join(" ");
 }
 
