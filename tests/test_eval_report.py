@@ -101,6 +101,37 @@ def test_pro_curve_is_the_curve_aupro_integrates(mode):
     assert pro_curve(np.zeros_like(masks), maps, mode) is None and math.isnan(aupro(np.zeros_like(masks), maps, mode))
 
 
+def test_collector_class_without_anomalies_or_masks(tmp_path):
+    """A class of normal images only (no masks): no F1-max, no pixel or PRO curve, and the page says why."""
+    from PIL import Image
+
+    from zsad.data.readers import Sample
+
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.png")
+        Image.new("RGB", (40, 30), (10 * i, 0, 0)).save(paths[-1])
+    samples = [Sample(p, None, 0, "tubes", "good") for p in paths]
+    col = R.ReportCollector(tmp_path / "out", 32, progress=False)
+    col("tubes", samples, np.zeros(3), np.array([0.1, 0.5, 0.2]), np.zeros((3, 32, 32), bool),
+        np.random.default_rng(0).random((3, 32, 32), dtype=np.float32), True)
+    e = col.classes["tubes"]
+    assert e["f1max"] is None and e["pixel"] is None and e["pro"] is None
+    assert e["pixel_note"] == "no ground-truth masks" and e["pro_note"] == "no ground-truth masks"
+    assert [it["score"] for it in e["images"]] == [0.1, 0.5, 0.2]
+    assert all((tmp_path / "out" / it["src"]).is_file() for it in e["images"])
+    report = {"method": "bagclip", "per_class": {"tubes": {"image_auroc": float("nan")}}, "mean": {},
+              "counts": {"tubes": {"images": 3, "anomalous": 0}}}
+    page = col.write(report, R.model_status("random", 0), {"command": None, "note": "n"}).read_text()
+    blob = re.search(r'<script type="application/json" id="data">(.*?)</script>', page, re.S).group(1)
+
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON (JSON.parse fails on it)")
+
+    json.loads(blob, parse_constant=refuse)
+    assert "UNTRAINED" in page and "<td data-v=\"\">n/a</td>" in page
+
+
 def test_model_status_never_claims_accuracy_untrained():
     assert R.model_status("random", 3)["untrained"] and not R.model_status("random", 3)["trained"]
     assert R.model_status("openai", 0)["untrained"]

@@ -143,6 +143,9 @@ class ReportCollector:
                        "f1max": f1_max_threshold(labels, scores)}
         has_masks = any(getattr(s, "mask", None) for s in samples)
         entry["pixel"] = pixel_curves(masks, maps) if pixel and has_masks else None
+        entry["pixel_note"] = (None if entry["pixel"] is not None else
+                               "no pixel metrics under this protocol" if not pixel else
+                               "no ground-truth masks" if not has_masks else "no anomalous (or no normal) pixel")
         entry["pro"] = None
         if entry["pixel"] is not None:
             from zsad.metrics import pro_curve
@@ -153,9 +156,6 @@ class ReportCollector:
                              f"the {self.aupro_mode} AUPRO keeps no curve (an exact curve over every score)"
                              if self.aupro_mode == "mvtec" and entry["pixel"] is not None else
                              "AUPRO undefined for this class" if entry["pixel"] is not None else entry["pixel_note"])
-        entry["pixel_note"] = (None if entry["pixel"] is not None else
-                               "no pixel metrics under this protocol" if not pixel else
-                               "no ground-truth masks" if not has_masks else "no anomalous (or no normal) pixel")
         folder = self.out_dir / FILES_DIR / f"{len(self.classes):03d}"
         entry["images"] = self._thumbnails(folder, cls, samples, labels, scores, masks if has_masks else None, maps)
         self.classes[cls] = entry
@@ -352,6 +352,9 @@ the page computes <span id="f1max-page"></span> <span id="f1max-agree"></span></
 <option value="anomalous">anomalous</option><option value="fp">false positives</option>
 <option value="fn">false negatives</option></select>
 <button id="prev">&lt; previous</button> <span id="page-info"></span> <button id="next">next &gt;</button></div>
+<p class="note">Each thumbnail: the image with its anomaly map (one colour scale per class, blue low, red high) and
+the ground-truth outline in white. Border: red = anomalous, grey = normal; orange ring = false positive, purple ring =
+false negative at the threshold.</p>
 <div id="gallery"></div>
 <script type="application/json" id="data">{{DATA}}</script>
 <script>{{SCRIPT}}</script>
@@ -442,8 +445,8 @@ function drawCurves(c) {
     notes.push("Pixel curves not drawn: " + c.pixel_note + ".");
   }
   if (c.pro) {
-    box.appendChild(curve("pixel-pro", "pixel PRO, " + D.meta.aupro_mode + " AUPRO's (FPR < 0.3, rescaled)",
-                          c.pro.fpr, c.pro.pro, "FPR", "PRO", false));
+    box.appendChild(curve("pixel-pro", "pixel PRO (" + D.meta.aupro_mode + ")", c.pro.fpr, c.pro.pro,
+                          "FPR<0.3 rescaled", "PRO", false));
   } else {
     notes.push("PRO curve not drawn: " + (c.pro_note || "no PRO curve") + ".");
   }
