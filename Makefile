@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.zsad-installed
 PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test test-fast lint clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ demo: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest
+
+# the developer's tier (under 3 minutes on 2 cores): no lint, no slow / server / gpu tests
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow and not server and not gpu"
 
 # ruff rules and mypy settings: [tool.ruff.lint] / [tool.mypy] in pyproject.toml. mypy runs through
 # tools/typecheck.py, which names the stage folders' modules as installed (zsad.export, ...).

@@ -213,6 +213,7 @@ def test_loss_terms_and_gradients():
     assert all(p.grad is None for p in m.backbone.parameters())
 
 
+@pytest.mark.slow
 def test_learning_on_synthetic_defects(synthetic):
     """Tiny AF-CLIP (random CLIP) must learn to localise held-out synthetic defects (tiny profile's recipe).
 

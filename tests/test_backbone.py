@@ -174,6 +174,7 @@ def test_image_size_must_be_a_patch_multiple():
 
 
 # -- weights files ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_weights_from_safetensors_and_torch_files(tmp_path, tiny, images):
     state = {k: v.contiguous() for k, v in tiny.clip.state_dict().items()}
     save_file(state, str(tmp_path / "clip.safetensors"))

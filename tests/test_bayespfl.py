@@ -116,6 +116,7 @@ def test_class_names_become_fixed_length_token_ids(tiny_method):
 
 
 # -- text -----------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_cut_text_batch_equals_uncut_per_sequence_text(small):
     """The 2BR sequences per image run as one batch cut after the end token: same features as 77-token singles."""
     m = small
@@ -168,6 +169,7 @@ def test_rca_against_a_naive_loop_and_its_residual():
 
 
 # -- stages, determinism, forward --------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_stages_declare_what_they_produce(tiny_method):
     m = tiny_method("bayespfl")
     stages = m.stages()
@@ -194,6 +196,7 @@ def test_stages_declare_what_they_produce(tiny_method):
         st.module(*st.example_inputs(batch=2))
 
 
+@pytest.mark.slow
 def test_batch_equals_single_images_and_noise_is_fixed(tiny_method):
     """Spec golden test 5: the vectorised batch equals batch-1 runs with the same noise; reruns are identical."""
     m = tiny_method("bayespfl")  # R = 10, as served
@@ -213,6 +216,7 @@ def test_batch_equals_single_images_and_noise_is_fixed(tiny_method):
     assert not torch.equal(M.create("bayespfl", "tiny", sampling={"noise_seed": 1}).noise_context, m.noise_context)
 
 
+@pytest.mark.slow
 def test_random_noise_mode_resamples():
     m = M.create("bayespfl", "tiny", sampling={"noise": "random", "samples": 2})
     x = random_images(1, seed=3)
@@ -290,6 +294,7 @@ def _reference_forward(m, x, names):
     return np.array(scores), np.stack(maps)
 
 
+@pytest.mark.slow
 def test_forward_against_an_independent_reference(small):
     m = small
     x, names = random_images(2, seed=4), ["bottle", "metal_nut"]
@@ -327,6 +332,7 @@ def test_losses_against_their_formulas():
     assert float(focal_loss(torch.stack([1 - p, p], 1), torch.zeros(3, 8, 8), reduction="balanced")) > 0
 
 
+@pytest.mark.slow
 def test_training_prompts_get_the_zsad_class_words(monkeypatch):
     """Training turns the batch's class folders into words by zsad's rule, as zsad-eval does by default."""
     m = M.create("bayespfl", "tiny", augment={"enabled": False}, sampling={"train_samples": 1}).train()
@@ -386,6 +392,7 @@ def test_param_groups_follow_the_released_rates(tiny_method):
     assert all(a >= b for a, b in zip(factors[10:-1], factors[11:], strict=True))
 
 
+@pytest.mark.slow
 def test_checkpoint_round_trip(tmp_path):
     from zsad.checkpoint import load_checkpoint, save_checkpoint
 
@@ -468,6 +475,7 @@ def test_mosaic_of_four_anomalous_images_on_mvtec_only(tmp_path):
     assert 3 <= mosaics <= 17  # p = 0.4 of 25 draws
 
 
+@pytest.mark.slow
 def test_evaluation_passes_each_samples_class_name(small, tmp_path, monkeypatch):
     from zsad.calibration import fit_calibration
     from zsad.data import load_samples
@@ -504,6 +512,7 @@ def test_evaluation_passes_each_samples_class_name(small, tmp_path, monkeypatch)
 
 
 # -- learning ---------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_learning_on_synthetic_defects(synthetic):
     """Tiny Bayes-PFL (random CLIP) must learn to localise held-out synthetic defects.
 
@@ -546,6 +555,7 @@ def _batch():
             "cls": ["bottle", "screw", "bottle", "screw"]}
 
 
+@pytest.mark.slow
 def test_second_stage_loss_is_the_ce_term_alone_by_hand():
     """Stage 2's loss at a fixed input against a hand computation: 2-class CE of the logits
     exp(tau_img) <unit(W_c z + b_c), unit(W_i (x_cls + fuse(F)) + b_i)>, written out with plain matmuls, where
@@ -605,6 +615,7 @@ def test_second_stage_step_changes_only_the_image_head():
     assert changed == in_group
 
 
+@pytest.mark.slow
 def test_stage_one_with_a_second_stage_scores_images_from_x_cls_alone():
     """Released stage 1 (a second stage following): image logits use normalize(x_cls); fuse and image_mapping get
     no gradient."""
@@ -624,6 +635,7 @@ def _loop_set(synthetic):
     return AnomalyDataset(samples[:2] + samples[-2:], 224), samples[:1] + samples[-1:]
 
 
+@pytest.mark.slow
 def test_early_stopping_switches_stage_and_restores_the_best_weights(tmp_path, synthetic, monkeypatch):
     """A monkeypatched held-out metric sequence: stage 1 (pixel AP) 0.5, 0.6, 0.55, 0.55 -> with patience 1 it
     stops after epoch 4; stage 2 starts from epoch 2's weights; stage 2 (image AP) 0.3, 0.2, 0.2 stops after its
@@ -663,6 +675,7 @@ def test_early_stopping_switches_stage_and_restores_the_best_weights(tmp_path, s
     assert read_sidecar(tmp_path)["stage"] == 2 and read_sidecar(tmp_path)["epochs"] == 7
 
 
+@pytest.mark.slow
 def test_resume_across_the_stage_boundary_is_exact(tmp_path, synthetic, monkeypatch):
     """Stage 1 (2 epochs, best at epoch 1 by the held-out metric) then stage 2 (2 epochs). A run that crashes at the
     start of the first stage-2 epoch and is resumed ends bit-identical to an unbroken one (the restore of the best

@@ -66,6 +66,7 @@ def _run(tmp_path, backends, extra=()):
     return data, res.output, (tmp_path / f"{stem}.md").read_text()
 
 
+@pytest.mark.slow
 def test_bench_torch_and_ort_with_skips(tmp_path, monkeypatch):
     data, output, md = _run(tmp_path, "torch-fp32,ort,torch-fp16,cuda-graphs,tensorrt")
     env = data["environment"]
@@ -138,6 +139,7 @@ def test_bench_rejects_bad_arguments(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_cpu_backends_share_one_onnx_export(monkeypatch):
     """ort, ort-int8 and openvino-fp32 in one run export each stage to ONNX once (the shared Scratch), and each
     backend still matches torch fp32."""
@@ -180,6 +182,7 @@ def test_bench_served_sweep(tmp_path):
 
 
 # every method outside the AnomalyCLIP family (the tests above bench anomalyclip, whose stage chain bagclip shares)
+@pytest.mark.slow
 @pytest.mark.parametrize("model", [n for n in M.available()
                                    if not issubclass(M.METHODS[n], M.METHODS["anomalyclip"])])
 def test_bench_takes_every_method(tmp_path, model):
@@ -283,6 +286,7 @@ def test_a_second_run_the_same_day_keeps_the_first_runs_files(tmp_path):
     assert "run 2" in second["md"].read_text() and "run 1" not in second["md"].read_text()
 
 
+@pytest.mark.slow
 def test_bench_parity_takes_near_tie_selections_and_refuses_others(trained_run):
     """zsad-bench's parity columns on a trained BAG-CLIP: a backend whose kNN selection breaks a near-tie the
     other way (its outputs computed on that selection) passes, with the differing selection counted; one that

@@ -320,6 +320,7 @@ CASES = {  # name: (builder, what the one-line error says)
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_crafted_file_is_refused_in_one_line_quickly_in_bounded_memory(tmp_path, reference, case):
     build, message = CASES[case]
@@ -329,6 +330,7 @@ def test_crafted_file_is_refused_in_one_line_quickly_in_bounded_memory(tmp_path,
     assert not (tmp_path / "out" / "checkpoint.json").exists()
 
 
+@pytest.mark.slow
 def test_on_the_fly_import_refuses_a_bomb_given_as_checkpoint(tmp_path, reference):
     """zsad-eval --checkpoint RELEASED_FILE takes the same reader: the bomb is refused before any data is read."""
     args = deflate_bomb(tmp_path / "epoch_15.pth")
@@ -339,6 +341,7 @@ def test_on_the_fly_import_refuses_a_bomb_given_as_checkpoint(tmp_path, referenc
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_paper_profile_import_builds_no_model(tmp_path, reference):
     """Checking a paper-width AnomalyCLIP file against the ViT-L-14-336 profile costs no model (was ~2.2 GB)."""
     anomalyclip_file(tmp_path / "epoch_15.pth", 768)
@@ -427,6 +430,7 @@ def test_clip_file_keys_and_positional_grid_are_checked_at_import(tmp_path):
 
 
 # -- real-size memory ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_300_mb_sowa_checkpoint_imports_far_below_its_size_plus_1_gb(tmp_path, reference):
     """SOWA with its bundled CLIP (a ViT of width 512, 8 + 8 layers: ~300 MB): the import reads and writes one
     tensor at a time, so its peak stays well under file size + 1 GB (it held every storage, a float copy of the
@@ -462,6 +466,7 @@ def test_a_300_mb_sowa_checkpoint_imports_far_below_its_size_plus_1_gb(tmp_path,
 
 
 # -- the tables are the modules' shapes ----------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["zsad-tiny", "ViT-L-14-336", "ViT-B-16"])
 def test_clip_shape_table_is_open_clips_state_dict(arch):
     from zsad._compat import import_open_clip

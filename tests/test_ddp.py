@@ -214,6 +214,7 @@ def _losses(records, epoch, rank):
 
 
 # == (a) the shards =================================================================================================
+@pytest.mark.slow
 def test_each_sample_is_seen_once_per_epoch_across_the_processes(runs):
     recs, images = runs["straight"], runs["images"]
     assert {r["epoch"] for r in recs if r["kind"] == "item"} == {0, 1}
@@ -234,6 +235,7 @@ def test_each_sample_is_seen_once_per_epoch_across_the_processes(runs):
 
 
 # == (b) one DDP step == the single-process step on the union =======================================================
+@pytest.mark.slow
 def test_each_ddp_step_equals_the_single_process_step_on_the_union_of_the_shards(runs):
     """AnomalyCLIP's loss is a per-sample mean (image CE: mean over images; focal: mean over the pixels of equal-sized
     images; dice: mean of per-image dice), so a DDP step's gradient must be the gradient of the loss on the union of
@@ -287,6 +289,7 @@ def _check_first_adam_step(m, dump) -> None:
         assert torch.allclose(p.detach(), dump["after"][k], rtol=0, atol=1e-3 * cfg.lr), k
 
 
+@pytest.mark.slow
 def test_history_rows_are_means_over_every_process(runs):
     """history.csv's loss of an epoch: the mean over the epoch's steps of BOTH processes (3 on rank 0, 2 on rank 1),
     not rank 0's alone."""
@@ -302,6 +305,7 @@ def test_history_rows_are_means_over_every_process(runs):
 
 
 # == (c) rank 0 alone writes ========================================================================================
+@pytest.mark.slow
 def test_rank_zero_alone_writes_the_run(runs):
     for name in ("straight", "first", "resumed"):
         recs = runs[name]
@@ -324,6 +328,7 @@ def _same(a, b) -> bool:
     return a == b
 
 
+@pytest.mark.slow
 def test_resume_under_torchrun_continues_exactly(runs):
     """2 epochs in one launch == 1 epoch, then --resume for the 2nd in another: bit-identical weights and optimizer
     state, the same history (but for the wall-clock seconds). Each epoch has 2+ steps per process, so a process
@@ -346,6 +351,7 @@ def test_resume_under_torchrun_continues_exactly(runs):
 
 
 # == (e) export =====================================================================================================
+@pytest.mark.slow
 def test_a_ddp_trained_run_exports_through_the_parity_gate(runs, tmp_path):
     from click.testing import CliRunner
 
@@ -361,6 +367,7 @@ def test_a_ddp_trained_run_exports_through_the_parity_gate(runs, tmp_path):
 
 
 # == Bayes-PFL: two stages, early stopping ==========================================================================
+@pytest.mark.slow
 def test_two_stage_training_with_early_stopping_under_torchrun(synthetic, tmp_path):
     """Bayes-PFL's recipe (second stage on; early stopping on a held-out class): each stage trains only some
     parameters (DDP must allow unused ones), and every process must end stage 1 at the epoch rank 0's held-out

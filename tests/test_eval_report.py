@@ -161,6 +161,7 @@ def _page_data(out: Path) -> dict:
     return json.loads(blob.replace("<\\/", "</"))
 
 
+@pytest.mark.slow
 def test_no_report_writes_exactly_the_previous_outputs(evaluated):
     base, out_with, out_without = evaluated
     files = {d: sorted(p.relative_to(base / d).as_posix() for p in (base / d).rglob("*") if p.is_file())
@@ -174,6 +175,7 @@ def test_no_report_writes_exactly_the_previous_outputs(evaluated):
     assert "report.html" not in out_without
 
 
+@pytest.mark.slow
 def test_report_data_is_the_metrics(evaluated):
     base, _, _ = evaluated
     out = base / "with"
@@ -231,6 +233,7 @@ def _points(driver, svg_id):
     return np.array([[float(v) for v in p.split(",")] for p in pts.split()])
 
 
+@pytest.mark.slow
 def test_report_in_headless_chromium(evaluated):
     base, _, _ = evaluated
     out = base / "with"
@@ -315,6 +318,7 @@ def test_report_in_headless_chromium(evaluated):
         driver.quit()
 
 
+@pytest.mark.slow
 def test_report_page_counts_many_images_fast(tmp_path):
     """A 10,000-image run (synthetic scores, one shared thumbnail): the page opens and the gallery draws one page."""
     import time

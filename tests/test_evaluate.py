@@ -45,6 +45,7 @@ def setup(tmp_path_factory):
     return base, method
 
 
+@pytest.mark.slow
 def test_eval_cli_writes_everything(setup):
     base, method = setup
     out = base / "out"
@@ -87,6 +88,7 @@ def test_eval_cli_errors(setup, tmp_path):
     assert res.exit_code == 2 and "void" in res.stderr and isinstance(res.exception, SystemExit)
 
 
+@pytest.mark.slow
 def test_eval_refuses_masks_of_another_size_unless_resize_masks(setup, tmp_path):
     base, _ = setup
     import shutil
@@ -133,6 +135,7 @@ def _hand_minmax(x, eps=0.0):
     return (x - x.min()) / (x.max() - x.min() + eps)
 
 
+@pytest.mark.slow
 def test_eval_protocol_paper_bayespfl(tmp_path_factory, setup):
     from zsad.protocols import forward_with_terms
 
@@ -180,6 +183,7 @@ def test_eval_protocol_paper_bayespfl(tmp_path_factory, setup):
     assert br["image_auroc"] == pytest.approx(roc_auc_score(labels, brain["s_text"]), abs=1e-9)
 
 
+@pytest.mark.slow
 def test_eval_protocol_paper_sowa_few_shot_draws(tmp_path_factory, setup):
     from zsad.evaluate import _load_support, support_images
     from zsad.protocols import forward_with_terms

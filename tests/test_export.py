@@ -142,6 +142,7 @@ def test_onnx_stage_matches_torch_with_dynamic_batch(tmp_path, tiny_method):
         np.testing.assert_allclose(got[1], ref[1].numpy(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_export_writes_a_repository_that_passed_the_gate(tmp_path):
     res = CliRunner().invoke(export_cli, ["--model", "anomalyclip", "--profile", "tiny", "--backend", "python-ort",
                                           "--out", str(tmp_path / "repo"), "--max-batch", "8", "--parity-images", "3",
@@ -165,6 +166,7 @@ def test_export_writes_a_repository_that_passed_the_gate(tmp_path):
     assert "max rel" in res.output and "UNTRAINED" in res.output
 
 
+@pytest.mark.slow
 def test_failing_stage_is_not_written_and_named(tmp_path, monkeypatch):
     """Sabotage the head's exported copy (its baked text rows swapped): the gate must refuse and write nothing."""
     real = export_stage
@@ -206,6 +208,7 @@ def test_fp16_and_tensorrt_are_refused_clearly_where_they_cannot_run(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_fp16_conversion_keeps_normalisation_in_fp32(tmp_path, tiny_method):
     from zsad.export.fp16 import KEEP_FP32, convert_to_fp16
 
@@ -242,6 +245,7 @@ def test_tensorrt_engine_builds(tmp_path, tiny_method):
     assert res.ensembles == ["anomalyclip", "anomalyclip_raw"]
 
 
+@pytest.mark.slow
 def test_python_torch_backend_ships_a_checkpoint(tmp_path):
     res = exporter.export_model(exporter.ExportOptions(model="bagclip", profile="tiny", backend="python-torch",
                                                        device="cpu", out=tmp_path / "repo", max_batch=4,
@@ -266,6 +270,7 @@ def test_vit_l_paper_profile_exports_on_this_box(tmp_path):
     assert taps and all(r.max_rel <= parity.FP32_TOL for r in taps)
 
 
+@pytest.mark.slow
 def test_few_shot_export_bakes_the_memory_bank(tmp_path):
     """AF-CLIP+ with a 2-image support folder: the few-shot stage is exported and its ONNX chain reproduces the
     eager few-shot model fitted on the same images (an independent run, not the exporter's own report)."""
@@ -313,6 +318,7 @@ def _snapshot(root):
     return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
 
 
+@pytest.mark.slow
 def test_export_never_touches_folders_it_did_not_write(tmp_path, monkeypatch):
     repo = tmp_path / "repo"
     (repo / "anomalyclip_head" / "1").mkdir(parents=True)  # a user's folder that happens to clash with a model

@@ -198,6 +198,7 @@ def _crafted_gpu_result(forecast_json: dict, device_name: str = "NVIDIA H100 80G
             "environment": {"device": "cuda", "device_name": device_name}, "rows": rows, "paper": []}
 
 
+@pytest.mark.slow
 def test_forecast_files_and_measured_over_forecast(tmp_path):
     out = tmp_path / "out"
     args = ["--forecast", "h100,l4", "--model", "bagclip", "--profile", "tiny", "--batch", "1,2", "--out", str(out)]

@@ -39,6 +39,7 @@ def test_goals_from_rows_by_hand():
     assert cpu[0]["measured"] == 50.0 and cpu[0]["status"].startswith("not measured")
 
 
+@pytest.mark.slow
 def test_orchestrator_caps_steps_and_keeps_going(tmp_path, monkeypatch):
     """A step over its cap is stopped and marked, the next one still runs (here: a skip with its reason), and the
     summary and steps.json are complete; a step left without budget is 'not run'."""

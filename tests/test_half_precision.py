@@ -242,6 +242,7 @@ def test_tolerances_are_the_gpu_tests():
     assert TOL == test_chain_gpu.TOL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", M.available())
 def test_chain_in_half_precision_within_the_gpu_tolerance(name, shallow_arch):
     """fp16 and bf16 autocast against fp32 on two synthetic images: finite, score and map within TOL. BAG-CLIP's
@@ -290,6 +291,7 @@ def _converted_chain(method, tmp_path):
     return stages, paths
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", M.available())
 def test_fp16_onnx_chain_passes_the_fp16_gate_on_cpu(tmp_path, tiny_method, name):
     """The converted stages on ONNX Runtime's CPU provider against the torch chain, by the export's fp16 gate (every
@@ -308,6 +310,7 @@ def test_fp16_onnx_chain_passes_the_fp16_gate_on_cpu(tmp_path, tiny_method, name
     assert rows and all(r.ok for r in rows)
 
 
+@pytest.mark.slow
 def test_fp16_onnx_keeps_the_end_token_ids_exact(tmp_path, tiny_method):
     """Bayes-PFL finds the end token as the argmax of the class-token ids cast to float: the start token 49406 and the
     end token 49407 are one apart, and fp16 rounds both to 49408 (steps of 32 there), so an fp16 ArgMax picks the

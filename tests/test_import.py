@@ -595,6 +595,7 @@ def test_sowa_lightning_checkpoint_with_the_released_globals_imports_and_nothing
 
 
 # -- tests: paper widths ------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_anomalyclip_paper_file_imports_and_runs(tmp_path):
     sd = anomalyclip_file(tmp_path / "epoch_15.pth", 768, dtype=torch.float16)  # a CUDA run's fp16 learner
     out = import_checkpoint("anomalyclip", [tmp_path / "epoch_15.pth"], tmp_path / "ckpt",
@@ -619,6 +620,7 @@ def test_anomalyclip_paper_file_imports_and_runs(tmp_path):
     assert o.anomaly_map.shape == (1, 112, 112) and torch.isfinite(o.score).all()
 
 
+@pytest.mark.slow
 def test_afclip_paper_files_import_and_run(tmp_path, capsys):
     prompt, adaptor, state = afclip_files(tmp_path, 768, 1024, 8, 64)
     out = import_checkpoint("afclip", [adaptor, prompt], tmp_path / "ckpt",  # either order
@@ -640,6 +642,7 @@ def test_afclip_paper_files_import_and_run(tmp_path, capsys):
     assert torch.isfinite(o.anomaly_map).all()
 
 
+@pytest.mark.slow
 def test_bayespfl_paper_file_imports_and_runs(tmp_path):
     unique = []
     sd = bayespfl_file(tmp_path / "train_visa.pth", 768, 768, 1024, unique=unique)
@@ -669,6 +672,7 @@ def test_bayespfl_paper_file_imports_and_runs(tmp_path):
     assert torch.isfinite(o.score).all()
 
 
+@pytest.mark.slow
 def test_sowa_paper_file_imports_and_runs(tmp_path):
     sd = sowa_file(tmp_path / "last.ckpt", 1024, 768, [6, 12, 18, 24])
     out = import_checkpoint("sowa", [tmp_path / "last.ckpt"], tmp_path / "ckpt",
@@ -767,6 +771,7 @@ def test_clip_weights_go_into_the_on_the_fly_import(tmp_path, capsys):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_sowa_released_file_with_clip_weights_runs_on_them_not_on_its_own_clip(tmp_path):
     """SOWA's checkpoint carries a CLIP; given --clip-weights, the on-the-fly import does not extract it, and the
     model built from the released file runs on the user's CLIP."""

@@ -242,6 +242,7 @@ def _knn(**blocks):
                     partial(KG.knn_topk_triton, torch.zeros(1, 1369, 1024), 8, **blocks))
 
 
+@pytest.mark.slow
 def test_the_step_fails_a_spilling_and_an_oversized_configuration(tmp_path, monkeypatch, capsys):
     """Deliberately invalid configurations, on sm_89: SOWA's window attention in fp32 with the launcher's former
     choice (64 x 64 blocks, 8 warps, 2 stages) spills; in fp16 with 64 x 128 blocks in 3 stages it asks for 176 KB of
@@ -271,6 +272,7 @@ def test_the_step_fails_a_spilling_and_an_oversized_configuration(tmp_path, monk
     assert e.value.code not in (0, None)
 
 
+@pytest.mark.slow
 def test_representative_configurations_compile_clean_and_the_table_reads_them(tmp_path):
     """One launch of each kernel at its paper setting, for all three targets; for one of them the test runs ptxas
     -v itself on Triton's PTX and reads Triton's cubin with cuobjdump, and both agree with the row."""

@@ -108,6 +108,7 @@ def test_stage_chain_by_hand_equals_forward(tiny_method, name):
     assert torch.equal(env["score"], out.score) and torch.equal(env["anomaly_map"], out.anomaly_map)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", M.available())
 def test_exported_onnx_chain_equals_eager(tmp_path, name):
     _assert_exported_matches_eager(tmp_path, name, "tiny")
@@ -216,6 +217,7 @@ def test_probe_method_is_created_from_the_registry(probe):
     assert by_hand.min() - 1e-5 <= out.anomaly_map.min() and out.anomaly_map.max() <= by_hand.max() + 1e-5
 
 
+@pytest.mark.slow
 def test_probe_method_exports_with_parity(tmp_path, probe):
     _assert_exported_matches_eager(tmp_path, ProbeMethod.name, probe)
 
@@ -224,6 +226,7 @@ def test_probe_method_checkpoint_round_trip(tmp_path, probe):
     _assert_checkpoint_round_trip(tmp_path, M.create(ProbeMethod.name, probe))
 
 
+@pytest.mark.slow
 def test_probe_method_benchmarks(tmp_path, probe):
     from click.testing import CliRunner
 

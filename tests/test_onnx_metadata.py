@@ -3,6 +3,7 @@ import hashlib
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
@@ -17,6 +18,7 @@ def _props(path) -> dict:
     return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
 
 
+@pytest.mark.slow
 def test_exported_stages_carry_their_metadata(tmp_path):
     method = M.create("anomalyclip", "tiny")
     ckpt = save_checkpoint(tmp_path / "ckpt", method)
@@ -43,6 +45,7 @@ def test_exported_stages_carry_their_metadata(tmp_path):
     assert {_props(f)["zsad.stage"] for f in files} == set(stages)
 
 
+@pytest.mark.slow
 def test_untrained_export_says_so_and_has_no_checkpoint_hash(tmp_path):
     res = export_model(ExportOptions(model="anomalyclip", profile="tiny", backend="onnxruntime", out=tmp_path / "repo",
                                      max_batch=2, parity_images=2), log=lambda *a: None)

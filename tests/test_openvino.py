@@ -79,6 +79,7 @@ def _attention_inputs_quantised(model) -> list[bool]:
     return [op.input(0).get_source_output().get_node().get_type_name() == "FakeQuantize" for op in ops]
 
 
+@pytest.mark.slow
 def test_int8_export_passes_gate_and_keeps_layernorm_softmax_fp32(int8_repo):
     repo, res = int8_repo
     report = json.loads(res.report.read_text())
@@ -100,6 +101,7 @@ def test_int8_export_passes_gate_and_keeps_layernorm_softmax_fp32(int8_repo):
     assert 'backend: "python"' in cfg and '"f32"' in cfg
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_BF16, reason="this CPU has no bf16 in OpenVINO")
 def test_bf16_export_for_the_openvino_backend(tmp_path):
     res = export_model(ExportOptions(model="bagclip", profile="tiny", backend="openvino", precision="bf16",
@@ -111,6 +113,7 @@ def test_bf16_export_for_the_openvino_backend(tmp_path):
     assert {p.name for p in (tmp_path / "bagclip_head" / "1").iterdir()} == {"model.xml", "model.bin"}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_BF16, reason="this CPU has no bf16 in OpenVINO")
 def test_int8_bf16_quantises_linear_layers_not_attention_and_compiles_bf16(tmp_path):
     res = export_model(ExportOptions(model="afclip", profile="tiny", backend="python-openvino", precision="int8-bf16",
@@ -128,6 +131,7 @@ def test_int8_bf16_quantises_linear_layers_not_attention_and_compiles_bf16(tmp_p
         assert re.search(r'key: "inference_precision"\s*value \{\s*string_value: "bf16"', cfg), cfg
 
 
+@pytest.mark.slow
 def test_fp32_openvino_passes_the_fp32_parity_gate(tmp_path):
     res = export_model(ExportOptions(model="anomalyclip", profile="tiny", backend="openvino", precision="fp32",
                                      out=tmp_path, max_batch=2, parity_images=2), **QUIET)
@@ -136,6 +140,7 @@ def test_fp32_openvino_passes_the_fp32_parity_gate(tmp_path):
     assert "HINT_BF16" not in (tmp_path / "anomalyclip_encoder" / "config.pbtxt").read_text()
 
 
+@pytest.mark.slow
 def test_failing_gate_is_refused_and_nothing_written(tmp_path):
     out = tmp_path / "repo"
     strict = OV.GateThresholds(map_corr=1.0 + 1e-9)  # no int8 map correlates above 1
@@ -185,6 +190,7 @@ def test_served_python_openvino_equals_eager_within_the_gate(int8_repo):
     assert OV.gate_failures(metrics, TINY_GATE) == [], metrics
 
 
+@pytest.mark.slow
 def test_bench_cpu_backends_give_rows_with_parity_and_stage_times(tmp_path):
     from zsad.bench.model_bench import bench_model
 

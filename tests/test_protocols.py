@@ -331,6 +331,7 @@ def images():
     return torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k", [20, 2000])
 def test_forward_with_terms_bayespfl(images, k):
     # The method's own score with topk = k is 0.5 s_text + 0.5 mean(top-k of the unsmoothed map): the terms must
@@ -349,6 +350,7 @@ def test_forward_with_terms_bayespfl(images, k):
     assert np.all(terms["topk20"] >= terms["topk2000"])  # the mean of a larger top-k is never larger
 
 
+@pytest.mark.slow
 def test_forward_with_terms_sowa_kshot(images):
     # zsad's K-shot score is 0.5 (p + (max(map) - lo) / scale) with calibration constants: the terms give p and
     # max(map), from which the paper's per-class min-max replaces (lo, scale).

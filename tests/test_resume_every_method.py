@@ -55,6 +55,7 @@ def samples(synthetic):
     return good + bad
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", M.available())
 def test_resume_is_bit_identical(tmp_path, samples, name):
     def method():
@@ -80,6 +81,7 @@ def test_resume_is_bit_identical(tmp_path, samples, name):
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
 
 
+@pytest.mark.slow
 def test_loop_tells_the_dataset_each_epoch(tmp_path, samples):
     """Per-epoch augmentation (mosaics) is drawn from (seed, epoch, index): the loop must pass the real epoch, or
     every epoch repeats epoch 0's mosaics (a resume test cannot see that: both runs would repeat them)."""

@@ -83,6 +83,7 @@ def registered():
         runtimes.RUNTIMES.pop(cls.name)
 
 
+@pytest.mark.slow
 def test_a_new_backend_is_one_class(tmp_path, registered):
     help_text = CliRunner().invoke(export_cli, ["--help"]).output
     assert "test-fake" in help_text  # offered by --backend

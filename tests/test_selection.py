@@ -38,6 +38,7 @@ def _explained_brute(scores, chosen, k, bits, row, eps):
     return False
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bits", [0, 4])
 def test_tie_rule_equals_a_brute_force_over_perturbations(bits):
     rng = np.random.default_rng(bits)
@@ -232,6 +233,7 @@ def _torch_runners(method):
     return {st.name: parity.torch_runner(st.module, list(st.inputs), list(st.outputs)) for st in method.stages()}
 
 
+@pytest.mark.slow
 def test_trained_bagclip_gate_bites_on_wrong_k_similarity_and_rounding(trained_bag):
     stages = trained_bag.stages()
     feed = {"images": parity.synthetic_images(trained_bag.image_size, n=2)}
@@ -283,6 +285,7 @@ def _near_tie_features(n=1369, d=1024, groups=100, seed=0):
     return (x @ q).astype(np.float32)
 
 
+@pytest.mark.slow
 def test_paper_width_graph_on_near_ties_passes_the_gate_in_onnx_runtime(tmp_path):
     from zsad.export.onnx_export import export_stage
 
@@ -311,6 +314,7 @@ def test_paper_width_graph_on_near_ties_passes_the_gate_in_onnx_runtime(tmp_path
 
 
 # -- served stage models check the indices they are sent ---------------------------------------------------------------
+@pytest.mark.slow
 def test_head_models_bound_the_neighbour_indices(tmp_path, tiny_method):
     """A client can call bagclip_head directly: knn_index values must lie in 0..N-1. stage_ort finds the bound in
     the graph (ScatterElements) and both python stage models get the declared one in their config."""

@@ -78,6 +78,7 @@ def _perturb(m):
             ad.cpb.mlp[2].weight.mul_(5.0)
 
 
+@pytest.mark.slow
 def test_stages_equal_forward_and_folding_equals_the_mlp():
     m = M.create("sowa", "tiny")
     _perturb(m)
@@ -317,6 +318,7 @@ def test_loss_terms_and_gradients():
     assert losses["image_ce"].item() == pytest.approx(ref.item(), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_learning_on_synthetic_defects(synthetic):
     """Tiny SOWA (random CLIP) must learn to localise held-out synthetic defects (tiny profile's recipe).
 

@@ -28,6 +28,7 @@ def _small_set(root, n=12):
     return AnomalyDataset(samples[:n // 2] + samples[-n // 2:], 224)
 
 
+@pytest.mark.slow
 def test_checkpoint_round_trip(tmp_path, synthetic):
     m = M.create("bagclip", "tiny", train={"epochs": 1, "batch_size": 4})
     train(m, _small_set(synthetic), tmp_path, progress=False, meta={"data": {"dataset": "synthetic"}})
@@ -55,6 +56,7 @@ def test_checkpoint_errors(tmp_path):
         load_checkpoint(tmp_path)
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tmp_path, synthetic):
     ds = _small_set(synthetic)
     straight = M.create("bagclip", "tiny", train={"epochs": 2, "batch_size": 4})
@@ -78,6 +80,7 @@ def _run(args, **kw):
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, **kw)
 
 
+@pytest.mark.slow
 def test_cli_trains_and_reports_user_errors_cleanly(tmp_path, synthetic):
     r = _run(["train/run.py", "--help"], cache=tmp_path)
     assert r.returncode == 0 and "--resume" in r.stdout and "--clip-weights" in r.stdout
@@ -111,6 +114,7 @@ def test_cli_trains_and_reports_user_errors_cleanly(tmp_path, synthetic):
         assert isinstance(res.exception, SystemExit)  # a clean exit, not an escaped exception
 
 
+@pytest.mark.slow
 def test_learning_on_synthetic_defects(synthetic):
     """Tiny BAG-CLIP (random CLIP) must learn to localise held-out synthetic defects.
 
@@ -129,6 +133,7 @@ def test_learning_on_synthetic_defects(synthetic):
     assert after >= 0.55
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", ["train_state", "weights", "sidecar", "history"])
 def test_crash_inside_any_write_resumes_exactly(tmp_path, synthetic, monkeypatch, point):
     """A crash (an exception) inside each write of epoch 2; --resume must end exactly where an unbroken run does."""
@@ -173,6 +178,7 @@ def test_crash_inside_any_write_resumes_exactly(tmp_path, synthetic, monkeypatch
     load_checkpoint(out)  # the pair is consistent again
 
 
+@pytest.mark.slow
 def test_damaged_runs_and_checkpoints_are_one_line_errors(tmp_path, synthetic):
     from zsad.evaluate_cli import main as eval_cli
 

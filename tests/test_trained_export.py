@@ -38,6 +38,7 @@ def _history(run):
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", METHODS)
 def test_training_left_the_random_start(trained_run, name):
     run = trained_run(name)

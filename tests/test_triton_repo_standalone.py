@@ -38,6 +38,7 @@ def _configs(repo):
             for p in repo.glob("*/config.pbtxt")}
 
 
+@pytest.mark.slow
 def test_batcher_has_no_preferred_sizes_and_every_model_warms_up(repo):
     configs = _configs(repo)
     assert {"bayespfl_text_class_name", "bayespfl_restore", "bayespfl_preprocess"} <= set(configs)
@@ -58,6 +59,7 @@ def test_batcher_has_no_preferred_sizes_and_every_model_warms_up(repo):
     assert size.tolist() == [224, 224]
 
 
+@pytest.mark.slow
 def test_steps_that_refuse_client_input_run_alone(repo):
     """Triton 2.51 crashes when an ensemble step fails while another step of the same request is being scheduled
     (SIGSEGV under the hostile test): the text model (a bad class name) runs first and alone, then preprocess (a bad
@@ -159,6 +161,7 @@ def _strings(n=150, seed=0) -> list[str]:
     return fixed + ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(n)]
 
 
+@pytest.mark.slow
 def test_tokenizer_equals_open_clip_without_importing_it(repo):
     from open_clip.tokenizer import SimpleTokenizer
 
@@ -175,6 +178,7 @@ def test_tokenizer_equals_open_clip_without_importing_it(repo):
     assert not diff, diff[:5]
 
 
+@pytest.mark.slow
 def test_served_class_name_ids_equal_the_eager_encoder(repo, tiny_method):
     ti = tiny_method("bayespfl").text_inputs()[0]
     names = [s for s in _strings(60, seed=1) if len(s.encode()) <= 256]
@@ -225,6 +229,7 @@ def _encoded_images() -> list[bytes]:
     return out + [buf.getvalue()]
 
 
+@pytest.mark.slow
 def test_preprocess_and_restore_equal_zsad_without_importing_it(repo, tmp_path):
     from zsad.data import decode_image, preprocess
     from zsad.data.transforms import resize_map
@@ -267,6 +272,7 @@ def test_preprocess_and_restore_equal_zsad_without_importing_it(repo, tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "map.npy"), ref_map)
 
 
+@pytest.mark.slow
 def test_every_python_model_folder_carries_the_shared_package_as_is(repo):
     """zsad_common beside every python model.py: the source package's files, byte for byte, and nothing else."""
     source = {p.name: p.read_bytes() for p in (SOURCES / COMMON).glob("*.py")}
@@ -282,6 +288,7 @@ def test_every_python_model_folder_carries_the_shared_package_as_is(repo):
         assert "from zsad." not in text and "import zsad" not in text and "import torch" not in text, kind
 
 
+@pytest.mark.slow
 def test_shared_package_imports_only_stdlib_numpy_pillow(repo):
     """zsad_common's imports, read with ast: the standard library, numpy, PIL, and its own modules by relative
     import; then every module of a written copy imported where zsad, torch and open_clip cannot be."""
