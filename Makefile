@@ -57,7 +57,7 @@ wheelhouse:
 	$(RUN_PYTHON) bench/gpu_check.py --wheelhouse $(OUT) --python-version $(PY)
 
 # Mutation testing (tools/mutants.py, list in tools/mutants.toml): one-line bugs applied to a temp COPY of the tree,
-# each against its selected tests; report in tools/mutants_out/mutants.{md,json}. Slow (~15-30 min): not in CI.
+# each against its selected tests; report in tools/mutants_out/mutants.{md,json}. Slow (about an hour for the whole list): not in CI.
 .PHONY: mutants
 mutants: $(STAMP)
 	$(BIN)/python tools/mutants.py --out tools/mutants_out
