@@ -12,6 +12,7 @@ scores inside a fused SDPA op; similarity matrices an eager path writes on the w
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 
@@ -37,6 +38,12 @@ def _sdpa_cpu(query, key, value, *args, out_shape=None, **kwargs) -> int:
 
 def stage_flops(stage, batch: int = 1) -> int:
     """FLOPs of one call of ``stage.module`` at ``batch`` (fake tensors: nothing is computed)."""
+    return _fake_tensor_pass(stage, batch)
+
+
+def _fake_tensor_pass(stage, batch: int, recorder: TorchDispatchMode | None = None) -> int:
+    """Run ``stage.module`` once on fake tensors at ``batch`` under the FLOP counter (and ``recorder``, if given);
+    its FLOPs. The fused-MHA fast path is off so attention reaches the counter as SDPA."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu}
@@ -45,7 +52,8 @@ def stage_flops(stage, batch: int = 1) -> int:
     try:
         with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
             inputs = tuple(mode.from_tensor(t) for t in stage.example_inputs(batch))
-            with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+            with FlopCounterMode(display=False, custom_mapping=mapping) as counter, \
+                    recorder if recorder is not None else contextlib.nullcontext():
                 stage.module(*inputs)
     finally:
         torch.backends.mha.set_fastpath_enabled(fast)
@@ -213,21 +221,9 @@ class _Recorder(TorchDispatchMode):
 def stage_count(stage, batch: int = 1) -> StageCount:
     """FLOPs, weights read, declared inputs / outputs and score intermediates of one call of ``stage`` at ``batch``
     (fake tensors, as ``stage_flops``)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     module = stage.module
-    weights = {id(t): t for t in list(module.parameters()) + list(module.buffers())}
-    recorder = _Recorder(weights)
-    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu}
-    fast = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
-            inputs = tuple(mode.from_tensor(t) for t in stage.example_inputs(batch))
-            with FlopCounterMode(display=False, custom_mapping=mapping) as counter, recorder:
-                module(*inputs)
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fast)
+    recorder = _Recorder({id(t): t for t in list(module.parameters()) + list(module.buffers())})
+    flops = _fake_tensor_pass(stage, batch, recorder)
     io_elems = io_bytes = 0
     for name, shape in {**stage.inputs, **stage.outputs}.items():
         n = 1
@@ -243,5 +239,5 @@ def stage_count(stage, batch: int = 1) -> StageCount:
     calls: dict[str, dict] = {}  # the same intermediate made by many calls (one per attention layer): one entry
     for d in details:
         calls.setdefault(json.dumps(d, sort_keys=True), {**d, "calls": 0})["calls"] += 1
-    return StageCount(stage.name, batch, int(counter.get_total_flops()), w_elems, w_bytes, io_elems, io_bytes,
+    return StageCount(stage.name, batch, flops, w_elems, w_bytes, io_elems, io_bytes,
                       s_elems, s_bytes, list(calls.values()))
