@@ -10,6 +10,7 @@ import random
 import subprocess
 import sys
 import textwrap
+import types
 
 import numpy as np
 import pytest
@@ -343,34 +344,14 @@ def test_zsad_runs_the_shared_functions_and_raises_zsad_errors():
 
 
 # -- the stage models' request loop (zsad_common.guard.run_stage_requests), with a stand-in for Triton's pb_utils ---
-class _FakePbUtils:
-    """The parts of triton_python_backend_utils the guard uses; a request is a dict of numpy arrays."""
+def _fake_pb_utils():
+    """``_FAKE_PB_UTILS`` (what the blocked process runs) made into a module here: one stand-in for both."""
+    module = types.ModuleType("triton_python_backend_utils")
+    exec(_FAKE_PB_UTILS, {"sys": types.SimpleNamespace(modules={"triton_python_backend_utils": module})})
+    return module
 
-    class Tensor:
-        def __init__(self, name, arr):
-            self.name, self.arr = name, arr
 
-        def as_numpy(self):
-            return self.arr
-
-    class TritonError:
-        INVALID_ARG = "INVALID_ARG"
-
-        def __init__(self, message, code="INTERNAL"):
-            self.message, self.code = message, code
-
-    class InferenceResponse:
-        def __init__(self, output_tensors=(), error=None):
-            self.outputs, self.error = {t.name: t.arr for t in output_tensors}, error
-
-    class Logger:
-        @staticmethod
-        def log_error(message):
-            pass
-
-    @staticmethod
-    def get_input_tensor_by_name(request, name):
-        return _FakePbUtils.Tensor(name, request[name])
+_PB_UTILS = _fake_pb_utils()
 
 
 def test_stage_request_loop_batches_splits_and_isolates_bad_requests():
@@ -390,7 +371,7 @@ def test_stage_request_loop_batches_splits_and_isolates_bad_requests():
         return [batch["x"] * 2, batch["x"].sum(axis=1) + batch["ids"][:, 0]]
 
     requests = [{"x": x, "ids": i} for x, i in zip(xs, ids, strict=True)]
-    got = run_stage_requests(_FakePbUtils, requests, ["x", "ids"], ["y", "s"], run, "m", bounds={"ids": 5})
+    got = run_stage_requests(_PB_UTILS, requests, ["x", "ids"], ["y", "s"], run, "m", bounds={"ids": 5})
     assert calls == [3]  # requests 0 and 1 (1 + 2 rows) in one run; 2 and 3 refused before it
     for r, x, i in zip(got[:2], xs, ids, strict=False):  # the first two requests
         assert r.error is None
@@ -402,7 +383,7 @@ def test_stage_request_loop_batches_splits_and_isolates_bad_requests():
     # a batch that fails: each request runs alone, and only the one that fails by itself gets an (internal) error
     xs[1][0, 0] = 0.995
     calls.clear()
-    got = run_stage_requests(_FakePbUtils, requests[:2], ["x", "ids"], ["y", "s"], run, "m", bounds={"ids": 5})
+    got = run_stage_requests(_PB_UTILS, requests[:2], ["x", "ids"], ["y", "s"], run, "m", bounds={"ids": 5})
     assert calls == [3, 1, 2]
     np.testing.assert_array_equal(got[0].outputs["y"], xs[0] * 2)
     assert got[1].error.code == "INTERNAL" and "RuntimeError" in got[1].error.message
@@ -415,7 +396,7 @@ def test_torch_chain_answers_a_zsad_error_as_that_requests_bad_input(monkeypatch
     import zsad.triton_models.zsad_common.guard as guard
 
     # the served model's own module, imported with what the export copies beside it
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _FakePbUtils)
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _PB_UTILS)
     monkeypatch.setitem(sys.modules, "zsad_common", common)
     monkeypatch.setitem(sys.modules, "zsad_common.guard", guard)
     monkeypatch.delitem(sys.modules, "zsad.triton_models.torch_chain.model", raising=False)
