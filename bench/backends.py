@@ -11,15 +11,9 @@ from __future__ import annotations
 
 import torch
 
+from zsad.data.feeds import synthetic_feed
 from zsad.export import runtimes
-from zsad.export.runtimes.python_torch import AUTOCAST, GPU_ONLY, GraphedChain  # noqa: F401 (re-exported)
-from zsad.export.runtimes.runners import (  # noqa: F401 (re-exported)
-    BackendRunner,
-    Scratch,
-    Skip,
-    chain_outputs,
-    stage_feed,
-)
+from zsad.export.runtimes.runners import BackendRunner, Scratch, Skip
 
 
 def known_backends() -> tuple[str, ...]:
@@ -61,7 +55,7 @@ def capture_hazards(method, images: torch.Tensor) -> list[str]:
                 found.append(why)
             return func(*args, **(kwargs or {}))
 
-    feed = stage_feed(method, images)
+    feed = synthetic_feed(method, images)
     stages = method.eval().stages()
     with torch.inference_mode(), Watch():
         run_stages(stages, **feed)

@@ -150,11 +150,11 @@ def compare_method(method, images: torch.Tensor, dtypes=("fp16", "bf16"), per_st
                    ops: bool = True) -> list[dict]:
     """One row per precision: score / map errors against fp32 (end to end, and on the fp32 selections), finiteness,
     selections, per-stage errors, the ops' precision and the times."""
-    from zsad.bench.backends import stage_feed
+    from zsad.data.feeds import synthetic_feed
 
     method.eval()
     stages = method.stages()  # outside autocast: static text and folded constants are made in fp32, as in serving
-    feed = stage_feed(method, images)
+    feed = synthetic_feed(method, images)
     t0 = time.perf_counter()
     ref = run_chain(stages, feed)
     t_fp32 = time.perf_counter() - t0

@@ -84,14 +84,14 @@ def build_method(model: str, profile: str, image_size: int | None, checkpoint: s
 
 
 def reference_outputs(method, n: int = 4) -> Reference:
-    from zsad.bench.backends import stage_feed
+    from zsad.data.feeds import synthetic_feed
     from zsad.export.parity import synthetic_images
     from zsad.methods import run_stages
 
     images = torch.from_numpy(synthetic_images(method.image_size, n=n))
     stages = method.eval().stages()
     with torch.inference_mode():
-        out = run_stages(stages, **stage_feed(method, images))
+        out = run_stages(stages, **synthetic_feed(method, images))
     env = {k: v.numpy() for k, v in out.items()}
     return Reference(images, env["score"].astype(np.float64), env["anomaly_map"].astype(np.float64), stages, env)
 
@@ -104,9 +104,9 @@ def bench_model(model: str, profile: str, image_size: int | None, batches: list[
     """(method, flops, rows): one row per (backend, batch), plus the served rows when ``backends`` has "served"."""
     from tqdm import tqdm
 
-    from zsad.bench.backends import Scratch
     from zsad.bench.flops import method_flops
     from zsad.bench.report import add_speedups
+    from zsad.export.runtimes.runners import Scratch
 
     method, overrides = build_method(model, profile, image_size, checkpoint)
     flops = method_flops(method)
@@ -140,7 +140,8 @@ def bench_model(model: str, profile: str, image_size: int | None, batches: list[
 def backend_rows(backend: str, method, scratch, ref: Reference, base: dict, batches: list[int], device: str,
                  iters: int, warmup: int, gflops: float, advance=lambda n: None) -> list[dict]:
     """One row per batch size for ``backend``: timed, or skipped with the reason. ``advance(n)``: progress."""
-    from zsad.bench.backends import Skip, make_backend_runner
+    from zsad.bench.backends import make_backend_runner
+    from zsad.export.runtimes.runners import Skip
 
     try:
         runner = make_backend_runner(backend, method, device, max(batches), scratch)
@@ -199,7 +200,7 @@ def served_rows(served: ServedSettings, method, ref: Reference, base: dict, chec
 
     pngs = sample_pngs(len(ref.images), with_good=True)  # the parity images, encoded as a client sends them
     texts = None
-    if method.text_inputs():  # the same class names the reference used (zsad.bench.backends.stage_feed)
+    if method.text_inputs():  # the same class names the reference used (zsad.data.feeds.synthetic_feed)
         from zsad.export.parity import synthetic_class_names
 
         texts = {ti.request_name: synthetic_class_names(len(pngs)) for ti in method.text_inputs()}

@@ -39,10 +39,10 @@ def _images(method, n=2):
 
 
 def _run(method, images, dtype=None):
-    from zsad.bench.backends import stage_feed
+    from zsad.data.feeds import synthetic_feed
 
     with torch.inference_mode(), torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
-        env = M.run_stages(method.stages(), **stage_feed(method, images.to("cuda")))
+        env = M.run_stages(method.stages(), **synthetic_feed(method, images.to("cuda")))
     return env["score"].float().cpu().numpy(), env["anomaly_map"].float().cpu().numpy()
 
 
@@ -68,7 +68,7 @@ def test_half_precision_chain_matches_fp32(name, dtype, profile):
 def test_cuda_graph_chain_equals_eager(name, dtype):
     """One replay of the captured chain gives eager's result for new images copied into the static inputs (the
     graph really recomputes), batch 1 and 2, with the Triton kernels compiled inside the graph."""
-    from zsad.bench.backends import GraphedChain
+    from zsad.export.runtimes.python_torch import GraphedChain
 
     method = _method(name, "tiny")
     graphed = GraphedChain(method, "cuda", dtype)
@@ -84,7 +84,7 @@ def test_cuda_graph_chain_equals_eager(name, dtype):
 
 def test_graph_replays_the_triton_kernels():
     """Inside the captured BAG-CLIP chain, dispatch picks the Triton kernels (not the torch reference)."""
-    from zsad.bench.backends import GraphedChain
+    from zsad.export.runtimes.python_torch import GraphedChain
     from zsad.kernels import dual_attention, knn_graph
 
     calls = []

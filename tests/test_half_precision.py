@@ -298,14 +298,14 @@ def test_fp16_onnx_chain_passes_the_fp16_gate_on_cpu(tmp_path, tiny_method, name
     stage on random and real inputs, batch 1 and 2, then the chain end to end, selections by their tie rule). Before
     the conversion fixes, BAG-CLIP's graph / head and Bayes-PFL's prompt head did not load (type errors) and
     AnomalyCLIP's patch_map left the head as fp16."""
-    from zsad.bench.backends import stage_feed
+    from zsad.data.feeds import synthetic_feed
     from zsad.export import parity
     from zsad.export.fp16 import cpu_runner
 
     method = tiny_method(name)
     stages, paths = _converted_chain(method, tmp_path)
     images = torch.from_numpy(parity.synthetic_images(method.image_size, n=2))
-    feed = {k: v.numpy() for k, v in stage_feed(method, images).items()}
+    feed = {k: v.numpy() for k, v in synthetic_feed(method, images).items()}
     rows = parity.check_stages(stages, {n: cpu_runner(p) for n, p in paths.items()}, feed, parity.FP16_TOL)
     assert rows and all(r.ok for r in rows)
 

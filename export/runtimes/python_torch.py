@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 
 from zsad import ZsadError
+from zsad.data.feeds import synthetic_feed
 from zsad.export.runtimes.base import Runtime, register
-from zsad.export.runtimes.runners import BackendRunner, Skip, as_numpy, chain_outputs, stage_feed
+from zsad.export.runtimes.runners import BackendRunner, Skip, as_numpy, chain_outputs
 from zsad.export.triton_repo import ensemble_step, model_config, python_model_files, tensor_config, write_model
 
 GPU_ONLY = {"torch-fp16": "fp16 matmuls are a GPU feature (CPU fp16 is emulated and slow, not a deployment target)",
@@ -94,7 +95,7 @@ def _chain(method):
     names = chain_outputs(stages)
 
     def run(images):
-        env = run_stages(stages, **stage_feed(method, images))
+        env = run_stages(stages, **synthetic_feed(method, images))
         return {n: env[n] for n in names}
 
     return run
@@ -179,7 +180,7 @@ class GraphedChain:
         """Copy a batch into the static inputs of its shape's graph (captured on first use); returns the graph and
         its static outputs (``chain_outputs``: score [B], anomaly_map [B,S,S], selections), valid after
         ``graph.replay()``."""
-        feed = stage_feed(self.method, images.cpu())
+        feed = synthetic_feed(self.method, images.cpu())
         key = tuple((k, tuple(v.shape)) for k, v in sorted(feed.items()))
         if key not in self.graphs:
             self.graphs[key] = self._capture(feed)

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from zsad.data.feeds import synthetic_feed
+
 
 class Skip(Exception):
     """This backend cannot run here; the message is the reason recorded in the report."""
@@ -36,14 +38,6 @@ class BackendRunner:
     op_profile: Callable[[torch.Tensor], dict] | None = None
 
 
-def stage_feed(method, images):
-    """The stage chain's inputs for a benchmark batch (zsad.data.feeds.synthetic_feed), so every backend sees what
-    the torch reference saw."""
-    from zsad.data.feeds import synthetic_feed
-
-    return synthetic_feed(method, images)
-
-
 def chain_outputs(stages) -> list[str]:
     """What a backend's ``predict`` returns: the score, the map, and every selection of the chain."""
     return ["score", "anomaly_map", *[n for st in stages for n in st.selections]]
@@ -62,7 +56,7 @@ def stage_chain_runner(method, runs, backend: str, precision: str, note: str, pr
     by_name = {st.name: run for st, run in runs}
 
     def walk(x, on_stage=None):
-        feed = {k: v.cpu().numpy() for k, v in stage_feed(method, x.cpu()).items()}
+        feed = {k: v.cpu().numpy() for k, v in synthetic_feed(method, x.cpu()).items()}
         return walk_stages(stages, feed, lambda st, inputs: by_name[st.name](inputs), on_stage=on_stage)
 
     def predict(x):
