@@ -6,14 +6,13 @@ The browser part needs the Debian ``chromium`` and ``chromium-driver`` packages 
 they are missing it skips with the reason."""
 import json
 import math
-import os
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import chromium_driver, screenshot
 from sklearn.metrics import confusion_matrix, precision_recall_curve, roc_auc_score, roc_curve
 
 import zsad.methods as M
@@ -21,6 +20,7 @@ from zsad import report_html as R
 from zsad.checkpoint import save_checkpoint
 from zsad.evaluate_cli import main as eval_cli
 from zsad.metrics import f1_max
+from zsad.report_page import THUMB, VIEW
 
 CLASSES = "gravel,nut"
 
@@ -199,35 +199,6 @@ def test_report_data_is_the_metrics(evaluated):
 
 
 # -- the page in a real browser ----------------------------------------------------------------------------------
-def _driver():
-    """Headless Chromium through Selenium and the Debian chromedriver, or pytest.skip with the reason."""
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError as err:
-        pytest.skip(f"selenium is not installed ({err}); pip install -e '.[dev]'")
-    # ZSAD_CHROMIUM / ZSAD_CHROMEDRIVER name other binaries (given, they are the only ones tried)
-    binaries = [os.environ["ZSAD_CHROMIUM"]] if "ZSAD_CHROMIUM" in os.environ else [
-        "/usr/bin/chromium", shutil.which("chromium") or ""]
-    drivers = [os.environ["ZSAD_CHROMEDRIVER"]] if "ZSAD_CHROMEDRIVER" in os.environ else [
-        "/usr/bin/chromedriver", shutil.which("chromedriver") or ""]
-    binary = next((b for b in binaries if b and os.path.exists(b)), None)
-    driver = next((d for d in drivers if d and os.path.exists(d)), None)
-    if binary is None or driver is None:
-        pytest.skip(f"no {'chromium' if binary is None else 'chromedriver'} on this machine (looked for "
-                    f"{binaries if binary is None else drivers}; apt-get install chromium chromium-driver)")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = binary
-    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-              "--proxy-server=http://127.0.0.1:9", "--proxy-bypass-list=<-loopback>"):  # no network at all
-        opts.add_argument(a)
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    try:
-        return webdriver.Chrome(options=opts, service=Service(executable_path=driver))
-    except Exception as err:  # noqa: BLE001 - any start failure is a reason to skip, reported
-        pytest.skip(f"headless chromium did not start: {str(err).splitlines()[0][:200]}")
-
-
 def _points(driver, svg_id):
     pts = driver.execute_script(f"return document.querySelector('#{svg_id} polyline.pts').getAttribute('points')")
     return np.array([[float(v) for v in p.split(",")] for p in pts.split()])
@@ -238,7 +209,7 @@ def test_report_in_headless_chromium(evaluated):
     base, _, _ = evaluated
     out = base / "with"
     data = _page_data(out)
-    driver = _driver()  # skips without selenium or chromium
+    driver = chromium_driver()  # skips without selenium or chromium
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
@@ -254,10 +225,22 @@ def test_report_in_headless_chromium(evaluated):
         driver.set_script_timeout(20)
         widths = driver.execute_async_script("""
             const done = arguments[arguments.length - 1];
-            const imgs = Array.from(document.querySelectorAll('img'));
+            const imgs = Array.from(document.querySelectorAll('#gallery img'));
             Promise.all(imgs.map(i => i.complete ? 0 : new Promise(r => { i.onload = i.onerror = r; })))
               .then(() => done(imgs.map(i => i.naturalWidth)));""")
         assert len(widths) == len(imgs) and all(w > 0 for w in widths), widths
+        screenshot(driver, "report-eval")
+
+        # a click on a thumbnail opens its larger view (the VIEW-px file), a click on the view closes it
+        imgs[0].click()
+        view = driver.find_element(By.ID, "view")
+        assert view.is_displayed()
+        big = driver.execute_async_script("""
+            const done = arguments[arguments.length - 1], i = document.getElementById('view-img');
+            if (i.complete) done(i.naturalWidth); else { i.onload = i.onerror = () => done(i.naturalWidth); }""")
+        assert big == VIEW
+        view.click()
+        assert not view.is_displayed()
 
         # clicking a header sorts the table (ascending, then descending)
         header = driver.find_element(By.CSS_SELECTOR, "#metrics th[data-col='1']")  # images
@@ -328,7 +311,7 @@ def test_report_page_counts_many_images_fast(tmp_path):
     rng = np.random.default_rng(0)
     out = tmp_path
     (out / R.FILES_DIR).mkdir()
-    Image.new("RGB", (R.THUMB, R.THUMB), (90, 90, 90)).save(out / R.FILES_DIR / "t.jpg")
+    Image.new("RGB", (THUMB, THUMB), (90, 90, 90)).save(out / R.FILES_DIR / "t.jpg")
     col = R.ReportCollector(out, 224, progress=False)
     n = 10_000
     for k, cls in enumerate(("a", "b")):
@@ -342,7 +325,7 @@ def test_report_page_counts_many_images_fast(tmp_path):
     report = {"method": "bagclip", "per_class": {c: {} for c in "ab"}, "mean": {},
               "counts": {c: {"images": n // 2, "anomalous": 0} for c in "ab"}}
     col.write(report, R.model_status("random", 0), {"command": "zsad-infer --threshold {T} X", "note": None})
-    driver = _driver()
+    driver = chromium_driver()
     from selenium.webdriver.common.by import By
 
     try:

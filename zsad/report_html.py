@@ -18,15 +18,14 @@ zsad-infer's: anomalous (NG) when ``score >= threshold``.
 from __future__ import annotations
 
 import html
-import json
-import math
 from pathlib import Path
 
 import numpy as np
 
-THUMB = 128  # thumbnail side in pixels
+from zsad.report_page import FILES_DIR, FILTERS_LABELLED, FILTERS_UNLABELLED, GALLERY_JS, gallery_html, page
+from zsad.report_page import thumbnails as _write_thumbnails
+
 PIXEL_THRESHOLDS = 256  # thresholds of the pixel-level curves (evenly spaced between the class's min and max)
-FILES_DIR = "report_files"
 
 
 # ------------------------------------------------------------------------------------------- the numbers
@@ -127,12 +126,10 @@ class ReportCollector:
     """The ``on_class`` hook of :func:`zsad.evaluate.evaluate`: per class, the curve points, the F1-max threshold,
     one thumbnail per image and the per-image scores and labels (nothing else is kept: the maps are dropped)."""
 
-    def __init__(self, out_dir: Path, image_size: int, thumb: int = THUMB, progress: bool = True,
-                 aupro_mode: str = "anomalyclip"):
+    def __init__(self, out_dir: Path, image_size: int, progress: bool = True, aupro_mode: str = "anomalyclip"):
         self.out_dir = Path(out_dir)
         self.aupro_mode = aupro_mode
         self.image_size = image_size
-        self.thumb = thumb
         self.progress = progress
         self.classes: dict[str, dict] = {}
 
@@ -161,30 +158,18 @@ class ReportCollector:
         self.classes[cls] = entry
 
     def _thumbnails(self, folder: Path, cls, samples, labels, scores, masks, maps) -> list[dict]:
-        from PIL import Image
         from tqdm import tqdm
-
-        from zsad.data import read_image
-        from zsad.visualize import overlay
 
         folder.mkdir(parents=True, exist_ok=True)
         vmin, vmax = float(maps.min()), float(maps.max())  # one colour scale per class, as the heatmap panels
-        size = (self.thumb, self.thumb)
         rel = folder.relative_to(self.out_dir).as_posix()
         items = []
         for i, s in enumerate(tqdm(samples, desc=f"report {cls}", disable=not self.progress, leave=False,
                                    dynamic_ncols=True)):
-            img = np.asarray(read_image(str(s.image)).resize(size, Image.Resampling.BICUBIC))
-            amap = np.asarray(Image.fromarray(np.asarray(maps[i], np.float32)).resize(
-                size, Image.Resampling.BILINEAR))
-            mask = None
-            if masks is not None and masks[i].any():
-                mask = np.asarray(Image.fromarray(masks[i].astype(np.uint8) * 255).resize(
-                    size, Image.Resampling.NEAREST)) > 127
-            name = f"{i:05d}.jpg"
-            overlay(img, amap, vmin, vmax, mask).save(folder / name, quality=85)
-            items.append({"src": f"{rel}/{name}", "name": Path(s.image).name, "defect": s.defect,
-                          "score": float(scores[i]), "label": int(labels[i])})
+            mask = masks[i] if masks is not None else None
+            small, big = _write_thumbnails(s.image, maps[i], vmin, vmax, mask, folder, f"{i:05d}")
+            items.append({"src": f"{rel}/{small}", "view": f"{rel}/{big}", "name": Path(s.image).name,
+                          "defect": s.defect, "score": float(scores[i]), "label": int(labels[i])})
         return items
 
     # ------------------------------------------------------------------------------------- the page
@@ -201,22 +186,6 @@ class ReportCollector:
         path = self.out_dir / "report.html"
         path.write_text(_page(report, status, data))
         return path
-
-
-def _clean(x):
-    """JSON-safe: numpy to lists, NaN / inf to None (JSON has neither)."""
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _clean(x.tolist())
-    if isinstance(x, (float, np.floating)):
-        v = float(x)
-        return v if math.isfinite(v) else None
-    if isinstance(x, np.integer):
-        return int(x)
-    return x
 
 
 def _class_data(cls: str, e: dict) -> dict:
@@ -253,20 +222,19 @@ def _pct(v) -> tuple[str, str]:
 
 
 def _table(report: dict) -> str:
-    esc = html.escape
-    head = "".join(f'<th data-col="{i + 3}">{esc(h)}</th>' for i, (_, h) in enumerate(_COLUMNS))
+    from zsad.report_page import table
+
     rows = []
     for cls, m in report["per_class"].items():
         c = report["counts"][cls]
-        cells = "".join(f'<td data-v="{_pct(m.get(k))[1]}">{_pct(m.get(k))[0]}</td>' for k, _ in _COLUMNS)
-        rows.append(f'<tr><td data-v="{esc(cls)}">{esc(cls)}</td><td data-v="{c["images"]}">{c["images"]}</td>'
-                    f'<td data-v="{c["anomalous"]}">{c["anomalous"]}</td>{cells}</tr>')
+        rows.append([cls, c["images"], c["anomalous"], *(_pct(m.get(k)) for k, _ in _COLUMNS)])
     n_img = sum(c["images"] for c in report["counts"].values())
     n_bad = sum(c["anomalous"] for c in report["counts"].values())
     foot = (f'<tr class="mean"><td>mean (ours)</td><td>{n_img}</td><td>{n_bad}</td>'
             + "".join(f"<td>{_pct(report['mean'].get(k))[0]}</td>" for k, _ in _COLUMNS) + "</tr>")
     paper = report.get("paper") or {}
     if paper:
+        esc = html.escape
         first = next(iter(paper.values()))
         foot += ('<tr class="paper"><td>paper</td><td></td><td></td>'
                  + "".join(f"<td>{paper[k]['value']:.1f}</td>" if k in paper else "<td>-</td>" for k, _ in _COLUMNS)
@@ -274,9 +242,7 @@ def _table(report: dict) -> str:
         foot += (f'<tr class="note"><td colspan="{3 + len(_COLUMNS)}">paper numbers: {esc(str(first["paper"]))} '
                  f'paper, {esc(str(first["table"]))} (a mean over the data set; the papers print no per-class '
                  f"rows here)</td></tr>")
-    return (f'<table id="metrics"><thead><tr><th data-col="0">class</th><th data-col="1">images</th>'
-            f'<th data-col="2">anomalous</th>{head}</tr></thead><tbody>{"".join(rows)}</tbody>'
-            f"<tfoot>{foot}</tfoot></table>")
+    return table("metrics", ["class", "images", "anomalous", *(h for _, h in _COLUMNS)], rows, foot)
 
 
 def _status_html(status: dict) -> str:
@@ -294,7 +260,6 @@ def _status_html(status: dict) -> str:
 
 def _page(report: dict, status: dict, data: dict) -> str:
     esc = html.escape
-    blob = json.dumps(_clean(data), separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
     title = f"zsad-eval: {report.get('method')} on {report.get('dataset') or report.get('data_path')}"
     sub = (f"{esc(str(report.get('method')))} ({esc(str(report.get('profile')))}) on "
            f"{esc(str(report.get('dataset') or report.get('data_path')))}, split {esc(str(report.get('split')))}, "
@@ -302,134 +267,34 @@ def _page(report: dict, status: dict, data: dict) -> str:
            f"{esc(str(report.get('image_size')))}")
     caption = ("Per-class metrics (%; click a header to sort)" if not status["untrained"] else
                "Per-class metrics (%; click a header to sort) &mdash; untrained model: not a measure of accuracy")
-    return (_TEMPLATE.replace("{{TITLE}}", esc(title)).replace("{{SUB}}", sub)
-            .replace("{{STATUS}}", _status_html(status)).replace("{{CAPTION}}", caption)
-            .replace("{{TABLE}}", _table(report)).replace("{{DATA}}", blob).replace("{{SCRIPT}}", _SCRIPT))
+    gallery = gallery_html(FILTERS_LABELLED, _LEGEND, _COUNTS, '<button id="use-f1">use F1-max</button>')
+    body = (f"<div>{sub}</div>\n{_status_html(status)}\n<h2>{caption}</h2>\n{_table(report)}\n"
+            + _BODY.replace("{{GALLERY}}", gallery))
+    return page(title, body, data, [GALLERY_JS, _SCRIPT])
 
 
-_TEMPLATE = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{{TITLE}}</title>
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<link rel="icon" href="data:,">
-<style>
-body{font:14px/1.4 system-ui,sans-serif;margin:1em 2em;color:#222}
-h1{font-size:1.3em;margin:.2em 0}h2{font-size:1.1em;margin:1.2em 0 .4em}
-#status{padding:.5em .8em;margin:.6em 0;border-radius:4px}
-.untrained{background:#fde2e1;border:1px solid #c0392b}.trained{background:#e3f4e1;border:1px solid #2e7d32}
-.unknown{background:#fff4d6;border:1px solid #b7950b}
-table{border-collapse:collapse}td,th{padding:2px 8px;text-align:right;border-bottom:1px solid #ddd}
-td:first-child,th:first-child{text-align:left}th{cursor:pointer;background:#f3f3f3;user-select:none}
-th.asc:after{content:" \\25B2"}th.desc:after{content:" \\25BC"}tfoot td{font-weight:600}
-tr.note td{font-weight:400;color:#666}
-.curves{display:flex;flex-wrap:wrap;gap:12px}.curve{width:230px}.curve svg{width:230px;height:230px;background:#fafafa}
-.curve .lbl{font-size:12px;color:#444}.note{color:#666;font-size:12px}
-#counts td{text-align:right}.cmd{font-family:monospace;background:#f3f3f3;padding:4px 6px;display:inline-block}
-#gallery{display:flex;flex-wrap:wrap;gap:6px;margin-top:.5em}
-.card{width:132px;font-size:11px;border:2px solid #ccc;padding:1px}.card img{width:128px;height:128px;display:block}
-.card.anom{border-color:#c0392b}.card.fp{outline:3px solid #e67e22}.card.fn{outline:3px solid #8e44ad}
-.card .n{overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
-</style></head><body>
-<h1>{{TITLE}}</h1><div>{{SUB}}</div>
-{{STATUS}}
-<h2>{{CAPTION}}</h2>
-{{TABLE}}
-<h2>Class <select id="cls"></select></h2>
-<h3>Curves</h3>
-<div class="curves" id="curves"></div>
-<p class="note" id="curve-notes"></p>
-<h3>Threshold (image level: anomalous when score &ge; threshold)</h3>
-<div><input type="range" id="thr-range" step="any" style="width:320px">
-<input type="number" id="thr" step="any" style="width:12em">
-<button id="use-f1">use F1-max</button></div>
-<p>F1-max threshold: <b id="f1max-t"></b> (F1 <span id="f1max-f1"></span>, computed in Python);
+_LEGEND = ("Each thumbnail: the image with its anomaly map (one colour scale per class, blue low, red high) and the "
+           "ground-truth outline in white. Border: red = anomalous, grey = normal; orange ring = false positive, "
+           "purple ring = false negative at the threshold.")
+
+_COUNTS = """<p>F1-max threshold: <b id="f1max-t"></b> (F1 <span id="f1max-f1"></span>, computed in Python);
 the page computes <span id="f1max-page"></span> <span id="f1max-agree"></span></p>
 <table id="counts"><tr><th>TP</th><th>FP</th><th>TN</th><th>FN</th><th>precision</th><th>recall</th><th>F1</th></tr>
 <tr><td id="tp"></td><td id="fp"></td><td id="tn"></td><td id="fn"></td><td id="precision"></td><td id="recall"></td>
-<td id="f1"></td></tr></table>
-<p id="infer-line"></p>
-<h3>Gallery (sorted by score, highest first)</h3>
-<div>show <select id="filter"><option value="all">all</option><option value="normal">normal</option>
-<option value="anomalous">anomalous</option><option value="fp">false positives</option>
-<option value="fn">false negatives</option></select>
-<button id="prev">&lt; previous</button> <span id="page-info"></span> <button id="next">next &gt;</button></div>
-<p class="note">Each thumbnail: the image with its anomaly map (one colour scale per class, blue low, red high) and
-the ground-truth outline in white. Border: red = anomalous, grey = normal; orange ring = false positive, purple ring =
-false negative at the threshold.</p>
-<div id="gallery"></div>
-<script type="application/json" id="data">{{DATA}}</script>
-<script>{{SCRIPT}}</script>
-</body></html>
-"""
+<td id="f1"></td></tr></table>"""
+
+_BODY = """<h2>Class <select id="cls"></select></h2>
+<h3>Curves</h3>
+<div class="plots" id="curves"></div>
+<p class="note" id="curve-notes"></p>
+<h3>Threshold (image level: anomalous when score &ge; threshold)</h3>
+{{GALLERY}}"""
 
 _SCRIPT = r"""
-"use strict";
-const D = JSON.parse(document.getElementById("data").textContent);
-const PAGE = 48, SVG = "http://www.w3.org/2000/svg";
-const $ = (id) => document.getElementById(id);
-let cur = null, page = 0, thr = 0;
-
-function sortTable(th) {
-  const table = $("metrics"), col = +th.dataset.col, body = table.tBodies[0];
-  const asc = !th.classList.contains("asc");
-  table.querySelectorAll("th").forEach((h) => h.classList.remove("asc", "desc"));
-  th.classList.add(asc ? "asc" : "desc");
-  const key = (r) => r.cells[col].dataset.v;
-  const rows = Array.from(body.rows);
-  rows.sort((a, b) => {
-    const x = key(a), y = key(b);
-    if (x === "" || y === "") return (x === "") - (y === "");  // n/a last either way
-    const nx = Number(x), ny = Number(y);
-    const c = (isNaN(nx) || isNaN(ny)) ? x.localeCompare(y) : nx - ny;
-    return asc ? c : -c;
-  });
-  rows.forEach((r) => body.appendChild(r));
-}
+let cur = null;
 
 function curve(id, title, xs, ys, xl, yl, diag) {
-  const box = document.createElement("div");
-  box.className = "curve";
-  const svg = document.createElementNS(SVG, "svg");
-  svg.setAttribute("viewBox", "-0.12 -0.04 1.16 1.16");
-  svg.id = id;
-  const g = document.createElementNS(SVG, "g");
-  g.setAttribute("transform", "translate(0,1) scale(1,-1)");  // data coordinates: y up
-  const frame = document.createElementNS(SVG, "rect");
-  for (const [k, v] of [["x", 0], ["y", 0], ["width", 1], ["height", 1], ["fill", "none"], ["stroke", "#999"]])
-    frame.setAttribute(k, v);
-  frame.setAttribute("vector-effect", "non-scaling-stroke");
-  g.appendChild(frame);
-  if (diag) {
-    const d = document.createElementNS(SVG, "line");
-    for (const [k, v] of [["x1", 0], ["y1", 0], ["x2", 1], ["y2", 1], ["stroke", "#ccc"]]) d.setAttribute(k, v);
-    d.setAttribute("vector-effect", "non-scaling-stroke");
-    g.appendChild(d);
-  }
-  const pts = [];
-  for (let i = 0; i < xs.length; i++)
-    if (xs[i] !== null && ys[i] !== null) pts.push(xs[i].toFixed(6) + "," + ys[i].toFixed(6));
-  const pl = document.createElementNS(SVG, "polyline");
-  pl.setAttribute("points", pts.join(" "));
-  pl.setAttribute("fill", "none");
-  pl.setAttribute("stroke", "#c0392b");
-  pl.setAttribute("stroke-width", "2");
-  pl.setAttribute("vector-effect", "non-scaling-stroke");
-  pl.setAttribute("class", "pts");
-  g.appendChild(pl);
-  svg.appendChild(g);
-  for (const [x, y, t, a] of [[0.5, 1.1, xl, "middle"], [-0.02, 0.02, yl, "end"], [0, 1.06, "0", "middle"],
-                              [1, 1.06, "1", "middle"], [-0.02, 1, "0", "end"], [-0.02, 0.05, "1", "end"]]) {
-    if (t === yl) continue;
-    const tx = document.createElementNS(SVG, "text");
-    tx.setAttribute("x", x); tx.setAttribute("y", y); tx.setAttribute("font-size", "0.05");
-    tx.setAttribute("text-anchor", a); tx.textContent = t;
-    svg.appendChild(tx);
-  }
-  const lbl = document.createElement("div");
-  lbl.className = "lbl";
-  lbl.textContent = title + " (x: " + xl + ", y: " + yl + ")";
-  box.appendChild(lbl);
-  box.appendChild(svg);
-  return box;
+  return plot(id, title, [{xs: xs, ys: ys}], {xl: xl, yl: yl, diag: diag});
 }
 
 function drawCurves(c) {
@@ -457,7 +322,7 @@ function drawCurves(c) {
 function counts(c, t) {
   const k = {tp: 0, fp: 0, tn: 0, fn: 0};
   for (const it of c.images) {
-    const ng = it.score >= t;
+    const ng = isNG(it, t);
     if (ng) { if (it.label) k.tp++; else k.fp++; } else { if (it.label) k.fn++; else k.tn++; }
   }
   return k;
@@ -478,13 +343,7 @@ function pageF1max(c) {
   return best;
 }
 
-const fmt = (x) => (x === null || isNaN(x)) ? "n/a" : x.toFixed(4);
-
-function setThreshold(t, from) {
-  if (!isFinite(t)) return;
-  thr = t;
-  if (from !== "range") $("thr-range").value = t;
-  if (from !== "number") $("thr").value = t;
+G.onThreshold = (t) => {
   const k = counts(cur, t);
   for (const n of ["tp", "fp", "tn", "fn"]) $(n).textContent = k[n];
   const p = (k.tp + k.fp) ? k.tp / (k.tp + k.fp) : null;
@@ -493,61 +352,13 @@ function setThreshold(t, from) {
   $("precision").textContent = fmt(p);
   $("recall").textContent = fmt(r);
   $("f1").textContent = fmt(f);
-  const line = $("infer-line");
-  if (!D.infer.command) {
-    line.textContent = D.infer.note || "";
-  } else {
-    line.textContent = "";
-    const c = document.createElement("span");
-    c.className = "cmd";
-    c.id = "infer-cmd";
-    const cls = cur.images.length && cur.images[0].cls ? "CLASS" : cur.name;  // the pooled view: no one class
-    c.textContent = D.infer.command.replace("{T}", String(t)).replace("{CLASS}", cls);
-    line.append("Copy: ", c);
-    if (D.infer.note) line.append(" " + D.infer.note);
-  }
-  page = 0;
-  drawGallery();
-}
-
-function keep(it, f) {
-  const ng = it.score >= thr;
-  return f === "all" || (f === "normal" && !it.label) || (f === "anomalous" && it.label) ||
-    (f === "fp" && ng && !it.label) || (f === "fn" && !ng && it.label);
-}
-
-function drawGallery() {
-  const f = $("filter").value;
-  const items = cur.images.filter((it) => keep(it, f)).sort((a, b) => b.score - a.score);
-  const pages = Math.max(1, Math.ceil(items.length / PAGE));
-  page = Math.min(Math.max(page, 0), pages - 1);
-  $("page-info").textContent = "page " + (page + 1) + " / " + pages + " (" + items.length + " images)";
-  const g = $("gallery");
-  g.textContent = "";
-  for (const it of items.slice(page * PAGE, (page + 1) * PAGE)) {
-    const ng = it.score >= thr;
-    const card = document.createElement("div");
-    card.className = "card" + (it.label ? " anom" : "") + (ng && !it.label ? " fp" : "") +
-      (!ng && it.label ? " fn" : "");
-    const img = document.createElement("img");
-    img.loading = "lazy";
-    img.src = it.src;
-    img.alt = it.name;
-    img.title = (it.cls ? it.cls + "/" : "") + it.defect + "/" + it.name;
-    const cap = document.createElement("div");
-    cap.className = "n";
-    cap.textContent = it.score.toPrecision(5) + " " + (it.label ? "anomalous" : "normal") + " " + it.defect;
-    card.append(img, cap);
-    g.appendChild(card);
-  }
-}
+};
 
 function selectClass(i) {
   cur = D.classes[i];
+  G.name = cur.name;
   drawCurves(cur);
-  let lo = Infinity, hi = -Infinity;  // a loop: Math.min(...scores) overflows the stack on large runs
-  for (const it of cur.images) { lo = Math.min(lo, it.score); hi = Math.max(hi, it.score); }
-  $("thr-range").min = lo; $("thr-range").max = hi;
+  const [lo, hi] = setItems(cur.images);
   const py = cur.f1max, mine = pageF1max(cur);
   $("f1max-t").textContent = py ? String(py.threshold) : "n/a (no anomalous image)";
   $("f1max-f1").textContent = py ? py.f1.toFixed(4) : "n/a";
@@ -558,18 +369,67 @@ function selectClass(i) {
   setThreshold(py ? py.threshold : (lo + hi) / 2);
 }
 
-$("metrics").querySelectorAll("thead th").forEach((th) => th.addEventListener("click", () => sortTable(th)));
 D.classes.forEach((c, i) => {
   const o = document.createElement("option");
   o.value = i; o.textContent = c.name + " (" + c.images.length + ")";
   $("cls").appendChild(o);
 });
 $("cls").addEventListener("change", (e) => selectClass(+e.target.value));
-$("thr-range").addEventListener("input", (e) => setThreshold(+e.target.value, "range"));
-$("thr").addEventListener("change", (e) => setThreshold(+e.target.value, "number"));
 $("use-f1").addEventListener("click", () => cur.f1max && setThreshold(cur.f1max.threshold));
-$("filter").addEventListener("change", () => { page = 0; drawGallery(); });
-$("prev").addEventListener("click", () => { page--; drawGallery(); });
-$("next").addEventListener("click", () => { page++; drawGallery(); });
 if (D.classes.length) selectClass(0);
+"""
+
+
+# ------------------------------------------------------------------------------------------- unlabelled images
+def write_scores_report(out_dir: Path, outcomes, threshold: float | None, title: str, command: str | None) -> Path:
+    """OUT/report.html of zsad-predict / zsad-infer: the score-sorted gallery of the scored images (one colour scale
+    for the run, as the heatmap panels) with a threshold control that counts NG and OK in the page; no metrics (no
+    labels). ``outcomes`` are ``(path, prediction or ZsadError)``; ``command`` the command line to rerun with a
+    threshold (``{T}`` marks it)."""
+    from tqdm import tqdm
+
+    from zsad import ZsadError
+
+    out_dir = Path(out_dir)
+    scored = [(p, pred) for p, pred in outcomes if not isinstance(pred, ZsadError)]
+    failed = [(p, str(err)) for p, err in outcomes if isinstance(err, ZsadError)]
+    folder = out_dir / FILES_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    items = []
+    if scored:
+        vmin = float(min(pred.anomaly_map.min() for _, pred in scored))
+        vmax = float(max(pred.anomaly_map.max() for _, pred in scored))
+        for i, (path, pred) in enumerate(tqdm(scored, desc="report", leave=False, disable=len(scored) < 50)):
+            small, big = _write_thumbnails(path, pred.anomaly_map, vmin, vmax, None, folder, f"{i:05d}")
+            items.append({"src": f"{FILES_DIR}/{small}", "view": f"{FILES_DIR}/{big}", "name": Path(path).name,
+                          "path": str(path), "score": float(pred.score)})
+    data = {"images": items, "threshold": threshold, "failed": [{"image": str(p), "error": e} for p, e in failed],
+            "infer": {"command": command, "note": None}}
+    esc = html.escape
+    sub = (f"{len(items)} images scored" + (f", {len(failed)} could not be scored (listed below)" if failed else "")
+           + (f"; the run's threshold: {threshold}" if threshold is not None else
+              "; no --threshold given: the control starts half-way between the lowest and the highest score")
+           + ". No labels: the page counts decisions, it measures no accuracy.")
+    counts = ('<p id="ngok">At this threshold: <b id="ng"></b> NG, <b id="ok"></b> OK '
+              '(of <span id="n-scored"></span> scored images).</p>')
+    legend = ("Each thumbnail: the image with its anomaly map (one colour scale for the run, blue low, red high). "
+              "Red border = NG at the threshold.")
+    errors = ("<h3>Not scored</h3><ul>" + "".join(f"<li>{esc(str(p))}: {esc(e)}</li>" for p, e in failed) + "</ul>"
+              if failed else "")
+    body = (f"<div>{esc(sub)}</div>\n<h3>Threshold (NG when score &ge; threshold)</h3>\n"
+            + gallery_html(FILTERS_UNLABELLED, legend, counts) + errors)
+    path = out_dir / "report.html"
+    path.write_text(page(title, body, data, [GALLERY_JS, _SCORES_SCRIPT]))
+    return path
+
+
+_SCORES_SCRIPT = r"""
+G.onThreshold = (t) => {
+  const ng = ngCount(G.items, t);
+  $("ng").textContent = ng;
+  $("ok").textContent = G.items.length - ng;
+  $("n-scored").textContent = G.items.length;
+};
+const [lo, hi] = setItems(D.images);
+setThreshold(D.threshold !== null ? D.threshold : (D.images.length ? (lo + hi) / 2 : 0));
 """
