@@ -14,8 +14,11 @@ torch-fp32 at batch 1 is the papers' setting; every row states its speed-up over
 Backends that cannot run here are listed as skipped with the reason. Writes bench/results/<date>-<model>-
 <device>-<torch>.json / .csv / .md / .png. Weights are random unless --checkpoint is given (timing does not
 depend on them); the parity check compares backends with each other, not with the truth.
-``zsad-bench --replot RESULT.json`` redraws the PNG and rewrites the .md of a result file as the current report
-writes them.
+<date>-<model>-<device>-<torch>.html is the browser report (plots, the sortable table, the per-stage and per-op
+breakdowns, the papers' figures where comparable, the machine and versions).
+``zsad-bench --replot RESULT.json`` redraws the PNG and rewrites the .md and .html of a result file as the current
+report writes them. ``zsad-bench --compare A.json B.json`` runs nothing: it puts two earlier results of one method
+side by side (the speed-up of B over A per configuration both timed) in compare-<A>-vs-<B>.html / .md under --out.
 
 ``zsad-bench --forecast h100,h200,a100,l4 --model ... --batch 1,8,32`` runs nothing: it writes a roofline forecast
 (``zsad.bench.forecast``: per-stage FLOPs and bytes at fp32 / tf32 / fp16 / bf16 / int8 against each GPU's published
@@ -89,6 +92,9 @@ def _ints(text: str) -> list[int]:
 @click.option("--no-progress", is_flag=True)
 @click.option("--replot", type=click.Path(), multiple=True,
               help="Redraw the PNG and rewrite the .md of this result JSON (repeatable) and run nothing else.")
+@click.option("--compare", nargs=2, type=click.Path(), default=None, metavar="A.json B.json",
+              help="Put two earlier zsad-bench results of one method side by side (B's speed-up over A per "
+                   "configuration timed in both) in OUT/compare-<A>-vs-<B>.html and .md; runs nothing.")
 @click.option("--forecast", "forecast_gpus", default=None,
               help="Comma-separated GPUs (h100, h100-pcie, h200, a100, l4, rtx3090): write a roofline forecast for "
                    "--model / --profile / --batch (forecast, not measured) and time nothing.")
@@ -97,7 +103,7 @@ def _ints(text: str) -> list[int]:
                    "(measured / forecast per stage).")
 @cli_entry
 def main(model, profile, image_size, batch, backend, device, iters, warmup, checkpoint, served_url, concurrency,
-         served_seconds, served_backend, served_precision, calibration_images, out, no_progress, replot,
+         served_seconds, served_backend, served_precision, calibration_images, out, no_progress, replot, compare,
          forecast_gpus, measured):
     """Benchmark latency / FPS / VRAM of zsad methods across backends, beside the papers' tables."""
     from zsad.bench.model_bench import bench_model
@@ -107,10 +113,16 @@ def main(model, profile, image_size, batch, backend, device, iters, warmup, chec
     if forecast_gpus is not None or measured:
         _forecast(model, profile, image_size, batch, forecast_gpus, measured, out)
         return
+    if compare:
+        from zsad.bench.html_report import write_compare
+
+        paths = write_compare(Path(out), Path(compare[0]), Path(compare[1]))
+        click.echo(f"wrote {paths['html']} and {paths['md']}")
+        return
     if replot:
         for path in replot:
             png = replot_png(Path(path))
-            click.echo(f"wrote {png} and {png.with_suffix('.md')}")
+            click.echo(f"wrote {png}, {png.with_suffix('.md')} and {png.with_suffix('.html')}")
         return
     models = [m for m in model.split(",") if m]
     backends = [b for b in backend.split(",") if b]

@@ -1,7 +1,7 @@
 """zsad-bench results: the speed-up column, the console summary, and the result files: JSON (everything), CSV (one
-row per configuration), a markdown report with the papers' latency table beside ours, and a PNG plot (latency per
-image vs batch per backend; the papers' figure as a line only beside a comparable setting). ``replot`` redraws a
-PNG from its JSON."""
+row per configuration), a markdown report with the papers' latency table beside ours, a PNG plot (latency per
+image vs batch per backend; the papers' figure as a line only beside a comparable setting) and the browser report
+(.html: zsad.bench.html_report). ``replot`` redraws the PNG, .md and .html from the JSON."""
 from __future__ import annotations
 
 import csv
@@ -69,18 +69,15 @@ def paper_setting(model: str) -> tuple[str | None, int | None]:
 
 
 def replot(json_path: Path) -> Path:
-    """Redraw the PNG and rewrite the .md beside a result JSON from its rows, paper figures and command (as
+    """Redraw the PNG and rewrite the .md and .html beside a result JSON from its rows, paper figures and command (as
     ``write_results`` writes them now)."""
     from zsad import ZsadError
+    from zsad.bench.html_report import bench_page, load_result
 
     json_path = Path(json_path)
-    try:
-        data = json.loads(json_path.read_text())
-    except (OSError, ValueError) as err:
-        raise ZsadError(f"cannot read bench results {json_path}: {err}") from None
-    if not isinstance(data, dict) or data.get("schema") != "zsad-bench/1":
-        raise ZsadError(f"{json_path} is not a zsad-bench result file (schema zsad-bench/1)")
+    data = load_result(json_path)
     paper_name, paper_size = paper_setting(data["model"])
+    json_path.with_suffix(".html").write_text(bench_page(data))
     json_path.with_suffix(".md").write_text(markdown(data["model"], data["profile"], data["rows"], data["environment"],
                                                      data["paper"], data["gflops_per_image"], data["command"]))
     png = json_path.with_suffix(".png")
@@ -145,12 +142,15 @@ def result_stem(model: str, env: dict, profile: str = "paper") -> str:
 def write_results(out_dir: Path, model: str, profile: str, rows: list[dict], env: dict, paper: list[dict],
                   flops: dict, command: str, plot_method: str | None = None,
                   paper_image_size: int | None = None) -> dict[str, Path]:
+    """<stem>.json / .csv / .md / .png / .html (the browser report: zsad.bench.html_report) in ``out_dir``."""
+    from zsad.bench.html_report import bench_page
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = result_stem(model, env, profile)
     for n in itertools.count(1):  # an earlier run's files (same day, model, device) are kept: number this run
         name = stem if n == 1 else f"{stem}-{n}"
-        paths = {ext: out_dir / f"{name}.{ext}" for ext in ("json", "csv", "md", "png")}
+        paths = {ext: out_dir / f"{name}.{ext}" for ext in ("json", "csv", "md", "png", "html")}
         if not any(p.exists() for p in paths.values()):
             break
     payload = {"schema": "zsad-bench/1", "model": model, "profile": profile, "command": command, "environment": env,
@@ -163,6 +163,7 @@ def write_results(out_dir: Path, model: str, profile: str, rows: list[dict], env
         for r in rows:
             w.writerow({**{k: _cell(r.get(k)) for k in CSV_FIELDS}, "environment": envtxt})
     paths["md"].write_text(markdown(model, profile, rows, env, paper, flops, command))
+    paths["html"].write_text(bench_page(payload))
     if not plot(paths["png"], model, rows, [p for p in paper if p["method"] == plot_method], paper_image_size):
         paths.pop("png")
     return paths
@@ -177,6 +178,37 @@ def _f(v, fmt="{:.2f}") -> str:
     return "-" if v is None else fmt.format(v)
 
 
+OURS_HEADERS = ["backend", "precision", "batch", "conc.", "p50 ms/batch", "p90", "p99", "p50 ms/image", "images/s",
+                "speed-up vs torch-fp32 b1", "TFLOP/s", "peak VRAM MB", "parity (score / map max rel, rank)"]
+
+
+def ours_cells(r: dict) -> list[tuple[str, object]]:
+    """One timed row as (shown text, sort value) per column of OURS_HEADERS (the .md and the .html's table)."""
+    parity = (f"{_f(r.get('parity_score_max_rel'), '{:.1e}')} / {_f(r.get('parity_map_max_rel'), '{:.1e}')}, "
+              f"{_f(r.get('parity_rank_agreement'), '{:.2f}')}" + ("" if r.get("parity_ok", True) else " FAIL"))
+    conc = r.get("concurrency") or "-"
+    if r.get("dynamic_batching") is not None:
+        conc = f"{conc} ({'dyn. batching' if r['dynamic_batching'] else 'no batching'})"
+
+    def num(key, fmt="{:.2f}"):
+        v = r.get(key)
+        return _f(v, fmt), "" if v is None else v
+
+    return [(r["backend"], r["backend"]), (r["precision"], r["precision"]), (str(r["batch"]), r["batch"]),
+            (str(conc), r.get("concurrency") or ""), num("p50_ms"), num("p90_ms"), num("p99_ms"),
+            num("p50_ms_per_image"), num("images_per_s"), num("speedup_vs_torch_fp32_b1", "{:.2f}x"),
+            num("achieved_tflops", "{:.3f}"), num("peak_vram_mb", "{:.0f}"),
+            (parity, r.get("parity_map_max_rel") if r.get("parity_map_max_rel") is not None else "")]
+
+
+def papers_note(model: str, rows: list[dict]) -> str:
+    """What the papers' figures are and whether our rows are their setting (``not_comparable``)."""
+    why = not_comparable(rows, paper_setting(model)[1])
+    return ("As printed: single-image latency, batch 1, fp32 PyTorch on the authors' own GPU (often not stated); "
+            + (f"not comparable with the rows above ({why})." if why else
+               "our batch-1 torch-fp32 row is the comparable setting."))
+
+
 def markdown(model: str, profile: str, rows: list[dict], env: dict, paper: list[dict], flops: dict,
              command: str) -> str:
     lines = [f"# zsad-bench: {model} ({profile} profile)", "",
@@ -187,21 +219,10 @@ def markdown(model: str, profile: str, rows: list[dict], env: dict, paper: list[
              "GFLOPs per image (analytic, from the stage shapes): "
              + ", ".join(f"{k} {v:.2f}" for k, v in flops.items()), "",
              "## Ours", "",
-             "| backend | precision | batch | conc. | p50 ms/batch | p90 | p99 | p50 ms/image | images/s | "
-             "speed-up vs torch-fp32 b1 | TFLOP/s | peak VRAM MB | parity (score / map max rel, rank) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| " + " | ".join(OURS_HEADERS) + " |", "|---" * len(OURS_HEADERS) + "|"]
     for r in rows:
-        if r["status"] != "ok":
-            continue
-        parity = (f"{_f(r.get('parity_score_max_rel'), '{:.1e}')} / {_f(r.get('parity_map_max_rel'), '{:.1e}')}, "
-                  f"{_f(r.get('parity_rank_agreement'), '{:.2f}')}" + ("" if r.get("parity_ok", True) else " FAIL"))
-        conc = r.get("concurrency") or "-"
-        if r.get("dynamic_batching") is not None:
-            conc = f"{conc} ({'dyn. batching' if r['dynamic_batching'] else 'no batching'})"
-        lines.append(f"| {r['backend']} | {r['precision']} | {r['batch']} | {conc} | {_f(r.get('p50_ms'))} | "
-                     f"{_f(r.get('p90_ms'))} | {_f(r.get('p99_ms'))} | {_f(r.get('p50_ms_per_image'))} | "
-                     f"{_f(r.get('images_per_s'))} | {_f(r.get('speedup_vs_torch_fp32_b1'), '{:.2f}x')} | "
-                     f"{_f(r.get('achieved_tflops'), '{:.3f}')} | {_f(r.get('peak_vram_mb'), '{:.0f}')} | {parity} |")
+        if r["status"] == "ok":
+            lines.append("| " + " | ".join(text for text, _ in ours_cells(r)) + " |")
     staged = [r for r in rows if r["status"] == "ok" and r.get("stage_ms")]
     if staged:
         lines += ["", "Per-stage p50 ms (each stage alone on its real inputs; the remainder of the chain's p50 is "
@@ -225,11 +246,7 @@ def markdown(model: str, profile: str, rows: list[dict], env: dict, paper: list[
     skipped = [r for r in rows if r["status"] != "ok"]
     if skipped:
         lines += ["", "Skipped:", ""] + [f"- {r['backend']} (batch {r['batch']}): {r['reason']}" for r in skipped]
-    why = not_comparable(rows, paper_setting(model)[1])
-    lines += ["", "## The papers' figures", "",
-              "As printed: single-image latency, batch 1, fp32 PyTorch on the authors' own GPU (often not stated); "
-              + (f"not comparable with the rows above ({why})." if why else
-                 "our batch-1 torch-fp32 row is the comparable setting."), "",
+    lines += ["", "## The papers' figures", "", papers_note(model, rows), "",
               "| paper | method | component | quantity | value | image size | hardware | note |",
               "|---|---|---|---|---|---|---|---|"]
     for p in paper:

@@ -12,7 +12,7 @@ import click
 from zsad import ZsadError
 from zsad.cli import cli_entry
 from zsad.data.io import image_paths
-from zsad.results import report_errors, result_rows, score_in_batches, write_results
+from zsad.results import report_errors, rerun_command, result_rows, score_in_batches, write_results
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -74,9 +74,11 @@ def serve_main(repo, http_port, grpc_port, metrics_port, binary, log_verbose, tr
 @click.option("--heatmaps/--no-heatmaps", default=True, help="Write heatmap overlay PNGs.")
 @click.option("--class-name", default=None, help="The object's class name (e.g. bottle, 'metal nut'): required by "
               "models whose prompts use it (Bayes-PFL), ignored by the others.")
+@click.option("--report", is_flag=True, help="Also write OUT/report.html: the images sorted by score with their "
+              "maps, and a threshold control that counts NG / OK (open it in a browser; no network).")
 @click.option("--no-progress", is_flag=True)
 @cli_entry
-def infer_main(images, url, model, protocol, batch_size, threshold, out, heatmaps, class_name, no_progress):
+def infer_main(images, url, model, protocol, batch_size, threshold, out, heatmaps, class_name, report, no_progress):
     """Score IMAGES (files, folders, globs) with a served zsad ensemble; write scores and heatmaps."""
     from zsad.serve.client import AnomalyClient
 
@@ -99,12 +101,15 @@ def infer_main(images, url, model, protocol, batch_size, threshold, out, heatmap
     rows = result_rows(outcomes, threshold)
     write_results(out_dir, rows, outcomes, heatmaps, summary={
         "model": model, "url": url, "protocol": client.protocol, "threshold": threshold, "class_name": class_name,
-        "seconds": round(seconds, 3)})
+        "seconds": round(seconds, 3)}, report=None if not report else {
+        "title": f"zsad-infer: {model} on {len(paths)} images", "threshold": threshold,
+        "command": rerun_command("zsad-infer", images, {"--url": url, "--model": model, "--class-name": class_name})})
     n_scored = sum(not r["error"] for r in rows)
     ng = sum(r["decision"] == "NG" for r in rows)
     click.echo(f"{n_scored} images scored in {seconds:.1f} s"
                + (f", {ng} NG at threshold {threshold}" if threshold is not None else "")
-               + f"; wrote {out_dir / 'scores.csv'}, scores.json" + (", heatmaps/" if heatmaps and n_scored else ""))
+               + f"; wrote {out_dir / 'scores.csv'}, scores.json" + (", heatmaps/" if heatmaps and n_scored else "")
+               + (", report.html" if report else ""))
     if report_errors(rows):
         sys.exit(1)
 

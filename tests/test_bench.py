@@ -58,7 +58,7 @@ def _run(tmp_path, backends, extra=()):
     files = sorted(tmp_path.iterdir())
     stem = files[0].stem
     assert stem.startswith(tuple("0123456789")) and "-anomalyclip-tiny-cpu-torch" in stem
-    assert {f.suffix for f in files} == {".json", ".csv", ".md", ".png"}
+    assert {f.suffix for f in files} == {".json", ".csv", ".md", ".png", ".html"}
     data = json.loads((tmp_path / f"{stem}.json").read_text())
     with open(tmp_path / f"{stem}.csv", newline="") as f:
         rows_csv = list(csv.DictReader(f))

@@ -11,7 +11,7 @@ from zsad import ZsadError
 from zsad.cli import cli_entry
 from zsad.data.io import image_paths
 from zsad.predict import Predictor
-from zsad.results import report_errors, result_rows, score_in_batches, write_results
+from zsad.results import report_errors, rerun_command, result_rows, score_in_batches, write_results
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -28,16 +28,20 @@ from zsad.results import report_errors, result_rows, score_in_batches, write_res
 @click.option("--out", type=click.Path(), default="predict_out", help="Where scores.csv and heatmaps/ go.")
 @click.option("--heatmaps/--no-heatmaps", default=True, help="Write input | overlay PNGs (one colour scale "
               "for the whole run).")
+@click.option("--report", is_flag=True, help="Also write OUT/report.html: the images sorted by score with their "
+              "maps, and a threshold control that counts NG / OK (open it in a browser; no network).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @cli_entry
-def main(images, checkpoint, device, clip_weights, class_name, batch_size, threshold, out, heatmaps, no_progress):
+def main(images, checkpoint, device, clip_weights, class_name, batch_size, threshold, out, heatmaps, report,
+         no_progress):
     """Score IMAGES (files, folders of images and globs) locally, without a server.
 
     Same pre- and post-processing as the served ensemble: each image is decoded, resized to the model's
     resolution and normalised exactly as the preprocess model does, and its anomaly map is resized back to
     the image's own size. Writes OUT/scores.csv (image, score, decision, height, width, error) and, with
-    --heatmaps, OUT/heatmaps/<name>.png. An image that cannot be read is listed with its error and the exit
-    code is 1; the others are still scored.
+    --heatmaps, OUT/heatmaps/<name>.png; with --report, OUT/report.html (the gallery sorted by score, a
+    threshold control). An image that cannot be read is listed with its error and the exit code is 1; the
+    others are still scored.
     """
     paths = image_paths(images)
     if not paths:
@@ -55,10 +59,13 @@ def main(images, checkpoint, device, clip_weights, class_name, batch_size, thres
                                 f"{predictor.method.name} on {predictor.device}", progress=not no_progress)
     rows = result_rows(outcomes, threshold, with_size=True)
     out_dir = Path(out)
-    write_results(out_dir, rows, outcomes, heatmaps)
+    page = None if not report else {
+        "title": f"zsad-predict: {predictor.method.name} on {len(paths)} images", "threshold": threshold,
+        "command": rerun_command("zsad-predict", images, {"--checkpoint": checkpoint, "--class-name": class_name})}
+    write_results(out_dir, rows, outcomes, heatmaps, report=page)
     n_scored = sum(not r["error"] for r in rows)
     click.echo(f"{n_scored} images scored in {time.perf_counter() - t0:.1f} s; wrote {out_dir / 'scores.csv'}"
-               + (", heatmaps/" if heatmaps and n_scored else ""))
+               + (", heatmaps/" if heatmaps and n_scored else "") + (", report.html" if report else ""))
     if report_errors(rows):
         sys.exit(1)
 

@@ -64,8 +64,13 @@ def thumbnails(image, anomaly_map: np.ndarray, vmin: float, vmax: float, mask: n
 def page(title: str, body: str, data: dict, scripts: Sequence[str]) -> str:
     """The whole HTML file: ``body`` under an ``h1`` title, ``data`` as the JSON blob ``D`` the scripts read."""
     blob = json.dumps(clean(data), separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
-    return (_SHELL.replace("{{TITLE}}", html.escape(title)).replace("{{BODY}}", body).replace("{{DATA}}", blob)
-            .replace("{{SCRIPT}}", "\n".join([BASE_JS, *scripts])))
+    title = html.escape(title)
+    rest, parts = _SHELL, []
+    for key, value in (("{{TITLE}}", title), ("{{TITLE}}", title), ("{{BODY}}", body), ("{{DATA}}", blob),
+                       ("{{SCRIPT}}", "\n".join([BASE_JS, *scripts]))):  # in order: no value is searched again
+        head, rest = rest.split(key, 1)
+        parts += [head, value]
+    return "".join([*parts, rest])
 
 
 def table(table_id: str, headers: Sequence[str], rows: Sequence[Sequence], foot: str = "") -> str:

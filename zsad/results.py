@@ -1,7 +1,8 @@
 """The per-image results of a scoring command (zsad-predict locally, zsad-infer against a server).
 
 Both score files in batches, isolate an unreadable image so that the others are still scored, and write
-OUT/scores.csv (one row per image, with its error if any), optionally OUT/scores.json, and heatmap panels.
+OUT/scores.csv (one row per image, with its error if any), optionally OUT/scores.json, heatmap panels and the
+browser report OUT/report.html (the score-sorted gallery with a threshold control: zsad.report_html).
 """
 from __future__ import annotations
 
@@ -56,9 +57,11 @@ def result_rows(outcomes, threshold: float | None, with_size: bool = False) -> l
     return rows
 
 
-def write_results(out_dir: Path, rows: list[dict], outcomes, heatmaps: bool, summary: dict | None = None) -> None:
+def write_results(out_dir: Path, rows: list[dict], outcomes, heatmaps: bool, summary: dict | None = None,
+                  report: dict | None = None) -> None:
     """OUT/scores.csv from ``rows``; OUT/scores.json (``summary`` + the rows) when ``summary`` is given; with
-    ``heatmaps``, one input | overlay panel per scored image under OUT/heatmaps (one colour scale for the run)."""
+    ``heatmaps``, one input | overlay panel per scored image under OUT/heatmaps (one colour scale for the run); with
+    ``report`` ({"title", "threshold", "command"}: :func:`rerun_command`), OUT/report.html."""
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "scores.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -72,6 +75,19 @@ def write_results(out_dir: Path, rows: list[dict], outcomes, heatmaps: bool, sum
         from zsad.visualize import save_prediction_panels
 
         save_prediction_panels(out_dir / "heatmaps", scored)
+    if report is not None:
+        from zsad.report_html import write_scores_report
+
+        write_scores_report(out_dir, outcomes, report["threshold"], report["title"], report["command"])
+
+
+def rerun_command(program: str, images, options: dict) -> str:
+    """The command line that scores ``images`` again with ``options`` (None values left out) and the threshold the
+    report's control shows (``{T}``)."""
+    import shlex
+
+    opts = " ".join(f"{k} {shlex.quote(str(v))}" for k, v in options.items() if v is not None)
+    return f"{program} {' '.join(shlex.quote(str(i)) for i in images)} {opts} --threshold {{T}}"
 
 
 def report_errors(rows: list[dict]) -> bool:
