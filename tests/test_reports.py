@@ -235,3 +235,23 @@ def test_predict_report_in_headless_chromium(predicted):
         assert not _severe(driver)
     finally:
         driver.quit()
+
+
+def test_page_ng_count_equals_numpy():
+    """The gallery's NG count (the page's own JavaScript, run in node) at thresholds on, between and beyond the scores
+    equals numpy's ``score >= threshold``; the browser test above checks the same on the page."""
+    import subprocess
+
+    from zsad.report_page import COUNT_JS
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("no node on this machine (the page's counts are still checked in Chromium by the slow tests)")
+    rng = np.random.default_rng(5)
+    scores = np.round(rng.random(40), 2)  # ties
+    thresholds = [float(scores[0]), float(scores[7]), float(np.median(scores)), -1.0, 2.0, float(scores.max())]
+    script = (COUNT_JS + f"const S = {json.dumps(scores.tolist())}.map((s) => ({{score: s}}));"
+              f"console.log(JSON.stringify({json.dumps(thresholds)}.map((t) => ngCount(S, t))));")
+    got = json.loads(subprocess.run([node, "-e", script], capture_output=True, text=True, timeout=60,
+                                    check=True).stdout)
+    assert got == [int(np.sum(scores >= t)) for t in thresholds]

@@ -243,10 +243,8 @@ function plot(id, title, series, o) {
 
 # The gallery: G.items are the current images ({src, view, name, score, label?, defect?, cls?}), G.thr the
 # threshold. A page sets G.onThreshold (what else changes with the threshold) and calls setItems / setThreshold.
-GALLERY_JS = r"""
-const PAGE = 48;
-const G = {items: [], thr: 0, page: 0, onThreshold: null};
-
+# The page's decision arithmetic, apart from the DOM (tests run it in node too).
+COUNT_JS = r"""
 const isNG = (it, t) => it.score >= t;  // zsad-infer's rule: NG (anomalous) at or above the threshold
 
 function ngCount(items, t) {
@@ -254,6 +252,11 @@ function ngCount(items, t) {
   for (const it of items) if (isNG(it, t)) n++;
   return n;
 }
+"""
+
+GALLERY_JS = COUNT_JS + r"""
+const PAGE = 48;
+const G = {items: [], thr: 0, page: 0, onThreshold: null};
 
 function keep(it, f) {
   const ng = isNG(it, G.thr);
