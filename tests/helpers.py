@@ -60,4 +60,6 @@ def screenshot(driver, name: str, width: int = 1000, height: int = 1100) -> None
     Path(folder).mkdir(parents=True, exist_ok=True)
     driver.set_window_size(width, height)
     driver.execute_script("window.scrollTo(0, 0)")
-    driver.save_screenshot(str(Path(folder) / f"{name}.png"))
+    path = Path(folder) / f"{name}.png"
+    driver.save_screenshot(str(path))
+    Image.open(path).convert("RGB").quantize(colors=128).save(path, optimize=True)  # small enough to commit

@@ -229,7 +229,7 @@ def test_report_in_headless_chromium(evaluated):
             Promise.all(imgs.map(i => i.complete ? 0 : new Promise(r => { i.onload = i.onerror = r; })))
               .then(() => done(imgs.map(i => i.naturalWidth)));""")
         assert len(widths) == len(imgs) and all(w > 0 for w in widths), widths
-        screenshot(driver, "report-eval")
+        screenshot(driver, "report-eval", height=1900)  # down to the threshold control and the gallery
 
         # a click on a thumbnail opens its larger view (the VIEW-px file), a click on the view closes it
         imgs[0].click()

@@ -1,12 +1,15 @@
 """A real tritonserver (the CPU one bundled with nvidia-pytriton) serving python-ort exports of tiny AnomalyCLIP and
 BAG-CLIP, queried over HTTP and gRPC: robust to bad input, under load, and leak-free. Served == eager for every
 registered method is tests/test_serve_methods.py."""
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -145,12 +148,21 @@ def test_zsad_infer_cli(server, images, tmp_path):
         Image.fromarray(a).save(folder / f"img{i}.png")
     res = CliRunner().invoke(infer_main, [str(folder), "--url", server.http_url, "--model", "bagclip",
                                           "--threshold", "0.5", "--batch-size", "2", "--out", str(tmp_path / "o"),
-                                          "--no-progress"])
+                                          "--report", "--no-progress"])
     assert res.exit_code == 0, res.output
     lines = (tmp_path / "o" / "scores.csv").read_text().splitlines()
     assert lines[0] == "image,score,decision,error" and len(lines) == 4
     assert all(line.split(",")[2] in ("OK", "NG") for line in lines[1:])
     assert len(list((tmp_path / "o" / "heatmaps").glob("*.png"))) == 3
+    # --report: the gallery of the three scored images, at the run's threshold, with the command to rerun
+    page = (tmp_path / "o" / "report.html").read_text()
+    data = json.loads(re.search(r'<script type="application/json" id="data">(.*?)</script>', page, re.S).group(1))
+    csv_scores = {Path(line.split(",")[0]).name: float(line.split(",")[1]) for line in lines[1:]}
+    assert {it["name"]: it["score"] for it in data["images"]} == pytest.approx(csv_scores, abs=5e-7)
+    assert data["threshold"] == 0.5 and data["infer"]["command"].startswith("zsad-infer ")
+    assert "--model bagclip" in data["infer"]["command"] and "report.html" in res.output
+    assert all((tmp_path / "o" / it["src"]).is_file() and (tmp_path / "o" / it["view"]).is_file()
+               for it in data["images"])
     (folder / "broken.png").write_bytes(b"\x89PNG broken")
     res = CliRunner().invoke(infer_main, [str(folder), "--url", f"grpc://{server.grpc_url}", "--model", "bagclip",
                                           "--out", str(tmp_path / "o2"), "--no-progress"])
