@@ -106,6 +106,7 @@ def main(model, profile, image_size, batch, backend, device, iters, warmup, chec
          served_seconds, served_backend, served_precision, calibration_images, out, no_progress, replot, compare,
          forecast_gpus, measured):
     """Benchmark latency / FPS / VRAM of zsad methods across backends, beside the papers' tables."""
+    from zsad.bench.html_report import write_page
     from zsad.bench.model_bench import bench_model
     from zsad.bench.report import environment, paper_rows, paper_setting, summary_table, write_results
     from zsad.bench.report import replot as replot_png
@@ -122,6 +123,7 @@ def main(model, profile, image_size, batch, backend, device, iters, warmup, chec
     if replot:
         for path in replot:
             png = replot_png(Path(path))
+            write_page(Path(path))
             click.echo(f"wrote {png}, {png.with_suffix('.md')} and {png.with_suffix('.html')}")
         return
     models = [m for m in model.split(",") if m]
@@ -139,6 +141,7 @@ def main(model, profile, image_size, batch, backend, device, iters, warmup, chec
         paper_name, paper_size = paper_setting(method.name)
         paths = write_results(Path(out), m, method.profile, rows, env, paper_rows(), flops, command,
                               plot_method=paper_name, paper_image_size=paper_size)
+        paths["html"] = write_page(paths["json"])
         click.echo(summary_table(m, rows))
         click.echo("wrote " + ", ".join(str(p) for p in paths.values()))
 

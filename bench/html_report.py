@@ -12,28 +12,15 @@ from __future__ import annotations
 
 import html
 import itertools
-import json
 import math
 from pathlib import Path
 
 from zsad import ZsadError
+from zsad.bench.report import load_result
 from zsad.report_page import page, table
 
 ENV_KEYS = ["date", "device", "device_name", "driver", "torch", "cuda", "python", "platform", "onnxruntime", "triton",
             "tritonclient", "open_clip"]
-
-
-def load_result(path: Path) -> dict:
-    """A zsad-bench result JSON (schema zsad-bench/1), or a one-line ZsadError saying why not."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ZsadError(f"cannot read bench results {path}: {err}") from None
-    if not isinstance(data, dict) or data.get("schema") != "zsad-bench/1" or not isinstance(data.get("rows"), list):
-        raise ZsadError(f"{path} is not a zsad-bench result file (schema zsad-bench/1; a forecast or another "
-                        "file cannot be compared)")
-    return data
 
 
 # ------------------------------------------------------------------------------------------- the plots' data
@@ -172,6 +159,14 @@ def bench_page(data: dict) -> str:
 _PLOTS_JS = r"""
 for (const p of D.plots) $("plots").appendChild(plot(p.id, p.title, p.series, p.o));
 """
+
+
+def write_page(json_path: Path) -> Path:
+    """<stem>.html beside a result JSON (zsad-bench after a run, and --replot)."""
+    json_path = Path(json_path)
+    path = json_path.with_suffix(".html")
+    path.write_text(bench_page(load_result(json_path)))
+    return path
 
 
 # ------------------------------------------------------------------------------------------- --compare

@@ -1,7 +1,7 @@
 """zsad-bench results: the speed-up column, the console summary, and the result files: JSON (everything), CSV (one
 row per configuration), a markdown report with the papers' latency table beside ours, a PNG plot (latency per
 image vs batch per backend; the papers' figure as a line only beside a comparable setting) and the browser report
-(.html: zsad.bench.html_report). ``replot`` redraws the PNG, .md and .html from the JSON."""
+(.html: zsad.bench.html_report, written from the JSON). ``replot`` redraws the PNG and the .md from the JSON."""
 from __future__ import annotations
 
 import csv
@@ -68,16 +68,29 @@ def paper_setting(model: str) -> tuple[str | None, int | None]:
     return paper_name, M.resolve_config(model, "paper").backbone.image_size
 
 
-def replot(json_path: Path) -> Path:
-    """Redraw the PNG and rewrite the .md and .html beside a result JSON from its rows, paper figures and command (as
-    ``write_results`` writes them now)."""
+def load_result(path: Path) -> dict:
+    """A zsad-bench result JSON (schema zsad-bench/1), or a one-line ZsadError saying why not."""
     from zsad import ZsadError
-    from zsad.bench.html_report import bench_page, load_result
+
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ZsadError(f"cannot read bench results {path}: {err}") from None
+    if not isinstance(data, dict) or data.get("schema") != "zsad-bench/1" or not isinstance(data.get("rows"), list):
+        raise ZsadError(f"{path} is not a zsad-bench result file (schema zsad-bench/1; a forecast or another "
+                        "file cannot be compared)")
+    return data
+
+
+def replot(json_path: Path) -> Path:
+    """Redraw the PNG and rewrite the .md beside a result JSON from its rows, paper figures and command (as
+    ``write_results`` writes them now; the .html: ``zsad.bench.html_report.write_page``)."""
+    from zsad import ZsadError
 
     json_path = Path(json_path)
     data = load_result(json_path)
     paper_name, paper_size = paper_setting(data["model"])
-    json_path.with_suffix(".html").write_text(bench_page(data))
     json_path.with_suffix(".md").write_text(markdown(data["model"], data["profile"], data["rows"], data["environment"],
                                                      data["paper"], data["gflops_per_image"], data["command"]))
     png = json_path.with_suffix(".png")
@@ -142,9 +155,8 @@ def result_stem(model: str, env: dict, profile: str = "paper") -> str:
 def write_results(out_dir: Path, model: str, profile: str, rows: list[dict], env: dict, paper: list[dict],
                   flops: dict, command: str, plot_method: str | None = None,
                   paper_image_size: int | None = None) -> dict[str, Path]:
-    """<stem>.json / .csv / .md / .png / .html (the browser report: zsad.bench.html_report) in ``out_dir``."""
-    from zsad.bench.html_report import bench_page
-
+    """<stem>.json / .csv / .md / .png in ``out_dir``, numbered past an earlier run's files (its .html included,
+    which ``zsad.bench.html_report.write_page`` writes from the JSON)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = result_stem(model, env, profile)
@@ -153,6 +165,7 @@ def write_results(out_dir: Path, model: str, profile: str, rows: list[dict], env
         paths = {ext: out_dir / f"{name}.{ext}" for ext in ("json", "csv", "md", "png", "html")}
         if not any(p.exists() for p in paths.values()):
             break
+    paths.pop("html")  # kept free for zsad.bench.html_report.write_page
     payload = {"schema": "zsad-bench/1", "model": model, "profile": profile, "command": command, "environment": env,
                "gflops_per_image": flops, "rows": rows, "paper": paper}
     paths["json"].write_text(json.dumps(payload, indent=2, default=str))
@@ -163,7 +176,6 @@ def write_results(out_dir: Path, model: str, profile: str, rows: list[dict], env
         for r in rows:
             w.writerow({**{k: _cell(r.get(k)) for k in CSV_FIELDS}, "environment": envtxt})
     paths["md"].write_text(markdown(model, profile, rows, env, paper, flops, command))
-    paths["html"].write_text(bench_page(payload))
     if not plot(paths["png"], model, rows, [p for p in paper if p["method"] == plot_method], paper_image_size):
         paths.pop("png")
     return paths

@@ -18,7 +18,8 @@ from helpers import chromium_driver, png_bytes, screenshot
 
 from zsad import ZsadError
 from zsad.bench.cli import main as bench_cli
-from zsad.bench.html_report import compare, load_result
+from zsad.bench.html_report import compare
+from zsad.bench.report import load_result
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
 RUN = RESULTS / "2026-11-27-bagclip-tiny-cpu-torch2.13.json"  # torch, ort, served sweep, skipped rows
