@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 THUMB = 128  # gallery thumbnail side in pixels
-VIEW = 384  # side of the larger view shown on click
+VIEW = 256  # side of the larger view shown on click (the overlay's cost grows with its area)
 FILES_DIR = "report_files"
 
 
@@ -41,24 +41,27 @@ def clean(x):
 def thumbnails(image, anomaly_map: np.ndarray, vmin: float, vmax: float, mask: np.ndarray | None,
                folder: Path, stem: str) -> tuple[str, str]:
     """Write ``stem.jpg`` (THUMB px) and ``stem_v.jpg`` (VIEW px): the image (a path or a PIL image) with its map on
-    the colour scale [vmin, vmax] and the mask's outline; returns the two file names."""
+    the colour scale [vmin, vmax] and the mask's outline (drawn at each size: one pixel wide in both); returns the
+    two file names."""
     from PIL import Image
 
     from zsad.data import read_image
     from zsad.visualize import overlay
 
-    size = (VIEW, VIEW)
-    img = read_image(str(image)) if isinstance(image, (str, Path)) else image
-    arr = np.asarray(img.convert("RGB").resize(size, Image.Resampling.BICUBIC))
-    amap = np.asarray(Image.fromarray(np.asarray(anomaly_map, np.float32)).resize(size, Image.Resampling.BILINEAR))
-    if mask is not None and mask.any():
-        mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST)) > 127
-    else:
-        mask = None
-    big = overlay(arr, amap, vmin, vmax, mask)
-    big.save(folder / f"{stem}_v.jpg", quality=85)
-    big.resize((THUMB, THUMB), Image.Resampling.BILINEAR).save(folder / f"{stem}.jpg", quality=85)
-    return f"{stem}.jpg", f"{stem}_v.jpg"
+    img = read_image(str(image)) if isinstance(image, (str, Path)) else image.convert("RGB")
+    img = img.resize((VIEW, VIEW), Image.Resampling.BICUBIC)  # the full image resized once: the thumbnail from this
+    amap = Image.fromarray(np.asarray(anomaly_map, np.float32))
+    has_mask = mask is not None and mask.any()
+    mask_img = Image.fromarray(mask.astype(np.uint8) * 255) if has_mask else None
+    names = []
+    for side, name in ((THUMB, f"{stem}.jpg"), (VIEW, f"{stem}_v.jpg")):
+        size = (side, side)
+        m = np.asarray(mask_img.resize(size, Image.Resampling.NEAREST)) > 127 if mask_img is not None else None
+        overlay(np.asarray(img.resize(size, Image.Resampling.BICUBIC)),
+                np.asarray(amap.resize(size, Image.Resampling.BILINEAR)), vmin, vmax, m).save(folder / name,
+                                                                                             quality=85)
+        names.append(name)
+    return names[0], names[1]
 
 
 def page(title: str, body: str, data: dict, scripts: Sequence[str]) -> str:
