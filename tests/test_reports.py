@@ -256,3 +256,29 @@ def test_page_ng_count_equals_numpy():
     got = json.loads(subprocess.run([node, "-e", script], capture_output=True, text=True, timeout=60,
                                     check=True).stdout)
     assert got == [int(np.sum(scores >= t)) for t in thresholds]
+
+
+def test_bench_page_paper_line_only_beside_comparable_rows():
+    """The run page's latency plot carries the paper's whole-model latency only where the .md calls the rows
+    comparable (paper profile, the paper's image size, a GPU); the note says why not otherwise."""
+    from zsad.bench.html_report import bench_page, plots
+
+    paper = [{"paper": "bagclip", "quantity": "latency_ms", "component": None, "method": "BAG-CLIP", "value": 121.6},
+             {"paper": "bagclip", "quantity": "latency_ms", "component": "GCN", "method": "BAG-CLIP", "value": 9.0}]
+
+    def data(profile, size, device):
+        row = {"backend": "torch-fp32", "precision": "fp32", "status": "ok", "batch": 1, "p50_ms": 5.0,
+               "p50_ms_per_image": 5.0, "images_per_s": 200.0, "profile": profile, "image_size": size,
+               "device": device}
+        return {"model": "bagclip", "profile": profile, "rows": [row], "paper": paper, "command": "zsad-bench",
+                "environment": {"device_name": "x"}, "gflops_per_image": {}}
+
+    def hlines(d):
+        return [h["y"] for p in plots(d) if p["id"] == "latency" for h in p["o"]["hlines"]]
+
+    assert hlines(data("paper", 518, "cuda")) == [121.6]  # the whole-model figure, not the component's
+    assert "our batch-1 torch-fp32 row is the comparable setting" in bench_page(data("paper", 518, "cuda"))
+    for args, why in ((("tiny", 224, "cpu"), "tiny profile, 224 px, CPU"), (("paper", 518, "cpu"), "CPU"),
+                      (("paper", 336, "cuda"), "336 px")):
+        assert hlines(data(*args)) == []
+        assert f"not comparable with the rows above ({why})" in bench_page(data(*args))
