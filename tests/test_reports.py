@@ -217,7 +217,11 @@ def test_predict_report_in_headless_chromium(predicted):
         # no --threshold: the control starts half-way between the lowest and highest score
         assert float(driver.find_element(By.ID, "thr").get_attribute("value")) == pytest.approx(
             (values[0] + values[-1]) / 2)
-        screenshot(driver, "report-predict")
+        screenshot(driver, "report-predict", height=1250)
+        # the score plot: the scores, highest first, against their rank
+        pts = driver.execute_script("return document.querySelector('#scores polyline.pts').getAttribute('points')")
+        uv = np.array([[float(v) for v in p.split(",")] for p in pts.split()])
+        np.testing.assert_allclose(values[0] + uv[:, 1] * (values[-1] - values[0]), values[::-1], atol=1e-5)
         for t in (float(values[3]), float(values[0]), float(values[-1]) + 1, float(np.mean(values))):
             box = driver.find_element(By.ID, "thr")
             box.clear()

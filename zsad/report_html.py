@@ -417,18 +417,32 @@ def write_scores_report(out_dir: Path, outcomes, threshold: float | None, title:
     errors = ("<h3>Not scored</h3><ul>" + "".join(f"<li>{esc(str(p))}: {esc(e)}</li>" for p, e in failed) + "</ul>"
               if failed else "")
     body = (f"<div>{esc(sub)}</div>\n<h3>Threshold (NG when score &ge; threshold)</h3>\n"
-            + gallery_html(FILTERS_UNLABELLED, legend, counts) + errors)
+            '<div class="plots" id="score-plot"></div>\n' + gallery_html(FILTERS_UNLABELLED, legend, counts) + errors)
     path = out_dir / "report.html"
     path.write_text(page(title, body, data, [GALLERY_JS, _SCORES_SCRIPT]))
     return path
 
 
 _SCORES_SCRIPT = r"""
+const ranked = D.images.map((it) => it.score).sort((a, b) => b - a);
+
+// The scores, highest first, with the threshold across them: where it cuts is how many are NG.
+function drawScores(t) {
+  const box = $("score-plot");
+  box.textContent = "";
+  if (!ranked.length) return;
+  box.appendChild(plot("scores", "scores, highest first", [{xs: ranked.map((_, i) => i + 1), ys: ranked}],
+                       {xl: "rank", yl: "score", lo: [1, ranked[ranked.length - 1]], hi: [ranked.length, ranked[0]],
+                        wide: true, hlines: [{y: Math.min(Math.max(t, ranked[ranked.length - 1]), ranked[0]),
+                                              label: "threshold"}]}));
+}
+
 G.onThreshold = (t) => {
   const ng = ngCount(G.items, t);
   $("ng").textContent = ng;
   $("ok").textContent = G.items.length - ng;
   $("n-scored").textContent = G.items.length;
+  drawScores(t);
 };
 const [lo, hi] = setItems(D.images);
 setThreshold(D.threshold !== null ? D.threshold : (D.images.length ? (lo + hi) / 2 : 0));
