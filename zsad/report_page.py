@@ -51,8 +51,7 @@ def thumbnails(image, anomaly_map: np.ndarray, vmin: float, vmax: float, mask: n
     img = read_image(str(image)) if isinstance(image, (str, Path)) else image.convert("RGB")
     img = img.resize((VIEW, VIEW), Image.Resampling.BICUBIC)  # the full image resized once: the thumbnail from this
     amap = Image.fromarray(np.asarray(anomaly_map, np.float32))
-    has_mask = mask is not None and mask.any()
-    mask_img = Image.fromarray(mask.astype(np.uint8) * 255) if has_mask else None
+    mask_img = Image.fromarray(mask.astype(np.uint8) * 255) if mask is not None and mask.any() else None
     names = []
     for side, name in ((THUMB, f"{stem}.jpg"), (VIEW, f"{stem}_v.jpg")):
         size = (side, side)
