@@ -338,7 +338,7 @@ def _plot(report: dict, path: Path) -> bool:
         return False
     s = report["samples"]
     t = [x["t_s"] / 60 for x in s]
-    fig, axes = plt.subplots(4, 1, figsize=(9, 11), sharex=True)
+    fig, axes = plt.subplots(4, 1, figsize=(11, 11), sharex=True)
     axes[0].plot(t, [x["requests_per_s"] for x in s])
     axes[0].set_ylabel("requests/s")
     for q in ("p50_ms", "p99_ms"):
@@ -354,7 +354,7 @@ def _plot(report: dict, path: Path) -> bool:
     axes[3].axvline(report["settings"]["warmup_s"] / 60, color="grey", linestyle=":", label="end of warm-up")
     axes[3].set_ylabel("RSS (MB)")
     axes[3].set_yscale("log")
-    axes[3].legend(fontsize=7, ncol=2)
+    axes[3].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the lines, never over them
     axes[3].set_xlabel("minutes")
     fig.suptitle(f"soak: {report['settings']['model']}, {report['settings']['clients']} clients (HTTP + gRPC)")
     fig.tight_layout()
