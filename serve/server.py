@@ -191,6 +191,8 @@ class TritonServer:
                "--metrics-address=127.0.0.1", "--strict-readiness=true", "--exit-on-error=true",
                f"--log-verbose={self.log_verbose}", "--model-control-mode=explicit", "--load-model=*",
                f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
+               # p50/p99 request and queue times on /metrics (deploy/monitoring's alerts and dashboard read them)
+               "--metrics-config=summary_latencies=true",
                f"--http-restricted-api={RESTRICTED_APIS}:{ADMIN_HEADER}={self._admin_key}",
                f"--grpc-restricted-protocol={RESTRICTED_APIS}:{ADMIN_HEADER}={self._admin_key}"]
         if server.backend_dir:
@@ -272,6 +274,9 @@ class TritonServer:
         self.events.append(event)
         log.warning("python stub of model '%s' (pid %d) died; reloading the model", model, pid)
         try:
+            # Triton reloads a loaded model only if its files changed since it was loaded (a repository served
+            # before: never): unloaded first, the load starts a new stub (measured, tritonserver 2.51)
+            self._admin(f"/v2/repository/models/{model}/unload", timeout=120)
             self._admin(f"/v2/repository/models/{model}/load", timeout=120)
             event["reloaded"] = reloaded = time.time()
             log.warning("model '%s' reloaded in %.1f s", model, reloaded - detected)

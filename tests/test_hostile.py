@@ -14,7 +14,6 @@ import os
 import random
 import re
 import signal
-import struct
 import subprocess
 import sys
 import threading
@@ -31,12 +30,12 @@ from zsad.data import preprocess
 from zsad.data.synthetic import SYNTHETIC_TEST_CLASSES, render_sample
 from zsad.export.exporter import ExportOptions, export_model
 from zsad.serve.client import AnomalyClient
+from zsad.serve.loadtest import BAD_STATUS, bad_images
 from zsad.serve.server import SHM_PREFIX, TritonServer, python_stubs
 
 pytestmark = pytest.mark.server
 
 MAX_PIXELS = 1_000_000
-BAD_STATUS = {"400", "StatusCode.INVALID_ARGUMENT"}
 
 
 def _encode(arr: np.ndarray, fmt: str) -> bytes:
@@ -109,21 +108,6 @@ def _fuzzed_images(seed: int = 0, per_format: int = 8) -> list[bytes]:
                 mutated[rng.randrange(min(len(mutated), 64))] = rng.randrange(256)
             out.append(bytes(mutated))
     return out
-
-
-def _crafted_images() -> dict[str, bytes]:
-    dds_header = (struct.pack("<7I", 124, 0x1007, 4, 4, 0, 0, 0) + b"\0" * 44 + struct.pack("<2I", 32, 0x4)
-                  + b"ZZZZ" + b"\0" * 20 + struct.pack("<4I", 0x1000, 0, 0, 0) + b"\0" * 4)
-    return {
-        "dds unknown fourcc (NotImplementedError)": b"DDS " + dds_header + b"\0" * 64,
-        "blp1 bad compression (BLPFormatError)": b"BLP1" + struct.pack("<5I", 7, 0, 4, 4, 0) + b"\0" * 2000,
-        "blp2 bad encoding (BLPFormatError)": b"BLP2" + struct.pack("<I", 1) + bytes([9, 0, 0, 0])
-        + struct.pack("<2I", 4, 4) + b"\0" * 2000,
-        "png 100000x100000 header": _encode(np.zeros((1, 1, 3), np.uint8), "PNG")[:16]
-        + struct.pack(">II", 100_000, 100_000) + _encode(np.zeros((1, 1, 3), np.uint8), "PNG")[24:],
-        "empty": b"",
-        "random bytes": os.urandom(3000),
-    }
 
 
 def _check_refusal(res, what: str) -> None:
@@ -203,7 +187,7 @@ def test_attacks_under_good_load(server, good_images):
                 assert "image 1" in res.message(), res.message()
             else:
                 n_fuzz_ok += 1  # a mutation the decoder still reads as a valid image
-        for what, blob in _crafted_images().items():
+        for what, blob in bad_images().items():
             for tc, url in ((th, server.http_url), (tg, server.grpc_url)):
                 refused(_call(tc, url, "bayespfl", bytes_feed([blob])), f"{what} ({tc.__name__})")
         # 3. tensors straight to the stage models
@@ -270,23 +254,27 @@ def test_attacks_under_good_load(server, good_images):
 
 
 def test_dead_stub_is_reloaded_within_10_s(server, good_images):
+    """Twice: the first load of a fresh export writes __pycache__ into the model's folder, so a plain load request
+    reloads it once; the second time the files are unchanged and Triton skips a plain load (the stub stayed dead)."""
     client = AnomalyClient(server.http_url, "bayespfl")
     png = _encode(good_images[0], "PNG")
     before = client.infer([png], class_names="bottle")[0].score
-    pid = next(p for p, (model, _, _) in python_stubs(server.process.pid).items() if model == "bayespfl_preprocess")
-    n_events = len(server.events)
-    t0 = time.time()
-    os.kill(pid, signal.SIGKILL)
-    deadline = t0 + 10
-    while time.time() < deadline and not (len(server.events) > n_events and "reloaded" in server.events[-1]):
-        time.sleep(0.1)
-    event = server.events[-1]
-    assert event["model"] == "bayespfl_preprocess" and event["pid"] == pid
-    print(f"\nstub SIGKILL -> detected after {event['detected'] - t0:.2f} s, reloaded after "
-          f"{event['reloaded'] - t0:.2f} s")
-    assert event["reloaded"] - t0 < 10
-    assert server.ready()
-    assert client.infer([png], class_names="bottle")[0].score == pytest.approx(before, rel=1e-6)
+    for _ in range(2):
+        pid = next(p for p, (model, _, _) in python_stubs(server.process.pid).items()
+                   if model == "bayespfl_preprocess")
+        n_events = len(server.events)
+        t0 = time.time()
+        os.kill(pid, signal.SIGKILL)
+        deadline = t0 + 10
+        while time.time() < deadline and not (len(server.events) > n_events and "reloaded" in server.events[-1]):
+            time.sleep(0.1)
+        event = server.events[-1]
+        assert event["model"] == "bayespfl_preprocess" and event["pid"] == pid
+        print(f"\nstub SIGKILL -> detected after {event['detected'] - t0:.2f} s, reloaded after "
+              f"{event['reloaded'] - t0:.2f} s")
+        assert event["reloaded"] - t0 < 10
+        assert server.ready()
+        assert client.infer([png], class_names="bottle")[0].score == pytest.approx(before, rel=1e-6)
 
 
 def test_sigterm_leaves_no_process_or_shared_memory(server):
