@@ -35,7 +35,7 @@ def reference_path(repo: Path, name: str, version: int) -> Path:
 
 def save_reference(path: Path, images: np.ndarray, score: np.ndarray, anomaly_map: np.ndarray,
                    class_names: list[str] | None) -> None:
-    arrays = {"images": images.astype(np.uint8), "score": score.astype(np.float32).reshape(-1),
+    arrays: dict[str, np.ndarray] = {"images": images.astype(np.uint8), "score": score.astype(np.float32).reshape(-1),
               "anomaly_map": anomaly_map.astype(np.float32)}
     if class_names is not None:
         arrays["class_names"] = np.array(class_names, dtype=str)  # fixed-width unicode, no object pickling
