@@ -84,7 +84,7 @@ class Connection:
     @contextlib.contextmanager
     def update_lock(self):
         """Held for a whole switch: one switch at a time, and zsad-serve's stub monitor waits."""
-        with open(self.run_dir / UPDATE_LOCK, "a") as f:
+        with open(self.run_dir / UPDATE_LOCK) as f:  # zsad-serve made it
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -279,8 +279,9 @@ class TritonServer:
             else:
                 raise ZsadError(f"another zsad-serve (pid {pid}) is serving from {self.run_dir} ({state}): stop it, "
                                 f"or give this one another run directory") from None
-        for name in (SERVER_STATE, KEY_FILE):
+        for name in (SERVER_STATE, KEY_FILE, UPDATE_LOCK):
             (self.run_dir / name).unlink(missing_ok=True)
+        self._write_run_file(UPDATE_LOCK, "")
 
     def _write_run_file(self, name: str, text: str) -> Path:
         from zsad.serve.secret_args import write_secret
@@ -402,7 +403,7 @@ class TritonServer:
         if self.run_dir is None:
             return False
         try:
-            with open(self.run_dir / UPDATE_LOCK, "a") as f:
+            with open(self.run_dir / UPDATE_LOCK) as f:
                 fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released when f closes
         except BlockingIOError:
             return True
