@@ -233,10 +233,14 @@ class TritonServer:
         self._workdir = Path(tempfile.mkdtemp(prefix="zsad-triton-"))  # 0700
         if self.run_dir is None:
             self.run_dir = self._workdir
-        private_dir(self.run_dir, create=True)
-        self._claim_run_dir()
-        server = self._resolve_binary(self._workdir)
-        key_env, key_arg = self._key_handover()
+        try:
+            private_dir(self.run_dir, create=True)
+            self._claim_run_dir()
+            key_env, key_arg = self._key_handover()
+            server = self._resolve_binary(self._workdir)
+        except BaseException:
+            self.stop()  # removes the work dir and what was written into the run dir, nothing else
+            raise
         cmd = [str(server.path), f"--model-repository={self.repo}",
                f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}",
                f"--metrics-port={self.metrics_port}", "--http-address=127.0.0.1", "--grpc-address=127.0.0.1",
