@@ -8,6 +8,7 @@
 A switch from version A to B (repository layout: zsad.export.versions), through the running server's
 model-repository API with the admin key that zsad-serve keeps in its run directory:
 
+0. the ensembles are reloaded pinned to A (an export never switched names "latest" in its running ensembles);
 1. every model but the ensembles loads A and B side by side (config: ``version_policy specific [A, B]``);
 2. B is checked before any client sees it: the parity gate's images exported with B (``reference_vB.npz``) run
    through the ensemble's steps, each called at version B, and must give B's exported eager answers (relative
@@ -159,6 +160,10 @@ def switch(conn: Connection, repo: Path, name: str, target: int, grace: float = 
         active = V.pin_active(repo, name, models)
         if active == target:
             raise ZsadError(f"version {target} of {name} is already the one served")
+        # the running ensembles may still name their steps' latest version (-1: an export before any --version):
+        # once two versions are loaded, a request would take each step's latest when it starts, one model after
+        # the other, while the new version loads (seen: version 2's encoder with version 1's head). Pinned first.
+        conn.load(ensembles)
         for m in stages:
             V.set_versions(repo, m, [active, target])
         conn.load(stages)  # only the new version starts: Triton keeps a loaded version whose files are unchanged
