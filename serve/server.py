@@ -208,6 +208,7 @@ class TritonServer:
         self.allow_key_in_argv = allow_key_in_argv
         self.draining = False
         self._run_files: list[Path] = []  # what start() wrote into run_dir (stop() removes exactly these)
+        self._made_run_dir = False
 
     @property
     def http_url(self) -> str:
@@ -234,6 +235,7 @@ class TritonServer:
         if self.run_dir is None:
             self.run_dir = self._workdir
         try:
+            self._made_run_dir = not self.run_dir.exists()
             private_dir(self.run_dir, create=True)
             self._claim_run_dir()
             key_env, key_arg = self._key_handover()
@@ -470,6 +472,10 @@ class TritonServer:
         for path in self._run_files:  # only what start() wrote: run_dir may be the user's
             path.unlink(missing_ok=True)
         self._run_files = []
+        if self._made_run_dir and self.run_dir is not None and self.run_dir != self._workdir:
+            with contextlib.suppress(OSError):
+                self.run_dir.rmdir()  # only if empty
+            self._made_run_dir = False
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
             if self.run_dir == self._workdir:
