@@ -321,6 +321,15 @@ def _versions_seen(server, images, eager_by_version, stop, record):
         record.append(("version", match[0]) if len(match) == 1 else ("mixed or wrong", got.score))
 
 
+def _wait_loaded(conn, models, version):
+    """Every model of the export ends with ``version`` alone loaded (a retired version unloads once its last
+    requests are answered)."""
+    deadline = time.monotonic() + 30
+    while (loaded := {m: v for m, v in conn.loaded().items() if m in models}) != {m: [version] for m in models}:
+        assert time.monotonic() < deadline, loaded
+        time.sleep(0.2)
+
+
 def test_version_update_and_rollback_under_load(server, images):
     """zsad-export --version 2 (BAG-CLIP seeded differently) into the served repository; zsad-deploy switches to
     it and back while 4 clients send requests: none fails, each answer is version 1's or version 2's eager answer,
@@ -353,9 +362,11 @@ def test_version_update_and_rollback_under_load(server, images):
         c.start()
     try:
         time.sleep(0.5)
+        models = V.export_models(repo, "bagclip")
         assert switch(conn, repo, "bagclip", 2, grace=1, log=print)["previous"] == 1
-        time.sleep(0.5)
+        _wait_loaded(conn, models, 2)
         assert rollback(conn, repo, "bagclip", grace=1, log=print)["active"] == 1
+        _wait_loaded(conn, models, 1)
         # version 3: version 2's files, but its stored answers are not what they give: refused, 1 stays served
         for m, ensemble in V.export_models(repo, "bagclip").items():
             if not ensemble:
@@ -375,11 +386,7 @@ def test_version_update_and_rollback_under_load(server, images):
     assert {v for kind, v in record if kind == "version"} == {1, 2}
     assert record[-1] == ("version", 1)
     assert V.versions_state(repo, "bagclip") == {"active": 1, "previous": 2}
-    models = V.export_models(repo, "bagclip")
-    deadline = time.monotonic() + 30  # retired versions unload once their last requests are answered
-    while (loaded := {m: v for m, v in conn.loaded().items() if m in models}) != {m: [1] for m in models}:
-        assert time.monotonic() < deadline, loaded
-        time.sleep(0.2)
+    _wait_loaded(conn, models, 1)
 
 
 def test_drain_under_load_answers_what_was_accepted_and_leaves_nothing(server, images):
