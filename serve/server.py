@@ -357,9 +357,10 @@ class TritonServer:
 
     def drain(self, timeout: float = DRAIN_TIMEOUT_S) -> dict:
         """Stop taking work without losing any: ``ready()`` false, the stub monitor stopped (it must not reload
-        what is unloaded here), then every loaded model unloaded, ensembles first and the models they call after
-        them; each group's accepted requests finish (Triton keeps a model UNLOADING until then) while new ones are
-        refused. Returns {"seconds", "drained": every model unloaded within ``timeout``, "left": names not}."""
+        what is unloaded here), then every loaded model unloaded; each group's accepted requests finish (Triton
+        keeps a model UNLOADING until then, and an accepted ensemble request holds the models it calls) while new
+        ones are refused. Ensembles go first so that a refusal names the model the client asked for, not one
+        inside it. Returns {"seconds", "drained": every model unloaded within ``timeout``, "left": names not}."""
         t0 = time.monotonic()
         self.draining = True
         self._stop_monitor.set()
