@@ -322,10 +322,11 @@ def _versions_seen(server, images, eager_by_version, stop, record):
 
 
 def _wait_loaded(conn, models, version):
-    """Every model of the export ends with ``version`` alone loaded (a retired version unloads once its last
-    requests are answered)."""
+    """Every model of the export but the ensembles (one version, 1, whose steps name the served one) ends with
+    ``version`` alone loaded (a retired version unloads once its last requests are answered)."""
+    want = {m: [1] if ensemble else [version] for m, ensemble in models.items()}
     deadline = time.monotonic() + 30
-    while (loaded := {m: v for m, v in conn.loaded().items() if m in models}) != {m: [version] for m in models}:
+    while (loaded := {m: v for m, v in conn.loaded().items() if m in models}) != want:
         assert time.monotonic() < deadline, loaded
         time.sleep(0.2)
 
