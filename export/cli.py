@@ -91,12 +91,15 @@ def _batches(value: str | None) -> list[int]:
 @click.option("--support", type=click.Path(), default=None, help="Few-shot (methods with a few-shot mode; "
               "the others are refused with the list): a folder of normal images of one product, or a data-set root "
               "with --support-class; the memory bank is baked in.")
+@click.option("--version", "version", type=int, default=None, help="Add the export as version N of the export of "
+              "the same --name already in --out (numbered version folders; refused if N exists or the models or "
+              "their configs differ). Nothing served changes: zsad-deploy switches a running zsad-serve to it.")
 @click.option("--shots", type=int, default=0, help="Few-shot: K normal images drawn (seeded) from --support.")
 @click.option("--support-class", default=None, help="Few-shot: the class of a data-set root given as --support.")
 @cli_entry
 def main(model, checkpoint, profile, image_size, clip_weights, backend, fp16, max_batch, preferred_batch,
          queue_delay_us, device, instances, resize_to_input, out, name, force, parity_images, max_pixels, support,
-         shots, support_class, precision, calibration, calibration_images, gate_images):
+         shots, support_class, precision, calibration, calibration_images, gate_images, version):
     """Export a zsad method to a Triton model repository, stage by stage, behind a parity gate."""
     from zsad.export.exporter import ExportOptions, export_model
 
@@ -107,7 +110,7 @@ def main(model, checkpoint, profile, image_size, clip_weights, backend, fp16, ma
         queue_delay_us=queue_delay_us, instances=instances, resize_to_input=resize_to_input, max_pixels=max_pixels,
         support=support, shots=shots, support_class=support_class,
         fp16=fp16, precision=precision, calibration=calibration, calibration_images=calibration_images,
-        gate_images=gate_images, parity_images=parity_images), log=click.echo)
+        gate_images=gate_images, parity_images=parity_images, version=version), log=click.echo)
 
 if __name__ == "__main__":
     main()

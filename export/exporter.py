@@ -12,6 +12,11 @@ existing folder of the same name is replaced only if it carries that marker (an 
 otherwise the export is refused before any work, with nothing deleted. ``--name`` must be a plain identifier, so
 no model folder can land outside ``--out``.
 
+Versions (``version``, ``zsad-export --version N``): the export is built and gated as any other, then its models
+land as version N of an export already in ``--out`` (zsad.export.versions), refused unless that export has the
+same models and configs and no version N yet; what is served does not change until ``zsad-deploy`` switches.
+Every export stores its check (``reference_vN.npz``: the gate's images and their eager answers) for that switch.
+
 Options: :class:`ExportOptions`, one field per ``zsad-export`` option (export/cli.py). Steps: ``_export_and_gate``
 (ONNX / plans / IR per stage + the gates) -> ``_write_repository`` (one writer per kind of model) ->
 ``_write_report_and_markers`` -> ``_install``. What differs per backend is asked of its runtime
@@ -30,8 +35,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from zsad import ZsadError, __version__
-from zsad.export import parity, runtimes
+from zsad.export import parity, runtimes, versions
 from zsad.export.onnx_export import export_metadata, stamp_stage_files
 from zsad.export.triton_repo import (
     RepoOptions,
@@ -55,7 +62,7 @@ if TYPE_CHECKING:  # openvino_export is imported where an OpenVINO backend is us
     from zsad.export.parity import GateThresholds
 
 
-MARKER_NAME = ".zsad-export.json"
+MARKER_NAME = versions.MARKER_NAME
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
@@ -115,6 +122,50 @@ def _install(staging: Path, repo: Path, models: list[str], scratch: Path) -> Non
             if not os.path.lexists(repo / m):
                 os.rename(aside / m, repo / m)
         raise ZsadError(f"could not move the exported models into {repo}: {err}") from err
+
+
+def _check_new_version(repo: Path, name: str, planned: list[str], version: int) -> None:
+    """Before any work: version N joins an export of the same models that has no version N yet."""
+    existing = versions.export_models(repo, name)
+    if sorted(existing) != sorted(planned):
+        raise ZsadError(f"--version: {repo / name} holds the models {sorted(existing)}, this export would write "
+                        f"{sorted(planned)}: a different method or layout; export it under another --name")
+    taken = [m for m, ensemble in existing.items() if not ensemble and os.path.lexists(repo / m / str(version))]
+    if taken:
+        raise ZsadError(f"--version {version}: {repo / taken[0]}/{version} exists already; versions are never "
+                        f"overwritten: choose a new number (the versions there: "
+                        f"{sorted(int(d.name) for d in (repo / taken[0]).iterdir() if d.name.isdigit())})")
+
+
+def _install_version(staging: Path, repo: Path, name: str, models: list[str], version: int) -> Path:
+    """Move the staged models' version folder in as version ``version`` of the export in ``repo`` (its configs
+    pinned first, so nothing served changes); returns the version's parity report."""
+    versions.check_same_layout(repo, staging, name, models)
+    existing = versions.export_models(repo, name)
+    versions.pin_active(repo, name, existing)
+    for m, ensemble in existing.items():
+        if not ensemble:
+            os.rename(staging / m / "1", repo / m / str(version))
+    report = repo / name / f"parity_report_v{version}.json"
+    os.replace(staging / name / "parity_report.json", report)
+    os.replace(versions.reference_path(staging, name, version), versions.reference_path(repo, name, version))
+    return report
+
+
+def _write_reference(method, path: Path, max_batch: int, parity_images: int) -> None:
+    """The parity gate's images as a client sends them (uint8) and the eager answers to them: the check
+    ``zsad-deploy`` runs on a version before serving it."""
+    import torch
+
+    from zsad.data import preprocess
+    from zsad.data.feeds import synthetic_class_names, synthetic_raw_images
+
+    raw = synthetic_raw_images(max(1, min(parity_images, max_batch)))
+    names = synthetic_class_names(len(raw)) if method.text_inputs() else None
+    x = torch.from_numpy(np.stack([preprocess(img, method.image_size) for img in raw]))
+    with torch.no_grad():
+        out = method(x, names)
+    versions.save_reference(path, raw, out.score.numpy(), out.anomaly_map.numpy(), names)
 
 
 @dataclass
@@ -192,10 +243,15 @@ class ExportOptions:
     gate_images: int = 16
     gate_thresholds: GateThresholds | None = None  # None: its defaults
     parity_images: int = 4
+    # None: a plain export (version 1, replacing an earlier export of the name); N: version N added beside the
+    # versions of the export already in ``out`` (zsad.export.versions)
+    version: int | None = None
 
     def __post_init__(self):
         if self.device not in (None, "cpu", "gpu"):
             raise ZsadError(f"--device must be cpu or gpu, got '{self.device}'")
+        if self.version is not None and not 1 <= self.version < 2**31:
+            raise ZsadError(f"--version must be a positive integer, got {self.version}")
 
     @property
     def target_device(self) -> str:
@@ -236,6 +292,8 @@ def export_model(opts: ExportOptions, log=print) -> ExportResult:
     name = opts.name or method.name
     planned = planned_models(name, method.stages(), method.text_inputs(), opts.backend, opts.resize_to_input)
     refuse_foreign_folders(repo, planned, opts.force)
+    if opts.version is not None:
+        _check_new_version(repo, name, planned, opts.version)
     repo_opts = opts.repo_options(name)
     created_repo = not repo.exists()
     repo.mkdir(parents=True, exist_ok=True)
@@ -248,12 +306,21 @@ def export_model(opts: ExportOptions, log=print) -> ExportResult:
         if sorted(models) != sorted(planned):
             raise ZsadError(f"internal: wrote models {sorted(models)} but planned {sorted(planned)}")
         _write_report_and_markers(staging, models, method, trained, opts, repo_opts, rows, gate_section)
-        refuse_foreign_folders(repo, planned, opts.force)  # again: the user may have added a folder meanwhile
-        _install(staging, repo, models, scratch)
-        log(f"wrote {len(models)} models to {repo}: ensembles {', '.join(ensembles)}; parity report "
-            f"{repo / name / 'parity_report.json'} (worst relative error {max(r.max_rel for r in rows):.2e}, "
-            f"tolerance {opts.tolerance:g})")
-        return ExportResult(repo, models, ensembles, rows, repo / name / "parity_report.json")
+        version = opts.version or 1
+        _write_reference(method, versions.reference_path(staging, name, version), opts.max_batch, opts.parity_images)
+        if opts.version is None:
+            refuse_foreign_folders(repo, planned, opts.force)  # again: the user may have added a folder meanwhile
+            _install(staging, repo, models, scratch)
+            report = repo / name / "parity_report.json"
+        else:
+            report = _install_version(staging, repo, name, models, version)
+        log(f"wrote {len(models)} models to {repo}" + (f" as version {version}" if opts.version else "")
+            + f": ensembles {', '.join(ensembles)}; parity report {report} (worst relative error "
+            f"{max(r.max_rel for r in rows):.2e}, tolerance {opts.tolerance:g})")
+        if opts.version is not None:
+            log(f"serving is unchanged (version {versions.versions_state(repo, name)['active']}); switch a running "
+                f"zsad-serve with: zsad-deploy update {repo} --name {name} --version {version}")
+        return ExportResult(repo, models, ensembles, rows, report)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         if created_repo and repo.is_dir() and not any(repo.iterdir()):

@@ -24,21 +24,34 @@ from zsad.results import report_errors, rerun_command, result_rows, score_in_bat
 @click.option("--binary", type=click.Path(), default=None, help="tritonserver binary [default: PATH, else the one "
               "bundled in nvidia-pytriton].")
 @click.option("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level.")
+@click.option("--run-dir", type=click.Path(), default=None, help="Private folder (0700) for the admin key file and "
+              "server.json, where zsad-deploy finds this server [default: $XDG_RUNTIME_DIR or the temp dir, "
+              "/zsad-serve-<uid>/<hash of REPO's path>].")
+@click.option("--drain-timeout", type=float, default=30.0, help="On SIGTERM / Ctrl-C: how long to wait for the "
+              "requests already accepted to finish before stopping anyway.")
+@click.option("--allow-key-in-argv", is_flag=True, help="Where no C compiler exists to build the shim that hands "
+              "tritonserver the admin key, put the key on its command line (every local user can read it with ps) "
+              "instead of refusing to start.")
 @cli_entry
-def serve_main(repo, http_port, grpc_port, metrics_port, binary, log_verbose, tritonserver_args):
-    """Start tritonserver on REPO (loopback only), print the endpoints, stop cleanly on Ctrl-C / SIGTERM.
+def serve_main(repo, http_port, grpc_port, metrics_port, binary, log_verbose, run_dir, drain_timeout,
+               allow_key_in_argv, tritonserver_args):
+    """Start tritonserver on REPO (loopback only), print the endpoints, drain and stop on Ctrl-C / SIGTERM.
 
     Arguments after `--` go to tritonserver as they are (e.g. `zsad-serve repo -- --log-info=false`). Clients
-    cannot use the shared-memory, repository, trace and logging APIs; a model whose python stub dies is reloaded
-    (logged), and if that fails zsad-serve stops with an error rather than serve a broken model.
+    cannot use the shared-memory, repository, trace and logging APIs: their key is in an owner-only file of the run
+    directory, never on a command line. A model whose python stub dies is reloaded (logged), and if that fails
+    zsad-serve stops with an error rather than serve a broken model. On SIGTERM readiness turns false, every model
+    is unloaded (requests already accepted are answered, new ones refused), then tritonserver stops. Model
+    versions are switched while it runs with zsad-deploy.
     """
     import logging
 
-    from zsad.serve.server import TritonServer
+    from zsad.serve.server import TritonServer, default_run_dir
 
     logging.basicConfig(level=logging.INFO, format="zsad-serve %(levelname)s: %(message)s")
     server = TritonServer(repo, http_port, grpc_port, metrics_port, binary, log_verbose=log_verbose,
-                          extra_args=list(tritonserver_args))
+                          extra_args=list(tritonserver_args), run_dir=run_dir or default_run_dir(repo),
+                          allow_key_in_argv=allow_key_in_argv)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -49,7 +62,7 @@ def serve_main(repo, http_port, grpc_port, metrics_port, binary, log_verbose, tr
         click.echo(f"ready: HTTP {server.http_url}  gRPC {server.grpc_url}  metrics 127.0.0.1:{server.metrics_port}")
         for m in models:
             click.echo(f"  {m['name']:<36} {m.get('state', '?')}")
-        click.echo(f"log: {server.log_path}   (Ctrl-C to stop)")
+        click.echo(f"log: {server.log_path}   run dir: {server.run_dir}   (Ctrl-C to stop)")
         while not stop.is_set():
             if server.process.poll() is not None:
                 raise ZsadError(f"tritonserver exited unexpectedly (code {server.process.returncode}):\n"
@@ -57,6 +70,10 @@ def serve_main(repo, http_port, grpc_port, metrics_port, binary, log_verbose, tr
             if not server.healthy:
                 raise ZsadError(f"a model's python stub died and could not be reloaded: {server.events[-1]['model']}")
             stop.wait(0.5)
+        click.echo("draining: not ready, finishing accepted requests ...")
+        drained = server.drain(drain_timeout)
+        click.echo(f"drained in {drained['seconds']} s" if drained["drained"] else
+                   f"drain timed out after {drained['seconds']} s, still busy: {', '.join(drained['left'])}")
         click.echo("stopping ...")
     finally:
         server.stop()

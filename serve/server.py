@@ -7,18 +7,30 @@ this environment's ``bin`` first on PATH so python models run in this venv (wher
 free ones unless given; the server binds 127.0.0.1 only.
 
 Hardening (clients are not trusted): the shared-memory, model-repository (index, load, unload), trace and logging
-APIs, over HTTP and gRPC, need a header ``zsad-admin-key`` whose value is random per start and known only to this
-object (a client registering a python stub's own shared-memory region could crash the server). Models are loaded
+APIs, over HTTP and gRPC, need a header ``zsad-admin-key`` whose value is random per start (a client registering a
+python stub's own shared-memory region could crash the server). The key never appears in any process's argv or
+environment: it lives in an owner-only file of the server's run directory (``run_dir``, 0700: ``admin.key`` 0600,
+``server.json`` with the endpoints and pid, for ``zsad-deploy``), and a preloaded shim puts it into tritonserver's
+arguments before ``main`` (zsad.serve.secret_args); without a C compiler the start is refused unless
+``allow_key_in_argv``. Models are loaded
 in explicit model-control mode so that a monitor thread can reload a model whose python stub process died (Triton
 itself never restarts it and keeps reporting ready); if the reload fails, ``healthy`` turns false and ``ready()``
 with it. ``stop`` sends SIGTERM to tritonserver (which unloads its models and frees its /dev/shm regions within
 its --exit-timeout-secs), SIGKILLs its process group if it overruns, and removes any python-backend region of this
 server left behind. tritonserver gets SIGTERM if the thread that started it dies (Linux PR_SET_PDEATHSIG): a
 SIGKILLed zsad-serve leaves no server behind.
+
+Graceful drain (``drain``, zsad-serve on SIGTERM): ``ready()`` turns false first, then every model is unloaded,
+ensembles before the models they call. Measured on the bundled 2.51: SIGTERM alone refuses new connections but keeps
+serving requests on open keep-alive connections until --exit-timeout-secs, then exits with the requests in flight
+unanswered (4 of 4 lost at 4 clients); an unloaded model instead finishes what it accepted (state UNLOADING until
+then) and refuses new requests at once ("... has no available versions"), and strict readiness turns false.
 """
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -27,6 +39,7 @@ import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import sysconfig
@@ -49,6 +62,35 @@ RESTRICTED_APIS = "shared-memory,model-repository,trace,logging"
 SHM_PREFIX = "triton_python_backend_shm_region_"
 STUB_NAME = b"triton_python_backend_stub"
 EXIT_TIMEOUT_S = 5  # tritonserver's own wait for in-flight requests on SIGTERM
+DRAIN_TIMEOUT_S = 30.0  # how long ``drain`` waits for accepted requests to finish
+SERVER_STATE, KEY_FILE, UPDATE_LOCK = "server.json", "admin.key", "update.lock"  # in the run directory
+
+
+def default_run_dir(repo: str | Path) -> Path:
+    """Where zsad-serve keeps the run files of the server of ``repo`` (one per repository), found again from the
+    repository alone by ``zsad-deploy``: $XDG_RUNTIME_DIR (else the temp dir)/zsad-serve-<uid>/<hash of its path>."""
+    base = Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()) / f"zsad-serve-{os.getuid()}"
+    return base / hashlib.sha256(str(Path(repo).resolve()).encode()).hexdigest()[:16]
+
+
+def private_dir(path: Path, create: bool) -> Path:
+    """``path`` as a directory this user owns that nobody else can enter (created 0700 with its parent if
+    ``create``). A shared temp dir lets others create it first, so ownership and modes are checked, not assumed:
+    the parent must be ours and closed to others too, or root's and sticky (like /tmp)."""
+    if create:
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        path.mkdir(mode=0o700, exist_ok=True)
+    if not path.is_dir():
+        raise ZsadError(f"{path} does not exist (is zsad-serve running on this repository?)")
+    st, up = os.lstat(path), os.lstat(path.parent)
+    ours = not path.is_symlink() and st.st_uid == os.getuid() and not st.st_mode & 0o077
+    parent_safe = (up.st_uid == os.getuid() and not up.st_mode & 0o022) or \
+        (up.st_uid == 0 and (not up.st_mode & 0o002 or up.st_mode & stat.S_ISVTX))
+    if not (ours and parent_safe):
+        raise ZsadError(f"{path} is not a private directory of this user (owner uid {st.st_uid}, mode "
+                        f"{oct(st.st_mode & 0o777)}; parent owner uid {up.st_uid}, mode {oct(up.st_mode & 0o7777)}): "
+                        f"refusing to keep or read the admin key there")
+    return path
 
 
 def _die_with_parent() -> None:
@@ -139,7 +181,8 @@ class TritonServer:
 
     def __init__(self, repo: str | Path, http_port: int | None = None, grpc_port: int | None = None,
                  metrics_port: int | None = None, binary: str | None = None, startup_timeout: float = 180.0,
-                 log_verbose: int = 0, extra_args: list[str] | None = None, monitor_interval: float = 0.5):
+                 log_verbose: int = 0, extra_args: list[str] | None = None, monitor_interval: float = 0.5,
+                 run_dir: str | Path | None = None, allow_key_in_argv: bool = False):
         self.repo = Path(repo).resolve()
         if not self.repo.is_dir():
             raise ZsadError(f"model repository not found: {self.repo}")
@@ -161,6 +204,11 @@ class TritonServer:
         self._stop_monitor = threading.Event()
         self._monitor: threading.Thread | None = None
         self._shm_regions: set[str] = set()  # every python-backend region this server's stubs were given
+        self.run_dir = Path(run_dir) if run_dir is not None else None  # None: the private work dir
+        self.allow_key_in_argv = allow_key_in_argv
+        self.draining = False
+        self._run_files: list[Path] = []  # what start() wrote into run_dir (stop() removes exactly these)
+        self._made_run_dir = False
 
     @property
     def http_url(self) -> str:
@@ -183,8 +231,18 @@ class TritonServer:
         return _bundled_binary(workdir)
 
     def start(self) -> TritonServer:
-        self._workdir = Path(tempfile.mkdtemp(prefix="zsad-triton-"))
-        server = self._resolve_binary(self._workdir)
+        self._workdir = Path(tempfile.mkdtemp(prefix="zsad-triton-"))  # 0700
+        if self.run_dir is None:
+            self.run_dir = self._workdir
+        try:
+            self._made_run_dir = not self.run_dir.exists()
+            private_dir(self.run_dir, create=True)
+            self._claim_run_dir()
+            key_env, key_arg = self._key_handover()
+            server = self._resolve_binary(self._workdir)
+        except BaseException:
+            self.stop()  # removes the work dir and what was written into the run dir, nothing else
+            raise
         cmd = [str(server.path), f"--model-repository={self.repo}",
                f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}",
                f"--metrics-port={self.metrics_port}", "--http-address=127.0.0.1", "--grpc-address=127.0.0.1",
@@ -193,22 +251,79 @@ class TritonServer:
                f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
                # p50/p99 request and queue times on /metrics (deploy/monitoring's alerts and dashboard read them)
                "--metrics-config=summary_latencies=true",
-               f"--http-restricted-api={RESTRICTED_APIS}:{ADMIN_HEADER}={self._admin_key}",
-               f"--grpc-restricted-protocol={RESTRICTED_APIS}:{ADMIN_HEADER}={self._admin_key}"]
+               f"--http-restricted-api={RESTRICTED_APIS}:{ADMIN_HEADER}={key_arg}",
+               f"--grpc-restricted-protocol={RESTRICTED_APIS}:{ADMIN_HEADER}={key_arg}"]
         if server.backend_dir:
             cmd.append(f"--backend-directory={server.backend_dir}")
         if server.cache_dir:
             cmd.append(f"--cache-directory={server.cache_dir}")
         cmd += self.extra_args
-        env = dict(os.environ, **server.env)
+        env = dict(os.environ, **server.env, **key_env)
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         with open(self.log_path, "wb") as logfile:
             self.process = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, env=env,
                                             start_new_session=True, preexec_fn=_die_with_parent)
         self._wait_ready(self.process)
+        self._check_key()
+        self._write_run_file(SERVER_STATE, json.dumps({
+            "pid": os.getpid(), "tritonserver_pid": self.process.pid, "repo": str(self.repo),
+            "http": self.http_url, "grpc": self.grpc_url, "metrics": f"127.0.0.1:{self.metrics_port}"}, indent=2))
         self._monitor = threading.Thread(target=self._watch_stubs, name="zsad-stub-monitor", daemon=True)
         self._monitor.start()
         return self
+
+    def _claim_run_dir(self) -> None:
+        """Refuse a run directory another live server uses (its server.json names a running process)."""
+        assert self.run_dir is not None
+        state = self.run_dir / SERVER_STATE
+        if state.is_file():
+            try:
+                pid = int(json.loads(state.read_text())["pid"])
+                os.kill(pid, 0)
+            except (ValueError, KeyError, TypeError, ProcessLookupError):
+                pass  # a crashed run's file: replaced below
+            except PermissionError:
+                raise ZsadError(f"{state} names a process of another user") from None
+            else:
+                raise ZsadError(f"another zsad-serve (pid {pid}) is serving from {self.run_dir} ({state}): stop it, "
+                                f"or give this one another run directory") from None
+        for name in (SERVER_STATE, KEY_FILE, UPDATE_LOCK):
+            (self.run_dir / name).unlink(missing_ok=True)
+        self._write_run_file(UPDATE_LOCK, "")
+
+    def _write_run_file(self, name: str, text: str) -> Path:
+        from zsad.serve.secret_args import write_secret
+
+        assert self.run_dir is not None
+        path = self.run_dir / name
+        write_secret(path, text)  # 0600 from creation
+        self._run_files.append(path)
+        return path
+
+    def _key_handover(self) -> tuple[dict, str]:
+        """(environment, the key argument's value) that get the admin key to tritonserver: the key file and the
+        preloaded shim (zsad.serve.secret_args) with a placeholder in argv, or, if ``allow_key_in_argv`` and no
+        compiler, the key itself in argv (loudly)."""
+        from zsad.serve import secret_args
+
+        key_file = self._write_run_file(KEY_FILE, self._admin_key)
+        if secret_args.compiler() is None and self.allow_key_in_argv:
+            log.warning("no C compiler: the admin key is on tritonserver's command line, readable by every local "
+                        "user with ps (--allow-key-in-argv)")
+            return {}, self._admin_key
+        assert self._workdir is not None
+        return secret_args.shim_env(secret_args.build_shim(self._workdir), key_file), secret_args.PLACEHOLDER
+
+    def _check_key(self) -> None:
+        """The restricted APIs must take the real key (and so not the public placeholder): else the shim did not
+        run (e.g. a statically linked tritonserver) and the server is stopped."""
+        try:
+            self.models()
+        except urllib.error.HTTPError as err:
+            self.stop()
+            raise ZsadError(f"tritonserver refuses the admin key ({err.code}): the shim that hands it over "
+                            f"(LD_PRELOAD) did not run for {self.binary or 'this binary'}; pass "
+                            f"--allow-key-in-argv to put the key on its command line instead") from None
 
     def _wait_ready(self, process: subprocess.Popen) -> None:
         deadline = time.monotonic() + self.startup_timeout
@@ -225,8 +340,8 @@ class TritonServer:
         raise ZsadError(f"tritonserver not ready after {self.startup_timeout:.0f} s:\n{tail}")
 
     def ready(self) -> bool:
-        """The server answers ready and no model is left with a dead stub."""
-        if not self.healthy:
+        """The server answers ready, is not draining, and no model is left with a dead stub."""
+        if not self.healthy or self.draining:
             return False
         try:
             with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as r:
@@ -236,15 +351,45 @@ class TritonServer:
 
     def _admin(self, path: str, timeout: float = 5):
         """POST to a restricted endpoint with the admin key; returns the decoded JSON body (or None)."""
-        req = urllib.request.Request(f"http://{self.http_url}{path}", data=b"{}", method="POST",
-                                     headers={ADMIN_HEADER: self._admin_key})
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            body = r.read()
-        return json.loads(body) if body else None
+        return admin_post(self.http_url, self._admin_key, path, timeout)
 
     def models(self) -> list[dict]:
         """The repository index: [{"name", "version", "state"}, ...]."""
         return self._admin("/v2/repository/index")
+
+    def drain(self, timeout: float = DRAIN_TIMEOUT_S) -> dict:
+        """Stop taking work without losing any: ``ready()`` false, the stub monitor stopped (it must not reload
+        what is unloaded here), then every loaded model unloaded; each group's accepted requests finish (Triton
+        keeps a model UNLOADING until then, and an accepted ensemble request holds the models it calls) while new
+        ones are refused. Ensembles go first so that a refusal names the model the client asked for (2.51 takes an
+        ensemble down with its models anyway, measured: the reverse order behaves the same there).
+        Returns {"seconds", "drained": every model unloaded within ``timeout``, "left": names not}."""
+        t0 = time.monotonic()
+        self.draining = True
+        self._stop_monitor.set()
+        if self._monitor is not None:
+            self._monitor.join(timeout=5)
+        loaded = sorted({m["name"] for m in self.models() if m.get("state") in ("READY", "LOADING")})
+        ensembles = [n for n in loaded if _is_ensemble(self.repo / n / "config.pbtxt")]
+        left: list[str] = []
+        for group in (ensembles, [n for n in loaded if n not in ensembles]):
+            for name in group:
+                self._admin(f"/v2/repository/models/{name}/unload")
+            left = self._wait_unloaded(group, t0 + timeout)
+            if left:
+                break
+        return {"seconds": round(time.monotonic() - t0, 2), "drained": not left, "left": left}
+
+    def _wait_unloaded(self, names: list[str], deadline: float) -> list[str]:
+        """Poll the index until no version of ``names`` is loaded or unloading; returns those still busy."""
+        busy = list(names)
+        while busy:
+            states = self.models()
+            busy = sorted({m["name"] for m in states if m["name"] in names and m.get("state") != "UNAVAILABLE"})
+            if not busy or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        return busy
 
     def _watch_stubs(self) -> None:
         """Every ``monitor_interval`` s: a stub seen before whose process is gone means its model no longer answers
@@ -254,11 +399,27 @@ class TritonServer:
         while not self._stop_monitor.wait(self.monitor_interval):
             if self.process is None or self.process.poll() is not None:
                 return
+            if self._update_running():  # a version switch restarts stubs on purpose: look again after it
+                known = {}
+                continue
             alive = self._stub_instances()
             dead = {model: pid for inst, (pid, model) in known.items() if inst not in alive or alive[inst][0] != pid}
             for model, pid in dead.items():
                 self._reload(model, pid)
             known = self._stub_instances() if dead else alive
+
+    def _update_running(self) -> bool:
+        """A ``zsad-deploy`` switch holds the run directory's update lock (see zsad.serve.deploy)."""
+        if self.run_dir is None:
+            return False
+        try:
+            with open(self.run_dir / UPDATE_LOCK) as f:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released when f closes
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        return False
 
     def _stub_instances(self) -> dict[str, tuple[int, str]]:
         """{instance name: (pid, model)} of the server's python stubs now; their shared-memory regions are
@@ -315,8 +476,17 @@ class TritonServer:
         for region in self._shm_regions:
             if region.startswith(SHM_PREFIX) and "/" not in region:
                 Path("/dev/shm", region).unlink(missing_ok=True)
+        for path in self._run_files:  # only what start() wrote: run_dir may be the user's
+            path.unlink(missing_ok=True)
+        self._run_files = []
+        if self._made_run_dir and self.run_dir is not None and self.run_dir != self._workdir:
+            with contextlib.suppress(OSError):
+                self.run_dir.rmdir()  # only if empty
+            self._made_run_dir = False
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
+            if self.run_dir == self._workdir:
+                self.run_dir = None
             self._workdir = None
 
     def __enter__(self) -> TritonServer:
@@ -324,3 +494,18 @@ class TritonServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def admin_post(http_url: str, key: str, path: str, timeout: float = 5, body: dict | None = None):
+    """POST ``body`` (default {}) to a restricted endpoint of the server at ``http_url`` with the admin key;
+    returns the decoded JSON answer (or None)."""
+    req = urllib.request.Request(f"http://{http_url}{path}", data=json.dumps(body or {}).encode(), method="POST",
+                                 headers={ADMIN_HEADER: key, "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        answer = r.read()
+    return json.loads(answer) if answer else None
+
+
+def _is_ensemble(config: Path) -> bool:
+    return bool(re.search(r'^platform:\s*"ensemble"', config.read_text(errors="replace"), re.M)) \
+        if config.is_file() else False

@@ -136,6 +136,28 @@ def test_deployment_has_gpu_probes_metrics_and_matches_service_hpa_and_volume():
     assert f"--model-repository={mounts['models']}" in c["args"] and mounts["dshm"] == "/dev/shm"
 
 
+def _exit_timeout(args: list[str]) -> int:
+    (value,) = [int(a.split("=", 1)[1]) for a in args if a.startswith("--exit-timeout-secs=")]
+    return value
+
+
+def test_deployment_drains_before_it_is_killed():
+    """A rollout or scale-down loses no request (issue 23 item 3): the preStop pause outlasts the readiness probe's
+    reaction, and the grace period covers the pause plus tritonserver's own wait for requests in flight."""
+    dep = _one(DEPLOY / "kubernetes" / "deployment.yaml")
+    c = _triton_container(dep)
+    sleep_cmd = c["lifecycle"]["preStop"]["exec"]["command"]
+    assert sleep_cmd[0] == "sleep"
+    pause = int(sleep_cmd[1])
+    ready = c["readinessProbe"]
+    assert ready["periodSeconds"] * ready["failureThreshold"] <= pause
+    assert ready["timeoutSeconds"] < ready["periodSeconds"]
+    exit_timeout = _exit_timeout(c["args"])
+    assert dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > pause + exit_timeout
+    compose = _one(DEPLOY / "compose.yaml")["services"]["tritonserver"]
+    assert int(compose["stop_grace_period"].rstrip("s")) > _exit_timeout(compose["command"])
+
+
 def test_kserve_runtime_and_inference_service():
     kv = _kv()
     rt = _one(DEPLOY / "kserve" / "servingruntime.yaml")

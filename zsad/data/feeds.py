@@ -6,17 +6,21 @@ from __future__ import annotations
 import numpy as np
 
 
-def synthetic_images(image_size: int, n: int = 4, seed: int = 0) -> np.ndarray:
-    """n preprocessed synthetic-defect images [n,3,S,S] (held-out classes, defects and good ones mixed)."""
-    from zsad.data import preprocess
+def synthetic_raw_images(n: int = 4, seed: int = 0) -> np.ndarray:
+    """n synthetic-defect images as decoded pixels, uint8 [n,256,256,3] (held-out classes, defects and good ones
+    mixed): what a client sends; ``synthetic_images`` is the same images preprocessed."""
     from zsad.data.synthetic import SYNTHETIC_TEST_CLASSES, render_sample
 
-    out = []
-    for i in range(n):
-        cls = SYNTHETIC_TEST_CLASSES[i % len(SYNTHETIC_TEST_CLASSES)]
-        part = "test_good" if i % 3 == 2 else "test_defect"
-        out.append(preprocess(render_sample(cls, part, i, seed=seed).image, image_size))
-    return np.stack(out)
+    return np.stack([render_sample(SYNTHETIC_TEST_CLASSES[i % len(SYNTHETIC_TEST_CLASSES)],
+                                   "test_good" if i % 3 == 2 else "test_defect", i, seed=seed).image
+                     for i in range(n)])
+
+
+def synthetic_images(image_size: int, n: int = 4, seed: int = 0) -> np.ndarray:
+    """n preprocessed synthetic-defect images [n,3,S,S] (``synthetic_raw_images`` at the model's size)."""
+    from zsad.data import preprocess
+
+    return np.stack([preprocess(img, image_size) for img in synthetic_raw_images(n, seed)])
 
 
 def synthetic_class_names(n: int) -> list[str]:
