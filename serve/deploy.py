@@ -46,11 +46,13 @@ class Connection:
     """The running zsad-serve of a repository: its HTTP endpoint and admin key, read from its run directory."""
 
     def __init__(self, repo: Path, run_dir: Path | None = None):
-        self.run_dir = private_dir(Path(run_dir) if run_dir else default_run_dir(repo), create=False)
-        state_file, key_file = self.run_dir / SERVER_STATE, self.run_dir / KEY_FILE
-        if not state_file.is_file() or not key_file.is_file():
-            raise ZsadError(f"no zsad-serve runs on {repo} ({self.run_dir} has no {SERVER_STATE}): start it with "
+        where = Path(run_dir) if run_dir else default_run_dir(repo)
+        state_file, key_file = where / SERVER_STATE, where / KEY_FILE
+        # a stopped zsad-serve removes the run directory it made: same answer as a directory without its files
+        if not where.is_dir() or not state_file.is_file() or not key_file.is_file():
+            raise ZsadError(f"no zsad-serve runs on {repo} ({where} has no {SERVER_STATE}): start it with "
                             f"zsad-serve {repo}, or give its --run-dir")
+        self.run_dir = private_dir(where, create=False)
         state = json.loads(state_file.read_text())
         if Path(state["repo"]) != Path(repo).resolve():
             raise ZsadError(f"{state_file} belongs to a server of {state['repo']}, not {Path(repo).resolve()}")
