@@ -67,12 +67,22 @@ def capture_hazards(method, images: torch.Tensor) -> list[str]:
     return found
 
 
+def skip_reason(backend: str, device: str) -> str | None:
+    """Why ``backend`` cannot be timed on ``device`` here, known before anything is built, or None."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        return "no CUDA device on this machine"
+    owner = runtimes.bench_owner(backend)
+    if owner is None:
+        return f"unknown backend '{backend}' (known: {', '.join(known_backends())})"
+    return owner.bench_skip(backend, device)
+
+
 def make_backend_runner(backend: str, method, device: str, max_batch: int,
                         scratch: Scratch | None = None) -> BackendRunner:
     """The runner of ``backend``; ``scratch`` is shared by the calls of one model's run (ONNX exported once)."""
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise Skip("no CUDA device on this machine")
+    reason = skip_reason(backend, device)
+    if reason is not None:
+        raise Skip(reason)
     owner = runtimes.bench_owner(backend)
-    if owner is None:
-        raise Skip(f"unknown backend '{backend}' (known: {', '.join(known_backends())})")
+    assert owner is not None  # skip_reason named an unknown backend
     return owner.bench_runner(backend, method, device, max_batch, scratch or Scratch())
