@@ -104,6 +104,11 @@ def read_cpu() -> CpuInfo:
     return info
 
 
+def has_bf16(flags: frozenset[str] | set[str]) -> bool:
+    """Whether the CPU computes bf16 natively (AVX-512 BF16 or AMX-BF16); elsewhere bf16 is emulated and slow."""
+    return "avx512_bf16" in flags or {"amx_bf16", "amx_tile"} <= set(flags)
+
+
 def precision_preference(flags: frozenset[str] | set[str]) -> list[tuple[str, str]]:
     """The OpenVINO precisions to try on a CPU with ``flags``, fastest first, each with the reason (zsad-export
     --precision auto tries them in order and keeps the first that passes its gate; fp32 is always last):
@@ -115,7 +120,7 @@ def precision_preference(flags: frozenset[str] | set[str]) -> list[tuple[str, st
     - VNNI without bf16, or AVX2: int8;
     - else fp32 only."""
     amx = {"amx_bf16", "amx_int8", "amx_tile"} <= set(flags)
-    bf16 = "avx512_bf16" in flags or {"amx_bf16", "amx_tile"} <= set(flags)
+    bf16 = has_bf16(flags)
     vnni = bool({"avx512_vnni", "avx_vnni"} & set(flags))
     fp32 = ("fp32", "the fallback every CPU runs, gated by the fp32 parity gate")
     if amx:
