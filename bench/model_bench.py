@@ -8,6 +8,7 @@ backend shows as wrong. The result files are written by ``zsad.bench.report``.
 from __future__ import annotations
 
 import gc
+import os
 import shutil
 from dataclasses import dataclass, field
 
@@ -134,9 +135,12 @@ def bench_model(model: str, profile: str, image_size: int | None, batches: list[
             elif isolate:
                 from zsad.bench.worker import BackendTask, run_in_worker
 
+                images_npy = os.path.join(workdir, "parity-images.npy")
+                if not os.path.exists(images_npy):
+                    np.save(images_npy, ref.images.numpy())
                 rows += worker_rows(run_in_worker(BackendTask(
-                    backend, model, profile, image_size, checkpoint, ref.images.numpy(), base, batches, device,
-                    iters, warmup, flops["total"], workdir, calibration_images)), ref, base, backend, batches)
+                    backend, model, profile, image_size, checkpoint, images_npy, base, batches, device, iters,
+                    warmup, flops["total"], workdir, calibration_images)), ref, base, backend, batches)
             else:
                 rows += backend_rows(backend, method, Scratch(workdir, calibration_images), ref, base, batches,
                                      device, iters, warmup, flops["total"])

@@ -27,14 +27,17 @@ import numpy as np
 
 @dataclass
 class BackendTask:
-    """What a worker needs to time one backend (picklable: plain values and the parity images)."""
+    """What a worker needs to time one backend: plain values only. The parity images travel as a file: a spawned
+    worker reads its pickled task before it runs anything, and a task larger than the pipe's buffer would block
+    the parent in ``Process.start`` for good if the worker died first (an unguarded ``__main__`` re-run by spawn,
+    for one)."""
 
     backend: str
     model: str
     profile: str
     image_size: int | None
     checkpoint: str | None
-    images: np.ndarray  # [n,3,S,S] the parity images (the timed batches are drawn from them)
+    images_npy: str  # [n,3,S,S] the parity images as .npy (the timed batches are drawn from them)
     base: dict  # the row fields every row of the run shares
     batches: list[int]
     device: str
@@ -69,7 +72,8 @@ def _work(task: BackendTask, conn) -> None:
             warnings.simplefilter("ignore")  # the parent already warned about random weights
             method, _ = build_method(task.model, task.profile, task.image_size, task.checkpoint)
         scratch = Scratch(task.scratch_dir, task.calibration_images)
-        rows, outputs = timed_rows(task.backend, method, scratch, torch.from_numpy(task.images), task.base,
+        images = torch.from_numpy(np.load(task.images_npy, allow_pickle=False))
+        rows, outputs = timed_rows(task.backend, method, scratch, images, task.base,
                                    task.batches, task.device, task.iters, task.warmup, task.gflops)
         result.update(rows=rows, outputs=outputs)
     except Exception as err:  # noqa: BLE001 -- any failure becomes the backend's skipped rows, with the reason
@@ -104,5 +108,6 @@ def run_in_worker(task: BackendTask) -> dict:
     if result is None:
         code = proc.exitcode
         why = " (SIGKILL: the kernel's out-of-memory killer, or a user)" if code == -9 else ""
-        result = {"error": f"the worker process ended without a result, exit code {code}{why}", "pid": proc.pid}
+        result = {"error": f"the worker process ended without a result, exit code {code}{why} (its own error, if any, "
+                           f"is on stderr above)", "pid": proc.pid}
     return result

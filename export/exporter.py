@@ -329,31 +329,40 @@ def _export_and_gate(method, trained: bool, opts: ExportOptions, repo_opts: Repo
     feed = {"images": images, **extra_feed}
     rows = parity.check_stages(stages, runners, feed, opts.tolerance)
     log(parity.format_table(rows))
-    candidates = [c["precision"] for c in choice["candidates"]] if choice else [opts.precision]
-    refusals: tuple[type[Exception], ...] = ()
-    if len(candidates) > 1:  # only the OpenVINO backends have gated precisions to fall back from
-        from zsad.export.openvino_export import PrecisionGateError
 
-        refusals = (PrecisionGateError,)
+    def attempt(precision: str):
+        return runtime.after_gate(method, stages, stage_files, replace(opts, precision=precision), scratch, feed, log)
+
+    if choice is None:
+        files, gate_section, second_rows = attempt(opts.precision)
+        return stages, files, rows + second_rows, gate_section, opts.precision
+    precision, (files, gate_section, second_rows) = first_passing(choice, attempt, log)
+    return stages, files, rows + second_rows, gate_section, precision
+
+
+def first_passing(choice: dict, attempt, log=print):
+    """--precision auto: ``attempt(precision)`` for each of ``choice``'s candidates in order until one passes its
+    gate; a precision gate's refusal (PrecisionGateError) is recorded in ``choice["refused"]`` and the next is
+    tried, the last one's refusal raised. Sets ``choice["chosen"]`` and ``choice["reason"]``; returns (the precision,
+    what ``attempt`` returned)."""
+    from zsad.export.openvino_export import PrecisionGateError
+
+    candidates = [c["precision"] for c in choice["candidates"]]
     for i, precision in enumerate(candidates):
         try:
-            files, gate_section, second_rows = runtime.after_gate(method, stages, stage_files,
-                                                                  replace(opts, precision=precision), scratch, feed,
-                                                                  log)
-        except refusals as err:
+            result = attempt(precision)
+        except PrecisionGateError as err:
             if i == len(candidates) - 1:
                 raise
-            assert choice is not None
             choice["refused"].append({"precision": precision, "why": str(err)})
             log(f"--precision auto: {precision} refused by its gate ({err}); trying {candidates[i + 1]}")
             continue
-        if choice is not None:
-            choice["chosen"] = precision
-            choice["reason"] = choice["candidates"][i]["reason"] + (
-                f"; faster candidates refused: {', '.join(candidates[:i])}" if i else "")
-            log(f"--precision auto chose {precision}: {choice['reason']}")
-        return stages, files, rows + second_rows, gate_section, precision
-    raise ZsadError("internal: no precision to export")
+        choice["chosen"] = precision
+        choice["reason"] = choice["candidates"][i]["reason"] + (
+            f"; faster candidates refused by their gates: {', '.join(candidates[:i])}" if i else "")
+        log(f"--precision auto chose {precision}: {choice['reason']}")
+        return precision, result
+    raise ZsadError("internal: --precision auto had no candidate")
 
 
 def _write_report_and_markers(staging: Path, models: list[str], method, trained: bool, opts: ExportOptions,
