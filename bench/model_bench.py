@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from zsad import ZsadError
+from zsad.bench.one_backend import build_method, skipped_rows, timed_rows
 
 
 @dataclass
@@ -70,19 +71,6 @@ class ServedSettings:
     backend: str = "python-ort"
     precision: str = "fp32"
     calibration_images: int = 16
-
-
-def build_method(model: str, profile: str, image_size: int | None, checkpoint: str | None):
-    """(method, overrides): a trained checkpoint, or ``model`` at ``profile`` with random weights (timing does not
-    depend on them); ``overrides`` re-create the same method when it is exported for serving."""
-    from zsad.configs import deep_merge
-    from zsad.load import load
-
-    overrides: dict[str, dict] = {"backbone": {"image_size": image_size}} if image_size else {}
-    if checkpoint:
-        return load(checkpoint, overrides=overrides).method, overrides
-    overrides = deep_merge(overrides, {"backbone": {"pretrained": None}})
-    return load(model=model, profile=profile, overrides=overrides).method, overrides
 
 
 def reference_outputs(method, n: int = 4) -> Reference:
@@ -163,11 +151,6 @@ def bench_model(model: str, profile: str, image_size: int | None, batches: list[
     return method, flops, rows
 
 
-def skipped_rows(base: dict, backend: str, batches: list[int], reason: str) -> list[dict]:
-    return [{**base, "backend": backend, "precision": "-", "batch": b, "status": "skipped", "reason": reason}
-            for b in batches]
-
-
 def backend_rows(backend: str, method, scratch, ref: Reference, base: dict, batches: list[int], device: str,
                  iters: int, warmup: int, gflops: float) -> list[dict]:
     """One row per batch size for ``backend``, timed in this process: timed with parity, or skipped with the
@@ -193,59 +176,6 @@ def with_parity(rows: list[dict], outputs: dict | None, ref: Reference) -> list[
         return rows
     parity = ref.parity(outputs, rows[0]["precision"])
     return [{**r, **parity} if r["status"] == "ok" else r for r in rows]
-
-
-def timed_rows(backend: str, method, scratch, images: torch.Tensor, base: dict, batches: list[int], device: str,
-               iters: int, warmup: int, gflops: float) -> tuple[list[dict], dict | None]:
-    """(one row per batch size for ``backend``, without parity; its outputs on ``images`` for the parity check, or
-    None when it cannot run here: then the rows are skipped with the reason). The batches are drawn from
-    ``images``."""
-    from zsad.bench.backends import make_backend_runner
-    from zsad.export.runtimes.runners import Skip
-
-    try:
-        runner = make_backend_runner(backend, method, device, max(batches), scratch)
-    except Skip as skip:
-        return skipped_rows(base, backend, batches, str(skip)), None
-    outputs = runner.predict(images)
-    rows = []
-    for b in batches:
-        batch = images[torch.arange(b) % len(images)].contiguous()
-        row = {**base, "backend": backend, "precision": runner.precision, "batch": b}
-        rows.append(time_batch(runner, batch, row, device, iters, warmup, gflops))
-    return rows, outputs
-
-
-def time_batch(runner, images: torch.Tensor, row: dict, device: str, iters: int, warmup: int,
-               gflops: float) -> dict:
-    """``row`` completed with the timing of ``runner`` on ``images`` (and per-stage times where it has them)."""
-    from zsad.bench.timing import percentiles, time_iterations
-
-    cuda = device.startswith("cuda")
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    try:
-        samples = time_iterations(runner.make_step(images), iters, warmup, device)
-    except Exception as err:  # e.g. out of memory at a large batch
-        return {**row, "status": "skipped", "reason": f"{type(err).__name__}: {str(err)[:200]}"}
-    stats = percentiles(samples)
-    stage_ms = {}
-    if runner.stage_steps is not None:  # where the time goes: each stage alone on its real inputs
-        stage_ms = {name: percentiles(time_iterations(step, iters, min(warmup, 1), device))["p50_ms"]
-                    for name, step in runner.stage_steps(images)}
-    b = len(images)
-    # achieved_tflops: GFLOP per ms is TFLOP/s
-    row = {**row, "status": "ok", "reason": "", "iters": iters, **stats, "p50_ms_per_image": stats["p50_ms"] / b,
-           "images_per_s": 1000.0 * b / stats["p50_ms"], "achieved_tflops": gflops * b / stats["p50_ms"],
-           "note": runner.note}
-    if stage_ms:
-        row["stage_ms"] = stage_ms
-    if runner.op_profile is not None:
-        row["op_ms"] = runner.op_profile(images)
-    if cuda:
-        row["peak_vram_mb"] = torch.cuda.max_memory_allocated() / 2**20
-        row["nvml_used_mb"] = nvml_used_mb(device)
-    return row
 
 
 def served_rows(served: ServedSettings, method, ref: Reference, base: dict, checkpoint: str | None,
@@ -299,13 +229,3 @@ def _sweep_rows(grpc_url: str, variants: list[tuple[str, bool | None]], pngs: li
     return rows
 
 
-def nvml_used_mb(device: str) -> float | None:
-    """Device memory in use as the driver sees it (other processes included); None without pynvml."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.device(device).index or 0)
-        return pynvml.nvmlDeviceGetMemoryInfo(handle).used / 2**20
-    except Exception:
-        return None

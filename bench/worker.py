@@ -62,7 +62,7 @@ def _work(task: BackendTask, conn) -> None:
     """The worker's body: build, time, send {"rows", "outputs", "pid", "peak_rss_mb"} (or {"error", ...})."""
     import torch
 
-    from zsad.bench.model_bench import build_method, timed_rows
+    from zsad.bench.one_backend import build_method, timed_rows
     from zsad.export.runtimes.runners import Scratch
 
     result: dict = {"pid": os.getpid()}
