@@ -196,3 +196,19 @@ def test_export_auto_records_its_choice_and_falls_back(tmp_path, monkeypatch):
     assert "faster candidates refused by their gates: int8" in choice["reason"]
     config = (tmp_path / "anomalyclip_encoder" / "config.pbtxt").read_text()
     assert 'key: "zsad_precision"' in config and 'string_value: "fp32"' in config
+
+
+def test_a_spawned_processs_peak_rss_is_its_own():
+    """peak_rss_mb is the worker's own high-water mark: a process spawned while this one holds 512 MB reports far
+    less (Linux carries getrusage's ru_maxrss over exec from the forked image: it would report >= 512 MB)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from zsad.bench.worker import peak_rss_mb
+
+    ballast = bytearray(512 * 2**20)
+    ballast[::4096] = b"\x01" * (len(ballast) // 4096)  # touched: resident
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        child = pool.submit(peak_rss_mb).result()
+    assert child is not None and 1 < child < 256, child
+    assert peak_rss_mb() > 512
+    del ballast
