@@ -89,7 +89,9 @@ def run_in_worker(task: BackendTask) -> dict:
     {"error": why, "pid": ...}."""
     ctx = multiprocessing.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_work, args=(task, send), name=f"zsad-bench {task.backend}", daemon=True)
+    # not a daemon: a daemonic process may not start processes of its own (compile workers, say); it is joined below
+    # on every path, and terminated first when we are interrupted
+    proc = ctx.Process(target=_work, args=(task, send), name=f"zsad-bench {task.backend}")
     proc.start()
     send.close()  # only the worker writes; our copy closed, a dead worker reads as EOF
     result = None
