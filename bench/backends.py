@@ -15,6 +15,22 @@ from zsad.data.feeds import synthetic_feed
 from zsad.export import runtimes
 from zsad.export.runtimes.runners import BackendRunner, Scratch, Skip
 
+GPU_DEFAULT = ("torch-fp32", "torch-fp16", "torch-bf16", "torch-compile", "cuda-graphs", "cuda-graphs-fp16",
+               "cuda-graphs-bf16", "ort", "served")
+
+
+def default_backends(device: str, cpu) -> list[str]:
+    """zsad-bench's --backend default: GPU_DEFAULT on a GPU; on the CPU (``cpu`` a zsad.cpu.CpuInfo) the plain-torch
+    comparators (bf16 autocast ones only where the CPU has bf16), ort, and openvino at every precision
+    ``zsad-export --precision auto`` would try on this CPU, fastest first (zsad.cpu.precision_preference), then
+    the served sweep."""
+    from zsad.cpu import has_bf16, precision_preference
+
+    if device.startswith("cuda"):
+        return list(GPU_DEFAULT)
+    plain = ["torch-fp32", "torch-compile"] + (["torch-bf16", "torch-compile-bf16"] if has_bf16(cpu.flags) else [])
+    return [*plain, "ort", *(f"openvino-{p}" for p, _ in precision_preference(cpu.flags)), "served"]
+
 
 def known_backends() -> tuple[str, ...]:
     """Every backend zsad-bench can time: the runtimes' own, then ``served``."""
@@ -67,12 +83,22 @@ def capture_hazards(method, images: torch.Tensor) -> list[str]:
     return found
 
 
+def skip_reason(backend: str, device: str) -> str | None:
+    """Why ``backend`` cannot be timed on ``device`` here, known before anything is built, or None."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        return "no CUDA device on this machine"
+    owner = runtimes.bench_owner(backend)
+    if owner is None:
+        return f"unknown backend '{backend}' (known: {', '.join(known_backends())})"
+    return owner.bench_skip(backend, device)
+
+
 def make_backend_runner(backend: str, method, device: str, max_batch: int,
                         scratch: Scratch | None = None) -> BackendRunner:
     """The runner of ``backend``; ``scratch`` is shared by the calls of one model's run (ONNX exported once)."""
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise Skip("no CUDA device on this machine")
+    reason = skip_reason(backend, device)
+    if reason is not None:
+        raise Skip(reason)
     owner = runtimes.bench_owner(backend)
-    if owner is None:
-        raise Skip(f"unknown backend '{backend}' (known: {', '.join(known_backends())})")
+    assert owner is not None  # skip_reason named an unknown backend
     return owner.bench_runner(backend, method, device, max_batch, scratch or Scratch())

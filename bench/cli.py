@@ -65,11 +65,15 @@ def _ints(text: str) -> list[int]:
 @click.option("--profile", default="paper", help="paper (ViT-L-14-336, random weights) or tiny.")
 @click.option("--image-size", type=int, default=None, help="Input size [default: the profile's, 518 for paper].")
 @click.option("--batch", default="1,8,32", help="Comma-separated batch sizes.")
-@click.option("--backend", default="torch-fp32,torch-fp16,torch-bf16,torch-compile,cuda-graphs,cuda-graphs-fp16,"
-              "cuda-graphs-bf16,ort,served",
-              help="Comma-separated: torch-fp32, torch-fp16, torch-bf16, torch-compile, cuda-graphs, cuda-graphs-fp16, "
-                   "cuda-graphs-bf16, ort, ort-int8, openvino-fp32, openvino-bf16, openvino-int8, openvino-int8-bf16 "
-                   "(CPU; with per-stage times), tensorrt, served.")
+@click.option("--backend", default=None,
+              help="Comma-separated: torch-fp32, torch-fp16, torch-bf16, torch-compile, torch-compile-bf16, "
+                   "cuda-graphs, cuda-graphs-fp16, cuda-graphs-bf16, ort, ort-int8, openvino-fp32, openvino-bf16, "
+                   "openvino-int8, openvino-int8-bf16 (CPU; with per-stage times), tensorrt, served. Each runs in its "
+                   "own worker process (its peak RSS in its rows). [default: on a GPU "
+                   "torch-fp32,torch-fp16,torch-bf16,torch-compile,cuda-graphs,cuda-graphs-fp16,cuda-graphs-bf16,ort,"
+                   "served; on the CPU chosen from its instruction sets: torch-fp32, torch-compile, torch-bf16 and "
+                   "torch-compile-bf16 where it has bf16, ort, openvino at each precision zsad-export --precision "
+                   "auto would try there, served]")
 @click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu.")
 @click.option("--iters", type=int, default=20, help="Timed iterations per configuration.")
 @click.option("--warmup", type=int, default=3, help="Untimed warm-up iterations.")
@@ -127,7 +131,14 @@ def main(model, profile, image_size, batch, backend, device, iters, warmup, chec
             click.echo(f"wrote {png}, {png.with_suffix('.md')} and {png.with_suffix('.html')}")
         return
     models = [m for m in model.split(",") if m]
-    backends = [b for b in backend.split(",") if b]
+    if backend is None:
+        from zsad.bench.backends import default_backends
+        from zsad.cpu import read_cpu
+
+        backends = default_backends(device, read_cpu())
+        click.echo(f"backends (default for {device} on this machine): {','.join(backends)}")
+    else:
+        backends = [b for b in backend.split(",") if b]
     _check_arguments(models, backends, device, checkpoint, iters, warmup, calibration_images, served_backend,
                      served_precision)
     batches, levels = _ints(batch), _ints(concurrency)
@@ -144,6 +155,10 @@ def main(model, profile, image_size, batch, backend, device, iters, warmup, chec
         paths["html"] = write_page(paths["json"])
         click.echo(summary_table(m, rows))
         click.echo("wrote " + ", ".join(str(p) for p in paths.values()))
+    from zsad.bench.worker import peak_rss_mb
+
+    click.echo(f"peak RSS of this process (the timed backends ran in worker processes, each row has its own): "
+               f"{peak_rss_mb() or float('nan'):.0f} MB")
 
 
 def _forecast(model: str, profile: str, image_size: int | None, batch: str, gpus: str | None,

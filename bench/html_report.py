@@ -99,7 +99,7 @@ def _env_table(envs: list[dict], names: list[str]) -> str:
 
 def _stage_tables(rows: list[dict]) -> str:
     """The per-stage and per-op breakdowns (as in the .md)."""
-    from zsad.bench.report import _f
+    from zsad.bench.report import cell_text
 
     out = []
     staged = [r for r in rows if r["status"] == "ok" and r.get("stage_ms")]
@@ -108,8 +108,9 @@ def _stage_tables(rows: list[dict]) -> str:
         out.append("<h2>Per stage</h2><p class=\"note\">p50 ms of each stage alone on its real inputs; the remainder "
                    "of the chain's p50 is the hand-over between stages.</p>")
         out.append(table("stages", ["backend", "batch", "chain p50 ms", *stages],
-                         [[r["backend"], r["batch"], (_f(r["p50_ms"]), r["p50_ms"]),
-                           *((_f(r["stage_ms"].get(s)), r["stage_ms"].get(s, "")) for s in stages)] for r in staged]))
+                         [[r["backend"], r["batch"], (cell_text(r["p50_ms"]), r["p50_ms"]),
+                           *((cell_text(r["stage_ms"].get(s)), r["stage_ms"].get(s, "")) for s in stages)]
+                          for r in staged]))
     profiled = [r for r in rows if r["status"] == "ok" and r.get("op_ms")]
     if profiled:
         out.append("<h2>Inside the stages</h2><p class=\"note\">OpenVINO's per-node counters (PERF_COUNT, one profiled "
@@ -119,7 +120,7 @@ def _stage_tables(rows: list[dict]) -> str:
             for stage, kinds in r["op_ms"].items():
                 total = sum(kinds.values())
                 parts = "; ".join(f"{k} {v:.0f} ({100 * v / total:.0f}%)" for k, v in kinds.items()) if total else "-"
-                op_rows.append([r["backend"], r["batch"], stage, (_f(total), total), parts])
+                op_rows.append([r["backend"], r["batch"], stage, (cell_text(total), total), parts])
         out.append(table("ops", ["backend", "batch", "stage", "profiled ms", "where it goes"], op_rows))
     return "\n".join(out)
 
@@ -212,14 +213,15 @@ _COMPARE_HEADERS = ["backend", "precision", "batch", "conc.", "profile", "image 
 
 
 def _compare_cells(c: dict) -> list[tuple[str, object]]:
-    from zsad.bench.report import _f
+    from zsad.bench.report import cell_text
 
     return [(c["backend"], c["backend"]), (c["precision"], c["precision"]), (str(c["batch"]), c["batch"]),
             (_conc(c), c.get("concurrency") or ""), (str(c["profile"]), str(c["profile"])),
             (str(c["image_size"]), c["image_size"]),
-            (_f(c["a_ms_per_image"], "{:.3f}"), c["a_ms_per_image"]), (_f(c["b_ms_per_image"], "{:.3f}"),
+            (cell_text(c["a_ms_per_image"], "{:.3f}"), c["a_ms_per_image"]), (cell_text(c["b_ms_per_image"], "{:.3f}"),
                                                                       c["b_ms_per_image"]),
-            (_f(c["a_images_per_s"]), c["a_images_per_s"] or ""), (_f(c["b_images_per_s"]), c["b_images_per_s"] or ""),
+            (cell_text(c["a_images_per_s"]), c["a_images_per_s"] or ""),
+            (cell_text(c["b_images_per_s"]), c["b_images_per_s"] or ""),
             (f"{c['speedup']:.3f}x", c["speedup"])]
 
 

@@ -1,5 +1,6 @@
 """One model's benchmark run (what zsad-bench does per --model): build the method and its torch fp32 reference on
-synthetic-defect images, time every backend at every batch size, sweep the served ensemble, add the speed-ups.
+synthetic-defect images, time every backend at every batch size (each in its own worker process, zsad.bench.worker),
+sweep the served ensemble, add the speed-ups and, on the CPU, the efficiency against the machine's peak.
 
 Each timed row carries its parity against the reference (``zsad.export.parity.chain_parity``), so a fast but wrong
 backend shows as wrong. The result files are written by ``zsad.bench.report``.
@@ -7,6 +8,7 @@ backend shows as wrong. The result files are written by ``zsad.bench.report``.
 from __future__ import annotations
 
 import gc
+import os
 import shutil
 from dataclasses import dataclass, field
 
@@ -15,6 +17,7 @@ import numpy as np
 import torch
 
 from zsad import ZsadError
+from zsad.bench.one_backend import build_method, skipped_rows, timed_rows
 
 
 @dataclass
@@ -70,19 +73,6 @@ class ServedSettings:
     calibration_images: int = 16
 
 
-def build_method(model: str, profile: str, image_size: int | None, checkpoint: str | None):
-    """(method, overrides): a trained checkpoint, or ``model`` at ``profile`` with random weights (timing does not
-    depend on them); ``overrides`` re-create the same method when it is exported for serving."""
-    from zsad.configs import deep_merge
-    from zsad.load import load
-
-    overrides: dict[str, dict] = {"backbone": {"image_size": image_size}} if image_size else {}
-    if checkpoint:
-        return load(checkpoint, overrides=overrides).method, overrides
-    overrides = deep_merge(overrides, {"backbone": {"pretrained": None}})
-    return load(model=model, profile=profile, overrides=overrides).method, overrides
-
-
 def reference_outputs(method, n: int = 4) -> Reference:
     from zsad.data.feeds import synthetic_feed
     from zsad.export.parity import synthetic_images
@@ -100,12 +90,19 @@ def bench_model(model: str, profile: str, image_size: int | None, batches: list[
                 device: str, iters: int, warmup: int, checkpoint: str | None, served_url: str | None,
                 concurrency: list[int], served_seconds: float, progress: bool, log=click.echo,
                 served_backend: str = "python-ort", served_precision: str = "fp32",
-                calibration_images: int = 16):
-    """(method, flops, rows): one row per (backend, batch), plus the served rows when ``backends`` has "served"."""
+                calibration_images: int = 16, isolate: bool = True):
+    """(method, flops, rows): one row per (backend, batch), plus the served rows when ``backends`` has "served".
+
+    ``isolate``: each timed backend runs in its own spawned worker process (zsad.bench.worker; its rows carry the
+    worker's peak RSS), sharing the ONNX export and calibration images through files; False runs them here, one
+    after another (for tests that watch this process)."""
+    import tempfile
+
     from tqdm import tqdm
 
+    from zsad.bench.backends import skip_reason
     from zsad.bench.flops import method_flops
-    from zsad.bench.report import add_speedups
+    from zsad.bench.report import add_efficiency, add_speedups
     from zsad.export.runtimes.runners import Scratch
 
     method, overrides = build_method(model, profile, image_size, checkpoint)
@@ -117,16 +114,29 @@ def bench_model(model: str, profile: str, image_size: int | None, batches: list[
     bar = tqdm(total=len(timed) * len(batches) + (1 if "served" in backends else 0), disable=not progress,
                desc=f"bench {model}", dynamic_ncols=True)
     rows: list[dict] = []
-    scratch = Scratch(calibration_images=calibration_images)  # ONNX exported once for ort / ort-int8 / openvino-*
+    workdir = tempfile.mkdtemp(prefix="zsad-bench-")  # ONNX exported once for ort / ort-int8 / openvino-*
     try:
         for backend in timed:
-            rows += backend_rows(backend, method, scratch, ref, base, batches, device, iters, warmup, flops["total"],
-                                 bar.update)
-            # release this backend's sessions / compiled models now (closures hold cycles): a paper-profile ViT-L
-            # keeps a few GB per backend, and six backends at once ran a 24 GB machine out of memory
-            gc.collect()
+            reason = skip_reason(backend, device)
+            if reason is not None:  # no worker for a backend that cannot run here
+                rows += skipped_rows(base, backend, batches, reason)
+            elif isolate:
+                from zsad.bench.worker import BackendTask, run_in_worker
+
+                images_npy = os.path.join(workdir, "parity-images.npy")
+                if not os.path.exists(images_npy):
+                    np.save(images_npy, ref.images.numpy())
+                rows += worker_rows(run_in_worker(BackendTask(
+                    backend, model, profile, image_size, checkpoint, images_npy, base, batches, device, iters,
+                    warmup, flops["total"], workdir, calibration_images)), ref, base, backend, batches)
+            else:
+                rows += backend_rows(backend, method, Scratch(workdir, calibration_images), ref, base, batches,
+                                     device, iters, warmup, flops["total"])
+                # release this backend's sessions / compiled models now (closures hold cycles)
+                gc.collect()
+            bar.update(len(batches))
     finally:
-        shutil.rmtree(scratch.workdir, ignore_errors=True)  # the temporary folder Scratch made for this run
+        shutil.rmtree(workdir, ignore_errors=True)  # the temporary folder this run made
     if "served" in backends:
         served = ServedSettings(served_url, concurrency, served_seconds, served_backend, served_precision,
                                 calibration_images)
@@ -134,61 +144,38 @@ def bench_model(model: str, profile: str, image_size: int | None, batches: list[
         bar.update(1)
     bar.close()
     add_speedups(rows)
+    if device == "cpu":
+        from zsad.cpu import read_cpu
+
+        add_efficiency(rows, read_cpu())
     return method, flops, rows
 
 
 def backend_rows(backend: str, method, scratch, ref: Reference, base: dict, batches: list[int], device: str,
-                 iters: int, warmup: int, gflops: float, advance=lambda n: None) -> list[dict]:
-    """One row per batch size for ``backend``: timed, or skipped with the reason. ``advance(n)``: progress."""
-    from zsad.bench.backends import make_backend_runner
-    from zsad.export.runtimes.runners import Skip
-
-    try:
-        runner = make_backend_runner(backend, method, device, max(batches), scratch)
-    except Skip as skip:
-        advance(len(batches))
-        return [{**base, "backend": backend, "precision": "-", "batch": b, "status": "skipped", "reason": str(skip)}
-                for b in batches]
-    parity = ref.parity(runner.predict(ref.images), runner.precision)
-    rows = []
-    for b in batches:
-        images = ref.images[torch.arange(b) % len(ref.images)].contiguous()
-        row = {**base, "backend": backend, "precision": runner.precision, "batch": b}
-        rows.append(time_batch(runner, images, row, parity, device, iters, warmup, gflops))
-        advance(1)
-    return rows
+                 iters: int, warmup: int, gflops: float) -> list[dict]:
+    """One row per batch size for ``backend``, timed in this process: timed with parity, or skipped with the
+    reason."""
+    rows, outputs = timed_rows(backend, method, scratch, ref.images, base, batches, device, iters, warmup, gflops)
+    return with_parity(rows, outputs, ref)
 
 
-def time_batch(runner, images: torch.Tensor, row: dict, parity: dict, device: str, iters: int, warmup: int,
-               gflops: float) -> dict:
-    """``row`` completed with the timing of ``runner`` on ``images`` (and per-stage times where it has them)."""
-    from zsad.bench.timing import percentiles, time_iterations
+def worker_rows(result: dict, ref: Reference, base: dict, backend: str, batches: list[int]) -> list[dict]:
+    """A worker's rows (zsad.bench.worker.run_in_worker) with parity against ``ref`` and the worker's pid and peak
+    RSS; skipped rows with the reason where the worker failed."""
+    if "error" in result:
+        rows = skipped_rows(base, backend, batches, result["error"])
+    else:
+        rows = with_parity(result["rows"], result["outputs"], ref)
+    return [{**r, "worker_pid": result["pid"], "peak_rss_mb": result.get("peak_rss_mb")} for r in rows]
 
-    cuda = device.startswith("cuda")
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    try:
-        samples = time_iterations(runner.make_step(images), iters, warmup, device)
-    except Exception as err:  # e.g. out of memory at a large batch
-        return {**row, "status": "skipped", "reason": f"{type(err).__name__}: {str(err)[:200]}"}
-    stats = percentiles(samples)
-    stage_ms = {}
-    if runner.stage_steps is not None:  # where the time goes: each stage alone on its real inputs
-        stage_ms = {name: percentiles(time_iterations(step, iters, min(warmup, 1), device))["p50_ms"]
-                    for name, step in runner.stage_steps(images)}
-    b = len(images)
-    # achieved_tflops: GFLOP per ms is TFLOP/s
-    row = {**row, "status": "ok", "reason": "", "iters": iters, **stats, "p50_ms_per_image": stats["p50_ms"] / b,
-           "images_per_s": 1000.0 * b / stats["p50_ms"], "achieved_tflops": gflops * b / stats["p50_ms"], **parity,
-           "note": runner.note}
-    if stage_ms:
-        row["stage_ms"] = stage_ms
-    if runner.op_profile is not None:
-        row["op_ms"] = runner.op_profile(images)
-    if cuda:
-        row["peak_vram_mb"] = torch.cuda.max_memory_allocated() / 2**20
-        row["nvml_used_mb"] = nvml_used_mb(device)
-    return row
+
+def with_parity(rows: list[dict], outputs: dict | None, ref: Reference) -> list[dict]:
+    """``rows`` of one backend with its parity columns against ``ref`` (``outputs``: its predictions on the parity
+    images; None when it was skipped)."""
+    if outputs is None:
+        return rows
+    parity = ref.parity(outputs, rows[0]["precision"])
+    return [{**r, **parity} if r["status"] == "ok" else r for r in rows]
 
 
 def served_rows(served: ServedSettings, method, ref: Reference, base: dict, checkpoint: str | None,
@@ -242,13 +229,3 @@ def _sweep_rows(grpc_url: str, variants: list[tuple[str, bool | None]], pngs: li
     return rows
 
 
-def nvml_used_mb(device: str) -> float | None:
-    """Device memory in use as the driver sees it (other processes included); None without pynvml."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.device(device).index or 0)
-        return pynvml.nvmlDeviceGetMemoryInfo(handle).used / 2**20
-    except Exception:
-        return None

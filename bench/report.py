@@ -16,24 +16,50 @@ import torch
 
 CSV_FIELDS = ["model", "profile", "backend", "precision", "batch", "concurrency", "dynamic_batching", "image_size",
               "device", "status", "reason", "iters", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "p50_ms_per_image",
-              "images_per_s", "speedup_vs_torch_fp32_b1", "gflops_per_image", "achieved_tflops",
-              "peak_vram_mb", "nvml_used_mb", "parity_score_max_rel", "parity_map_max_rel", "parity_rank_agreement",
+              "images_per_s", "speedup_vs_torch_fp32_b1", "speedup_vs_best_torch", "best_torch", "gflops_per_image",
+              "achieved_tflops", "peak_tflops", "peak_isa", "efficiency", "peak_rss_mb", "worker_pid", "peak_vram_mb",
+              "nvml_used_mb", "parity_score_max_rel", "parity_map_max_rel", "parity_rank_agreement",
               "parity_map_corr", "parity_score_spearman", "parity_score_swaps", "parity_selection_differing",
               "parity_ok", "stage_ms", "note"]
 
 
 def add_speedups(rows: list[dict]) -> None:
-    """Set ``speedup_vs_torch_fp32_b1`` on every timed row: torch-fp32 batch-1 time per image / the row's."""
-    base = next((r for r in rows if r["backend"] == "torch-fp32" and r["batch"] == 1 and r["status"] == "ok"), None)
-    for r in rows:
-        if base and r["status"] == "ok" and r.get("p50_ms_per_image"):
+    """Set on every timed row ``speedup_vs_torch_fp32_b1`` (torch-fp32 eager batch-1 time per image / the row's)
+    and ``speedup_vs_best_torch`` (the fastest plain-torch row's time per image at the row's batch / the row's;
+    ``best_torch`` names it). Plain torch: eager, autocast or torch.compile (``PLAIN_TORCH``), what a user gets
+    from torch alone; only rows that passed their parity check compete."""
+    from zsad.export.runtimes.python_torch import PLAIN_TORCH
+
+    ok = [r for r in rows if r["status"] == "ok" and r.get("p50_ms_per_image")]
+    base = next((r for r in ok if r["backend"] == "torch-fp32" and r["batch"] == 1), None)
+    best: dict[int, dict] = {}
+    for r in ok:
+        if r["backend"] in PLAIN_TORCH and r.get("parity_ok", True) and (
+                r["batch"] not in best or r["p50_ms_per_image"] < best[r["batch"]]["p50_ms_per_image"]):
+            best[r["batch"]] = r
+    for r in ok:
+        if base:
             r["speedup_vs_torch_fp32_b1"] = base["p50_ms_per_image"] / r["p50_ms_per_image"]
+        if r["batch"] in best:
+            r["speedup_vs_best_torch"] = best[r["batch"]]["p50_ms_per_image"] / r["p50_ms_per_image"]
+            r["best_torch"] = best[r["batch"]]["backend"]
+
+
+def add_efficiency(rows: list[dict], cpu) -> None:
+    """Set on every timed row with an achieved rate ``peak_tflops`` (``cpu``'s peak for the row's precision:
+    physical cores x clock x operations per cycle of its best ISA for it, zsad.cpu), ``peak_isa`` and
+    ``efficiency`` (achieved / peak)."""
+    for r in rows:
+        if r["status"] == "ok" and r.get("achieved_tflops") is not None:
+            peak, isa = cpu.peak_tflops(r["precision"])
+            r["peak_tflops"], r["peak_isa"] = peak, isa
+            r["efficiency"] = r["achieved_tflops"] / peak if peak else None
 
 
 def summary_table(model: str, rows: list[dict]) -> str:
     """The console summary of one model's rows."""
     lines = [f"{model}: {'backend':<14}{'prec':<6}{'batch':>6}{'conc':>6}{'p50 ms':>10}{'ms/img':>10}{'img/s':>9}"
-             f"{'x fp32':>8}  parity"]
+             f"{'x fp32':>8}{'x torch':>8}{'RSS MB':>8}  parity"]
     for r in rows:
         if r["status"] != "ok":
             lines.append(f"{'':<{len(model) + 2}}{r['backend']:<14}skipped: {r['reason'][:90]}")
@@ -43,7 +69,9 @@ def summary_table(model: str, rows: list[dict]) -> str:
             conc = f"{conc}n"
         lines.append(f"{'':<{len(model) + 2}}{r['backend']:<14}{r['precision']:<6}{r['batch']:>6}{conc!s:>6}"
                      f"{r['p50_ms']:>10.2f}{r['p50_ms_per_image']:>10.2f}{r['images_per_s']:>9.2f}"
-                     f"{r.get('speedup_vs_torch_fp32_b1', float('nan')):>8.2f}  "
+                     f"{r.get('speedup_vs_torch_fp32_b1', float('nan')):>8.2f}"
+                     f"{r.get('speedup_vs_best_torch', float('nan')):>8.2f}"
+                     f"{r.get('peak_rss_mb') or float('nan'):>8.0f}  "
                      + ("ok" if r.get("parity_ok", True) else "FAIL") + f" ({r.get('parity_map_max_rel', 0):.1e})")
     return "\n".join(lines)
 
@@ -101,13 +129,17 @@ def replot(json_path: Path) -> Path:
 
 
 def environment(device: str) -> dict:
-    env = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
+    env: dict = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
            "cuda": torch.version.cuda, "python": platform.python_version(), "platform": platform.platform(),
            "device": device, "device_name": _device_name(device), "driver": None}
     for mod, dists in (("onnxruntime", ("onnxruntime", "onnxruntime-gpu")), ("triton", ("triton",)),
                        ("tritonclient", ("tritonclient",)), ("open_clip", ("open_clip_torch",))):
         env[mod] = next((v for v in map(_dist_version, dists) if v), None)
-    if device.startswith("cuda"):
+    if not device.startswith("cuda"):
+        from zsad.cpu import read_cpu
+
+        env["cpu"] = read_cpu().summary()  # ISA, cores, clock and the peaks the efficiency column divides by
+    else:
         try:
             import pynvml
 
@@ -129,14 +161,12 @@ def _dist_version(dist: str) -> str | None:
 
 
 def _device_name(device: str) -> str:
+    from zsad.cpu import read_cpu
+
     if device.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name(torch.device(device))
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        model = ""
-    return f"CPU {model or platform.processor()} ({torch.get_num_threads()} threads)"
+    model = read_cpu().model
+    return f"CPU {model if model != 'unknown' else platform.processor()} ({torch.get_num_threads()} threads)"
 
 
 def _slug(text: str) -> str:
@@ -186,30 +216,55 @@ def _cell(v):
     return "; ".join(f"{k}={x:.3f}" for k, x in v.items()) if isinstance(v, dict) else v
 
 
-def _f(v, fmt="{:.2f}") -> str:
+def cell_text(v, fmt="{:.2f}") -> str:
+    """A table cell (the .md and the .html): the value formatted, or - where there is none."""
     return "-" if v is None else fmt.format(v)
 
 
+def _pct(v):
+    return None if v is None else 100.0 * v
+
+
+def _cpu_lines(env: dict) -> list[str]:
+    """The CPU the rows ran on and the peaks the "% of peak" column divides by (zsad.cpu), for a CPU run."""
+    cpu = env.get("cpu")
+    if not cpu:
+        return []
+    peaks = ", ".join(f"{p} {cpu['peak_tflops'][p]:.3f} ({cpu['peak_isa'][p]})" for p in cpu["peak_tflops"])
+    return [f"CPU: {cpu['model']} ({cpu['vendor']}), {cpu['physical_cores']} physical cores at {cpu['mhz']:.0f} MHz "
+            f"({cpu['mhz_source']}); ISA flags {' '.join(cpu['isa_flags']) or 'none of note'}. Peak TFLOP/s "
+            f"(cores x clock x operations per cycle of the best ISA for the precision; int8-bf16 against int8; an "
+            f"upper bound, see zsad/cpu.py): {peaks}. Speed-ups against the best plain-torch row (eager, autocast "
+            f"or torch.compile) compare rows of the same batch.", ""]
+
+
 OURS_HEADERS = ["backend", "precision", "batch", "conc.", "p50 ms/batch", "p90", "p99", "p50 ms/image", "images/s",
-                "speed-up vs torch-fp32 b1", "TFLOP/s", "peak VRAM MB", "parity (score / map max rel, rank)"]
+                "speed-up vs torch-fp32 b1", "vs best plain torch", "TFLOP/s", "% of peak (ISA)", "peak VRAM MB",
+                "worker peak RSS MB", "parity (score / map max rel, rank)"]
 
 
 def ours_cells(r: dict) -> list[tuple[str, object]]:
     """One timed row as (shown text, sort value) per column of OURS_HEADERS (the .md and the .html's table)."""
-    parity = (f"{_f(r.get('parity_score_max_rel'), '{:.1e}')} / {_f(r.get('parity_map_max_rel'), '{:.1e}')}, "
-              f"{_f(r.get('parity_rank_agreement'), '{:.2f}')}" + ("" if r.get("parity_ok", True) else " FAIL"))
+    parity = (f"{cell_text(r.get('parity_score_max_rel'), '{:.1e}')} / "
+              f"{cell_text(r.get('parity_map_max_rel'), '{:.1e}')}, "
+              f"{cell_text(r.get('parity_rank_agreement'), '{:.2f}')}" + ("" if r.get("parity_ok", True) else " FAIL"))
     conc = r.get("concurrency") or "-"
     if r.get("dynamic_batching") is not None:
         conc = f"{conc} ({'dyn. batching' if r['dynamic_batching'] else 'no batching'})"
 
     def num(key, fmt="{:.2f}"):
         v = r.get(key)
-        return _f(v, fmt), "" if v is None else v
+        return cell_text(v, fmt), "" if v is None else v
 
     return [(r["backend"], r["backend"]), (r["precision"], r["precision"]), (str(r["batch"]), r["batch"]),
             (str(conc), r.get("concurrency") or ""), num("p50_ms"), num("p90_ms"), num("p99_ms"),
             num("p50_ms_per_image"), num("images_per_s"), num("speedup_vs_torch_fp32_b1", "{:.2f}x"),
-            num("achieved_tflops", "{:.3f}"), num("peak_vram_mb", "{:.0f}"),
+            (f"{cell_text(r.get('speedup_vs_best_torch'), '{:.2f}x')} {r.get('best_torch') or ''}".rstrip(),
+             "" if r.get("speedup_vs_best_torch") is None else r["speedup_vs_best_torch"]),
+            num("achieved_tflops", "{:.3f}"),
+            (f"{cell_text(_pct(r.get('efficiency')), '{:.1f}%')} {r.get('peak_isa') or ''}".rstrip(),
+             "" if r.get("efficiency") is None else r["efficiency"]),
+            num("peak_vram_mb", "{:.0f}"), num("peak_rss_mb", "{:.0f}"),
             (parity, r.get("parity_map_max_rel") if r.get("parity_map_max_rel") is not None else "")]
 
 
@@ -229,7 +284,7 @@ def markdown(model: str, profile: str, rows: list[dict], env: dict, paper: list[
              f"{env.get('cuda') or '-'}); onnxruntime {env.get('onnxruntime') or '-'}; triton "
              f"{env.get('triton') or '-'}; {env['date']}.", "",
              "GFLOPs per image (analytic, from the stage shapes): "
-             + ", ".join(f"{k} {v:.2f}" for k, v in flops.items()), "",
+             + ", ".join(f"{k} {v:.2f}" for k, v in flops.items()), "", *_cpu_lines(env),
              "## Ours", "",
              "| " + " | ".join(OURS_HEADERS) + " |", "|---" * len(OURS_HEADERS) + "|"]
     for r in rows:
@@ -242,8 +297,8 @@ def markdown(model: str, profile: str, rows: list[dict], env: dict, paper: list[
                   "| backend | batch | chain p50 ms | " + " | ".join(staged[0]["stage_ms"]) + " |",
                   "|---|---|---|" + "---|" * len(staged[0]["stage_ms"])]
         for r in staged:
-            lines.append(f"| {r['backend']} | {r['batch']} | {_f(r['p50_ms'])} | "
-                         + " | ".join(_f(v) for v in r["stage_ms"].values()) + " |")
+            lines.append(f"| {r['backend']} | {r['batch']} | {cell_text(r['p50_ms'])} | "
+                         + " | ".join(cell_text(v) for v in r["stage_ms"].values()) + " |")
     profiled = [r for r in rows if r["status"] == "ok" and r.get("op_ms")]
     if profiled:
         lines += ["", "Inside the stages (OpenVINO's per-node counters, PERF_COUNT, one profiled run of each stage on "
@@ -254,7 +309,7 @@ def markdown(model: str, profile: str, rows: list[dict], env: dict, paper: list[
             for stage, kinds in r["op_ms"].items():
                 total = sum(kinds.values())
                 parts = "; ".join(f"{k} {v:.0f} ({100 * v / total:.0f}%)" for k, v in kinds.items()) if total else "-"
-                lines.append(f"| {r['backend']} | {r['batch']} | {stage} | {_f(total)} | {parts} |")
+                lines.append(f"| {r['backend']} | {r['batch']} | {stage} | {cell_text(total)} | {parts} |")
     skipped = [r for r in rows if r["status"] != "ok"]
     if skipped:
         lines += ["", "Skipped:", ""] + [f"- {r['backend']} (batch {r['batch']}): {r['reason']}" for r in skipped]
@@ -494,7 +549,7 @@ def _forecast_stage_md(payload: dict) -> list[str]:
             cells.append(f"{_ms(r['bound_ms'])} {r['limit'][0]} / {_ms(r['bound_unfused_ms'])}")
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {first['flops'] / 1e9:.2f} | "
                      f"{first['bytes_fused'] / 1e6:.1f} | {first['bytes_unfused'] / 1e6:.1f} | "
-                     f"{_f(first['intensity_fused'], '{:.0f}')} | " + " | ".join(cells) + " |")
+                     f"{cell_text(first['intensity_fused'], '{:.0f}')} | " + " | ".join(cells) + " |")
     return lines + [""]
 
 

@@ -30,7 +30,7 @@ import re
 import shutil
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -205,6 +205,33 @@ def check_backend(backend: str, fp16: bool, device: str, precision: str = "fp32"
     return runtime
 
 
+AUTO = "auto"  # --precision auto: chosen per machine (choose_precision)
+
+
+def choose_precision(runtime: runtimes.Runtime, fp16: bool, device: str, cpu) -> dict:
+    """--precision auto: the precisions to try on ``cpu`` (a zsad.cpu.CpuInfo), fastest first
+    (zsad.cpu.precision_preference), kept where ``runtime`` builds and checks them here, each with the reason; the
+    export tries them in order and keeps the first that passes its gate. Returns the record the export's report
+    keeps: {"requested", "cpu", "candidates" [{precision, reason}], "refused" [{precision, why}]}."""
+    from zsad.cpu import precision_preference
+
+    candidates, refused = [], []
+    for precision, reason in precision_preference(cpu.flags):
+        if precision not in runtime.precisions:
+            refused.append({"precision": precision, "why": f"not a precision of --backend {runtime.name}"})
+            continue
+        try:
+            runtime.check_options(fp16, device, precision)
+        except ZsadError as err:
+            refused.append({"precision": precision, "why": str(err)})
+            continue
+        candidates.append({"precision": precision, "reason": reason})
+    if not candidates:  # fp32 is every runtime's and always preferred last: its own refusal is the user's error
+        raise ZsadError(refused[-1]["why"])
+    cpu_record = {k: v for k, v in cpu.summary().items() if k in ("model", "vendor", "physical_cores", "isa_flags")}
+    return {"requested": AUTO, "cpu": cpu_record, "candidates": candidates, "refused": refused}
+
+
 @dataclass
 class ExportOptions:
     """Everything ``zsad-export`` is told, grouped as its command line is (one field per option)."""
@@ -237,7 +264,7 @@ class ExportOptions:
     support_seed: int = 0
     # precision and the gates that check it
     fp16: bool = False
-    precision: str = "fp32"  # OpenVINO backends: fp32, bf16 or int8
+    precision: str = "fp32"  # OpenVINO backends: fp32, bf16, int8, int8-bf16, or auto (choose_precision)
     calibration: str | Path | None = None
     calibration_images: int = 32
     gate_images: int = 16
@@ -285,7 +312,15 @@ def export_model(opts: ExportOptions, log=print) -> ExportResult:
     """
     repo = Path(opts.out)
     check_out_and_name(repo, opts.name)
-    check_backend(opts.backend, opts.fp16, opts.target_device, opts.precision)
+    runtime = check_backend(opts.backend, opts.fp16, opts.target_device,
+                            "fp32" if opts.precision == AUTO else opts.precision)
+    choice = None
+    if opts.precision == AUTO:
+        from zsad.cpu import read_cpu
+
+        choice = choose_precision(runtime, opts.fp16, opts.target_device, read_cpu())
+        log("--precision auto on " + choice["cpu"]["model"] + ": trying " + ", ".join(
+            f"{c['precision']} ({c['reason']})" for c in choice["candidates"]))
     method, trained = build_method(opts)
     if opts.support is not None or opts.shots:
         _fit_support(method, opts.support, opts.shots, opts.support_class, opts.support_seed, log)  # adds a stage
@@ -299,13 +334,15 @@ def export_model(opts: ExportOptions, log=print) -> ExportResult:
     repo.mkdir(parents=True, exist_ok=True)
     scratch = _scratch_folder(repo)
     try:
-        stages, stage_files, rows, gate_section = _export_and_gate(method, trained, opts, repo_opts, scratch, log)
+        stages, stage_files, rows, gate_section, precision = _export_and_gate(method, trained, opts, repo_opts, scratch,
+                                                                              log, choice)
+        opts = replace(opts, precision=precision)
         staging = scratch / "repo"
         models, ensembles = _write_repository(staging, method, stages, repo_opts, stage_files, trained,
                                               opts.precision)
         if sorted(models) != sorted(planned):
             raise ZsadError(f"internal: wrote models {sorted(models)} but planned {sorted(planned)}")
-        _write_report_and_markers(staging, models, method, trained, opts, repo_opts, rows, gate_section)
+        _write_report_and_markers(staging, models, method, trained, opts, repo_opts, rows, gate_section, choice)
         version = opts.version or 1
         _write_reference(method, versions.reference_path(staging, name, version), opts.max_batch, opts.parity_images)
         if opts.version is None:
@@ -342,9 +379,12 @@ def _gate_inputs(method, max_batch: int, parity_images: int, log):
     return images, {k: v.numpy() for k, v in feed.items() if k != "images"}
 
 
-def _export_and_gate(method, trained: bool, opts: ExportOptions, repo_opts: RepoOptions, scratch: Path, log):
+def _export_and_gate(method, trained: bool, opts: ExportOptions, repo_opts: RepoOptions, scratch: Path, log,
+                     choice: dict | None = None):
     """Export every stage into ``scratch`` and pass it through the gate(s); returns (stages, the files to ship
-    per stage, parity rows, the OpenVINO report section or None). A failing gate raises."""
+    per stage, parity rows, the OpenVINO report section or None, the precision exported). A failing gate raises;
+    with --precision auto (``choice``, from choose_precision) a precision gate's refusal moves on to the next
+    candidate, recorded in ``choice`` ("refused", then "chosen" and "reason")."""
     stages = method.stages()
     images, extra_feed = _gate_inputs(method, opts.max_batch, opts.parity_images, log)
     log(f"exporting {method.name} ({method.profile}, {'trained' if trained else 'UNTRAINED'}) at {method.image_size} "
@@ -356,12 +396,44 @@ def _export_and_gate(method, trained: bool, opts: ExportOptions, repo_opts: Repo
     feed = {"images": images, **extra_feed}
     rows = parity.check_stages(stages, runners, feed, opts.tolerance)
     log(parity.format_table(rows))
-    stage_files, gate_section, second_rows = runtime.after_gate(method, stages, stage_files, opts, scratch, feed, log)
-    return stages, stage_files, rows + second_rows, gate_section
+
+    def attempt(precision: str):
+        return runtime.after_gate(method, stages, stage_files, replace(opts, precision=precision), scratch, feed, log)
+
+    if choice is None:
+        files, gate_section, second_rows = attempt(opts.precision)
+        return stages, files, rows + second_rows, gate_section, opts.precision
+    precision, (files, gate_section, second_rows) = first_passing(choice, attempt, log)
+    return stages, files, rows + second_rows, gate_section, precision
+
+
+def first_passing(choice: dict, attempt, log=print):
+    """--precision auto: ``attempt(precision)`` for each of ``choice``'s candidates in order until one passes its
+    gate; a precision gate's refusal (PrecisionGateError) is recorded in ``choice["refused"]`` and the next is
+    tried, the last one's refusal raised. Sets ``choice["chosen"]`` and ``choice["reason"]``; returns (the precision,
+    what ``attempt`` returned)."""
+    from zsad.export.openvino_export import PrecisionGateError
+
+    candidates = [c["precision"] for c in choice["candidates"]]
+    for i, precision in enumerate(candidates):
+        try:
+            result = attempt(precision)
+        except PrecisionGateError as err:
+            if i == len(candidates) - 1:
+                raise
+            choice["refused"].append({"precision": precision, "why": str(err)})
+            log(f"--precision auto: {precision} refused by its gate ({err}); trying {candidates[i + 1]}")
+            continue
+        choice["chosen"] = precision
+        choice["reason"] = choice["candidates"][i]["reason"] + (
+            f"; faster candidates refused by their gates: {', '.join(candidates[:i])}" if i else "")
+        log(f"--precision auto chose {precision}: {choice['reason']}")
+        return precision, result
+    raise ZsadError("internal: --precision auto had no candidate")
 
 
 def _write_report_and_markers(staging: Path, models: list[str], method, trained: bool, opts: ExportOptions,
-                              repo_opts: RepoOptions, rows, gate_section) -> None:
+                              repo_opts: RepoOptions, rows, gate_section, choice: dict | None = None) -> None:
     """``NAME/parity_report.json`` and the :data:`MARKER_NAME` file in every model folder."""
     tol, name = opts.tolerance, repo_opts.name
     parity.write_report(staging / name / "parity_report.json", rows, {
@@ -369,7 +441,8 @@ def _write_report_and_markers(staging: Path, models: list[str], method, trained:
         "backend": opts.backend, "fp16": opts.fp16, "image_size": method.image_size, "max_batch": opts.max_batch,
         "tolerance": tol,
         "runtime": runtimes.get(opts.backend).gate_runtime(),
-        **({"precision": opts.precision, "openvino": gate_section} if gate_section else {})})
+        **({"precision": opts.precision, "openvino": gate_section} if gate_section else {}),
+        **({"precision": opts.precision, "precision_choice": choice} if choice else {})})
     marker = json.dumps({"written_by": "zsad-export", "zsad": __version__, "export": name,
                          "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}, indent=2)
     for m in models:

@@ -197,7 +197,7 @@ def test_bench_cpu_backends_give_rows_with_parity_and_stage_times(tmp_path):
     _, _, rows = bench_model("afclip", "tiny", None, [1], ["torch-fp32", "openvino-fp32", "openvino-int8", "ort-int8"]
                              + (["openvino-int8-bf16"] if HAS_BF16 else []),
                              "cpu", iters=1, warmup=0, checkpoint=None, served_url=None, concurrency=[1],
-                             served_seconds=1.0, progress=False, log=lambda *a: None)
+                             served_seconds=1.0, progress=False, log=lambda *a: None, isolate=False)
     by = {r["backend"]: r for r in rows}
     assert all(by[b]["status"] == "ok" for b in by), rows
     assert by["openvino-fp32"]["parity_ok"] and by["openvino-fp32"]["parity_map_max_rel"] < 1e-3

@@ -100,8 +100,14 @@ class Runtime:
         """A stage model's version-folder files: what ``build_stages`` / ``after_gate`` made, by file name."""
         return {p.name: p for p in stage_files[stage.name]}
 
+    def bench_skip(self, variant: str, device: str) -> str | None:
+        """Why zsad-bench cannot time ``variant`` on ``device`` here, known without building anything (so no worker
+        process is started for it), or None to try."""
+        return None
+
     def bench_runner(self, variant: str, method, device: str, max_batch: int, scratch: Scratch) -> BackendRunner:
-        """zsad-bench's runner of ``variant`` (one of ``bench_variants``); raises runners.Skip with the reason."""
+        """zsad-bench's runner of ``variant`` (one of ``bench_variants``, ``bench_skip`` None); raises runners.Skip
+        with the reason where building it fails."""
         raise NotImplementedError
 
 

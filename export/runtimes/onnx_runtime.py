@@ -59,10 +59,13 @@ class OnnxRuntime(OnnxStages):
     def runs_on(self) -> dict:
         return {"platform": "onnxruntime_onnx"}
 
+    def bench_skip(self, variant, device):
+        if variant == "ort-int8" and device.startswith("cuda"):
+            return f"{variant} is a CPU backend: run it with --device cpu"
+        return None
+
     def bench_runner(self, variant, method, device, max_batch, scratch):
         if variant == "ort-int8":
-            if device.startswith("cuda"):
-                raise Skip(f"{variant} is a CPU backend: run it with --device cpu")
             return _int8_runner(method, scratch, max_batch)
         return _fp32_runner(method, device, scratch, max_batch)
 

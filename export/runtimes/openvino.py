@@ -83,9 +83,10 @@ class OpenVino(OpenVinoStages):
         return {"PERFORMANCE_HINT": "LATENCY", "zsad_precision": precision,
                 **({"HINT_BF16": "YES"} if OV_HINT[precision] == "bf16" else {})}
 
+    def bench_skip(self, variant, device):
+        return f"{variant} is a CPU backend: run it with --device cpu" if device.startswith("cuda") else None
+
     def bench_runner(self, variant, method, device, max_batch, scratch):
-        if device.startswith("cuda"):
-            raise Skip(f"{variant} is a CPU backend: run it with --device cpu")
         return _bench_runner(method, scratch, max_batch, variant.split("-", 1)[1])
 
 

@@ -2,8 +2,8 @@
 rebuilt from the shipped checkpoint (fp16 / CUDA graphs / zsad's kernels on GPU servers without TensorRT). One
 model keeps the encoder's taps (up to 22 MB per image) out of Triton's inter-model traffic.
 
-zsad-bench times the torch chain in eager fp32 / fp16 / bf16 (autocast), torch.compile, and as one CUDA graph
-(``GraphedChain``).
+zsad-bench times the torch chain in eager fp32 / fp16 / bf16 (autocast), torch.compile (fp32, and bf16 autocast),
+and as one CUDA graph (``GraphedChain``).
 """
 from __future__ import annotations
 
@@ -22,8 +22,10 @@ GPU_ONLY = {"torch-fp16": "fp16 matmuls are a GPU feature (CPU fp16 is emulated 
             "cuda-graphs-bf16": "CUDA graphs need CUDA"}
 # autocast dtype per backend: matmuls/convs in half precision, LayerNorm / softmax / reductions kept in fp32 by
 # autocast's own op lists (CLIP's residual stream overflows fp16 in LayerNorm otherwise)
-AUTOCAST = {"torch-fp16": torch.float16, "torch-bf16": torch.bfloat16, "cuda-graphs-fp16": torch.float16,
-            "cuda-graphs-bf16": torch.bfloat16}
+AUTOCAST = {"torch-fp16": torch.float16, "torch-bf16": torch.bfloat16, "torch-compile-bf16": torch.bfloat16,
+            "cuda-graphs-fp16": torch.float16, "cuda-graphs-bf16": torch.bfloat16}
+# what a user gets from torch alone (eager, autocast, torch.compile): zsad-bench's "best plain torch" comparator
+PLAIN_TORCH = ("torch-fp32", "torch-fp16", "torch-bf16", "torch-compile", "torch-compile-bf16")
 
 
 def torch_config(opts, model_name: str, chain_inputs: list[dict], chain_outputs: list[dict]) -> dict:
@@ -38,8 +40,7 @@ def torch_config(opts, model_name: str, chain_inputs: list[dict], chain_outputs:
 class PythonTorch(Runtime):
     name = "python-torch"
     summary = "the PyTorch chain in one python model (GPU servers without TensorRT)"
-    bench_variants = ("torch-fp32", "torch-fp16", "torch-bf16", "torch-compile", "cuda-graphs", "cuda-graphs-fp16",
-                      "cuda-graphs-bf16")
+    bench_variants = (*PLAIN_TORCH, "cuda-graphs", "cuda-graphs-fp16", "cuda-graphs-bf16")
 
     def gate_runtime(self):
         return "torch"
@@ -82,9 +83,12 @@ class PythonTorch(Runtime):
         write_model(repo, cfg, files=files)
         return [mname], [ensemble_step(mname, chain_in, [t["name"] for t in out_tensors])]
 
-    def bench_runner(self, variant, method, device, max_batch, scratch):
+    def bench_skip(self, variant, device):
         if variant in GPU_ONLY and not device.startswith("cuda"):
-            raise Skip(GPU_ONLY[variant] + ("" if torch.cuda.is_available() else "; no CUDA device on this machine"))
+            return GPU_ONLY[variant] + ("" if torch.cuda.is_available() else "; no CUDA device on this machine")
+        return None
+
+    def bench_runner(self, variant, method, device, max_batch, scratch):
         return _torch_runner(method, device, variant)
 
 
@@ -112,7 +116,8 @@ def _torch_runner(method, device: str, backend: str) -> BackendRunner:
         return _cuda_graph_runner(method, device, backend, precision, dtype)
 
     # inference_mode tensors cannot be traced by torch.compile ("Cannot set version_counter"): no_grad there
-    grad_off = torch.no_grad if backend == "torch-compile" else torch.inference_mode
+    compiled = backend.startswith("torch-compile")
+    grad_off = torch.no_grad if compiled else torch.inference_mode
 
     def call(x):
         with grad_off(), torch.autocast(dev_type, dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -120,9 +125,9 @@ def _torch_runner(method, device: str, backend: str) -> BackendRunner:
 
     fn = call
     note = ""
-    if backend == "torch-compile":
+    if compiled:
         fn = torch.compile(call, dynamic=False)
-        note = "torch.compile default mode (inductor)"
+        note = "torch.compile default mode (inductor)" + (f", {precision} autocast" if dtype is not None else "")
     try:
         fn(torch.zeros(1, 3, method.image_size, method.image_size, device=device))
         if dev_type == "cuda":

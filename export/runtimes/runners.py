@@ -84,29 +84,36 @@ def stage_chain_runner(method, runs, backend: str, precision: str, note: str, pr
 
 
 class Scratch:
-    """What the CPU backends of one model's bench run share: one ONNX export of the stages (made on first use, at
-    the run's largest batch) and one set of calibration images, so ort, ort-int8 and each openvino precision do not
-    re-export a ViT-L or re-render the calibration set."""
+    """What the CPU backends of one model's bench run share, through files in ``workdir``: one ONNX export of the
+    stages (made on first use, at the run's largest batch) and one set of calibration images, so ort, ort-int8 and
+    each openvino precision do not re-export a ViT-L or re-render the calibration set. Files, not memory: each
+    backend runs in its own worker process (zsad.bench.worker), which opens a Scratch on the same ``workdir``.
+    The backends run one after another, so nothing is written by two at once."""
 
-    def __init__(self, workdir: Path | None = None, calibration_images: int = 16):
+    def __init__(self, workdir: str | Path | None = None, calibration_images: int = 16):
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="zsad-bench-"))
         self.calibration_images = calibration_images
-        self._onnx: dict | None = None
-        self._calibration: np.ndarray | None = None
 
     def onnx(self, method, max_batch: int) -> dict:
-        """{stage name: [model.onnx]} of ``method``'s stages (each exported once, with its own parity check)."""
+        """{stage name: [model.onnx]} of ``method``'s stages (each exported once, with its own parity check; the
+        marker file is written last, so an export cut short is made again)."""
         from zsad.export.onnx_export import export_stage
 
-        if self._onnx is None:
-            self._onnx = {st.name: [export_stage(st, self.workdir / "onnx" / st.name / "model.onnx",
-                                                 max(max_batch, 2))] for st in method.stages()}
-        return self._onnx
+        files = {st.name: [self.workdir / "onnx" / st.name / "model.onnx"] for st in method.stages()}
+        done = self.workdir / "onnx" / "exported"
+        if not done.is_file():
+            for st in method.stages():
+                export_stage(st, files[st.name][0], max(max_batch, 2))
+            done.write_text("every stage exported\n")
+        return files
 
     def calibration(self, method) -> np.ndarray:
-        """Preprocessed calibration images [N,3,S,S] from the synthetic training classes."""
+        """Preprocessed calibration images [N,3,S,S] from the synthetic training classes (rendered once, kept as
+        .npy: read back without pickle)."""
         from zsad.export.openvino_export import calibration_images
 
-        if self._calibration is None:
-            self._calibration = calibration_images(None, method.image_size, self.calibration_images)
-        return self._calibration
+        path = self.workdir / f"calibration-{self.calibration_images}.npy"
+        if not path.is_file():
+            np.save(path.with_suffix(".tmp.npy"), calibration_images(None, method.image_size, self.calibration_images))
+            path.with_suffix(".tmp.npy").rename(path)
+        return np.load(path, allow_pickle=False)

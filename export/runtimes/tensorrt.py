@@ -41,7 +41,10 @@ class TensorRT(OnnxStages):
 
         return {"model.plan": build_engine(stage_files[stage.name][0], stage, opts)}
 
-    def bench_runner(self, variant, method, device, max_batch, scratch):
+    def bench_skip(self, variant, device):
         if not _installed():
-            raise Skip("TensorRT is not installed here (pip install 'zsad[gpu]' on a TensorRT machine)")
-        raise Skip("time TensorRT through the served mode (zsad-export --backend tensorrt + a GPU tritonserver)")
+            return "TensorRT is not installed here (pip install 'zsad[gpu]' on a TensorRT machine)"
+        return "time TensorRT through the served mode (zsad-export --backend tensorrt + a GPU tritonserver)"
+
+    def bench_runner(self, variant, method, device, max_batch, scratch):
+        raise Skip(self.bench_skip(variant, device))

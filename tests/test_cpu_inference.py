@@ -1,0 +1,214 @@
+"""CPU inference (issue 25): the CPU's ISA and peak from /proc/cpuinfo text, the precision --precision auto tries on
+each kind of CPU and its fallback on a gate refusal, the speed-up / efficiency columns against hand computations,
+and zsad-bench's worker processes (each backend's own peak RSS; every worker reaped, its memory gone with it)."""
+import json
+import multiprocessing
+import os
+from pathlib import Path
+
+import pytest
+
+from zsad import ZsadError
+from zsad.bench.backends import default_backends
+from zsad.bench.report import add_efficiency, add_speedups
+from zsad.cpu import CpuInfo, parse_cpuinfo, precision_preference
+
+AMX_XEON = ("fpu sse sse2 avx avx2 fma avx512f avx512bw avx512_vnni avx512_bf16 avx_vnni amx_bf16 amx_tile amx_int8 "
+            "avx512_fp16")
+ZEN4_EPYC = "fpu sse sse2 avx avx2 fma avx512f avx512bw avx512_vnni avx512_bf16"
+VNNI_XEON = "fpu sse sse2 avx avx2 fma avx512f avx512bw avx512_vnni"  # Cascade Lake: VNNI, no bf16
+AVX2_ONLY = "fpu sse sse2 avx avx2 fma"
+OLD = "fpu sse sse2"
+
+
+def _cpuinfo(flags: str, cores: int, threads_per_core: int, mhz: float = 2600.0, vendor="GenuineIntel") -> str:
+    """/proc/cpuinfo text of one socket: ``cores`` x ``threads_per_core`` logical CPUs (siblings share a core id)."""
+    blocks = []
+    for p in range(cores * threads_per_core):
+        blocks.append(f"processor\t: {p}\nvendor_id\t: {vendor}\nmodel name\t: Test CPU\nphysical id\t: 0\n"
+                      f"core id\t\t: {p % cores}\ncpu MHz\t\t: {mhz}\nflags\t\t: {flags}\n")
+    return "\n".join(blocks)
+
+
+def test_isa_cores_and_peak_from_cpuinfo_text():
+    amx = parse_cpuinfo(_cpuinfo(AMX_XEON, cores=2, threads_per_core=2, mhz=2600.0))
+    assert amx.physical_cores == 2 and amx.mhz == 2600.0 and amx.vendor == "GenuineIntel"  # 4 threads, 2 cores
+    # by hand: cores x clock x operations per cycle per core
+    assert amx.peak_tflops("fp32") == pytest.approx((2 * 2.6e9 * 64 / 1e12, "AVX-512F"))
+    assert amx.peak_tflops("bf16") == pytest.approx((2 * 2.6e9 * 1024 / 1e12, "AMX-BF16"))
+    assert amx.peak_tflops("int8") == pytest.approx((2 * 2.6e9 * 2048 / 1e12, "AMX-INT8"))
+    assert amx.peak_tflops("int8-bf16")[1] == "AMX-INT8"  # held to the int8 peak
+    epyc = parse_cpuinfo(_cpuinfo(ZEN4_EPYC, cores=2, threads_per_core=1, mhz=2000.0, vendor="AuthenticAMD"))
+    assert [epyc.best_isa(p) for p in ("fp32", "bf16", "int8")] == [("AVX-512F", 64), ("AVX-512 BF16", 128),
+                                                                   ("AVX-512 VNNI", 256)]
+    old = parse_cpuinfo(_cpuinfo(OLD, cores=1, threads_per_core=1, mhz=1000.0))
+    # no bf16 / int8 instructions: both at the plain fp32 rate
+    assert [old.best_isa(p) for p in ("fp32", "bf16", "int8")] == [("SSE/AVX", 16)] * 3
+    assert parse_cpuinfo(_cpuinfo(AVX2_ONLY, 4, 1)).best_isa("int8") == ("AVX2", 64)
+    # only the logical CPUs this process may use count: CPUs 0 and 2 are the two threads of core 0
+    assert parse_cpuinfo(_cpuinfo(AMX_XEON, cores=2, threads_per_core=2), allowed_cpus={0, 2}).physical_cores == 1
+
+
+def test_precision_order_for_each_kind_of_cpu():
+    order = {name: [p for p, _ in precision_preference(frozenset(flags.split()))]
+             for name, flags in [("amx", AMX_XEON), ("epyc", ZEN4_EPYC), ("vnni", VNNI_XEON), ("avx2", AVX2_ONLY),
+                                 ("old", OLD)]}
+    assert order == {"amx": ["bf16", "int8-bf16", "int8", "fp32"], "epyc": ["int8-bf16", "int8", "bf16", "fp32"],
+                     "vnni": ["int8", "fp32"], "avx2": ["int8", "fp32"], "old": ["fp32"]}
+    cpu = CpuInfo(flags=frozenset(ZEN4_EPYC.split()))
+    assert default_backends("cpu", cpu) == ["torch-fp32", "torch-compile", "torch-bf16", "torch-compile-bf16", "ort",
+                                            "openvino-int8-bf16", "openvino-int8", "openvino-bf16", "openvino-fp32",
+                                            "served"]
+    no_bf16 = default_backends("cpu", CpuInfo(flags=frozenset(VNNI_XEON.split())))
+    assert "torch-bf16" not in no_bf16 and "openvino-int8" in no_bf16 and "openvino-bf16" not in no_bf16
+
+
+def test_choose_precision_keeps_what_the_backend_builds_here():
+    from zsad.export import runtimes
+    from zsad.export.exporter import choose_precision
+
+    amx = CpuInfo(model="Test CPU", flags=frozenset(AMX_XEON.split()))
+    onnx = choose_precision(runtimes.get("onnxruntime"), False, "cpu", amx)
+    assert [c["precision"] for c in onnx["candidates"]] == ["fp32"]
+    assert [r["precision"] for r in onnx["refused"]] == ["bf16", "int8-bf16", "int8"]
+    assert all("not a precision of --backend onnxruntime" in r["why"] for r in onnx["refused"])
+    with pytest.raises(ZsadError, match="exports for CPU servers"):  # fp32's own refusal is the user's error
+        choose_precision(runtimes.get("openvino"), False, "gpu", amx)
+
+
+def test_auto_falls_back_when_a_gate_refuses():
+    from zsad.export.exporter import first_passing
+    from zsad.export.openvino_export import PrecisionGateError
+
+    def choice():
+        return {"candidates": [{"precision": p, "reason": f"why {p}"} for p in ("bf16", "int8-bf16", "int8", "fp32")],
+                "refused": []}
+
+    tried = []
+
+    def attempt(refuse):
+        def run(precision):
+            tried.append(precision)
+            if precision in refuse:
+                raise PrecisionGateError(f"{precision} precision gate failed")
+            return f"files of {precision}"
+        return run
+
+    c = choice()
+    assert first_passing(c, attempt({"bf16"}), log=lambda *a: None) == ("int8-bf16", "files of int8-bf16")
+    assert tried == ["bf16", "int8-bf16"] and c["chosen"] == "int8-bf16"
+    assert c["refused"] == [{"precision": "bf16", "why": "bf16 precision gate failed"}]
+    assert c["reason"] == "why int8-bf16; faster candidates refused by their gates: bf16"
+    c = choice()
+    assert first_passing(c, attempt(set()), log=lambda *a: None)[0] == "bf16" and c["refused"] == []
+    with pytest.raises(PrecisionGateError, match="fp32"):  # the last refusal is the export's failure
+        first_passing(choice(), attempt({"bf16", "int8-bf16", "int8", "fp32"}), log=lambda *a: None)
+
+
+def test_speedups_and_efficiency_by_hand():
+    def row(backend, precision, batch, ms_per_image, tflops=None, parity_ok=True):
+        return {"backend": backend, "precision": precision, "batch": batch, "status": "ok",
+                "p50_ms_per_image": ms_per_image, "achieved_tflops": tflops, "parity_ok": parity_ok}
+
+    rows = [row("torch-fp32", "fp32", 1, 1000.0, 0.1), row("torch-bf16", "bf16", 1, 400.0, 0.25),
+            row("torch-compile", "fp32", 1, 300.0, parity_ok=False),  # fastest torch, but wrong: not the comparator
+            row("openvino-bf16", "bf16", 1, 200.0, 0.4096), row("openvino-int8-bf16", "int8-bf16", 1, 250.0, 0.4096),
+            row("torch-fp32", "fp32", 2, 800.0), row("ort", "fp32", 2, 400.0, 0.128),
+            {"backend": "torch-fp16", "precision": "-", "batch": 1, "status": "skipped", "reason": "GPU only"}]
+    add_speedups(rows)
+    by = {(r["backend"], r["batch"]): r for r in rows}
+    assert by["openvino-bf16", 1]["speedup_vs_torch_fp32_b1"] == pytest.approx(1000 / 200)
+    assert by["openvino-bf16", 1]["speedup_vs_best_torch"] == pytest.approx(400 / 200)
+    assert by["openvino-bf16", 1]["best_torch"] == "torch-bf16"
+    assert by["ort", 2]["speedup_vs_torch_fp32_b1"] == pytest.approx(1000 / 400)
+    assert by["ort", 2]["speedup_vs_best_torch"] == pytest.approx(800 / 400)  # against batch 2's torch
+    assert by["ort", 2]["best_torch"] == "torch-fp32"
+    assert "speedup_vs_best_torch" not in by["torch-fp16", 1]
+    cpu = CpuInfo(flags=frozenset(AMX_XEON.split()), physical_cores=2, mhz=2000.0)
+    add_efficiency(rows, cpu)
+    # peak = 2 cores x 2.0 GHz x ops/cycle: bf16 on AMX 1024 -> 4.096 TFLOP/s; int8 2048 -> 8.192; fp32 64 -> 0.256
+    assert by["openvino-bf16", 1]["efficiency"] == pytest.approx(0.4096 / 4.096)
+    assert by["openvino-bf16", 1]["peak_isa"] == "AMX-BF16"
+    assert by["openvino-int8-bf16", 1]["efficiency"] == pytest.approx(0.4096 / 8.192)
+    assert by["ort", 2]["efficiency"] == pytest.approx(0.128 / 0.256)
+    assert "efficiency" not in by["torch-fp32", 2]  # no achieved rate, no efficiency
+
+
+def _vm_kb(pid: int | str, field: str) -> int:
+    return int(next(ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines()
+                    if ln.startswith(field)).split()[1])
+
+
+@pytest.mark.slow
+def test_each_backend_runs_in_its_own_worker_and_leaves_nothing_behind():
+    """Three backends in one run, each in a spawned worker: its own pid and peak RSS (VmHWM: below the 1 GB this
+    process holds, which a worker's ru_maxrss would include), the same random weights as the parent (torch fp32
+    parity exact), no worker for a backend skipped up front, and afterwards every worker reaped and gone."""
+    from zsad.bench.model_bench import bench_model
+
+    ballast = bytearray(1024 * 2**20)
+    ballast[::4096] = b"\x01" * (len(ballast) // 4096)  # touched: resident
+    before = _vm_kb("self", "VmRSS")
+    _, _, rows = bench_model("anomalyclip", "tiny", None, [1], ["torch-fp32", "ort", "openvino-fp32", "torch-fp16"],
+                             "cpu", iters=1, warmup=0, checkpoint=None, served_url=None, concurrency=[1],
+                             served_seconds=1.0, progress=False, log=lambda *a: None)
+    grown_mb = (_vm_kb("self", "VmRSS") - before) / 1024
+    by = {r["backend"]: r for r in rows}
+    ok = [by[b] for b in ("torch-fp32", "ort", "openvino-fp32")]
+    assert all(r["status"] == "ok" and r["parity_ok"] for r in ok), rows
+    assert by["torch-fp32"]["parity_map_max_rel"] == 0.0  # the worker rebuilt the parent's weights exactly
+    pids = [r["worker_pid"] for r in ok]
+    assert len(set(pids)) == 3 and os.getpid() not in pids
+    for r in ok:
+        assert 100 < r["peak_rss_mb"] < len(ballast) / 2**20, r  # torch loaded, but not this process's memory
+    assert by["torch-fp16"]["status"] == "skipped" and "worker_pid" not in by["torch-fp16"]
+    for pid in pids:
+        with pytest.raises(ChildProcessError):  # reaped: no longer a child of ours, not even a zombie
+            os.waitpid(pid, os.WNOHANG)
+        assert not Path(f"/proc/{pid}").exists()
+    assert multiprocessing.active_children() == []
+    # onnxruntime / openvino sessions lived in the workers: this process kept none (it grew ~240 MB in one run of
+    # these backends in-process, measured)
+    assert grown_mb < 120, grown_mb
+    del ballast
+
+
+@pytest.mark.slow
+def test_export_auto_records_its_choice_and_falls_back(tmp_path, monkeypatch):
+    """--precision auto on a faked AVX2 CPU tries int8 then fp32; a gate that refuses every int8 map leaves fp32,
+    written as fp32, with the refusal and the reason in the parity report."""
+    from zsad.cpu import CpuInfo as Info
+    from zsad.export.exporter import ExportOptions, export_model
+    from zsad.export.openvino_export import GateThresholds
+
+    monkeypatch.setattr("zsad.cpu.read_cpu", lambda: Info(model="Faked AVX2 CPU", flags=frozenset(AVX2_ONLY.split())))
+    strict = GateThresholds(map_corr=1.0 + 1e-9)  # no int8 map correlates above 1
+    export_model(ExportOptions(model="anomalyclip", profile="tiny", backend="openvino", precision="auto", out=tmp_path,
+                               max_batch=2, parity_images=2, calibration_images=2, gate_images=4,
+                               gate_thresholds=strict), log=lambda *a: None)
+    report = json.loads((tmp_path / "anomalyclip" / "parity_report.json").read_text())
+    choice = report["precision_choice"]
+    assert report["precision"] == "fp32" and choice["chosen"] == "fp32"
+    assert [c["precision"] for c in choice["candidates"]] == ["int8", "fp32"]
+    assert choice["cpu"]["model"] == "Faked AVX2 CPU" and choice["cpu"]["isa_flags"] == ["avx2", "fma"]
+    (refused,) = choice["refused"]
+    assert refused["precision"] == "int8" and "anomaly-map correlation" in refused["why"]
+    assert "faster candidates refused by their gates: int8" in choice["reason"]
+    config = (tmp_path / "anomalyclip_encoder" / "config.pbtxt").read_text()
+    assert 'key: "zsad_precision"' in config and 'string_value: "fp32"' in config
+
+
+def test_a_spawned_processs_peak_rss_is_its_own():
+    """peak_rss_mb is the worker's own high-water mark: a process spawned while this one holds 512 MB reports far
+    less (Linux carries getrusage's ru_maxrss over exec from the forked image: it would report >= 512 MB)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from zsad.bench.worker import peak_rss_mb
+
+    ballast = bytearray(512 * 2**20)
+    ballast[::4096] = b"\x01" * (len(ballast) // 4096)  # touched: resident
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        child = pool.submit(peak_rss_mb).result()
+    assert child is not None and 1 < child < 256, child
+    assert peak_rss_mb() > 512
+    del ballast

@@ -1,0 +1,136 @@
+"""The CPU this runs on: its model, instruction sets (ISA), physical cores and clock, its peak arithmetic rate per
+precision, and the precision order zsad-export --precision auto tries on it.
+
+Peak = physical cores x clock x operations per cycle per core for the best ISA the CPU has for that precision
+(one multiply-add = 2 operations, as zsad.bench.flops counts FLOPs). Operations per cycle per core, assuming two
+512-bit FMA units per core (Intel Xeon Scalable Gold/Platinum; AMD Zen 4 runs AVX-512 on 256-bit datapaths, so
+its real AVX-512 peak is half of these and an efficiency there reads low by up to 2x):
+
+- fp32: AVX-512F 64 (2 units x 16 lanes x 2), AVX2 + FMA 32, plain SSE/AVX without FMA 16;
+- bf16: AMX-BF16 1024 (Intel: 4th Gen Xeon Scalable "2048 INT8 or 1024 BF16 operations per cycle" per core, the
+  AMX overview and optimisation manual), AVX-512 BF16 128 (VDPBF16PS: 16 lanes x 2 products x 2, 2 units);
+  without either, bf16 runs at the fp32 rate;
+- int8: AMX-INT8 2048 (same Intel source), AVX-512 VNNI 256 (VPDPBUSD: 16 lanes x 4 products x 2, 2 units; Intel
+  quotes 256 INT8 ops/cycle for it), AVX-VNNI 128 (256-bit), AVX2 without VNNI 64 (VPMADDUBSW + VPMADDWD pairs).
+
+The clock is the highest of /sys/devices/system/cpu/cpu*/cpufreq/cpuinfo_max_freq where the kernel exposes it
+(the turbo maximum), else /proc/cpuinfo "cpu MHz" (in a VM often the nominal TSC clock). Under AVX-512 / AMX load
+Xeons run below both, so a peak from either is an upper bound and an efficiency computed from it a lower bound.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# (ISA name, the /proc/cpuinfo flags it needs, operations per cycle per core); best first within a precision
+PEAK_TABLE: dict[str, list[tuple[str, tuple[str, ...], int]]] = {
+    "fp32": [("AVX-512F", ("avx512f",), 64), ("AVX2+FMA", ("avx2", "fma"), 32), ("SSE/AVX", (), 16)],
+    "bf16": [("AMX-BF16", ("amx_bf16", "amx_tile"), 1024), ("AVX-512 BF16", ("avx512_bf16",), 128)],
+    "int8": [("AMX-INT8", ("amx_int8", "amx_tile"), 2048), ("AVX-512 VNNI", ("avx512_vnni",), 256),
+             ("AVX-VNNI", ("avx_vnni",), 128), ("AVX2", ("avx2",), 64)],
+}
+# a row's precision -> the arithmetic its bulk (the linear layers) runs in; int8-bf16 is held to the int8 peak
+ARITHMETIC = {"fp32": "fp32", "bf16": "bf16", "fp16": "bf16", "int8": "int8", "int8-bf16": "int8"}
+
+
+@dataclass
+class CpuInfo:
+    model: str = "unknown"
+    vendor: str = "unknown"
+    flags: frozenset[str] = field(default_factory=frozenset)
+    physical_cores: int = 1
+    mhz: float = 0.0
+    mhz_source: str = "unknown"
+
+    def best_isa(self, precision: str) -> tuple[str, int]:
+        """(ISA name, operations per cycle per core) of the best ISA this CPU has for ``precision``'s arithmetic
+        (:data:`ARITHMETIC`); bf16 without a bf16 ISA falls to the fp32 rate, int8 without any to the fp32 rate."""
+        arithmetic = ARITHMETIC.get(precision, "fp32")
+        for name, needs, ops in PEAK_TABLE[arithmetic]:
+            if all(f in self.flags for f in needs):
+                return name, ops
+        return self.best_isa("fp32")  # no bf16 / int8 ISA: that arithmetic runs at the fp32 rate (fp32 always matches)
+
+    def peak_tflops(self, precision: str) -> tuple[float, str]:
+        """(peak TFLOP/s or TOP/s for ``precision`` on this CPU, the ISA it assumes); 0.0 with an unknown clock."""
+        isa, ops = self.best_isa(precision)
+        return self.physical_cores * self.mhz * 1e6 * ops / 1e12, isa
+
+    def summary(self) -> dict:
+        """What a report records about this CPU (JSON-ready)."""
+        wanted = sorted({f for table in PEAK_TABLE.values() for _, needs, _ in table for f in needs})
+        return {"model": self.model, "vendor": self.vendor, "physical_cores": self.physical_cores, "mhz": self.mhz,
+                "mhz_source": self.mhz_source, "isa_flags": [f for f in wanted if f in self.flags],
+                "peak_tflops": {p: round(self.peak_tflops(p)[0], 3) for p in PEAK_TABLE},
+                "peak_isa": {p: self.best_isa(p)[0] for p in PEAK_TABLE}}
+
+
+def parse_cpuinfo(text: str, allowed_cpus: set[int] | None = None) -> CpuInfo:
+    """A :class:`CpuInfo` from the text of /proc/cpuinfo. Physical cores: distinct (physical id, core id) pairs among
+    the logical CPUs in ``allowed_cpus`` (all when None): two hyperthreads of one core count once."""
+    info = CpuInfo()
+    cores: set[tuple[str, str]] = set()
+    for block in text.strip().split("\n\n"):
+        kv = {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in block.splitlines()) if k.strip()}
+        if "processor" not in kv or (allowed_cpus is not None and int(kv["processor"]) not in allowed_cpus):
+            continue
+        info.model = kv.get("model name", info.model)
+        info.vendor = kv.get("vendor_id", info.vendor)
+        info.flags = info.flags | frozenset(kv.get("flags", "").split())
+        cores.add((kv.get("physical id", "0"), kv.get("core id", kv["processor"])))
+        if "cpu MHz" in kv:
+            info.mhz = max(info.mhz, float(kv["cpu MHz"]))
+            info.mhz_source = "/proc/cpuinfo cpu MHz"
+    info.physical_cores = max(1, len(cores))
+    return info
+
+
+def read_cpu() -> CpuInfo:
+    """This machine's CPU (the logical CPUs this process may run on); the clock from cpufreq's maximum where the
+    kernel has it, else /proc/cpuinfo (see the module docstring)."""
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    try:
+        info = parse_cpuinfo(Path("/proc/cpuinfo").read_text(), allowed)
+    except OSError:
+        return CpuInfo(physical_cores=os.cpu_count() or 1)
+    freqs = []
+    for cpu in sorted(allowed or []):
+        with contextlib.suppress(OSError, ValueError):  # no cpufreq in most VMs
+            freqs.append(int(Path(f"/sys/devices/system/cpu/cpu{cpu}/cpufreq/cpuinfo_max_freq").read_text()) / 1e3)
+    if freqs:
+        info.mhz, info.mhz_source = max(freqs), "cpufreq cpuinfo_max_freq"
+    return info
+
+
+def has_bf16(flags: frozenset[str] | set[str]) -> bool:
+    """Whether the CPU computes bf16 natively (AVX-512 BF16 or AMX-BF16); elsewhere bf16 is emulated and slow."""
+    return "avx512_bf16" in flags or {"amx_bf16", "amx_tile"} <= set(flags)
+
+
+def precision_preference(flags: frozenset[str] | set[str]) -> list[tuple[str, str]]:
+    """The OpenVINO precisions to try on a CPU with ``flags``, fastest first, each with the reason (zsad-export
+    --precision auto tries them in order and keeps the first that passes its gate; fp32 is always last):
+
+    - AMX (amx_bf16, amx_int8): bf16 first (every matmul, attention included, on AMX; measured on a 2-core AMX Xeon
+      ahead of int8-bf16, issue 25), then int8-bf16, then int8;
+    - AVX-512 BF16 without AMX: int8-bf16 (int8 linear layers on VNNI, attention in bf16: the fastest measured on
+      an AVX-512 BF16/VNNI EPYC, 2026-11-30 report), then int8, then bf16;
+    - VNNI without bf16, or AVX2: int8;
+    - else fp32 only."""
+    amx = {"amx_bf16", "amx_int8", "amx_tile"} <= set(flags)
+    bf16 = has_bf16(flags)
+    vnni = bool({"avx512_vnni", "avx_vnni"} & set(flags))
+    fp32 = ("fp32", "the fallback every CPU runs, gated by the fp32 parity gate")
+    if amx:
+        return [("bf16", "AMX: bf16 runs every matmul, attention included, on the AMX tiles"),
+                ("int8-bf16", "AMX: int8 linear layers on AMX, attention in bf16"),
+                ("int8", "AMX: int8 on AMX"), fp32]
+    if bf16:
+        return [("int8-bf16", "AVX-512 BF16 without AMX: int8 linear layers on VNNI, attention in bf16"),
+                ("int8", "AVX-512 without AMX: int8 linear layers and attention on VNNI"),
+                ("bf16", "AVX-512 BF16 without AMX: bf16"), fp32]
+    if vnni or "avx2" in flags:
+        return [("int8", f"{'VNNI' if vnni else 'AVX2'} without bf16: int8 linear layers and attention"), fp32]
+    return [fp32]
