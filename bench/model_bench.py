@@ -86,6 +86,17 @@ def reference_outputs(method, n: int = 4) -> Reference:
     return Reference(images, env["score"].astype(np.float64), env["anomaly_map"].astype(np.float64), stages, env)
 
 
+def _rebuilt_by_a_worker(model: str, backend: str) -> bool:
+    """A spawned worker imports zsad alone: a method or backend registered at run time by the caller's own code (a
+    plugin script, a test) exists in this process only, so such a backend is timed here instead."""
+    from zsad.export import runtimes
+    from zsad.methods import METHODS
+
+    owner = runtimes.bench_owner(backend)
+    classes = [METHODS.get(model), type(owner) if owner is not None else None]
+    return all(c is None or c.__module__.startswith("zsad.") for c in classes)
+
+
 def bench_model(model: str, profile: str, image_size: int | None, batches: list[int], backends: list[str],
                 device: str, iters: int, warmup: int, checkpoint: str | None, served_url: str | None,
                 concurrency: list[int], served_seconds: float, progress: bool, log=click.echo,
@@ -120,7 +131,7 @@ def bench_model(model: str, profile: str, image_size: int | None, batches: list[
             reason = skip_reason(backend, device)
             if reason is not None:  # no worker for a backend that cannot run here
                 rows += skipped_rows(base, backend, batches, reason)
-            elif isolate:
+            elif isolate and _rebuilt_by_a_worker(model, backend):
                 from zsad.bench.worker import BackendTask, run_in_worker
 
                 images_npy = os.path.join(workdir, "parity-images.npy")
