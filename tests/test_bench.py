@@ -325,3 +325,15 @@ def test_bench_parity_takes_near_tie_selections_and_refuses_others(trained_run):
     p = ref.parity(outputs(far), "fp32")
     assert not p["parity_ok"] and p["parity_selection_differing"] == 1
     assert ref.parity(outputs(env["knn_index"].copy()), "fp32")["parity_selection_differing"] == 0
+
+
+def test_only_what_zsad_registers_is_timed_in_a_worker(monkeypatch):
+    """A spawned worker imports zsad alone: a method or backend registered by the caller's own code is timed
+    in-process (else the worker cannot find it and the rows come back skipped)."""
+    from zsad.bench.model_bench import _rebuilt_by_a_worker
+    from zsad.methods import METHODS
+
+    assert _rebuilt_by_a_worker("anomalyclip", "ort") and _rebuilt_by_a_worker("bagclip", "torch-fp32")
+    plugin = type("PluginMethod", (METHODS["anomalyclip"],), {"__module__": "my_plugin"})
+    monkeypatch.setitem(METHODS, "plugin-method", plugin)
+    assert not _rebuilt_by_a_worker("plugin-method", "ort")
