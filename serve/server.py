@@ -385,7 +385,9 @@ class TritonServer:
         busy = list(names)
         while busy:
             states = self.models()
-            busy = sorted({m["name"] for m in states if m["name"] in names and m.get("state") != "UNAVAILABLE"})
+            # an index entry without a live state (a version folder never loaded: "", UNKNOWN) holds nothing
+            busy = sorted({m["name"] for m in states
+                           if m["name"] in names and m.get("state") in ("READY", "LOADING", "UNLOADING")})
             if not busy or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
