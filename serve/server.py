@@ -509,5 +509,7 @@ def admin_post(http_url: str, key: str, path: str, timeout: float = 5, body: dic
 
 
 def _is_ensemble(config: Path) -> bool:
-    return bool(re.search(r'^platform:\s*"ensemble"', config.read_text(errors="replace"), re.M)) \
-        if config.is_file() else False
+    """The model's config.pbtxt says ensemble (parsed as export reads it; a model without one is not)."""
+    from zsad.export.versions import read_config
+
+    return config.is_file() and read_config(config).platform == "ensemble"
