@@ -113,8 +113,10 @@ def precision_preference(flags: frozenset[str] | set[str]) -> list[tuple[str, st
     """The OpenVINO precisions to try on a CPU with ``flags``, fastest first, each with the reason (zsad-export
     --precision auto tries them in order and keeps the first that passes its gate; fp32 is always last):
 
-    - AMX (amx_bf16, amx_int8): bf16 first (every matmul, attention included, on AMX; measured on a 2-core AMX Xeon
-      ahead of int8-bf16, issue 25), then int8-bf16, then int8;
+    - AMX (amx_bf16, amx_int8): int8-bf16 first (int8 linear layers on AMX-INT8, attention in bf16 on AMX-BF16:
+      OpenVINO's fused attention kernel does use the AMX tiles, 3x slower with oneDNN capped below AMX), then bf16,
+      then int8 (int8 attention adds reorders and FakeQuantize); measured on a quiet 2-core AMX Xeon, paper-profile
+      BAG-CLIP encoder: int8-bf16 1.18-1.31 s, bf16 1.64-1.66 s, int8 attention 1.63 s (issue 25);
     - AVX-512 BF16 without AMX: int8-bf16 (int8 linear layers on VNNI, attention in bf16: the fastest measured on
       an AVX-512 BF16/VNNI EPYC, 2026-11-30 report), then int8, then bf16;
     - VNNI without bf16, or AVX2: int8;
@@ -124,9 +126,10 @@ def precision_preference(flags: frozenset[str] | set[str]) -> list[tuple[str, st
     vnni = bool({"avx512_vnni", "avx_vnni"} & set(flags))
     fp32 = ("fp32", "the fallback every CPU runs, gated by the fp32 parity gate")
     if amx:
-        return [("bf16", "AMX: bf16 runs every matmul, attention included, on the AMX tiles"),
-                ("int8-bf16", "AMX: int8 linear layers on AMX, attention in bf16"),
-                ("int8", "AMX: int8 on AMX"), fp32]
+        return [("int8-bf16", "AMX: int8 linear layers on AMX-INT8, attention and the rest in bf16 on AMX-BF16"),
+                ("bf16", "AMX: every matmul, attention included, in bf16 on AMX-BF16"),
+                ("int8", "AMX: int8 linear layers and attention (slower than int8-bf16: reorders and FakeQuantize "
+                         "around the int8 attention)"), fp32]
     if bf16:
         return [("int8-bf16", "AVX-512 BF16 without AMX: int8 linear layers on VNNI, attention in bf16"),
                 ("int8", "AVX-512 without AMX: int8 linear layers and attention on VNNI"),

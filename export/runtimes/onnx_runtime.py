@@ -6,6 +6,8 @@ subclass it. zsad-bench times it as ``ort`` (fp32) and ``ort-int8`` (static int8
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 
 from zsad import ZsadError
@@ -144,10 +146,37 @@ def quantize_int8(method, stages, stage, path, calibration: np.ndarray, out):
     keep = projection_nodes(onnx.load(str(path)), method.backbone.visual.proj.detach().cpu().numpy())
     feeds = stage_calibration_feeds(method, stages, stage, calibration)
     out.parent.mkdir(parents=True, exist_ok=True)
-    quantize_static(str(path), str(out), Reader(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                    op_types_to_quantize=["MatMul", "Conv", "Gemm"], nodes_to_exclude=keep,
-                    # min/max one image at a time, merged: ORT otherwise holds every intermediate tensor of every
-                    # calibration image (a paper-profile ViT-L ran a 24 GB machine out of memory)
-                    extra_options={"CalibStridedMinMax": 1})
+    with calibration_in_priority_order():
+        quantize_static(str(path), str(out), Reader(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        op_types_to_quantize=["MatMul", "Conv", "Gemm"], nodes_to_exclude=keep,
+                        # min/max one image at a time, merged, rather than every image's min/max kept to the end
+                        extra_options={"CalibStridedMinMax": 1})
     return out
+
+
+@contextmanager
+def calibration_in_priority_order():
+    """ORT's static-int8 calibration runs a copy of the model in which every calibrated tensor also feeds a
+    ReduceMin and a ReduceMax. In ORT's default execution order those reductions run late, so every such tensor of
+    the whole model stays alive at once: 15.2 GB for one 518 px image through the paper-profile ViT-L encoder
+    (measured, ORT 1.32; the zsad-bench worker was killed by the OOM killer at 19.7 GB). ``PRIORITY_BASED`` order
+    runs each reduction as soon as its tensor exists: 1.7 GB peak for the same image. ORT builds that session inside
+    ``quantize_static`` with no way to pass session options, so its one session factory is swapped for the call."""
+    import onnxruntime as ort
+    from onnxruntime.quantization.calibrate import CalibraterBase
+
+    original = CalibraterBase.create_inference_session
+
+    def create_inference_session(self):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as ORT's own
+        options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+        self.infer_session = ort.InferenceSession(self.augmented_model_path, sess_options=options,
+                                                  providers=self.execution_providers)
+
+    CalibraterBase.create_inference_session = create_inference_session
+    try:
+        yield
+    finally:
+        CalibraterBase.create_inference_session = original
