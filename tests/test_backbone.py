@@ -87,6 +87,17 @@ def test_modes_match_naive_reimplementation(tiny, images, mode, start):
     torch.testing.assert_close(taps, ref_taps, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode,taps", [("qk", [1, 3]), ("dual", [2, 4]), ("dual", [1, 2])])
+def test_last_block_class_token_only_is_exact(tiny, images, mode, taps):
+    """The last block's stock stream computes its class token alone when nothing taps its other tokens (qk with the
+    last layer untapped; dual, whose taps read the V-V stream): global and taps equal the all-token computation."""
+    with torch.no_grad():
+        glob, got = tiny.forward_taps(images, taps, mode=mode, start=2)
+        ref_glob, ref_taps = _naive_forward(tiny, images, mode, 2)
+    torch.testing.assert_close(glob, ref_glob, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got, ref_taps[:, [t - 1 for t in taps]], rtol=1e-4, atol=1e-5)
+
+
 def test_dual_keeps_the_stock_stream(tiny, images):
     with torch.no_grad():
         g_qk, t_qk = tiny.forward_taps(images, TAPS, mode="qk")

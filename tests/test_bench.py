@@ -22,7 +22,8 @@ TIMED = {"p50_ms", "p90_ms", "p99_ms", "p50_ms_per_image", "images_per_s", "achi
 
 def _hand_encoder_flops(cfg, taps_dual_from: int) -> int:
     """2 FLOPs per multiply-add: patch conv, per block qkv/out/MLP linears and the two attention matmuls, plus the
-    V-V path (its attention and its own out_proj) in the dual blocks."""
+    V-V path (its attention and its own out_proj) in the dual blocks. The last (dual) block's stock stream serves
+    only the class token: its qkv for every token, its query, out_proj and MLP for one."""
     v = cfg["vision_cfg"]
     d, layers, p = v["width"], v["layers"], v["patch_size"]
     g = v["image_size"] // p
@@ -30,8 +31,10 @@ def _hand_encoder_flops(cfg, taps_dual_from: int) -> int:
     conv = 2 * g * g * 3 * p * p * d
     linear = 2 * n * (3 * d * d + d * d + 2 * 4 * d * d)
     attn = 2 * 2 * n * n * d
+    last = 2 * n * 3 * d * d + 2 * (d * d + 2 * 4 * d * d) + 2 * 2 * n * d
     dual_blocks = layers - taps_dual_from + 1
-    return conv + layers * (linear + attn) + dual_blocks * (attn + 2 * n * d * d) + 2 * d * cfg["embed_dim"]
+    return (conv + (layers - 1) * (linear + attn) + last + dual_blocks * (attn + 2 * n * d * d)
+            + 2 * d * cfg["embed_dim"])
 
 
 def test_flop_counter_matches_a_hand_count():

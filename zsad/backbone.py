@@ -34,7 +34,7 @@ from torch import nn
 
 from zsad import ZsadError
 from zsad._compat import import_open_clip
-from zsad.modules.attention import dual_attention, vv_attention
+from zsad.modules.attention import class_token_block, dual_attention, vv_attention
 
 open_clip = import_open_clip()
 
@@ -245,17 +245,21 @@ class ClipBackbone(nn.Module):
         tapped: dict[int, torch.Tensor] = {}
         for i, blk in enumerate(self.visual.transformer.resblocks, start=1):
             layer_mode = mode if i >= start else "qk"
+            # after the last block the stock stream gives only its class token (the global embedding) unless that
+            # block's stock output is tapped: its other tokens are not computed (1/24 of a ViT-L's MLP and of its
+            # stock attention; exact, the class token's query attends to every token as before)
+            class_token_only = i == n_layers and (layer_mode == "dual" or layer_mode == "qk" and i not in tap_set)
             if layer_mode == "qk":
-                x = blk(x)
+                x = class_token_block(blk, x) if class_token_only else blk(x)
             elif layer_mode == "vv":
                 x = x + blk.ls_1(vv_attention(blk.attn, blk.ln_1(x)))
                 x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
             else:
                 if x_vv is None:
                     x_vv = x
-                a_qk, a_vv = dual_attention(blk.attn, blk.ln_1(x))
+                a_qk, a_vv = dual_attention(blk.attn, blk.ln_1(x), qk_rows=1 if class_token_only else None)
                 x_vv = x_vv + blk.ls_1(a_vv)  # the V-V stream skips the FFN
-                x = x + blk.ls_1(a_qk)
+                x = (x[:, :1] if class_token_only else x) + blk.ls_1(a_qk)
                 x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
             if i in tap_set:
                 # taps at dual layers read the V-V stream (always started by then; `is not None` is for mypy)

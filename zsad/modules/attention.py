@@ -43,8 +43,21 @@ def vv_attention(attn: nn.MultiheadAttention, x: torch.Tensor) -> torch.Tensor:
     return _out(attn, _da.vv_dispatch(v))
 
 
-def dual_attention(attn: nn.MultiheadAttention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stock ``softmax(q k^T * s) v`` and V-V ``softmax(v v^T * s) v`` from one qkv projection, both via out_proj."""
+def dual_attention(attn: nn.MultiheadAttention, x: torch.Tensor,
+                   qk_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stock ``softmax(q k^T * s) v`` and V-V ``softmax(v v^T * s) v`` from one qkv projection, both via out_proj.
+    ``qk_rows``: the stock output for the first ``qk_rows`` tokens only (queries cut, keys and values all)."""
     q, k, v = _qkv(attn, x)
+    if qk_rows is not None:
+        return (_out(attn, F.scaled_dot_product_attention(q[:, :, :qk_rows], k, v)),
+                _out(attn, _da.vv_dispatch(v)))
     o_qk, o_vv = _da.dispatch(q, k, v)
     return _out(attn, o_qk), _out(attn, o_vv)
+
+
+def class_token_block(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A stock CLIP block's output for the class token alone, [B,1,D]: its query attends to every token of ``x``,
+    and the MLP runs on that one token (what the global embedding reads after the last block)."""
+    q, k, v = _qkv(blk.attn, blk.ln_1(x))
+    c = x[:, :1] + blk.ls_1(_out(blk.attn, F.scaled_dot_product_attention(q[:, :, :1], k, v)))
+    return c + blk.ls_2(blk.mlp(blk.ln_2(c)))
