@@ -32,6 +32,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -209,7 +210,7 @@ def ov_runner(ov_model, precision: str):
     feed it is given (``with_shapes_of``); a feed of other shapes compiles again (only the last is kept: a
     compiled ViT-L holds its own repacked weights)."""
     inputs = [i.get_any_name() for i in ov_model.inputs]
-    compiled: dict[tuple, object] = {}
+    compiled: dict[tuple, Any] = {}
 
     def run(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         arrays = {n: np.ascontiguousarray(feed[n]) for n in inputs}

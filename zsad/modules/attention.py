@@ -8,6 +8,8 @@ for CUDA tensors at inference, ``F.scaled_dot_product_attention`` (unchanged res
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -55,7 +57,7 @@ def dual_attention(attn: nn.MultiheadAttention, x: torch.Tensor,
     return _out(attn, o_qk), _out(attn, o_vv)
 
 
-def class_token_block(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def class_token_block(blk: Any, x: torch.Tensor) -> torch.Tensor:
     """A stock CLIP block's output for the class token alone, [B,1,D]: its query attends to every token of ``x``,
     and the MLP runs on that one token (what the global embedding reads after the last block)."""
     q, k, v = _qkv(blk.attn, blk.ln_1(x))
