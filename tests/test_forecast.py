@@ -251,7 +251,7 @@ def test_measured_results_that_cannot_be_compared_are_refused(tmp_path, env, mat
 def test_paper_bagclip_encoder_reads_the_vit_l_visual_tower_once():
     """Paper profile: the encoder's weights are ViT-L/14's visual tower counted by hand, once (the dual stream
     shares them), and its unfused scores are 16 heads x 1370^2 x 4 passes per attention call (24 stock + the dual
-    blocks' V-V calls)."""
+    blocks' V-V calls), but the last block's stock call, which serves the class token alone: 16 x 1 x 1370 x 4."""
     import zsad.methods as M
 
     m = M.create("bagclip", "paper", backbone={"pretrained": None})
@@ -263,7 +263,7 @@ def test_paper_bagclip_encoder_reads_the_vit_l_visual_tower_once():
     assert visual == 305_105_920
     assert c.weight_elems == visual
     calls = layers + (layers - m.config.dual_start + 1)
-    assert c.score_elems == calls * 16 * (g * g + 1) ** 2 * 4
+    assert c.score_elems == (calls - 1) * 16 * (g * g + 1) ** 2 * 4 + 16 * 1 * (g * g + 1) * 4
     assert (c.io_elems, c.io_bytes) == (3 * 518 * 518 + embed + 4 * g * g * d, 0)
 
 
