@@ -196,23 +196,13 @@ def stage_errors(stages, ref: dict, dtype: torch.dtype) -> dict:
     return out
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+HALF_FLAGS = ("avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16", "amx_tile", "avx512_vnni")
 
 
-def cpu_flags(wanted=("avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16", "amx_tile", "avx512_vnni")):
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return [f for f in wanted if f in flags]
+def cpu_name_and_flags(cpu) -> tuple[str, list[str]]:
+    """``cpu`` (a zsad.cpu.CpuInfo)'s model name and which of the half-precision ISA flags it has."""
+    name = cpu.model if cpu.model != "unknown" else (platform.processor() or "unknown")
+    return name, [f for f in HALF_FLAGS if f in cpu.flags]
 
 
 def table(records: list[dict]) -> str:
@@ -287,6 +277,9 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    from zsad.cpu import read_cpu
+
+    cpu, flags = cpu_name_and_flags(read_cpu())
     for name in args.methods.split(","):
         if (out / f"{name}.json").exists():
             print(f"{name}: {out / (name + '.json')} exists, kept")
@@ -305,7 +298,7 @@ def main(argv=None) -> None:
         record = {"method": name, "profile": args.profile, "shallow_blocks": args.shallow, "batch": args.batch,
                   "image_size": method.image_size, "arch": method.backbone.info.arch, "build_s": round(build_s, 1),
                   "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2),
-                  "cpu": cpu_name(), "cpu_flags": cpu_flags(), "threads": torch.get_num_threads(),
+                  "cpu": cpu, "cpu_flags": flags, "threads": torch.get_num_threads(),
                   "torch": torch.__version__, "rows": rows}
         (out / f"{name}.json").write_text(json.dumps(record, indent=1, default=float))
         for r in rows:

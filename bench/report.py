@@ -129,16 +129,17 @@ def replot(json_path: Path) -> Path:
 
 
 def environment(device: str) -> dict:
+    from zsad.cpu import read_cpu
+
+    cpu = read_cpu()
     env: dict = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
            "cuda": torch.version.cuda, "python": platform.python_version(), "platform": platform.platform(),
-           "device": device, "device_name": _device_name(device), "driver": None}
+           "device": device, "device_name": _device_name(device, cpu), "driver": None}
     for mod, dists in (("onnxruntime", ("onnxruntime", "onnxruntime-gpu")), ("triton", ("triton",)),
                        ("tritonclient", ("tritonclient",)), ("open_clip", ("open_clip_torch",))):
         env[mod] = next((v for v in map(_dist_version, dists) if v), None)
     if not device.startswith("cuda"):
-        from zsad.cpu import read_cpu
-
-        env["cpu"] = read_cpu().summary()  # ISA, cores, clock and the peaks the efficiency column divides by
+        env["cpu"] = cpu.summary()  # ISA, cores, clock and the peaks the efficiency column divides by
     else:
         try:
             import pynvml
@@ -160,12 +161,10 @@ def _dist_version(dist: str) -> str | None:
         return None
 
 
-def _device_name(device: str) -> str:
-    from zsad.cpu import read_cpu
-
+def _device_name(device: str, cpu) -> str:
     if device.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name(torch.device(device))
-    model = read_cpu().model
+    model = cpu.model
     return f"CPU {model if model != 'unknown' else platform.processor()} ({torch.get_num_threads()} threads)"
 
 
