@@ -13,6 +13,7 @@ import click
 
 from zsad import ZsadError
 from zsad.cli import cli_entry
+from zsad.cpu import preference_text
 from zsad.export import runtimes
 
 
@@ -55,10 +56,9 @@ def _batches(value: str | None) -> list[int]:
                    "quantisation of the encoder's linear layers and attention, LayerNorm / softmax / final "
                    "projection kept fp32); int8-bf16 (int8 linear layers, attention and the rest in bf16: the "
                    "fastest on CPUs with AVX-512 BF16 but no AMX); auto (read this CPU's instruction sets from "
-                   "/proc/cpuinfo and try, fastest first, AMX: bf16, int8-bf16, int8; AVX-512 BF16 without AMX: "
-                   "int8-bf16, int8, bf16; VNNI or AVX2: int8; then fp32, keeping the first that passes its gate: "
-                   "the choice and why are in parity_report.json, precision_choice). Every precision but fp32 must "
-                   "pass the precision gate against fp32 on the synthetic set, else nothing is written.")
+                   f"/proc/cpuinfo and try, fastest first, {preference_text()}, keeping the first that passes its "
+                   "gate: the choice and why are in parity_report.json, precision_choice). Every precision but fp32 "
+                   "must pass the precision gate against fp32 on the synthetic set, else nothing is written.")
 @click.option("--calibration", type=click.Path(), default=None,
               help="int8, int8-bf16: a folder of images (searched recursively) to calibrate on [default: the "
                    "synthetic set]. Use your own product's images: the gate then runs on your weights and data.")

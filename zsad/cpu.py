@@ -137,3 +137,15 @@ def precision_preference(flags: frozenset[str] | set[str]) -> list[tuple[str, st
     if vnni or "avx2" in flags:
         return [("int8", f"{'VNNI' if vnni else 'AVX2'} without bf16: int8 linear layers and attention"), fp32]
     return [fp32]
+
+
+# one flag set per kind of CPU precision_preference tells apart, named as --help names them
+CPU_KINDS = (("AMX", frozenset({"amx_bf16", "amx_int8", "amx_tile", "avx512_bf16"})),
+             ("AVX-512 BF16 without AMX", frozenset({"avx512_bf16", "avx512_vnni"})),
+             ("VNNI or AVX2", frozenset({"avx2"})))
+
+
+def preference_text() -> str:
+    """--precision auto's order on each kind of CPU, for --help (from precision_preference, so it cannot drift)."""
+    return "; ".join(f"{kind}: {', '.join(p for p, _ in precision_preference(flags) if p != 'fp32')}"
+                     for kind, flags in CPU_KINDS) + "; then fp32"
