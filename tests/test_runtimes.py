@@ -27,6 +27,18 @@ def test_every_runtime_says_whether_it_runs_here():
         runtimes.get("no-such-backend")
 
 
+def test_cpu_bench_variants_are_refused_on_a_gpu_before_anything_is_built():
+    """ort-int8 and every openvino precision are CPU backends: zsad-bench skips them on --device cuda up front (no
+    worker started) and tries them on the CPU; ort fp32 runs on both."""
+    cpu_only = {"ort-int8", "openvino-fp32", "openvino-bf16", "openvino-int8", "openvino-int8-bf16"}
+    for variant in cpu_only | {"ort"}:
+        owner = runtimes.bench_owner(variant)
+        on_gpu = owner.bench_skip(variant, "cuda")
+        assert (on_gpu == f"{variant} is a CPU backend: run it with --device cpu") == (variant in cpu_only), on_gpu
+        assert on_gpu is None or variant in cpu_only
+        assert owner.bench_skip(variant, "cpu") is None
+
+
 def test_a_runtime_cannot_take_another_runtimes_name_or_bench_backend():
     with pytest.raises(ZsadError, match="claims zsad-bench backends"):
         @runtimes.register

@@ -32,6 +32,7 @@ class Runtime:
     default_device: ClassVar[str] = "gpu"  # instance kind (cpu | gpu) when --device is not given
     precisions: ClassVar[tuple[str, ...]] = ("fp32",)  # --precision values it takes (--fp16 is apart)
     bench_variants: ClassVar[tuple[str, ...]] = ()  # zsad-bench --backend names this runtime times
+    cpu_bench_variants: ClassVar[tuple[str, ...]] = ()  # those of them zsad-bench times on the CPU only
 
     def gate_runtime(self) -> str:
         """What runs the exported side of the parity gate, with its version (the parity report says)."""
@@ -103,6 +104,8 @@ class Runtime:
     def bench_skip(self, variant: str, device: str) -> str | None:
         """Why zsad-bench cannot time ``variant`` on ``device`` here, known without building anything (so no worker
         process is started for it), or None to try."""
+        if variant in self.cpu_bench_variants and device.startswith("cuda"):
+            return f"{variant} is a CPU backend: run it with --device cpu"
         return None
 
     def bench_runner(self, variant: str, method, device: str, max_batch: int, scratch: Scratch) -> BackendRunner:

@@ -57,14 +57,10 @@ class OnnxRuntime(OnnxStages):
     name = "onnxruntime"
     summary = "Triton's ORT backend"
     bench_variants = ("ort", "ort-int8")
+    cpu_bench_variants = ("ort-int8",)
 
     def runs_on(self) -> dict:
         return {"platform": "onnxruntime_onnx"}
-
-    def bench_skip(self, variant, device):
-        if variant == "ort-int8" and device.startswith("cuda"):
-            return f"{variant} is a CPU backend: run it with --device cpu"
-        return None
 
     def bench_runner(self, variant, method, device, max_batch, scratch):
         if variant == "ort-int8":

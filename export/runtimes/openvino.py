@@ -74,6 +74,7 @@ class OpenVino(OpenVinoStages):
     name = "openvino"
     summary = "OpenVINO IR per stage for Triton's openvino backend (CPU)"
     bench_variants = tuple(f"openvino-{p}" for p in PRECISIONS)
+    cpu_bench_variants = bench_variants
 
     def runs_on(self):
         return {"backend": "openvino"}
@@ -82,9 +83,6 @@ class OpenVino(OpenVinoStages):
         # bf16 through the backend's HINT_BF16 parameter
         return {"PERFORMANCE_HINT": "LATENCY", "zsad_precision": precision,
                 **({"HINT_BF16": "YES"} if OV_HINT[precision] == "bf16" else {})}
-
-    def bench_skip(self, variant, device):
-        return f"{variant} is a CPU backend: run it with --device cpu" if device.startswith("cuda") else None
 
     def bench_runner(self, variant, method, device, max_batch, scratch):
         return _bench_runner(method, scratch, max_batch, variant.split("-", 1)[1])
