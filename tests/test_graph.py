@@ -103,10 +103,11 @@ def test_relu_cos_weights_in_every_image_of_a_batch():
             assert np.count_nonzero(a[b, i]) <= 3
 
 
-def test_gcn_layer_formula():
+@pytest.mark.parametrize("n", [9, 10])  # odd N: the propagation pads one zero node (see graph.propagate)
+def test_gcn_layer_formula(n):
     torch.manual_seed(0)
     layer = GCNLayer(12)
-    f = torch.randn(2, 9, 12)
+    f = torch.randn(2, n, 12)
     adj = knn_graph(f, 3)
     got = layer(f, adj)
     pre = adj.double() @ f.double() @ layer.linear.weight.double().t() + layer.linear.bias.double()
@@ -125,6 +126,26 @@ def test_safr_shapes_and_convex_scale_weights():
     # the output is a convex combination of the SE-scaled scales: bounded by their per-element min/max
     scaled = torch.stack([safr.se[i](taps[:, i]) for i in range(4)], dim=-1)
     assert torch.all(out <= scaled.amax(-1) + 1e-5) and torch.all(out >= scaled.amin(-1) - 1e-5)
+
+
+def test_safr_against_its_formula_in_float64():
+    """SE per scale, ASFF codes, softmax over the scales, the weighted sum: written out in numpy (float64)."""
+    torch.manual_seed(1)
+    safr = ScaleAdaptiveRecalibration(dim=16, n_scales=3, reduction=4, fusion_dim=5)
+    taps = torch.randn(2, 3, 7, 16)
+    p = {k: v.detach().double().numpy() for k, v in safr.state_dict().items()}
+    t = taps.double().numpy()
+    scaled, codes = [], []
+    for i in range(3):
+        h = np.maximum(t[:, i].mean(1) @ p[f"se.{i}.fc1.weight"].T + p[f"se.{i}.fc1.bias"], 0)
+        s = 1 / (1 + np.exp(-(h @ p[f"se.{i}.fc2.weight"].T + p[f"se.{i}.fc2.bias"])))
+        scaled.append(t[:, i] * s[:, None, :])
+        codes.append(scaled[i] @ p[f"compress.{i}.weight"].T + p[f"compress.{i}.bias"])
+    logits = np.concatenate(codes, -1) @ p["weights.weight"].T + p["weights.bias"]
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    ref = sum(w[..., i:i + 1] * scaled[i] for i in range(3))
+    np.testing.assert_allclose(safr(taps).detach().double().numpy(), ref, rtol=1e-5, atol=1e-6)
 
 
 def _paper_nodes_and_width():
