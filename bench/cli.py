@@ -20,6 +20,9 @@ breakdowns, the papers' figures where comparable, the machine and versions).
 report writes them. ``zsad-bench --compare A.json B.json`` runs nothing: it puts two earlier results of one method
 side by side (the speed-up of B over A per configuration both timed) in compare-<A>-vs-<B>.html / .md under --out.
 
+``zsad-bench --curves A.json --curves B.json ...`` runs nothing: it draws latency per image vs batch and vs image size
+and served throughput vs concurrency from earlier results of one machine (``zsad.bench.curves``).
+
 ``zsad-bench --forecast h100,h200,a100,l4 --model ... --batch 1,8,32`` runs nothing: it writes a roofline forecast
 (``zsad.bench.forecast``: per-stage FLOPs and bytes at fp32 / tf32 / fp16 / bf16 / int8 against each GPU's published
 peaks; lower-bound latency, throughput ceilings, the GPU goals and the papers' figures beside them), labelled
@@ -43,6 +46,7 @@ from zsad.cli import cli_entry
 from zsad.export import runtimes
 from zsad.export.cli import BackendChoice
 from zsad.export.openvino_export import PRECISIONS
+from zsad.export.triton_repo import OV_PERFORMANCE_HINTS
 
 
 def _python_model(runtime) -> bool:
@@ -90,6 +94,10 @@ def _ints(text: str) -> list[int]:
                    "--served-precision).")
 @click.option("--served-precision", type=click.Choice(PRECISIONS), default="fp32",
               help="Served mode, python-openvino: the precision exported (all but fp32 must pass the precision gate).")
+@click.option("--served-hint", type=click.Choice(OV_PERFORMANCE_HINTS), default="latency",
+              help="Served mode, python-openvino: OpenVINO's performance hint in the exported stages (zsad-export "
+                   "--ov-hint): latency (one stream on every core) or throughput (several streams, the images of a "
+                   "dynamic batch run on them at once).")
 @click.option("--calibration-images", type=int, default=16,
               help="ort-int8 / openvino-int8(-bf16) / served int8: synthetic images the int8 calibration uses.")
 @click.option("--out", type=click.Path(), default="bench/results", help="Where the result files go.")
@@ -99,6 +107,10 @@ def _ints(text: str) -> list[int]:
 @click.option("--compare", nargs=2, type=click.Path(), default=None, metavar="A.json B.json",
               help="Put two earlier zsad-bench results of one method side by side (B's speed-up over A per "
                    "configuration timed in both) in OUT/compare-<A>-vs-<B>.html and .md; runs nothing.")
+@click.option("--curves", type=click.Path(), multiple=True,
+              help="Draw cost-as-work-grows curves from earlier results of one machine (repeatable: latency per "
+                   "image vs batch and vs image size, served images/s vs concurrency) into OUT/<date>-curves-"
+                   "<methods>.png / .md / .csv / .json; runs nothing.")
 @click.option("--forecast", "forecast_gpus", default=None,
               help="Comma-separated GPUs (h100, h100-pcie, h200, a100, l4, rtx3090): write a roofline forecast for "
                    "--model / --profile / --batch (forecast, not measured) and time nothing.")
@@ -107,8 +119,8 @@ def _ints(text: str) -> list[int]:
                    "(measured / forecast per stage).")
 @cli_entry
 def main(model, profile, image_size, batch, backend, device, iters, warmup, checkpoint, served_url, concurrency,
-         served_seconds, served_backend, served_precision, calibration_images, out, no_progress, replot, compare,
-         forecast_gpus, measured):
+         served_seconds, served_backend, served_precision, served_hint, calibration_images, out, no_progress, replot,
+         compare, curves, forecast_gpus, measured):
     """Benchmark latency / FPS / VRAM of zsad methods across backends, beside the papers' tables."""
     from zsad.bench.html_report import write_page
     from zsad.bench.model_bench import bench_model
@@ -123,6 +135,12 @@ def main(model, profile, image_size, batch, backend, device, iters, warmup, chec
 
         paths = write_compare(Path(out), Path(compare[0]), Path(compare[1]))
         click.echo(f"wrote {paths['html']} and {paths['md']}")
+        return
+    if curves:
+        from zsad.bench.curves import write_curves
+
+        paths = write_curves(Path(out), [Path(p) for p in curves])
+        click.echo("wrote " + ", ".join(str(p) for p in paths.values()))
         return
     if replot:
         for path in replot:
@@ -140,7 +158,7 @@ def main(model, profile, image_size, batch, backend, device, iters, warmup, chec
     else:
         backends = [b for b in backend.split(",") if b]
     _check_arguments(models, backends, device, checkpoint, iters, warmup, calibration_images, served_backend,
-                     served_precision)
+                     served_precision, served_hint)
     batches, levels = _ints(batch), _ints(concurrency)
     command = "zsad-bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     env = environment(device)
@@ -148,7 +166,7 @@ def main(model, profile, image_size, batch, backend, device, iters, warmup, chec
         method, flops, rows = bench_model(m, profile, image_size, batches, backends, device, iters, warmup,
                                           checkpoint, served_url, levels, served_seconds, not no_progress,
                                           served_backend=served_backend, served_precision=served_precision,
-                                          calibration_images=calibration_images)
+                                          served_hint=served_hint, calibration_images=calibration_images)
         paper_name, paper_size = paper_setting(method.name)
         paths = write_results(Path(out), m, method.profile, rows, env, paper_rows(), flops, command,
                               plot_method=paper_name, paper_image_size=paper_size)
@@ -184,7 +202,7 @@ def _forecast(model: str, profile: str, image_size: int | None, batch: str, gpus
 
 
 def _check_arguments(models, backends, device, checkpoint, iters, warmup, calibration_images, served_backend,
-                     served_precision) -> None:
+                     served_precision, served_hint="latency") -> None:
     """Reject a bad combination of options before anything is built (a one-line error each)."""
     from zsad.bench.backends import known_backends
 
@@ -203,6 +221,8 @@ def _check_arguments(models, backends, device, checkpoint, iters, warmup, calibr
         takers = " / ".join(rt.name for rt in runtimes.RUNTIMES.values()
                             if _python_model(rt) and served_precision in rt.precisions)
         raise ZsadError(f"--served-precision {served_precision} needs --served-backend {takers}")
+    if served_hint != "latency" and not served_backend.endswith("openvino"):
+        raise ZsadError(f"--served-hint {served_hint} is an OpenVINO hint: it needs --served-backend python-openvino")
 
 
 if __name__ == "__main__":

@@ -71,6 +71,7 @@ class ServedSettings:
     backend: str = "python-ort"
     precision: str = "fp32"
     calibration_images: int = 16
+    hint: str = "latency"  # python-openvino: OpenVINO's performance hint (zsad-export --ov-hint)
 
 
 def reference_outputs(method, n: int = 4) -> Reference:
@@ -101,7 +102,7 @@ def bench_model(model: str, profile: str, image_size: int | None, batches: list[
                 device: str, iters: int, warmup: int, checkpoint: str | None, served_url: str | None,
                 concurrency: list[int], served_seconds: float, progress: bool, log=click.echo,
                 served_backend: str = "python-ort", served_precision: str = "fp32",
-                calibration_images: int = 16, isolate: bool = True):
+                calibration_images: int = 16, isolate: bool = True, served_hint: str = "latency"):
     """(method, flops, rows): one row per (backend, batch), plus the served rows when ``backends`` has "served".
 
     ``isolate``: each timed backend runs in its own spawned worker process (zsad.bench.worker; its rows carry the
@@ -150,7 +151,7 @@ def bench_model(model: str, profile: str, image_size: int | None, batches: list[
         shutil.rmtree(workdir, ignore_errors=True)  # the temporary folder this run made
     if "served" in backends:
         served = ServedSettings(served_url, concurrency, served_seconds, served_backend, served_precision,
-                                calibration_images)
+                                calibration_images, served_hint)
         rows += served_rows(served, method, ref, base, checkpoint, overrides, device, log)
         bar.update(1)
     bar.close()
@@ -202,18 +203,21 @@ def served_rows(served: ServedSettings, method, ref: Reference, base: dict, chec
         from zsad.export.parity import synthetic_class_names
 
         texts = {ti.request_name: synthetic_class_names(len(pngs)) for ti in method.text_inputs()}
-    base = {**base, "backend": "served", "precision": served.precision, "batch": 1}
+    base = {**base, "backend": "served", "precision": served.precision, "batch": 1,
+            **({"ov_hint": served.hint} if served.backend.endswith("openvino") and not served.url else {})}
     if served.url:
         host = served.url.split("://")[-1]
         log(f"served mode against grpc://{host}, ensemble '{method.name}'")
         return _sweep_rows(host, [(method.name, None)], pngs, texts, served, ref, base)
-    log(f"served mode: exporting ({served.backend}, {served.precision}) with and without dynamic batching and "
+    log(f"served mode: exporting ({served.backend}, {served.precision}"
+        + (f", OpenVINO {served.hint} hint" if "ov_hint" in base else "") + ") with and without dynamic batching and "
         "starting tritonserver ...")
     try:
         # max batch: at least the 4 parity images of one request, and room for the batcher at high concurrency
         with export_and_serve(method.name, method.profile, checkpoint, overrides, max(8, *served.concurrency),
                               backend=served.backend, device="gpu" if device.startswith("cuda") else "cpu",
-                              precision=served.precision, calibration_images=served.calibration_images) as server:
+                              precision=served.precision, calibration_images=served.calibration_images,
+                              ov_hint=served.hint) as server:
             return _sweep_rows(server.grpc_url, [(method.name, True), (f"{method.name}_nodb", False)], pngs, texts,
                                served, ref, base)
     except ZsadError as err:
@@ -236,7 +240,8 @@ def _sweep_rows(grpc_url: str, variants: list[tuple[str, bool | None]], pngs: li
                          "reason": "" if r["requests"] else f"no request completed: {r['error_examples']}",
                          **{k: r.get(k) for k in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "images_per_s")},
                          "p50_ms_per_image": r.get("p50_ms"), "iters": r["requests"], **parity,
-                         "note": f"{r['errors']} errors; {r['wall_s']} s; p95 {r.get('p95_ms')}"})
+                         "note": f"{r['errors']} errors; {r['wall_s']} s; p95 {r.get('p95_ms')}"
+                                 + (f"; OpenVINO {base['ov_hint']} hint" if "ov_hint" in base else "")})
     return rows
 
 

@@ -94,10 +94,10 @@ def served_predictions(url: str, model: str, images: list[bytes], texts: dict[st
 @contextmanager
 def export_and_serve(method_name: str, profile: str, checkpoint: str | None, overrides: dict | None,
                      max_batch: int, log=lambda *a: None, backend: str = "python-ort", device: str = "cpu",
-                     precision: str = "fp32", calibration_images: int = 16):
+                     precision: str = "fp32", calibration_images: int = 16, ov_hint: str = "latency"):
     """Yield a ready TritonServer holding NAME (dynamic batching) and NAME_nodb (without), exported with ``backend``
     for ``device`` (cpu or gpu); ``precision`` for the OpenVINO backends (bf16 / int8 pass the precision gate at
-    export, int8 calibrated on ``calibration_images`` synthetic images)."""
+    export, int8 calibrated on ``calibration_images`` synthetic images; ``ov_hint`` their performance hint)."""
     from zsad.export.exporter import ExportOptions, export_model
     from zsad.serve.server import TritonServer
 
@@ -108,6 +108,6 @@ def export_and_serve(method_name: str, profile: str, checkpoint: str | None, ove
                                        profile=profile, backend=backend, device=device, out=repo, name=name,
                                        max_batch=max_batch, parity_images=2, dynamic_batching=dynamic,
                                        overrides=overrides, precision=precision,
-                                       calibration_images=calibration_images), log=log)
+                                       calibration_images=calibration_images, ov_hint=ov_hint), log=log)
         with TritonServer(repo) as server:
             yield server

@@ -15,6 +15,7 @@ from zsad import ZsadError
 from zsad.cli import cli_entry
 from zsad.cpu import preference_text
 from zsad.export import runtimes
+from zsad.export.triton_repo import OV_PERFORMANCE_HINTS
 
 
 class BackendChoice(click.Choice):
@@ -59,6 +60,11 @@ def _batches(value: str | None) -> list[int]:
                    f"/proc/cpuinfo and try, fastest first, {preference_text()}, keeping the first that passes its "
                    "gate: the choice and why are in parity_report.json, precision_choice). Every precision but fp32 "
                    "must pass the precision gate against fp32 on the synthetic set, else nothing is written.")
+@click.option("--ov-hint", type=click.Choice(OV_PERFORMANCE_HINTS), default="latency",
+              help="OpenVINO backends: the CPU plugin's performance hint in the served configs. latency: one stream "
+                   "on every core (the fastest single request); throughput: several streams (as many as OpenVINO "
+                   "finds best for this CPU), and the python-openvino stages run the images of a dynamic batch on "
+                   "them at once: more images per second under concurrent load, each image slower.")
 @click.option("--calibration", type=click.Path(), default=None,
               help="int8, int8-bf16: a folder of images (searched recursively) to calibrate on [default: the "
                    "synthetic set]. Use your own product's images: the gate then runs on your weights and data.")
@@ -102,7 +108,7 @@ def _batches(value: str | None) -> list[int]:
 @cli_entry
 def main(model, checkpoint, profile, image_size, clip_weights, backend, fp16, max_batch, preferred_batch,
          queue_delay_us, device, instances, resize_to_input, out, name, force, parity_images, max_pixels, support,
-         shots, support_class, precision, calibration, calibration_images, gate_images, version):
+         shots, support_class, precision, ov_hint, calibration, calibration_images, gate_images, version):
     """Export a zsad method to a Triton model repository, stage by stage, behind a parity gate."""
     from zsad.export.exporter import ExportOptions, export_model
 
@@ -113,7 +119,7 @@ def main(model, checkpoint, profile, image_size, clip_weights, backend, fp16, ma
         queue_delay_us=queue_delay_us, instances=instances, resize_to_input=resize_to_input, max_pixels=max_pixels,
         support=support, shots=shots, support_class=support_class,
         fp16=fp16, precision=precision, calibration=calibration, calibration_images=calibration_images,
-        gate_images=gate_images, parity_images=parity_images, version=version), log=click.echo)
+        gate_images=gate_images, parity_images=parity_images, version=version, ov_hint=ov_hint), log=click.echo)
 
 if __name__ == "__main__":
     main()

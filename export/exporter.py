@@ -41,6 +41,7 @@ from zsad import ZsadError, __version__
 from zsad.export import parity, runtimes, versions
 from zsad.export.onnx_export import export_metadata, stamp_stage_files
 from zsad.export.triton_repo import (
+    OV_PERFORMANCE_HINTS,
     RepoOptions,
     Sym,
     ensemble_config,
@@ -270,6 +271,7 @@ class ExportOptions:
     gate_images: int = 16
     gate_thresholds: GateThresholds | None = None  # None: its defaults
     parity_images: int = 4
+    ov_hint: str = "latency"  # OpenVINO backends' performance hint in the served configs (RepoOptions.ov_hint)
     # None: a plain export (version 1, replacing an earlier export of the name); N: version N added beside the
     # versions of the export already in ``out`` (zsad.export.versions)
     version: int | None = None
@@ -277,6 +279,8 @@ class ExportOptions:
     def __post_init__(self):
         if self.device not in (None, "cpu", "gpu"):
             raise ZsadError(f"--device must be cpu or gpu, got '{self.device}'")
+        if self.ov_hint not in OV_PERFORMANCE_HINTS:
+            raise ZsadError(f"--ov-hint must be one of {', '.join(OV_PERFORMANCE_HINTS)}, got '{self.ov_hint}'")
         if self.version is not None and not 1 <= self.version < 2**31:
             raise ZsadError(f"--version must be a positive integer, got {self.version}")
 
@@ -296,7 +300,7 @@ class ExportOptions:
                            instances=self.instances, preferred_batch=self.preferred_batch or [],
                            queue_delay_us=self.queue_delay_us,
                            resize_to_input=self.resize_to_input, fp16=self.fp16, max_pixels=self.max_pixels,
-                           dynamic_batching=self.dynamic_batching)
+                           dynamic_batching=self.dynamic_batching, ov_hint=self.ov_hint)
 
 
 def export_model(opts: ExportOptions, log=print) -> ExportResult:

@@ -31,6 +31,7 @@ import torch
 import zsad.triton_models as _triton_models
 from zsad import ZsadError
 
+OV_PERFORMANCE_HINTS = ("latency", "throughput")
 SOURCES = Path(_triton_models.__file__).resolve().parent  # shipped in the wheel as package data
 _DTYPES = {torch.float32: "TYPE_FP32", torch.float16: "TYPE_FP16", torch.int64: "TYPE_INT64",
            torch.int32: "TYPE_INT32", torch.uint8: "TYPE_UINT8", torch.bool: "TYPE_BOOL"}
@@ -106,6 +107,9 @@ class RepoOptions:
     # a request's decoded pixels, summed over its images, above this are refused (decompression bombs, absurd
     # inputs): it bounds preprocess's memory and the restored maps' size
     max_pixels: int = 50_000_000
+    # OpenVINO backends: the CPU plugin's performance hint (latency: one stream on every core; throughput: several
+    # streams, the python-openvino stage running the images of a dynamic batch on them at once)
+    ov_hint: str = "latency"
 
     def __post_init__(self):
         if not 1 <= self.max_batch <= 4096:
@@ -115,6 +119,8 @@ class RepoOptions:
             raise ZsadError(f"preferred batch sizes must be in 1..{self.max_batch} (the max batch), got {bad}")
         if self.queue_delay_us < 0:
             raise ZsadError(f"the max queue delay must be >= 0 microseconds, got {self.queue_delay_us}")
+        if self.ov_hint not in OV_PERFORMANCE_HINTS:
+            raise ZsadError(f"the OpenVINO hint must be one of {', '.join(OV_PERFORMANCE_HINTS)}, got '{self.ov_hint}'")
 
 
 def _common(opts: RepoOptions, name: str) -> dict:

@@ -139,7 +139,52 @@ def test_bench_rejects_bad_arguments(tmp_path):
                                          "--out", str(tmp_path)])
     assert res.exit_code == 2 and res.stderr.count("\n") == 1
     assert "--served-precision bf16 needs --served-backend python-openvino" in res.stderr
+    res = CliRunner().invoke(bench_cli, ["--served-hint", "throughput", "--profile", "tiny", "--backend", "served",
+                                         "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "needs --served-backend python-openvino" in res.stderr
     assert not any(tmp_path.iterdir())
+
+
+def _result_file(path, machine, size, rows):
+    """A result file as zsad-bench writes it (schema zsad-bench/1), with hand-set rows."""
+    env = {"device": "cpu", "device_name": machine, "date": "2026-12-06"}
+    full = [{"model": "bagclip", "image_size": size, "precision": "int8-bf16", "status": "ok", **r} for r in rows]
+    path.write_text(json.dumps({"schema": "zsad-bench/1", "model": "bagclip", "profile": "paper", "command": "x",
+                                "environment": env, "gflops_per_image": {}, "rows": full, "paper": []}))
+    return path
+
+
+def test_curves_from_hand_made_results(tmp_path):
+    """--curves: the batch panel takes every timed row, the size panel the batch-1 rows of a backend timed at two
+    sizes (not one timed at one), the served panel the sweeps; skipped rows nowhere; other machines refused."""
+    a = _result_file(tmp_path / "a.json", "cpu X", 518, [
+        {"backend": "openvino-int8-bf16", "batch": 1, "p50_ms_per_image": 1200.0, "images_per_s": 0.83},
+        {"backend": "openvino-int8-bf16", "batch": 4, "p50_ms_per_image": 1100.0, "images_per_s": 0.91},
+        {"backend": "torch-bf16", "batch": 1, "p50_ms_per_image": 2000.0, "images_per_s": 0.5},
+        {"backend": "torch-fp32", "batch": 1, "status": "skipped", "reason": "no"},
+        {"backend": "served", "batch": 1, "concurrency": 2, "dynamic_batching": True, "ov_hint": "throughput",
+         "images_per_s": 0.97, "p50_ms": 2050.0}])
+    b = _result_file(tmp_path / "b.json", "cpu X", 336, [
+        {"backend": "openvino-int8-bf16", "batch": 1, "p50_ms_per_image": 450.0, "images_per_s": 2.2}])
+    res = CliRunner().invoke(bench_cli, ["--curves", str(a), "--curves", str(b), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    out = json.loads(next((tmp_path / "out").glob("*-curves-bagclip.json")).read_text())
+    by_panel = {}
+    for p in out["points"]:
+        by_panel.setdefault(p["panel"], []).append(p)
+    assert sorted((p["image_size"], p["backend"], p["batch"]) for p in by_panel["batch"]) == [
+        (336, "openvino-int8-bf16", 1), (518, "openvino-int8-bf16", 1), (518, "openvino-int8-bf16", 4),
+        (518, "torch-bf16", 1)]
+    assert sorted((p["backend"], p["image_size"], p["p50_ms_per_image"]) for p in by_panel["size"]) == [
+        ("openvino-int8-bf16", 336, 450.0), ("openvino-int8-bf16", 518, 1200.0)]
+    assert [(p["concurrency"], p["images_per_s"], p["ov_hint"]) for p in by_panel["served"]] == [
+        (2, 0.97, "throughput")]
+    md = next((tmp_path / "out").glob("*.md")).read_text()
+    assert "| bagclip | openvino-int8-bf16 | 336 | 450.0 |" in md and "cpu X" in md
+    assert {f.suffix for f in (tmp_path / "out").iterdir()} == {".json", ".csv", ".md", ".png"}
+    c = _result_file(tmp_path / "c.json", "cpu Y", 518, [])
+    res = CliRunner().invoke(bench_cli, ["--curves", str(a), "--curves", str(c), "--out", str(tmp_path / "o2")])
+    assert res.exit_code == 2 and "one machine" in res.stderr and not (tmp_path / "o2").exists()
 
 
 @pytest.mark.slow

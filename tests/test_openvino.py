@@ -60,10 +60,12 @@ TINY_GATE = OV.GateThresholds(map_corr=0.99, score_tie=0.05, pixel_auroc_points=
 
 @pytest.fixture(scope="module")
 def int8_repo(tmp_path_factory):
-    """AF-CLIP tiny, int8 through NNCF, served by OpenVINO inside the python backend (also the server's repo)."""
+    """AF-CLIP tiny, int8 through NNCF, served by OpenVINO inside the python backend (also the server's repo), with
+    the THROUGHPUT hint: the served test's 4-image requests run image by image on the streams."""
     repo = tmp_path_factory.mktemp("ov_int8")
     res = export_model(ExportOptions(model="afclip", profile="tiny", backend="python-openvino", precision="int8",
-                                     out=repo, max_batch=4, parity_images=2, gate_thresholds=TINY_GATE),
+                                     out=repo, max_batch=4, parity_images=2, gate_thresholds=TINY_GATE,
+                                     ov_hint="throughput"),
                        **QUIET)  # 32 calibration images
     return repo, res
 
@@ -99,6 +101,7 @@ def test_int8_export_passes_gate_and_keeps_layernorm_softmax_fp32(int8_repo):
     assert "FakeQuantize" not in _ops(repo / "afclip_head" / "1" / "model.xml")
     cfg = (repo / "afclip_encoder" / "config.pbtxt").read_text()
     assert 'backend: "python"' in cfg and '"f32"' in cfg
+    assert re.search(r'key: "performance_hint"\s*value \{\s*string_value: "THROUGHPUT"', cfg), cfg
 
 
 @pytest.mark.slow
@@ -223,3 +226,48 @@ def test_bench_cpu_backends_give_rows_with_parity_and_stage_times(tmp_path):
 
     md = markdown("afclip", "tiny", rows, environment("cpu"), [], {}, "zsad-bench (test)")
     assert "| openvino-int8 | 1 | encoder |" in md and "attention" in md
+
+
+def _stage_model(tmp_path, monkeypatch, hint: str):
+    """triton_models/stage_openvino's TritonPythonModel over a tiny IR (y = x @ W + row index, per image), built as
+    the served stub builds it: its config's parameters, the files beside it."""
+    import sys
+    import types
+
+    import openvino.opset13 as ops
+
+    import zsad.triton_models.zsad_common as common
+    import zsad.triton_models.zsad_common.guard as guard
+
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", types.ModuleType("triton_python_backend_utils"))
+    monkeypatch.setitem(sys.modules, "zsad_common", common)
+    monkeypatch.setitem(sys.modules, "zsad_common.guard", guard)
+    from zsad.triton_models.stage_openvino.model import TritonPythonModel
+
+    w = np.arange(12, dtype=np.float32).reshape(4, 3) / 7
+    x = ops.parameter([-1, 4], np.float32, name="x")
+    y = ops.matmul(x, ops.constant(w), False, False)
+    y.output(0).get_tensor().set_names({"y"})
+    (tmp_path / "1").mkdir(exist_ok=True)
+    ov.save_model(ov.Model([y], [x]), str(tmp_path / "1" / "model.xml"), compress_to_fp16=False)
+    cfg = {"parameters": {"performance_hint": {"string_value": hint}, "inference_precision": {"string_value": "f32"}},
+           "input": [{"name": "x"}], "output": [{"name": "y"}]}
+    model = TritonPythonModel()
+    model.initialize({"model_config": json.dumps(cfg), "model_name": "stage", "model_repository": str(tmp_path),
+                      "model_version": "1"})
+    return model, w
+
+
+def test_throughput_hint_runs_a_batch_image_by_image_on_streams_in_order(tmp_path, monkeypatch):
+    """--ov-hint throughput: the stage compiles with OpenVINO's THROUGHPUT hint and a batch goes out as one infer
+    request per image over the streams; the outputs must come back in the images' order (checked against numpy)."""
+    model, w = _stage_model(tmp_path, monkeypatch, "THROUGHPUT")
+    if model.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS") < 2:
+        pytest.skip("OpenVINO chose one stream on this machine: nothing to spread a batch over")
+    assert model.compiled.get_property("PERFORMANCE_HINT") == "THROUGHPUT" and model.queue is not None
+    x = np.random.default_rng(0).standard_normal((7, 4)).astype(np.float32)
+    x[:, 0] += 10 * np.arange(7)  # every image's output differs: a swapped or repeated one shows
+    (y,) = model._run({"x": x})
+    np.testing.assert_allclose(y, x @ w, rtol=1e-5, atol=1e-5)
+    latency, _ = _stage_model(tmp_path, monkeypatch, "LATENCY")
+    assert latency.compiled.get_property("PERFORMANCE_HINT") == "LATENCY" and latency.queue is None

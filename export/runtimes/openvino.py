@@ -81,7 +81,7 @@ class OpenVino(OpenVinoStages):
 
     def parameters(self, opts, stage, precision):
         # bf16 through the backend's HINT_BF16 parameter
-        return {"PERFORMANCE_HINT": "LATENCY", "zsad_precision": precision,
+        return {"PERFORMANCE_HINT": opts.ov_hint.upper(), "zsad_precision": precision,
                 **({"HINT_BF16": "YES"} if OV_HINT[precision] == "bf16" else {})}
 
     def bench_runner(self, variant, method, device, max_batch, scratch):

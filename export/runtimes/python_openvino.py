@@ -19,7 +19,7 @@ class PythonOpenVino(OpenVinoStages):
     def parameters(self, opts, stage, precision):
         # the inference precision passed explicitly (see triton_models/stage_openvino)
         return {"model_file": "model.xml", "inference_precision": OV_HINT[precision], "zsad_precision": precision,
-                **index_bounds_parameters(stage)}
+                "performance_hint": opts.ov_hint.upper(), **index_bounds_parameters(stage)}
 
     def model_files(self, stage, stage_files, opts):
         return {**super().model_files(stage, stage_files, opts), **python_model_files("stage_openvino")}

@@ -7,10 +7,15 @@ OpenVINO's default is bf16. Requests are checked (finite floats, integers non-ne
 declared index bounds), the valid ones of a
 dynamic batch concatenated, run in one call and split back; if that call fails, each runs alone
 (zsad_common.guard.run_stage_requests, copied beside this file at export).
+
+Parameter ``performance_hint`` (zsad-export --ov-hint): LATENCY compiles one stream on every core; THROUGHPUT lets
+OpenVINO choose several streams (OPTIMAL_NUMBER_OF_INFER_REQUESTS of them), and a batch of more than one image is cut
+into single images run on those streams at once (an infer-request queue), their outputs put back in order.
 """
 import json
 import os
 
+import numpy as np
 import openvino as ov
 import triton_python_backend_utils as pb_utils
 
@@ -23,7 +28,8 @@ class TritonPythonModel:
         p = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
         self.model_name = args["model_name"]
         path = os.path.join(args["model_repository"], args["model_version"], p.get("model_file", "model.xml"))
-        props = {"INFERENCE_PRECISION_HINT": p.get("inference_precision", "f32"), "PERFORMANCE_HINT": "LATENCY"}
+        hint = p.get("performance_hint", "LATENCY")
+        props = {"INFERENCE_PRECISION_HINT": p.get("inference_precision", "f32"), "PERFORMANCE_HINT": hint}
         threads = int(p.get("inference_threads", "0"))
         if threads:
             props["INFERENCE_NUM_THREADS"] = threads
@@ -33,10 +39,31 @@ class TritonPythonModel:
         self.bounds = json.loads(p.get("index_bounds", "{}"))  # the export's Stage.index_bounds (BAG-CLIP's knn_index)
         by_name = {o.get_any_name(): o for o in self.compiled.outputs}
         self.ports = [by_name[n] for n in self.outputs]
+        self.queue = None
+        if hint == "THROUGHPUT":
+            streams = int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+            if streams > 1:
+                self.queue = ov.AsyncInferQueue(self.compiled, streams)
 
     def _run(self, batch):
-        result = self.compiled(batch)
-        return [result[port] for port in self.ports]
+        n = len(next(iter(batch.values())))
+        if self.queue is None or n == 1:
+            result = self.compiled(batch)
+            return [result[port] for port in self.ports]
+        return self._run_on_streams(batch, n)
+
+    def _run_on_streams(self, batch, n):
+        """One image per infer request, the requests spread over the streams; outputs stacked in input order."""
+        parts = [None] * n
+
+        def done(request, i):
+            parts[i] = [np.copy(request.get_tensor(port).data) for port in self.ports]
+
+        self.queue.set_callback(done)
+        for i in range(n):
+            self.queue.start_async({name: a[i:i + 1] for name, a in batch.items()}, i)
+        self.queue.wait_all()
+        return [np.concatenate([part[j] for part in parts]) for j in range(len(self.ports))]
 
     def execute(self, requests):
         return run_stage_requests(pb_utils, requests, self.inputs, self.outputs, self._run, self.model_name,
