@@ -241,7 +241,8 @@ def _sweep_rows(grpc_url: str, variants: list[tuple[str, bool | None]], pngs: li
                          **{k: r.get(k) for k in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "images_per_s")},
                          "p50_ms_per_image": r.get("p50_ms"), "iters": r["requests"], **parity,
                          "note": f"{r['errors']} errors; {r['wall_s']} s; p95 {r.get('p95_ms')}"
-                                 + (f"; OpenVINO {base['ov_hint']} hint" if "ov_hint" in base else "")})
+                                 + (f"; OpenVINO {base['ov_hint']} hint" if "ov_hint" in base else "")
+                                 + "".join(f"; error: {e}" for e in r["error_examples"])})
     return rows
 
 
