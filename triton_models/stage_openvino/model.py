@@ -10,7 +10,8 @@ dynamic batch concatenated, run in one call and split back; if that call fails, 
 
 Parameter ``performance_hint`` (zsad-export --ov-hint): LATENCY compiles one stream on every core; THROUGHPUT lets
 OpenVINO choose several streams (OPTIMAL_NUMBER_OF_INFER_REQUESTS of them), and a batch of more than one image is cut
-into single images run on those streams at once (an infer-request queue), their outputs put back in order.
+into single images run on those streams at once (one infer request per stream, started together and waited for in
+order; no callbacks from OpenVINO's threads), their outputs put back in order.
 """
 import json
 import os
@@ -39,30 +40,29 @@ class TritonPythonModel:
         self.bounds = json.loads(p.get("index_bounds", "{}"))  # the export's Stage.index_bounds (BAG-CLIP's knn_index)
         by_name = {o.get_any_name(): o for o in self.compiled.outputs}
         self.ports = [by_name[n] for n in self.outputs]
-        self.queue = None
+        self.stream_requests = []
         if hint == "THROUGHPUT":
             streams = int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
             if streams > 1:
-                self.queue = ov.AsyncInferQueue(self.compiled, streams)
+                self.stream_requests = [self.compiled.create_infer_request() for _ in range(streams)]
 
     def _run(self, batch):
         n = len(next(iter(batch.values())))
-        if self.queue is None or n == 1:
+        if not self.stream_requests or n == 1:
             result = self.compiled(batch)
             return [result[port] for port in self.ports]
         return self._run_on_streams(batch, n)
 
     def _run_on_streams(self, batch, n):
-        """One image per infer request, the requests spread over the streams; outputs stacked in input order."""
-        parts = [None] * n
-
-        def done(request, i):
-            parts[i] = [np.copy(request.get_tensor(port).data) for port in self.ports]
-
-        self.queue.set_callback(done)
-        for i in range(n):
-            self.queue.start_async({name: a[i:i + 1] for name, a in batch.items()}, i)
-        self.queue.wait_all()
+        """One image per infer request, as many at once as there are streams; outputs stacked in input order."""
+        parts = []
+        for first in range(0, n, len(self.stream_requests)):
+            started = list(zip(self.stream_requests, range(first, n), strict=False))  # the last round may be short
+            for request, i in started:
+                request.start_async({name: a[i:i + 1] for name, a in batch.items()})
+            for request, _ in started:
+                request.wait()
+                parts.append([np.copy(request.get_tensor(port).data) for port in self.ports])
         return [np.concatenate([part[j] for part in parts]) for j in range(len(self.ports))]
 
     def execute(self, requests):
