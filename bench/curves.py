@@ -13,7 +13,6 @@ different CPUs or GPUs are refused: a curve across machines would mix their spee
 from __future__ import annotations
 
 import csv
-import itertools
 import json
 from datetime import date
 from pathlib import Path
@@ -67,6 +66,8 @@ def load_results(paths: list[Path]) -> list[tuple[str, dict]]:
 
 
 def write_curves(out_dir: Path, paths: list[Path]) -> dict[str, Path]:
+    from zsad.bench.report import numbered_paths
+
     results = load_results(paths)
     points = curve_points(results)
     if not points:
@@ -74,11 +75,7 @@ def write_curves(out_dir: Path, paths: list[Path]) -> dict[str, Path]:
     models = "-".join(dict.fromkeys(d["model"] for _, d in results))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for n in itertools.count(1):
-        stem = f"{date.today().isoformat()}-curves-{models}" + ("" if n == 1 else f"-{n}")
-        files = {ext: out_dir / f"{stem}.{ext}" for ext in ("json", "csv", "md", "png")}
-        if not any(f.exists() for f in files.values()):
-            break
+    files = numbered_paths(out_dir, f"{date.today().isoformat()}-curves-{models}", ("json", "csv", "md", "png"))
     machine = _machine(results[0][1])
     files["json"].write_text(json.dumps({"schema": "zsad-bench-curves/1", "machine": machine,
                                          "sources": [s for s, _ in results], "points": points}, indent=2))

@@ -11,12 +11,11 @@ versions.
 from __future__ import annotations
 
 import html
-import itertools
 import math
 from pathlib import Path
 
 from zsad import ZsadError
-from zsad.bench.report import load_result
+from zsad.bench.report import load_result, numbered_paths
 from zsad.report_page import page, table
 
 ENV_KEYS = ["date", "device", "device_name", "driver", "torch", "cuda", "python", "platform", "onnxruntime", "triton",
@@ -272,11 +271,7 @@ def write_compare(out_dir: Path, path_a: Path, path_b: Path) -> dict[str, Path]:
     names = (str(path_a), str(path_b))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"compare-{Path(path_a).stem}-vs-{Path(path_b).stem}"
-    for n in itertools.count(1):
-        paths = {ext: out_dir / f"{stem if n == 1 else f'{stem}-{n}'}.{ext}" for ext in ("html", "md")}
-        if not any(p.exists() for p in paths.values()):
-            break
+    paths = numbered_paths(out_dir, f"compare-{Path(path_a).stem}-vs-{Path(path_b).stem}", ("html", "md"))
     paths["md"].write_text(compare_markdown(a, b, names, rows))
     paths["html"].write_text(compare_page(a, b, names, rows))
     return paths

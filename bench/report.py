@@ -172,6 +172,17 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-").lower()
 
 
+def numbered_paths(out_dir: Path, stem: str, exts: tuple[str, ...]) -> dict[str, Path]:
+    """{ext: out_dir/<stem>.<ext>}, or <stem>-2, -3, ...: the first number none of whose files exist, so an earlier
+    run's files (same day, same name) are kept, never overwritten."""
+    for n in itertools.count(1):
+        name = stem if n == 1 else f"{stem}-{n}"
+        paths = {ext: out_dir / f"{name}.{ext}" for ext in exts}
+        if not any(p.exists() for p in paths.values()):
+            return paths
+    raise AssertionError("unreachable")
+
+
 def result_stem(model: str, env: dict, profile: str = "paper") -> str:
     """<date>-<model>-<device>-torch<major.minor>; a non-paper profile is named after the model so runs do not
     overwrite each other."""
@@ -188,12 +199,7 @@ def write_results(out_dir: Path, model: str, profile: str, rows: list[dict], env
     which ``zsad.bench.html_report.write_page`` writes from the JSON)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = result_stem(model, env, profile)
-    for n in itertools.count(1):  # an earlier run's files (same day, model, device) are kept: number this run
-        name = stem if n == 1 else f"{stem}-{n}"
-        paths = {ext: out_dir / f"{name}.{ext}" for ext in ("json", "csv", "md", "png", "html")}
-        if not any(p.exists() for p in paths.values()):
-            break
+    paths = numbered_paths(out_dir, result_stem(model, env, profile), ("json", "csv", "md", "png", "html"))
     paths.pop("html")  # kept free for zsad.bench.html_report.write_page
     payload = {"schema": "zsad-bench/1", "model": model, "profile": profile, "command": command, "environment": env,
                "gflops_per_image": flops, "rows": rows, "paper": paper}
@@ -399,11 +405,8 @@ def write_forecast(out_dir: Path, payload: dict, command: str, env: dict) -> dic
     out_dir.mkdir(parents=True, exist_ok=True)
     models = list(payload["methods"])
     name = "all" if set(models) == set(METHODS) else "-".join(models)
-    stem = f"{env['date'][:10]}-forecast-{_slug(payload['profile'])}-{name}"
-    for n in itertools.count(1):
-        paths = {ext: out_dir / f"{stem if n == 1 else f'{stem}-{n}'}.{ext}" for ext in ("json", "md", "png")}
-        if all(not p.exists() for p in paths.values()):  # an earlier forecast's files are kept
-            break
+    paths = numbered_paths(out_dir, f"{env['date'][:10]}-forecast-{_slug(payload['profile'])}-{name}",
+                           ("json", "md", "png"))
     head = {"schema": payload["schema"], "label": payload["label"], "command": command, "environment": env}
     payload = {**head, **payload}  # the command first, as in the .md
     # one row per line: the stage table has a row per (model, GPU, precision, batch, stage)
