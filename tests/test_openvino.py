@@ -229,7 +229,7 @@ def test_bench_cpu_backends_give_rows_with_parity_and_stage_times(tmp_path):
 
 
 def _stage_model(tmp_path, monkeypatch, hint: str):
-    """triton_models/stage_openvino's TritonPythonModel over a tiny IR (y = x @ W + row index, per image), built as
+    """triton_models/stage_openvino's TritonPythonModel over a tiny IR (y = x @ W, row by row), built as
     the served stub builds it: its config's parameters, the files beside it."""
     import sys
     import types
