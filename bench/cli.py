@@ -221,7 +221,7 @@ def _check_arguments(models, backends, device, checkpoint, iters, warmup, calibr
         takers = " / ".join(rt.name for rt in runtimes.RUNTIMES.values()
                             if _python_model(rt) and served_precision in rt.precisions)
         raise ZsadError(f"--served-precision {served_precision} needs --served-backend {takers}")
-    if served_hint != "latency" and not served_backend.endswith("openvino"):
+    if served_hint != "latency" and not runtimes.get(served_backend).takes_ov_hint:
         raise ZsadError(f"--served-hint {served_hint} is an OpenVINO hint: it needs --served-backend python-openvino")
 
 

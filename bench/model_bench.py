@@ -18,6 +18,7 @@ import torch
 
 from zsad import ZsadError
 from zsad.bench.one_backend import build_method, skipped_rows, timed_rows
+from zsad.export import runtimes
 
 
 @dataclass
@@ -204,7 +205,7 @@ def served_rows(served: ServedSettings, method, ref: Reference, base: dict, chec
 
         texts = {ti.request_name: synthetic_class_names(len(pngs)) for ti in method.text_inputs()}
     base = {**base, "backend": "served", "precision": served.precision, "batch": 1,
-            **({"ov_hint": served.hint} if served.backend.endswith("openvino") and not served.url else {})}
+            **({"ov_hint": served.hint} if runtimes.get(served.backend).takes_ov_hint and not served.url else {})}
     if served.url:
         host = served.url.split("://")[-1]
         log(f"served mode against grpc://{host}, ensemble '{method.name}'")

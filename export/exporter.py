@@ -315,6 +315,10 @@ def export_model(opts: ExportOptions, log=print) -> ExportResult:
     check_out_and_name(repo, opts.name)
     runtime = check_backend(opts.backend, opts.fp16, opts.target_device,
                             "fp32" if opts.precision == AUTO else opts.precision)
+    if opts.ov_hint != "latency" and not runtime.takes_ov_hint:
+        raise ZsadError(f"--ov-hint {opts.ov_hint} is OpenVINO's performance hint: --backend {runtime.name} has none "
+                        "(it is for " + " / ".join(rt.name for rt in runtimes.RUNTIMES.values() if rt.takes_ov_hint)
+                        + ")")
     choice = None
     if opts.precision == AUTO:
         from zsad.cpu import read_cpu

@@ -160,6 +160,10 @@ def test_user_mistakes_get_one_line_errors(tmp_path):
     with pytest.raises(ZsadError, match="--precision int8 is for --backend openvino"):
         export_model(ExportOptions(model="afclip", profile="tiny", backend="python-ort", precision="int8",
                                    out=tmp_path), **QUIET)
+    with pytest.raises(ZsadError, match="--backend python-ort has none .*openvino / python-openvino"):
+        export_model(ExportOptions(model="afclip", profile="tiny", backend="python-ort", ov_hint="throughput",
+                                   out=tmp_path), **QUIET)
+    assert not any(tmp_path.iterdir())
     with pytest.raises(ZsadError, match="holds no images"):
         OV.calibration_images(tmp_path, 224)
 

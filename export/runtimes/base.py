@@ -33,6 +33,7 @@ class Runtime:
     precisions: ClassVar[tuple[str, ...]] = ("fp32",)  # --precision values it takes (--fp16 is apart)
     bench_variants: ClassVar[tuple[str, ...]] = ()  # zsad-bench --backend names this runtime times
     cpu_bench_variants: ClassVar[tuple[str, ...]] = ()  # those of them zsad-bench times on the CPU only
+    takes_ov_hint: ClassVar[bool] = False  # its served configs carry OpenVINO's performance hint (--ov-hint)
 
     def gate_runtime(self) -> str:
         """What runs the exported side of the parity gate, with its version (the parity report says)."""

@@ -18,6 +18,7 @@ class OpenVinoStages(OnnxStages):
 
     default_device = "cpu"
     precisions = PRECISIONS
+    takes_ov_hint = True
 
     def available(self):
         from zsad.export.openvino_export import require_openvino
