@@ -263,16 +263,21 @@ def _stage_model(tmp_path, monkeypatch, hint: str):
 
 
 def test_throughput_hint_runs_a_batch_image_by_image_on_streams_in_order(tmp_path, monkeypatch):
-    """--ov-hint throughput: the stage compiles with OpenVINO's THROUGHPUT hint and a batch goes out as one infer
-    request per image, one per stream at a time (7 images: several rounds, the last one short); the outputs must come
-    back in the images' order (checked against numpy)."""
+    """--ov-hint throughput: the stage compiles with OpenVINO's THROUGHPUT hint, on the graph reshaped to one image
+    (static shapes: the dynamic-batch graph run from several streams crashed the served stub), and a batch goes out
+    as one infer request per image, one per stream at a time (7 images: several rounds, the last one short); the
+    outputs must come back in the images' order (checked against numpy). A single image takes the same path."""
     model, w = _stage_model(tmp_path, monkeypatch, "THROUGHPUT")
+    assert [str(p.get_partial_shape()) for p in model.compiled.inputs] == ["[1,4]"]
+    x = np.random.default_rng(0).standard_normal((7, 4)).astype(np.float32)
+    x[:, 0] += 10 * np.arange(7)  # every image's output differs: a swapped or repeated one shows
+    (one,) = model._run({"x": x[3:4]})
+    np.testing.assert_allclose(one, x[3:4] @ w, rtol=1e-5, atol=1e-5)
     if model.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS") < 2:
         pytest.skip("OpenVINO chose one stream on this machine: nothing to spread a batch over")
     assert model.compiled.get_property("PERFORMANCE_HINT") == "THROUGHPUT" and len(model.stream_requests) >= 2
-    x = np.random.default_rng(0).standard_normal((7, 4)).astype(np.float32)
-    x[:, 0] += 10 * np.arange(7)  # every image's output differs: a swapped or repeated one shows
     (y,) = model._run({"x": x})
     np.testing.assert_allclose(y, x @ w, rtol=1e-5, atol=1e-5)
     latency, _ = _stage_model(tmp_path, monkeypatch, "LATENCY")
     assert latency.compiled.get_property("PERFORMANCE_HINT") == "LATENCY" and not latency.stream_requests
+    assert [str(p.get_partial_shape()) for p in latency.compiled.inputs] == ["[?,4]"]  # one call per batch

@@ -8,10 +8,11 @@ declared index bounds), the valid ones of a
 dynamic batch concatenated, run in one call and split back; if that call fails, each runs alone
 (zsad_common.guard.run_stage_requests, copied beside this file at export).
 
-Parameter ``performance_hint`` (zsad-export --ov-hint): LATENCY compiles one stream on every core; THROUGHPUT lets
-OpenVINO choose several streams (OPTIMAL_NUMBER_OF_INFER_REQUESTS of them), and a batch of more than one image is cut
-into single images run on those streams at once (one infer request per stream, started together and waited for in
-order; no callbacks from OpenVINO's threads), their outputs put back in order.
+Parameter ``performance_hint`` (zsad-export --ov-hint): LATENCY compiles one stream on every core and runs a dynamic
+batch in one call; THROUGHPUT lets OpenVINO choose several streams (OPTIMAL_NUMBER_OF_INFER_REQUESTS of them),
+compiles the graph reshaped to one image, and runs every image of a batch as its own infer request on those streams
+(one per stream at a time, started together and waited for in order; no callbacks from OpenVINO's threads), the
+outputs put back in order.
 """
 import json
 import os
@@ -34,7 +35,15 @@ class TritonPythonModel:
         threads = int(p.get("inference_threads", "0"))
         if threads:
             props["INFERENCE_NUM_THREADS"] = threads
-        self.compiled = ov.Core().compile_model(path, "CPU", props)
+        core = ov.Core()
+        model = core.read_model(path)
+        if hint == "THROUGHPUT":
+            # every image its own infer request on the streams, so the graph is reshaped to one image: the
+            # dynamic-batch graph run this way from two streams crashed the stub under load (a segfault in a CPU
+            # plugin worker's memcpy, BAG-CLIP paper profile, 8 in flight; not reproduced outside Triton) and never
+            # has since with static shapes; one compiled graph serves single images and batches alike
+            model.reshape({port.get_any_name(): [1, *list(port.get_partial_shape())[1:]] for port in model.inputs})
+        self.compiled = core.compile_model(model, "CPU", props)
         self.inputs = [i["name"] for i in cfg["input"]]
         self.outputs = [o["name"] for o in cfg["output"]]
         self.bounds = json.loads(p.get("index_bounds", "{}"))  # the export's Stage.index_bounds (BAG-CLIP's knn_index)
@@ -43,15 +52,13 @@ class TritonPythonModel:
         self.stream_requests = []
         if hint == "THROUGHPUT":
             streams = int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
-            if streams > 1:
-                self.stream_requests = [self.compiled.create_infer_request() for _ in range(streams)]
+            self.stream_requests = [self.compiled.create_infer_request() for _ in range(streams)]
 
     def _run(self, batch):
-        n = len(next(iter(batch.values())))
-        if not self.stream_requests or n == 1:
+        if not self.stream_requests:
             result = self.compiled(batch)
             return [result[port] for port in self.ports]
-        return self._run_on_streams(batch, n)
+        return self._run_on_streams(batch, len(next(iter(batch.values()))))
 
     def _run_on_streams(self, batch, n):
         """One image per infer request, as many at once as there are streams; outputs stacked in input order."""
