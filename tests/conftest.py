@@ -51,6 +51,26 @@ def tiny_method():
     return get
 
 
+@pytest.fixture
+def served_imports(monkeypatch):
+    """Import a triton_models/<model>/model.py as its python stub does: call the returned function first, with a
+    stand-in for Triton's pb_utils (a bare module if none), and the stub's names resolve (triton_python_backend_utils,
+    and zsad_common, which the export copies beside model.py); undone after the test."""
+    import sys
+    import types
+
+    import zsad.triton_models.zsad_common as common
+    import zsad.triton_models.zsad_common.guard as guard
+
+    def install(pb_utils=None):
+        monkeypatch.setitem(sys.modules, "triton_python_backend_utils",
+                            pb_utils or types.ModuleType("triton_python_backend_utils"))
+        monkeypatch.setitem(sys.modules, "zsad_common", common)
+        monkeypatch.setitem(sys.modules, "zsad_common.guard", guard)
+
+    return install
+
+
 # Trained states (issue 27): comparisons that met only random weights are untested. Each method trained once per
 # session at the tiny profile on two synthetic training classes (48 images) for TRAINED_EPOCHS epochs, enough to
 # leave the random start (tests/test_trained_export.py asserts the weights moved and the loss fell).

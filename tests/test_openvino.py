@@ -232,20 +232,12 @@ def test_bench_cpu_backends_give_rows_with_parity_and_stage_times(tmp_path):
     assert "| openvino-int8 | 1 | encoder |" in md and "attention" in md
 
 
-def _stage_model(tmp_path, monkeypatch, hint: str):
+def _stage_model(tmp_path, served_imports, hint: str):
     """triton_models/stage_openvino's TritonPythonModel over a tiny IR (y = x @ W, row by row), built as
     the served stub builds it: its config's parameters, the files beside it."""
-    import sys
-    import types
-
     import openvino.opset13 as ops
 
-    import zsad.triton_models.zsad_common as common
-    import zsad.triton_models.zsad_common.guard as guard
-
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", types.ModuleType("triton_python_backend_utils"))
-    monkeypatch.setitem(sys.modules, "zsad_common", common)
-    monkeypatch.setitem(sys.modules, "zsad_common.guard", guard)
+    served_imports()
     from zsad.triton_models.stage_openvino.model import TritonPythonModel
 
     w = np.arange(12, dtype=np.float32).reshape(4, 3) / 7
@@ -262,12 +254,12 @@ def _stage_model(tmp_path, monkeypatch, hint: str):
     return model, w
 
 
-def test_throughput_hint_runs_a_batch_image_by_image_on_streams_in_order(tmp_path, monkeypatch):
+def test_throughput_hint_runs_a_batch_image_by_image_on_streams_in_order(tmp_path, served_imports):
     """--ov-hint throughput: the stage compiles with OpenVINO's THROUGHPUT hint, on the graph reshaped to one image
     (static shapes: the dynamic-batch graph run from several streams crashed the served stub), and a batch goes out
     as one infer request per image, one per stream at a time (7 images: several rounds, the last one short); the
     outputs must come back in the images' order (checked against numpy). A single image takes the same path."""
-    model, w = _stage_model(tmp_path, monkeypatch, "THROUGHPUT")
+    model, w = _stage_model(tmp_path, served_imports, "THROUGHPUT")
     assert [str(p.get_partial_shape()) for p in model.compiled.inputs] == ["[1,4]"]
     x = np.random.default_rng(0).standard_normal((7, 4)).astype(np.float32)
     x[:, 0] += 10 * np.arange(7)  # every image's output differs: a swapped or repeated one shows
@@ -278,6 +270,6 @@ def test_throughput_hint_runs_a_batch_image_by_image_on_streams_in_order(tmp_pat
     assert model.compiled.get_property("PERFORMANCE_HINT") == "THROUGHPUT" and len(model.stream_requests) >= 2
     (y,) = model._run({"x": x})
     np.testing.assert_allclose(y, x @ w, rtol=1e-5, atol=1e-5)
-    latency, _ = _stage_model(tmp_path, monkeypatch, "LATENCY")
+    latency, _ = _stage_model(tmp_path, served_imports, "LATENCY")
     assert latency.compiled.get_property("PERFORMANCE_HINT") == "LATENCY" and not latency.stream_requests
     assert [str(p.get_partial_shape()) for p in latency.compiled.inputs] == ["[?,4]"]  # one call per batch

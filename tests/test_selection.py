@@ -8,8 +8,6 @@ sit on near-ties of the 2^-14 rounding.
 """
 import itertools
 import json
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -315,19 +313,14 @@ def test_paper_width_graph_on_near_ties_passes_the_gate_in_onnx_runtime(tmp_path
 
 # -- served stage models check the indices they are sent ---------------------------------------------------------------
 @pytest.mark.slow
-def test_head_models_bound_the_neighbour_indices(tmp_path, tiny_method):
+def test_head_models_bound_the_neighbour_indices(tmp_path, tiny_method, served_imports):
     """A client can call bagclip_head directly: knn_index values must lie in 0..N-1. stage_ort finds the bound in
     the graph (ScatterElements) and both python stage models get the declared one in their config."""
-    # the served model's own module, imported with what the export copies beside it
-    import zsad.triton_models.zsad_common as common
-    import zsad.triton_models.zsad_common.guard as guard
     from zsad.export import runtimes
     from zsad.export.onnx_export import export_stage
     from zsad.export.triton_repo import RepoOptions
 
-    sys.modules.setdefault("triton_python_backend_utils", types.ModuleType("triton_python_backend_utils"))
-    sys.modules.setdefault("zsad_common", common)
-    sys.modules.setdefault("zsad_common.guard", guard)
+    served_imports()  # the served model's own module, imported as its stub imports it
     from zsad.triton_models.stage_ort.model import index_bounds
 
     head = next(st for st in tiny_method("bagclip").stages() if st.name == "head")

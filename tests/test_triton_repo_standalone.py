@@ -389,16 +389,10 @@ def test_stage_request_loop_batches_splits_and_isolates_bad_requests():
     assert got[1].error.code == "INTERNAL" and "RuntimeError" in got[1].error.message
 
 
-def test_torch_chain_answers_a_zsad_error_as_that_requests_bad_input(monkeypatch):
+def test_torch_chain_answers_a_zsad_error_as_that_requests_bad_input(monkeypatch, served_imports):
     """python-torch runs zsad code inside the zsad-free guard: a ZsadError out of the chain becomes BadInput, so it
     is that request's INVALID_ARG (HTTP 400) and the other requests of the batch are answered."""
-    import zsad.triton_models.zsad_common as common
-    import zsad.triton_models.zsad_common.guard as guard
-
-    # the served model's own module, imported with what the export copies beside it
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _PB_UTILS)
-    monkeypatch.setitem(sys.modules, "zsad_common", common)
-    monkeypatch.setitem(sys.modules, "zsad_common.guard", guard)
+    served_imports(_PB_UTILS)  # the served model's own module, imported as its stub imports it
     monkeypatch.delitem(sys.modules, "zsad.triton_models.torch_chain.model", raising=False)
     from zsad.triton_models.torch_chain import model
 
