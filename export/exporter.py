@@ -152,9 +152,9 @@ def _install_version(staging: Path, repo: Path, name: str, models: list[str], ve
     return report
 
 
-def _write_reference(method, path: Path, max_batch: int, parity_images: int) -> None:
+def _write_reference(method, path: Path, max_batch: int, parity_images: int, check: dict | None) -> None:
     """The parity gate's images as a client sends them (uint8) and the eager answers to them: the check
-    ``zsad-deploy`` runs on a version before serving it."""
+    ``zsad-deploy`` runs on a version before serving it (``check``: its rule, see reference_check)."""
     import torch
 
     from zsad.data import preprocess
@@ -165,7 +165,20 @@ def _write_reference(method, path: Path, max_batch: int, parity_images: int) -> 
     x = torch.from_numpy(np.stack([preprocess(img, method.image_size) for img in raw]))
     with torch.no_grad():
         out = method(x, names)
-    versions.save_reference(path, raw, out.score.numpy(), out.anomaly_map.numpy(), names)
+    versions.save_reference(path, raw, out.score.numpy(), out.anomaly_map.numpy(), names, check)
+
+
+def reference_check(opts: ExportOptions) -> dict | None:
+    """How zsad-deploy compares a version's served answers with its eager fp32 ones: None (the default, a relative
+    tolerance) for fp32; fp16 within the fp16 parity tolerance; bf16 / int8 by the precision gate this export
+    passed (map correlation, no image pair ranked otherwise beyond a near-tie): their answers differ from fp32 by
+    ~1e-2, on another CPU by other amounts again, so no fixed tolerance fits them."""
+    if opts.precision != "fp32":
+        th = opts.gate_thresholds or parity.GateThresholds()
+        return {"rule": "gate", "precision": opts.precision, "map_corr": th.map_corr, "score_tie": th.score_tie}
+    if opts.fp16:
+        return {"rule": "relative", "precision": "fp16", "tol": parity.FP16_TOL}
+    return None
 
 
 @dataclass
@@ -349,7 +362,8 @@ def export_model(opts: ExportOptions, log=print) -> ExportResult:
             raise ZsadError(f"internal: wrote models {sorted(models)} but planned {sorted(planned)}")
         _write_report_and_markers(staging, models, method, trained, opts, repo_opts, rows, gate_section, choice)
         version = opts.version or 1
-        _write_reference(method, versions.reference_path(staging, name, version), opts.max_batch, opts.parity_images)
+        _write_reference(method, versions.reference_path(staging, name, version), opts.max_batch, opts.parity_images,
+                         reference_check(opts))
         if opts.version is None:
             refuse_foreign_folders(repo, planned, opts.force)  # again: the user may have added a folder meanwhile
             _install(staging, repo, models, scratch)

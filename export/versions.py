@@ -10,7 +10,9 @@ Layout of an export NAME with versions (Triton's numbered version folders):
     NAME/versions.json                      {"active": N, "previous": M or null}: what the configs pin
     NAME/reference_vN.npz                   version N's check: the parity gate's images as a client sends them
                                             (uint8 [n,H,W,3]), their class names for methods that take one, and
-                                            the eager answers (score [n], anomaly_map [n,S,S]); read without pickle
+                                            the eager answers (score [n], anomaly_map [n,S,S]) and, for a
+                                            low-precision export, the rule to compare with them (the precision
+                                            gate's); read without pickle
 
 The configs on disk always say what a (re)started server loads: the active version. ``zsad-deploy`` changes them
 (both versions during a switch, then the new one) and has the running server load them.
@@ -34,11 +36,15 @@ def reference_path(repo: Path, name: str, version: int) -> Path:
 
 
 def save_reference(path: Path, images: np.ndarray, score: np.ndarray, anomaly_map: np.ndarray,
-                   class_names: list[str] | None) -> None:
+                   class_names: list[str] | None, check: dict | None = None) -> None:
+    """``check``: how zsad-deploy compares the served answers with these (zsad.serve.deploy.compare_with_reference;
+    kept as a JSON string); None: within the fp32 relative tolerance."""
     arrays: dict[str, np.ndarray] = {"images": images.astype(np.uint8), "score": score.astype(np.float32).reshape(-1),
               "anomaly_map": anomaly_map.astype(np.float32)}
     if class_names is not None:
         arrays["class_names"] = np.array(class_names, dtype=str)  # fixed-width unicode, no object pickling
+    if check is not None:
+        arrays["check"] = np.array(json.dumps(check))
     np.savez(path, **arrays)
 
 

@@ -12,7 +12,8 @@ model-repository API with the admin key that zsad-serve keeps in its run directo
 1. every model but the ensembles loads A and B side by side (config: ``version_policy specific [A, B]``);
 2. B is checked before any client sees it: the parity gate's images exported with B (``reference_vB.npz``) run
    through the ensemble's steps, each called at version B, and must give B's exported eager answers (relative
-   tolerance 1e-3, as zsad.serve.loadtest); if not, B is unloaded and nothing served changed;
+   tolerance 1e-3, as zsad.serve.loadtest; a bf16 / int8 export: the precision gate it passed at export, see
+   compare_with_reference); if not, B is unloaded and nothing served changed;
 3. the ensembles are reloaded with every step pinned to B: requests accepted before finish on the old ensemble,
    whose steps name A (never a mix), new ones run B;
 4. after ``grace`` seconds (the old ensemble's requests finish), A is unloaded and ``versions.json`` records B as
@@ -29,6 +30,7 @@ import json
 import time
 import urllib.error
 from pathlib import Path
+from typing import Any
 
 import click
 import numpy as np
@@ -136,14 +138,34 @@ def check_version(http_url: str, repo: Path, name: str, version: int) -> dict:
         for field in fields:
             inputs[field.name] = np.array([[c.encode()] for c in ref["class_names"]], dtype=object)
     out = run_version(http_url, repo, f"{name}_raw", version, inputs)
-    score, amap = out["score"].reshape(-1), out["anomaly_map"]
-    worst = {"score": float(np.max(np.abs(score - ref["score"]) / np.maximum(np.abs(ref["score"]), 1e-12))),
-             "anomaly_map": float(np.abs(amap - ref["anomaly_map"]).max()
-                                  / max(float(np.abs(ref["anomaly_map"]).max()), 1e-12))}
-    if max(worst.values()) > CHECK_TOL:
-        raise ZsadError(f"version {version} of {name} does not give the answers exported with it (worst relative "
-                        f"difference {worst}, tolerance {CHECK_TOL:g}): not switched")
-    return worst
+    result, failure = compare_with_reference(out["score"].reshape(-1), out["anomaly_map"], ref)
+    if failure:
+        raise ZsadError(f"version {version} of {name} does not give the answers exported with it ({failure}): "
+                        "not switched")
+    return result
+
+
+def compare_with_reference(score: np.ndarray, amap: np.ndarray, ref: dict) -> tuple[dict, str]:
+    """(the measures, "" or what fails) of served answers against a version's exported eager ones, by the rule the
+    export stored with them (zsad.export.exporter.reference_check): relative differences within a tolerance
+    (CHECK_TOL without a rule), or for bf16 / int8 versions the precision gate they passed at export: anomaly-map
+    correlation and no image pair ranked otherwise than eager beyond a near-tie."""
+    from zsad.export.parity import discordant_pairs
+
+    rule: dict[str, Any] = json.loads(str(ref["check"])) if "check" in ref else {"rule": "relative", "tol": CHECK_TOL}
+    ref_score, ref_map = ref["score"].astype(np.float64), ref["anomaly_map"].astype(np.float64)
+    worst = {"score": float(np.max(np.abs(score - ref_score) / np.maximum(np.abs(ref_score), 1e-12))),
+             "anomaly_map": float(np.abs(amap - ref_map).max() / max(float(np.abs(ref_map).max()), 1e-12))}
+    if rule["rule"] == "gate":
+        corr = float(np.corrcoef(ref_map.ravel(), np.asarray(amap, np.float64).ravel())[0, 1])
+        swaps = discordant_pairs(ref_score, score, rule["score_tie"])
+        fails = ([f"anomaly-map correlation {corr:.5f} < {rule['map_corr']}"] if not corr >= rule["map_corr"] else []) \
+            + ([f"{swaps} image pair(s) ranked otherwise than eager fp32"] if swaps else [])
+        return ({"rule": f"{rule['precision']} precision gate", "map_corr": corr, "score_swaps": swaps, **worst},
+                "; ".join(fails))
+    tol = max(rule.get("tol", CHECK_TOL), CHECK_TOL)
+    failure = "" if max(worst.values()) <= tol else f"worst relative difference {worst}, tolerance {tol:g}"
+    return {"rule": f"relative difference <= {tol:g}", **worst}, failure
 
 
 def switch(conn: Connection, repo: Path, name: str, target: int, grace: float = GRACE_S, log=print) -> dict:
@@ -177,7 +199,8 @@ def switch(conn: Connection, repo: Path, name: str, target: int, grace: float = 
                 V.set_versions(repo, m, [active])
             conn.load(stages)
             raise
-        log(f"version {target} gives its exported answers (worst relative difference {max(worst.values()):.1e})")
+        log(f"version {target} gives its exported answers ({worst['rule']}; worst relative difference "
+            f"{max(worst['score'], worst['anomaly_map']):.1e})")
         for e in ensembles:
             V.pin_ensemble(repo, e, target)
         conn.load(ensembles)

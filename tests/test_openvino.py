@@ -191,6 +191,13 @@ def test_served_python_openvino_equals_eager_within_the_gate(int8_repo):
     with TritonServer(repo) as srv:
         client = AnomalyClient(srv.http_url, "afclip")
         served = [p for k in range(0, len(pngs), 4) for p in client.infer(pngs[k:k + 4])]  # max batch 4
+        # zsad-deploy's check of this version: by the int8 gate stored with its answers, which passes, where the
+        # fp32 relative tolerance (the rule without one) would refuse every int8 version
+        from zsad.serve.deploy import CHECK_TOL, check_version
+
+        check = check_version(srv.http_url, repo, "afclip", 1)
+        assert check["rule"] == "int8 precision gate" and check["score_swaps"] == 0, check
+        assert check["map_corr"] >= TINY_GATE.map_corr and max(check["score"], check["anomaly_map"]) > CHECK_TOL
     score = np.array([p.score for p in served])
     amap = np.stack([p.anomaly_map for p in served])
     metrics = OV.gate_metrics(eager.score.numpy(), eager.anomaly_map.numpy(), score, amap, masks, TINY_GATE.score_tie)

@@ -313,6 +313,37 @@ def test_admin_key_is_in_no_process_args_or_environment(server):
         assert info.value.code == 403 and ADMIN_HEADER in info.value.read().decode()
 
 
+def test_version_check_rule_follows_the_exported_precision():
+    """zsad-deploy compares a version's served answers with its exported eager ones by the rule stored with them:
+    fp32 within 1e-3 relative; a bf16 / int8 version by the precision gate it passed (map correlation, no pair of
+    images ranked otherwise beyond a near-tie), since its answers differ from fp32 by ~1e-2. Hand-made answers."""
+    from zsad.export.exporter import ExportOptions, reference_check
+    from zsad.export.parity import GateThresholds
+    from zsad.serve.deploy import compare_with_reference
+
+    rng = np.random.default_rng(0)
+    ref = {"score": np.array([0.2, 0.5, 0.9, 0.905]), "anomaly_map": rng.random((4, 8, 8))}
+    noisy_map = ref["anomaly_map"] * (1 + 0.01 * rng.standard_normal((4, 8, 8)))  # bf16-sized differences
+    noisy_score = ref["score"] * np.array([1.003, 0.998, 1.006, 0.995])  # the 0.9 / 0.905 near-tie swaps
+    assert noisy_score[2] > noisy_score[3]
+    gate = reference_check(ExportOptions(model="afclip", precision="bf16", gate_thresholds=GateThresholds(0.99)))
+    assert gate == {"rule": "gate", "precision": "bf16", "map_corr": 0.99, "score_tie": 0.01}
+    assert reference_check(ExportOptions(model="afclip")) is None
+    bf16_ref = {**ref, "check": np.array(json.dumps(gate))}
+    measures, failure = compare_with_reference(noisy_score, noisy_map, bf16_ref)
+    assert failure == "" and measures["score_swaps"] == 0
+    assert measures["map_corr"] == pytest.approx(np.corrcoef(ref["anomaly_map"].ravel(), noisy_map.ravel())[0, 1])
+    _, failure = compare_with_reference(noisy_score, noisy_map, ref)  # no rule stored: fp32's tolerance refuses it
+    assert "tolerance 0.001" in failure
+    _, failure = compare_with_reference(ref["score"] * 1.0005, ref["anomaly_map"] * 0.9995, ref)
+    assert failure == ""
+    # another image's map, or two images far apart ranked the other way: refused under the gate rule
+    _, failure = compare_with_reference(noisy_score, noisy_map[::-1], bf16_ref)
+    assert failure.startswith("anomaly-map correlation")
+    _, failure = compare_with_reference(ref["score"][[1, 0, 2, 3]], noisy_map, bf16_ref)
+    assert failure == "1 image pair(s) ranked otherwise than eager fp32"
+
+
 def _versions_seen(server, images, eager_by_version, stop, record):
     """A client thread: one image per request, each answer attributed to the version whose eager answer it equals
     (run_load's tolerance); anything else is a failure."""
