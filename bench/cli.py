@@ -92,8 +92,9 @@ def _ints(text: str) -> list[int]:
               help="Served mode without --served-url: the stage backend exported (python-torch with --device cuda: "
                    "the torch chain on the GPU, KIND_GPU instances; python-openvino: OpenVINO on the CPU, at "
                    "--served-precision).")
-@click.option("--served-precision", type=click.Choice(PRECISIONS), default="fp32",
-              help="Served mode, python-openvino: the precision exported (all but fp32 must pass the precision gate).")
+@click.option("--served-precision", type=click.Choice([*PRECISIONS, "auto"]), default="fp32",
+              help="Served mode, python-openvino: the precision exported (all but fp32 must pass the precision gate; "
+                   "auto: what zsad-export --precision auto keeps on this machine, the rows say which).")
 @click.option("--served-hint", type=click.Choice(OV_PERFORMANCE_HINTS), default="latency",
               help="Served mode, python-openvino: OpenVINO's performance hint in the exported stages (zsad-export "
                    "--ov-hint): latency (one stream on every core) or throughput (several streams, the images of a "
@@ -159,6 +160,9 @@ def main(model, profile, image_size, batch, backend, device, iters, warmup, chec
         backends = [b for b in backend.split(",") if b]
     _check_arguments(models, backends, device, checkpoint, iters, warmup, calibration_images, served_backend,
                      served_precision, served_hint)
+    if served_url and served_precision == "auto":
+        raise ZsadError("--served-precision auto picks the precision of an export made here: against --served-url "
+                        "give the precision that server runs")
     batches, levels = _ints(batch), _ints(concurrency)
     command = "zsad-bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     env = environment(device)
@@ -217,7 +221,7 @@ def _check_arguments(models, backends, device, checkpoint, iters, warmup, calibr
         raise ZsadError("--iters must be >= 1 and --warmup >= 0")
     if calibration_images < 1:
         raise ZsadError(f"--calibration-images must be >= 1, got {calibration_images}")
-    if served_precision not in runtimes.get(served_backend).precisions:
+    if served_precision != "auto" and served_precision not in runtimes.get(served_backend).precisions:
         takers = " / ".join(rt.name for rt in runtimes.RUNTIMES.values()
                             if _python_model(rt) and served_precision in rt.precisions)
         raise ZsadError(f"--served-precision {served_precision} needs --served-backend {takers}")

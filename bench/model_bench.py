@@ -10,7 +10,7 @@ from __future__ import annotations
 import gc
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import click
 import numpy as np
@@ -218,7 +218,11 @@ def served_rows(served: ServedSettings, method, ref: Reference, base: dict, chec
         with export_and_serve(method.name, method.profile, checkpoint, overrides, max(8, *served.concurrency),
                               backend=served.backend, device="gpu" if device.startswith("cuda") else "cpu",
                               precision=served.precision, calibration_images=served.calibration_images,
-                              ov_hint=served.hint) as server:
+                              ov_hint=served.hint) as (server, precision):
+            if precision != served.precision:  # --served-precision auto: what the export kept
+                log(f"served precision: {precision} (--served-precision {served.precision})")
+                served = replace(served, precision=precision)
+                base = {**base, "precision": precision}
             return _sweep_rows(server.grpc_url, [(method.name, True), (f"{method.name}_nodb", False)], pngs, texts,
                                served, ref, base)
     except ZsadError as err:

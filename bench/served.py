@@ -95,19 +95,24 @@ def served_predictions(url: str, model: str, images: list[bytes], texts: dict[st
 def export_and_serve(method_name: str, profile: str, checkpoint: str | None, overrides: dict | None,
                      max_batch: int, log=lambda *a: None, backend: str = "python-ort", device: str = "cpu",
                      precision: str = "fp32", calibration_images: int = 16, ov_hint: str = "latency"):
-    """Yield a ready TritonServer holding NAME (dynamic batching) and NAME_nodb (without), exported with ``backend``
-    for ``device`` (cpu or gpu); ``precision`` for the OpenVINO backends (bf16 / int8 pass the precision gate at
-    export, int8 calibrated on ``calibration_images`` synthetic images; ``ov_hint`` their performance hint)."""
+    """Yield (a ready TritonServer holding NAME (dynamic batching) and NAME_nodb (without), the precision exported),
+    exported with ``backend`` for ``device`` (cpu or gpu); ``precision`` for the OpenVINO backends (bf16 / int8 pass
+    the precision gate at export, int8 calibrated on ``calibration_images`` synthetic images; auto: what
+    ``zsad-export --precision auto`` keeps on this machine, chosen by the first export and given to the second;
+    ``ov_hint`` their performance hint)."""
+    import json
+
     from zsad.export.exporter import ExportOptions, export_model
     from zsad.serve.server import TritonServer
 
     with tempfile.TemporaryDirectory(prefix="zsad-bench-repo-") as tmp:
         repo = Path(tmp)
         for name, dynamic in ((method_name, True), (f"{method_name}_nodb", False)):
-            export_model(ExportOptions(model=None if checkpoint else method_name, checkpoint=checkpoint,
-                                       profile=profile, backend=backend, device=device, out=repo, name=name,
-                                       max_batch=max_batch, parity_images=2, dynamic_batching=dynamic,
-                                       overrides=overrides, precision=precision,
-                                       calibration_images=calibration_images, ov_hint=ov_hint), log=log)
+            result = export_model(ExportOptions(model=None if checkpoint else method_name, checkpoint=checkpoint,
+                                                profile=profile, backend=backend, device=device, out=repo, name=name,
+                                                max_batch=max_batch, parity_images=2, dynamic_batching=dynamic,
+                                                overrides=overrides, precision=precision,
+                                                calibration_images=calibration_images, ov_hint=ov_hint), log=log)
+            precision = json.loads(result.report.read_text())["precision"]
         with TritonServer(repo) as server:
-            yield server
+            yield server, precision

@@ -142,6 +142,9 @@ def test_bench_rejects_bad_arguments(tmp_path):
     res = CliRunner().invoke(bench_cli, ["--served-hint", "throughput", "--profile", "tiny", "--backend", "served",
                                          "--out", str(tmp_path)])
     assert res.exit_code == 2 and "needs --served-backend python-openvino" in res.stderr
+    res = CliRunner().invoke(bench_cli, ["--served-precision", "auto", "--served-url", "127.0.0.1:1", "--profile",
+                                         "tiny", "--backend", "served", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "give the precision that server runs" in res.stderr
     assert not any(tmp_path.iterdir())
 
 
@@ -214,14 +217,22 @@ def test_cpu_backends_share_one_onnx_export(monkeypatch):
 
 
 @pytest.mark.server
-def test_bench_served_sweep(tmp_path):
-    """The one server this file starts: the stages served by OpenVINO (python-openvino), swept with and without
-    dynamic batching; the served outputs match torch fp32."""
+@pytest.mark.parametrize("precision", ["fp32", "auto"])
+def test_bench_served_sweep(tmp_path, precision):
+    """The server this file starts: the stages served by OpenVINO (python-openvino), swept with and without
+    dynamic batching; fp32's served outputs match torch fp32; auto's rows name the precision the export kept, one
+    that zsad.cpu proposes for this CPU, and pass that precision's parity."""
     pytest.importorskip("openvino")
+    from zsad.cpu import precision_preference, read_cpu
+
     data, _, md = _run(tmp_path, "served", ["--concurrency", "1,2", "--served-seconds", "2",
-                                            "--served-backend", "python-openvino"])
+                                            "--served-backend", "python-openvino", "--served-precision", precision])
     served = [r for r in data["rows"] if r["backend"] == "served"]
-    assert all(r["precision"] == "fp32" and r["parity_map_max_rel"] <= 1e-3 for r in served), served
+    if precision == "fp32":
+        assert all(r["precision"] == "fp32" and r["parity_map_max_rel"] <= 1e-3 for r in served), served
+    else:
+        kept = {r["precision"] for r in served}
+        assert len(kept) == 1 and kept <= {p for p, _ in precision_preference(read_cpu().flags)}, served
     assert {(r["concurrency"], r["dynamic_batching"]) for r in served} == {(1, True), (2, True), (1, False),
                                                                           (2, False)}
     for r in served:
