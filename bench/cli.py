@@ -159,10 +159,7 @@ def main(model, profile, image_size, batch, backend, device, iters, warmup, chec
     else:
         backends = [b for b in backend.split(",") if b]
     _check_arguments(models, backends, device, checkpoint, iters, warmup, calibration_images, served_backend,
-                     served_precision, served_hint)
-    if served_url and served_precision == "auto":
-        raise ZsadError("--served-precision auto picks the precision of an export made here: against --served-url "
-                        "give the precision that server runs")
+                     served_precision, served_hint, served_url)
     batches, levels = _ints(batch), _ints(concurrency)
     command = "zsad-bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     env = environment(device)
@@ -206,7 +203,7 @@ def _forecast(model: str, profile: str, image_size: int | None, batch: str, gpus
 
 
 def _check_arguments(models, backends, device, checkpoint, iters, warmup, calibration_images, served_backend,
-                     served_precision, served_hint="latency") -> None:
+                     served_precision, served_hint="latency", served_url=None) -> None:
     """Reject a bad combination of options before anything is built (a one-line error each)."""
     from zsad.bench.backends import known_backends
 
@@ -225,6 +222,9 @@ def _check_arguments(models, backends, device, checkpoint, iters, warmup, calibr
         takers = " / ".join(rt.name for rt in runtimes.RUNTIMES.values()
                             if _python_model(rt) and served_precision in rt.precisions)
         raise ZsadError(f"--served-precision {served_precision} needs --served-backend {takers}")
+    if served_url and served_precision == "auto":
+        raise ZsadError("--served-precision auto picks the precision of an export made here: against --served-url "
+                        "give the precision that server runs")
     if served_hint != "latency" and not runtimes.get(served_backend).takes_ov_hint:
         raise ZsadError(f"--served-hint {served_hint} is an OpenVINO hint: it needs --served-backend python-openvino")
 

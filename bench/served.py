@@ -100,8 +100,6 @@ def export_and_serve(method_name: str, profile: str, checkpoint: str | None, ove
     the precision gate at export, int8 calibrated on ``calibration_images`` synthetic images; auto: what
     ``zsad-export --precision auto`` keeps on this machine, chosen by the first export and given to the second;
     ``ov_hint`` their performance hint)."""
-    import json
-
     from zsad.export.exporter import ExportOptions, export_model
     from zsad.serve.server import TritonServer
 
@@ -113,6 +111,6 @@ def export_and_serve(method_name: str, profile: str, checkpoint: str | None, ove
                                                 max_batch=max_batch, parity_images=2, dynamic_batching=dynamic,
                                                 overrides=overrides, precision=precision,
                                                 calibration_images=calibration_images, ov_hint=ov_hint), log=log)
-            precision = json.loads(result.report.read_text())["precision"]
+            precision = result.precision
         with TritonServer(repo) as server:
             yield server, precision

@@ -188,6 +188,7 @@ class ExportResult:
     ensembles: list[str]
     parity_rows: list
     report: Path
+    precision: str  # the precision exported (--precision auto: the one kept)
 
 
 def build_method(opts: ExportOptions):
@@ -376,7 +377,7 @@ def export_model(opts: ExportOptions, log=print) -> ExportResult:
         if opts.version is not None:
             log(f"serving is unchanged (version {versions.versions_state(repo, name)['active']}); switch a running "
                 f"zsad-serve with: zsad-deploy update {repo} --name {name} --version {version}")
-        return ExportResult(repo, models, ensembles, rows, report)
+        return ExportResult(repo, models, ensembles, rows, report, opts.precision)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         if created_repo and repo.is_dir() and not any(repo.iterdir()):

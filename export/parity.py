@@ -312,22 +312,27 @@ class GateThresholds:
 
 def gate_metrics(ref_score, ref_map, score, amap, masks, score_tie: float = GateThresholds.score_tie) -> dict:
     """Map correlation, image-score ranking (pairs swapped beyond ``score_tie``; Spearman for information) and pixel
-    AUROC (zsad.metrics) of a low-precision chain vs fp32."""
+    AUROC (zsad.metrics) of a low-precision chain vs fp32; without ``masks`` (zsad-deploy's check of a served
+    version: its stored images have none) no AUROC, and gate_failures skips that condition."""
     from scipy.stats import spearmanr
 
     from zsad.metrics import auroc
 
     ref_map, amap = np.asarray(ref_map, np.float64), np.asarray(amap, np.float64)
+    auroc_keys = ("pixel_auroc_fp32", "pixel_auroc", "pixel_auroc_diff_points") if masks is not None else ()
     if not np.isfinite(amap).all() or not np.isfinite(score).all():
-        return {"map_corr": float("nan"), "score_spearman": float("nan"), "score_swaps": float("nan"),
-                "pixel_auroc_fp32": float("nan"), "pixel_auroc": float("nan"), "pixel_auroc_diff_points": float("nan")}
+        nan = float("nan")
+        return {"map_corr": nan, "score_spearman": nan, "score_swaps": nan, "score_tie": score_tie,
+                **dict.fromkeys(auroc_keys, nan)}
     corr = float(np.corrcoef(ref_map.ravel(), amap.ravel())[0, 1])
     rho = float(spearmanr(np.asarray(ref_score, np.float64), np.asarray(score, np.float64)).statistic)
     swaps = discordant_pairs(ref_score, score, score_tie)
-    labels = np.asarray(masks).ravel() > 0.5
-    a_ref, a_got = auroc(labels, ref_map.ravel()), auroc(labels, amap.ravel())
-    return {"map_corr": corr, "score_spearman": rho, "score_swaps": swaps, "score_tie": score_tie,
-            "pixel_auroc_fp32": a_ref, "pixel_auroc": a_got, "pixel_auroc_diff_points": abs(a_got - a_ref) * 100.0}
+    metrics = {"map_corr": corr, "score_spearman": rho, "score_swaps": swaps, "score_tie": score_tie}
+    if masks is not None:
+        labels = np.asarray(masks).ravel() > 0.5
+        a_ref, a_got = auroc(labels, ref_map.ravel()), auroc(labels, amap.ravel())
+        metrics.update(pixel_auroc_fp32=a_ref, pixel_auroc=a_got, pixel_auroc_diff_points=abs(a_got - a_ref) * 100.0)
+    return metrics
 
 
 def gate_failures(metrics: dict, th: GateThresholds) -> list[str]:
@@ -338,7 +343,7 @@ def gate_failures(metrics: dict, th: GateThresholds) -> list[str]:
     if metrics["score_swaps"] != 0:  # NaN (non-finite outputs) fails too
         fails.append(f"{metrics['score_swaps']} image pairs more than {metrics['score_tie']:g} x the score scale "
                      f"apart ranked the other way (Spearman {metrics['score_spearman']:.5f})")
-    if not metrics["pixel_auroc_diff_points"] <= th.pixel_auroc_points:
+    if "pixel_auroc_diff_points" in metrics and not metrics["pixel_auroc_diff_points"] <= th.pixel_auroc_points:
         fails.append(f"pixel AUROC {100 * metrics['pixel_auroc']:.2f} vs fp32 {100 * metrics['pixel_auroc_fp32']:.2f}"
                      f" ({metrics['pixel_auroc_diff_points']:.2f} points > {th.pixel_auroc_points})")
     return fails

@@ -148,21 +148,19 @@ def check_version(http_url: str, repo: Path, name: str, version: int) -> dict:
 def compare_with_reference(score: np.ndarray, amap: np.ndarray, ref: dict) -> tuple[dict, str]:
     """(the measures, "" or what fails) of served answers against a version's exported eager ones, by the rule the
     export stored with them (zsad.export.exporter.reference_check): relative differences within a tolerance
-    (CHECK_TOL without a rule), or for bf16 / int8 versions the precision gate they passed at export: anomaly-map
-    correlation and no image pair ranked otherwise than eager beyond a near-tie."""
-    from zsad.export.parity import discordant_pairs
+    (CHECK_TOL without a rule), or for bf16 / int8 versions the precision gate they passed at export
+    (zsad.export.parity's gate: anomaly-map correlation and no image pair ranked otherwise beyond a near-tie; no
+    pixel AUROC, the stored images have no masks)."""
+    from zsad.export.parity import GateThresholds, gate_failures, gate_metrics
 
     rule: dict[str, Any] = json.loads(str(ref["check"])) if "check" in ref else {"rule": "relative", "tol": CHECK_TOL}
     ref_score, ref_map = ref["score"].astype(np.float64), ref["anomaly_map"].astype(np.float64)
     worst = {"score": float(np.max(np.abs(score - ref_score) / np.maximum(np.abs(ref_score), 1e-12))),
              "anomaly_map": float(np.abs(amap - ref_map).max() / max(float(np.abs(ref_map).max()), 1e-12))}
     if rule["rule"] == "gate":
-        corr = float(np.corrcoef(ref_map.ravel(), np.asarray(amap, np.float64).ravel())[0, 1])
-        swaps = discordant_pairs(ref_score, score, rule["score_tie"])
-        fails = ([f"anomaly-map correlation {corr:.5f} < {rule['map_corr']}"] if not corr >= rule["map_corr"] else []) \
-            + ([f"{swaps} image pair(s) ranked otherwise than eager fp32"] if swaps else [])
-        return ({"rule": f"{rule['precision']} precision gate", "map_corr": corr, "score_swaps": swaps, **worst},
-                "; ".join(fails))
+        metrics = gate_metrics(ref_score, ref_map, score, amap, None, rule["score_tie"])
+        fails = gate_failures(metrics, GateThresholds(map_corr=rule["map_corr"], score_tie=rule["score_tie"]))
+        return {"rule": f"{rule['precision']} precision gate", **metrics, **worst}, "; ".join(fails)
     tol = max(rule.get("tol", CHECK_TOL), CHECK_TOL)
     failure = "" if max(worst.values()) <= tol else f"worst relative difference {worst}, tolerance {tol:g}"
     return {"rule": f"relative difference <= {tol:g}", **worst}, failure
