@@ -237,7 +237,8 @@ def _cpu_lines(env: dict) -> list[str]:
         return []
     peaks = ", ".join(f"{p} {cpu['peak_tflops'][p]:.3f} ({cpu['peak_isa'][p]})" for p in cpu["peak_tflops"])
     return [f"CPU: {cpu['model']} ({cpu['vendor']}), {cpu['physical_cores']} physical cores at {cpu['mhz']:.0f} MHz "
-            f"({cpu['mhz_source']}); ISA flags {' '.join(cpu['isa_flags']) or 'none of note'}. Peak TFLOP/s "
+            f"({cpu['mhz_source']}); ISA flags {' '.join(cpu['isa_flags']) or 'none of note'}"
+            + (f" ({cpu['isa_cap']})" if cpu.get("isa_cap") else "") + ". Peak TFLOP/s "
             f"(cores x clock x operations per cycle of the best ISA for the precision; int8-bf16 against int8; an "
             f"upper bound, see zsad/cpu.py): {peaks}. Speed-ups against the best plain-torch row (eager, autocast "
             f"or torch.compile) compare rows of the same batch.", ""]

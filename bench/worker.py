@@ -50,12 +50,10 @@ class BackendTask:
 
 def peak_rss_mb() -> float | None:
     """This process's peak resident memory (VmHWM) in MB, or None where /proc is not there."""
-    try:
-        with open("/proc/self/status") as f:
-            line = next(ln for ln in f if ln.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        return None
-    return int(line.split()[1]) / 1024.0  # kB
+    from zsad.serve.loadtest import proc_status_kb
+
+    kb = proc_status_kb("self", "VmHWM")
+    return None if kb is None else kb / 1024.0
 
 
 def _work(task: BackendTask, conn) -> None:

@@ -242,7 +242,8 @@ def choose_precision(runtime: runtimes.Runtime, fp16: bool, device: str, cpu) ->
         candidates.append({"precision": precision, "reason": reason})
     if not candidates:  # fp32 is every runtime's and always preferred last: its own refusal is the user's error
         raise ZsadError(refused[-1]["why"])
-    cpu_record = {k: v for k, v in cpu.summary().items() if k in ("model", "vendor", "physical_cores", "isa_flags")}
+    cpu_record = {k: v for k, v in cpu.summary().items()
+                  if k in ("model", "vendor", "physical_cores", "isa_flags", "isa_cap")}
     return {"requested": AUTO, "cpu": cpu_record, "candidates": candidates, "refused": refused}
 
 

@@ -60,13 +60,19 @@ def bad_images() -> dict[str, bytes]:
     }
 
 
-def process_rss(pid: int) -> int:
-    """Resident bytes of one process (Linux /proc); 0 when it is gone."""
+def proc_status_kb(pid: int | str, field: str) -> int | None:
+    """One kB field of /proc/PID/status (``pid`` "self" for this process; e.g. VmRSS, VmHWM: the peak); None where
+    the process is gone or there is no /proc."""
     try:
         with open(f"/proc/{pid}/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+            return next(int(line.split()[1]) for line in f if line.startswith(f"{field}:"))
     except (OSError, StopIteration):
-        return 0
+        return None
+
+
+def process_rss(pid: int) -> int:
+    """Resident bytes of one process (Linux /proc); 0 when it is gone."""
+    return (proc_status_kb(pid, "VmRSS") or 0) * 1024
 
 
 def process_tree_rss(pid: int) -> int:

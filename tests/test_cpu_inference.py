@@ -12,7 +12,7 @@ import pytest
 from zsad import ZsadError
 from zsad.bench.backends import default_backends
 from zsad.bench.report import add_efficiency, add_speedups
-from zsad.cpu import CpuInfo, parse_cpuinfo, precision_preference
+from zsad.cpu import CpuInfo, apply_isa_cap, parse_cpuinfo, precision_preference, read_cpu
 
 AMX_XEON = ("fpu sse sse2 avx avx2 fma avx512f avx512bw avx512_vnni avx512_bf16 avx_vnni amx_bf16 amx_tile amx_int8 "
             "avx512_fp16")
@@ -62,6 +62,42 @@ def test_precision_order_for_each_kind_of_cpu():
                                             "served"]
     no_bf16 = default_backends("cpu", CpuInfo(flags=frozenset(VNNI_XEON.split())))
     assert "torch-bf16" not in no_bf16 and "openvino-int8" in no_bf16 and "openvino-bf16" not in no_bf16
+
+
+def test_onednn_isa_cap_leaves_out_the_flags_above_it(monkeypatch):
+    """ONEDNN_MAX_CPU_ISA (oneDNN's documented names, any case) hides the ISAs above it from the peaks and from
+    --precision auto's order, as oneDNN hides them from OpenVINO's and torch's kernels: an AMX Xeon capped at
+    AVX512_CORE_BF16 is an AVX-512 BF16 CPU without AMX; AVX512_CORE drops VNNI (AVX2-VNNI too: not below it in
+    oneDNN's order); DNNL_MAX_CPU_ISA is the older name; an unknown name changes nothing."""
+    def capped(env, flags=AMX_XEON):
+        return apply_isa_cap(parse_cpuinfo(_cpuinfo(flags, cores=2, threads_per_core=1)), env)
+
+    bf16 = capped({"ONEDNN_MAX_CPU_ISA": "avx512_core_bf16"})
+    assert bf16.flags == frozenset(ZEN4_EPYC.split())  # AMX, AVX-512 FP16 and AVX-VNNI gone, the rest kept
+    assert [bf16.best_isa(p) for p in ("fp32", "bf16", "int8")] == [("AVX-512F", 64), ("AVX-512 BF16", 128),
+                                                                   ("AVX-512 VNNI", 256)]
+    assert [p for p, _ in precision_preference(bf16.flags)] == ["int8-bf16", "int8", "bf16", "fp32"]
+    assert "capped by ONEDNN_MAX_CPU_ISA=avx512_core_bf16" in bf16.summary()["isa_cap"]
+    core = capped({"DNNL_MAX_CPU_ISA": "AVX512_CORE"})
+    assert core.best_isa("int8") == ("AVX2", 64) and core.best_isa("bf16") == ("AVX-512F", 64)
+    assert [p for p, _ in precision_preference(core.flags)] == ["int8", "fp32"]
+    assert capped({"ONEDNN_MAX_CPU_ISA": "AVX2_VNNI"}).best_isa("int8") == ("AVX-VNNI", 128)
+    assert capped({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_FP16"}).best_isa("int8") == ("AVX-512 VNNI", 256)
+    assert capped({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}).best_isa("bf16") == ("AMX-BF16", 1024)
+    assert capped({"ONEDNN_MAX_CPU_ISA": "SSE41"}).best_isa("fp32") == ("SSE/AVX", 16)
+    # the newer name wins over the older one, as in oneDNN
+    both = {"ONEDNN_MAX_CPU_ISA": "AVX2", "DNNL_MAX_CPU_ISA": "AVX512_CORE_AMX"}
+    assert capped(both).best_isa("fp32")[0] == "AVX2+FMA"
+    # a cap above what the CPU has adds nothing
+    assert capped({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}, ZEN4_EPYC).flags == frozenset(ZEN4_EPYC.split())
+    for env in ({}, {"ONEDNN_MAX_CPU_ISA": "DEFAULT"}, {"ONEDNN_MAX_CPU_ISA": "AVX9000"}):
+        assert capped(env).flags == frozenset(AMX_XEON.split())
+    assert "not a oneDNN ISA name" in capped({"ONEDNN_MAX_CPU_ISA": "AVX9000"}).isa_cap
+    # read_cpu applies it to this machine: capped at AVX2, no peak is above AVX2's, whatever the CPU
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    here = read_cpu().summary()
+    assert not [f for f in here["isa_flags"] if f.startswith(("avx512", "amx"))]
+    assert set(here["peak_isa"].values()) <= {"AVX2+FMA", "AVX2", "SSE/AVX"}
 
 
 def test_choose_precision_keeps_what_the_backend_builds_here():

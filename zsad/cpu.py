@@ -16,6 +16,12 @@ its real AVX-512 peak is half of these and an efficiency there reads low by up t
 The clock is the highest of /sys/devices/system/cpu/cpu*/cpufreq/cpuinfo_max_freq where the kernel exposes it
 (the turbo maximum), else /proc/cpuinfo "cpu MHz" (in a VM often the nominal TSC clock). Under AVX-512 / AMX load
 Xeons run below both, so a peak from either is an upper bound and an efficiency computed from it a lower bound.
+
+``ONEDNN_MAX_CPU_ISA`` (or its older name ``DNNL_MAX_CPU_ISA``) caps the instruction sets oneDNN, and with it
+OpenVINO's CPU plugin and torch's oneDNN kernels, may use: e.g. ``AVX512_CORE_BF16`` on an AMX Xeon runs every
+oneDNN kernel as on an AVX-512 BF16 CPU without AMX (measured: OpenVINO's fused attention 3x slower). read_cpu
+leaves the flags above the cap out, so the peaks, the "% of peak" column and --precision auto's order follow the
+instruction sets the libraries really use, and records the cap.
 """
 from __future__ import annotations
 
@@ -31,6 +37,22 @@ PEAK_TABLE: dict[str, list[tuple[str, tuple[str, ...], int]]] = {
     "int8": [("AMX-INT8", ("amx_int8", "amx_tile"), 2048), ("AVX-512 VNNI", ("avx512_vnni",), 256),
              ("AVX-VNNI", ("avx_vnni",), 128), ("AVX2", ("avx2",), 64)],
 }
+# oneDNN's ONEDNN_MAX_CPU_ISA names -> which of the flags zsad looks at (ONEDNN_GATED) a kernel may still use
+# under that cap (oneDNN's ISA hierarchy: an ISA is allowed when all its bits are in the cap's; AVX2-VNNI is not
+# part of AVX512_CORE nor of AVX512_CORE_VNNI / _BF16, it comes back with AVX512_CORE_FP16)
+ONEDNN_GATED = frozenset({"avx", "avx2", "fma", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+                          "amx_tile", "amx_bf16", "amx_int8", "amx_fp16"})
+_AVX2 = frozenset({"avx", "avx2", "fma"})
+_AVX512 = _AVX2 | {"avx512f"}
+_FP16 = _AVX512 | {"avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni"}
+ONEDNN_ISA_CAPS: dict[str, frozenset[str]] = {
+    "SSE41": frozenset(), "AVX": frozenset({"avx"}), "AVX2": _AVX2, "AVX2_VNNI": _AVX2 | {"avx_vnni"},
+    "AVX2_VNNI_2": _AVX2 | {"avx_vnni"}, "AVX512_CORE": _AVX512, "AVX512_CORE_VNNI": _AVX512 | {"avx512_vnni"},
+    "AVX512_CORE_BF16": _AVX512 | {"avx512_vnni", "avx512_bf16"}, "AVX512_CORE_FP16": _FP16,
+    "AVX10_1_512": _FP16, "AVX512_CORE_AMX": _FP16 | {"amx_tile", "amx_bf16", "amx_int8"},
+    "AVX10_1_512_AMX": _FP16 | {"amx_tile", "amx_bf16", "amx_int8"}, "AVX512_CORE_AMX_FP16": ONEDNN_GATED,
+    "AVX10_1_512_AMX_FP16": ONEDNN_GATED, "ALL": ONEDNN_GATED, "DEFAULT": ONEDNN_GATED}
+
 # a row's precision -> the arithmetic its bulk (the linear layers) runs in; int8-bf16 is held to the int8 peak
 ARITHMETIC = {"fp32": "fp32", "bf16": "bf16", "fp16": "bf16", "int8": "int8", "int8-bf16": "int8"}
 
@@ -43,6 +65,7 @@ class CpuInfo:
     physical_cores: int = 1
     mhz: float = 0.0
     mhz_source: str = "unknown"
+    isa_cap: str = ""  # what read_cpu made of ONEDNN_MAX_CPU_ISA / DNNL_MAX_CPU_ISA where one is set (a sentence)
 
     def best_isa(self, precision: str) -> tuple[str, int]:
         """(ISA name, operations per cycle per core) of the best ISA this CPU has for ``precision``'s arithmetic
@@ -63,6 +86,7 @@ class CpuInfo:
         wanted = sorted({f for table in PEAK_TABLE.values() for _, needs, _ in table for f in needs})
         return {"model": self.model, "vendor": self.vendor, "physical_cores": self.physical_cores, "mhz": self.mhz,
                 "mhz_source": self.mhz_source, "isa_flags": [f for f in wanted if f in self.flags],
+                "isa_cap": self.isa_cap,
                 "peak_tflops": {p: round(self.peak_tflops(p)[0], 3) for p in PEAK_TABLE},
                 "peak_isa": {p: self.best_isa(p)[0] for p in PEAK_TABLE}}
 
@@ -87,21 +111,40 @@ def parse_cpuinfo(text: str, allowed_cpus: set[int] | None = None) -> CpuInfo:
     return info
 
 
+def apply_isa_cap(info: CpuInfo, environ) -> CpuInfo:
+    """``info`` with the flags above oneDNN's ISA cap left out, where ``environ`` sets ONEDNN_MAX_CPU_ISA (else
+    DNNL_MAX_CPU_ISA) to a name oneDNN knows; unset, DEFAULT / ALL or a name oneDNN does not know (oneDNN ignores it
+    too): ``info`` unchanged (an unknown name is recorded as ignored)."""
+    for var in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        value = environ.get(var, "").strip()
+        if not value:
+            continue
+        allowed = ONEDNN_ISA_CAPS.get(value.upper())
+        if allowed is None:
+            info.isa_cap = f"{var}={value} is not a oneDNN ISA name: ignored, as oneDNN ignores it"
+        elif value.upper() not in ("ALL", "DEFAULT"):
+            info.flags = frozenset(f for f in info.flags if f not in ONEDNN_GATED or f in allowed)
+            info.isa_cap = (f"capped by {var}={value}: oneDNN, so OpenVINO's CPU plugin and torch's oneDNN kernels, "
+                            f"used no ISA above it; the flags and peaks here are the capped ones")
+        return info
+    return info
+
+
 def read_cpu() -> CpuInfo:
-    """This machine's CPU (the logical CPUs this process may run on); the clock from cpufreq's maximum where the
-    kernel has it, else /proc/cpuinfo (see the module docstring)."""
+    """This machine's CPU (the logical CPUs this process may run on) as oneDNN may use it (the ISA cap applied, see
+    the module docstring); the clock from cpufreq's maximum where the kernel has it, else /proc/cpuinfo."""
     allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     try:
         info = parse_cpuinfo(Path("/proc/cpuinfo").read_text(), allowed)
     except OSError:
-        return CpuInfo(physical_cores=os.cpu_count() or 1)
+        return apply_isa_cap(CpuInfo(physical_cores=os.cpu_count() or 1), os.environ)
     freqs = []
     for cpu in sorted(allowed or []):
         with contextlib.suppress(OSError, ValueError):  # no cpufreq in most VMs
             freqs.append(int(Path(f"/sys/devices/system/cpu/cpu{cpu}/cpufreq/cpuinfo_max_freq").read_text()) / 1e3)
     if freqs:
         info.mhz, info.mhz_source = max(freqs), "cpufreq cpuinfo_max_freq"
-    return info
+    return apply_isa_cap(info, os.environ)
 
 
 def has_bf16(flags: frozenset[str] | set[str]) -> bool:
