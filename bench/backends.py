@@ -22,14 +22,16 @@ GPU_DEFAULT = ("torch-fp32", "torch-fp16", "torch-bf16", "torch-compile", "cuda-
 def default_backends(device: str, cpu) -> list[str]:
     """zsad-bench's --backend default: GPU_DEFAULT on a GPU; on the CPU (``cpu`` a zsad.cpu.CpuInfo) the plain-torch
     comparators (bf16 autocast ones only where the CPU has bf16), ort, and openvino at every precision
-    ``zsad-export --precision auto`` would try on this CPU, fastest first (zsad.cpu.precision_preference), then
-    the served sweep."""
-    from zsad.cpu import has_bf16, precision_preference
+    ``zsad-export --precision auto`` would try on this CPU, fastest first (zsad.cpu.precision_preference, with
+    bf16's speed measured here), then the served sweep."""
+    from zsad.cpu import bf16_matmul_ratio, has_bf16, precision_preference
 
     if device.startswith("cuda"):
         return list(GPU_DEFAULT)
-    plain = ["torch-fp32", "torch-compile"] + (["torch-bf16", "torch-compile-bf16"] if has_bf16(cpu.flags) else [])
-    return [*plain, "ort", *(f"openvino-{p}" for p, _ in precision_preference(cpu.flags)), "served"]
+    bf16 = has_bf16(cpu.flags)
+    plain = ["torch-fp32", "torch-compile"] + (["torch-bf16", "torch-compile-bf16"] if bf16 else [])
+    order = precision_preference(cpu.flags, bf16_matmul_ratio() if bf16 else None)
+    return [*plain, "ort", *(f"openvino-{p}" for p, _ in order), "served"]
 
 
 def known_backends() -> tuple[str, ...]:

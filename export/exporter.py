@@ -227,10 +227,14 @@ def choose_precision(runtime: runtimes.Runtime, fp16: bool, device: str, cpu) ->
     (zsad.cpu.precision_preference), kept where ``runtime`` builds and checks them here, each with the reason; the
     export tries them in order and keeps the first that passes its gate. Returns the record the export's report
     keeps: {"requested", "cpu", "candidates" [{precision, reason}], "refused" [{precision, why}]}."""
-    from zsad.cpu import precision_preference
+    import math
 
+    from zsad.cpu import bf16_matmul_ratio, has_bf16, precision_preference
+
+    # the flags say bf16 runs here, not that it is fast: measured where a bf16 precision is on offer
+    ratio = bf16_matmul_ratio() if has_bf16(cpu.flags) and {"bf16", "int8-bf16"} & set(runtime.precisions) else None
     candidates, refused = [], []
-    for precision, reason in precision_preference(cpu.flags):
+    for precision, reason in precision_preference(cpu.flags, ratio):
         if precision not in runtime.precisions:
             refused.append({"precision": precision, "why": f"not a precision of --backend {runtime.name}"})
             continue
@@ -244,6 +248,8 @@ def choose_precision(runtime: runtimes.Runtime, fp16: bool, device: str, cpu) ->
         raise ZsadError(refused[-1]["why"])
     cpu_record = {k: v for k, v in cpu.summary().items()
                   if k in ("model", "vendor", "physical_cores", "isa_flags", "isa_cap")}
+    if ratio is not None:  # (JSON has no infinity)
+        cpu_record["bf16_linear_time_vs_fp32"] = round(ratio, 3) if math.isfinite(ratio) else "bf16 does not compile"
     return {"requested": AUTO, "cpu": cpu_record, "candidates": candidates, "refused": refused}
 
 

@@ -3,8 +3,11 @@ each kind of CPU and its fallback on a gate refusal, the speed-up / efficiency c
 and zsad-bench's worker processes (each backend's own peak RSS; every worker reaped, its memory gone with it)."""
 import contextlib
 import json
+import math
 import multiprocessing
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,7 @@ import pytest
 from zsad import ZsadError
 from zsad.bench.backends import default_backends
 from zsad.bench.report import add_efficiency, add_speedups
-from zsad.cpu import CpuInfo, apply_isa_cap, parse_cpuinfo, precision_preference, read_cpu
+from zsad.cpu import BF16_FAST, CpuInfo, apply_isa_cap, parse_cpuinfo, precision_preference, read_cpu
 
 AMX_XEON = ("fpu sse sse2 avx avx2 fma avx512f avx512bw avx512_vnni avx512_bf16 avx_vnni amx_bf16 amx_tile amx_int8 "
             "avx512_fp16")
@@ -50,16 +53,30 @@ def test_isa_cores_and_peak_from_cpuinfo_text():
     assert parse_cpuinfo(_cpuinfo(AMX_XEON, cores=2, threads_per_core=2), allowed_cpus={0, 2}).physical_cores == 1
 
 
-def test_precision_order_for_each_kind_of_cpu():
+def test_precision_order_for_each_kind_of_cpu(monkeypatch):
     order = {name: [p for p, _ in precision_preference(frozenset(flags.split()))]
              for name, flags in [("amx", AMX_XEON), ("epyc", ZEN4_EPYC), ("vnni", VNNI_XEON), ("avx2", AVX2_ONLY),
                                  ("old", OLD)]}
     assert order == {"amx": ["int8-bf16", "bf16", "int8", "fp32"], "epyc": ["int8-bf16", "int8", "bf16", "fp32"],
                      "vnni": ["int8", "fp32"], "avx2": ["int8", "fp32"], "old": ["fp32"]}
+    # measured: bf16 no faster than fp32 here (above BF16_FAST) puts int8 first and drops bf16; inf: no bf16 at all
+    def measured(flags, ratio):
+        return [p for p, _ in precision_preference(frozenset(flags.split()), ratio)]
+
+    for flags in (AMX_XEON, ZEN4_EPYC):
+        assert measured(flags, 1.5) == measured(flags, BF16_FAST + 0.01) == ["int8", "int8-bf16", "fp32"]
+        assert measured(flags, math.inf) == ["int8", "fp32"]
+        assert measured(flags, BF16_FAST) == measured(flags, 0.26) == measured(flags, None)  # fast: the flags' order
+    assert measured(VNNI_XEON, 1.5) == ["int8", "fp32"] and measured(OLD, 1.5) == ["fp32"]
+    assert "1.50x fp32's time" in precision_preference(frozenset(AMX_XEON.split()), 1.5)[0][1]
     cpu = CpuInfo(flags=frozenset(ZEN4_EPYC.split()))
+    monkeypatch.setattr("zsad.cpu.bf16_matmul_ratio", lambda: 0.5)
     assert default_backends("cpu", cpu) == ["torch-fp32", "torch-compile", "torch-bf16", "torch-compile-bf16", "ort",
                                             "openvino-int8-bf16", "openvino-int8", "openvino-bf16", "openvino-fp32",
                                             "served"]
+    monkeypatch.setattr("zsad.cpu.bf16_matmul_ratio", lambda: 1.5)  # the torch bf16 comparators stay
+    assert default_backends("cpu", cpu) == ["torch-fp32", "torch-compile", "torch-bf16", "torch-compile-bf16", "ort",
+                                            "openvino-int8", "openvino-int8-bf16", "openvino-fp32", "served"]
     no_bf16 = default_backends("cpu", CpuInfo(flags=frozenset(VNNI_XEON.split())))
     assert "torch-bf16" not in no_bf16 and "openvino-int8" in no_bf16 and "openvino-bf16" not in no_bf16
 
@@ -111,6 +128,42 @@ def test_choose_precision_keeps_what_the_backend_builds_here():
     assert all("not a precision of --backend onnxruntime" in r["why"] for r in onnx["refused"])
     with pytest.raises(ZsadError, match="exports for CPU servers"):  # fp32's own refusal is the user's error
         choose_precision(runtimes.get("openvino"), False, "gpu", amx)
+
+
+def test_choose_precision_follows_the_measured_bf16_speed(monkeypatch):
+    """--precision auto measures bf16 where the CPU has it: slower than fp32 here puts int8 first and bf16 out, and
+    the export's record keeps the measurement (onnxruntime has no bf16: nothing measured)."""
+    from zsad.export import runtimes
+    from zsad.export.exporter import choose_precision
+
+    amx = CpuInfo(model="Test CPU", flags=frozenset(AMX_XEON.split()))
+    calls = []
+    for ratio, order, recorded in [(1.5, ["int8", "int8-bf16", "fp32"], 1.5), (math.inf, ["int8", "fp32"],
+                                   "bf16 does not compile"), (0.26, ["int8-bf16", "bf16", "int8", "fp32"], 0.26)]:
+        monkeypatch.setattr("zsad.cpu.bf16_matmul_ratio", lambda r=ratio: calls.append(r) or r)
+        choice = choose_precision(runtimes.get("python-openvino"), False, "cpu", amx)
+        assert [c["precision"] for c in choice["candidates"]] == order
+        assert choice["cpu"]["bf16_linear_time_vs_fp32"] == recorded
+    json.dumps(choice, allow_nan=False)  # the record is plain JSON
+    calls.clear()
+    assert "bf16_linear_time_vs_fp32" not in choose_precision(runtimes.get("onnxruntime"), False, "cpu", amx)["cpu"]
+    assert not calls
+
+
+def test_bf16_speed_is_measured_on_this_cpu():
+    """The measurement itself, on this machine: a finite time ratio; where oneDNN is capped at AVX2 (any x86 CPU)
+    bf16 cannot beat fp32, so the measurement says slow; with AMX usable here it says fast."""
+    pytest.importorskip("openvino")
+    from zsad.cpu import bf16_matmul_ratio
+
+    ratio = bf16_matmul_ratio()
+    assert ratio is not None and ratio > 0
+    if {"amx_bf16", "amx_tile"} <= read_cpu().flags:
+        assert ratio < BF16_FAST
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    out = subprocess.run([sys.executable, "-c", "from zsad.cpu import bf16_matmul_ratio; print(bf16_matmul_ratio())"],
+                         env=env, capture_output=True, text=True, check=True).stdout.split()[-1]
+    assert float(out) > BF16_FAST, out
 
 
 def test_auto_falls_back_when_a_gate_refuses():

@@ -9,7 +9,10 @@ its real AVX-512 peak is half of these and an efficiency there reads low by up t
 - fp32: AVX-512F 64 (2 units x 16 lanes x 2), AVX2 + FMA 32, plain SSE/AVX without FMA 16;
 - bf16: AMX-BF16 1024 (Intel: 4th Gen Xeon Scalable "2048 INT8 or 1024 BF16 operations per cycle" per core, the
   AMX overview and optimisation manual), AVX-512 BF16 128 (VDPBF16PS: 16 lanes x 2 products x 2, 2 units);
-  without either, bf16 runs at the fp32 rate;
+  without either, bf16 runs at the fp32 rate. Measured on the 2-core AMX Xeon VM (an instruction-throughput loop,
+  bench/results/2026-12-06-cpu-no-amx/isa_rate.c): VDPBF16PS ran at a quarter of VFMADD231PS's rate there, i.e.
+  32 bf16 operations per cycle, half the fp32 rate, so on such a core the AVX-512 BF16 peak is 4x too high (no
+  measurement of an AMD core);
 - int8: AMX-INT8 2048 (same Intel source), AVX-512 VNNI 256 (VPDPBUSD: 16 lanes x 4 products x 2, 2 units; Intel
   quotes 256 INT8 ops/cycle for it), AVX-VNNI 128 (256-bit), AVX2 without VNNI 64 (VPMADDUBSW + VPMADDWD pairs).
 
@@ -26,7 +29,9 @@ instruction sets the libraries really use, and records the cap.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -152,7 +157,7 @@ def has_bf16(flags: frozenset[str] | set[str]) -> bool:
     return "avx512_bf16" in flags or {"amx_bf16", "amx_tile"} <= set(flags)
 
 
-def precision_preference(flags: frozenset[str] | set[str]) -> list[tuple[str, str]]:
+def precision_preference(flags: frozenset[str] | set[str], bf16_ratio: float | None = None) -> list[tuple[str, str]]:
     """The OpenVINO precisions to try on a CPU with ``flags``, fastest first, each with the reason (zsad-export
     --precision auto tries them in order and keeps the first that passes its gate; fp32 is always last):
 
@@ -163,7 +168,33 @@ def precision_preference(flags: frozenset[str] | set[str]) -> list[tuple[str, st
     - AVX-512 BF16 without AMX: int8-bf16 (int8 linear layers on VNNI, attention in bf16: the fastest measured on
       an AVX-512 BF16/VNNI EPYC, 2026-11-30 report), then int8, then bf16;
     - VNNI without bf16, or AVX2: int8;
-    - else fp32 only."""
+    - else fp32 only.
+
+    The flags say what a CPU can run, not how fast: ``bf16_ratio`` (bf16_matmul_ratio, measured here) above
+    BF16_FAST means bf16 is no faster than fp32 on this machine, and then int8 goes first (int8 attention, the rest
+    fp32), int8-bf16 after it (slower, but more accurate where int8 fails its gate), bf16 not at all. Measured on an
+    AMX Xeon capped at ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 (the stand-in for an Intel CPU with AVX-512 BF16 and no
+    AMX): VDPBF16PS ran at a quarter of VFMADD231PS's instruction rate (half its FLOP rate); a bf16 linear layer
+    took 1.5x its fp32 time; the paper-profile BAG-CLIP encoder int8 1.97 s, int8-bf16 2.80 s, fp32 4.05 s, bf16
+    6.15 s (bench/results/2026-12-06-cpu-no-amx/); on the AMD EPYC of the 2026-11-30 reports bf16 ran at twice fp32's
+    speed and int8-bf16 was the fastest."""
+    order = _preference_by_flags(flags)
+    if bf16_ratio is None or bf16_ratio <= BF16_FAST:
+        return order
+    names = [p for p, _ in order]
+    slow = (f"bf16 measured {bf16_ratio:.2f}x fp32's time for a linear layer here" if math.isfinite(bf16_ratio)
+            else "OpenVINO cannot compile bf16 on this CPU")
+    out = []
+    if "int8" in names:
+        out.append(("int8", f"{slow}: int8 linear layers and attention, the rest fp32"))
+    if "int8-bf16" in names and math.isfinite(bf16_ratio):
+        out.append(("int8-bf16", f"{slow}: int8 linear layers, attention in bf16 (slower than int8 here, tried "
+                                 "where int8 fails its gate)"))
+    return [*out, order[-1]]
+
+
+def _preference_by_flags(flags: frozenset[str] | set[str]) -> list[tuple[str, str]]:
+    """precision_preference's order from the ISA flags alone."""
     amx = {"amx_bf16", "amx_int8", "amx_tile"} <= set(flags)
     bf16 = has_bf16(flags)
     vnni = bool({"avx512_vnni", "avx_vnni"} & set(flags))
@@ -180,6 +211,46 @@ def precision_preference(flags: frozenset[str] | set[str]) -> list[tuple[str, st
     if vnni or "avx2" in flags:
         return [("int8", f"{'VNNI' if vnni else 'AVX2'} without bf16: int8 linear layers and attention"), fp32]
     return [fp32]
+
+
+BF16_FAST = 0.8  # bf16 counts as faster than fp32 where its linear layer takes at most this share of fp32's time
+
+
+def bf16_matmul_ratio(size: int = 1024, repeats: int = 5) -> float | None:
+    """How long one linear layer ([size x size] input times a constant [size x size] weight) takes in OpenVINO's CPU
+    plugin with the bf16 inference precision, over its time with f32 (the best of ``repeats`` runs each, after a
+    warm-up; ~20 ms in all). Measured: 0.26 on an AMX Xeon, 1.5 on the same capped at
+    ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16. inf where the plugin cannot compile bf16 here (oneDNN capped at AVX2);
+    None without OpenVINO."""
+    try:
+        import numpy as np
+        import openvino as ov
+        import openvino.opset13 as ops
+    except ImportError:
+        return None
+    rng = np.random.default_rng(0)
+    x_value = rng.standard_normal((size, size), dtype=np.float32)
+    weight = rng.standard_normal((size, size), dtype=np.float32) / size ** 0.5
+    core = ov.Core()
+    best = {}
+    for hint in ("f32", "bf16"):
+        x = ops.parameter([size, size], np.float32, name="x")
+        model = ov.Model([ops.matmul(x, ops.constant(weight), False, True)], [x])
+        try:
+            request = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint,
+                                                        "PERFORMANCE_HINT": "LATENCY"}).create_infer_request()
+        except RuntimeError:
+            if hint == "f32":
+                return None  # not even f32 here: nothing to compare against
+            return math.inf
+        request.infer({0: x_value})
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            request.infer({0: x_value})
+            times.append(time.perf_counter() - start)
+        best[hint] = min(times)
+    return best["bf16"] / best["f32"]
 
 
 # one flag set per kind of CPU precision_preference tells apart, named as --help names them
