@@ -81,7 +81,7 @@ def test_compare_refuses_mismatched_and_unknown_files(tmp_path):
     with pytest.raises(ZsadError, match="no timed configuration in common"):  # tiny profile vs paper profile
         compare(load_result(A), load_result(RUN))
     out = tmp_path / "out"
-    for bad, msg in ((RESULTS / "2026-12-05-forecast-paper-all.json", "is not a zsad-bench result file"),
+    for bad, msg in ((RESULTS / "2026-12-06-forecast-paper-all.json", "is not a zsad-bench result file"),
                      (tmp_path / "missing.json", "cannot read bench results"),
                      (tmp_path / "other.json", "different methods")):
         res = CliRunner().invoke(bench_cli, ["--compare", str(A), str(bad), "--out", str(out)])
