@@ -57,7 +57,8 @@ wheelhouse:
 	$(RUN_PYTHON) bench/gpu_check.py --wheelhouse $(OUT) --python-version $(PY)
 
 # Mutation testing (tools/mutants.py, list in tools/mutants.toml): one-line bugs applied to a temp COPY of the tree,
-# each against its selected tests; report in tools/mutants_out/mutants.{md,json}. Slow (about an hour for the whole list): not in CI.
+# each against the tests it names (slow ones too; --no-slow leaves them out); report in tools/mutants_out/mutants.{md,json}.
+# Slow (over an hour for the whole list): not in CI.
 .PHONY: mutants
 mutants: $(STAMP)
 	$(BIN)/python tools/mutants.py --out tools/mutants_out

@@ -1,6 +1,6 @@
 """Mutation testing: apply one-line bugs to a COPY of the tree, run the tests meant to catch each, report survivors.
 
-    python tools/mutants.py [--list tools/mutants.toml] [--only ID,ID] [--skip-tests FILE,FILE] [--out DIR]
+    python tools/mutants.py [--list tools/mutants.toml] [--only ID,ID] [--skip-tests FILE,FILE] [--out DIR] [--no-slow]
 
 Each mutant in the list (TOML, ``[[mutant]]`` tables) names a file, an exact substring of one line (it must occur
 exactly once in the file), its replacement, and the tests that should fail with it. For every mutant the runner
@@ -82,19 +82,25 @@ def make_venv(tree: Path, venv: Path) -> Path:
     return py
 
 
-def run_tests(py: Path, tree: Path, tests: list[str], timeout: float) -> tuple[str, float, str]:
+def run_tests(py: Path, tree: Path, tests: list[str], timeout: float, slow: bool = True) -> tuple[str, float, str]:
+    """("passed" / "failed" / "none-selected" / "timeout", seconds, pytest's last line). The tests a mutant names
+    run whatever their marker (a slow test is named because it is the one that catches that bug), but for gpu
+    ones, and slow ones with ``slow=False``; a selection left empty is "none-selected", not a failure."""
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", HF_HUB_OFFLINE="1")
     env.pop("VIRTUAL_ENV", None)
     env["PATH"] = f"{py.parent}:{env.get('PATH', '')}"
-    cmd = [str(py), "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "not slow and not gpu", *tests]
+    marks = "not gpu" if slow else "not slow and not gpu"
+    cmd = [str(py), "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", marks, *tests]
     t0 = time.monotonic()
     try:
         r = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return "timeout", time.monotonic() - t0, ""
     tail = (r.stdout + r.stderr).strip().splitlines()[-1:] or [""]
-    # exit 0: passed; 1: a test failed; anything else (collection error, usage): also a failure the mutant caused
-    return ("passed" if r.returncode == 0 else "failed"), time.monotonic() - t0, tail[0][:200]
+    # exit 0: passed; 5: every named test deselected by its marker; anything else (a test failed, a collection
+    # error, usage): a failure the mutant caused
+    outcome = {0: "passed", 5: "none-selected"}.get(r.returncode, "failed")
+    return outcome, time.monotonic() - t0, tail[0][:200]
 
 
 def apply(tree: Path, m: dict) -> str | None:
@@ -141,6 +147,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "tools" / "mutants_out")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per test run")
     ap.add_argument("--keep", action="store_true", help="keep the temp copy (its path is printed)")
+    ap.add_argument("--no-slow", action="store_true",
+                    help="leave out the named tests marked slow (a mutant with only slow tests is then 'not-run')")
     args = ap.parse_args(argv)
 
     mutants = load_mutants(args.list)
@@ -167,18 +175,21 @@ def main(argv=None) -> int:
             else:
                 key = tuple(tests)
                 if key not in baseline:
-                    baseline[key], _, tail = run_tests(py, tree, tests, args.timeout)
+                    baseline[key], _, tail = run_tests(py, tree, tests, args.timeout, not args.no_slow)
                     if baseline[key] != "passed":
                         print(f"  baseline {baseline[key]} for {tests}: {tail}", flush=True)
                 original = None if baseline[key] != "passed" else apply(tree, m)
-                if baseline[key] != "passed":
+                if baseline[key] == "none-selected":
+                    rec["status"] = "not-run"
+                    rec["note"] = (rec["note"] + " (its tests are all marked slow or gpu: deselected)").strip()
+                elif baseline[key] != "passed":
                     rec["status"] = "baseline-fail"
                 elif original is None:
                     rec["status"] = "error"
                     rec["note"] = "original substring not found exactly once (stale list?)"
                 else:
                     try:
-                        outcome, secs, tail = run_tests(py, tree, tests, args.timeout)
+                        outcome, secs, tail = run_tests(py, tree, tests, args.timeout, not args.no_slow)
                     finally:
                         (tree / m["file"]).write_text(original)
                     rec["seconds"] = round(secs, 1)
