@@ -24,7 +24,8 @@ def default_backends(device: str, cpu) -> list[str]:
     comparators (bf16 autocast ones only where the CPU has bf16), ort, and openvino at every precision
     ``zsad-export --precision auto`` would try on this CPU, fastest first (zsad.cpu.precision_preference, with
     bf16's speed measured here), then the served sweep."""
-    from zsad.cpu import bf16_matmul_ratio, has_bf16, precision_preference
+    from zsad.cpu import has_bf16, precision_preference
+    from zsad.export.openvino_export import bf16_matmul_ratio
 
     if device.startswith("cuda"):
         return list(GPU_DEFAULT)

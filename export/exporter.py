@@ -229,7 +229,8 @@ def choose_precision(runtime: runtimes.Runtime, fp16: bool, device: str, cpu) ->
     keeps: {"requested", "cpu", "candidates" [{precision, reason}], "refused" [{precision, why}]}."""
     import math
 
-    from zsad.cpu import bf16_matmul_ratio, has_bf16, precision_preference
+    from zsad.cpu import has_bf16, precision_preference
+    from zsad.export.openvino_export import bf16_matmul_ratio
 
     # the flags say bf16 runs here, not that it is fast: measured where a bf16 precision is on offer
     ratio = bf16_matmul_ratio() if has_bf16(cpu.flags) and {"bf16", "int8-bf16"} & set(runtime.precisions) else None

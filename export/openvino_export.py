@@ -164,6 +164,42 @@ def compile_model(ov_model, precision: str, threads: int = 0, perf_count: bool =
     return require_openvino().Core().compile_model(ov_model, "CPU", props)
 
 
+def bf16_matmul_ratio(size: int = 1024, repeats: int = 5) -> float | None:
+    """How long one linear layer ([size x size] input times a constant [size x size] weight) takes compiled as the
+    runners compile it (compile_model) at bf16, over its time at fp32 (the best of ``repeats`` runs each, after a
+    warm-up; ~20 ms in all): zsad.cpu.precision_preference's measure of whether bf16 pays on this CPU. Measured:
+    0.26 on an AMX Xeon, 1.5 on the same capped at ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16. inf where the plugin cannot
+    compile bf16 here (oneDNN capped at AVX2); None without OpenVINO."""
+    import math
+    import time
+
+    try:
+        ov = require_openvino()
+    except ZsadError:
+        return None
+    import openvino.opset13 as ops
+
+    rng = np.random.default_rng(0)
+    x_value = rng.standard_normal((size, size), dtype=np.float32)
+    weight = rng.standard_normal((size, size), dtype=np.float32) / size ** 0.5
+    best = {}
+    for precision in ("fp32", "bf16"):
+        x = ops.parameter([size, size], np.float32, name="x")
+        try:
+            request = compile_model(ov.Model([ops.matmul(x, ops.constant(weight), False, True)], [x]),
+                                    precision).create_infer_request()
+        except RuntimeError:
+            return None if precision == "fp32" else math.inf  # not even fp32: nothing to compare against
+        request.infer({0: x_value})
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            request.infer({0: x_value})
+            times.append(time.perf_counter() - start)
+        best[precision] = min(times)
+    return best["bf16"] / best["fp32"]
+
+
 def op_profile(ov_model, precision: str, feed: dict[str, np.ndarray], top: int = 8) -> dict[str, float]:
     """Where one inference of ``ov_model`` (compiled as the runners compile it) spends its time: milliseconds per
     kind of executed node, from OpenVINO's per-node counters (``PERF_COUNT``; the second of two runs), the ``top``

@@ -70,11 +70,11 @@ def test_precision_order_for_each_kind_of_cpu(monkeypatch):
     assert measured(VNNI_XEON, 1.5) == ["int8", "fp32"] and measured(OLD, 1.5) == ["fp32"]
     assert "1.50x fp32's time" in precision_preference(frozenset(AMX_XEON.split()), 1.5)[0][1]
     cpu = CpuInfo(flags=frozenset(ZEN4_EPYC.split()))
-    monkeypatch.setattr("zsad.cpu.bf16_matmul_ratio", lambda: 0.5)
+    monkeypatch.setattr("zsad.export.openvino_export.bf16_matmul_ratio", lambda: 0.5)
     assert default_backends("cpu", cpu) == ["torch-fp32", "torch-compile", "torch-bf16", "torch-compile-bf16", "ort",
                                             "openvino-int8-bf16", "openvino-int8", "openvino-bf16", "openvino-fp32",
                                             "served"]
-    monkeypatch.setattr("zsad.cpu.bf16_matmul_ratio", lambda: 1.5)  # the torch bf16 comparators stay
+    monkeypatch.setattr("zsad.export.openvino_export.bf16_matmul_ratio", lambda: 1.5)  # the torch bf16 comparators stay
     assert default_backends("cpu", cpu) == ["torch-fp32", "torch-compile", "torch-bf16", "torch-compile-bf16", "ort",
                                             "openvino-int8", "openvino-int8-bf16", "openvino-fp32", "served"]
     no_bf16 = default_backends("cpu", CpuInfo(flags=frozenset(VNNI_XEON.split())))
@@ -140,7 +140,7 @@ def test_choose_precision_follows_the_measured_bf16_speed(monkeypatch):
     calls = []
     for ratio, order, recorded in [(1.5, ["int8", "int8-bf16", "fp32"], 1.5), (math.inf, ["int8", "fp32"],
                                    "bf16 does not compile"), (0.26, ["int8-bf16", "bf16", "int8", "fp32"], 0.26)]:
-        monkeypatch.setattr("zsad.cpu.bf16_matmul_ratio", lambda r=ratio: calls.append(r) or r)
+        monkeypatch.setattr("zsad.export.openvino_export.bf16_matmul_ratio", lambda r=ratio: calls.append(r) or r)
         choice = choose_precision(runtimes.get("python-openvino"), False, "cpu", amx)
         assert [c["precision"] for c in choice["candidates"]] == order
         assert choice["cpu"]["bf16_linear_time_vs_fp32"] == recorded
@@ -154,15 +154,16 @@ def test_bf16_speed_is_measured_on_this_cpu():
     """The measurement itself, on this machine: a finite time ratio; where oneDNN is capped at AVX2 (any x86 CPU)
     bf16 cannot beat fp32, so the measurement says slow; with AMX usable here it says fast."""
     pytest.importorskip("openvino")
-    from zsad.cpu import bf16_matmul_ratio
+    from zsad.export.openvino_export import bf16_matmul_ratio
 
     ratio = bf16_matmul_ratio()
     assert ratio is not None and ratio > 0
     if {"amx_bf16", "amx_tile"} <= read_cpu().flags:
         assert ratio < BF16_FAST
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
-    out = subprocess.run([sys.executable, "-c", "from zsad.cpu import bf16_matmul_ratio; print(bf16_matmul_ratio())"],
-                         env=env, capture_output=True, text=True, check=True).stdout.split()[-1]
+    code = "from zsad.export.openvino_export import bf16_matmul_ratio; print(bf16_matmul_ratio())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()[-1]
     assert float(out) > BF16_FAST, out
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -170,14 +169,15 @@ def precision_preference(flags: frozenset[str] | set[str], bf16_ratio: float | N
     - VNNI without bf16, or AVX2: int8;
     - else fp32 only.
 
-    The flags say what a CPU can run, not how fast: ``bf16_ratio`` (bf16_matmul_ratio, measured here) above
-    BF16_FAST means bf16 is no faster than fp32 on this machine, and then int8 goes first (int8 attention, the rest
-    fp32), int8-bf16 after it (slower, but more accurate where int8 fails its gate), bf16 not at all. Measured on an
-    AMX Xeon capped at ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 (the stand-in for an Intel CPU with AVX-512 BF16 and no
-    AMX): VDPBF16PS ran at a quarter of VFMADD231PS's instruction rate (half its FLOP rate); a bf16 linear layer
-    took 1.5x its fp32 time; the paper-profile BAG-CLIP encoder int8 1.97 s, int8-bf16 2.80 s, fp32 4.05 s, bf16
-    6.15 s (bench/results/2026-12-06-cpu-no-amx/); on the AMD EPYC of the 2026-11-30 reports bf16 ran at twice fp32's
-    speed and int8-bf16 was the fastest."""
+    The flags say what a CPU can run, not how fast: ``bf16_ratio`` (measured here by
+    zsad.export.openvino_export.bf16_matmul_ratio) above BF16_FAST means bf16 is no faster than fp32 on this
+    machine, and then int8 goes first (int8 attention, the rest fp32), int8-bf16 after it (slower, but more accurate
+    where int8 fails its gate), bf16 not at all. Measured on an AMX Xeon capped at
+    ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 (the stand-in for an Intel CPU with AVX-512 BF16 and no AMX): VDPBF16PS ran
+    at a quarter of VFMADD231PS's instruction rate (half its FLOP rate); a bf16 linear layer took 1.5x its fp32
+    time; the paper-profile BAG-CLIP encoder int8 1.97 s, int8-bf16 2.80 s, fp32 4.05 s, bf16 6.15 s
+    (bench/results/2026-12-06-cpu-no-amx/); on the AMD EPYC of the 2026-11-30 reports bf16 ran at twice fp32's speed
+    and int8-bf16 was the fastest."""
     order = _preference_by_flags(flags)
     if bf16_ratio is None or bf16_ratio <= BF16_FAST:
         return order
@@ -214,43 +214,6 @@ def _preference_by_flags(flags: frozenset[str] | set[str]) -> list[tuple[str, st
 
 
 BF16_FAST = 0.8  # bf16 counts as faster than fp32 where its linear layer takes at most this share of fp32's time
-
-
-def bf16_matmul_ratio(size: int = 1024, repeats: int = 5) -> float | None:
-    """How long one linear layer ([size x size] input times a constant [size x size] weight) takes in OpenVINO's CPU
-    plugin with the bf16 inference precision, over its time with f32 (the best of ``repeats`` runs each, after a
-    warm-up; ~20 ms in all). Measured: 0.26 on an AMX Xeon, 1.5 on the same capped at
-    ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16. inf where the plugin cannot compile bf16 here (oneDNN capped at AVX2);
-    None without OpenVINO."""
-    try:
-        import numpy as np
-        import openvino as ov
-        import openvino.opset13 as ops
-    except ImportError:
-        return None
-    rng = np.random.default_rng(0)
-    x_value = rng.standard_normal((size, size), dtype=np.float32)
-    weight = rng.standard_normal((size, size), dtype=np.float32) / size ** 0.5
-    core = ov.Core()
-    best = {}
-    for hint in ("f32", "bf16"):
-        x = ops.parameter([size, size], np.float32, name="x")
-        model = ov.Model([ops.matmul(x, ops.constant(weight), False, True)], [x])
-        try:
-            request = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint,
-                                                        "PERFORMANCE_HINT": "LATENCY"}).create_infer_request()
-        except RuntimeError:
-            if hint == "f32":
-                return None  # not even f32 here: nothing to compare against
-            return math.inf
-        request.infer({0: x_value})
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            request.infer({0: x_value})
-            times.append(time.perf_counter() - start)
-        best[hint] = min(times)
-    return best["bf16"] / best["f32"]
 
 
 # one flag set per kind of CPU precision_preference tells apart, named as --help names them
