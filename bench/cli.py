@@ -154,7 +154,7 @@ def main(model, profile, image_size, batch, backend, device, iters, warmup, chec
         from zsad.bench.backends import default_backends
         from zsad.cpu import read_cpu
 
-        backends = default_backends(device, read_cpu())
+        backends = default_backends(device, read_cpu(measure=False))
         click.echo(f"backends (default for {device} on this machine): {','.join(backends)}")
     else:
         backends = [b for b in backend.split(",") if b]

@@ -279,7 +279,7 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     from zsad.cpu import read_cpu
 
-    cpu, flags = cpu_name_and_flags(read_cpu())
+    cpu, flags = cpu_name_and_flags(read_cpu(measure=False))
     for name in args.methods.split(","):
         if (out / f"{name}.json").exists():
             print(f"{name}: {out / (name + '.json')} exists, kept")

@@ -47,7 +47,8 @@ def add_speedups(rows: list[dict]) -> None:
 
 def add_efficiency(rows: list[dict], cpu) -> None:
     """Set on every timed row with an achieved rate ``peak_tflops`` (``cpu``'s peak for the row's precision:
-    physical cores x clock x operations per cycle of its best ISA for it, zsad.cpu), ``peak_isa`` and
+    physical cores x the rate one core sustains in its best ISA for it, measured or from the table, zsad.cpu),
+    ``peak_isa`` and
     ``efficiency`` (achieved / peak)."""
     for r in rows:
         if r["status"] == "ok" and r.get("achieved_tflops") is not None:
@@ -131,7 +132,7 @@ def replot(json_path: Path) -> Path:
 def environment(device: str) -> dict:
     from zsad.cpu import read_cpu
 
-    cpu = read_cpu()
+    cpu = read_cpu(measure=not device.startswith("cuda"))
     env: dict = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
            "cuda": torch.version.cuda, "python": platform.python_version(), "platform": platform.platform(),
            "device": device, "device_name": _device_name(device, cpu), "driver": None}
@@ -235,12 +236,15 @@ def _cpu_lines(env: dict) -> list[str]:
     cpu = env.get("cpu")
     if not cpu:
         return []
-    peaks = ", ".join(f"{p} {cpu['peak_tflops'][p]:.3f} ({cpu['peak_isa'][p]})" for p in cpu["peak_tflops"])
+    how = cpu.get("peak_measured", {})
+    peaks = ", ".join(f"{p} {cpu['peak_tflops'][p]:.3f} ({cpu['peak_isa'][p]}, {'measured' if how.get(p) else 'table'})"
+                      for p in cpu["peak_tflops"])
     return [f"CPU: {cpu['model']} ({cpu['vendor']}), {cpu['physical_cores']} physical cores at {cpu['mhz']:.0f} MHz "
             f"({cpu['mhz_source']}); ISA flags {' '.join(cpu['isa_flags']) or 'none of note'}"
             + (f" ({cpu['isa_cap']})" if cpu.get("isa_cap") else "") + ". Peak TFLOP/s "
-            f"(cores x clock x operations per cycle of the best ISA for the precision; int8-bf16 against int8; an "
-            f"upper bound, see zsad/cpu.py): {peaks}. Speed-ups against the best plain-torch row (eager, autocast "
+            f"(physical cores x what one core sustains in the best ISA for the precision with every core busy: "
+            f"measured by zsad/cpu_probe.py, or clock x zsad/cpu.py's operations per cycle, an upper bound; "
+            f"int8-bf16 against int8): {peaks}. Speed-ups against the best plain-torch row (eager, autocast "
             f"or torch.compile) compare rows of the same batch.", ""]
 
 

@@ -345,7 +345,7 @@ def export_model(opts: ExportOptions, log=print) -> ExportResult:
     if opts.precision == AUTO:
         from zsad.cpu import read_cpu
 
-        choice = choose_precision(runtime, opts.fp16, opts.target_device, read_cpu())
+        choice = choose_precision(runtime, opts.fp16, opts.target_device, read_cpu(measure=False))
         log("--precision auto on " + choice["cpu"]["model"] + ": trying " + ", ".join(
             f"{c['precision']} ({c['reason']})" for c in choice["candidates"]))
     method, trained = build_method(opts)

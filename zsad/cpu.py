@@ -1,24 +1,31 @@
 """The CPU this runs on: its model, instruction sets (ISA), physical cores and clock, its peak arithmetic rate per
 precision, and the precision order zsad-export --precision auto tries on it.
 
-Peak = physical cores x clock x operations per cycle per core for the best ISA the CPU has for that precision
-(one multiply-add = 2 operations, as zsad.bench.flops counts FLOPs). Operations per cycle per core, assuming two
-512-bit FMA units per core (Intel Xeon Scalable Gold/Platinum; AMD Zen 4 runs AVX-512 on 256-bit datapaths, so
-its real AVX-512 peak is half of these and an efficiency there reads low by up to 2x):
+Peak = physical cores x the operations per second one core sustains with every core busy, for the best ISA the
+CPU has for that precision (one multiply-add = 2 operations, as zsad.bench.flops counts FLOPs). Where it can,
+read_cpu *measures* it (zsad.cpu_probe: loops of vfmadd231ps / vdpbf16ps / vpdpbusd on every physical core at
+once, and the clock from a chain of dependent adds); elsewhere, and for AMX (not probed), it is the clock times this
+table of operations per cycle per core, assuming two 512-bit FMA units per core (Intel Xeon Scalable Gold/Platinum):
 
 - fp32: AVX-512F 64 (2 units x 16 lanes x 2), AVX2 + FMA 32, plain SSE/AVX without FMA 16;
 - bf16: AMX-BF16 1024 (Intel: 4th Gen Xeon Scalable "2048 INT8 or 1024 BF16 operations per cycle" per core, the
   AMX overview and optimisation manual), AVX-512 BF16 128 (VDPBF16PS: 16 lanes x 2 products x 2, 2 units);
-  without either, bf16 runs at the fp32 rate. Measured on the 2-core AMX Xeon VM (an instruction-throughput loop,
-  bench/results/2026-12-06-cpu-no-amx/isa_rate.c): VDPBF16PS ran at a quarter of VFMADD231PS's rate there, i.e.
-  32 bf16 operations per cycle, half the fp32 rate, so on such a core the AVX-512 BF16 peak is 4x too high (no
-  measurement of an AMD core);
+  without either, bf16 runs at the fp32 rate;
 - int8: AMX-INT8 2048 (same Intel source), AVX-512 VNNI 256 (VPDPBUSD: 16 lanes x 4 products x 2, 2 units; Intel
-  quotes 256 INT8 ops/cycle for it), AVX-VNNI 128 (256-bit), AVX2 without VNNI 64 (VPMADDUBSW + VPMADDWD pairs).
+  quotes 256 INT8 ops/cycle for it), AVX-VNNI 128 (256-bit), AVX2 without VNNI 64 (VPMADDUBSW + VPMADDWD pairs);
+- AMD Zen 4 (AuthenticAMD, cpu family 25 with AVX-512) runs each 512-bit instruction on two 256-bit units, one
+  512-bit FMA per cycle: the AVX-512 rows are halved there.
 
-The clock is the highest of /sys/devices/system/cpu/cpu*/cpufreq/cpuinfo_max_freq where the kernel exposes it
-(the turbo maximum), else /proc/cpuinfo "cpu MHz" (in a VM often the nominal TSC clock). Under AVX-512 / AMX load
-Xeons run below both, so a peak from either is an upper bound and an efficiency computed from it a lower bound.
+The table was wrong by up to 4x on the machines measured, which is why the probe goes first: on the 2-core AMX
+Xeon VM VDPBF16PS ran at a quarter of VFMADD231PS's instruction rate (32 bf16 operations per cycle, not 128), and
+its cores ran integer adds at 4.16 GHz and 7.7 AVX-512 FMAs per ns while /proc/cpuinfo said 2600 MHz
+(bench/results/2026-12-06-cpu-peaks/measured-peaks.md: a plain fp32 torch.mm reached 130% of the table's "peak").
+
+The clock: measured (dependent adds on every physical core at once), else the highest of
+/sys/devices/system/cpu/cpu*/cpufreq/cpuinfo_max_freq where the kernel exposes it (the turbo maximum), else
+/proc/cpuinfo "cpu MHz" (in a VM often the nominal TSC clock, below what the cores run at). A measured vector peak
+includes AVX-512 down-clocking; a table peak times the integer clock does not, so it is an upper bound and an
+efficiency computed from it a lower bound.
 
 ``ONEDNN_MAX_CPU_ISA`` (or its older name ``DNNL_MAX_CPU_ISA``) caps the instruction sets oneDNN, and with it
 OpenVINO's CPU plugin and torch's oneDNN kernels, may use: e.g. ``AVX512_CORE_BF16`` on an AMX Xeon runs every
@@ -29,8 +36,12 @@ instruction sets the libraries really use, and records the cap.
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import math
 import os
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,6 +80,10 @@ class CpuInfo:
     physical_cores: int = 1
     mhz: float = 0.0
     mhz_source: str = "unknown"
+    mhz_reported: float = 0.0  # what cpufreq / /proc/cpuinfo said, where the clock was measured
+    family: int | None = None  # /proc/cpuinfo "cpu family"
+    # ISA name -> operations per second per core with every core busy, measured by zsad.cpu_probe
+    measured_ops: dict[str, float] = field(default_factory=dict)
     isa_cap: str = ""  # what read_cpu made of ONEDNN_MAX_CPU_ISA / DNNL_MAX_CPU_ISA where one is set (a sentence)
 
     def best_isa(self, precision: str) -> tuple[str, int]:
@@ -77,22 +92,32 @@ class CpuInfo:
         arithmetic = ARITHMETIC.get(precision, "fp32")
         for name, needs, ops in PEAK_TABLE[arithmetic]:
             if all(f in self.flags for f in needs):
-                return name, ops
+                return name, ops // 2 if self.avx512_half_width and name.startswith("AVX-512") else ops
         return self.best_isa("fp32")  # no bf16 / int8 ISA: that arithmetic runs at the fp32 rate (fp32 always matches)
 
+    @property
+    def avx512_half_width(self) -> bool:
+        """AMD Zen 4: AVX-512 on 256-bit units (Zen 3 shares its family number but has no AVX-512)."""
+        return self.vendor == "AuthenticAMD" and self.family == 25 and "avx512f" in self.flags
+
     def peak_tflops(self, precision: str) -> tuple[float, str]:
-        """(peak TFLOP/s or TOP/s for ``precision`` on this CPU, the ISA it assumes); 0.0 with an unknown clock."""
+        """(peak TFLOP/s or TOP/s for ``precision`` on this CPU, the ISA it assumes): measured where zsad.cpu_probe
+        measured that ISA, else cores x clock x the table; 0.0 with an unknown clock."""
         isa, ops = self.best_isa(precision)
+        if isa in self.measured_ops:
+            return self.physical_cores * self.measured_ops[isa] / 1e12, isa
         return self.physical_cores * self.mhz * 1e6 * ops / 1e12, isa
 
     def summary(self) -> dict:
         """What a report records about this CPU (JSON-ready)."""
         wanted = sorted({f for table in PEAK_TABLE.values() for _, needs, _ in table for f in needs})
         return {"model": self.model, "vendor": self.vendor, "physical_cores": self.physical_cores, "mhz": self.mhz,
-                "mhz_source": self.mhz_source, "isa_flags": [f for f in wanted if f in self.flags],
+                "mhz_source": self.mhz_source, "mhz_reported": self.mhz_reported,
+                "isa_flags": [f for f in wanted if f in self.flags],
                 "isa_cap": self.isa_cap,
                 "peak_tflops": {p: round(self.peak_tflops(p)[0], 3) for p in PEAK_TABLE},
-                "peak_isa": {p: self.best_isa(p)[0] for p in PEAK_TABLE}}
+                "peak_isa": {p: self.best_isa(p)[0] for p in PEAK_TABLE},
+                "peak_measured": {p: self.best_isa(p)[0] in self.measured_ops for p in PEAK_TABLE}}
 
 
 def parse_cpuinfo(text: str, allowed_cpus: set[int] | None = None) -> CpuInfo:
@@ -106,6 +131,8 @@ def parse_cpuinfo(text: str, allowed_cpus: set[int] | None = None) -> CpuInfo:
             continue
         info.model = kv.get("model name", info.model)
         info.vendor = kv.get("vendor_id", info.vendor)
+        if kv.get("cpu family", "").isdigit():
+            info.family = int(kv["cpu family"])
         info.flags = info.flags | frozenset(kv.get("flags", "").split())
         cores.add((kv.get("physical id", "0"), kv.get("core id", kv["processor"])))
         if "cpu MHz" in kv:
@@ -134,9 +161,11 @@ def apply_isa_cap(info: CpuInfo, environ) -> CpuInfo:
     return info
 
 
-def read_cpu() -> CpuInfo:
+def read_cpu(measure: bool = True) -> CpuInfo:
     """This machine's CPU (the logical CPUs this process may run on) as oneDNN may use it (the ISA cap applied, see
-    the module docstring); the clock from cpufreq's maximum where the kernel has it, else /proc/cpuinfo."""
+    the module docstring). ``measure``: the clock and the vector peaks measured by zsad.cpu_probe (~0.3 s once per
+    process; skipped where only the flags are wanted); where it cannot run, the clock from cpufreq's maximum where
+    the kernel has it, else /proc/cpuinfo, and the peaks from the table."""
     allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     try:
         info = parse_cpuinfo(Path("/proc/cpuinfo").read_text(), allowed)
@@ -148,7 +177,41 @@ def read_cpu() -> CpuInfo:
             freqs.append(int(Path(f"/sys/devices/system/cpu/cpu{cpu}/cpufreq/cpuinfo_max_freq").read_text()) / 1e3)
     if freqs:
         info.mhz, info.mhz_source = max(freqs), "cpufreq cpuinfo_max_freq"
-    return apply_isa_cap(info, os.environ)
+    info = apply_isa_cap(info, os.environ)
+    if measure:
+        apply_probe(info, probe_cpu(info.physical_cores, info.flags))
+    return info
+
+
+def apply_probe(info: CpuInfo, probe: dict | None) -> CpuInfo:
+    """``info`` with zsad.cpu_probe's measurement (its JSON; None: it could not run, ``info`` unchanged): the
+    measured clock in place of the reported one, and the measured operations per second of each ISA probed."""
+    if not probe:
+        return info
+    clock = probe.get("clock_mhz", {})
+    if clock.get("add", 0) > 0:
+        info.mhz_reported, reported = info.mhz, info.mhz_source
+        info.mhz = clock["add"]
+        info.mhz_source = (f"measured: dependent adds on {info.physical_cores} core(s) at once (dependent imuls: "
+                           f"{clock.get('imul', 0):.0f} MHz; {reported}: {info.mhz_reported:.0f} MHz)")
+    info.measured_ops = {isa: rate for isa, rate in probe.get("ops_per_s", {}).items() if rate > 0}
+    return info
+
+
+@functools.lru_cache(maxsize=8)
+def probe_cpu(threads: int, flags: frozenset[str]) -> dict | None:
+    """zsad.cpu_probe run in a child process (an illegal instruction or a kernel without executable memory costs
+    the child, not this process): its JSON, or None where it cannot run here or failed."""
+    from zsad import cpu_probe
+
+    if not cpu_probe.supported():
+        return None
+    try:
+        done = subprocess.run([sys.executable, "-I", cpu_probe.__file__, str(threads), *sorted(flags)],
+                              capture_output=True, text=True, timeout=60)
+        return json.loads(done.stdout) if done.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        return None
 
 
 def has_bf16(flags: frozenset[str] | set[str]) -> bool:
@@ -226,3 +289,7 @@ def preference_text() -> str:
     """--precision auto's order on each kind of CPU, for --help (from precision_preference, so it cannot drift)."""
     return "; ".join(f"{kind}: {', '.join(p for p, _ in precision_preference(flags) if p != 'fp32')}"
                      for kind, flags in CPU_KINDS) + "; then fp32"
+
+
+if __name__ == "__main__":  # python -m zsad.cpu: what zsad-bench reads of this CPU, its measured peaks included
+    print(json.dumps(read_cpu().summary(), indent=1))
