@@ -272,7 +272,8 @@ def test_export_auto_records_its_choice_and_falls_back(tmp_path, monkeypatch):
     from zsad.export.exporter import ExportOptions, export_model
     from zsad.export.openvino_export import GateThresholds
 
-    monkeypatch.setattr("zsad.cpu.read_cpu", lambda measure=True: Info(model="Faked AVX2 CPU", flags=frozenset(AVX2_ONLY.split())))
+    monkeypatch.setattr("zsad.cpu.read_cpu",
+                        lambda measure=True: Info(model="Faked AVX2 CPU", flags=frozenset(AVX2_ONLY.split())))
     strict = GateThresholds(map_corr=1.0 + 1e-9)  # no int8 map correlates above 1
     export_model(ExportOptions(model="anomalyclip", profile="tiny", backend="openvino", precision="auto", out=tmp_path,
                                max_batch=2, parity_images=2, calibration_images=2, gate_images=4,

@@ -34,9 +34,20 @@ def test_machine_code_matches_the_gnu_assembler(tmp_path):
             lines.append(f"{prefix}{instruction} {reg}{dst}, {reg}14, {reg}15")
             ours += cpu_probe.encode(instruction, bits, dst, 14, 15)
     lines += ["add rax, rsi", "imul rax, rsi", "vzeroall", "vzeroupper", "mov rcx, rdi", "dec rcx", "dec rdi",
-              "xor eax, eax", "ret"]
+              "xor eax, eax", "ret", "ldtilecfg [rsi]", "tilerelease"]
     ours += (cpu_probe.CHAINS["add"][0] + cpu_probe.CHAINS["imul"][0] + cpu_probe.VZEROALL + cpu_probe.VZEROUPPER
-             + cpu_probe.MOV_RCX_RDI + cpu_probe.DEC_RCX + cpu_probe.DEC_RDI + cpu_probe.XOR_EAX + cpu_probe.RET)
+             + cpu_probe.MOV_RCX_RDI + cpu_probe.DEC_RCX + cpu_probe.DEC_RDI + cpu_probe.XOR_EAX + cpu_probe.RET
+             + cpu_probe.LDTILECFG_RSI + cpu_probe.TILERELEASE)
+    # the AMX loop: tilezero of tmm0-7, then four tile products (accumulator, A, B) per iteration
+    amx_products = ((0, 4, 5), (1, 4, 6), (2, 7, 5), (3, 7, 6))
+    for isa, instruction in (("AMX-BF16", "tdpbf16ps"), ("AMX-INT8", "tdpbssd")):
+        loop = cpu_probe.tile_loop(isa)
+        lines += [f"tilezero tmm{t}" for t in range(8)]
+        lines += [f"{instruction} tmm{acc}, tmm{a}, tmm{b}" for acc, a, b in amx_products]
+        start = len(cpu_probe.LDTILECFG_RSI)
+        ours += loop[start:start + 8 * 5]  # tilezero x 8
+        body = start + 8 * 5 + len(cpu_probe.MOV_RCX_RDI)
+        ours += loop[body:body + 4 * 5]  # the four products
     (tmp_path / "p.s").write_text("\n".join(lines) + "\n")
     subprocess.run(["as", "-o", str(tmp_path / "p.o"), str(tmp_path / "p.s")], check=True)
     subprocess.run(["objcopy", "-O", "binary", "--only-section=.text", str(tmp_path / "p.o"),
@@ -54,6 +65,13 @@ def test_operations_per_instruction_by_hand():
     products = {"vfmadd231ps": 1, "vdpbf16ps": 2, "vpdpbusd": 4}
     for isa, (_, instruction, bits, ops) in cpu_probe.PROBES.items():
         assert ops == lanes[bits] * products[instruction] * 2, isa
+    # an AMX tile product: 16 x 16 accumulators, each over one 64-byte row of A (32 bf16 or 64 int8)
+    assert cpu_probe.AMX_PROBES["AMX-BF16"][3] == 16 * 16 * 32 * 2
+    assert cpu_probe.AMX_PROBES["AMX-INT8"][3] == 16 * 16 * 64 * 2
+    config = cpu_probe.tile_config()  # palette 1; tiles 0-7: 16 rows of 64 bytes; the rest unused
+    assert len(config) == 64 and config[0] == 1 and config[16:18] == (64).to_bytes(2, "little")
+    assert config[16 + 2 * 7:16 + 2 * 8] == (64).to_bytes(2, "little") and config[16 + 2 * 8:16 + 2 * 9] == bytes(2)
+    assert list(config[48:64]) == [16] * 8 + [0] * 8
 
 
 def test_the_clock_two_independent_ways(here):
@@ -105,6 +123,33 @@ def test_int8_and_bf16_rates_against_fp32(here):
         assert 0.2 < ops["AVX-512 BF16"] / ops["AVX-512F"] < 2.5, ops
 
 
+def test_amx_against_intels_figure_and_a_bf16_gemm(here):
+    import torch
+
+    info, probe = here
+    ops = probe["ops_per_s"]
+    if not {"amx_bf16", "amx_tile"} <= info.flags:
+        pytest.skip("no AMX on this CPU")
+    assert {"AMX-BF16", "AMX-INT8"} <= set(ops), "AMX in the flags but not measured: the kernel refused tile data?"
+    # Intel: 1024 bf16 / 2048 int8 operations per cycle per core; the tile unit cannot beat it at the measured clock
+    for isa, per_cycle in (("AMX-BF16", 1024), ("AMX-INT8", 2048)):
+        assert 0.5 < ops[isa] / (per_cycle * info.mhz * 1e6) < 1.1, (isa, ops[isa], info.mhz)
+    n, best = 2048, 0.0
+    a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.mm(a, b)
+        for _ in range(3):
+            t = time.thread_time()
+            torch.mm(a, b)
+            best = max(best, 2 * n**3 / (time.thread_time() - t))
+    finally:
+        torch.set_num_threads(threads)
+    assert 0.15 < best / ops["AMX-BF16"] < 1.05  # oneDNN's AMX GEMM: under the peak, not far under
+    assert info.peak_tflops("bf16") == pytest.approx((info.physical_cores * ops["AMX-BF16"] / 1e12, "AMX-BF16"))
+
+
 def test_peaks_from_the_measurement_by_hand():
     info = CpuInfo(vendor="GenuineIntel", flags=frozenset(AMX_XEON.split()), physical_cores=2, mhz=2600.0,
                    mhz_source="/proc/cpuinfo cpu MHz")
@@ -114,6 +159,8 @@ def test_peaks_from_the_measurement_by_hand():
     assert info.peak_tflops("fp32") == pytest.approx((2 * 220e9 / 1e12, "AVX-512F"))  # measured
     assert info.peak_tflops("bf16") == pytest.approx((2 * 3.8e9 * 1024 / 1e12, "AMX-BF16"))  # table x the clock
     assert info.summary()["peak_measured"] == {"fp32": True, "bf16": False, "int8": False}
+    apply_probe(info, {"clock_mhz": {"add": 3800.0}, "ops_per_s": {"AMX-INT8": 7.6e12}})
+    assert info.peak_tflops("int8-bf16") == pytest.approx((15.2, "AMX-INT8"))
     no_amx = CpuInfo(flags=frozenset(AMX_XEON.split()) - {"amx_bf16", "amx_int8", "amx_tile"}, physical_cores=2)
     apply_probe(no_amx, {"clock_mhz": {"add": 3800.0}, "ops_per_s": {"AVX-512 BF16": 110e9, "AVX-512 VNNI": 880e9}})
     assert no_amx.peak_tflops("bf16") == pytest.approx((0.22, "AVX-512 BF16"))
@@ -124,14 +171,21 @@ def test_peaks_from_the_measurement_by_hand():
 
 
 def test_a_failed_probe_child_falls_back_to_the_table(monkeypatch):
-    def died(*args, **kwargs):  # e.g. killed by SIGILL
-        return subprocess.CompletedProcess(args, -4, "", "")
+    printed = ""
+
+    def died(*args, **kwargs):  # killed by SIGILL after printing ``printed``
+        return subprocess.CompletedProcess(args, -4, printed, "")
 
     monkeypatch.setattr("zsad.cpu.subprocess.run", died)
     probe_cpu.cache_clear()
     try:
         info = read_cpu()
         assert not info.measured_ops and not info.mhz_source.startswith("measured")
+        # what it measured before it died is kept (AMX runs last), a torn line is not
+        printed = '["clock_mhz", "add", 4000.0]\n["ops_per_s", "AVX-512F", 2.4e11]\n["ops_per_s", "AMX-'
+        probe_cpu.cache_clear()
+        assert probe_cpu(2, frozenset({"avx512f"})) == {"clock_mhz": {"add": 4000.0},
+                                                        "ops_per_s": {"AVX-512F": 2.4e11}}
     finally:
         probe_cpu.cache_clear()
 

@@ -3,8 +3,8 @@ precision, and the precision order zsad-export --precision auto tries on it.
 
 Peak = physical cores x the operations per second one core sustains with every core busy, for the best ISA the
 CPU has for that precision (one multiply-add = 2 operations, as zsad.bench.flops counts FLOPs). Where it can,
-read_cpu *measures* it (zsad.cpu_probe: loops of vfmadd231ps / vdpbf16ps / vpdpbusd on every physical core at
-once, and the clock from a chain of dependent adds); elsewhere, and for AMX (not probed), it is the clock times this
+read_cpu *measures* it (zsad.cpu_probe: loops of vfmadd231ps / vdpbf16ps / vpdpbusd and AMX tile products on every
+physical core at once, and the clock from a chain of dependent adds); where it cannot, it is the clock times this
 table of operations per cycle per core, assuming two 512-bit FMA units per core (Intel Xeon Scalable Gold/Platinum):
 
 - fp32: AVX-512F 64 (2 units x 16 lanes x 2), AVX2 + FMA 32, plain SSE/AVX without FMA 16;
@@ -19,7 +19,8 @@ table of operations per cycle per core, assuming two 512-bit FMA units per core 
 The table was wrong by up to 4x on the machines measured, which is why the probe goes first: on the 2-core AMX
 Xeon VM VDPBF16PS ran at a quarter of VFMADD231PS's instruction rate (32 bf16 operations per cycle, not 128), and
 its cores ran integer adds at 4.16 GHz and 7.7 AVX-512 FMAs per ns while /proc/cpuinfo said 2600 MHz
-(bench/results/2026-12-06-cpu-peaks/measured-peaks.md: a plain fp32 torch.mm reached 130% of the table's "peak").
+(bench/results/2026-12-06-cpu-peaks/measured-peaks.md: a plain fp32 torch.mm reached 130% of the table's "peak");
+its AMX tiles ran at 90% of Intel's per-cycle figures at that clock.
 
 The clock: measured (dependent adds on every physical core at once), else the highest of
 /sys/devices/system/cpu/cpu*/cpufreq/cpuinfo_max_freq where the kernel exposes it (the turbo maximum), else
@@ -184,7 +185,7 @@ def read_cpu(measure: bool = True) -> CpuInfo:
 
 
 def apply_probe(info: CpuInfo, probe: dict | None) -> CpuInfo:
-    """``info`` with zsad.cpu_probe's measurement (its JSON; None: it could not run, ``info`` unchanged): the
+    """``info`` with zsad.cpu_probe's measurement (:func:`probe_cpu`; None: it could not run, ``info`` unchanged): the
     measured clock in place of the reported one, and the measured operations per second of each ISA probed."""
     if not probe:
         return info
@@ -201,7 +202,8 @@ def apply_probe(info: CpuInfo, probe: dict | None) -> CpuInfo:
 @functools.lru_cache(maxsize=8)
 def probe_cpu(threads: int, flags: frozenset[str]) -> dict | None:
     """zsad.cpu_probe run in a child process (an illegal instruction or a kernel without executable memory costs
-    the child, not this process): its JSON, or None where it cannot run here or failed."""
+    the child, not this process): {"clock_mhz": {..}, "ops_per_s": {..}} from the lines it printed before it ended,
+    however it ended; None where it cannot run here or measured nothing."""
     from zsad import cpu_probe
 
     if not cpu_probe.supported():
@@ -209,9 +211,14 @@ def probe_cpu(threads: int, flags: frozenset[str]) -> dict | None:
     try:
         done = subprocess.run([sys.executable, "-I", cpu_probe.__file__, str(threads), *sorted(flags)],
                               capture_output=True, text=True, timeout=60)
-        return json.loads(done.stdout) if done.returncode == 0 else None
-    except (OSError, subprocess.TimeoutExpired, ValueError):
+    except (OSError, subprocess.TimeoutExpired):
         return None
+    out: dict = {"clock_mhz": {}, "ops_per_s": {}}
+    for line in done.stdout.splitlines():
+        with contextlib.suppress(ValueError, TypeError, KeyError):
+            kind, key, value = json.loads(line)
+            out[kind][key] = float(value)
+    return out if out["clock_mhz"] or out["ops_per_s"] else None
 
 
 def has_bf16(flags: frozenset[str] | set[str]) -> bool:
