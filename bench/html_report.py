@@ -112,8 +112,9 @@ def _stage_tables(rows: list[dict]) -> str:
                           for r in staged]))
     profiled = [r for r in rows if r["status"] == "ok" and r.get("op_ms")]
     if profiled:
-        out.append("<h2>Inside the stages</h2><p class=\"note\">OpenVINO's per-node counters (PERF_COUNT, one profiled "
-                   "run of each stage on its real inputs): milliseconds per kind of executed node, largest first.</p>")
+        out.append("<h2>Inside the stages</h2><p class=\"note\">OpenVINO's per-node counters (PERF_COUNT, the median "
+                   "of three profiled runs of each stage on its real inputs): milliseconds per kind of executed node, "
+                   "largest first.</p>")
         op_rows = []
         for r in profiled:
             for stage, kinds in r["op_ms"].items():

@@ -311,9 +311,10 @@ def markdown(model: str, profile: str, rows: list[dict], env: dict, paper: list[
                          + " | ".join(cell_text(v) for v in r["stage_ms"].values()) + " |")
     profiled = [r for r in rows if r["status"] == "ok" and r.get("op_ms")]
     if profiled:
-        lines += ["", "Inside the stages (OpenVINO's per-node counters, PERF_COUNT, one profiled run of each stage on "
-                  "its real inputs): milliseconds per kind of executed node, largest first. \"attention\" is the "
-                  "fused attention kernel; FullyConnected the linear layers; the kernel name says the precision.", "",
+        lines += ["", "Inside the stages (OpenVINO's per-node counters, PERF_COUNT, the median of three profiled runs "
+                  "of each stage on its real inputs): milliseconds per kind of executed node, largest first. "
+                  "\"attention\" is the fused attention kernel; FullyConnected the linear layers; the kernel name "
+                  "says the precision.", "",
                   "| backend | batch | stage | profiled ms | where it goes |", "|---|---|---|---|---|"]
         for r in profiled:
             for stage, kinds in r["op_ms"].items():

@@ -343,3 +343,16 @@ def test_ort_int8_calibration_frees_each_tensor_as_it_goes(tmp_path):
 
     default, priority = growth(contextlib.nullcontext), growth(calibration_in_priority_order)
     assert default > 60 and priority < default / 3, (default, priority)
+
+
+def test_op_profile_is_the_median_of_its_profiled_runs():
+    from zsad.export.openvino_export import median_profile
+
+    # three profiled runs of one stage, the second held up by the machine (its Transpose 6x the others)
+    runs = [{"attention jit": 10.0, "Transpose ref": 50.0},
+            {"attention jit": 11.0, "Transpose ref": 282.0},
+            {"attention jit": 9.0, "Transpose ref": 47.0, "Split ref": 3.0}]
+    # by hand: the middle value of each kind, 0 where a run did not execute it
+    assert median_profile(runs, top=3) == {"Transpose ref": 50.0, "attention jit": 10.0, "Split ref": 0.0}
+    assert median_profile(runs, top=1) == {"Transpose ref": 50.0, "other": 10.0}
+    assert median_profile([{"a": 1.0, "b": 5.0}, {"a": 3.0, "b": 7.0}], top=2) == {"b": 6.0, "a": 2.0}
