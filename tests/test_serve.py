@@ -434,10 +434,14 @@ def test_version_update_and_rollback_under_load(server, images):
     _wait_loaded(conn, models, 1)
 
 
+DISPATCH_MARGIN_S = 0.5  # longest a client takes from its timestamp to the server, with margin
+
+
 def test_drain_under_load_answers_what_was_accepted_and_leaves_nothing(server, images):
     """Runs last: it drains the shared server. 4 clients send requests; drain(): readiness false at once, every
-    request sent before the drain is answered, later ones are answered or refused with Triton's "no available
-    versions" naming the ensemble asked for (nothing else), then stop() ends tritonserver within its bound with no
+    request sent well before the drain (DISPATCH_MARGIN_S) is answered, every other one answered or refused with
+    Triton's "no available versions" naming the ensemble asked for (nothing else), and at least one sent after it
+    refused; then stop() ends tritonserver within its bound with no
     stub or /dev/shm region left. (Measured before: a bare SIGTERM under the same load left 4 of 4 requests in
     flight unanswered.)"""
     import threading
@@ -464,7 +468,7 @@ def test_drain_under_load_answers_what_was_accepted_and_leaves_nothing(server, i
     threads = [threading.Thread(target=client) for _ in range(4)]
     for t in threads:
         t.start()
-    time.sleep(1.0)
+    time.sleep(1.0 + DISPATCH_MARGIN_S)
     t0 = time.monotonic()
     try:
         drained = server.drain(timeout=30)
@@ -475,10 +479,14 @@ def test_drain_under_load_answers_what_was_accepted_and_leaves_nothing(server, i
         for t in threads:
             t.join()
     assert drained["drained"], drained
-    before = [outcome for sent, outcome in record if sent < t0]
+    # "sent" is taken before the client encodes and sends: one sent a few ms before t0 may reach the server after
+    # the unload and be refused, rightly (seen once in CI: 2 of 35). Well before the drain means answered; every
+    # request, those in flight at the drain included, is answered or cleanly refused, never dropped.
+    before = [outcome for sent, outcome in record if sent < t0 - DISPATCH_MARGIN_S]
     after = Counter(outcome for sent, outcome in record if sent >= t0)
     assert before and set(before) == {"answered"}, Counter(before)
-    assert set(after) <= {"answered", "refused"} and after["refused"] > 0, after
+    assert {outcome for _, outcome in record} <= {"answered", "refused"}, Counter(o for _, o in record)
+    assert after["refused"] > 0, after
     pid = server.process.pid
     t1 = time.monotonic()
     server.stop()
