@@ -48,8 +48,7 @@ def add_speedups(rows: list[dict]) -> None:
 def add_efficiency(rows: list[dict], cpu) -> None:
     """Set on every timed row with an achieved rate ``peak_tflops`` (``cpu``'s peak for the row's precision:
     physical cores x the rate one core sustains in its best ISA for it, measured or from the table, zsad.cpu),
-    ``peak_isa`` and
-    ``efficiency`` (achieved / peak)."""
+    ``peak_isa`` and ``efficiency`` (achieved / peak)."""
     for r in rows:
         if r["status"] == "ok" and r.get("achieved_tflops") is not None:
             peak, isa = cpu.peak_tflops(r["precision"])

@@ -74,6 +74,16 @@ def test_operations_per_instruction_by_hand():
     assert list(config[48:64]) == [16] * 8 + [0] * 8
 
 
+def test_every_probed_isa_is_a_peak_table_row_needing_no_more_flags_than_probed():
+    # the child runs alone (stdlib only) and so names its ISAs itself: a name that drifted from zsad.cpu's table
+    # would leave its measurement unused, and a row needing a flag the probe does not check would run it unsupported
+    from zsad.cpu import PEAK_TABLE
+
+    rows = {name: set(needs) for table in PEAK_TABLE.values() for name, needs, _ in table}
+    for isa, (needs, *_) in {**cpu_probe.PROBES, **cpu_probe.AMX_PROBES}.items():
+        assert isa in rows and rows[isa] <= set(needs), isa
+
+
 def test_the_clock_two_independent_ways(here):
     info, probe = here
     assert probe is not None, "the probe did not run on an x86-64 Linux machine"
