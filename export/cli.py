@@ -81,8 +81,12 @@ def _batches(value: str | None) -> list[int]:
 @click.option("--preferred-batch-size", "--preferred-batch", "preferred_batch", default=None,
               help="Dynamic batcher's preferred sizes, e.g. 8,16 [default: none, as Triton's batcher guide advises: "
                    "set them only where a model runs those sizes measurably faster].")
-@click.option("--queue-delay-us", type=int, default=200, help="Dynamic batcher's max queue delay (microseconds): how "
-              "long a request may wait for others to batch with.")
+@click.option("--queue-delay-us", type=int, default=None, help="Dynamic batcher's max queue delay (microseconds): how "
+              "long a request may wait for others to batch with [default: 200].")
+@click.option("--dynamic-batching/--no-dynamic-batching", default=True,
+              help="Triton's dynamic batcher on every stage model. Off, each request runs alone: on a small CPU "
+                   "server that serves more (a 2-core AMX Xeon, python-openvino bf16, latency hint: 0.85 "
+                   "images/s at 8 requests in flight without it, 0.52 with it; bench/results/2026-12-06-cpu-curves).")
 @click.option("--device", type=click.Choice(["cpu", "gpu"]), default=None,
               help="Instance kind in the configs [default: cpu for "
                    + ", ".join(rt.name for rt in runtimes.RUNTIMES.values() if rt.default_device == "cpu")
@@ -110,16 +114,21 @@ def _batches(value: str | None) -> list[int]:
 @click.option("--support-class", default=None, help="Few-shot: the class of a data-set root given as --support.")
 @cli_entry
 def main(model, checkpoint, profile, image_size, clip_weights, backend, fp16, max_batch, preferred_batch,
-         queue_delay_us, device, instances, resize_to_input, out, name, force, parity_images, max_pixels, support,
-         shots, support_class, precision, ov_hint, calibration, calibration_images, gate_images, version):
+         queue_delay_us, dynamic_batching, device, instances, resize_to_input, out, name, force, parity_images,
+         max_pixels, support, shots, support_class, precision, ov_hint, calibration, calibration_images, gate_images,
+         version):
     """Export a zsad method to a Triton model repository, stage by stage, behind a parity gate."""
     from zsad.export.exporter import ExportOptions, export_model
 
+    if not dynamic_batching and (preferred_batch or queue_delay_us is not None):
+        raise ZsadError("--preferred-batch-size and --queue-delay-us set the dynamic batcher, which "
+                        "--no-dynamic-batching turns off: give one or the other")
     export_model(ExportOptions(
         model=model, checkpoint=checkpoint, profile=profile, image_size=image_size, clip_weights=clip_weights,
         out=out, name=name, force=force,
         backend=backend, device=device, max_batch=max_batch, preferred_batch=_batches(preferred_batch),
-        queue_delay_us=queue_delay_us, instances=instances, resize_to_input=resize_to_input, max_pixels=max_pixels,
+        queue_delay_us=200 if queue_delay_us is None else queue_delay_us, dynamic_batching=dynamic_batching,
+        instances=instances, resize_to_input=resize_to_input, max_pixels=max_pixels,
         support=support, shots=shots, support_class=support_class,
         fp16=fp16, precision=precision, calibration=calibration, calibration_images=calibration_images,
         gate_images=gate_images, parity_images=parity_images, version=version, ov_hint=ov_hint), log=click.echo)

@@ -106,6 +106,41 @@ def test_export_cli_takes_preferred_batch_size_and_refuses_garbage():
     assert res.exit_code != 0 and "comma-separated integers" in res.output and "Traceback" not in res.output
 
 
+def test_no_dynamic_batching_writes_no_batcher(tiny_method):
+    from zsad.export import runtimes
+
+    st = tiny_method("bagclip").stages()[0]
+    for backend in ("onnxruntime", "python-ort"):
+        cfg = runtimes.get(backend).triton_config(RepoOptions(name="m", backend=backend, max_batch=8,
+                                                              dynamic_batching=False), st, "m")
+        assert "dynamic_batching" not in cfg and cfg["max_batch_size"] == 8, backend
+        on = runtimes.get(backend).triton_config(RepoOptions(name="m", backend=backend, max_batch=8), st, "m")
+        assert on["dynamic_batching"]["max_queue_delay_microseconds"] == 200, backend
+
+
+def test_export_cli_dynamic_batching_switch(monkeypatch):
+    """--no-dynamic-batching reaches the export; batcher settings given with it are refused, not silently dropped."""
+    from click.testing import CliRunner
+
+    from zsad.export import exporter
+    from zsad.export.cli import main
+
+    seen = []
+    monkeypatch.setattr(exporter, "export_model", lambda opts, log=None: seen.append(opts))
+    base = ["--model", "bagclip", "--profile", "tiny"]
+    for args, batching, delay in [([], True, 200), (["--no-dynamic-batching"], False, 200),
+                                  (["--queue-delay-us", "50"], True, 50)]:
+        res = CliRunner().invoke(main, base + args)
+        assert res.exit_code == 0, res.output
+        assert (seen[-1].dynamic_batching, seen[-1].queue_delay_us) == (batching, delay), args
+    assert seen[-2].repo_options("m").dynamic_batching is False
+    for extra in (["--queue-delay-us", "50"], ["--preferred-batch-size", "8"]):
+        res = CliRunner().invoke(main, base + ["--no-dynamic-batching", *extra])
+        assert res.exit_code != 0 and "--no-dynamic-batching turns off" in res.output, res.output
+        assert "Traceback" not in res.output
+    assert len(seen) == 3
+
+
 # -- the standalone modules against the eager code, in a process that refuses zsad / torch / open_clip ---------------
 _BLOCKER = textwrap.dedent("""
     import importlib.abc, sys, types
