@@ -224,8 +224,9 @@ def _memory_by_process(server_pid: int) -> tuple[dict[str, float], dict[str, int
 
     stubs = python_stubs(server_pid)
     rss = {"tritonserver": process_rss(server_pid) / 2**20}
-    rss.update({inst: process_rss(pid) / 2**20 for pid, (_, inst, _) in sorted(stubs.items(), key=lambda s: s[1][1])})
-    return rss, {inst: pid for pid, (_, inst, _) in stubs.items()}
+    rss.update({stub.instance: process_rss(pid) / 2**20
+                for pid, stub in sorted(stubs.items(), key=lambda s: s[1].instance)})
+    return rss, {stub.instance: pid for pid, stub in stubs.items()}
 
 
 def soak(http_url: str, grpc_url: str, model: str, images: list[bytes], reference: list, server_pid: int,

@@ -50,6 +50,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from zsad import ZsadError
 
@@ -103,8 +104,17 @@ def _die_with_parent() -> None:
         pass  # not Linux: the server outlives a killed parent (stop() still ends it)
 
 
-def python_stubs(server_pid: int) -> dict[int, tuple[str, str, str]]:
-    """The live python-backend stub processes of a server: {pid: (model name, instance name, shm region)}.
+class Stub(NamedTuple):
+    model: str
+    # Triton's instance name (<model>_<group>_<index>, the same for every version of a model; the model's own name
+    # for the stub that completes its config at load)
+    instance: str
+    region: str  # its shared-memory region
+    version: str
+
+
+def python_stubs(server_pid: int) -> dict[int, Stub]:
+    """The live python-backend stub processes of a server: {pid: Stub}.
 
     A stub's argv is [stub, <repo>/<model>/<version>/model.py, <shm region>, ..., <instance name>, ...]."""
     out = {}
@@ -121,8 +131,9 @@ def python_stubs(server_pid: int) -> dict[int, tuple[str, str, str]]:
         except (OSError, IndexError, ValueError):
             continue
         if argv and argv[0].endswith(STUB_NAME) and len(argv) > 8:
-            model = Path(argv[1].decode(errors="replace")).parent.parent.name
-            out[int(entry)] = (model, argv[8].decode(errors="replace"), argv[2].decode(errors="replace"))
+            version = Path(argv[1].decode(errors="replace")).parent
+            out[int(entry)] = Stub(version.parent.name, argv[8].decode(errors="replace"),
+                                   argv[2].decode(errors="replace"), version.name)
     return out
 
 
@@ -394,21 +405,37 @@ class TritonServer:
         return busy
 
     def _watch_stubs(self) -> None:
-        """Every ``monitor_interval`` s: a stub seen before whose process is gone means its model no longer answers
-        (Triton reports it ready still): reload that model, or mark the server unhealthy if the reload fails."""
+        """Every ``monitor_interval`` s: a stub seen before that stays gone for two rounds in a row, no stub in its
+        place, while Triton lists its model version as READY both times, died: Triton never restarts it and keeps
+        reporting ready, so reload that model, or mark the server unhealthy if the reload fails.
+        Left alone: a stub whose version Triton no longer lists as READY, retired by Triton itself (an unload, or
+        the old version after a zsad-deploy switch, which Triton unloads only once its accepted requests are done,
+        after the switch returned), and a stub gone for one round only (Triton reloading a model whose files
+        changed swaps its stubs, with a moment when none is listed: measured, tritonserver 2.51). Taking those for
+        dead reloaded the model and refused every request meanwhile (seen in CI after a refused switch)."""
         # the stubs at start too: one that dies before the first interval is seen as well
         known = self._stub_instances() if self.process is not None else {}
+        suspects: set[tuple[str, str]] = set()
         while not self._stop_monitor.wait(self.monitor_interval):
             if self.process is None or self.process.poll() is not None:
                 return
             if self._update_running():  # a version switch restarts stubs on purpose: look again after it
-                known = {}
+                known, suspects = {}, set()
                 continue
             alive = self._stub_instances()
-            dead = {model: pid for inst, (pid, model) in known.items() if inst not in alive or alive[inst][0] != pid}
+            gone = {key: seen for key, seen in known.items() if key not in alive}
+            if gone:
+                try:
+                    ready = {(m["name"], str(m.get("version"))) for m in self.models() if m.get("state") == "READY"}
+                except (urllib.error.URLError, OSError, ValueError):
+                    continue  # Triton did not answer: look again next interval (known kept)
+                gone = {key: seen for key, seen in gone.items() if (seen[1].model, seen[1].version) in ready}
+            dead = {seen[1].model: seen[0] for key, seen in gone.items() if key in suspects}
+            suspects = set(gone) - {key for key, seen in gone.items() if seen[1].model in dead}
             for model, pid in dead.items():
                 self._reload(model, pid)
-            known = self._stub_instances() if dead else alive
+            # the suspects stay known, so that next round sees whether they are still gone
+            known = self._stub_instances() if dead else {**alive, **{key: gone[key] for key in suspects}}
 
     def _update_running(self) -> bool:
         """A ``zsad-deploy`` switch holds the run directory's update lock (see zsad.serve.deploy)."""
@@ -423,13 +450,15 @@ class TritonServer:
             return False
         return False
 
-    def _stub_instances(self) -> dict[str, tuple[int, str]]:
-        """{instance name: (pid, model)} of the server's python stubs now; their shared-memory regions are
-        remembered for ``stop`` to clean up."""
+    def _stub_instances(self) -> dict[tuple[str, str], tuple[int, Stub]]:
+        """{(instance name, version): (pid, stub)} of the python stubs serving a model instance now (not the
+        short-lived stub Triton starts under the model's own name to complete its config at each load: it exits on
+        its own); every stub's shared-memory region is remembered for ``stop`` to clean up."""
         assert self.process is not None
         stubs = python_stubs(self.process.pid)
-        self._shm_regions |= {region for _, _, region in stubs.values()}
-        return {inst: (pid, model) for pid, (model, inst, _) in stubs.items()}
+        self._shm_regions |= {stub.region for stub in stubs.values()}
+        return {(stub.instance, stub.version): (pid, stub) for pid, stub in stubs.items()
+                if stub.instance != stub.model}
 
     def _reload(self, model: str, pid: int) -> None:
         detected = time.time()
@@ -464,7 +493,7 @@ class TritonServer:
             self._monitor.join(timeout=5)
         p = self.process
         if p is not None:
-            self._shm_regions |= {region for _, _, region in python_stubs(p.pid).values()}
+            self._shm_regions |= {stub.region for stub in python_stubs(p.pid).values()}
             if p.poll() is None:
                 try:
                     p.send_signal(signal.SIGTERM)

@@ -158,7 +158,7 @@ def test_attacks_under_good_load(server, good_images):
     try:
         time.sleep(1.0)
         # 1. shared memory: registering a python stub's own region is refused (the API needs zsad-serve's key)
-        region = next(iter(python_stubs(server.process.pid).values()))[2]
+        region = next(iter(python_stubs(server.process.pid).values())).region
         from tritonclient.utils import InferenceServerException
 
         for tc, url in ((th, server.http_url), (tg, server.grpc_url)):
@@ -260,8 +260,7 @@ def test_dead_stub_is_reloaded_within_10_s(server, good_images):
     png = _encode(good_images[0], "PNG")
     before = client.infer([png], class_names="bottle")[0].score
     for _ in range(2):
-        pid = next(p for p, (model, _, _) in python_stubs(server.process.pid).items()
-                   if model == "bayespfl_preprocess")
+        pid = next(p for p, stub in python_stubs(server.process.pid).items() if stub.model == "bayespfl_preprocess")
         n_events = len(server.events)
         t0 = time.time()
         os.kill(pid, signal.SIGKILL)
@@ -277,9 +276,34 @@ def test_dead_stub_is_reloaded_within_10_s(server, good_images):
         assert client.infer([png], class_names="bottle")[0].score == pytest.approx(before, rel=1e-6)
 
 
+def test_a_stub_retired_by_triton_is_not_taken_for_dead(server, good_images):
+    """A model unloaded through Triton's own API (what a zsad-deploy switch does to the old version, after it
+    returns) stops its stubs on purpose: the monitor must leave it unloaded, not reload it (it did: in CI every
+    request was refused for a while after a refused switch). Then a real death is still reloaded."""
+    model = "bayespfl_preprocess"
+    n_events = len(server.events)
+    assert any(stub.model == model for stub in python_stubs(server.process.pid).values())
+    try:
+        server._admin(f"/v2/repository/models/{model}/unload")
+        deadline = time.time() + 30
+        while any(stub.model == model for stub in python_stubs(server.process.pid).values()):
+            assert time.time() < deadline, "the unloaded model's stub did not exit"
+            time.sleep(0.05)
+        time.sleep(5 * server.monitor_interval)  # several monitor rounds after the stub exited
+        assert server.events[n_events:] == []
+        states = {m["name"]: m.get("state") for m in server.models()}
+        assert states[model] != "READY", states
+    finally:
+        for name in sorted(m["name"] for m in server.models() if m.get("state") != "READY"):
+            server._admin(f"/v2/repository/models/{name}/load", timeout=120)
+    assert server.ready() and server.healthy
+    client = AnomalyClient(server.http_url, "bayespfl")
+    assert np.isfinite(client.infer([_encode(good_images[0], "PNG")], class_names="bottle")[0].score)
+
+
 def test_sigterm_leaves_no_process_or_shared_memory(server):
     stubs = python_stubs(server.process.pid)
-    regions = {r for _, _, r in stubs.values()}
+    regions = {stub.region for stub in stubs.values()}
     assert stubs and all(r.startswith(SHM_PREFIX) for r in regions)
     t0 = time.time()
     server.stop()

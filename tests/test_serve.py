@@ -448,7 +448,7 @@ def test_drain_under_load_answers_what_was_accepted_and_leaves_nothing(server, i
 
     from zsad.serve.server import EXIT_TIMEOUT_S, python_stubs
 
-    regions = {region for _, _, region in python_stubs(server.process.pid).values()}
+    regions = {stub.region for stub in python_stubs(server.process.pid).values()}
     assert regions
     record, stop = [], threading.Event()
 
@@ -493,7 +493,8 @@ def test_drain_under_load_answers_what_was_accepted_and_leaves_nothing(server, i
     # request, those in flight at the drain included, is answered or cleanly refused, never dropped.
     before = [outcome for sent, outcome in record if sent < t0 - DISPATCH_MARGIN_S]
     after = Counter(outcome for sent, outcome in record if sent >= t0)
-    assert before and set(before) == {"answered"}, [(round(sent - t0, 3), o) for sent, o in record if o != "answered"]
+    assert before and set(before) == {"answered"}, ([(round(sent - t0, 3), o) for sent, o in record if o != "answered"],
+                                                    "monitor reloads:", server.events)
     assert {outcome for _, outcome in record} <= {"answered", "refused"}, Counter(o for _, o in record)
     assert after["refused"] > 0, after
     pid = server.process.pid
