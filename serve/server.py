@@ -410,9 +410,9 @@ class TritonServer:
         reporting ready, so reload that model, or mark the server unhealthy if the reload fails.
         Left alone: a stub whose version Triton no longer lists as READY, retired by Triton itself (an unload, or
         the old version after a zsad-deploy switch, which Triton unloads only once its accepted requests are done,
-        after the switch returned), and a stub gone for one round only (Triton reloading a model whose files
-        changed swaps its stubs, with a moment when none is listed: measured, tritonserver 2.51). Taking those for
-        dead reloaded the model and refused every request meanwhile (seen in CI after a refused switch)."""
+        after the switch returned), and a stub gone for one round only (a margin for Triton swapping a model's
+        stubs when it reloads changed files). Taking retired stubs, or the config stub Triton starts at each load,
+        for dead reloaded the model and refused every request meanwhile (seen in CI after a refused switch)."""
         # the stubs at start too: one that dies before the first interval is seen as well
         known = self._stub_instances() if self.process is not None else {}
         suspects: set[tuple[str, str]] = set()
