@@ -40,7 +40,7 @@ def main(denormals: bool) -> None:
     torch.manual_seed(0)
     x = [torch.randn(1, H, N, D) for _ in range(3)]
     feed = [t.numpy() for t in x]
-    ref = F.scaled_dot_product_attention(*x)
+    ref = F.scaled_dot_product_attention(x[0], x[1], x[2])
     core = ov.Core()
     for name, module in [("two", Two()), ("batched", Batched()), ("unfused", Unfused())]:
         compiled = core.compile_model(ov.convert_model(module, example_input=tuple(x)), "CPU",
