@@ -434,8 +434,8 @@ class TritonServer:
             suspects = set(gone) - {key for key, seen in gone.items() if seen[1].model in dead}
             for model, pid in dead.items():
                 self._reload(model, pid)
-            # the suspects stay known, so that next round sees whether they are still gone
-            known = self._stub_instances() if dead else {**alive, **{key: gone[key] for key in suspects}}
+            # the suspects stay known (after a reload too), so that next round sees whether they are still gone
+            known = {**(self._stub_instances() if dead else alive), **{key: gone[key] for key in suspects}}
 
     def _update_running(self) -> bool:
         """A ``zsad-deploy`` switch holds the run directory's update lock (see zsad.serve.deploy)."""

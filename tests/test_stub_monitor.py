@@ -60,6 +60,13 @@ def test_a_stub_gone_two_rounds_while_ready_is_reloaded_once(monkeypatch, tmp_pa
     assert _run(monkeypatch, tmp_path, tables, [READY] * 3)[0] == [("head", 2)]
 
 
+def test_a_death_seen_while_another_model_is_reloaded_is_still_judged(monkeypatch, tmp_path):
+    # head's stub dies first, enc's one round later: head is reloaded in round 2, enc (a suspect then) in round 3
+    c = Stub("tail", "tail_0_0", "shm-e", "1")
+    tables = [{1: A, 2: B, 4: c}, {1: A, 4: c}, {4: c}, {4: c}, {4: c}]
+    assert _run(monkeypatch, tmp_path, tables, [READY] * 4)[0] == [("head", 2), ("enc", 1)]
+
+
 def test_a_stub_gone_for_one_round_only_is_not_reloaded(monkeypatch, tmp_path):
     # Triton swapping the stubs of a model whose files changed: none listed for a moment, then a new pid
     tables = [{1: A, 2: B}, {1: A}, {1: A, 5: B}, {1: A, 5: B}]
