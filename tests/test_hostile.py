@@ -279,7 +279,7 @@ def test_dead_stub_is_reloaded_within_10_s(server, good_images):
 def test_a_stub_retired_by_triton_is_not_taken_for_dead(server, good_images):
     """A model unloaded through Triton's own API (what a zsad-deploy switch does to the old version, after it
     returns) stops its stubs on purpose: the monitor must leave it unloaded, not reload it (it did: in CI every
-    request was refused for a while after a refused switch). Then a real death is still reloaded."""
+    request was refused for a while after a refused switch). Loaded again, it answers."""
     model = "bayespfl_preprocess"
     n_events = len(server.events)
     assert any(stub.model == model for stub in python_stubs(server.process.pid).values())
