@@ -200,6 +200,46 @@ def test_a_failed_probe_child_falls_back_to_the_table(monkeypatch):
         probe_cpu.cache_clear()
 
 
+def test_rounds_run_until_a_keys_two_best_agree():
+    # scripted rates: a spell of halved rates (the shared VM's), then the true one twice
+    script = {"spell": [58.6, 62.9, 116.0, 72.4, 117.0, 116.5], "quiet": [116.0, 111.0, 110.0, 116.2, 116.1],
+              "steady": [116.0, 116.1, 116.2, 116.3],
+              "never": [float(v) for v in range(100, 3000, 100)]}
+    calls = {k: iter(v) for k, v in script.items()}
+    got: dict[str, list[float]] = {k: [] for k in script}
+    order = []
+    for key, value in cpu_probe.rounds_until_agreed({k: (lambda k=k: next(calls[k])) for k in script},
+                                                    agree=0.03, min_rounds=3, max_rounds=7):
+        got[key].append(value)
+        order.append(key)
+    # by hand: "spell" is open until 117.0 joins 116.0 (0.9% apart; 116.0 vs 72.4 is not); "quiet" runs the
+    # minimum 3 rounds (116.0 vs 111.0: 4.3%, not within 3%), then 116.2 confirms it; "steady" agrees from its
+    # second round, but runs the minimum; "never" (100, 200, ...: 14-50% apart) stops at max_rounds
+    assert got == {"spell": script["spell"][:5], "quiet": script["quiet"][:4],
+                   "steady": script["steady"][:3], "never": script["never"][:7]}
+    # rounds over the open keys (a dip then costs one round of a key, not all its trials back to back)
+    assert order == (["spell", "quiet", "steady", "never"] * 3 + ["spell", "quiet", "never"] + ["spell", "never"]
+                     + ["never"] * 2)
+
+
+def test_every_round_is_printed_and_read_as_its_best(monkeypatch):
+    lines = list(cpu_probe.measure({"avx2", "fma"}, 1, seconds=0.001, trials=1))
+    for key in (("clock_mhz", "add"), ("clock_mhz", "imul"), ("ops_per_s", "AVX2+FMA")):
+        assert sum((kind, name) == key for kind, name, _ in lines) >= cpu_probe.MIN_ROUNDS
+    # the reader keeps each key's best, in whichever round it came
+    for dip in range(3):
+        rates = [1.0e11] * 3
+        rates[dip] = 0.6e11
+        printed = "".join(f'["ops_per_s", "AVX-512F", {r}]\n["ops_per_s", "AVX2+FMA", 5e10]\n' for r in rates)
+        monkeypatch.setattr("zsad.cpu.subprocess.run",
+                            lambda *a, p=printed, **k: subprocess.CompletedProcess(a, 0, p, ""))
+        probe_cpu.cache_clear()
+        try:
+            assert probe_cpu(2, frozenset({"avx512f"}))["ops_per_s"] == {"AVX-512F": 1.0e11, "AVX2+FMA": 5e10}
+        finally:
+            probe_cpu.cache_clear()
+
+
 def _cpuinfo(vendor: str, family: int, flags: str) -> str:
     return (f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: {family}\nmodel name\t: Test\ncore id\t\t: 0\n"
             f"cpu MHz\t\t: 3000\nflags\t\t: {flags}\n")

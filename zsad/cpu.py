@@ -164,7 +164,7 @@ def apply_isa_cap(info: CpuInfo, environ) -> CpuInfo:
 
 def read_cpu(measure: bool = True) -> CpuInfo:
     """This machine's CPU (the logical CPUs this process may run on) as oneDNN may use it (the ISA cap applied, see
-    the module docstring). ``measure``: the clock and the vector peaks measured by zsad.cpu_probe (~0.3 s once per
+    the module docstring). ``measure``: the clock and the vector peaks measured by zsad.cpu_probe (~0.3-0.5 s once per
     process; skipped where only the flags are wanted); where it cannot run, the clock from cpufreq's maximum where
     the kernel has it, else /proc/cpuinfo, and the peaks from the table."""
     allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
@@ -217,7 +217,7 @@ def probe_cpu(threads: int, flags: frozenset[str]) -> dict | None:
     for line in done.stdout.splitlines():
         with contextlib.suppress(ValueError, TypeError, KeyError):
             kind, key, value = json.loads(line)
-            out[kind][key] = float(value)
+            out[kind][key] = max(float(value), out[kind].get(key, 0.0))  # the best of the probe's rounds
     return out if out["clock_mhz"] or out["ops_per_s"] else None
 
 
