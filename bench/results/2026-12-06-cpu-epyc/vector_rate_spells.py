@@ -34,14 +34,17 @@ def main() -> None:
     while time.perf_counter() - t0 < args.seconds:
         samples.append((time.perf_counter() - t0, sample() / 1e9))
     best = max(r for _, r in samples)
+    sample_s = args.seconds / len(samples)
     spells, start, last = [], None, 0.0
     for t, r in samples:
         if r < LOW * best:
             start = t if start is None else start
             last = t
         elif start is not None:
-            spells.append(last - start + args.seconds / len(samples))
+            spells.append(last - start + sample_s)
             start = None
+    if start is not None:  # a spell still open when the run ended
+        spells.append(last - start + sample_s)
     low = [r for _, r in samples if r < LOW * best]
     out = {"cpu_threads": cores, "seconds": args.seconds, "samples": len(samples), "best_gflops": best,
            "median_gflops": statistics.median(r for _, r in samples), "low_share": len(low) / len(samples),
