@@ -728,9 +728,11 @@ def newest_table(results_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def proved(results_dir: Path, targets: Sequence[int] = tuple(TARGETS)) -> tuple[bool, str]:
+def proved(results_dir: Path, targets: Sequence[int] = tuple(TARGETS),
+           same_triton: bool = False) -> tuple[bool, str]:
     """Whether the newest table under ``results_dir`` covers exactly what would be built now (same fingerprint) and
-    passed everywhere; with the reason in words. Records the launches (a few seconds), compiles nothing."""
+    passed everywhere; with the reason in words. Records the launches (a few seconds), compiles nothing.
+    ``same_triton``: the table must also come from the installed triton (the fingerprint leaves the compiler out)."""
     path = newest_table(results_dir)
     if path is None:
         return False, f"no *-kernels-aot.json under {results_dir}"
@@ -738,6 +740,8 @@ def proved(results_dir: Path, targets: Sequence[int] = tuple(TARGETS)) -> tuple[
     now = fingerprint(collect(call_sites(), targets))
     if meta["fingerprint"] != now:
         return False, f"{path.name} was built from other kernel sources or configurations (fingerprint differs)"
+    if same_triton and meta["versions"]["triton"] != _triton_version():
+        return False, f"{path.name} was built with triton {meta['versions']['triton']}, this is {_triton_version()}"
     s = meta["summary"]
     if s["failed"]:
         return False, f"{path.name} records {s['failed']} failing configuration(s)"

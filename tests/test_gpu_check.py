@@ -98,10 +98,10 @@ def test_kernels_rebuild_when_triton_interpret_changes(monkeypatch):
     torch.testing.assert_close(got.double(), KG.knn_graph_reference(x.double(), 3), rtol=1e-5, atol=1e-6)
 
 
-def test_aot_step_skips_on_the_gpu_only_what_ci_proved(tmp_path, monkeypatch):
-    """On CUDA the aot step skips when the newest committed table has this tree's fingerprint and passed; a stale or
-    failing table, or the CPU, builds (stubbed here: tests/test_kernels_aot.py builds for real); a failing build
-    fails the step."""
+def test_aot_step_skips_only_what_the_committed_table_proves(tmp_path, monkeypatch):
+    """The aot step skips when the newest committed table has this tree's fingerprint and passed, on the CPU (CI)
+    only if that table's triton is the installed one; a stale or failing table builds (stubbed here:
+    tests/test_kernels_aot.py builds for real); a failing build fails the step."""
     pytest.importorskip("triton")
     from zsad.kernels import aot
 
@@ -110,6 +110,7 @@ def test_aot_step_skips_on_the_gpu_only_what_ci_proved(tmp_path, monkeypatch):
     monkeypatch.setattr(G, "RESULTS", results)
     monkeypatch.setattr(aot, "collect", lambda sites, targets=(): [])  # the fingerprint is stubbed below
     monkeypatch.setattr(aot, "fingerprint", lambda launches: "now")
+    monkeypatch.setattr(aot, "_triton_version", lambda: "3.9.0")
     built = []
 
     def fake_run(out_dir, targets, jobs, failed=0, **kw):
@@ -119,24 +120,29 @@ def test_aot_step_skips_on_the_gpu_only_what_ci_proved(tmp_path, monkeypatch):
 
     monkeypatch.setattr(aot, "run", fake_run)
 
-    def table(name, fingerprint, failed):
-        meta = {"fingerprint": fingerprint, "versions": {"triton": "3.9.0"},
+    def table(name, fingerprint, failed, triton="3.9.0"):
+        meta = {"fingerprint": fingerprint, "versions": {"triton": triton},
                 "summary": {"launches": 5, "targets": ["sm_80", "sm_89", "sm_90a"], "failed": failed}}
         (results / name).write_text(json.dumps({"meta": meta, "rows": []}))
 
     G.step_aot(tmp_path / "out", "cuda")  # no table at all: builds
     table("2026-12-01-kernels-aot.json", "now", 0)
     table("2026-11-01-kernels-aot.json", "old", 0)  # an older table does not count
-    with pytest.raises(G.StepSkip, match="proved by CI: 2026-12-01-kernels-aot.json: 5 launches for sm_80"):
-        G.step_aot(tmp_path / "out", "cuda")
+    for device in ("cuda", "cpu"):
+        with pytest.raises(G.StepSkip, match="proved by the committed table: 2026-12-01-kernels-aot.json: 5 launches"):
+            G.step_aot(tmp_path / "out", device)
     assert len(built) == 1
-    G.step_aot(tmp_path / "out", "cpu")  # CI itself always builds
+    table("2026-12-02-kernels-aot.json", "now", 0, triton="3.10.0")  # another triton: the GPU trusts it, CI builds
+    with pytest.raises(G.StepSkip):
+        G.step_aot(tmp_path / "out", "cuda")
+    G.step_aot(tmp_path / "out", "cpu")
     assert len(built) == 2
-    table("2026-12-02-kernels-aot.json", "other sources", 0)  # the newest table is stale: build on the GPU too
+    table("2026-12-03-kernels-aot.json", "other sources", 0)  # the newest table is stale: build on the GPU too
     G.step_aot(tmp_path / "out", "cuda")
-    table("2026-12-03-kernels-aot.json", "now", 2)  # current but failing: not proved
+    table("2026-12-04-kernels-aot.json", "now", 2)  # current but failing: not proved anywhere
     G.step_aot(tmp_path / "out", "cuda")
-    assert len(built) == 4
+    G.step_aot(tmp_path / "out", "cpu")
+    assert len(built) == 5
     monkeypatch.setattr(aot, "run", partial(fake_run, failed=2))
     with pytest.raises(SystemExit, match="2 kernel build"):
         G.step_aot(tmp_path / "out", "cpu")
