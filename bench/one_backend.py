@@ -65,9 +65,10 @@ def time_batch(runner, images: torch.Tensor, row: dict, device: str, iters: int,
                     for name, step in runner.stage_steps(images)}
     b = len(images)
     # achieved_tflops: GFLOP per ms is TFLOP/s
+    # samples_ms: every timed call in order (the JSON only), so a warm-up transient or a slow spell shows as such
     row = {**row, "status": "ok", "reason": "", "iters": iters, **stats, "p50_ms_per_image": stats["p50_ms"] / b,
            "images_per_s": 1000.0 * b / stats["p50_ms"], "achieved_tflops": gflops * b / stats["p50_ms"],
-           "note": runner.note}
+           "samples_ms": [round(s, 3) for s in samples], "note": runner.note}
     if stage_ms:
         row["stage_ms"] = stage_ms
     if runner.op_profile is not None:

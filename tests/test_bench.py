@@ -53,6 +53,22 @@ def test_timing_helpers():
     assert p["p50_ms"] == 3.0 and p["p50_ms"] <= p["p90_ms"] <= p["p99_ms"]
 
 
+def test_a_row_keeps_its_samples_in_the_order_they_were_timed():
+    """time_batch's row holds every timed call in order (a slow first call stays first), after the warm-up."""
+    import time
+    from types import SimpleNamespace
+
+    from zsad.bench.one_backend import time_batch
+
+    sleeps = iter([0.0, 0.06, 0.0, 0.03])  # one warm-up call, then three timed ones: 60 ms, ~0, 30 ms
+    runner = SimpleNamespace(make_step=lambda images: lambda: time.sleep(next(sleeps)), stage_steps=None,
+                             op_profile=None, note="")
+    row = time_batch(runner, torch.zeros(2, 3, 8, 8), {"batch": 2}, "cpu", iters=3, warmup=1, gflops=1.0)
+    s = row["samples_ms"]
+    assert len(s) == 3 and s[0] >= 60.0 and s[2] >= 30.0 and s[1] < s[2]  # sleep never returns early
+    assert row["p50_ms"] == pytest.approx(float(np.percentile(s, 50)), abs=2e-3)
+
+
 def _run(tmp_path, backends, extra=()):
     args = ["--model", "anomalyclip", "--profile", "tiny", "--batch", "1,2", "--backend", backends,
             "--device", "cpu", "--iters", "3", "--warmup", "1", "--out", str(tmp_path), "--no-progress", *extra]
@@ -82,6 +98,10 @@ def test_bench_torch_and_ort_with_skips(tmp_path, monkeypatch):
     for r in ok:
         assert set(r) >= TIMED, TIMED - set(r)
         assert r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"]
+        # every timed call is in the JSON, and the percentiles are numpy's of exactly those samples
+        assert len(r["samples_ms"]) == r["iters"] == 3
+        for q in (50, 90, 99):
+            assert r[f"p{q}_ms"] == pytest.approx(float(np.percentile(r["samples_ms"], q)), abs=2e-3)
         assert r["parity_ok"] and r["parity_map_max_rel"] <= 1e-3 and r["parity_rank_agreement"] == 1.0
         assert r["images_per_s"] == pytest.approx(1000 * r["batch"] / r["p50_ms"])
         # GFLOP per image x images per second = FLOP/s; in TFLOP/s
