@@ -22,8 +22,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python demo.py --out demo_out
 
+# TEST_WORKERS pytest-xdist processes (tests/conftest.py gives each its share of torch threads): on 2 cores the serial
+# suite keeps ~1.3 of them busy (waits on servers, subprocesses, Python); two workers take it from ~35 to ~22 min.
+# TEST_WORKERS=0 runs it in one process (pytest's own output, pdb). worksteal: one slow test does not idle a worker.
+TEST_WORKERS ?= 2
 test: lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal
 
 # the developer's tier (under 3 minutes on 2 cores): no lint, no slow / server / gpu tests
 test-fast: $(STAMP)

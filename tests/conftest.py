@@ -14,7 +14,9 @@ from zsad._compat import ensure_torchvision_importable  # noqa: E402
 
 ensure_torchvision_importable()  # tests import open_clip directly too
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# under pytest-xdist the workers share the cores: one torch thread per worker's share, not two each contending
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _workers)))
 
 
 def pytest_collection_modifyitems(config, items):
