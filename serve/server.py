@@ -62,6 +62,7 @@ ADMIN_HEADER = "zsad-admin-key"
 RESTRICTED_APIS = "shared-memory,model-repository,trace,logging"
 SHM_PREFIX = "triton_python_backend_shm_region_"
 STUB_NAME = b"triton_python_backend_stub"
+PORT_TRIES = 3  # starts of one server when a port picked for it was taken before tritonserver bound it
 EXIT_TIMEOUT_S = 5  # tritonserver's own wait for in-flight requests on SIGTERM
 DRAIN_TIMEOUT_S = 30.0  # how long ``drain`` waits for accepted requests to finish
 SERVER_STATE, KEY_FILE, UPDATE_LOCK = "server.json", "admin.key", "update.lock"  # in the run directory
@@ -197,11 +198,10 @@ class TritonServer:
         self.repo = Path(repo).resolve()
         if not self.repo.is_dir():
             raise ZsadError(f"model repository not found: {self.repo}")
-        given = (http_port, grpc_port, metrics_port)
-        picked = iter(free_ports(sum(p is None for p in given), tuple(p for p in given if p)))
-        self.http_port, self.grpc_port, self.metrics_port = (p or next(picked) for p in given)
+        self._given_ports = (http_port, grpc_port, metrics_port)
+        self._pick_ports()
         if len({self.http_port, self.grpc_port, self.metrics_port}) < 3:
-            raise ZsadError(f"HTTP, gRPC and metrics need three different ports, got {given}")
+            raise ZsadError(f"HTTP, gRPC and metrics need three different ports, got {self._given_ports}")
         self.binary = binary
         self.startup_timeout = startup_timeout
         self.log_verbose = log_verbose
@@ -220,6 +220,12 @@ class TritonServer:
         self.draining = False
         self._run_files: list[Path] = []  # what start() wrote into run_dir (stop() removes exactly these)
         self._made_run_dir = False
+
+    def _pick_ports(self) -> None:
+        """The given ports, and free ones for those not given."""
+        given = self._given_ports
+        picked = iter(free_ports(sum(p is None for p in given), tuple(p for p in given if p)))
+        self.http_port, self.grpc_port, self.metrics_port = (p or next(picked) for p in given)
 
     @property
     def http_url(self) -> str:
@@ -242,6 +248,23 @@ class TritonServer:
         return _bundled_binary(workdir)
 
     def start(self) -> TritonServer:
+        """Start tritonserver and wait until it is ready. A free port picked here can be taken by another process
+        before tritonserver binds it (two servers starting at once draw from the same pool): that start is retried
+        with fresh ports, up to PORT_TRIES starts; a port the caller gave is never replaced."""
+        for tries_left in range(PORT_TRIES - 1, -1, -1):
+            try:
+                return self._start_once()
+            except ZsadError as err:
+                in_use = {int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)' already in use", str(err))}
+                if not tries_left or not in_use or in_use & {p for p in self._given_ports if p}:
+                    raise
+                taken = (self.http_port, self.grpc_port, self.metrics_port)
+                self._pick_ports()
+                log.warning("a port picked for tritonserver was taken before it bound (ports %s); starting again on "
+                            "%s", taken, (self.http_port, self.grpc_port, self.metrics_port))
+        raise AssertionError("unreachable")
+
+    def _start_once(self) -> TritonServer:
         self._workdir = Path(tempfile.mkdtemp(prefix="zsad-triton-"))  # 0700
         if self.run_dir is None:
             self.run_dir = self._workdir
@@ -279,6 +302,7 @@ class TritonServer:
         self._write_run_file(SERVER_STATE, json.dumps({
             "pid": os.getpid(), "tritonserver_pid": self.process.pid, "repo": str(self.repo),
             "http": self.http_url, "grpc": self.grpc_url, "metrics": f"127.0.0.1:{self.metrics_port}"}, indent=2))
+        self._stop_monitor.clear()  # set by the stop() of a failed start before this one
         self._monitor = threading.Thread(target=self._watch_stubs, name="zsad-stub-monitor", daemon=True)
         self._monitor.start()
         return self
@@ -343,12 +367,21 @@ class TritonServer:
                 tail = self.log_tail()
                 self.stop()
                 raise ZsadError(f"tritonserver exited with code {process.returncode} while starting:\n{tail}")
-            if self.ready():
+            # the metrics service binds last, after the HTTP endpoint answers ready, and tritonserver exits when it
+            # cannot: a start is done once /metrics answers too
+            if self.ready() and (self._metrics_answer() or "--allow-metrics=false" in self.extra_args):
                 return
             time.sleep(0.25)
         tail = self.log_tail()
         self.stop()
         raise ZsadError(f"tritonserver not ready after {self.startup_timeout:.0f} s:\n{tail}")
+
+    def _metrics_answer(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2) as r:
+                return r.status == 200
+        except (urllib.error.URLError, ConnectionError, OSError):
+            return False
 
     def ready(self) -> bool:
         """The server answers ready, is not draining, and no model is left with a dead stub."""

@@ -260,6 +260,43 @@ def test_no_server_process_or_port_left_behind(tmp_path):
     assert all(_port_free(p) for p in ports)
 
 
+@pytest.mark.server
+def test_a_picked_port_taken_before_the_bind_gets_fresh_ports(tmp_path, monkeypatch):
+    """Another process takes the gRPC port picked for a server before tritonserver binds it (what two servers
+    starting at once can do to each other): that start fails on "already in use" and the next one gets fresh ports,
+    with its stub monitor running. A port the caller gave is never replaced: one start, the clear error, for the
+    metrics port too (tritonserver binds it after answering ready, then exits)."""
+    import zsad.serve.server as server_module
+
+    repo = tmp_path / "empty_repo"
+    repo.mkdir()
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        real, calls = server_module.free_ports, []
+
+        def first_pick_has_the_taken_port(n, given=()):
+            calls.append(n)
+            ports = real(n, (*given, taken))
+            return [ports[0], taken, ports[2]] if calls == [3] else ports
+
+        monkeypatch.setattr(server_module, "free_ports", first_pick_has_the_taken_port)
+        srv = TritonServer(repo)
+        assert srv.grpc_port == taken
+        with srv:
+            assert len(calls) == 2 and taken not in (srv.http_port, srv.grpc_port, srv.metrics_port)
+            assert srv.ready() and srv._monitor is not None
+            srv._monitor.join(timeout=2 * srv.monitor_interval)  # returns at once if the monitor has stopped
+            assert srv._monitor.is_alive()
+            assert f"Started GRPCInferenceService at {srv.grpc_url}" in srv.log_path.read_text()
+        for given in ("grpc_port", "metrics_port"):  # the metrics service binds after the server answers ready
+            calls.clear()
+            with pytest.raises(ZsadError, match=f"127.0.0.1:{taken}' already in use"):
+                TritonServer(repo, **{given: taken}).start()
+            assert calls == [2]  # picked once, in __init__: no second start
+
+
 def test_client_refuses_unscaled_non_uint8_arrays():
     """A float image in [0, 1] cast to uint8 would be all black and still scored: refused unless scale= is given."""
     from zsad.serve.client import _to_uint8
