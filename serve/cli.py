@@ -59,7 +59,7 @@ def serve_main(repo, http_port, grpc_port, metrics_port, binary, log_verbose, ru
     server.start()
     try:
         models = server.models()
-        click.echo(f"ready: HTTP {server.http_url}  gRPC {server.grpc_url}  metrics 127.0.0.1:{server.metrics_port}")
+        click.echo(f"ready: HTTP {server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}")
         for m in models:
             click.echo(f"  {m['name']:<36} {m.get('state', '?')}")
         click.echo(f"log: {server.log_path}   run dir: {server.run_dir}   (Ctrl-C to stop)")

@@ -236,6 +236,10 @@ class TritonServer:
         return f"127.0.0.1:{self.grpc_port}"
 
     @property
+    def metrics_url(self) -> str:
+        return f"127.0.0.1:{self.metrics_port}"
+
+    @property
     def log_path(self) -> Path:
         if self._workdir is None:
             raise ZsadError("the Triton server has not been started: it has no log yet")
@@ -301,7 +305,7 @@ class TritonServer:
         self._check_key()
         self._write_run_file(SERVER_STATE, json.dumps({
             "pid": os.getpid(), "tritonserver_pid": self.process.pid, "repo": str(self.repo),
-            "http": self.http_url, "grpc": self.grpc_url, "metrics": f"127.0.0.1:{self.metrics_port}"}, indent=2))
+            "http": self.http_url, "grpc": self.grpc_url, "metrics": self.metrics_url}, indent=2))
         self._stop_monitor.clear()  # set by the stop() of a failed start before this one
         self._monitor = threading.Thread(target=self._watch_stubs, name="zsad-stub-monitor", daemon=True)
         self._monitor.start()
@@ -369,29 +373,19 @@ class TritonServer:
                 raise ZsadError(f"tritonserver exited with code {process.returncode} while starting:\n{tail}")
             # the metrics service binds last, after the HTTP endpoint answers ready, and tritonserver exits when it
             # cannot: a start is done once /metrics answers too
-            if self.ready() and (self._metrics_answer() or "--allow-metrics=false" in self.extra_args):
+            if self.ready() and (_answers_200(f"http://{self.metrics_url}/metrics")
+                                 or "--allow-metrics=false" in self.extra_args):
                 return
             time.sleep(0.25)
         tail = self.log_tail()
         self.stop()
         raise ZsadError(f"tritonserver not ready after {self.startup_timeout:.0f} s:\n{tail}")
 
-    def _metrics_answer(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2) as r:
-                return r.status == 200
-        except (urllib.error.URLError, ConnectionError, OSError):
-            return False
-
     def ready(self) -> bool:
         """The server answers ready, is not draining, and no model is left with a dead stub."""
         if not self.healthy or self.draining:
             return False
-        try:
-            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as r:
-                return r.status == 200
-        except (urllib.error.URLError, ConnectionError, OSError):
-            return False
+        return _answers_200(f"http://{self.http_url}/v2/health/ready")
 
     def _admin(self, path: str, timeout: float = 5):
         """POST to a restricted endpoint with the admin key; returns the decoded JSON body (or None)."""
@@ -558,6 +552,15 @@ class TritonServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _answers_200(url: str) -> bool:
+    """A GET of ``url`` answers 200 within 2 s (anything else, refused or timed out: False)."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except (urllib.error.URLError, ConnectionError, OSError):
+        return False
 
 
 def admin_post(http_url: str, key: str, path: str, timeout: float = 5, body: dict | None = None):
