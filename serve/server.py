@@ -48,6 +48,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -366,6 +367,8 @@ class TritonServer:
 
     def _wait_ready(self, process: subprocess.Popen) -> None:
         deadline = time.monotonic() + self.startup_timeout
+        # tritonserver's own reading of the flag: either form, its bool words in any case (else it refuses to start)
+        metrics_on = (_option_value(self.extra_args, "--allow-metrics") or "true").lower() not in ("false", "off", "0")
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 tail = self.log_tail()
@@ -373,8 +376,7 @@ class TritonServer:
                 raise ZsadError(f"tritonserver exited with code {process.returncode} while starting:\n{tail}")
             # the metrics service binds last, after the HTTP endpoint answers ready, and tritonserver exits when it
             # cannot: a start is done once /metrics answers too
-            if self.ready() and (_answers_200(f"http://{self.metrics_url}/metrics")
-                                 or "--allow-metrics=false" in self.extra_args):
+            if self.ready() and (_answers_200(f"http://{self.metrics_url}/metrics") or not metrics_on):
                 return
             time.sleep(0.25)
         tail = self.log_tail()
@@ -552,6 +554,17 @@ class TritonServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _option_value(args: Sequence[str], name: str) -> str | None:
+    """The value a getopt-style parser reads for ``name`` in ``args``: the last ``name=value`` or ``name value``."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg.startswith(name + "="):
+            value = arg[len(name) + 1:]
+        elif arg == name and i + 1 < len(args):
+            value = args[i + 1]
+    return value
 
 
 def _answers_200(url: str) -> bool:

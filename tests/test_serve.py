@@ -297,6 +297,25 @@ def test_a_picked_port_taken_before_the_bind_gets_fresh_ports(tmp_path, monkeypa
             assert calls == [2]  # picked once, in __init__: no second start
 
 
+@pytest.mark.server
+def test_metrics_switched_off_in_any_spelling_tritonserver_takes_starts_at_once(tmp_path):
+    """A start waits for /metrics unless the user switched metrics off. tritonserver reads ``--allow-metrics`` as
+    ``=value`` or as the next argument, with ``false``/``off``/``0`` in any case, the last one winning: each of those
+    spellings starts well inside a 20 s timeout (a wait for /metrics would run it out), with nothing on the metrics
+    port; one that switches metrics back on still gets its /metrics waited for."""
+    from zsad.serve.server import _answers_200
+
+    repo = tmp_path / "empty_repo"
+    repo.mkdir()
+    for args in (["--allow-metrics", "false"], ["--allow-metrics=OFF"], ["--allow-metrics=0"],
+                 ["--allow-metrics=true", "--allow-metrics", "Off"]):
+        began = time.monotonic()
+        with TritonServer(repo, extra_args=args, startup_timeout=20) as srv:
+            assert time.monotonic() - began < 15, args
+            assert srv.ready() and not _answers_200(f"http://{srv.metrics_url}/metrics"), args
+    with TritonServer(repo, extra_args=["--allow-metrics=false", "--allow-metrics", "1"], startup_timeout=20) as srv:
+        assert _answers_200(f"http://{srv.metrics_url}/metrics")  # answered when start() returned, not after
+
 def test_client_refuses_unscaled_non_uint8_arrays():
     """A float image in [0, 1] cast to uint8 would be all black and still scored: refused unless scale= is given."""
     from zsad.serve.client import _to_uint8
