@@ -158,6 +158,18 @@ def free_ports(n: int, taken: tuple[int, ...] = ()) -> list[int]:
     return ports
 
 
+def port_bindable(port: int) -> bool:
+    """Nothing listens on ``port`` that would stop a bind on 127.0.0.1 (loopback or any address). SO_REUSEADDR as
+    servers set it: a port left in TIME_WAIT by a stopped server counts as free, as it is to tritonserver."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 @dataclass
 class ServerBinary:
     path: Path
@@ -256,6 +268,7 @@ class TritonServer:
         """Start tritonserver and wait until it is ready. A free port picked here can be taken by another process
         before tritonserver binds it (two servers starting at once draw from the same pool): that start is retried
         with fresh ports, up to PORT_TRIES starts; a port the caller gave is never replaced."""
+        self._refuse_given_ports_in_use()
         for tries_left in range(PORT_TRIES - 1, -1, -1):
             try:
                 return self._start_once()
@@ -268,6 +281,22 @@ class TritonServer:
                 log.warning("a port picked for tritonserver was taken before it bound (ports %s); starting again on "
                             "%s", taken, (self.http_port, self.grpc_port, self.metrics_port))
         raise AssertionError("unreachable")
+
+    @property
+    def metrics_on(self) -> bool:
+        """tritonserver's own reading of ``--allow-metrics`` in extra_args: either form, its bool words in any case
+        (anything else makes it refuse to start)."""
+        return (_option_value(self.extra_args, "--allow-metrics") or "true").lower() not in ("false", "off", "0")
+
+    def _refuse_given_ports_in_use(self) -> None:
+        """A given port another process listens on is refused before tritonserver starts: else a server already on
+        it (an earlier Triton, say) would answer the readiness checks while this one loads, then this one would exit
+        on the bind, with an error about something else."""
+        names = ("HTTP", "gRPC", "metrics" if self.metrics_on else None)
+        for name, port in zip(names, self._given_ports, strict=True):
+            if name and port and not port_bindable(port):
+                raise ZsadError(f"the {name} port {port} is in use on 127.0.0.1 (another server on it?): stop what "
+                                f"listens there or give another port")
 
     def _start_once(self) -> TritonServer:
         self._workdir = Path(tempfile.mkdtemp(prefix="zsad-triton-"))  # 0700
@@ -367,8 +396,7 @@ class TritonServer:
 
     def _wait_ready(self, process: subprocess.Popen) -> None:
         deadline = time.monotonic() + self.startup_timeout
-        # tritonserver's own reading of the flag: either form, its bool words in any case (else it refuses to start)
-        metrics_on = (_option_value(self.extra_args, "--allow-metrics") or "true").lower() not in ("false", "off", "0")
+        metrics_on = self.metrics_on
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 tail = self.log_tail()

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -290,11 +291,41 @@ def test_a_picked_port_taken_before_the_bind_gets_fresh_ports(tmp_path, monkeypa
             srv._monitor.join(timeout=2 * srv.monitor_interval)  # returns at once if the monitor has stopped
             assert srv._monitor.is_alive()
             assert f"Started GRPCInferenceService at {srv.grpc_url}" in srv.log_path.read_text()
-        for given in ("grpc_port", "metrics_port"):  # the metrics service binds after the server answers ready
+        for given, name in (("grpc_port", "gRPC"), ("metrics_port", "metrics")):
             calls.clear()
-            with pytest.raises(ZsadError, match=f"127.0.0.1:{taken}' already in use"):
-                TritonServer(repo, **{given: taken}).start()
-            assert calls == [2]  # picked once, in __init__: no second start
+            srv = TritonServer(repo, **{given: taken})
+            with pytest.raises(ZsadError, match=f"the {name} port {taken} is in use on 127.0.0.1"):
+                srv.start()
+            assert calls == [2] and srv.process is None  # picked once, in __init__; refused before any start
+
+
+@pytest.mark.server
+def test_given_ports_another_server_holds_are_refused_before_starting(tmp_path):
+    """A Triton already on the given HTTP and metrics ports (a user's earlier server) answered the new one's
+    readiness checks while it loaded, and the start failed on the admin key instead of naming the port. Given ports
+    are checked first: one held by a listener on the loopback or on every address is refused with its name and
+    number, nothing started and the other server untouched; a port a stopped server left in TIME_WAIT is free (as it
+    is to tritonserver); a given metrics port is not checked when metrics are off."""
+    repo = tmp_path / "empty_repo"
+    repo.mkdir()
+    with TritonServer(repo) as first:
+        second = TritonServer(repo, http_port=first.http_port, metrics_port=first.metrics_port)
+        with pytest.raises(ZsadError, match=f"the HTTP port {first.http_port} is in use on 127.0.0.1"):
+            second.start()
+        assert second.process is None and first.ready()
+        ports = (first.http_port, first.grpc_port, first.metrics_port)
+        for _ in range(5):  # connections the server closes leave the port's TIME_WAIT entries behind
+            urllib.request.urlopen(f"http://{first.http_url}/v2/health/ready").read()
+    with TritonServer(repo, *ports) as again:
+        assert again.ready()
+    with socket.socket() as squatter:
+        squatter.bind(("0.0.0.0", 0))
+        squatter.listen()
+        held = squatter.getsockname()[1]
+        with pytest.raises(ZsadError, match=f"the gRPC port {held} is in use"):
+            TritonServer(repo, grpc_port=held).start()
+        with TritonServer(repo, metrics_port=held, extra_args=["--allow-metrics=false"]) as srv:
+            assert srv.ready()
 
 
 @pytest.mark.server
