@@ -37,7 +37,9 @@ def serve_main(repo, http_port, grpc_port, metrics_port, binary, log_verbose, ru
                allow_key_in_argv, tritonserver_args):
     """Start tritonserver on REPO (loopback only), print the endpoints, drain and stop on Ctrl-C / SIGTERM.
 
-    Arguments after `--` go to tritonserver as they are (e.g. `zsad-serve repo -- --log-info=false`). Clients
+    Arguments after `--` go to tritonserver as they are (e.g. `zsad-serve repo -- --log-info=false`), except ones
+    that would change what zsad relies on (ports: use the options below; a model control mode other than explicit;
+    HTTP or strict readiness off), which are refused. Clients
     cannot use the shared-memory, repository, trace and logging APIs: their key is in an owner-only file of the run
     directory, never on a command line. A model whose python stub dies is reloaded (logged), and if that fails
     zsad-serve stops with an error rather than serve a broken model. On SIGTERM readiness turns false, every model

@@ -65,6 +65,19 @@ SHM_PREFIX = "triton_python_backend_shm_region_"
 STUB_NAME = b"triton_python_backend_stub"
 PORT_TRIES = 3  # starts of one server when a port picked for it was taken before tritonserver bound it
 EXIT_TIMEOUT_S = 5  # tritonserver's own wait for in-flight requests on SIGTERM
+# tritonserver options zsad sets itself and relies on: given again in extra_args (tritonserver takes the last one)
+# with another value they would break it (readiness polled on the wrong port, no reloads), so they are refused.
+# name: (the values that change nothing, why). Restricted-API specs are not here: tritonserver adds another
+# category's spec to zsad's and refuses to start on one naming a category zsad restricts.
+_TRUE = ("true", "on", "1")
+OWN_OPTIONS: dict[str, tuple[tuple[str, ...], str]] = {
+    "--http-port": ((), "give the port as zsad-serve --http-port (TritonServer's http_port)"),
+    "--grpc-port": ((), "give the port as zsad-serve --grpc-port (TritonServer's grpc_port)"),
+    "--metrics-port": ((), "give the port as zsad-serve --metrics-port (TritonServer's metrics_port)"),
+    "--model-control-mode": (("explicit",), "the stub monitor's reloads and zsad-deploy need explicit model control"),
+    "--allow-http": (_TRUE, "readiness is checked over HTTP"),
+    "--strict-readiness": (_TRUE, "ready must mean every model is loaded"),
+}
 DRAIN_TIMEOUT_S = 30.0  # how long ``drain`` waits for accepted requests to finish
 SERVER_STATE, KEY_FILE, UPDATE_LOCK = "server.json", "admin.key", "update.lock"  # in the run directory
 
@@ -218,7 +231,15 @@ class TritonServer:
         self.binary = binary
         self.startup_timeout = startup_timeout
         self.log_verbose = log_verbose
-        self.extra_args = extra_args or []
+        self.extra_args = list(extra_args or [])
+        for i, arg in enumerate(self.extra_args):
+            name, eq, value = arg.partition("=")
+            if name in OWN_OPTIONS:
+                harmless, why = OWN_OPTIONS[name]
+                given = arg if eq else " ".join(self.extra_args[i:i + 2])
+                value = value if eq else " ".join(self.extra_args[i + 1:i + 2])
+                if value.lower() not in harmless:
+                    raise ZsadError(f"tritonserver argument '{given}' overrides an option zsad sets itself: {why}")
         self.process: subprocess.Popen | None = None
         self._workdir: Path | None = None
         self.monitor_interval = monitor_interval

@@ -299,6 +299,31 @@ def test_a_picked_port_taken_before_the_bind_gets_fresh_ports(tmp_path, monkeypa
             assert calls == [2] and srv.process is None  # picked once, in __init__; refused before any start
 
 
+def test_tritonserver_arguments_that_override_zsads_own_are_refused(tmp_path):
+    """tritonserver takes the last of a repeated option, so an argument after `--` that sets a port, the model control
+    mode, HTTP or strict readiness differently would silently break zsad (readiness polled on the wrong port until
+    the start timeout, no reloads): refused at once, in either form and any case, naming the argument; the same
+    values zsad sets, and options it does not own, pass."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for args, shown in ((["--http-port", "9000"], "--http-port 9000"), (["--grpc-port=9001"], "--grpc-port=9001"),
+                        (["--metrics-port=9002"], "--metrics-port=9002"),
+                        (["--model-control-mode=poll"], "--model-control-mode=poll"),
+                        (["--log-info=false", "--model-control-mode", "none"], "--model-control-mode none"),
+                        (["--allow-http=FALSE"], "--allow-http=FALSE"),
+                        (["--strict-readiness", "0"], "--strict-readiness 0")):
+        with pytest.raises(ZsadError, match=re.escape(f"'{shown}' overrides an option zsad sets itself")):
+            TritonServer(repo, extra_args=args)
+    for args in (["--model-control-mode", "explicit"], ["--allow-http=ON", "--strict-readiness", "true"],
+                 ["--http-restricted-api=statistics:h=v", "--log-info=false", "--http-address=0.0.0.0"]):
+        assert TritonServer(repo, extra_args=args).extra_args == args
+    r = subprocess.run([str(Path(sys.executable).parent / "zsad-serve"), str(repo), "--", "--http-port", "9000"],
+                       capture_output=True, text=True, timeout=60)  # the installed command, as a user runs it
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert ("'--http-port 9000' overrides an option zsad sets itself: give the port as zsad-serve --http-port"
+            in r.stderr)
+
+
 @pytest.mark.server
 def test_given_ports_another_server_holds_are_refused_before_starting(tmp_path):
     """A Triton already on the given HTTP and metrics ports (a user's earlier server) answered the new one's
