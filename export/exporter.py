@@ -194,6 +194,7 @@ class ExportResult:
 def build_method(opts: ExportOptions):
     """(method, trained): from ``opts.checkpoint`` (``opts.overrides`` are for untrained methods only), or untrained
     from ``opts.model`` at ``opts.profile`` (loud warning); through the one loader, zsad.load."""
+    import zsad.methods as M
     from zsad.configs import deep_merge
     from zsad.load import load
 
@@ -201,6 +202,7 @@ def build_method(opts: ExportOptions):
     if not opts.checkpoint:
         if not opts.model:
             raise ZsadError("give --model (and --profile) or --checkpoint")
+        M.resolve_config(opts.model, opts.profile)  # an unknown method or profile: its error, not the warning first
         warnings.warn(f"exporting UNTRAINED {opts.model} (no --checkpoint): prompts and heads are random. Fine for "
                       f"architecture benchmarks and tests, useless for detection.", stacklevel=3)
     overrides = size if opts.checkpoint else deep_merge(opts.overrides or {}, size)

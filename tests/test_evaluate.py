@@ -79,13 +79,22 @@ def test_eval_cli_writes_everything(setup):
         roc_auc_score(batch["mask"].numpy().ravel() > 0.5, pred.anomaly_map.numpy().ravel()), abs=1e-6)
 
 
-def test_eval_cli_errors(setup, tmp_path):
+def test_eval_cli_errors(setup, tmp_path, monkeypatch):
+    """One-line errors for a missing checkpoint and a missing data root; the data is checked before the model is
+    built (a paper-profile checkpoint's CLIP is a 1.7 GB ViT-L download on first use)."""
+    import zsad.load
+
     base, _ = setup
     res = CliRunner().invoke(eval_cli, ["--checkpoint", str(tmp_path / "missing"), "--data", str(base / "mpdd")])
     assert res.exit_code == 2 and "error: not a zsad checkpoint" in res.stderr
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was built before --data was checked")
+
+    monkeypatch.setattr(zsad.load, "load", no_load)
     res = CliRunner().invoke(eval_cli, ["--checkpoint", str(base / "ckpt"), "--data", str(tmp_path / "void"),
                                         "--no-progress"])
-    assert res.exit_code == 2 and "void" in res.stderr and isinstance(res.exception, SystemExit)
+    assert res.exit_code == 2 and "void" in res.stderr and isinstance(res.exception, SystemExit), res.output
 
 
 @pytest.mark.slow

@@ -208,6 +208,21 @@ def test_fp16_and_tensorrt_are_refused_clearly_where_they_cannot_run(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+
+def test_an_unknown_method_or_profile_is_the_only_line(tmp_path):
+    """A mistyped --model or --profile without --checkpoint is one error line, not the 'exporting UNTRAINED' warning
+    about a method that does not exist followed by the error."""
+    import warnings
+
+    for args, msg in ((["--model", "bagclp"], "unknown method 'bagclp'"),
+                      (["--model", "bagclip", "--profile", "tinny"], "unknown profile 'tinny'")):
+        with warnings.catch_warnings(record=True) as caught:  # pytest would keep a warning off the output
+            warnings.simplefilter("always")
+            res = CliRunner().invoke(export_cli, args + ["--out", str(tmp_path / "r")])
+        assert res.exit_code == 2 and res.stderr.startswith(f"error: {msg}") and res.stderr.count("\n") == 1
+        assert not [w for w in caught if "UNTRAINED" in str(w.message)], res.output
+    assert not (tmp_path / "r").exists()
+
 @pytest.mark.slow
 def test_fp16_conversion_keeps_normalisation_in_fp32(tmp_path, tiny_method):
     from zsad.export.fp16 import KEEP_FP32, convert_to_fp16

@@ -114,6 +114,23 @@ def test_cli_trains_and_reports_user_errors_cleanly(tmp_path, synthetic):
         assert isinstance(res.exception, SystemExit)  # a clean exit, not an escaped exception
 
 
+
+def test_a_wrong_data_root_is_said_before_the_model_is_built(tmp_path, monkeypatch):
+    """The paper profile's CLIP is a ViT-L (a 1.7 GB download on first use, tens of seconds to load): a mistyped or
+    empty --data must be refused before any model is built."""
+    import zsad.methods as M
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the model was built before --data was checked")
+
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setattr(M, "build", no_build)
+    for data, msg in [(tmp_path / "nowhere", "data set root does not exist"),
+                      (tmp_path / "empty", "cannot tell the data set layout")]:
+        res = CliRunner().invoke(train_cli, ["--model", "bagclip", "--data", str(data), "--no-progress"])
+        assert res.exit_code == 2 and msg in res.stderr, res.output
+
+
 @pytest.mark.slow
 def test_learning_on_synthetic_defects(synthetic):
     """Tiny BAG-CLIP (random CLIP) must learn to localise held-out synthetic defects.

@@ -116,16 +116,17 @@ def run(model, profile, data, split, classes, clip_weights, epochs, batch_size, 
         cfg_dict = deep_merge(meta["config"], {k: v for k, v in overrides.items() if k == "backbone"})
         if epochs:
             cfg_dict = deep_merge(cfg_dict, {"train": {"epochs": epochs}})
-        method = M.build(model, build_config(M.METHODS[model].config_class, cfg_dict, where=str(out_dir)),
-                         meta["profile"])
+        cfg = build_config(M.METHODS[model].config_class, cfg_dict, where=str(out_dir))
+        profile = meta["profile"]
         data_meta = meta.get("data", {})
         data, split = data_meta.get("path"), data_meta.get("split", split)
         classes = ",".join(data_meta.get("classes", []))
     else:
-        method = M.create(model, profile, **overrides)
-    cfg = method.config
+        cfg = M.resolve_config(model, profile, **overrides)
+    # the data before the model: a wrong --data is said before CLIP loads (a first ViT-L load downloads 1.7 GB)
     samples, heldout, data_meta = training_samples(data, split, classes, progress and dinfo.main,
                                                    cfg.train.heldout_classes)
+    method = M.build(model, cfg, profile)
     dataset = method.training_dataset(AnomalyDataset(samples, cfg.backbone.image_size), data_meta)
     if dinfo.main:
         n_train = sum(p.numel() for p in method.trainable_parameters().values())

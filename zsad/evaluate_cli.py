@@ -153,14 +153,11 @@ def check_mask_sizes(samples, resize_masks: bool) -> None:
 # ------------------------------------------------------------------------------------- the steps of run()
 
 
-def _load_method(checkpoint, clip_weights, device: str, shots: int, support, protocol: str, aupro_mode):
-    """The checkpoint's method, its metadata and the AUPRO mode (None = the protocol's default); checks the
-    few-shot options against the method."""
+def _load_method(checkpoint: Path, clip_weights, device: str, shots: int, protocol: str, aupro_mode):
+    """The method of a zsad ``checkpoint``, its metadata and the AUPRO mode (None = the protocol's default); checks
+    the few-shot options against the method."""
     from zsad.load import load
 
-    if bool(shots) != bool(support):
-        raise ZsadError("few-shot evaluation needs both --shots K (>= 1) and --support DIR")
-    protocols.check_protocol(protocol)
     loaded = load(checkpoint, clip_weights=clip_weights, device=device)
     method, meta = loaded.method, loaded.sidecar
     if aupro_mode is None:
@@ -230,8 +227,17 @@ def run(checkpoint, data, split="test", classes=None, dataset_name=None, clip_we
     import torch
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    method, meta, aupro_mode = _load_method(checkpoint, clip_weights, device, shots, support, protocol, aupro_mode)
+    from zsad.load import resolve, sidecar
+
+    if bool(shots) != bool(support):
+        raise ZsadError("few-shot evaluation needs both --shots K (>= 1) and --support DIR")
+    protocols.check_protocol(protocol)
+    # the checkpoint's own files (a released file imported), then the data, then the model: a wrong --data is
+    # said before CLIP loads (a first ViT-L load downloads 1.7 GB)
+    resolved = resolve(checkpoint, clip_weights)
+    sidecar(resolved)
     root, name, samples = _load_data(data, split, classes, dataset_name, progress, resize_masks)
+    method, meta, aupro_mode = _load_method(resolved, clip_weights, device, shots, protocol, aupro_mode)
     class_names = sorted({s.cls for s in samples})
     # few-shot under the paper protocol: one evaluation per draw of the papers' draw seeds
     draw_seeds = protocols.paper_draw_seeds(method) if shots and protocol == "paper" else (support_seed,)
