@@ -59,6 +59,10 @@ def test_ties_lowest_index_wins_and_zero_vectors():
     assert np.flatnonzero(a[1]).tolist() == [0, 2]
     # and the row of node 6 (similar to nobody, similarity 0 to all) takes indices 0, 1 as well
     assert np.flatnonzero(a[6]).tolist() == [0, 1]
+    # a clear neighbour at the highest index keeps its place: the ties below it fill only the places left (one)
+    y = torch.zeros(1, 8, 4)
+    y[0, 0] = y[0, 7] = torch.tensor([1.0, 0, 0, 0])
+    assert np.flatnonzero(knn_adjacency(y, 2)[0, 0]).tolist() == [1, 7] == sorted(_brute_neighbours(y[0], 2)[0])
 
 
 def test_resolution_makes_near_ties_ties():

@@ -41,3 +41,22 @@ def test_mutant_applies_to_one_line_and_names_existing_tests(m, tmp_path):
         assert (ROOT / file).is_file(), f"{m['id']}: test file {file} does not exist"
         if name:
             assert name.split("[")[0] in _test_names(ROOT / file), f"{m['id']}: no test {name} in {file}"
+
+
+def test_a_selection_whose_tests_all_skip_here_is_not_run_not_survived(tmp_path):
+    """The runner's reading of pytest: a test that passes, fails, is deselected by its marker, or skips on this
+    machine (an AMX test on a CPU without AMX catches nothing there: its mutant must not read as a survivor)."""
+    (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n    slow: slow\n")
+    (tmp_path / "test_kinds.py").write_text(
+        "import pytest\n"
+        "def test_ok():\n    assert True\n"
+        "def test_bad():\n    assert False\n"
+        "def test_not_here():\n    pytest.skip('needs AMX')\n"
+        "@pytest.mark.slow\ndef test_slow():\n    assert True\n")
+    py = Path(sys.executable)
+    outcome = {name: mutants.run_tests(py, tmp_path, [f"test_kinds.py::{name}"], 120)[0]
+               for name in ("test_ok", "test_bad", "test_not_here")}
+    assert outcome == {"test_ok": "passed", "test_bad": "failed", "test_not_here": "all-skipped"}
+    assert mutants.run_tests(py, tmp_path, ["test_kinds.py::test_slow"], 120, slow=False)[0] == "none-selected"
+    both = ["test_kinds.py::test_ok", "test_kinds.py::test_not_here"]
+    assert mutants.run_tests(py, tmp_path, both, 120)[0] == "passed"

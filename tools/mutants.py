@@ -5,7 +5,8 @@
 Each mutant in the list (TOML, ``[[mutant]]`` tables) names a file, an exact substring of one line (it must occur
 exactly once in the file), its replacement, and the tests that should fail with it. For every mutant the runner
 edits the copy, runs ``pytest -x`` on those tests, records killed (tests failed) / survived (tests passed) /
-timeout / error (substring not found: the list is stale), and restores the file.
+timeout / error (substring not found: the list is stale) / not-run (its tests deselected, or all skipped on this
+machine: e.g. the AMX ones elsewhere), and restores the file.
 
 The working tree is never modified: the tree (tracked + untracked, not ignored) is copied into a temp dir and a
 throwaway venv is made there whose ``.pth`` adds the project venv's site-packages (torch etc.) and which gets an
@@ -97,9 +98,10 @@ def run_tests(py: Path, tree: Path, tests: list[str], timeout: float, slow: bool
     except subprocess.TimeoutExpired:
         return "timeout", time.monotonic() - t0, ""
     tail = (r.stdout + r.stderr).strip().splitlines()[-1:] or [""]
-    # exit 0: passed; 5: every named test deselected by its marker; anything else (a test failed, a collection
-    # error, usage): a failure the mutant caused
-    outcome = {0: "passed", 5: "none-selected"}.get(r.returncode, "failed")
+    # exit 0: passed, or every test skipped here (no " passed" in pytest's summary line: a test for hardware this
+    # machine lacks, e.g. AMX, catches nothing on it); 5: every named test deselected by its marker; anything else
+    # (a test failed, a collection error, usage): a failure the mutant caused
+    outcome = {0: "passed" if " passed" in tail[0] else "all-skipped", 5: "none-selected"}.get(r.returncode, "failed")
     return outcome, time.monotonic() - t0, tail[0][:200]
 
 
@@ -182,6 +184,9 @@ def main(argv=None) -> int:
                 if baseline[key] == "none-selected":
                     rec["status"] = "not-run"
                     rec["note"] = (rec["note"] + " (its tests are all marked slow or gpu: deselected)").strip()
+                elif baseline[key] == "all-skipped":
+                    rec["status"] = "not-run"
+                    rec["note"] = (rec["note"] + f" (its tests all skip on this machine: {tail})").strip()
                 elif baseline[key] != "passed":
                     rec["status"] = "baseline-fail"
                 elif original is None:
