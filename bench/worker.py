@@ -58,6 +58,13 @@ def peak_rss_mb() -> float | None:
 
 def _work(task: BackendTask, conn) -> None:
     """The worker's body: build, time, send {"rows", "outputs", "pid", "peak_rss_mb"} (or {"error", ...})."""
+    from zsad.serve.server import die_with_parent
+
+    # a zsad-bench killed without its cleanup (SIGKILL, a default SIGTERM) would leave this multi-GB worker running
+    die_with_parent()
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # it died before the request above
+        os._exit(1)
     import torch
 
     from zsad.bench.one_backend import build_method, timed_rows

@@ -15,6 +15,7 @@ from zsad import ZsadError
 from zsad.cli import cli_entry
 from zsad.cpu import preference_text
 from zsad.export import runtimes
+from zsad.export.openvino_export import PRECISIONS as OV_PRECISIONS
 from zsad.export.triton_repo import OV_PERFORMANCE_HINTS
 
 
@@ -52,11 +53,12 @@ def _batches(value: str | None) -> list[int]:
 @click.option("--clip-weights", type=click.Path(), default=None, help="Local CLIP weights file (offline).")
 @click.option("--backend", default="onnxruntime", type=BackendChoice(),
               help="; ".join(f"{rt.name}: {rt.summary}" for rt in runtimes.RUNTIMES.values()) + ".")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "int8", "int8-bf16", "auto"]), default="fp32",
+@click.option("--precision", type=click.Choice([*OV_PRECISIONS, "auto"]), default="fp32",
               help="OpenVINO backends: fp32; bf16 (OpenVINO's inference-precision hint); int8 (NNCF post-training "
                    "quantisation of the encoder's linear layers and attention, LayerNorm / softmax / final "
                    "projection kept fp32); int8-bf16 (int8 linear layers, attention and the rest in bf16: the "
-                   "fastest on AMX and on the AMD EPYC measured); auto (read this CPU's instruction sets from "
+                   "fastest on AMX); int8-qk-bf16 (int8 linear layers and attention's Q.K^T, its P.V and the rest "
+                   "in bf16: the fastest on the AMD EPYC measured); auto (read this CPU's instruction sets from "
                    f"/proc/cpuinfo and try, fastest first, {preference_text()}, keeping the first that passes its "
                    "gate; where a bf16 linear layer, timed here first (~20 ms), is no faster than fp32, int8 goes "
                    "first and bf16 out, as on Intel AVX-512 BF16 without AMX: the choice, the timing and why are "
@@ -69,12 +71,12 @@ def _batches(value: str | None) -> list[int]:
                    "them at once, each image slower: for machines with cores to spare per stream (on a 2-core box "
                    "latency served twice the images per second at every load measured).")
 @click.option("--calibration", type=click.Path(), default=None,
-              help="int8, int8-bf16: a folder of images (searched recursively) to calibrate on [default: the "
+              help="int8 precisions: a folder of images (searched recursively) to calibrate on [default: the "
                    "synthetic set]. Use your own product's images: the gate then runs on your weights and data.")
 @click.option("--calibration-images", type=int, default=32,
-              help="int8, int8-bf16: how many calibration images to use.")
+              help="int8 precisions: how many calibration images to use.")
 @click.option("--gate-images", type=int, default=16,
-              help="bf16 / int8 / int8-bf16: synthetic images the precision gate uses.")
+              help="Every precision but fp32: synthetic images the precision gate uses.")
 @click.option("--fp16", is_flag=True, help="fp16 compute (TensorRT flag; fp16 ONNX for ORT-CUDA; autocast for "
               "python-torch). Refused where this machine cannot run and check fp16.")
 @click.option("--max-batch", type=int, default=32, help="Largest batch (dynamic batch axis 1..max).")

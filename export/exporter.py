@@ -232,10 +232,11 @@ def choose_precision(runtime: runtimes.Runtime, fp16: bool, device: str, cpu) ->
     import math
 
     from zsad.cpu import has_bf16, precision_preference
-    from zsad.export.openvino_export import bf16_matmul_ratio
+    from zsad.export.openvino_export import OV_HINT, bf16_matmul_ratio
 
     # the flags say bf16 runs here, not that it is fast: measured where a bf16 precision is on offer
-    ratio = bf16_matmul_ratio() if has_bf16(cpu.flags) and {"bf16", "int8-bf16"} & set(runtime.precisions) else None
+    hinted_bf16 = {p for p, hint in OV_HINT.items() if hint == "bf16"}
+    ratio = bf16_matmul_ratio() if has_bf16(cpu.flags) and hinted_bf16 & set(runtime.precisions) else None
     candidates, refused = [], []
     for precision, reason in precision_preference(cpu.flags, ratio):
         if precision not in runtime.precisions:
@@ -288,7 +289,7 @@ class ExportOptions:
     support_seed: int = 0
     # precision and the gates that check it
     fp16: bool = False
-    precision: str = "fp32"  # OpenVINO backends: fp32, bf16, int8, int8-bf16, or auto (choose_precision)
+    precision: str = "fp32"  # OpenVINO backends: fp32, bf16, the int8 mixes, or auto (choose_precision)
     calibration: str | Path | None = None
     calibration_images: int = 32
     gate_images: int = 16

@@ -1,4 +1,4 @@
-"""OpenVINO IR per stage, in fp32, bf16, int8 or int8-bf16, behind a precision gate (CPU inspection stations).
+"""OpenVINO IR per stage in fp32, bf16 or three int8 mixes, behind a precision gate (CPU inspection stations).
 
 The exporter first produces every stage's ONNX and passes it through the fp32 parity gate; this module converts
 that ONNX to OpenVINO IR (``ov.convert_model`` + ``ov.save_model``, weights kept fp32: ``compress_to_fp16`` off).
@@ -19,9 +19,14 @@ Precisions:
   quantised runs f32.
 - ``int8-bf16``: the same int8 linear layers, but attention is left out of the quantisation and everything not
   quantised (attention, LayerNorm, softmax, the residual stream, the head) runs in bf16 (``INFERENCE_PRECISION_HINT``
-  bf16). Why: on CPUs without AMX, OpenVINO's fused int8 attention is slower than its bf16 one (measured on an
-  AVX-512 VNNI/BF16 EPYC: 57 vs 47 ms per ViT-L attention at 1370 tokens, one thread), while int8 linear layers run
-  ~4x fp32; this mix is the fastest CPU path there. Needs a CPU with bf16 (AVX-512 BF16 or AMX).
+  bf16). Why: OpenVINO's fused int8 attention with the rest in fp32 is slower than its bf16 one on CPUs with fast
+  bf16 (measured on an AVX-512 VNNI/BF16 EPYC: 57 vs 47 ms per ViT-L attention at 1370 tokens, one thread), while
+  int8 linear layers run ~4x fp32. Needs a CPU with bf16 (AVX-512 BF16 or AMX). The fastest on AMX.
+- ``int8-qk-bf16``: int8's IR (linear layers and the fused attention's inputs quantised: NNCF quantises its query
+  and key, so Q.K^T runs int8) compiled with the bf16 hint, so the attention's P.V and everything not quantised runs
+  in bf16. The fastest on the AVX-512 BF16/VNNI EPYC without AMX: its paper-profile BAG-CLIP encoder 2.02 s against
+  2.16-2.21 s int8-bf16 and 2.40-2.53 s int8 (attention 850 ms against 1013-1076 ms bf16 and 1204-1274 ms int8
+  with fp32 around it; bench/results/2026-12-07-cpu-epyc-int8-qk/). Needs bf16 as int8-bf16 does.
 
 The precision gate (every precision but fp32) compares the exported chain with torch fp32 eager of the same
 checkpoint on synthetic-defect images: anomaly-map correlation >= 0.99, image-score Spearman >= 0.99, pixel AUROC
@@ -41,9 +46,11 @@ from zsad import ZsadError
 from zsad.export.parity import GATED, GateThresholds, gate_failures, gate_metrics  # noqa: F401 (re-exported)
 
 PRECISIONS = ("fp32", *GATED)
-# what runs unquantised: int8 keeps it in fp32, int8-bf16 runs it (attention included) in bf16
-OV_HINT = {"fp32": "f32", "bf16": "bf16", "int8": "f32", "int8-bf16": "bf16"}
-QUANTIZED = ("int8", "int8-bf16")  # the precisions whose encoder NNCF quantises
+# what runs unquantised: int8 keeps it in fp32, int8-bf16 runs it (attention included) in bf16, int8-qk-bf16 runs
+# it (attention's P.V included) in bf16
+OV_HINT = {"fp32": "f32", "bf16": "bf16", "int8": "f32", "int8-bf16": "bf16", "int8-qk-bf16": "bf16"}
+QUANTIZED = ("int8", "int8-bf16", "int8-qk-bf16")  # the precisions whose encoder NNCF quantises
+INT8_ATTENTION = ("int8", "int8-qk-bf16")  # ... with the fused attention's inputs (its Q.K^T) quantised too
 CALIBRATION_IMAGES = 32
 GATE_IMAGES = 16
 CAVEAT = ("Random or tiny weights lack real CLIP's activation outliers (a few channels with values 100x the rest), "
@@ -366,12 +373,13 @@ def build_openvino_stages(method, stages, onnx_files: dict, precision: str, scra
                 source = str(calibration) if calibration else "synthetic set (training classes)"
             info["calibration"] = {"source": source, "images": len(cal)}
             keep = projection_ops(model, method.backbone.visual.proj.detach().cpu().numpy())
-            attention = precision == "int8"
+            attention = precision in INT8_ATTENTION
             rest = "fp32" if OV_HINT[precision] == "f32" else "bf16"
-            log(f"  quantising stage '{st.name}' to int8 (NNCF, {len(cal)} calibration images; attention "
-                f"{'int8' if attention else rest}; {rest}: LayerNorm (MVN), Softmax, final projection {keep})")
+            runs = f"Q.K^T int8, P.V {rest}" if attention else rest
+            log(f"  quantising stage '{st.name}' to int8 (NNCF, {len(cal)} calibration images; attention {runs}; "
+                f"{rest}: LayerNorm (MVN), Softmax, final projection {keep})")
             model = quantize_int8(model, stage_calibration_feeds(method, stages, st, cal), keep, attention)
-            info["quantized_stages"].append({"stage": st.name, "attention": "int8" if attention else rest,
+            info["quantized_stages"].append({"stage": st.name, "attention": runs,
                                              "not_quantised": {"types": ["MVN (LayerNorm)", "Softmax"], "runs_in": rest,
                                                                "final_projection": keep},
                                              "nncf": {"version": __import__("nncf").__version__,

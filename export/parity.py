@@ -263,7 +263,7 @@ def write_report(path: Path, rows: list[ParityRow], meta: dict) -> None:
 
 # A deployed chain (another runtime or precision) against torch fp32 eager on the same images: what zsad-bench and
 # its served rows report. Looser than the export gate's per-stage tolerances because the whole chain accumulates.
-CHAIN_TOL = {"fp32": 1e-3, "fp16": 5e-2, "bf16": 1e-1, "int8": 1e-1, "int8-bf16": 1e-1}
+CHAIN_TOL = {"fp32": 1e-3, "fp16": 5e-2, "bf16": 1e-1, "int8": 1e-1, "int8-bf16": 1e-1, "int8-qk-bf16": 1e-1}
 
 
 def rank_agreement(ref: np.ndarray, got: np.ndarray) -> float:
@@ -297,7 +297,7 @@ def chain_parity(ref_score, ref_map, score, amap, precision: str) -> dict:
     return out
 
 # -- the precision gate's comparison (bf16 / int8 / int8-bf16 against fp32; zsad.export.openvino_export runs it) -----
-GATED = ("bf16", "int8", "int8-bf16")  # precisions judged by the precision gate, not by the fp32 parity gate
+GATED = ("bf16", "int8", "int8-bf16", "int8-qk-bf16")  # judged by the precision gate, not the fp32 parity gate
 
 
 @dataclass

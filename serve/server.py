@@ -109,8 +109,9 @@ def private_dir(path: Path, create: bool) -> Path:
     return path
 
 
-def _die_with_parent() -> None:
-    """preexec_fn: SIGTERM this child when the thread that started it exits (Linux prctl PR_SET_PDEATHSIG)."""
+def die_with_parent() -> None:
+    """SIGTERM this process when the thread that started it exits (Linux prctl PR_SET_PDEATHSIG): a preexec_fn for
+    tritonserver, the first call of a zsad-bench worker."""
     try:
         import ctypes
 
@@ -351,7 +352,7 @@ class TritonServer:
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         with open(self.log_path, "wb") as logfile:
             self.process = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, env=env,
-                                            start_new_session=True, preexec_fn=_die_with_parent)
+                                            start_new_session=True, preexec_fn=die_with_parent)
         self._wait_ready(self.process)
         self._check_key()
         self._write_run_file(SERVER_STATE, json.dumps({

@@ -58,14 +58,16 @@ def test_precision_order_for_each_kind_of_cpu(monkeypatch):
     order = {name: [p for p, _ in precision_preference(frozenset(flags.split()))]
              for name, flags in [("amx", AMX_XEON), ("epyc", ZEN4_EPYC), ("vnni", VNNI_XEON), ("avx2", AVX2_ONLY),
                                  ("old", OLD)]}
-    assert order == {"amx": ["int8-bf16", "bf16", "int8", "fp32"], "epyc": ["int8-bf16", "int8", "bf16", "fp32"],
+    assert order == {"amx": ["int8-bf16", "bf16", "int8-qk-bf16", "int8", "fp32"],
+                     "epyc": ["int8-qk-bf16", "int8-bf16", "int8", "bf16", "fp32"],
                      "vnni": ["int8", "fp32"], "avx2": ["int8", "fp32"], "old": ["fp32"]}
     # measured: bf16 no faster than fp32 here (above BF16_FAST) puts int8 first and drops bf16; inf: no bf16 at all
     def measured(flags, ratio):
         return [p for p, _ in precision_preference(frozenset(flags.split()), ratio)]
 
     for flags in (AMX_XEON, ZEN4_EPYC):
-        assert measured(flags, 1.5) == measured(flags, BF16_FAST + 0.01) == ["int8", "int8-bf16", "fp32"]
+        assert measured(flags, 1.5) == measured(flags, BF16_FAST + 0.01) == ["int8", "int8-qk-bf16", "int8-bf16",
+                                                                              "fp32"]
         assert measured(flags, math.inf) == ["int8", "fp32"]
         assert measured(flags, BF16_FAST) == measured(flags, 0.26) == measured(flags, None)  # fast: the flags' order
     assert measured(VNNI_XEON, 1.5) == ["int8", "fp32"] and measured(OLD, 1.5) == ["fp32"]
@@ -73,11 +75,12 @@ def test_precision_order_for_each_kind_of_cpu(monkeypatch):
     cpu = CpuInfo(flags=frozenset(ZEN4_EPYC.split()))
     monkeypatch.setattr("zsad.export.openvino_export.bf16_matmul_ratio", lambda: 0.5)
     assert default_backends("cpu", cpu) == ["torch-fp32", "torch-compile", "torch-bf16", "torch-compile-bf16", "ort",
-                                            "openvino-int8-bf16", "openvino-int8", "openvino-bf16", "openvino-fp32",
-                                            "served"]
+                                            "openvino-int8-qk-bf16", "openvino-int8-bf16", "openvino-int8",
+                                            "openvino-bf16", "openvino-fp32", "served"]
     monkeypatch.setattr("zsad.export.openvino_export.bf16_matmul_ratio", lambda: 1.5)  # the torch bf16 comparators stay
     assert default_backends("cpu", cpu) == ["torch-fp32", "torch-compile", "torch-bf16", "torch-compile-bf16", "ort",
-                                            "openvino-int8", "openvino-int8-bf16", "openvino-fp32", "served"]
+                                            "openvino-int8", "openvino-int8-qk-bf16", "openvino-int8-bf16",
+                                            "openvino-fp32", "served"]
     no_bf16 = default_backends("cpu", CpuInfo(flags=frozenset(VNNI_XEON.split())))
     assert "torch-bf16" not in no_bf16 and "openvino-int8" in no_bf16 and "openvino-bf16" not in no_bf16
 
@@ -94,7 +97,7 @@ def test_onednn_isa_cap_leaves_out_the_flags_above_it(monkeypatch):
     assert bf16.flags == frozenset(ZEN4_EPYC.split())  # AMX, AVX-512 FP16 and AVX-VNNI gone, the rest kept
     assert [bf16.best_isa(p) for p in ("fp32", "bf16", "int8")] == [("AVX-512F", 64), ("AVX-512 BF16", 128),
                                                                    ("AVX-512 VNNI", 256)]
-    assert [p for p, _ in precision_preference(bf16.flags)] == ["int8-bf16", "int8", "bf16", "fp32"]
+    assert [p for p, _ in precision_preference(bf16.flags)] == ["int8-qk-bf16", "int8-bf16", "int8", "bf16", "fp32"]
     assert "capped by ONEDNN_MAX_CPU_ISA=avx512_core_bf16" in bf16.summary()["isa_cap"]
     core = capped({"DNNL_MAX_CPU_ISA": "AVX512_CORE"})
     assert core.best_isa("int8") == ("AVX2", 64) and core.best_isa("bf16") == ("AVX-512F", 64)
@@ -125,7 +128,7 @@ def test_choose_precision_keeps_what_the_backend_builds_here():
     amx = CpuInfo(model="Test CPU", flags=frozenset(AMX_XEON.split()))
     onnx = choose_precision(runtimes.get("onnxruntime"), False, "cpu", amx)
     assert [c["precision"] for c in onnx["candidates"]] == ["fp32"]
-    assert [r["precision"] for r in onnx["refused"]] == ["int8-bf16", "bf16", "int8"]
+    assert [r["precision"] for r in onnx["refused"]] == ["int8-bf16", "bf16", "int8-qk-bf16", "int8"]
     assert all("not a precision of --backend onnxruntime" in r["why"] for r in onnx["refused"])
     with pytest.raises(ZsadError, match="exports for CPU servers"):  # fp32's own refusal is the user's error
         choose_precision(runtimes.get("openvino"), False, "gpu", amx)
@@ -139,8 +142,9 @@ def test_choose_precision_follows_the_measured_bf16_speed(monkeypatch):
 
     amx = CpuInfo(model="Test CPU", flags=frozenset(AMX_XEON.split()))
     calls = []
-    for ratio, order, recorded in [(1.5, ["int8", "int8-bf16", "fp32"], 1.5), (math.inf, ["int8", "fp32"],
-                                   "bf16 does not compile"), (0.26, ["int8-bf16", "bf16", "int8", "fp32"], 0.26)]:
+    for ratio, order, recorded in [(1.5, ["int8", "int8-qk-bf16", "int8-bf16", "fp32"], 1.5),
+                                   (math.inf, ["int8", "fp32"], "bf16 does not compile"),
+                                   (0.26, ["int8-bf16", "bf16", "int8-qk-bf16", "int8", "fp32"], 0.26)]:
         monkeypatch.setattr("zsad.export.openvino_export.bf16_matmul_ratio", lambda r=ratio: calls.append(r) or r)
         choice = choose_precision(runtimes.get("python-openvino"), False, "cpu", amx)
         assert [c["precision"] for c in choice["candidates"]] == order
@@ -390,3 +394,58 @@ def test_op_profile_is_the_median_of_its_profiled_runs():
     assert median_profile(runs, top=3) == {"Transpose ref": 50.0, "attention jit": 10.0, "Split ref": 0.0}
     assert median_profile(runs, top=1) == {"Transpose ref": 50.0, "other": 10.0}
     assert median_profile([{"a": 1.0, "b": 5.0}, {"a": 3.0, "b": 7.0}], top=2) == {"b": 6.0, "a": 2.0}
+
+
+def _running(pid: int) -> bool:
+    """Alive, not a zombie (an orphan's exit may wait for an init that does not reap)."""
+    try:
+        state = next(ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ln.startswith("State:"))
+    except (OSError, StopIteration):
+        return False
+    return "Z" not in state.split()[1]
+
+
+def test_a_bench_worker_ends_with_its_parent(tmp_path):
+    """A zsad-bench killed while a backend's worker runs (SIGKILL, or a SIGTERM that skips Python's cleanup) left
+    that worker running on its own, a multi-GB process for minutes at the paper profile. The worker asks the kernel
+    to SIGTERM it when its parent dies: here it blocks reading its parity images from a FIFO nobody writes, the
+    parent is SIGKILLed, and the worker is gone within seconds."""
+    import signal
+    import time
+
+    from zsad.bench.worker import BackendTask
+
+    fifo = tmp_path / "images.npy"
+    os.mkfifo(fifo)
+    task = BackendTask(backend="torch-fp32", model="anomalyclip", profile="tiny", image_size=None, checkpoint=None,
+                       images_npy=str(fifo), base={}, batches=[1], device="cpu", iters=1, warmup=0, gflops=1.0,
+                       scratch_dir=str(tmp_path / "scratch"), calibration_images=1)
+    (tmp_path / "task.pkl").write_bytes(__import__("pickle").dumps(task))
+    code = ("import pickle, sys; from zsad.bench.worker import run_in_worker; "
+            f"run_in_worker(pickle.loads(open({str(tmp_path / 'task.pkl')!r}, 'rb').read()))")
+    parent = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        worker = None
+        deadline = time.monotonic() + 60
+        while worker is None and time.monotonic() < deadline:  # the spawned worker: a child of the parent
+            for d in Path("/proc").iterdir():
+                if d.name.isdigit() and d.name != str(parent.pid):
+                    try:
+                        status = (d / "status").read_text()
+                    except OSError:
+                        continue
+                    if f"\nPPid:\t{parent.pid}\n" in status and b"spawn_main" in (d / "cmdline").read_bytes():
+                        worker = int(d.name)
+            time.sleep(0.2)
+        assert worker is not None, "no worker started"
+        time.sleep(3)  # past its start-up, blocked on the FIFO
+        assert Path(f"/proc/{worker}").exists()
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while _running(worker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _running(worker), "the worker outlived its parent"
+    finally:
+        parent.kill()
+        parent.wait()

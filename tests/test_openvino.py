@@ -118,16 +118,21 @@ def test_bf16_export_for_the_openvino_backend(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_BF16, reason="this CPU has no bf16 in OpenVINO")
-def test_int8_bf16_quantises_linear_layers_not_attention_and_compiles_bf16(tmp_path):
-    res = export_model(ExportOptions(model="afclip", profile="tiny", backend="python-openvino", precision="int8-bf16",
+@pytest.mark.parametrize("precision,attention", [("int8-bf16", "bf16"), ("int8-qk-bf16", "Q.K^T int8, P.V bf16")])
+def test_int8_bf16_mixes_quantise_what_they_say_and_compile_bf16(tmp_path, precision, attention):
+    """int8-bf16 leaves the fused attention to bf16; int8-qk-bf16 quantises its inputs (query and key: NNCF's
+    ports of the op) and runs the rest, P.V included, in bf16. Both: int8 linear layers, the bf16 hint everywhere."""
+    res = export_model(ExportOptions(model="afclip", profile="tiny", backend="python-openvino", precision=precision,
                                      out=tmp_path, max_batch=2, parity_images=2, calibration_images=8,
                                      gate_thresholds=TINY_GATE), **QUIET)
     section = json.loads(res.report.read_text())["openvino"]
-    assert section["gate"]["passed"] and section["gate"]["precision"] == "int8-bf16"
+    assert section["gate"]["passed"] and section["gate"]["precision"] == precision
     assert section["inference_precision_hint"] == "bf16"
+    assert [q["attention"] for q in section["quantized_stages"]] == [attention]
     enc = ov.Core().read_model(str(tmp_path / "afclip_encoder" / "1" / "model.xml"))
     assert "FakeQuantize" in [op.get_type_name() for op in enc.get_ordered_ops()]  # linear layers: int8
-    assert not any(_attention_inputs_quantised(enc))  # attention: left to bf16
+    quantised = _attention_inputs_quantised(enc)
+    assert all(quantised) if precision == "int8-qk-bf16" else not any(quantised)
     assert enc.get_rt_info(["zsad", "inference_precision"]).astype(str) == "bf16"
     for stage in ("encoder", "head"):  # the python-openvino model compiles every stage with the bf16 hint
         cfg = (tmp_path / f"afclip_{stage}" / "config.pbtxt").read_text()
@@ -209,13 +214,13 @@ def test_bench_cpu_backends_give_rows_with_parity_and_stage_times(tmp_path):
     from zsad.bench.model_bench import bench_model
 
     _, _, rows = bench_model("afclip", "tiny", None, [1], ["torch-fp32", "openvino-fp32", "openvino-int8", "ort-int8"]
-                             + (["openvino-int8-bf16"] if HAS_BF16 else []),
+                             + (["openvino-int8-bf16", "openvino-int8-qk-bf16"] if HAS_BF16 else []),
                              "cpu", iters=1, warmup=0, checkpoint=None, served_url=None, concurrency=[1],
                              served_seconds=1.0, progress=False, log=lambda *a: None, isolate=False)
     by = {r["backend"]: r for r in rows}
     assert all(by[b]["status"] == "ok" for b in by), rows
     assert by["openvino-fp32"]["parity_ok"] and by["openvino-fp32"]["parity_map_max_rel"] < 1e-3
-    for b in ("openvino-int8", "ort-int8", "openvino-int8-bf16")[:3 if HAS_BF16 else 2]:
+    for b in ("openvino-int8", "ort-int8", "openvino-int8-bf16", "openvino-int8-qk-bf16")[:4 if HAS_BF16 else 2]:
         assert by[b]["precision"] == b.split("-", 1)[1] and by[b]["parity_map_corr"] >= 0.99 and by[b]["parity_ok"]
     for b in ("openvino-fp32", "openvino-int8", "ort-int8"):
         assert set(by[b]["stage_ms"]) == {"encoder", "head", "postprocess"}
@@ -233,6 +238,10 @@ def test_bench_cpu_backends_give_rows_with_parity_and_stage_times(tmp_path):
     if HAS_BF16:
         assert re.search(r"[iuIU]8", fc["openvino-int8-bf16"])
         assert any("bf16" in k for k in attention["openvino-int8-bf16"]), ops["openvino-int8-bf16"]
+        # int8-qk-bf16: an int8 attention kernel, and what is not quantised runs in bf16
+        qk = ops["openvino-int8-qk-bf16"]
+        assert any(re.search(r"[iuIU]8", k) for k in attention["openvino-int8-qk-bf16"]), qk
+        assert any("bf16" in k for k in qk if not k.startswith(("attention", "FullyConnected"))), qk
     from zsad.bench.report import environment, markdown
 
     md = markdown("afclip", "tiny", rows, environment("cpu"), [], {}, "zsad-bench (test)")

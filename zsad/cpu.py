@@ -69,8 +69,9 @@ ONEDNN_ISA_CAPS: dict[str, frozenset[str]] = {
     "AVX10_1_512_AMX": _FP16 | {"amx_tile", "amx_bf16", "amx_int8"}, "AVX512_CORE_AMX_FP16": ONEDNN_GATED,
     "AVX10_1_512_AMX_FP16": ONEDNN_GATED, "ALL": ONEDNN_GATED, "DEFAULT": ONEDNN_GATED}
 
-# a row's precision -> the arithmetic its bulk (the linear layers) runs in; int8-bf16 is held to the int8 peak
-ARITHMETIC = {"fp32": "fp32", "bf16": "bf16", "fp16": "bf16", "int8": "int8", "int8-bf16": "int8"}
+# a row's precision -> the arithmetic its bulk (the linear layers) runs in; the int8 mixes are held to the int8 peak
+ARITHMETIC = {"fp32": "fp32", "bf16": "bf16", "fp16": "bf16", "int8": "int8", "int8-bf16": "int8",
+              "int8-qk-bf16": "int8"}
 
 
 @dataclass
@@ -228,26 +229,26 @@ def has_bf16(flags: frozenset[str] | set[str]) -> bool:
 
 def precision_preference(flags: frozenset[str] | set[str], bf16_ratio: float | None = None) -> list[tuple[str, str]]:
     """The OpenVINO precisions to try on a CPU with ``flags``, fastest first, each with the reason (zsad-export
-    --precision auto tries them in order and keeps the first that passes its gate; fp32 is always last):
+    --precision auto tries them in order and keeps the first that passes its gate; fp32 is always last). Measured
+    on the paper-profile BAG-CLIP encoder (issue 25):
 
     - AMX (amx_bf16, amx_int8): int8-bf16 first (int8 linear layers on AMX-INT8, attention in bf16 on AMX-BF16:
       OpenVINO's fused attention kernel does use the AMX tiles, 3x slower with oneDNN capped below AMX), then bf16,
-      then int8 (int8 attention adds reorders and FakeQuantize); measured on a quiet 2-core AMX Xeon, paper-profile
-      BAG-CLIP encoder: int8-bf16 1.18-1.31 s, bf16 1.64-1.66 s, int8 attention 1.63 s (issue 25);
-    - AVX-512 BF16 without AMX: int8-bf16 (int8 linear layers on VNNI, attention in bf16: the fastest measured on
-      an AVX-512 BF16/VNNI EPYC, 2026-11-30 report), then int8, then bf16;
+      then int8-qk-bf16 (as fast as bf16, but int8), then int8 (its attention and the rest around it in fp32); a
+      quiet 2-core AMX Xeon: int8-bf16 1.18-1.31 s, bf16 1.64-1.66 s, int8-qk-bf16 1.63 s, int8 1.94 s;
+    - AVX-512 BF16 without AMX: int8-qk-bf16 (int8 linear layers and Q.K^T on VNNI, the attention's P.V and the rest
+      in bf16), then int8-bf16, int8, bf16; the 2-core Zen 4 EPYC, 2026-12-07: 2.02 s, 2.16-2.21 s, 2.40-2.53 s;
     - VNNI without bf16, or AVX2: int8;
     - else fp32 only.
 
     The flags say what a CPU can run, not how fast: ``bf16_ratio`` (measured here by
     zsad.export.openvino_export.bf16_matmul_ratio) above BF16_FAST means bf16 is no faster than fp32 on this
-    machine, and then int8 goes first (int8 attention, the rest fp32), int8-bf16 after it (slower, but more accurate
-    where int8 fails its gate), bf16 not at all. Measured on an AMX Xeon capped at
+    machine, and then int8 goes first (int8 attention, the rest fp32), then int8-qk-bf16 and int8-bf16 (slower, but
+    tried where int8 fails its gate), bf16 not at all. Measured on an AMX Xeon capped at
     ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 (the stand-in for an Intel CPU with AVX-512 BF16 and no AMX): VDPBF16PS ran
     at a quarter of VFMADD231PS's instruction rate (half its FLOP rate); a bf16 linear layer took 1.5x its fp32
-    time; the paper-profile BAG-CLIP encoder int8 1.97 s, int8-bf16 2.80 s, fp32 4.05 s, bf16 6.15 s
-    (bench/results/2026-12-06-cpu-no-amx/); on the AMD EPYC of the 2026-11-30 reports bf16 ran at twice fp32's speed
-    and int8-bf16 was the fastest."""
+    time; the encoder int8 1.89-1.97 s, int8-qk-bf16 2.20 s, int8-bf16 2.66-2.80 s, fp32 4.05 s, bf16 6.15 s
+    (bench/results/2026-12-06-cpu-no-amx/); on the AMD EPYC bf16 runs at twice fp32's speed."""
     order = _preference_by_flags(flags)
     if bf16_ratio is None or bf16_ratio <= BF16_FAST:
         return order
@@ -257,9 +258,10 @@ def precision_preference(flags: frozenset[str] | set[str], bf16_ratio: float | N
     out = []
     if "int8" in names:
         out.append(("int8", f"{slow}: int8 linear layers and attention, the rest fp32"))
-    if "int8-bf16" in names and math.isfinite(bf16_ratio):
-        out.append(("int8-bf16", f"{slow}: int8 linear layers, attention in bf16 (slower than int8 here, tried "
-                                 "where int8 fails its gate)"))
+    if math.isfinite(bf16_ratio):
+        out += [(p, f"{slow}: {why} (slower than int8 here, tried where int8 fails its gate)")
+                for p, why in (("int8-qk-bf16", "int8 linear layers and Q.K^T, the rest in bf16"),
+                               ("int8-bf16", "int8 linear layers, attention in bf16")) if p in names]
     return [*out, order[-1]]
 
 
@@ -272,11 +274,14 @@ def _preference_by_flags(flags: frozenset[str] | set[str]) -> list[tuple[str, st
     if amx:
         return [("int8-bf16", "AMX: int8 linear layers on AMX-INT8, attention and the rest in bf16 on AMX-BF16"),
                 ("bf16", "AMX: every matmul, attention included, in bf16 on AMX-BF16"),
-                ("int8", "AMX: int8 linear layers and attention (slower than int8-bf16: reorders and FakeQuantize "
-                         "around the int8 attention)"), fp32]
+                ("int8-qk-bf16", "AMX: int8 linear layers and Q.K^T, the rest in bf16 (as fast as bf16 here: "
+                                 "reorders and FakeQuantize around the int8 attention)"),
+                ("int8", "AMX: int8 linear layers and attention, the rest in fp32"), fp32]
     if bf16:
-        return [("int8-bf16", "AVX-512 BF16 without AMX: int8 linear layers on VNNI, attention in bf16"),
-                ("int8", "AVX-512 without AMX: int8 linear layers and attention on VNNI"),
+        return [("int8-qk-bf16", "AVX-512 BF16 without AMX: int8 linear layers and Q.K^T on VNNI, the attention's "
+                                 "P.V and the rest in bf16"),
+                ("int8-bf16", "AVX-512 BF16 without AMX: int8 linear layers on VNNI, attention in bf16"),
+                ("int8", "AVX-512 without AMX: int8 linear layers and attention on VNNI, the rest in fp32"),
                 ("bf16", "AVX-512 BF16 without AMX: bf16"), fp32]
     if vnni or "avx2" in flags:
         return [("int8", f"{'VNNI' if vnni else 'AVX2'} without bf16: int8 linear layers and attention"), fp32]
