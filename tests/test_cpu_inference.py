@@ -415,6 +415,7 @@ def test_a_bench_worker_ends_with_its_parent(tmp_path):
 
     from zsad.bench.worker import BackendTask
 
+    worker = None
     fifo = tmp_path / "images.npy"
     os.mkfifo(fifo)
     task = BackendTask(backend="torch-fp32", model="anomalyclip", profile="tiny", image_size=None, checkpoint=None,
@@ -425,7 +426,6 @@ def test_a_bench_worker_ends_with_its_parent(tmp_path):
             f"run_in_worker(pickle.loads(open({str(tmp_path / 'task.pkl')!r}, 'rb').read()))")
     parent = subprocess.Popen([sys.executable, "-c", code])
     try:
-        worker = None
         deadline = time.monotonic() + 60
         while worker is None and time.monotonic() < deadline:  # the spawned worker: a child of the parent
             for d in Path("/proc").iterdir():
@@ -449,3 +449,5 @@ def test_a_bench_worker_ends_with_its_parent(tmp_path):
     finally:
         parent.kill()
         parent.wait()
+        if worker is not None and _running(worker):  # the test failed: leave no orphan behind
+            os.kill(worker, signal.SIGKILL)
