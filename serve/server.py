@@ -233,14 +233,10 @@ class TritonServer:
         self.startup_timeout = startup_timeout
         self.log_verbose = log_verbose
         self.extra_args = list(extra_args or [])
-        for i, arg in enumerate(self.extra_args):
-            name, eq, value = arg.partition("=")
-            if name in OWN_OPTIONS:
-                harmless, why = OWN_OPTIONS[name]
-                given = arg if eq else " ".join(self.extra_args[i:i + 2])
-                value = value if eq else " ".join(self.extra_args[i + 1:i + 2])
-                if value.lower() not in harmless:
-                    raise ZsadError(f"tritonserver argument '{given}' overrides an option zsad sets itself: {why}")
+        for name, (harmless, why) in OWN_OPTIONS.items():
+            value = _option_value(self.extra_args, name)  # what tritonserver would read: the last one
+            if value is not None and value.lower() not in harmless:
+                raise ZsadError(f"tritonserver argument {name} {value} overrides an option zsad sets itself: {why}")
         self.process: subprocess.Popen | None = None
         self._workdir: Path | None = None
         self.monitor_interval = monitor_interval

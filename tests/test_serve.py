@@ -306,21 +306,23 @@ def test_tritonserver_arguments_that_override_zsads_own_are_refused(tmp_path):
     values zsad sets, and options it does not own, pass."""
     repo = tmp_path / "repo"
     repo.mkdir()
-    for args, shown in ((["--http-port", "9000"], "--http-port 9000"), (["--grpc-port=9001"], "--grpc-port=9001"),
-                        (["--metrics-port=9002"], "--metrics-port=9002"),
-                        (["--model-control-mode=poll"], "--model-control-mode=poll"),
+    for args, shown in ((["--http-port", "9000"], "--http-port 9000"), (["--grpc-port=9001"], "--grpc-port 9001"),
+                        (["--metrics-port=9002"], "--metrics-port 9002"),
+                        (["--model-control-mode=poll"], "--model-control-mode poll"),
                         (["--log-info=false", "--model-control-mode", "none"], "--model-control-mode none"),
-                        (["--allow-http=FALSE"], "--allow-http=FALSE"),
-                        (["--strict-readiness", "0"], "--strict-readiness 0")):
-        with pytest.raises(ZsadError, match=re.escape(f"'{shown}' overrides an option zsad sets itself")):
+                        (["--allow-http=FALSE"], "--allow-http FALSE"),
+                        (["--strict-readiness", "0"], "--strict-readiness 0"),
+                        (["--allow-http=true", "--allow-http", "off"], "--allow-http off")):  # the last one counts
+        with pytest.raises(ZsadError, match=re.escape(f"argument {shown} overrides an option zsad sets itself")):
             TritonServer(repo, extra_args=args)
     for args in (["--model-control-mode", "explicit"], ["--allow-http=ON", "--strict-readiness", "true"],
+                 ["--allow-http=false", "--allow-http=true"],
                  ["--http-restricted-api=statistics:h=v", "--log-info=false", "--http-address=0.0.0.0"]):
         assert TritonServer(repo, extra_args=args).extra_args == args
     r = subprocess.run([str(Path(sys.executable).parent / "zsad-serve"), str(repo), "--", "--http-port", "9000"],
                        capture_output=True, text=True, timeout=60)  # the installed command, as a user runs it
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert ("'--http-port 9000' overrides an option zsad sets itself: give the port as zsad-serve --http-port"
+    assert ("argument --http-port 9000 overrides an option zsad sets itself: give the port as zsad-serve --http-port"
             in r.stderr)
 
 
