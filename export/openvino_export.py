@@ -12,7 +12,8 @@ Precisions:
   of the encoder stage only, calibrated on the encoder inputs of images from a folder (default: the synthetic
   set's training classes, disjoint from the gate's classes). Quantised: every linear layer and the patch
   convolution, and attention (OpenVINO fuses it into one ``ScaledDotProductAttention`` op; NNCF quantises its
-  inputs and output, and the CPU plugin runs it as one int8 attention kernel). Kept in fp32, via
+  query and key inputs, not the value, so Q.K^T runs int8 in the CPU plugin's int8 attention kernel and P.V in the
+  inference precision: fp32 here, bf16 in int8-qk-bf16; checked on the paper-profile IR). Kept in fp32, via
   ``nncf.IgnoredScope``: every ``MVN`` (LayerNorm), every stand-alone ``Softmax``, and the final projection (the
   MatMul(s) whose constant operand is CLIP's ``visual.proj``, found by value). The head and postprocess stages
   stay fp32 (little compute; BAG-CLIP's kNN selection and the text similarity decide the map). Everything not

@@ -226,9 +226,9 @@ def run(checkpoint, data, split="test", classes=None, dataset_name=None, clip_we
     ``html_report``: also write OUT/report.html (:mod:`zsad.report_html`)."""
     import torch
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     from zsad.load import resolve, sidecar
 
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     if bool(shots) != bool(support):
         raise ZsadError("few-shot evaluation needs both --shots K (>= 1) and --support DIR")
     protocols.check_protocol(protocol)
