@@ -75,6 +75,11 @@ def _batches(value: str | None) -> list[int]:
                    "synthetic set]. Use your own product's images: the gate then runs on your weights and data.")
 @click.option("--calibration-images", type=int, default=32,
               help="int8 precisions: how many calibration images to use.")
+@click.option("--portable-int8", is_flag=True,
+              help="int8 precisions: quantise the weights in 7 bits, so the model computes exactly on every x86 "
+                   "CPU. Without it, 8 bits where this CPU has VNNI or AMX, and a CPU without VNNI (AVX2 only, or "
+                   "AVX-512 before Cascade Lake), whose int8 dot products overflow with 8-bit weights, refuses to "
+                   "serve the model; 7 bits where this CPU has no VNNI.")
 @click.option("--gate-images", type=int, default=16,
               help="Every precision but fp32: synthetic images the precision gate uses.")
 @click.option("--fp16", is_flag=True, help="fp16 compute (TensorRT flag; fp16 ONNX for ORT-CUDA; autocast for "
@@ -118,7 +123,7 @@ def _batches(value: str | None) -> list[int]:
 def main(model, checkpoint, profile, image_size, clip_weights, backend, fp16, max_batch, preferred_batch,
          queue_delay_us, dynamic_batching, device, instances, resize_to_input, out, name, force, parity_images,
          max_pixels, support, shots, support_class, precision, ov_hint, calibration, calibration_images, gate_images,
-         version):
+         version, portable_int8):
     """Export a zsad method to a Triton model repository, stage by stage, behind a parity gate."""
     from zsad.export.exporter import ExportOptions, export_model
 
@@ -134,7 +139,8 @@ def main(model, checkpoint, profile, image_size, clip_weights, backend, fp16, ma
         instances=instances, resize_to_input=resize_to_input, max_pixels=max_pixels,
         support=support, shots=shots, support_class=support_class,
         fp16=fp16, precision=precision, calibration=calibration, calibration_images=calibration_images,
-        gate_images=gate_images, parity_images=parity_images, version=version, ov_hint=ov_hint), log=click.echo)
+        portable_int8=portable_int8, gate_images=gate_images, parity_images=parity_images, version=version,
+        ov_hint=ov_hint), log=click.echo)
 
 if __name__ == "__main__":
     main()

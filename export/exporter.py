@@ -292,6 +292,7 @@ class ExportOptions:
     precision: str = "fp32"  # OpenVINO backends: fp32, bf16, the int8 mixes, or auto (choose_precision)
     calibration: str | Path | None = None
     calibration_images: int = 32
+    portable_int8: bool = False  # int8 weights in 7 bits even where this CPU has VNNI (runs on CPUs without it)
     gate_images: int = 16
     gate_thresholds: GateThresholds | None = None  # None: its defaults
     parity_images: int = 4
@@ -344,6 +345,10 @@ def export_model(opts: ExportOptions, log=print) -> ExportResult:
         raise ZsadError(f"--ov-hint {opts.ov_hint} is OpenVINO's performance hint: --backend {runtime.name} has none "
                         "(it is for " + " / ".join(rt.name for rt in runtimes.RUNTIMES.values() if rt.takes_ov_hint)
                         + ")")
+    int8 = [p for p in runtime.precisions if "int8" in p]
+    if opts.portable_int8 and not (int8 and (opts.precision == AUTO or opts.precision in int8)):
+        raise ZsadError(f"--portable-int8 sets the width of int8 weights: it needs an int8 --precision (or auto) of "
+                        f"an OpenVINO backend, not --backend {runtime.name} --precision {opts.precision}")
     choice = None
     if opts.precision == AUTO:
         from zsad.cpu import read_cpu

@@ -17,7 +17,9 @@ Precisions:
   ``nncf.IgnoredScope``: every ``MVN`` (LayerNorm), every stand-alone ``Softmax``, and the final projection (the
   MatMul(s) whose constant operand is CLIP's ``visual.proj``, found by value). The head and postprocess stages
   stay fp32 (little compute; BAG-CLIP's kNN selection and the text similarity decide the map). Everything not
-  quantised runs f32.
+  quantised runs f32. Weights: 8 bits where this CPU has VNNI / AMX, 7 bits where it has not or with
+  ``--portable-int8`` (8-bit weights overflow the int16 pair sums of x86 CPUs without VNNI:
+  zsad.triton_models.zsad_common.int8); recorded in rt_info ``zsad/int8_weight_bits``.
 - ``int8-bf16``: the same int8 linear layers, but attention is left out of the quantisation and everything not
   quantised (attention, LayerNorm, softmax, the residual stream, the head) runs in bf16 (``INFERENCE_PRECISION_HINT``
   bf16). Why: OpenVINO's fused int8 attention with the rest in fp32 is slower than its bf16 one on CPUs with fast
@@ -149,18 +151,24 @@ def projection_ops(ov_model, proj: np.ndarray) -> list[str]:
     return names
 
 
-def quantize_int8(ov_model, feeds: list[dict[str, np.ndarray]], keep_fp32: list[str], attention: bool = True):
+def quantize_int8(ov_model, feeds: list[dict[str, np.ndarray]], keep_fp32: list[str], attention: bool = True,
+                  weight_bits: int = 8):
     """NNCF post-training int8 of ``ov_model`` on calibration ``feeds`` (one dict per image), see module doc;
-    ``attention=False`` leaves the fused attention ops unquantised (int8-bf16)."""
+    ``attention=False`` leaves the fused attention ops unquantised (int8-bf16). ``weight_bits`` 7: every weight in
+    7 bits (NNCF's overflow fix), for CPUs without VNNI (zsad.triton_models.zsad_common.int8); 8: NNCF's default
+    (7 bits in the first layer only, the patch convolution)."""
     import logging
 
     import nncf
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
 
     logging.getLogger("nncf").setLevel(logging.WARNING)
     types = ["MVN", "Softmax"] + ([] if attention else ["ScaledDotProductAttention"])
     scope = nncf.IgnoredScope(names=keep_fp32, types=types, validate=False)
+    overflow_fix = {7: OverflowFix.ENABLE, 8: OverflowFix.FIRST_LAYER}[weight_bits]
     return nncf.quantize(ov_model, nncf.Dataset(feeds), model_type=nncf.ModelType.TRANSFORMER,
-                         subset_size=len(feeds), ignored_scope=scope)
+                         subset_size=len(feeds), ignored_scope=scope,
+                         advanced_parameters=AdvancedQuantizationParameters(overflow_fix=overflow_fix))
 
 
 def compile_model(ov_model, precision: str, threads: int = 0, perf_count: bool = False):
@@ -216,8 +224,7 @@ def op_profile(ov_model, precision: str, feed: dict[str, np.ndarray], top: int =
     does not say AMX for these Subgraphs ("jit_avx512_bf16"), yet they use the AMX tiles: capped below AMX
     (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16) the same attention runs ~3x slower (measured, OpenVINO 2026.4)."""
     compiled = compile_model(with_shapes_of(ov_model, feed), precision, perf_count=True)
-    fused = {op.get_friendly_name(): op.get_rt_info()["originalLayersNames"].astype(str).lower()
-             for op in compiled.get_runtime_model().get_ordered_ops()}
+    attention_nodes = runtime_attention_nodes(compiled.get_runtime_model())
     request = compiled.create_infer_request()
     inputs = {n: np.ascontiguousarray(feed[n]) for n in (i.get_any_name() for i in compiled.inputs)}
     request.infer(inputs)  # one-off work (weight repacking) happens here: not profiled
@@ -228,12 +235,39 @@ def op_profile(ov_model, precision: str, feed: dict[str, np.ndarray], top: int =
         for node in request.profiling_info:  # the counters of the last run
             if node.status.name != "EXECUTED":
                 continue
-            attention = "scaled_dot_product_attention" in fused.get(node.node_name, node.node_name.lower())
-            kind = "attention" if attention else node.node_type
+            kind = "attention" if node.node_name in attention_nodes else node.node_type
             key = f"{kind} {node.exec_type}"
             ms[key] = ms.get(key, 0.0) + node.real_time.total_seconds() * 1e3
         profiles.append(ms)
     return median_profile(profiles, top)
+
+
+def runtime_attention_nodes(runtime_model) -> set[str]:
+    """The nodes of a compiled model's runtime graph that run attention: where the CPU plugin fuses it (Snippets, on
+    AVX-512 CPUs), the one "Subgraph" whose original layers include the attention op; where it decomposes it (AVX2
+    CPUs: measured on a Zen 3 EPYC, OpenVINO 2026.4), the P.V MatMul that keeps the op's name, and the Softmax and
+    the Q.K^T MatMul found upstream of its first input (through the scale / conversion nodes between them)."""
+    def layer(op, key):
+        return op.get_rt_info()[key].astype(str)
+
+    names = set()
+    for op in runtime_model.get_ordered_ops():
+        if "scaled_dot_product_attention" not in layer(op, "originalLayersNames").lower():
+            continue
+        names.add(op.get_friendly_name())
+        if layer(op, "layerType") != "MatMul":
+            continue  # fused: the one node
+        node = op
+        for _ in range(6):  # P.V <- [reorder] <- Softmax <- [scale, mask] <- Q.K^T
+            if node.get_input_size() == 0:
+                break
+            node = node.input_value(0).get_node()
+            kind = layer(node, "layerType")
+            if kind in ("Softmax", "MatMul"):
+                names.add(node.get_friendly_name())
+            if kind not in ("Softmax", "Subgraph", "Reorder", "Eltwise", "Convert"):
+                break  # the Q.K^T MatMul, or anything that is not between it and P.V
+    return names
 
 
 def median_profile(profiles: list[dict[str, float]], top: int = 8) -> dict[str, float]:
@@ -282,16 +316,36 @@ def ov_runner(ov_model, precision: str):
     return run
 
 
-def save(ov_model, folder: Path, precision: str, quantized: bool) -> list[Path]:
-    """model.xml + model.bin (fp32 weights; int8 ones where quantised), the precision recorded in rt_info."""
+def save(ov_model, folder: Path, precision: str, quantized: bool, weight_bits: int = 8) -> list[Path]:
+    """model.xml + model.bin (fp32 weights; int8 ones where quantised), the precision recorded in rt_info (and, where
+    quantised, the int8 weights' width, which the served stage checks against its CPU: ``int8_weight_bits``)."""
     ov = require_openvino()
     ov_model.set_rt_info(precision, ["zsad", "precision"])
     ov_model.set_rt_info(OV_HINT[precision], ["zsad", "inference_precision"])
     ov_model.set_rt_info(str(quantized), ["zsad", "int8_quantized"])
+    if quantized:
+        ov_model.set_rt_info(str(weight_bits), ["zsad", "int8_weight_bits"])
     folder.mkdir(parents=True, exist_ok=True)
     xml = folder / "model.xml"
     ov.save_model(ov_model, str(xml), compress_to_fp16=False)
     return [xml, folder / "model.bin"]
+
+
+def int8_weights_choice(portable: bool) -> dict:
+    """The int8 weights' width for a model quantised on this machine, and why (recorded in the export's report):
+    7 bits with ``portable`` or where this CPU lacks VNNI (its int8 dot products overflow with 8-bit weights), else
+    8 bits, which CPUs without VNNI then refuse to serve (zsad.triton_models.zsad_common.int8)."""
+    from zsad.cpu import int8_weight_bits_here
+
+    here = int8_weight_bits_here()
+    if portable:
+        return {"bits": 7, "reason": "--portable-int8: 7-bit weights, exact on every x86 CPU (with or without VNNI)"}
+    if here == 7:
+        return {"bits": 7, "reason": "this CPU has no VNNI: its int8 dot products (VPMADDUBSW) overflow int16 with "
+                                     "8-bit weights, so 7-bit ones (runs on any x86 CPU)"}
+    return {"bits": 8, "reason": "this CPU has VNNI / AMX (int32 accumulation): 8-bit weights (NNCF's default, the "
+                                 "first layer in 7); x86 CPUs without VNNI refuse to serve this model: export "
+                                 "with --portable-int8 for them"}
 
 
 # -- the precision gate (its metrics and thresholds live with the other comparisons, zsad.export.parity) -------------
@@ -354,15 +408,20 @@ def stage_calibration_feeds(method, stages, stage, images: np.ndarray) -> list[d
 
 
 def build_openvino_stages(method, stages, onnx_files: dict, precision: str, scratch: Path, calibration=None,
-                          n_calibration: int = CALIBRATION_IMAGES, log=print):
+                          n_calibration: int = CALIBRATION_IMAGES, log=print, portable_int8: bool = False):
     """Convert each stage's ONNX to OpenVINO (int8: quantise the encoder). Returns (runners, {stage: files},
     info): the runners compile the models exactly as they are saved, with the precision's hint. ``calibration``:
-    a folder of images, None (the synthetic training classes) or preprocessed images [N,3,S,S] already made."""
+    a folder of images, None (the synthetic training classes) or preprocessed images [N,3,S,S] already made.
+    int8 weights: 8 bits where this CPU has VNNI / AMX, else (or with ``portable_int8``) 7 bits, so that what the
+    gate measures here is what runs here, and a portable model runs on any x86 CPU (see int8_weights_choice)."""
     from zsad.methods.stages import EncoderStage
 
     check_precision(precision)
     runners, files, info = {}, {}, {"precision": precision, "inference_precision_hint": OV_HINT[precision],
                                      "openvino": require_openvino().__version__, "quantized_stages": []}
+    if precision in QUANTIZED:
+        info["int8_weights"] = int8_weights_choice(portable_int8)
+    bits = info.get("int8_weights", {}).get("bits", 8)
     for st in stages:
         model = convert(onnx_files[st.name][0])
         quantize = precision in QUANTIZED and isinstance(st.module, EncoderStage)
@@ -377,14 +436,14 @@ def build_openvino_stages(method, stages, onnx_files: dict, precision: str, scra
             attention = precision in INT8_ATTENTION
             rest = "fp32" if OV_HINT[precision] == "f32" else "bf16"
             runs = f"Q.K^T int8, P.V {rest}" if attention else rest
-            log(f"  quantising stage '{st.name}' to int8 (NNCF, {len(cal)} calibration images; attention {runs}; "
-                f"{rest}: LayerNorm (MVN), Softmax, final projection {keep})")
-            model = quantize_int8(model, stage_calibration_feeds(method, stages, st, cal), keep, attention)
+            log(f"  quantising stage '{st.name}' to int8 (NNCF, {len(cal)} calibration images, {bits}-bit weights; "
+                f"attention {runs}; {rest}: LayerNorm (MVN), Softmax, final projection {keep})")
+            model = quantize_int8(model, stage_calibration_feeds(method, stages, st, cal), keep, attention, bits)
             info["quantized_stages"].append({"stage": st.name, "attention": runs,
                                              "not_quantised": {"types": ["MVN (LayerNorm)", "Softmax"], "runs_in": rest,
                                                                "final_projection": keep},
                                              "nncf": {"version": __import__("nncf").__version__,
                                                       "model_type": "TRANSFORMER"}})
-        files[st.name] = save(model, scratch / "openvino" / st.name, precision, quantize)
+        files[st.name] = save(model, scratch / "openvino" / st.name, precision, quantize, bits)
         runners[st.name] = ov_runner(require_openvino().Core().read_model(str(files[st.name][0])), precision)
     return runners, files, info

@@ -92,6 +92,15 @@ def test_int8_export_passes_gate_and_keeps_layernorm_softmax_fp32(int8_repo):
     assert {p.name for p in enc.iterdir()} == {"model.xml", "model.bin", "model.py", "zsad_common"}
     model = ov.Core().read_model(str(enc / "model.xml"))
     assert model.get_rt_info(["zsad", "precision"]).astype(str) == "int8"
+    # the weights' width follows this CPU (7 bits without VNNI, where 8-bit ones overflow: test_int8_overflow.py)
+    from zsad.cpu import int8_weight_bits_here
+
+    bits = int8_weight_bits_here()
+    assert report["openvino"]["int8_weights"]["bits"] == bits
+    assert model.get_rt_info(["zsad", "int8_weight_bits"]).astype(str) == str(bits)
+    int_weights = [op.get_data() for op in model.get_ordered_ops() if op.get_type_name() == "Constant"
+                   and op.get_element_type().get_type_name() == "i8"]
+    assert max(int(np.abs(w.astype(np.int32)).max()) for w in int_weights) == {7: 64, 8: 127}[bits]
     fq_consumers = {t.get_node().get_type_name() for op in model.get_ordered_ops()
                     if op.get_type_name() == "FakeQuantize" for t in op.output(0).get_target_inputs()}
     assert "MatMul" in fq_consumers  # something was quantised ...

@@ -46,6 +46,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from zsad.triton_models.zsad_common.int8 import VNNI_FLAGS, weight_bits_for
+
 # (ISA name, the /proc/cpuinfo flags it needs, operations per cycle per core); best first within a precision
 PEAK_TABLE: dict[str, list[tuple[str, tuple[str, ...], int]]] = {
     "fp32": [("AVX-512F", ("avx512f",), 64), ("AVX2+FMA", ("avx2", "fma"), 32), ("SSE/AVX", (), 16)],
@@ -222,6 +224,13 @@ def probe_cpu(threads: int, flags: frozenset[str]) -> dict | None:
     return out if out["clock_mhz"] or out["ops_per_s"] else None
 
 
+def int8_weight_bits_here() -> int:
+    """The int8 weight width zsad quantises with on this machine (oneDNN's ISA cap applied): 8 where its int8 dot
+    products accumulate in int32 (VNNI, AMX, or not x86), 7 on x86 without VNNI, where 8-bit weights can overflow
+    VPMADDUBSW's int16 (zsad.triton_models.zsad_common.int8)."""
+    return weight_bits_for(read_cpu(measure=False).flags or None)
+
+
 def has_bf16(flags: frozenset[str] | set[str]) -> bool:
     """Whether the CPU computes bf16 natively (AVX-512 BF16 or AMX-BF16); elsewhere bf16 is emulated and slow."""
     return "avx512_bf16" in flags or {"amx_bf16", "amx_tile"} <= set(flags)
@@ -269,7 +278,7 @@ def _preference_by_flags(flags: frozenset[str] | set[str]) -> list[tuple[str, st
     """precision_preference's order from the ISA flags alone."""
     amx = {"amx_bf16", "amx_int8", "amx_tile"} <= set(flags)
     bf16 = has_bf16(flags)
-    vnni = bool({"avx512_vnni", "avx_vnni"} & set(flags))
+    vnni = bool(VNNI_FLAGS & set(flags))
     fp32 = ("fp32", "the fallback every CPU runs, gated by the fp32 parity gate")
     if amx:
         return [("int8-bf16", "AMX: int8 linear layers on AMX-INT8, attention and the rest in bf16 on AMX-BF16"),

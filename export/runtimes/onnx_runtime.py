@@ -7,6 +7,7 @@ subclass it. zsad-bench times it as ``ort`` (fp32) and ``ort-int8`` (static int8
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 
@@ -99,8 +100,11 @@ def _int8_runner(method, scratch, max_batch: int):
         if isinstance(st.module, EncoderStage):
             path = quantize_int8(method, stages, st, path, cal, scratch.workdir / "ort-int8" / st.name / "model.onnx")
         runs.append((st, ort_runner(path)))
+    from zsad.cpu import int8_weight_bits_here
+
     return stage_chain_runner(method, runs, "ort-int8", "int8",
-                              f"ONNX Runtime {ort.__version__} CPU, static int8 QDQ (per-channel weights) of the "
+                              f"ONNX Runtime {ort.__version__} CPU, static int8 QDQ (per-channel "
+                              f"{int8_weight_bits_here()}-bit weights) of the "
                               f"encoder's MatMul/Conv, final projection fp32, {len(cal)} synthetic calibration images")
 
 
@@ -117,11 +121,23 @@ def projection_nodes(model, proj: np.ndarray) -> list[str]:
 
 def quantize_int8(method, stages, stage, path, calibration: np.ndarray, out):
     """``stage``'s ONNX at ``path`` -> static int8 QDQ at ``out``, calibrated on ``calibration`` (preprocessed
-    images) one image at a time; returns ``out``."""
+    images) one image at a time, CLIP's final projection left fp32; returns ``out``."""
     import onnx
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     from zsad.export.openvino_export import stage_calibration_feeds
+
+    keep = projection_nodes(onnx.load(str(path)), method.backbone.visual.proj.detach().cpu().numpy())
+    return quantize_static_int8(path, out, stage_calibration_feeds(method, stages, stage, calibration), keep)
+
+
+def quantize_static_int8(path, out, feeds: list[dict[str, np.ndarray]], keep_fp32: list[str]):
+    """ORT static int8 QDQ of the ONNX at ``path`` (MatMul / Conv / Gemm but the nodes ``keep_fp32``; per-channel
+    weights) calibrated on ``feeds`` one at a time, written to ``out``. Weights in 7 bits (``reduce_range``) where
+    this CPU has no VNNI: MLAS's int8 dot products there overflow int16 with 8-bit ones
+    (zsad.triton_models.zsad_common.int8)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from zsad.cpu import int8_weight_bits_here
 
     class Reader(CalibrationDataReader):
         """The calibration feeds, one image per step; ``set_range`` lets ORT calibrate in strides (below)."""
@@ -139,13 +155,12 @@ def quantize_int8(method, stages, stage, path, calibration: np.ndarray, out):
         def get_next(self):
             return next(self.it, None)
 
-    keep = projection_nodes(onnx.load(str(path)), method.backbone.visual.proj.detach().cpu().numpy())
-    feeds = stage_calibration_feeds(method, stages, stage, calibration)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     with calibration_in_priority_order():
         quantize_static(str(path), str(out), Reader(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        op_types_to_quantize=["MatMul", "Conv", "Gemm"], nodes_to_exclude=keep,
+                        reduce_range=int8_weight_bits_here() == 7,
+                        op_types_to_quantize=["MatMul", "Conv", "Gemm"], nodes_to_exclude=keep_fp32,
                         # min/max one image at a time, merged, rather than every image's min/max kept to the end
                         extra_options={"CalibStridedMinMax": 1})
     return out

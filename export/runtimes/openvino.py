@@ -47,7 +47,12 @@ class OpenVinoStages(OnnxStages):
         from zsad.export.openvino_export import build_openvino_stages
 
         runners, files, info = build_openvino_stages(method, stages, stage_files, opts.precision, scratch,
-                                                     opts.calibration, opts.calibration_images, log)
+                                                     opts.calibration, opts.calibration_images, log,
+                                                     opts.portable_int8)
+        if info.get("int8_weights", {}).get("bits") == 8 and self.name == "openvino":
+            log("note: 8-bit int8 weights (this CPU has VNNI): Triton's openvino backend loads them on any CPU, and "
+                "on an x86 CPU without VNNI their int8 dot products overflow, silently; serve this export only on "
+                "CPUs with VNNI / AMX, or re-export with --portable-int8")
         if opts.precision == "fp32":
             rows = parity.check_stages(stages, runners, feed, opts.tolerance)
             for r in rows:
@@ -112,7 +117,7 @@ def _bench_runner(method, scratch, max_batch: int, precision: str):
     quant = ""
     if cal is not None:  # int8, int8-bf16
         quant = (f"; int8 stages {[q['stage'] for q in info['quantized_stages']]} (NNCF, {len(cal)} synthetic "
-                 f"calibration images)")
+                 f"calibration images, {info['int8_weights']['bits']}-bit weights)")
     return stage_chain_runner(method, [(st, runners[st.name]) for st in stages], f"openvino-{precision}", precision,
                               f"OpenVINO {ov.__version__} CPU, INFERENCE_PRECISION_HINT "
                               f"{info['inference_precision_hint']}{quant}, one compiled model per stage", profilers)

@@ -6,7 +6,8 @@ For CPU servers without Triton's openvino backend (e.g. the tritonserver bundled
 OpenVINO's default is bf16. Requests are checked (finite floats, integers non-negative and below the export's
 declared index bounds), the valid ones of a
 dynamic batch concatenated, run in one call and split back; if that call fails, each runs alone
-(zsad_common.guard.run_stage_requests, copied beside this file at export).
+(zsad_common.guard.run_stage_requests, copied beside this file at export). An int8 IR whose weights would overflow
+this CPU's int8 dot products (8-bit weights on an x86 CPU without VNNI: zsad_common.int8) is refused at load.
 
 Parameter ``performance_hint`` (zsad-export --ov-hint): LATENCY compiles one stream on every core and runs a dynamic
 batch in one call; THROUGHPUT lets OpenVINO choose several streams (OPTIMAL_NUMBER_OF_INFER_REQUESTS of them),
@@ -22,6 +23,17 @@ import openvino as ov
 import triton_python_backend_utils as pb_utils
 
 from zsad_common.guard import run_stage_requests
+from zsad_common.int8 import cpu_flags, overflow_refusal
+
+
+def int8_weight_bits(model):
+    """The width of the IR's int8 weights as zsad-export recorded it; exports older than the record were int8 in 8
+    bits (NNCF's default); None: not quantised."""
+    if model.has_rt_info(["zsad", "int8_weight_bits"]):
+        return int(model.get_rt_info(["zsad", "int8_weight_bits"]).astype(str))
+    quantized = model.has_rt_info(["zsad", "int8_quantized"]) and \
+        model.get_rt_info(["zsad", "int8_quantized"]).astype(str) == "True"
+    return 8 if quantized else None
 
 
 class TritonPythonModel:
@@ -37,6 +49,9 @@ class TritonPythonModel:
             props["INFERENCE_NUM_THREADS"] = threads
         core = ov.Core()
         model = core.read_model(path)
+        refusal = overflow_refusal(int8_weight_bits(model), cpu_flags())
+        if refusal:  # the model fails to load, with the reason, rather than serve clipped int8 dot products
+            raise RuntimeError(f"{self.model_name}: {refusal}")
         if hint == "THROUGHPUT":
             # every image its own infer request on the streams, so the graph is reshaped to one image: the
             # dynamic-batch graph run this way from two streams crashed the stub under load (a segfault in a CPU
