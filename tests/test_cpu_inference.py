@@ -60,7 +60,7 @@ def test_precision_order_for_each_kind_of_cpu(monkeypatch):
                                  ("old", OLD)]}
     assert order == {"amx": ["int8-bf16", "bf16", "int8-qk-bf16", "int8", "fp32"],
                      "epyc": ["int8-qk-bf16", "int8-bf16", "int8", "bf16", "fp32"],
-                     "vnni": ["int8", "fp32"], "avx2": ["int8", "fp32"], "old": ["fp32"]}
+                     "vnni": ["int8", "fp32"], "avx2": ["fp32"], "old": ["fp32"]}
     # measured: bf16 no faster than fp32 here (above BF16_FAST) puts int8 first and drops bf16; inf: no bf16 at all
     def measured(flags, ratio):
         return [p for p, _ in precision_preference(frozenset(flags.split()), ratio)]
@@ -83,6 +83,8 @@ def test_precision_order_for_each_kind_of_cpu(monkeypatch):
                                             "openvino-fp32", "served"]
     no_bf16 = default_backends("cpu", CpuInfo(flags=frozenset(VNNI_XEON.split())))
     assert "torch-bf16" not in no_bf16 and "openvino-int8" in no_bf16 and "openvino-bf16" not in no_bf16
+    avx2 = default_backends("cpu", CpuInfo(flags=frozenset(AVX2_ONLY.split())))
+    assert "openvino-fp32" in avx2 and not [b for b in avx2 if "int8" in b or "bf16" in b]
 
 
 def test_onednn_isa_cap_leaves_out_the_flags_above_it(monkeypatch):
@@ -101,7 +103,7 @@ def test_onednn_isa_cap_leaves_out_the_flags_above_it(monkeypatch):
     assert "capped by ONEDNN_MAX_CPU_ISA=avx512_core_bf16" in bf16.summary()["isa_cap"]
     core = capped({"DNNL_MAX_CPU_ISA": "AVX512_CORE"})
     assert core.best_isa("int8") == ("AVX2", 64) and core.best_isa("bf16") == ("AVX-512F", 64)
-    assert [p for p, _ in precision_preference(core.flags)] == ["int8", "fp32"]
+    assert [p for p, _ in precision_preference(core.flags)] == ["fp32"]  # AVX-512 without VNNI: int8 is slower
     assert capped({"ONEDNN_MAX_CPU_ISA": "AVX2_VNNI"}).best_isa("int8") == ("AVX-VNNI", 128)
     assert capped({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_FP16"}).best_isa("int8") == ("AVX-512 VNNI", 256)
     assert capped({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}).best_isa("bf16") == ("AMX-BF16", 1024)
@@ -306,14 +308,15 @@ def test_each_backend_runs_in_its_own_worker_and_leaves_nothing_behind():
 
 @pytest.mark.slow
 def test_export_auto_records_its_choice_and_falls_back(tmp_path, monkeypatch):
-    """--precision auto on a faked AVX2 CPU tries int8 then fp32; a gate that refuses every int8 map leaves fp32,
+    """--precision auto on a faked VNNI CPU without bf16 tries int8 then fp32; a gate that refuses every int8 map
+    leaves fp32,
     written as fp32, with the refusal and the reason in the parity report."""
     from zsad.cpu import CpuInfo as Info
     from zsad.export.exporter import ExportOptions, export_model
     from zsad.export.openvino_export import GateThresholds
 
     monkeypatch.setattr("zsad.cpu.read_cpu",
-                        lambda measure=True: Info(model="Faked AVX2 CPU", flags=frozenset(AVX2_ONLY.split())))
+                        lambda measure=True: Info(model="Faked VNNI CPU", flags=frozenset(VNNI_XEON.split())))
     strict = GateThresholds(map_corr=1.0 + 1e-9)  # no int8 map correlates above 1
     export_model(ExportOptions(model="anomalyclip", profile="tiny", backend="openvino", precision="auto", out=tmp_path,
                                max_batch=2, parity_images=2, calibration_images=2, gate_images=4,
@@ -322,7 +325,8 @@ def test_export_auto_records_its_choice_and_falls_back(tmp_path, monkeypatch):
     choice = report["precision_choice"]
     assert report["precision"] == "fp32" and choice["chosen"] == "fp32"
     assert [c["precision"] for c in choice["candidates"]] == ["int8", "fp32"]
-    assert choice["cpu"]["model"] == "Faked AVX2 CPU" and choice["cpu"]["isa_flags"] == ["avx2", "fma"]
+    assert choice["cpu"]["model"] == "Faked VNNI CPU"
+    assert choice["cpu"]["isa_flags"] == ["avx2", "avx512_vnni", "avx512f", "fma"]
     (refused,) = choice["refused"]
     assert refused["precision"] == "int8" and "anomaly-map correlation" in refused["why"]
     assert "faster candidates refused by their gates: int8" in choice["reason"]

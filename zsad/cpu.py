@@ -247,8 +247,11 @@ def precision_preference(flags: frozenset[str] | set[str], bf16_ratio: float | N
       quiet 2-core AMX Xeon: int8-bf16 1.18-1.31 s, bf16 1.64-1.66 s, int8-qk-bf16 1.63 s, int8 1.94 s;
     - AVX-512 BF16 without AMX: int8-qk-bf16 (int8 linear layers and Q.K^T on VNNI, the attention's P.V and the rest
       in bf16), then int8-bf16, int8, bf16; the 2-core Zen 4 EPYC, 2026-12-07: 2.02 s, 2.16-2.21 s, 2.40-2.53 s;
-    - VNNI without bf16, or AVX2: int8;
-    - else fp32 only.
+    - VNNI without bf16: int8;
+    - else (AVX2, or AVX-512 without VNNI) fp32 only: without VNNI OpenVINO 2026.4 runs int8 linear layers through
+      oneDNN's jit_gemm (no brgemm int8 kernel below VNNI), slower than its fp32 ones; on a 2-core Zen 3 EPYC (AVX2)
+      the paper-profile BAG-CLIP chain took 16.1 s in int8 against 10.4 s in fp32
+      (bench/results/2026-12-07-cpu-zen3-avx2/).
 
     The flags say what a CPU can run, not how fast: ``bf16_ratio`` (measured here by
     zsad.export.openvino_export.bf16_matmul_ratio) above BF16_FAST means bf16 is no faster than fp32 on this
@@ -292,8 +295,10 @@ def _preference_by_flags(flags: frozenset[str] | set[str]) -> list[tuple[str, st
                 ("int8-bf16", "AVX-512 BF16 without AMX: int8 linear layers on VNNI, attention in bf16"),
                 ("int8", "AVX-512 without AMX: int8 linear layers and attention on VNNI, the rest in fp32"),
                 ("bf16", "AVX-512 BF16 without AMX: bf16"), fp32]
-    if vnni or "avx2" in flags:
-        return [("int8", f"{'VNNI' if vnni else 'AVX2'} without bf16: int8 linear layers and attention"), fp32]
+    if vnni:
+        return [("int8", "VNNI without bf16: int8 linear layers and attention"), fp32]
+    # without VNNI OpenVINO's int8 is slower than its fp32 (AVX2 Zen 3 EPYC, 2026-12-07: oneDNN's jit_gemm int8
+    # linear layers at 29% of the int8 table peak, the paper-profile chain 16.1 s against 10.4 s fp32)
     return [fp32]
 
 
@@ -303,13 +308,16 @@ BF16_FAST = 0.8  # bf16 counts as faster than fp32 where its linear layer takes 
 # one flag set per kind of CPU precision_preference tells apart, named as --help names them
 CPU_KINDS = (("AMX", frozenset({"amx_bf16", "amx_int8", "amx_tile", "avx512_bf16"})),
              ("AVX-512 BF16 without AMX", frozenset({"avx512_bf16", "avx512_vnni"})),
-             ("VNNI or AVX2", frozenset({"avx2"})))
+             ("VNNI without bf16", frozenset({"avx2", "avx512f", "avx512_vnni"})),
+             ("AVX2 without VNNI", frozenset({"avx2"})))
 
 
 def preference_text() -> str:
     """--precision auto's order on each kind of CPU, for --help (from precision_preference, so it cannot drift)."""
-    return "; ".join(f"{kind}: {', '.join(p for p, _ in precision_preference(flags) if p != 'fp32')}"
-                     for kind, flags in CPU_KINDS) + "; then fp32"
+    def tried(flags):
+        return ", ".join(p for p, _ in precision_preference(flags) if p != "fp32") or "none (int8 is slower there)"
+
+    return "; ".join(f"{kind}: {tried(flags)}" for kind, flags in CPU_KINDS) + "; then fp32"
 
 
 if __name__ == "__main__":  # python -m zsad.cpu: what zsad-bench reads of this CPU, its measured peaks included
