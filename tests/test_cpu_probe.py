@@ -105,17 +105,22 @@ def test_measured_fp32_peak_bounds_a_real_gemm(here):
         pytest.skip(f"{isa} is not probed")
     n, best = 2048, 0.0
     a, b = torch.randn(n, n), torch.randn(n, n)
+    per_core = info.peak_tflops("fp32")[0] / info.physical_cores
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one core, timed by its own CPU time as the probe is: another process costs nothing
     try:
         torch.mm(a, b)
-        for _ in range(3):
+        # the best of up to 16 GEMMs (~0.3 s each), stopping once one is past half the peak: a shared VM's core
+        # runs its vector units at about half speed in spells of up to ~1.5 s, which CPU time does not exclude
+        # (the 2-core Zen 3 EPYC: 3 GEMMs in a row at 44-49% of the peak, the next runs at 60-79%)
+        for _ in range(16):
             t = time.thread_time()
             torch.mm(a, b)
             best = max(best, 2 * n**3 / (time.thread_time() - t) / 1e12)
+            if best > 0.5 * per_core:
+                break
     finally:
         torch.set_num_threads(threads)
-    per_core = info.peak_tflops("fp32")[0] / info.physical_cores
     # a GEMM cannot beat the peak (one core may turbo a little above the all-core rate the probe measured); a
     # BLAS GEMM of this size reaches well over half of it
     assert 0.5 < best / per_core < 1.15, (best, per_core)
