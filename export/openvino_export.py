@@ -337,10 +337,9 @@ def int8_weights_choice(portable: bool) -> dict:
     8 bits, which CPUs without VNNI then refuse to serve (zsad.triton_models.zsad_common.int8)."""
     from zsad.cpu import int8_weight_bits_here
 
-    here = int8_weight_bits_here()
     if portable:
         return {"bits": 7, "reason": "--portable-int8: 7-bit weights, exact on every x86 CPU (with or without VNNI)"}
-    if here == 7:
+    if int8_weight_bits_here() == 7:
         return {"bits": 7, "reason": "this CPU has no VNNI: its int8 dot products (VPMADDUBSW) overflow int16 with "
                                      "8-bit weights, so 7-bit ones (runs on any x86 CPU)"}
     return {"bits": 8, "reason": "this CPU has VNNI / AMX (int32 accumulation): 8-bit weights (NNCF's default, the "

@@ -309,8 +309,7 @@ def test_each_backend_runs_in_its_own_worker_and_leaves_nothing_behind():
 @pytest.mark.slow
 def test_export_auto_records_its_choice_and_falls_back(tmp_path, monkeypatch):
     """--precision auto on a faked VNNI CPU without bf16 tries int8 then fp32; a gate that refuses every int8 map
-    leaves fp32,
-    written as fp32, with the refusal and the reason in the parity report."""
+    leaves fp32, written as fp32, with the refusal and the reason in the parity report."""
     from zsad.cpu import CpuInfo as Info
     from zsad.export.exporter import ExportOptions, export_model
     from zsad.export.openvino_export import GateThresholds
