@@ -38,6 +38,23 @@ def test_cpu_flags_reads_the_flags_line(tmp_path):
     assert cpu_flags(str(arm)) is None and cpu_flags(str(tmp_path / "missing")) is None
 
 
+def test_served_flags_follow_oneDNN_isa_cap(tmp_path, monkeypatch):
+    """The served stage reads the flags as zsad-export does, with oneDNN's ISA cap applied: a VNNI CPU whose server
+    runs with ONEDNN_MAX_CPU_ISA=AVX2 computes int8 with VPMADDUBSW (no VNNI kernel below the cap), so it must
+    refuse 8-bit weights; uncapped, or capped at a level that keeps VNNI, it loads them."""
+    vnni = tmp_path / "vnni"
+    vnni.write_text("processor\t: 0\nflags\t\t: fpu avx avx2 fma avx512f avx512_vnni\n")
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    assert overflow_refusal(8, cpu_flags(str(vnni))) is None
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # read from the process environment, as the stub inherits it
+    capped = cpu_flags(str(vnni))
+    assert capped == {"fpu", "avx", "avx2", "fma"} and weight_bits_for(capped) == 7
+    assert "VPMADDUBSW" in overflow_refusal(8, capped)
+    assert overflow_refusal(8, cpu_flags(str(vnni), {"ONEDNN_MAX_CPU_ISA": "avx512_core_vnni"})) is None
+    assert cpu_flags(str(vnni), {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}) == {"fpu", "avx", "avx2", "fma", "avx512f"}
+
+
 def _here():
     """This CPU's flags as oneDNN may use them (its ISA cap applied), from zsad.cpu: what zsad-export decides by."""
     from zsad.cpu import read_cpu
@@ -204,7 +221,7 @@ def test_int8_weights_choice_follows_the_cpu(monkeypatch):
 
 def test_vnni_flags_are_oneDNN_int32_accumulating_isas():
     """Each flag named here is one /proc/cpuinfo spells (a typo would make every VNNI CPU look unsafe)."""
-    from zsad.cpu import ONEDNN_GATED
+    from zsad.triton_models.zsad_common.int8 import ONEDNN_GATED
 
     assert VNNI_FLAGS <= ONEDNN_GATED
 

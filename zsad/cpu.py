@@ -46,7 +46,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from zsad.triton_models.zsad_common.int8 import VNNI_FLAGS, weight_bits_for
+from zsad.triton_models.zsad_common.int8 import VNNI_FLAGS, isa_capped, weight_bits_for
 
 # (ISA name, the /proc/cpuinfo flags it needs, operations per cycle per core); best first within a precision
 PEAK_TABLE: dict[str, list[tuple[str, tuple[str, ...], int]]] = {
@@ -55,22 +55,6 @@ PEAK_TABLE: dict[str, list[tuple[str, tuple[str, ...], int]]] = {
     "int8": [("AMX-INT8", ("amx_int8", "amx_tile"), 2048), ("AVX-512 VNNI", ("avx512_vnni",), 256),
              ("AVX-VNNI", ("avx_vnni",), 128), ("AVX2", ("avx2",), 64)],
 }
-# oneDNN's ONEDNN_MAX_CPU_ISA names -> which of the flags zsad looks at (ONEDNN_GATED) a kernel may still use
-# under that cap (oneDNN's ISA hierarchy: an ISA is allowed when all its bits are in the cap's; AVX2-VNNI is not
-# part of AVX512_CORE nor of AVX512_CORE_VNNI / _BF16, it comes back with AVX512_CORE_FP16)
-ONEDNN_GATED = frozenset({"avx", "avx2", "fma", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16",
-                          "amx_tile", "amx_bf16", "amx_int8", "amx_fp16"})
-_AVX2 = frozenset({"avx", "avx2", "fma"})
-_AVX512 = _AVX2 | {"avx512f"}
-_FP16 = _AVX512 | {"avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni"}
-ONEDNN_ISA_CAPS: dict[str, frozenset[str]] = {
-    "SSE41": frozenset(), "AVX": frozenset({"avx"}), "AVX2": _AVX2, "AVX2_VNNI": _AVX2 | {"avx_vnni"},
-    "AVX2_VNNI_2": _AVX2 | {"avx_vnni"}, "AVX512_CORE": _AVX512, "AVX512_CORE_VNNI": _AVX512 | {"avx512_vnni"},
-    "AVX512_CORE_BF16": _AVX512 | {"avx512_vnni", "avx512_bf16"}, "AVX512_CORE_FP16": _FP16,
-    "AVX10_1_512": _FP16, "AVX512_CORE_AMX": _FP16 | {"amx_tile", "amx_bf16", "amx_int8"},
-    "AVX10_1_512_AMX": _FP16 | {"amx_tile", "amx_bf16", "amx_int8"}, "AVX512_CORE_AMX_FP16": ONEDNN_GATED,
-    "AVX10_1_512_AMX_FP16": ONEDNN_GATED, "ALL": ONEDNN_GATED, "DEFAULT": ONEDNN_GATED}
-
 # a row's precision -> the arithmetic its bulk (the linear layers) runs in; the int8 mixes are held to the int8 peak
 ARITHMETIC = {"fp32": "fp32", "bf16": "bf16", "fp16": "bf16", "int8": "int8", "int8-bf16": "int8",
               "int8-qk-bf16": "int8"}
@@ -148,20 +132,10 @@ def parse_cpuinfo(text: str, allowed_cpus: set[int] | None = None) -> CpuInfo:
 
 def apply_isa_cap(info: CpuInfo, environ) -> CpuInfo:
     """``info`` with the flags above oneDNN's ISA cap left out, where ``environ`` sets ONEDNN_MAX_CPU_ISA (else
-    DNNL_MAX_CPU_ISA) to a name oneDNN knows; unset, DEFAULT / ALL or a name oneDNN does not know (oneDNN ignores it
-    too): ``info`` unchanged (an unknown name is recorded as ignored)."""
-    for var in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
-        value = environ.get(var, "").strip()
-        if not value:
-            continue
-        allowed = ONEDNN_ISA_CAPS.get(value.upper())
-        if allowed is None:
-            info.isa_cap = f"{var}={value} is not a oneDNN ISA name: ignored, as oneDNN ignores it"
-        elif value.upper() not in ("ALL", "DEFAULT"):
-            info.flags = frozenset(f for f in info.flags if f not in ONEDNN_GATED or f in allowed)
-            info.isa_cap = (f"capped by {var}={value}: oneDNN, so OpenVINO's CPU plugin and torch's oneDNN kernels, "
-                            f"used no ISA above it; the flags and peaks here are the capped ones")
-        return info
+    DNNL_MAX_CPU_ISA) to a name oneDNN knows (zsad_common.int8.isa_capped); what was done goes in ``isa_cap``."""
+    info.flags, note = isa_capped(info.flags, environ)
+    if note:
+        info.isa_cap = note
     return info
 
 
