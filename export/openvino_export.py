@@ -244,8 +244,9 @@ def op_profile(ov_model, precision: str, feed: dict[str, np.ndarray], top: int =
 
 def runtime_attention_nodes(runtime_model) -> set[str]:
     """The nodes of a compiled model's runtime graph that run attention: where the CPU plugin fuses it (Snippets, on
-    AVX-512 CPUs), the one "Subgraph" whose original layers include the attention op; where it decomposes it (AVX2
-    CPUs: measured on a Zen 3 EPYC, OpenVINO 2026.4), the P.V MatMul that keeps the op's name, and the Softmax and
+    AVX-512 CPUs, and fp32 attention on AVX2 ones), the one "Subgraph" whose original layers include the attention
+    op; where it decomposes it (int8 attention, its Q.K^T quantised, on AVX2 CPUs: measured on a Zen 3 EPYC,
+    OpenVINO 2026.4), the P.V MatMul that keeps the op's name, and the Softmax and
     the Q.K^T MatMul found upstream of its first input (through the scale / conversion nodes between them)."""
     def layer(op, key):
         return op.get_rt_info()[key].astype(str)
