@@ -146,7 +146,9 @@ def main(argv=None) -> int:
     ap.add_argument("--list", type=Path, default=ROOT / "tools" / "mutants.toml")
     ap.add_argument("--only", default="", help="comma-separated mutant ids")
     ap.add_argument("--skip-tests", default="", help="comma-separated test files dropped from every selection")
-    ap.add_argument("--out", type=Path, default=ROOT / "tools" / "mutants_out")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="report folder [tools/mutants_out, the committed full-run report; a new temp folder with "
+                         "--only or --skip-tests, so a partial run never replaces it]")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per test run")
     ap.add_argument("--keep", action="store_true", help="keep the temp copy (its path is printed)")
     ap.add_argument("--no-slow", action="store_true",
@@ -158,6 +160,9 @@ def main(argv=None) -> int:
         wanted = set(args.only.split(","))
         mutants = [m for m in mutants if m["id"] in wanted]
     skip = set(filter(None, args.skip_tests.split(",")))
+    if args.out is None:
+        partial = bool(args.only or skip)
+        args.out = Path(tempfile.mkdtemp(prefix="zsad-mutants-report-")) if partial else ROOT / "tools" / "mutants_out"
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="zsad-mutants-"))
     tree = work / "tree"
