@@ -46,7 +46,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from zsad.triton_models.zsad_common.int8 import VNNI_FLAGS, isa_capped, weight_bits_for
+from zsad.triton_models.zsad_common.int8 import VNNI_FLAGS, cpu_flags, isa_capped, weight_bits_for
 
 # (ISA name, the /proc/cpuinfo flags it needs, operations per cycle per core); best first within a precision
 PEAK_TABLE: dict[str, list[tuple[str, tuple[str, ...], int]]] = {
@@ -201,8 +201,9 @@ def probe_cpu(threads: int, flags: frozenset[str]) -> dict | None:
 def int8_weight_bits_here() -> int:
     """The int8 weight width zsad quantises with on this machine (oneDNN's ISA cap applied): 8 where its int8 dot
     products accumulate in int32 (VNNI, AMX, or not x86), 7 on x86 without VNNI, where 8-bit weights can overflow
-    VPMADDUBSW's int16 (zsad.triton_models.zsad_common.int8)."""
-    return weight_bits_for(read_cpu(measure=False).flags or None)
+    VPMADDUBSW's int16. Read with zsad_common.int8.cpu_flags, the reader the served stages refuse 8-bit weights
+    by, so export and serving decide on the same flags."""
+    return weight_bits_for(cpu_flags())
 
 
 def has_bf16(flags: frozenset[str] | set[str]) -> bool:
