@@ -42,6 +42,13 @@ def rnd(*shape, scale=0.1):
     return torch.randn(*shape, generator=G) * scale
 
 
+# zsad's stages and the hand re-computations below order their fp32 sums differently, and which kernels do the
+# summing differs per CPU: the gap measured 1e-6..4e-6 on a Zen 3 box and 1.05e-5 on a CI box (AF-CLIP's 12
+# summed cosines / 0.07). The bugs these tests exist for are far louder: AF-CLIP's temperature off by 1% moves
+# its outputs by 3e-2.
+FP32_TOL = 1e-4
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
@@ -826,8 +833,8 @@ def test_anomalyclip_matches_the_released_forward(tmp_path):
         patch = F.normalize(visual.ln_post(x_vv[:, 1:]) @ visual.proj, dim=-1)
         p = (patch @ text.t() / 0.07).softmax(-1)[..., 1]
         patch_map = (4 * p).reshape(2, 14, 14)  # four identical taps summed
-    assert rel_err(env["image_prob"], image_prob) <= 1e-5
-    assert rel_err(env["patch_map"], patch_map) <= 1e-5
+    assert rel_err(env["image_prob"], image_prob) <= FP32_TOL
+    assert rel_err(env["patch_map"], patch_map) <= FP32_TOL
 
 
 def test_afclip_matches_the_released_forward(tmp_path):
@@ -865,8 +872,8 @@ def test_afclip_matches_the_released_forward(tmp_path):
                 z = F.normalize(visual.ln_post(a) @ visual.proj, dim=-1)
                 logits = logits + z @ text.t() / 0.07
         p = logits.softmax(-1)[..., 1]
-    assert rel_err(env["image_prob"], p[:, 0]) <= 1e-5
-    assert rel_err(env["patch_map"], p[:, 1:].reshape(2, 14, 14)) <= 1e-5
+    assert rel_err(env["image_prob"], p[:, 0]) <= FP32_TOL
+    assert rel_err(env["patch_map"], p[:, 1:].reshape(2, 14, 14)) <= FP32_TOL
 
 
 def test_bayespfl_matches_the_released_forward(tmp_path):
@@ -939,9 +946,9 @@ def test_bayespfl_matches_the_released_forward(tmp_path):
             upd = F.normalize(torch.einsum("bknm,bmkc->bnkc", attn, kv).reshape(1, -1, 128) + text, dim=-1)
             amap = sd["temperature_pixel"].exp() * fs @ upd.transpose(1, 2)  # [1,N,2T]
             diffs.append((amap[..., t:] - amap[..., :t]).transpose(1, 2).reshape(1, t, 14, 14))
-    assert rel_err(env["text_features"], text) <= 1e-5
-    assert rel_err(env["image_prob"], s_text) <= 1e-5
-    assert rel_err(env["pair_logits"], torch.cat(diffs, dim=1)) <= 1e-5
+    assert rel_err(env["text_features"], text) <= FP32_TOL
+    assert rel_err(env["image_prob"], s_text) <= FP32_TOL
+    assert rel_err(env["pair_logits"], torch.cat(diffs, dim=1)) <= FP32_TOL
 
 
 def test_sowa_matches_the_released_forward(tmp_path):
@@ -1003,8 +1010,8 @@ def test_sowa_matches_the_released_forward(tmp_path):
             diffs.append((cos[..., 1] - cos[..., 0]).reshape(2, g, g))
         glob = F.normalize(visual.ln_post(x[:, 0]) @ visual.proj, dim=-1)
         prob = (glob @ text.t() / 0.07).softmax(-1)[:, 1]
-    assert rel_err(env["image_prob"], prob) <= 1e-5
-    assert rel_err(env["layer_logits"], torch.stack(diffs, dim=1)) <= 1e-5
+    assert rel_err(env["image_prob"], prob) <= FP32_TOL
+    assert rel_err(env["layer_logits"], torch.stack(diffs, dim=1)) <= FP32_TOL
 
 
 def test_import_is_deterministic_and_records_the_source(tmp_path):
