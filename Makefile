@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.zsad-installed
 PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 
-.PHONY: install demo test test-fast lint clean
+.PHONY: install demo test test-fast test-portable lint clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,13 @@ test: lint
 # the developer's tier (under 3 minutes on 2 cores): no lint, no slow / server / gpu tests
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow and not server and not gpu"
+
+# the fast tier on other kernels than this CPU's best (torch's scalar path, OpenBLAS for a pre-AVX core, MKL at
+# SSE4.2, oneDNN at AVX): float sums are ordered as on another box, so a tolerance fitted to one box fails here.
+# Not oneDNN at SSE41: OpenVINO's CPU plugin then fails to compile its MVN ("bad combination").
+test-portable: $(STAMP)
+	ATEN_CPU_CAPABILITY=default OPENBLAS_CORETYPE=Prescott MKL_ENABLE_INSTRUCTIONS=SSE4_2 ONEDNN_MAX_CPU_ISA=AVX \
+		$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow and not server and not gpu"
 
 # ruff rules and mypy settings: [tool.ruff.lint] / [tool.mypy] in pyproject.toml. mypy runs through
 # tools/typecheck.py, which names the stage folders' modules as installed (zsad.export, ...).
