@@ -20,6 +20,11 @@ def build_method(model: str, profile: str, image_size: int | None, checkpoint: s
     return load(model=model, profile=profile, overrides=overrides).method, overrides
 
 
+def failure_reason(err: BaseException) -> str:
+    """A backend's failure as its skipped rows' reason: the error's kind and the start of its message."""
+    return f"{type(err).__name__}: {str(err)[:300]}"
+
+
 def skipped_rows(base: dict, backend: str, batches: list[int], reason: str) -> list[dict]:
     return [{**base, "backend": backend, "precision": "-", "batch": b, "status": "skipped", "reason": reason}
             for b in batches]
@@ -35,9 +40,12 @@ def timed_rows(backend: str, method, scratch, images: torch.Tensor, base: dict, 
 
     try:
         runner = make_backend_runner(backend, method, device, max(batches), scratch)
+        outputs = runner.predict(images)
     except Skip as skip:
         return skipped_rows(base, backend, batches, str(skip)), None
-    outputs = runner.predict(images)
+    except Exception as err:  # noqa: BLE001 -- a runtime refusing the model here (OpenVINO's plugin under a oneDNN
+        # cap, ...) is this backend's skipped rows, with the reason, as in a worker; the other backends still run
+        return skipped_rows(base, backend, batches, failure_reason(err)), None
     rows = []
     for b in batches:
         batch = images[torch.arange(b) % len(images)].contiguous()
@@ -56,8 +64,8 @@ def time_batch(runner, images: torch.Tensor, row: dict, device: str, iters: int,
         torch.cuda.reset_peak_memory_stats()
     try:
         samples = time_iterations(runner.make_step(images), iters, warmup, device)
-    except Exception as err:  # e.g. out of memory at a large batch
-        return {**row, "status": "skipped", "reason": f"{type(err).__name__}: {str(err)[:200]}"}
+    except Exception as err:  # noqa: BLE001 -- e.g. out of memory at a large batch
+        return {**row, "status": "skipped", "reason": failure_reason(err)}
     stats = percentiles(samples)
     stage_ms = {}
     if runner.stage_steps is not None:  # where the time goes: each stage alone on its real inputs

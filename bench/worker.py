@@ -67,7 +67,7 @@ def _work(task: BackendTask, conn) -> None:
         os._exit(1)
     import torch
 
-    from zsad.bench.one_backend import build_method, timed_rows
+    from zsad.bench.one_backend import build_method, failure_reason, timed_rows
     from zsad.export.runtimes.runners import Scratch
 
     result: dict = {"pid": os.getpid()}
@@ -82,7 +82,7 @@ def _work(task: BackendTask, conn) -> None:
                                    task.batches, task.device, task.iters, task.warmup, task.gflops)
         result.update(rows=rows, outputs=outputs)
     except Exception as err:  # noqa: BLE001 -- any failure becomes the backend's skipped rows, with the reason
-        result["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+        result["error"] = failure_reason(err)
     result["peak_rss_mb"] = peak_rss_mb()
     conn.send(result)
     conn.close()

@@ -37,6 +37,7 @@ within 0.5 points. A failing precision raises :class:`PrecisionGateError` and no
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -64,6 +65,22 @@ CAVEAT = ("Random or tiny weights lack real CLIP's activation outliers (a few ch
 
 class PrecisionGateError(ZsadError):
     section: dict  # the gate's report section (metrics, thresholds, failures), set where it is raised
+
+
+class OpenVINOPluginError(ZsadError, RuntimeError):
+    """OpenVINO's CPU plugin refused to compile or run a model on this CPU (still a RuntimeError, for the callers
+    that probe the plugin with one)."""
+
+
+def plugin_failure(err: RuntimeError, doing: str, precision: str) -> OpenVINOPluginError:
+    """``err`` from OpenVINO's CPU plugin as one line: its own reason (the last line of its message, under the
+    "Exception from <source file>" lines), and the oneDNN ISA cap where one is set (OpenVINO 2026.4 cannot compile
+    its LayerNorm under ONEDNN_MAX_CPU_ISA=SSE41: "bad combination")."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    reason = lines[-1] if lines else type(err).__name__
+    cap = next((f" with oneDNN capped by {v}={os.environ[v]} (unset or raise it)"
+                for v in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA") if os.environ.get(v, "").strip()), "")
+    return OpenVINOPluginError(f"OpenVINO's CPU plugin could not {doing} at {precision} on this CPU{cap}: {reason}")
 
 
 def require_openvino():
@@ -177,7 +194,11 @@ def compile_model(ov_model, precision: str, threads: int = 0, perf_count: bool =
         props["INFERENCE_NUM_THREADS"] = threads
     if perf_count:
         props["PERF_COUNT"] = True
-    return require_openvino().Core().compile_model(ov_model, "CPU", props)
+    core = require_openvino().Core()
+    try:
+        return core.compile_model(ov_model, "CPU", props)
+    except RuntimeError as err:
+        raise plugin_failure(err, f"compile the model '{ov_model.get_friendly_name()}'", precision) from err
 
 
 def bf16_matmul_ratio(size: int = 1024, repeats: int = 5) -> float | None:
@@ -311,7 +332,10 @@ def ov_runner(ov_model, precision: str):
             compiled.clear()
             compiled[shapes] = compile_model(with_shapes_of(ov_model, arrays), precision)
         model = compiled[shapes]
-        out = model(arrays)
+        try:
+            out = model(arrays)
+        except RuntimeError as err:
+            raise plugin_failure(err, f"run the model '{ov_model.get_friendly_name()}'", precision) from err
         return {o.get_any_name(): np.asarray(out[o]) for o in model.outputs}
 
     return run
@@ -424,6 +448,7 @@ def build_openvino_stages(method, stages, onnx_files: dict, precision: str, scra
     bits = info.get("int8_weights", {}).get("bits", 8)
     for st in stages:
         model = convert(onnx_files[st.name][0])
+        model.set_friendly_name(st.name)  # model.xml's name: the stage, which the plugin's errors then name
         quantize = precision in QUANTIZED and isinstance(st.module, EncoderStage)
         if quantize:
             if isinstance(calibration, np.ndarray):

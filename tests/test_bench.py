@@ -85,6 +85,24 @@ def _run(tmp_path, backends, extra=()):
     return data, res.output, (tmp_path / f"{stem}.md").read_text()
 
 
+def test_a_backend_that_fails_here_is_skipped_with_its_reason(monkeypatch, tiny_method):
+    """Timed in this process as in a worker: a runtime refusing the model here (OpenVINO's CPU plugin under a oneDNN
+    cap) gives that backend's skipped rows with the reason, not a bench that stops before the other backends."""
+    from zsad.bench import backends, one_backend
+
+    class Refusing:
+        def predict(self, images):
+            raise RuntimeError("Exception from src/x.cpp:1:\nbad combination")
+
+    monkeypatch.setattr(backends, "make_backend_runner", lambda *args, **kwargs: Refusing())
+    rows, outputs = one_backend.timed_rows("openvino-fp32", tiny_method("afclip"), None, torch.zeros(2, 3, 224, 224),
+                                           {"model": "afclip"}, [1, 2], "cpu", 3, 1, 1.0)
+    assert outputs is None
+    assert [(r["backend"], r["batch"], r["status"]) for r in rows] == [("openvino-fp32", 1, "skipped"),
+                                                                        ("openvino-fp32", 2, "skipped")]
+    assert all(r["reason"] == "RuntimeError: Exception from src/x.cpp:1:\nbad combination" for r in rows)
+
+
 @pytest.mark.slow
 def test_bench_torch_and_ort_with_skips(tmp_path, monkeypatch):
     data, output, md = _run(tmp_path, "torch-fp32,ort,torch-fp16,cuda-graphs,tensorrt")

@@ -182,6 +182,53 @@ def test_user_mistakes_get_one_line_errors(tmp_path):
         OV.calibration_images(tmp_path, 224)
 
 
+def test_plugin_failures_are_one_line_errors_naming_the_cap(monkeypatch):
+    """The CPU plugin refusing a model (OpenVINO 2026.4 with oneDNN capped at SSE41 fails this way, at compile or at
+    the first inference: messages as it printed them) is a one-line ZsadError with the plugin's own reason and the
+    cap, and still a RuntimeError, which bf16_matmul_ratio probes the plugin with."""
+    import types
+
+    import openvino.opset13 as ops
+
+    from zsad import ZsadError
+
+    x = ops.parameter([2, 4], np.float32, name="x")
+    model = ov.Model([ops.relu(x)], [x], "encoder")
+    at_compile = RuntimeError("Exception from src/inference/src/cpp/core.cpp:117:\n"
+                              "Exception from src/inference/src/dev/plugin.cpp:54:\nbad combination\n\n")
+
+    class FailingCore:
+        def compile_model(self, *args, **kwargs):
+            raise at_compile
+
+    real_require = OV.require_openvino
+    monkeypatch.setattr(OV, "require_openvino", lambda: types.SimpleNamespace(Core=FailingCore))
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "SSE41")
+    with pytest.raises(OV.OpenVINOPluginError) as caught:
+        OV.compile_model(model, "bf16")
+    assert isinstance(caught.value, ZsadError) and isinstance(caught.value, RuntimeError)
+    assert caught.value.__cause__ is at_compile
+    assert str(caught.value) == ("OpenVINO's CPU plugin could not compile the model 'encoder' at bf16 on this CPU with "
+                                 "oneDNN capped by ONEDNN_MAX_CPU_ISA=SSE41 (unset or raise it): bad combination")
+
+    monkeypatch.setattr(OV, "require_openvino", real_require)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+
+    def failing_compiled(*args, **kwargs):
+        def infer(arrays):
+            raise RuntimeError("Exception from src/inference/src/cpp/infer_request.cpp:224:\nException from "
+                               "src/plugins/intel_cpu/src/node.cpp:823:\n[CPU] MVN node with name 'MVN_1' bad "
+                               "combination\n")
+        return infer
+
+    monkeypatch.setattr(OV, "compile_model", failing_compiled)
+    with pytest.raises(OV.OpenVINOPluginError, match=r"^OpenVINO's CPU plugin could not run the model 'encoder' at "
+                                                      r"fp32 on this CPU: \[CPU\] MVN node with name 'MVN_1' bad "
+                                                      r"combination$"):
+        OV.ov_runner(model, "fp32")({"x": np.ones((2, 4), np.float32)})
+
+
 @pytest.mark.server
 def test_served_python_openvino_equals_eager_within_the_gate(int8_repo):
     from zsad.serve.client import AnomalyClient
