@@ -48,6 +48,7 @@ import torch
 
 from zsad import ZsadError
 from zsad.export.parity import GATED, GateThresholds, gate_failures, gate_metrics  # noqa: F401 (re-exported)
+from zsad.triton_models.zsad_common.int8 import isa_cap_setting
 
 PRECISIONS = ("fp32", *GATED)
 # what runs unquantised: int8 keeps it in fp32, int8-bf16 runs it (attention included) in bf16, int8-qk-bf16 runs
@@ -78,8 +79,8 @@ def plugin_failure(err: RuntimeError, doing: str, precision: str) -> OpenVINOPlu
     its LayerNorm under ONEDNN_MAX_CPU_ISA=SSE41: "bad combination")."""
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
     reason = lines[-1] if lines else type(err).__name__
-    cap = next((f" with oneDNN capped by {v}={os.environ[v]} (unset or raise it)"
-                for v in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA") if os.environ.get(v, "").strip()), "")
+    setting = isa_cap_setting(os.environ)
+    cap = "" if setting is None else f" with oneDNN capped by {setting[0]}={setting[1]} (unset or raise it)"
     return OpenVINOPluginError(f"OpenVINO's CPU plugin could not {doing} at {precision} on this CPU{cap}: {reason}")
 
 

@@ -35,24 +35,33 @@ ONEDNN_ISA_CAPS: dict[str, frozenset[str]] = {
     "AVX10_1_512_AMX_FP16": ONEDNN_GATED, "ALL": ONEDNN_GATED, "DEFAULT": ONEDNN_GATED}
 
 
+def isa_cap_setting(environ) -> tuple[str, str] | None:
+    """(variable, value) of oneDNN's ISA cap as ``environ`` sets it: ONEDNN_MAX_CPU_ISA, else DNNL_MAX_CPU_ISA (the
+    first that is set and not blank); None where neither is."""
+    for var in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        value = environ.get(var, "").strip()
+        if value:
+            return var, value
+    return None
+
+
 def isa_capped(flags, environ) -> tuple[frozenset, str]:
     """``flags`` with those above oneDNN's ISA cap left out, where ``environ`` sets ONEDNN_MAX_CPU_ISA (else
     DNNL_MAX_CPU_ISA) to a name oneDNN knows, and a sentence saying what was done ("" where nothing is set). Unset,
     DEFAULT / ALL or a name oneDNN does not know (oneDNN ignores it too): ``flags`` unchanged."""
     flags = frozenset(flags)
-    for var in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
-        value = environ.get(var, "").strip()
-        if not value:
-            continue
-        allowed = ONEDNN_ISA_CAPS.get(value.upper())
-        if allowed is None:
-            return flags, f"{var}={value} is not a oneDNN ISA name: ignored, as oneDNN ignores it"
-        if value.upper() in ("ALL", "DEFAULT"):
-            return flags, ""
-        return (frozenset(f for f in flags if f not in ONEDNN_GATED or f in allowed),
-                f"capped by {var}={value}: oneDNN, so OpenVINO's CPU plugin and torch's oneDNN kernels, used no ISA "
-                f"above it; the flags and peaks here are the capped ones")
-    return flags, ""
+    setting = isa_cap_setting(environ)
+    if setting is None:
+        return flags, ""
+    var, value = setting
+    allowed = ONEDNN_ISA_CAPS.get(value.upper())
+    if allowed is None:
+        return flags, f"{var}={value} is not a oneDNN ISA name: ignored, as oneDNN ignores it"
+    if value.upper() in ("ALL", "DEFAULT"):
+        return flags, ""
+    return (frozenset(f for f in flags if f not in ONEDNN_GATED or f in allowed),
+            f"capped by {var}={value}: oneDNN, so OpenVINO's CPU plugin and torch's oneDNN kernels, used no ISA "
+            f"above it; the flags and peaks here are the capped ones")
 
 
 def cpu_flags(path: str = "/proc/cpuinfo", environ=None) -> frozenset | None:
