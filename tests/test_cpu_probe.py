@@ -121,6 +121,14 @@ def test_measured_fp32_peak_bounds_a_real_gemm(here):
                 break
     finally:
         torch.set_num_threads(threads)
+    for _ in range(2):
+        if best / per_core < 1.15:
+            break
+        # every round of the probe fell in one of a shared VM's half-rate spells (zsad.cpu_probe's docstring; the
+        # Zen 3 EPYC under pytest -n 2: 47.7 GFLOP/s per core, 90-92 probed again, a GEMM at 68): measure again and
+        # keep the best, as the probe keeps the best of its rounds (a peak off by 2x still fails below)
+        again = probe_cpu.__wrapped__(info.physical_cores, info.flags) or {}
+        per_core = max(per_core, again.get("ops_per_s", {}).get(isa, 0.0) / 1e12)
     # a GEMM cannot beat the peak (one core may turbo a little above the all-core rate the probe measured); a
     # BLAS GEMM of this size reaches well over half of it
     assert 0.5 < best / per_core < 1.15, (best, per_core)
