@@ -1,6 +1,6 @@
 """A real tritonserver (the CPU one bundled with nvidia-pytriton) serving python-ort exports of tiny AnomalyCLIP and
 BAG-CLIP, queried over HTTP and gRPC: robust to bad input, under load, and leak-free. Served == eager for every
-registered method is tests/test_serve_methods.py."""
+registered method, trained, is tests/test_trained_export.py."""
 import json
 import os
 import re
@@ -65,7 +65,7 @@ def _eager(name, arrays, **overrides):
 
 @pytest.mark.parametrize("name", SERVED)
 def test_raw_ensemble_equals_the_bytes_ensemble(server, images, name):
-    """Served == eager for every method is tests/test_serve_methods.py; here the two ensembles agree closely."""
+    """Served == eager for every method is tests/test_trained_export.py; here the two ensembles agree closely."""
     client = AnomalyClient(server.http_url, name)
     served = client.infer([png_bytes(a) for a in images])
     raw = client.infer([images[0]])  # the uint8 HWC ensemble gives the same answer

@@ -4,8 +4,10 @@ The comparisons had met only untrained weights, and a BAG-CLIP trained for one e
 clustered patch features put the kNN selection on near-ties). Here each method is trained at the tiny profile
 (tests/conftest.py ``trained_run``), then, with the default gates:
 
-- exported to a python-ort repository (ONNX + the fp32 parity gate), all five served by one real tritonserver and
-  compared with eager over HTTP and gRPC (selections by the tie rule, everything else at 1e-4);
+- exported to a python-ort repository (ONNX + the fp32 parity gate, maps restored to the input size), all five
+  served by one real tritonserver and compared with eager over HTTP and gRPC (selections by the tie rule, everything
+  else at 1e-4), each repository holding its own stages, and Bayes-PFL's class name travelling with each request
+  through its own text model to its own text-encoder stage (zsad-infer --class-name included);
 - the same ONNX stages through OpenVINO at fp32 (the parity gate), bf16 (where the CPU has it) and int8 (the
   precision gate), and the python-torch export (the chain rebuilt from the shipped checkpoint);
 - BAG-CLIP, the method that broke, through export_model on every other CPU backend as a user runs it.
@@ -14,16 +16,20 @@ int8 on the tiny profile's random-weight CLIP is not what int8 is calibrated for
 the refusal must be one line naming the quantised stage (docs/methods/*.md record which, measured).
 """
 import csv
-import io
 import json
 
 import numpy as np
 import pytest
 import torch
+from google.protobuf import text_format
+from helpers import png_bytes
 from PIL import Image
+from tritonclient.grpc import model_config_pb2
 
 import zsad.methods as M
+from zsad import ZsadError
 from zsad.checkpoint import load_checkpoint
+from zsad.data.transforms import resize_map
 from zsad.export import openvino_export as OV
 from zsad.export import parity
 from zsad.export.exporter import ExportOptions, export_model
@@ -59,7 +65,7 @@ def served_trained(tmp_path_factory, trained_run):
 
     repo = tmp_path_factory.mktemp("trained_repo")
     results = {name: export_model(ExportOptions(checkpoint=str(trained_run(name)), backend="python-ort", out=repo,
-                                                max_batch=4, parity_images=4), **QUIET)
+                                                max_batch=4, parity_images=4, resize_to_input=True), **QUIET)
                for name in METHODS}
     with TritonServer(repo) as srv:
         yield srv, results, repo
@@ -67,13 +73,31 @@ def served_trained(tmp_path_factory, trained_run):
 
 @pytest.mark.server
 def test_trained_exports_pass_the_default_gate(served_trained):
-    _, results, _ = served_trained
+    srv, results, _ = served_trained
     for name, res in results.items():
         report = json.loads(res.report.read_text())
         assert report["trained"] and report["tolerance"] == 1e-4 and report["worst"] <= 1e-4, name
         assert all(r["ok"] for r in report["rows"])
         if name == "bagclip":  # the selection rows are reported, with their count and largest gap
             assert report["selections"]["max_tie_gap"] < 1e-3 and report["selections"]["differing"] >= 0
+        # one tolerance for every stage and the chain end to end, each stage its own model
+        stages = [s.name for s in M.create(name, "tiny").stages()]
+        assert report["method"] == name and {r["stage"] for r in report["rows"]} == set(stages) | {"end-to-end"}
+        assert all(f"{name}_{s}" in res.models for s in stages) and f"{name}_restore" in res.models
+    # Bayes-PFL: the text encoder is its own model; the ensemble takes the class name beside the image
+    assert {"bayespfl_text_encoder", "bayespfl_text_class_name"} <= set(results["bayespfl"].models)
+    ens = text_format.Parse((srv.repo / "bayespfl" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert [i.name for i in ens.input] == ["image_bytes", "class_name"]
+    assert [s.model_name for s in ens.ensemble_scheduling.step][:2] \
+        == ["bayespfl_preprocess", "bayespfl_text_class_name"]
+    afclip_ens = text_format.Parse((srv.repo / "afclip" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert [i.name for i in afclip_ens.input] == ["image_bytes"]
+    # SOWA: the position-bias MLP is folded into per-head bias tables (constants; no ReLU left in the graph)
+    import onnx
+
+    head = onnx.load(str(srv.repo / "sowa_head" / "1" / "model.onnx"))
+    assert "Relu" not in {n.op_type for n in head.graph.node}
+    assert any(tuple(t.dims) == (4, 8, 49, 49) for t in head.graph.initializer)
 
 
 def _images():
@@ -97,21 +121,24 @@ def test_trained_served_equals_eager(served_trained, trained_run, name):
     names = ["gravel", "tissue", "nut", "capsule"]
     x = torch.from_numpy(np.stack([preprocess(a, method.image_size) for a in arrays]))
     feed = {k: v.numpy() for k, v in method.stage_inputs(x, names).items()}
-    pngs = []
-    for a in arrays:
-        buf = io.BytesIO()
-        Image.fromarray(a).save(buf, "PNG")
-        pngs.append(buf.getvalue())
+    pngs = [png_bytes(a) for a in arrays]
     for url in (srv.http_url, f"grpc://{srv.grpc_url}"):
+        # one request, three sizes (the selections, BAG-CLIP's knn_index, are returned by the ensemble too)
         preds = AnomalyClient(url, name).infer(pngs, class_names=names, outputs=selections)
-        got = {"score": np.array([p.score for p in preds]), "anomaly_map": np.stack([p.anomaly_map for p in preds]),
-               **{n: np.stack([p.extra[n] for p in preds]) for n in selections}}
+        got = {n: np.stack([p.extra[n] for p in preds]) for n in selections}
         ref, rows = parity.reference_on_selections(stages, feed, got, 1e-4)
         assert all(r.ok for r in rows), [r.detail for r in rows]
         assert len(rows) == len(selections)
-        for key in ("score", "anomaly_map"):
-            row = parity.compare("served", url, key, ref[key], got[key], 1e-4)
+        row = parity.compare("served", url, "score", ref["score"], np.array([p.score for p in preds]), 1e-4)
+        assert row.ok, (name, url, row)
+        for i, p in enumerate(preds):  # exported with resize_to_input: each map at its image's size
+            h, w = arrays[i].shape[:2]
+            row = parity.compare("served", url, f"anomaly_map[{i}]", resize_map(ref["anomaly_map"][i], h, w),
+                                 p.anomaly_map, 1e-4)
             assert row.ok, (name, url, row)
+    for i in (0, 1):  # the uint8 HWC ensemble (one shape per request, so a batch of one): the same answer
+        raw = AnomalyClient(srv.http_url, name).infer([arrays[i]], class_names=names[i])
+        assert raw[0].score == pytest.approx(preds[i].score, rel=1e-5)
 
 
 @pytest.mark.server
@@ -137,6 +164,58 @@ def test_served_head_refuses_out_of_range_neighbours(served_trained):
         client.infer("bagclip_head", inputs)
     assert err.value.status() == "400", err.value
     assert srv.ready()
+
+
+def _eager_scores(method, arrays, class_names) -> np.ndarray:
+    from zsad.data import preprocess
+
+    x = torch.from_numpy(np.stack([preprocess(a, method.image_size) for a in arrays]))
+    with torch.no_grad():
+        return method(x, class_names=class_names).score.numpy()
+
+
+@pytest.mark.server
+def test_bayespfl_class_name_is_part_of_the_request(served_trained, trained_run):
+    from zsad.serve.client import AnomalyClient
+
+    srv, _, _ = served_trained
+    method = load_checkpoint(trained_run("bayespfl"))[0].eval()
+    image = _images()[0]
+    client = AnomalyClient(srv.http_url, "bayespfl")
+    png = png_bytes(image)
+    a = client.infer([png], class_names="bottle")[0]
+    b = client.infer([png], class_names="wood")[0]
+    ref_a, ref_b = _eager_scores(method, [image], "bottle")[0], _eager_scores(method, [image], "wood")[0]
+    assert a.score == pytest.approx(float(ref_a), rel=1e-4) and b.score == pytest.approx(float(ref_b), rel=1e-4)
+    assert abs(a.score - b.score) > 1e-4  # the name reaches the prompts
+    with pytest.raises(ZsadError, match="class name"):
+        client.infer([png])
+    with pytest.raises(ZsadError, match="bad input: .*class name .* at most"):
+        client.infer([png], class_names="an extremely long and wordy name of an industrial part")
+    assert srv.ready()
+
+
+@pytest.mark.server
+def test_zsad_infer_takes_the_class_name(served_trained, trained_run, tmp_path):
+    from click.testing import CliRunner
+
+    from zsad.serve.cli import infer_main
+
+    srv, _, _ = served_trained
+    arrays = _images()[:2]
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, a in enumerate(arrays):
+        Image.fromarray(a).save(folder / f"img{i}.png")
+    base = [str(folder), "--url", srv.http_url, "--model", "bayespfl", "--no-progress", "--no-heatmaps"]
+    res = CliRunner().invoke(infer_main, base + ["--out", str(tmp_path / "o1")])
+    assert res.exit_code != 0 and "--class-name" in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(infer_main, base + ["--class-name", "bottle", "--out", str(tmp_path / "o2")])
+    assert res.exit_code == 0, res.output
+    got = json.loads((tmp_path / "o2" / "scores.json").read_text())
+    ref = _eager_scores(load_checkpoint(trained_run("bayespfl"))[0].eval(), arrays, "bottle")
+    assert got["class_name"] == "bottle"
+    assert [r["score"] for r in got["images"]] == pytest.approx(ref.tolist(), rel=1e-4)
 
 
 def _repo_onnx(repo, name, stages) -> dict:
