@@ -19,23 +19,7 @@ _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _workers)))
 
 
-def _uses_module_fixture(item) -> bool:
-    defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
-    return any(d.scope == "module" for fixturedefs in defs.values() for d in fixturedefs)
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
-    if getattr(config.option, "loadgroup", False):
-        # make test (pytest-xdist --dist loadgroup): a test using a module-scoped fixture (an export, a running
-        # tritonserver, a trained model) joins its module's group, so that fixture is built on one worker, not on
-        # each worker the module's tests land on (worksteal split test_trained_export's 190 s five-method export
-        # and server over both); xdist sends the groups first, largest first, then single tests in this order:
-        # the slow ones first, so the quick ones even out the last minutes
-        for item in items:
-            if _uses_module_fixture(item):
-                item.add_marker(pytest.mark.xdist_group(item.module.__name__))
-        items.sort(key=lambda item: "slow" not in item.keywords)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA (no GPU on this machine)")
@@ -100,8 +84,8 @@ _TRAINED: dict = {}
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, synthetic):
     """A factory: method name -> the run directory of that method trained as above, shared by every test and, under
-    pytest-xdist, by every worker of this run (trained once, under a file lock: the modules that train are on
-    different workers, and the five trainings cost ~65 s each time)."""
+    pytest-xdist, by every worker of this run (trained once, under a file lock: worksteal can put the tests that
+    train on both workers, and the five trainings cost ~65 s each time)."""
     from filelock import FileLock
 
     from zsad.train.run import run
