@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(BIN)/python demo.py --out demo_out
 
 # TEST_WORKERS pytest-xdist processes (tests/conftest.py gives each its share of torch threads): on 2 cores the serial
-# suite keeps ~1.3 of them busy (waits on servers, subprocesses, Python); two workers take it from ~35 to ~22 min.
+# suite keeps ~1.3 of them busy (waits on servers, subprocesses, Python); two workers cut its time by ~36% (README).
 # TEST_WORKERS=0 runs it in one process (pytest's own output, pdb). worksteal: one slow test does not idle a worker.
 # (Not loadgroup: pytest-xdist 3.8 marks a group by rewriting item._nodeid, which pytest 9 no longer reads, so its
 # groups are silently ignored.)

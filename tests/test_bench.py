@@ -270,12 +270,12 @@ def test_bench_served_sweep(tmp_path, precision):
                                             "--served-backend", "python-openvino", "--served-precision", precision])
     served = [r for r in data["rows"] if r["backend"] == "served"]
     kept = {r["precision"] for r in served}
-    if precision == "auto":
+    if precision == "fp32":
+        assert kept == {"fp32"}, served
+    else:
         assert len(kept) == 1 and kept <= set(proposed), served
     if kept == {"fp32"}:
         assert all(r["parity_map_max_rel"] <= 1e-3 for r in served), served
-    else:
-        assert precision == "auto", served
     assert {(r["concurrency"], r["dynamic_batching"]) for r in served} == {(1, True), (2, True), (1, False),
                                                                           (2, False)}
     for r in served:

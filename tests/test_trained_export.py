@@ -100,6 +100,13 @@ def test_trained_exports_pass_the_default_gate(served_trained):
     assert any(tuple(t.dims) == (4, 8, 49, 49) for t in head.graph.initializer)
 
 
+def _batch(method, arrays) -> torch.Tensor:
+    """The images preprocessed as the served preprocess model does, at the method's size."""
+    from zsad.data import preprocess
+
+    return torch.from_numpy(np.stack([preprocess(a, method.image_size) for a in arrays]))
+
+
 def _images():
     from zsad.data.synthetic import SYNTHETIC_TEST_CLASSES, render_sample
 
@@ -110,7 +117,6 @@ def _images():
 @pytest.mark.server
 @pytest.mark.parametrize("name", METHODS)
 def test_trained_served_equals_eager(served_trained, trained_run, name):
-    from zsad.data import preprocess
     from zsad.serve.client import AnomalyClient
 
     srv, _, _ = served_trained
@@ -119,8 +125,7 @@ def test_trained_served_equals_eager(served_trained, trained_run, name):
     selections = [n for st in stages for n in st.selections]
     arrays = _images()
     names = ["gravel", "tissue", "nut", "capsule"]
-    x = torch.from_numpy(np.stack([preprocess(a, method.image_size) for a in arrays]))
-    feed = {k: v.numpy() for k, v in method.stage_inputs(x, names).items()}
+    feed = {k: v.numpy() for k, v in method.stage_inputs(_batch(method, arrays), names).items()}
     pngs = [png_bytes(a) for a in arrays]
     for url in (srv.http_url, f"grpc://{srv.grpc_url}"):
         # one request, three sizes (the selections, BAG-CLIP's knn_index, are returned by the ensemble too)
@@ -167,11 +172,8 @@ def test_served_head_refuses_out_of_range_neighbours(served_trained):
 
 
 def _eager_scores(method, arrays, class_names) -> np.ndarray:
-    from zsad.data import preprocess
-
-    x = torch.from_numpy(np.stack([preprocess(a, method.image_size) for a in arrays]))
     with torch.no_grad():
-        return method(x, class_names=class_names).score.numpy()
+        return method(_batch(method, arrays), class_names=class_names).score.numpy()
 
 
 @pytest.mark.server
